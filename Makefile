@@ -1,0 +1,25 @@
+# Set-up and entry points. Everything lives in .venv inside the checkout.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# The CPU wheel of torch 2.13.0 is pinned first so that nothing pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0 triton==3.9.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+.PHONY: install test demo bench
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/bam-bench moe --device cpu
+
+bench: $(STAMP)
+	$(VENV)/bin/bam-bench --all

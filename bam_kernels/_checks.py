@@ -1,0 +1,45 @@
+"""Argument checks shared by the ops: each failure is a ValueError naming the argument."""
+from __future__ import annotations
+
+import torch
+
+
+def tensor(name: str, t, ndim: int | None = None, floating: bool | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if floating is True and not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if floating is False and (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
+
+
+def shape(name: str, t: torch.Tensor, expected: tuple, described: str) -> None:
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {described} = {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def same_dtype(names_tensors: dict) -> None:
+    items = list(names_tensors.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.dtype != first.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
+
+
+def same_device(names_tensors: dict) -> None:
+    items = list(names_tensors.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; they must match")
+
+
+def expert_ids(name: str, idx: torch.Tensor, num_experts: int) -> None:
+    """Range check. It reads the values, so on CUDA it syncs: done only on the CPU or when asked."""
+    if idx.numel() == 0:
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < 0 or hi >= num_experts:
+        raise ValueError(f"{name} holds expert ids in [{lo}, {hi}], expected each in [0, {num_experts - 1}]")

@@ -1,0 +1,61 @@
+"""Backend choice: the one place that decides between Triton, torch and the reference.
+
+Order of precedence: an active ``use_backend(...)`` context, then the ``BAM_BACKEND`` environment
+variable, then the default (``"triton"`` for CUDA tensors, ``"torch"`` otherwise).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+
+import torch
+
+BACKENDS = ("triton", "torch", "reference")
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("bam_backend", default=None)
+
+
+def _check(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force every bam op inside the ``with`` block onto one backend."""
+    token = _forced.set(_check(name))
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def backend_for(*tensors: torch.Tensor) -> str:
+    """The backend an op should run on for these input tensors."""
+    name = _forced.get() or os.environ.get("BAM_BACKEND") or None
+    on_cuda = any(t.is_cuda for t in tensors)
+    if name is None:
+        return "triton" if on_cuda and triton_available() else "torch"
+    name = _check(name)
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("backend 'triton' was asked for but triton is not installed")
+        if not on_cuda and not interpreting():
+            raise RuntimeError(
+                "backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
+                "imported to run its kernels on the CPU")
+    return name
