@@ -1,0 +1,1 @@
+"""bam_model: dense and Branch-Attend-Mix models, upcycling, checkpoints, training."""

@@ -1,0 +1,1 @@
+"""bam-bench: timings of bam's ops and models against their references and peers."""
