@@ -1,0 +1,43 @@
+"""Rotary position embedding in Hugging Face Llama's convention (rotate_half: the first and second
+halves of each head are the two coordinates of a pair), so that HF q/k weights work unpermuted."""
+from __future__ import annotations
+
+import torch
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0,
+                 dtype: torch.dtype = torch.float32, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [..., T] integer -> (cos, sin), each [..., T, head_dim] in ``dtype``.
+
+    Angles are computed in float32 as HF does (float64 when ``dtype`` is float64), then cast.
+    """
+    if positions.is_floating_point() or positions.is_complex():
+        raise ValueError(f"positions must be an integer tensor, got dtype {positions.dtype}")
+    if not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
+        raise ValueError(f"head_dim must be a positive even int, got {head_dim!r}")
+    device = positions.device if device is None else device
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq_F = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).to(work) / head_dim))
+    angles_TF = positions.to(device=device, dtype=work)[..., None] * inv_freq_F
+    angles_TD = torch.cat((angles_TF, angles_TF), dim=-1)
+    return angles_TD.cos().to(dtype), angles_TD.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., T, heads, Dh]; cos, sin [..., T, Dh] from ``rope_cos_sin`` (leading dims broadcast).
+
+    Returns x rotated, in x's dtype (cos and sin are cast to it first, as HF does).
+    """
+    if x.dim() < 3:
+        raise ValueError(f"x must be [..., T, heads, Dh], got shape {tuple(x.shape)}")
+    if cos.shape != sin.shape or cos.shape[-1] != x.shape[-1] or cos.shape[-2] != x.shape[-3]:
+        raise ValueError(f"cos and sin must be [..., T={x.shape[-3]}, Dh={x.shape[-1]}], "
+                         f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    cos_T1D = cos.to(x.dtype).unsqueeze(-2)
+    sin_T1D = sin.to(x.dtype).unsqueeze(-2)
+    return x * cos_T1D + rotate_half(x) * sin_T1D

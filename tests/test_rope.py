@@ -1,0 +1,60 @@
+import math
+
+import pytest
+import torch
+
+from bam_model.rope import apply_rope, rope_cos_sin
+
+
+def _rope_by_pairs(x_BTHD, positions_BT, theta):
+    """Independent definition: rotate the pair (x[i], x[i + Dh/2]) by angle pos * theta^(-2i/Dh)."""
+    out = torch.empty_like(x_BTHD)
+    half = x_BTHD.shape[-1] // 2
+    for i in range(half):
+        angle = positions_BT.to(torch.float64)[..., None] * theta ** (-2 * i / x_BTHD.shape[-1])
+        a, b = x_BTHD[..., i], x_BTHD[..., i + half]
+        out[..., i] = a * angle.cos() - b * angle.sin()
+        out[..., i + half] = b * angle.cos() + a * angle.sin()
+    return out
+
+
+@pytest.mark.parametrize("head_dim", [2, 16, 64])
+def test_rope_matches_pairwise_rotation(head_dim):
+    B, T, H = 2, 7, 3
+    x = torch.randn(B, T, H, head_dim, dtype=torch.float64)
+    positions = torch.randint(0, 5000, (B, T))
+    cos, sin = rope_cos_sin(positions, head_dim, theta=500000.0, dtype=torch.float64)
+    assert cos.shape == (B, T, head_dim)
+    torch.testing.assert_close(apply_rope(x, cos, sin), _rope_by_pairs(x, positions, 500000.0))
+
+
+def test_rope_relative_positions_and_norm():
+    T, H, Dh = 9, 2, 16
+    q = torch.randn(1, H, Dh, dtype=torch.float64).expand(T, H, Dh)
+    k = torch.randn(1, H, Dh, dtype=torch.float64).expand(T, H, Dh)
+    cos, sin = rope_cos_sin(torch.arange(T), Dh, dtype=torch.float64)
+    q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    torch.testing.assert_close(q_rot.norm(dim=-1), q.norm(dim=-1))
+    # The score depends only on the offset between positions.
+    scores = torch.einsum("thd,shd->hts", q_rot, k_rot)
+    torch.testing.assert_close(scores[:, 5, 2], scores[:, 6, 3])
+    torch.testing.assert_close(scores[:, 0, 0], scores[:, 8, 8])
+
+
+def test_rope_shared_positions_broadcast_and_dtype():
+    x = torch.randn(3, 5, 4, 8, dtype=torch.float16)
+    cos, sin = rope_cos_sin(torch.arange(5), 8, dtype=torch.float16)
+    y = apply_rope(x, cos, sin)
+    assert y.dtype == torch.float16 and y.shape == x.shape
+    y_ref = apply_rope(x.double(), *rope_cos_sin(torch.arange(5), 8, dtype=torch.float64))
+    assert (y.double() - y_ref).abs().max() < 1e-2 * math.sqrt(8)
+
+
+def test_rope_bad_input():
+    with pytest.raises(ValueError, match="positions"):
+        rope_cos_sin(torch.arange(4.0), 8)
+    with pytest.raises(ValueError, match="head_dim"):
+        rope_cos_sin(torch.arange(4), 7)
+    cos, sin = rope_cos_sin(torch.arange(4), 8)
+    with pytest.raises(ValueError, match="cos and sin"):
+        apply_rope(torch.randn(5, 2, 8), cos, sin)
