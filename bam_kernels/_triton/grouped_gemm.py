@@ -205,16 +205,19 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _gemm_configs():
+def _gemm_configs(epilogue: int):
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
-    return [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    ]
+    cfg = lambda m, n, k, w, s: triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
+                                              num_warps=w, num_stages=s)
+    if epilogue == SWIGLU_FWD:
+        # Two fp32 accumulators (gate and up) per program: half the columns of the plain tiles.
+        return [cfg(128, 128, 64, 8, 3), cfg(128, 64, 64, 8, 4), cfg(128, 64, 64, 4, 3), cfg(64, 64, 64, 4, 4)]
+    if epilogue == SWIGLU_BWD:
+        # The epilogue keeps gate, up and their sigmoid live beside the accumulator.
+        return [cfg(128, 64, 64, 8, 3), cfg(128, 64, 64, 8, 4), cfg(64, 128, 64, 8, 3), cfg(64, 64, 64, 4, 4)]
+    return [cfg(128, 256, 64, 8, 3), cfg(128, 128, 64, 8, 3), cfg(128, 128, 64, 4, 4), cfg(128, 64, 64, 4, 4),
+            cfg(64, 128, 64, 4, 4), cfg(64, 64, 64, 4, 4)]
 
 
 def _wgrad_configs():
@@ -232,10 +235,12 @@ def _m_bucket(M: int) -> int:
     return min(triton.next_power_of_2(max(M, 1)), 1 << 16)
 
 
-# Autotuning reruns the kernel; every output is a plain store except the per-tile partial sums,
-# whose column count depends on BLOCK_N, so those are zeroed before each trial.
-group_gemm = triton.autotune(configs=_gemm_configs(), key=["N", "K", "E", "M_BUCKET", "EPILOGUE"],
-                             reset_to_zero=["part_ptr"])(_group_gemm)
+# One autotuner per epilogue, each with configs that fit its register needs. Autotuning reruns
+# the kernel; every output is a plain store except the per-tile partial sums, whose column count
+# depends on BLOCK_N, so those are zeroed before each trial.
+_KEY = ["N", "K", "E", "M_BUCKET", "GATHER_A", "SCATTER_C"]
+group_gemm = {ep: triton.autotune(configs=_gemm_configs(ep), key=_KEY, reset_to_zero=["part_ptr"])(_group_gemm)
+              for ep in (PLAIN, SWIGLU_FWD, SWIGLU_BWD)}
 group_wgrad = triton.autotune(configs=_wgrad_configs(), key=["N", "K"])(_group_wgrad)
 
 MIN_BLOCK_N = 32
@@ -257,7 +262,7 @@ def launch_gemm(a, w, w_strides, N: int, K: int, offs, c, *, row_map=None, a_div
         return c
     dummy = offs
     grid = lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + E + 1) * triton.cdiv(N, meta["BLOCK_N"]),)
-    group_gemm[grid](
+    group_gemm[epilogue][grid](
         a, w, c, offs,
         row_map if row_map is not None else dummy, scale if scale is not None else dummy,
         pre if pre is not None else dummy, part if part is not None else dummy,
