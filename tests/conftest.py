@@ -13,3 +13,22 @@ torch.backends.cudnn.allow_tf32 = False
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Make torch.empty / empty_like return NaN (floats) or 2**40 (ints), so any output element an
+    op forgets to write shows up in the comparison."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype in (torch.int64,):
+            t.fill_(2 ** 40)
+        elif t.dtype in (torch.int32,):
+            t.fill_(2 ** 30)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))

@@ -18,7 +18,7 @@ def _route_topk_fwd(logits_ptr, w_ptr, idx_ptr, T, E, stride_t,
                 other=-float("inf")).to(tl.float32)
     x = tl.where(row_ok[:, None], x, 0.0)  # rows past T: finite values, never stored
     x = x - tl.max(x, axis=1)[:, None]
-    num = tl.where(mask, tl.exp(x), 0.0)
+    num = tl.where(cols[None, :] < E, tl.exp(x), 0.0)
     p = num / tl.sum(num, axis=1)[:, None]
     # Taken experts are marked -1 so a later pass cannot pick them again (p >= 0 otherwise).
     live = tl.where(mask, p, -1.0)
@@ -51,7 +51,7 @@ def _route_topk_bwd(logits_ptr, w_ptr, idx_ptr, dw_ptr, dlogits_ptr, T, E, strid
                 other=-float("inf")).to(tl.float32)
     x = tl.where(row_ok[:, None], x, 0.0)  # rows past T: finite values, never stored
     x = x - tl.max(x, axis=1)[:, None]
-    num = tl.where(mask, tl.exp(x), 0.0)
+    num = tl.where(cols[None, :] < E, tl.exp(x), 0.0)
     p = num / tl.sum(num, axis=1)[:, None]
     out = rows.to(tl.int64) * K
     # With renormalisation w_s = p_s / S, so dL/dp_s = (dw_s - sum_r dw_r w_r) / S.

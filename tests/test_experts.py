@@ -1,0 +1,223 @@
+import math
+
+import pytest
+import torch
+
+import bam_kernels as bk
+from bam_kernels import reference
+
+BACKENDS = ["torch", "triton"]
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values (an unwritten output?)"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped_mm
+
+
+def random_offsets(M, E, empty=(), tail=0):
+    """Cumulative row ends for E experts over M - tail rows, experts in ``empty`` getting none."""
+    live = [e for e in range(E) if e not in empty]
+    counts = torch.zeros(E, dtype=torch.int64)
+    if live:
+        picks = torch.randint(0, len(live), (M - tail,))
+        counts[live] = torch.bincount(picks, minlength=len(live))
+    return torch.cumsum(counts, 0).to(torch.int32)
+
+
+GMM_CASES = [  # M, K, N, E, empty experts, tail rows past offs[-1]
+    (1, 19, 37, 1, (), 0),
+    (7, 19, 37, 3, (1,), 0),
+    (33, 24, 13, 4, (0, 3), 5),
+    (257, 37, 29, 16, (2, 5, 11), 0),
+    (127, 16, 48, 5, (), 9),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,K,N,E,empty,tail", GMM_CASES)
+def test_grouped_mm_matches_reference(poison, backend, dtype, M, K, N, E, empty, tail):
+    offs = random_offsets(M, E, empty, tail)
+    x = torch.randn(M, K).to(dtype).requires_grad_()
+    w = (torch.randn(E, N, K) / math.sqrt(K)).to(dtype).requires_grad_()
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = reference.grouped_mm(x64, w64, offs)
+    with bk.use_backend(backend):
+        y = bk.grouped_mm(x, w, offs)
+    assert y.shape == (M, N) and y.dtype == dtype
+    assert rel(y, ref) < TOL[dtype]
+    if tail:
+        assert torch.all(y[-tail:] == 0)
+    dy = torch.randn(M, N, dtype=torch.float64)
+    ref.backward(dy)
+    y.backward(dy.to(dtype))
+    assert rel(x.grad, x64.grad) < TOL[dtype]
+    assert rel(w.grad, w64.grad) < TOL[dtype]
+    for e in empty:
+        assert torch.all(w.grad[e] == 0), f"expert {e} has no rows: its weight gradient must be exactly 0"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_mm_transposed_weight_view(backend):
+    """A non-contiguous weight (a transposed view, as torch._grouped_mm's callers pass) works."""
+    offs = random_offsets(40, 3)
+    x = torch.randn(40, 20)
+    w = torch.randn(3, 20, 12).transpose(1, 2)  # [E, N=12, K=20], strided
+    with bk.use_backend(backend):
+        y = bk.grouped_mm(x, w, offs)
+    assert rel(y, reference.grouped_mm(x.double(), w.double(), offs)) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grouped_mm_backward_is_deterministic(backend):
+    offs = random_offsets(97, 6, empty=(2,))
+    x = torch.randn(97, 24, requires_grad=True)
+    w = torch.randn(6, 40, 24, requires_grad=True)
+    dy = torch.randn(97, 40)
+    grads = []
+    for _ in range(2):
+        x.grad = w.grad = None
+        with bk.use_backend(backend):
+            bk.grouped_mm(x, w, offs).backward(dy)
+        grads.append((x.grad.clone(), w.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_grouped_mm_bad_input():
+    x, w = torch.randn(10, 8), torch.randn(3, 5, 8)
+    with pytest.raises(ValueError, match="offs must be non-decreasing"):
+        bk.grouped_mm(x, w, torch.tensor([4, 2, 10], dtype=torch.int32))
+    with pytest.raises(ValueError, match="offs must be non-decreasing"):
+        bk.grouped_mm(x, w, torch.tensor([4, 6, 11], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"offs must have shape \[E\]"):
+        bk.grouped_mm(x, w, torch.tensor([4, 10], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"x must have shape \[M, K\]"):
+        bk.grouped_mm(torch.randn(10, 7), w, torch.tensor([4, 6, 10]))
+    with pytest.raises(ValueError, match="w has dtype"):
+        bk.grouped_mm(x, w.half(), torch.tensor([4, 6, 10]))
+    with pytest.raises(ValueError, match="offs must be an integer tensor"):
+        bk.grouped_mm(x, w, torch.tensor([4.0, 6.0, 10.0]))
+    with pytest.raises(ValueError, match="w must have 3 dimensions"):
+        bk.grouped_mm(x, w[0], torch.tensor([4, 6, 10]))
+
+
+# ---------------------------------------------------------------------------------------------
+# moe_mlp
+
+
+def make_moe(T, D, F, E, k, dtype=torch.float32, duplicates=False, empty=()):
+    live = torch.tensor([e for e in range(E) if e not in empty])
+    if duplicates:
+        experts = live[torch.randint(0, len(live), (T, k))]
+    else:
+        experts = torch.stack([live[torch.randperm(len(live))[:k]] for _ in range(T)]) if T else \
+            torch.empty(0, k, dtype=torch.int64)
+    x = torch.randn(T, D)
+    gate_up = torch.randn(E, 2 * F, D) / math.sqrt(D)
+    down = torch.randn(E, D, F) / math.sqrt(F)
+    weights = torch.rand(T, k) + 0.1
+    return [t.to(dtype) for t in (x, gate_up, down)] + [weights, experts]
+
+
+MOE_CASES = [  # T, D, F, E, k, duplicate ids, experts without tokens
+    (1, 19, 23, 1, 1, False, ()),
+    (7, 19, 23, 4, 1, False, (2,)),
+    (7, 19, 23, 4, 4, False, ()),
+    (33, 37, 45, 16, 2, False, (0, 5, 9, 15)),
+    (33, 24, 40, 5, 3, True, ()),
+    (257, 37, 29, 8, 2, False, (3,)),
+    (257, 19, 23, 16, 1, True, (1, 7)),
+]
+
+
+def run_moe(backend, inputs):
+    with bk.use_backend(backend):
+        return bk.moe_mlp(*inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,D,F,E,k,duplicates,empty", MOE_CASES)
+def test_moe_mlp_matches_reference(poison, backend, dtype, T, D, F, E, k, duplicates, empty):
+    inputs = make_moe(T, D, F, E, k, dtype, duplicates, empty)
+    leaves = [t.requires_grad_() for t in inputs[:4]] + [inputs[4]]
+    leaves64 = [t.detach().double().requires_grad_() for t in inputs[:4]] + [inputs[4]]
+    ref = reference.moe_mlp(*leaves64)
+    y = run_moe(backend, leaves)
+    assert y.shape == (T, D) and y.dtype == dtype
+    assert rel(y, ref) < TOL[dtype]
+    dy = torch.randn(T, D, dtype=torch.float64)
+    ref.backward(dy)
+    y.backward(dy.to(dtype))
+    for name, a, b in zip(["x", "gate_up_proj", "down_proj", "weights"], leaves, leaves64):
+        assert a.grad.dtype == a.dtype, name
+        assert rel(a.grad, b.grad) < TOL[dtype], name
+    for e in empty:
+        assert torch.all(leaves[1].grad[e] == 0) and torch.all(leaves[2].grad[e] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moe_mlp_backward_is_deterministic(backend):
+    inputs = make_moe(65, 24, 40, 6, 2, duplicates=True, empty=(4,))
+    leaves = [t.requires_grad_() for t in inputs[:4]] + [inputs[4]]
+    dy = torch.randn(65, 24)
+    runs = []
+    for _ in range(2):
+        for t in leaves[:4]:
+            t.grad = None
+        run_moe(backend, leaves).backward(dy)
+        runs.append([t.grad.clone() for t in leaves[:4]])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moe_mlp_only_some_inputs_need_grad(backend):
+    x, gate_up, down, weights, experts = make_moe(20, 16, 24, 4, 2)
+    down.requires_grad_()
+    run_moe(backend, [x, gate_up, down, weights, experts]).sum().backward()
+    ref_down = down.detach().double().requires_grad_()
+    reference.moe_mlp(x.double(), gate_up.double(), ref_down, weights.double(), experts).sum().backward()
+    assert rel(down.grad, ref_down.grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_moe_mlp_inference_no_grad(backend):
+    inputs = make_moe(33, 16, 24, 4, 2)
+    with torch.no_grad():
+        y = run_moe(backend, inputs)
+    assert rel(y, reference.moe_mlp(*[t.double() for t in inputs[:4]], inputs[4])) < 1e-5
+
+
+def test_moe_mlp_empty_batch():
+    x, gate_up, down, weights, experts = make_moe(0, 16, 24, 4, 2)
+    for backend in BACKENDS:
+        assert run_moe(backend, [x, gate_up, down, weights, experts]).shape == (0, 16)
+
+
+def test_moe_mlp_bad_input():
+    x, gate_up, down, weights, experts = make_moe(5, 8, 6, 3, 2)
+    with pytest.raises(ValueError, match="experts holds expert ids"):
+        bk.moe_mlp(x, gate_up, down, weights, experts + 3)
+    with pytest.raises(ValueError, match=r"gate_up_proj must have shape \[E, 2F, D\]"):
+        bk.moe_mlp(x, gate_up[:, :-1], down, weights, experts)
+    with pytest.raises(ValueError, match=r"gate_up_proj must have shape \[E, 2F, D\]"):
+        bk.moe_mlp(x, gate_up[..., :-1], down, weights, experts)
+    with pytest.raises(ValueError, match="down_proj must have shape"):
+        bk.moe_mlp(x, gate_up, down[:2], weights, experts)
+    with pytest.raises(ValueError, match=r"weights must have shape \[T, k\]"):
+        bk.moe_mlp(x, gate_up, down, weights[:, :1], experts)
+    with pytest.raises(ValueError, match=r"experts must have shape \[T, k\]"):
+        bk.moe_mlp(x, gate_up, down, weights[:4], experts[:4])
+    with pytest.raises(ValueError, match="experts must be an integer tensor"):
+        bk.moe_mlp(x, gate_up, down, weights, experts.float())
+    with pytest.raises(ValueError, match="down_proj has dtype"):
+        bk.moe_mlp(x, gate_up, down.double(), weights, experts)
+    with pytest.raises(ValueError, match="x must have 2 dimensions"):
+        bk.moe_mlp(x[None], gate_up, down, weights, experts)
