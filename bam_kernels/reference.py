@@ -49,3 +49,33 @@ def moe_mlp(x_TD, gate_up_proj_E2FD, down_proj_EDF, weights_TK, experts_TK) -> t
         out = expert_mlp(x_TD[tok], gate_up_proj_E2FD[e], down_proj_EDF[e])
         y_TD = y_TD.index_add(0, tok, out * w_TK[tok, slot, None])
     return y_TD
+
+
+def moa_attention(q_BTEHD, k, v, mix_BTE, causal: bool = True, scale: float | None = None, kv_lens_B=None):
+    """Soft mixture of attention: ``o[b,t,e,h] = mix[b,t,e] * softmax(q k^T * scale + mask) v``.
+
+    k, v [B,S,Hkv,Dh] (shared by the experts) or [B,S,E,Hkv,Dh] (one set per expert); head h reads
+    KV head ``h // (H // Hkv)``. Query t sees key s iff s < kv_lens[b] and, when causal,
+    s <= t + kv_lens[b] - T. A query that sees no key gets zeros.
+    """
+    B, T, E, H, Dh = q_BTEHD.shape
+    S, Hkv = k.shape[1], k.shape[-2]
+    if k.dim() == 4:
+        k, v = k[:, :, None].expand(B, S, E, Hkv, Dh), v[:, :, None].expand(B, S, E, Hkv, Dh)
+    k_BSEHD = k.repeat_interleave(H // Hkv, dim=3)
+    v_BSEHD = v.repeat_interleave(H // Hkv, dim=3)
+    scale = Dh ** -0.5 if scale is None else scale
+    scores_BEHTS = torch.einsum("btehd,bsehd->behts", q_BTEHD, k_BSEHD) * scale
+    kv_len_B = torch.full((B,), S) if kv_lens_B is None else kv_lens_B.cpu().clamp(0, S)
+    keys_S, queries_T = torch.arange(S), torch.arange(T)
+    visible_BTS = keys_S[None, None, :] < kv_len_B[:, None, None]
+    if causal:
+        visible_BTS = visible_BTS & (keys_S[None, None, :] <= queries_T[None, :, None] + (kv_len_B - T)[:, None, None])
+    visible_BTS = visible_BTS.expand(B, T, S)
+    any_BT = visible_BTS.any(-1)
+    # A query without keys takes a softmax over all of them (finite, so its backward is too), then 0.
+    visible_BTS = (visible_BTS | ~any_BT[..., None]).to(q_BTEHD.device)
+    p_BEHTS = torch.softmax(scores_BEHTS.masked_fill(~visible_BTS[:, None, None], float("-inf")), dim=-1)
+    o_BTEHD = torch.einsum("behts,bsehd->btehd", p_BEHTS, v_BSEHD)
+    keep_BTE = mix_BTE.to(o_BTEHD.dtype) * any_BT.to(device=q_BTEHD.device, dtype=o_BTEHD.dtype)[..., None]
+    return o_BTEHD * keep_BTE[..., None, None]

@@ -1,0 +1,148 @@
+"""Soft mixture-of-attention over shared or per-expert KV, with autograd, on every backend."""
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks, reference
+from ._dispatch import backend_for
+
+
+def _check_moa(q, k, v, mix, causal, scale, kv_lens):
+    _checks.tensor("q", q, ndim=5, floating=True)
+    _checks.tensor("k", k, floating=True)
+    if k.dim() not in (4, 5):
+        raise ValueError(f"k must have shape [B, S, Hkv, Dh] (shared KV) or [B, S, E, Hkv, Dh] (expert KV), "
+                         f"got {tuple(k.shape)}")
+    _checks.tensor("v", v, floating=True)
+    _checks.shape("v", v, tuple(k.shape), "like k")
+    _checks.tensor("mix", mix, ndim=3, floating=True)
+    B, T, E, H, Dh = q.shape
+    if min(E, H, Dh) < 1:
+        raise ValueError(f"q must have shape [B, T, E, H, Dh] with E, H, Dh >= 1, got {tuple(q.shape)}")
+    Hkv = k.shape[-2]
+    expected = "[B, S, E, Hkv, Dh]" if k.dim() == 5 else "[B, S, Hkv, Dh]"
+    if k.shape[0] != B or k.shape[-1] != Dh or (k.dim() == 5 and k.shape[2] != E):
+        raise ValueError(f"k must have shape {expected} with B = {B}, "
+                         f"{'E = ' + str(E) + ', ' if k.dim() == 5 else ''}Dh = {Dh} from q, got {tuple(k.shape)}")
+    if Hkv < 1 or H % Hkv:
+        raise ValueError(f"k has Hkv = {Hkv} KV heads, which must divide the H = {H} query heads per expert of q")
+    _checks.shape("mix", mix, (B, T, E), "[B, T, E] from q")
+    _checks.same_dtype({"q": q, "k": k, "v": v})
+    named = {"q": q, "k": k, "v": v, "mix": mix}
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {causal!r}")
+    if scale is not None and (not isinstance(scale, numbers.Real) or isinstance(scale, bool)):
+        raise ValueError(f"scale must be a float or None, got {scale!r}")
+    if kv_lens is not None:
+        _checks.tensor("kv_lens", kv_lens, ndim=1, floating=False)
+        _checks.shape("kv_lens", kv_lens, (B,), "[B] from q")
+        named["kv_lens"] = kv_lens
+        if not kv_lens.is_cuda and B > 0:
+            lo, hi = int(kv_lens.min()), int(kv_lens.max())
+            if lo < 0 or hi > k.shape[1]:
+                raise ValueError(f"kv_lens must hold valid key counts in [0, S = {k.shape[1]}], got [{lo}, {hi}]")
+    _checks.same_device(named)
+
+
+def _stacked_heads(q, k, v):
+    """Stack the experts' query heads so that SDPA's GQA mapping (query head i reads KV head
+    i // (Hq / Hkv)) is the MoA one: order (Hkv, E, R) with shared KV, (E, Hkv, R) with expert KV."""
+    B, T, E, H, Dh = q.shape
+    S, Hkv = k.shape[1], k.shape[-2]
+    q6 = q.reshape(B, T, E, Hkv, H // Hkv, Dh)
+    if k.dim() == 5:
+        q_BNTD = q6.permute(0, 2, 3, 4, 1, 5).reshape(B, E * H, T, Dh)
+        k_BGSD = k.permute(0, 2, 3, 1, 4).reshape(B, E * Hkv, S, Dh)
+        v_BGSD = v.permute(0, 2, 3, 1, 4).reshape(B, E * Hkv, S, Dh)
+    else:
+        q_BNTD = q6.permute(0, 3, 2, 4, 1, 5).reshape(B, E * H, T, Dh)
+        k_BGSD, v_BGSD = k.transpose(1, 2), v.transpose(1, 2)
+    return q_BNTD, k_BGSD, v_BGSD
+
+
+def _unstack_heads(o_BNTD, q_shape, Hkv: int, expert_kv: bool):
+    B, T, E, H, Dh = q_shape
+    if expert_kv:
+        return o_BNTD.view(B, E, Hkv, H // Hkv, T, Dh).permute(0, 4, 1, 2, 3, 5).reshape(B, T, E, H, Dh)
+    return o_BNTD.view(B, Hkv, E, H // Hkv, T, Dh).permute(0, 4, 2, 1, 3, 5).reshape(B, T, E, H, Dh)
+
+
+def _moa_torch(q, k, v, mix, causal, scale, kv_lens):
+    """SDPA over the stacked heads, then the mix."""
+    B, T, E, H, Dh = q.shape
+    S = k.shape[1]
+    q_BNTD, k_BGSD, v_BGSD = _stacked_heads(q, k, v)
+    mix_BTE = mix.to(q.dtype)
+    mask_B1TS = None
+    if kv_lens is not None or (causal and S != T):
+        keys_S = torch.arange(S, device=q.device)
+        kv_len_B = (torch.full((B,), S, device=q.device) if kv_lens is None
+                    else kv_lens.to(device=q.device, dtype=torch.int64).clamp(0, S))
+        visible_BTS = keys_S[None, None, :] < kv_len_B[:, None, None]
+        if causal:
+            queries_T = torch.arange(T, device=q.device)
+            visible_BTS = visible_BTS & (keys_S[None, None, :] <= queries_T[None, :, None] + (kv_len_B - T)[:, None, None])
+        visible_BTS = visible_BTS.expand(B, T, S)
+        any_BT = visible_BTS.any(-1)
+        # A query without keys attends to all of them (finite) and its output is zeroed through the mix.
+        mask_B1TS = (visible_BTS | ~any_BT[..., None])[:, None]
+        mix_BTE = mix_BTE * any_BT[..., None].to(q.dtype)
+    o_BNTD = F.scaled_dot_product_attention(q_BNTD, k_BGSD, v_BGSD, attn_mask=mask_B1TS,
+                                            is_causal=causal and mask_B1TS is None, scale=scale, enable_gqa=True)
+    o_BTEHD = _unstack_heads(o_BNTD, q.shape, k.shape[-2], k.dim() == 5)
+    return o_BTEHD * mix_BTE[..., None, None]
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _MoATriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mix, kv_lens, causal, scale):
+        from ._triton import attention as kernels
+        save = any(ctx.needs_input_grad[:4])
+        o, o_unmixed, lse = kernels.forward(q, k, v, mix, kv_lens, causal, scale, save)
+        if save:
+            ctx.save_for_backward(q, k, v, mix, kv_lens, o_unmixed, lse)
+        ctx.causal, ctx.scale = causal, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        from ._triton import attention as kernels
+        q, k, v, mix, kv_lens, o_unmixed, lse = ctx.saved_tensors
+        dq, dk, dv, dp_BTEH = kernels.backward(do, q, k, v, mix, kv_lens, o_unmixed, lse, ctx.causal, ctx.scale)
+        dmix = dp_BTEH.sum(-1).to(mix.dtype) if ctx.needs_input_grad[3] else None
+        return dq, dk, dv, dmix, None, None, None
+
+
+def moa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix: torch.Tensor, causal: bool = True,
+                  scale: float | None = None, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft mixture of attention: every expert's heads attend, each output scaled by its router weight.
+
+    q [B, T, E, H, Dh]; k, v [B, S, Hkv, Dh] (shared KV: head h of every expert reads KV head
+    ``h // (H/Hkv)``) or [B, S, E, Hkv, Dh] (expert KV: expert e reads its own); mix [B, T, E], any
+    float dtype. Returns [B, T, E, H, Dh] in q's dtype:
+    ``o[b,t,e,h] = mix[b,t,e] * softmax(q[b,t,e,h] . k^T * scale + mask) v``, scale defaulting to
+    ``Dh ** -0.5``. kv_lens [B] (integer, optional) counts the valid keys of each row; keys past it
+    are ignored. Causal masking aligns the last query with the last valid key: query t sees key s
+    iff s <= t + kv_lens[b] - T. A query that sees no key gets zeros. Differentiable in q, k, v and
+    mix; the Triton backward is deterministic.
+    """
+    _check_moa(q, k, v, mix, causal, scale, kv_lens)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    backend = backend_for(q, k, v)
+    if backend == "reference":
+        return reference.moa_attention(q, k, v, mix, causal, scale, kv_lens)
+    if backend == "torch" or q.numel() == 0 or k.shape[1] == 0:
+        return _moa_torch(q, k, v, mix, causal, scale, kv_lens)
+    from ._triton.attention import MAX_HEAD_DIM
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"q has head dim {q.shape[-1]}; the triton backend supports up to {MAX_HEAD_DIM}")
+    if kv_lens is not None:
+        kv_lens = kv_lens.to(device=q.device, dtype=torch.int32).contiguous()
+    return _MoATriton.apply(_unit_stride(q), _unit_stride(k), _unit_stride(v), mix, kv_lens, causal, scale)
