@@ -1,0 +1,351 @@
+"""Data: the bundled corpus and tokenizer, ``--data`` specs, and a resumable, shardable batch stream.
+
+A ``--data`` spec is a bundled domain (``code``), a mixture (``code:0.25,math:0.75``; weights are
+normalised) or a path to a UTF-8 text file or a folder of them; mixture parts may be paths too.
+
+Every source is tokenized once per process (documents joined by ``<|endoftext|>``) and cut into
+windows of ``seq_len`` tokens that overlap by one token, so that with the model's own shift
+(labels are the input ids, as in Hugging Face) every token after the first is predicted exactly
+once per pass. ``BatchStream`` draws windows in a seeded order that depends only on the seed,
+the spec, ``seq_len`` and how many samples were drawn before, so it can be saved
+(``state_dict``, plain JSON) and restored exactly, and split across ranks without loss or overlap.
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
+DOMAINS = ("code", "math", "legal", "drama", "scripture")
+SPLITS = ("train", "heldout")
+EOS_TOKEN = "<|endoftext|>"
+HELDOUT_FRACTION = 0.1
+
+
+@functools.lru_cache(maxsize=None)
+def _load_tokenizer_file(path: str):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(path)
+
+
+def load_tokenizer(path: str | os.PathLike | None = None):
+    """The bundled byte-level BPE (``tokenizers.Tokenizer``), or the one at ``path``."""
+    path = Path(path) if path is not None else CORPUS_DIR / "tokenizer.json"
+    if not path.is_file():
+        raise ValueError(f"tokenizer path {str(path)!r} is not a file")
+    return _load_tokenizer_file(str(path.resolve()))
+
+
+def eos_token_id(tokenizer) -> int:
+    eos = tokenizer.token_to_id(EOS_TOKEN)
+    if eos is None:
+        raise ValueError(f"tokenizer has no {EOS_TOKEN!r} token")
+    return eos
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte <-> printable character table, which byte-level BPE vocabularies are written in."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """[V] int64: how many UTF-8 bytes of text each token id stands for (0 for special tokens)."""
+    char_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+    lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
+    specials = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    for token, idx in tokenizer.get_vocab().items():
+        if token not in specials:
+            if any(c not in char_to_byte for c in token):
+                raise ValueError(f"tokenizer is not byte-level: token {token!r} has characters outside "
+                                 "the byte alphabet")
+            lengths[idx] = len(token)
+    return lengths
+
+
+@dataclass(frozen=True)
+class Source:
+    """One data source: a bundled domain (``path is None``) or a text file or folder."""
+    name: str
+    path: Path | None = None
+
+    def documents(self, split: str) -> list[str]:
+        """The documents of ``split`` ("train" or "heldout"), in a fixed order."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if self.path is None:
+            with gzip.open(CORPUS_DIR / f"{self.name}.{split}.jsonl.gz", "rt", encoding="utf-8") as f:
+                return [json.loads(line)["text"] for line in f]
+        files = _text_files(self.path)
+        if len(files) == 1:
+            return [_split_text(_read_text(files[0]), split)]
+        return [_read_text(p) for p in _split_files(self.path, files)[split]]
+
+    def fingerprint(self) -> tuple:
+        """Changes when the source's files change (for the token cache)."""
+        if self.path is None:
+            return (self.name,)
+        return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in _text_files(self.path))
+
+
+def _text_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise ValueError(f"data: folder {str(path)!r} holds no files")
+    return files
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data: {str(path)!r} is not UTF-8 text ({e})") from None
+
+
+def _split_text(text: str, split: str) -> str:
+    """A lone file: the last ~10% (cut at a line break) is held out."""
+    cut = int(len(text) * (1 - HELDOUT_FRACTION))
+    line_end = text.rfind("\n", 0, cut)
+    cut = line_end + 1 if line_end > 0 else cut
+    return text[:cut] if split == "train" else text[cut:]
+
+
+def _split_files(root: Path, files: list[Path]) -> dict[str, list[Path]]:
+    """Files ordered by the hash of their relative path; the first ones (at least one, until they
+    hold ~10% of the bytes) are held out, as the bundled corpus is split by document."""
+    order = sorted(files, key=lambda p: hashlib.sha256(p.relative_to(root).as_posix().encode()).hexdigest())
+    total = sum(p.stat().st_size for p in files)
+    heldout, held = [], 0
+    for p in order[:-1]:
+        heldout.append(p)
+        held += p.stat().st_size
+        if held >= HELDOUT_FRACTION * total:
+            break
+    held_set = set(heldout)
+    train = [p for p in files if p not in held_set]
+    return {"train": train, "heldout": sorted(heldout)}
+
+
+def parse_data_spec(spec: str) -> list[tuple[Source, float]]:
+    """``"code"``, ``"code:0.25,math:0.75"``, ``"code,math"`` (equal weights) or a path ->
+    [(source, weight)] with weights summing to 1."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"data must be a domain, a mixture or a path, got {spec!r}")
+    spec = spec.strip()
+    if os.path.exists(spec):
+        return [(_source(spec, spec), 1.0)]
+    parts = [p.strip() for p in spec.split(",")]
+    has_weight = [":" in p and not os.path.exists(p) for p in parts]
+    if any(has_weight) and not all(has_weight):
+        raise ValueError(f"data={spec!r}: give a weight to every part of a mixture or to none")
+    sources, weights = [], []
+    for part in parts:
+        if not part:
+            raise ValueError(f"data={spec!r}: empty mixture part")
+        name, weight = part, 1.0
+        if ":" in part and not os.path.exists(part):
+            name, w = (s.strip() for s in part.rsplit(":", 1))
+            try:
+                weight = float(w)
+            except ValueError:
+                raise ValueError(f"data={spec!r}: weight {w!r} of {name!r} is not a number") from None
+            if not (math.isfinite(weight) and weight > 0):
+                raise ValueError(f"data={spec!r}: weight of {name!r} must be a positive number, got {w!r}")
+        source = _source(name, spec)
+        if source in sources:
+            raise ValueError(f"data={spec!r}: {name!r} appears twice")
+        sources.append(source)
+        weights.append(weight)
+    total = sum(weights)
+    return [(s, w / total) for s, w in zip(sources, weights)]
+
+
+def _source(name: str, spec: str) -> Source:
+    if name in DOMAINS:
+        return Source(name)
+    if os.path.exists(name):
+        path = Path(name).resolve()
+        if not (path.is_file() or path.is_dir()):
+            raise ValueError(f"data={spec!r}: {name!r} is neither a file nor a folder")
+        return Source(name, path)
+    raise ValueError(f"data={spec!r}: unknown domain {name!r}; expected one of {', '.join(DOMAINS)}, "
+                     "a mixture like 'code:0.5,math:0.5', or a path to a text file or folder")
+
+
+_TOKEN_CACHE: dict[tuple, np.ndarray] = {}
+
+
+def _tokenizer_key(tokenizer) -> str:
+    return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+
+
+def tokens(source: Source, split: str, tokenizer=None) -> np.ndarray:
+    """All documents of ``split`` as one token array (each document followed by EOS), cached in
+    memory per process. uint16 when the vocabulary allows, else int32."""
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
+    key = (source.fingerprint(), split, _tokenizer_key(tokenizer))
+    if key not in _TOKEN_CACHE:
+        eos = eos_token_id(tokenizer)
+        encodings = tokenizer.encode_batch(source.documents(split), add_special_tokens=False)
+        ids = [i for enc in encodings for i in (*enc.ids, eos)]
+        dtype = np.uint16 if tokenizer.get_vocab_size() <= np.iinfo(np.uint16).max + 1 else np.int32
+        _TOKEN_CACHE[key] = np.asarray(ids, dtype=dtype)
+        _TOKEN_CACHE[key].flags.writeable = False
+    return _TOKEN_CACHE[key]
+
+
+@dataclass
+class Batch:
+    """input_ids, labels: [rows, seq_len] int64 (labels are the input ids: the model shifts them);
+    source: [rows] int64, which source of the spec each row came from."""
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    source: torch.Tensor
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+class BatchStream:
+    """An endless, deterministic stream of training batches from a ``--data`` spec.
+
+    ``batch_size`` is the global batch (all ranks together); each rank's ``next()`` returns rows
+    ``rank, rank + world_size, ...`` of it, so the ranks together see every sample exactly once.
+    Sources are interleaved in proportion to their weights by a largest-deficit rule (every prefix
+    of the stream holds each source's share to within one sample). Within a source, each epoch
+    is a fresh random permutation of its windows, started at a random offset, seeded by
+    ``(seed, source index, epoch)``.
+    """
+
+    def __init__(self, data: str, split: str = "train", *, seq_len: int, batch_size: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, tokenizer=None):
+        _check_int("seq_len", seq_len, 2)
+        _check_int("batch_size", batch_size, 1)
+        _check_int("seed", seed, 0)
+        _check_int("world_size", world_size, 1)
+        _check_int("rank", rank, 0)
+        if rank >= world_size:
+            raise ValueError(f"rank must be < world_size={world_size}, got {rank}")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size={batch_size} must be a multiple of world_size={world_size}")
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        self.data, self.split = data, split
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        spec = parse_data_spec(data)
+        self.sources = [s for s, _ in spec]
+        self.weights = [w for _, w in spec]
+        self.tokens = [tokens(s, split, tokenizer) for s in self.sources]
+        for s, t in zip(self.sources, self.tokens):
+            if len(t) < seq_len:
+                raise ValueError(f"data={data!r}: {s.name!r} has {len(t)} {split} tokens, fewer than "
+                                 f"seq_len={seq_len}")
+        self.position = 0                           # samples drawn, all ranks together
+        self.draws = [0] * len(self.sources)        # samples drawn from each source
+        self.epoch = [0] * len(self.sources)
+        self.index = [0] * len(self.sources)        # next window within the current epoch
+        self._starts: dict[int, tuple[int, np.ndarray]] = {}
+
+    def _epoch_starts(self, s: int) -> np.ndarray:
+        epoch = self.epoch[s]
+        if s not in self._starts or self._starts[s][0] != epoch:
+            L, n_tok = self.seq_len, len(self.tokens[s])
+            rng = np.random.default_rng([self.seed, s, epoch])
+            offset = int(rng.integers(0, min(L - 1, n_tok - L + 1)))
+            n = (n_tok - offset - 1) // (L - 1)
+            self._starts[s] = (epoch, offset + (L - 1) * rng.permutation(n))
+        return self._starts[s][1]
+
+    def _draw(self) -> tuple[int, int]:
+        """The next sample of the global stream: (source index, window start)."""
+        deficits = [w * (self.position + 1) - d for w, d in zip(self.weights, self.draws)]
+        s = max(range(len(deficits)), key=lambda i: (deficits[i], -i))
+        starts = self._epoch_starts(s)
+        start = int(starts[self.index[s]])
+        self.index[s] += 1
+        if self.index[s] == len(starts):
+            self.epoch[s] += 1
+            self.index[s] = 0
+        self.draws[s] += 1
+        self.position += 1
+        return s, start
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        rows, src = [], []
+        for row in range(self.batch_size):
+            s, start = self._draw()
+            if row % self.world_size == self.rank:
+                rows.append(self.tokens[s][start:start + self.seq_len])
+                src.append(s)
+        input_ids = torch.from_numpy(np.stack(rows).astype(np.int64))
+        return Batch(input_ids=input_ids, labels=input_ids.clone(), source=torch.tensor(src, dtype=torch.int64))
+
+    def _config(self) -> dict:
+        return {"data": self.data, "split": self.split, "seq_len": self.seq_len, "seed": self.seed,
+                "sources": [s.name for s in self.sources], "weights": self.weights}
+
+    def state_dict(self) -> dict:
+        """The stream's position as plain JSON-able values (the same on every rank)."""
+        return {**self._config(), "position": self.position, "draws": list(self.draws),
+                "epoch": list(self.epoch), "index": list(self.index)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state``; raises ValueError if it was saved by a different stream."""
+        if not isinstance(state, dict):
+            raise ValueError(f"state must be a dict from BatchStream.state_dict, got {type(state).__name__}")
+        for key, value in self._config().items():
+            if state.get(key) != value:
+                raise ValueError(f"state: {key}={state.get(key)!r} was saved, this stream has {value!r}")
+        n = len(self.sources)
+        for key in ("draws", "epoch", "index"):
+            v = state.get(key)
+            if not (isinstance(v, list) and len(v) == n and all(isinstance(x, int) and x >= 0 for x in v)):
+                raise ValueError(f"state: {key} must be a list of {n} ints >= 0, got {v!r}")
+        if not isinstance(state.get("position"), int) or state["position"] != sum(state["draws"]):
+            raise ValueError(f"state: position must equal the sum of draws, got {state.get('position')!r}")
+        self.position = state["position"]
+        self.draws, self.epoch, self.index = list(state["draws"]), list(state["epoch"]), list(state["index"])
+        for s in range(n):
+            if self.index[s] >= len(self._epoch_starts(s)):
+                raise ValueError(f"state: index {self.index[s]} is past the end of epoch {self.epoch[s]} "
+                                 f"of {self.sources[s].name!r}")
+
+
+def eval_windows(tok: np.ndarray, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
+    """[N, seq_len] int64: consecutive windows from the start of ``tok``, overlapping by one token,
+    so that every token after the first (up to the last full window) is predicted exactly once."""
+    _check_int("seq_len", seq_len, 2)
+    n = (len(tok) - 1) // (seq_len - 1)
+    if max_windows is not None:
+        _check_int("max_windows", max_windows, 1)
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"seq_len={seq_len} is longer than the {len(tok)} tokens to evaluate")
+    idx = np.arange(n)[:, None] * (seq_len - 1) + np.arange(seq_len)[None, :]
+    return torch.from_numpy(tok[idx].astype(np.int64))

@@ -1,0 +1,107 @@
+"""Held-out perplexity and bits per byte per domain: ``bam eval``.
+
+The held-out tokens of each source are cut into consecutive windows overlapping by one token
+(``data.eval_windows``), so each token after the first is scored once, given up to ``seq_len - 1``
+tokens of context. ``loss`` is the mean negative log-likelihood in nats per token, ``ppl`` its
+exponential, ``bpb`` the total NLL in bits over the UTF-8 bytes those tokens stand for (document
+separators count as zero bytes), which compares models with different tokenizers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data import DOMAINS, Source, eval_windows, load_tokenizer, parse_data_spec, token_byte_lengths, tokens
+
+
+def _sources(domains) -> list[Source]:
+    if isinstance(domains, str):
+        return [s for s, _ in parse_data_spec(domains)]
+    if not isinstance(domains, Sequence) or not domains:
+        raise ValueError(f"domains must be a data spec or a non-empty list of domains/paths, got {domains!r}")
+    out = []
+    for d in domains:
+        if isinstance(d, Source):
+            out.append(d)
+        elif isinstance(d, str):
+            spec = parse_data_spec(d)
+            if len(spec) != 1:
+                raise ValueError(f"domains: {d!r} is a mixture; list its parts instead")
+            out.append(spec[0][0])
+        else:
+            raise ValueError(f"domains must hold names, paths or Sources, got {type(d).__name__}")
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, domains: str | Sequence[str | Source] = DOMAINS, *, seq_len: int = 256,
+             batch_size: int = 8, max_windows: int | None = None, split: str = "heldout",
+             tokenizer=None) -> dict:
+    """Score ``model`` (forward(input_ids) returning ``.logits`` [B, T, V]) on each source's
+    ``split``. Returns ``{name: {"loss", "ppl", "bpb", "tokens", "bytes"}, ...,
+    "avg": {"loss", "ppl", "bpb"}}``, "avg" being the plain mean over the sources."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
+    byte_len = torch.from_numpy(token_byte_lengths(tokenizer))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    results = {}
+    try:
+        for source in _sources(domains):
+            windows = eval_windows(tokens(source, split, tokenizer), seq_len, max_windows)
+            nll, n_tok, n_bytes = 0.0, 0, 0
+            for chunk in windows.split(batch_size):
+                ids = chunk.to(device)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    logits = model(ids).logits
+                nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
+                                       reduction="sum").item()
+                n_tok += chunk[:, 1:].numel()
+                n_bytes += int(byte_len[chunk[:, 1:]].sum())
+            loss = nll / n_tok
+            results[source.name] = {"loss": loss, "ppl": math.exp(loss), "bpb": nll / math.log(2) / max(n_bytes, 1),
+                                    "tokens": n_tok, "bytes": n_bytes}
+    finally:
+        model.train(was_training)
+    results["avg"] = {k: sum(r[k] for r in results.values()) / len(results) for k in ("loss", "ppl", "bpb")}
+    return results
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="model folder")
+    parser.add_argument("--data", default=",".join(DOMAINS),
+                        help="domains or paths, comma-separated (weights are ignored); default: every domain")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-windows", type=int, default=None, help="cap on held-out windows per domain")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+def run_eval(args: argparse.Namespace) -> dict:
+    from . import from_pretrained
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = from_pretrained(args.model, device=device)
+    results = evaluate(model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+                       max_windows=args.max_windows)
+    print(f"{'domain':12s} {'ppl':>10s} {'bpb':>8s} {'tokens':>9s}")
+    for name, r in results.items():
+        print(f"{name:12s} {r['ppl']:10.3f} {r['bpb']:8.4f} {r.get('tokens', ''):>9}")
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    return results
