@@ -9,6 +9,8 @@ import torch.nn as nn
 
 import bam_kernels as bk
 
+from .rope import apply_rope, rope_cos_sin
+
 
 def load_balancing_loss(router_logits_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
     """Switch load-balancing loss ``E * sum_i f_i * P_i``.
@@ -92,3 +94,185 @@ class MoE(nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, ffn_dim={self.ffn_dim}, num_experts={self.num_experts}, "
                 f"top_k={self.top_k}, normalize={self.normalize}")
+
+
+class KVCache:
+    """Keys and values of every attention layer, for decoding token by token.
+
+    Layer i holds k, v [B, S, *kv_heads, Dh] as its attention made them: [B, S, Hkv, Dh] for a dense
+    or shared-KV layer (so a shared-KV mixture caches exactly what the dense model does) and
+    [B, S, E, Hkv, Dh] for expert KV. Storage grows by doubling along S, or is allocated once when
+    ``max_length`` is given, so appending a token costs O(1) amortised.
+    """
+
+    def __init__(self, num_layers: int, max_length: int | None = None):
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        self.num_layers, self.max_length = num_layers, max_length
+        self._k: list[torch.Tensor | None] = [None] * num_layers
+        self._v: list[torch.Tensor | None] = [None] * num_layers
+        self._lengths = [0] * num_layers
+
+    def length(self, layer_idx: int = 0) -> int:
+        """Tokens cached so far in that layer: the position of the next token."""
+        return self._lengths[layer_idx]
+
+    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached (k, v) of a layer, each [B, length, *kv_heads, Dh]."""
+        n = self._lengths[layer_idx]
+        if self._k[layer_idx] is None:
+            raise ValueError(f"layer_idx {layer_idx} has nothing cached yet")
+        return self._k[layer_idx][:, :n], self._v[layer_idx][:, :n]
+
+    def update(self, layer_idx: int, k_new: torch.Tensor, v_new: torch.Tensor):
+        """Append k_new, v_new [B, T, *kv_heads, Dh]; return the whole (k, v) of the layer."""
+        if not 0 <= layer_idx < self.num_layers:
+            raise ValueError(f"layer_idx must be in [0, {self.num_layers}), got {layer_idx}")
+        if k_new.shape != v_new.shape:
+            raise ValueError(f"k_new and v_new must have one shape, got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
+        n, T = self._lengths[layer_idx], k_new.shape[1]
+        k_buf = self._k[layer_idx]
+        if k_buf is not None and (k_buf.shape[0] != k_new.shape[0] or k_buf.shape[2:] != k_new.shape[2:]):
+            raise ValueError(f"k_new must have shape [B, T, *kv_heads, Dh] = [{k_buf.shape[0]}, T, "
+                             f"{', '.join(map(str, k_buf.shape[2:]))}] like the cache, got {tuple(k_new.shape)}")
+        if k_buf is None or n + T > k_buf.shape[1]:
+            if self.max_length is not None and n + T > self.max_length:
+                raise ValueError(f"the cache holds max_length={self.max_length} tokens; {n} + {T} do not fit")
+            capacity = self.max_length or max(2 * (n + T), 16)
+            shape = (k_new.shape[0], capacity, *k_new.shape[2:])
+            new_k = k_new.new_empty(shape)
+            new_v = v_new.new_empty(shape)
+            if n:
+                new_k[:, :n] = k_buf[:, :n]
+                new_v[:, :n] = self._v[layer_idx][:, :n]
+            self._k[layer_idx], self._v[layer_idx] = new_k, new_v
+        self._k[layer_idx][:, n:n + T] = k_new
+        self._v[layer_idx][:, n:n + T] = v_new
+        self._lengths[layer_idx] = n + T
+        return self.layer(layer_idx)
+
+    def reset(self) -> None:
+        self._k = [None] * self.num_layers
+        self._v = [None] * self.num_layers
+        self._lengths = [0] * self.num_layers
+
+
+class MixtureOfAttention(nn.Module):
+    """BAM's soft mixture of attention experts: ``y = sum_e g_e(x) * Attn_e(x)``, ``g = softmax(router(x))``.
+
+    Every expert has its own query and output projections, stacked so that each is one GEMM:
+    ``q_proj.weight [E*H*Dh, D]`` (expert-major rows), ``o_proj.weight [D, E*H*Dh]``. With
+    ``shared_kv`` one ``k_proj``/``v_proj`` [Hkv*Dh, D] serves every expert (the KV cache is a dense
+    layer's); otherwise each expert has its own, stacked expert-major into [E*Hkv*Dh, D].
+    ``router.weight [E, D]``; no biases. Queries and keys get RoPE (Hugging Face Llama's layout),
+    attention is causal. ``top_k`` (optional) keeps the k largest router weights renormalised to
+    sum to 1 (every expert is still computed; the others get weight 0).
+
+    forward(x [B, T, D], cache=None, position_ids=None) -> [B, T, D]. With a ``KVCache`` the new keys
+    and values are appended to layer ``layer_idx`` and positions continue from its length.
+    After each forward ``router_logits`` [B*T, E] is kept for the model to collect.
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, num_experts: int, shared_kv: bool = True,
+                 head_dim: int | None = None, rope_theta: float = 10000.0, top_k: int | None = None,
+                 layer_idx: int = 0, device=None, dtype=None):
+        super().__init__()
+        for name, value in (("dim", dim), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads),
+                            ("num_experts", num_experts)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
+        if head_dim is None:
+            if dim % n_heads:
+                raise ValueError(f"n_heads={n_heads} must divide dim={dim} when head_dim is not given")
+            head_dim = dim // n_heads
+        if not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
+            raise ValueError(f"head_dim must be a positive even int (RoPE rotates pairs), got {head_dim!r}")
+        if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k <= num_experts):
+            raise ValueError(f"top_k must be None or an int in [1, num_experts={num_experts}], got {top_k!r}")
+        self.dim, self.n_heads, self.n_kv_heads, self.num_experts = dim, n_heads, n_kv_heads, num_experts
+        self.shared_kv, self.head_dim, self.rope_theta = shared_kv, head_dim, rope_theta
+        self.top_k, self.layer_idx = top_k, layer_idx
+        E, H, Hkv, Dh = num_experts, n_heads, n_kv_heads, head_dim
+        kv_out = Hkv * Dh if shared_kv else E * Hkv * Dh
+        self.q_proj = nn.Linear(dim, E * H * Dh, bias=False, device=device, dtype=dtype)
+        self.k_proj = nn.Linear(dim, kv_out, bias=False, device=device, dtype=dtype)
+        self.v_proj = nn.Linear(dim, kv_out, bias=False, device=device, dtype=dtype)
+        self.o_proj = nn.Linear(E * H * Dh, dim, bias=False, device=device, dtype=dtype)
+        self.router = nn.Linear(dim, E, bias=False, device=device, dtype=dtype)
+        self.router_logits = None
+
+    @classmethod
+    def from_dense(cls, q_weights, k_weights, v_weights, o_weights, n_heads: int, n_kv_heads: int,
+                   shared_kv: bool = True, kv_init: str = "mean", rope_theta: float = 10000.0,
+                   top_k: int | None = None, layer_idx: int = 0) -> "MixtureOfAttention":
+        """One expert per dense attention: lists of E weights in nn.Linear layout, q [H*Dh, D],
+        k and v [Hkv*Dh, D], o [D, H*Dh]. Shared K/V start from the experts' mean (``kv_init="mean"``)
+        or the first expert's (``"first"``, the seed when it is listed first). The router is new."""
+        E = len(q_weights)
+        if E < 1 or not (len(k_weights) == len(v_weights) == len(o_weights) == E):
+            raise ValueError(f"q_weights, k_weights, v_weights and o_weights must be lists of one length >= 1, got "
+                             f"{len(q_weights)}, {len(k_weights)}, {len(v_weights)}, {len(o_weights)}")
+        if kv_init not in ("mean", "first"):
+            raise ValueError(f"kv_init must be 'mean' or 'first', got {kv_init!r}")
+        HDh, D = q_weights[0].shape
+        if n_heads < 1 or HDh % n_heads:
+            raise ValueError(f"q_weights[0] has {HDh} rows, not a multiple of n_heads={n_heads}")
+        Dh = HDh // n_heads
+        expected = {"q_weights": (HDh, D), "k_weights": (n_kv_heads * Dh, D), "v_weights": (n_kv_heads * Dh, D),
+                    "o_weights": (D, HDh)}
+        for name, weights in (("q_weights", q_weights), ("k_weights", k_weights), ("v_weights", v_weights),
+                              ("o_weights", o_weights)):
+            for i, w in enumerate(weights):
+                if tuple(w.shape) != expected[name]:
+                    raise ValueError(f"{name}[{i}] must have shape {expected[name]}, got {tuple(w.shape)}")
+        w0 = q_weights[0]
+        module = cls(D, n_heads, n_kv_heads, E, shared_kv=shared_kv, head_dim=Dh, rope_theta=rope_theta,
+                     top_k=top_k, layer_idx=layer_idx, device=w0.device, dtype=w0.dtype)
+        with torch.no_grad():
+            module.q_proj.weight.copy_(torch.cat(list(q_weights), dim=0))
+            module.o_proj.weight.copy_(torch.cat(list(o_weights), dim=1))
+            for proj, weights in ((module.k_proj, k_weights), (module.v_proj, v_weights)):
+                if not shared_kv:
+                    proj.weight.copy_(torch.cat(list(weights), dim=0))
+                elif kv_init == "mean":
+                    proj.weight.copy_(torch.stack([w.double() for w in weights]).mean(0))
+                else:
+                    proj.weight.copy_(weights[0])
+        return module
+
+    def mix(self, router_logits: torch.Tensor) -> torch.Tensor:
+        """Router weights [..., E] (float32 or wider) from router logits."""
+        probs = torch.softmax(router_logits.to(torch.promote_types(router_logits.dtype, torch.float32)), dim=-1)
+        if self.top_k is None or self.top_k == self.num_experts:
+            return probs
+        w, idx = probs.topk(self.top_k, dim=-1)
+        return torch.zeros_like(probs).scatter(-1, idx, w / w.sum(-1, keepdim=True))
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, position_ids: torch.Tensor | None = None):
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape [B, T, dim={self.dim}], got {tuple(x.shape)}")
+        B, T, _ = x.shape
+        E, H, Hkv, Dh = self.num_experts, self.n_heads, self.n_kv_heads, self.head_dim
+        kv_heads = (Hkv,) if self.shared_kv else (E, Hkv)
+        logits_BTE = self.router(x)
+        q_BTND = self.q_proj(x).view(B, T, E * H, Dh)
+        k_BTGD = self.k_proj(x).view(B, T, -1, Dh)
+        v_BTGD = self.v_proj(x).view(B, T, *kv_heads, Dh)
+        if position_ids is None:
+            start = cache.length(self.layer_idx) if cache is not None else 0
+            position_ids = torch.arange(start, start + T, device=x.device)
+        cos, sin = rope_cos_sin(position_ids, Dh, self.rope_theta, dtype=q_BTND.dtype, device=x.device)
+        q_BTEHD = apply_rope(q_BTND, cos, sin).view(B, T, E, H, Dh)
+        k_BTGD = apply_rope(k_BTGD, cos, sin).view(B, T, *kv_heads, Dh)
+        if cache is not None:
+            k_BTGD, v_BTGD = cache.update(self.layer_idx, k_BTGD, v_BTGD)
+        o_BTEHD = bk.moa_attention(q_BTEHD, k_BTGD, v_BTGD, self.mix(logits_BTE), causal=True)
+        self.router_logits = logits_BTE.reshape(B * T, E)
+        return self.o_proj(o_BTEHD.reshape(B, T, E * H * Dh))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
+                f"num_experts={self.num_experts}, shared_kv={self.shared_kv}, head_dim={self.head_dim}, "
+                f"top_k={self.top_k}")
