@@ -78,7 +78,7 @@ def _route_topk_bwd(logits_ptr, w_ptr, idx_ptr, dw_ptr, dlogits_ptr, T, E, strid
 
 def _blocks(E: int):
     block_e = triton.next_power_of_2(E)
-    block_t = max(1, min(64, 4096 // block_e))
+    block_t = max(1, min(64, 2048 // block_e))  # <= 16 values per thread per tile at 4 warps
     return block_t, block_e
 
 
