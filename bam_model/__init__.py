@@ -1,1 +1,7 @@
 """bam_model: dense and Branch-Attend-Mix models, upcycling, checkpoints, training."""
+from .checkpoint import export_mixtral, from_pretrained, load_dense, save_pretrained
+from .config import BamConfig, DenseConfig
+from .model import BamLM, CausalLM, CausalLMOutput, DenseLM
+
+__all__ = ["BamConfig", "BamLM", "CausalLM", "CausalLMOutput", "DenseConfig", "DenseLM", "export_mixtral",
+           "from_pretrained", "load_dense", "save_pretrained"]

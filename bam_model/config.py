@@ -1,0 +1,196 @@
+"""Model configurations: a dense Llama-family decoder and its BAM / BTX / sparse-upcycled mixture.
+
+Both are plain dataclasses that validate themselves on construction and round-trip through JSON
+(``to_dict`` / ``config_from_dict``; the ``model_type`` key says which class to build).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+BLOCKS = ("sequential", "parallel")
+ATTENTION_KINDS = ("expert-kv", "shared-kv", "dense")
+METHODS = ("bam", "btx", "sparse")
+
+
+def _positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _positive_float(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def _optional_token(name: str, value, vocab_size: int) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                              or not 0 <= value < vocab_size):
+        raise ValueError(f"{name} must be None or an int in [0, vocab_size={vocab_size}), got {value!r}")
+
+
+@dataclass
+class DenseConfig:
+    """A Llama-family decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention.
+
+    ``block="sequential"`` is Llama's ``h = x + Attn(n1(x)); y = h + FFN(n2(h))``;
+    ``block="parallel"`` is GPT-J's ``y = x + Attn(n(x)) + FFN(n(x))`` with one norm.
+    ``head_dim=None`` means ``dim // n_heads``. ``domain`` names what a branched copy trains on.
+    """
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    head_dim: int | None = None
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    block: str = "sequential"
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    domain: str | None = None
+
+    model_type = "bam-dense"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            _positive_int(name, getattr(self, name))
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
+                                 "set head_dim explicitly")
+        else:
+            _positive_int("head_dim", self.head_dim)
+        if self.dh % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.dh}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        _positive_float("rope_theta", self.rope_theta)
+        _positive_float("norm_eps", self.norm_eps)
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        if self.block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
+        _optional_token("bos_token_id", self.bos_token_id, self.vocab_size)
+        _optional_token("eos_token_id", self.eos_token_id, self.vocab_size)
+        if self.domain is not None and not isinstance(self.domain, str):
+            raise ValueError(f"domain must be None or a str, got {self.domain!r}")
+
+    @property
+    def dh(self) -> int:
+        """The head dimension actually used."""
+        return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        return {"model_type": self.model_type, **dataclasses.asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def architecture(self) -> dict:
+        """The settings two models must share to be mixed (everything but names and token ids)."""
+        return {k: getattr(self, k) for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
+                                              "ffn_dim", "dh", "rope_theta", "norm_eps", "tie_embeddings",
+                                              "block")}
+
+
+@dataclass
+class BamConfig(DenseConfig):
+    """A mixture built from dense models: FFN experts in every layer, and attention experts when
+    ``attention`` is ``"expert-kv"`` or ``"shared-kv"`` (``"dense"``: one ordinary attention).
+
+    FFN router: softmax over all ``num_experts``, keep ``top_k``; ``normalize`` rescales the kept
+    weights to sum to 1 (BTX, Mixtral) or leaves them (BAM). ``attention_top_k=None`` is BAM's soft
+    attention routing over every expert. Loss = NLL + sum over layers of
+    ``load_balancing_alpha * L_lb + z_loss_beta * L_z`` on the FFN routers.
+    ``method`` and ``expert_domains`` record how the mixture was made.
+    """
+    num_experts: int = 2
+    top_k: int = 1
+    normalize: bool = False
+    attention: str = "expert-kv"
+    attention_top_k: int | None = None
+    load_balancing_alpha: float = 0.01
+    z_loss_beta: float = 0.001
+    method: str = "bam"
+    expert_domains: list[str | None] = field(default_factory=list)
+
+    model_type = "bam-moe"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _positive_int("num_experts", self.num_experts)
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must be an int in [1, num_experts={self.num_experts}], got {self.top_k!r}")
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"normalize must be a bool, got {self.normalize!r}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        if self.attention_top_k is not None:
+            if self.attention == "dense":
+                raise ValueError("attention_top_k applies to attention experts; attention is 'dense'")
+            if (not isinstance(self.attention_top_k, int) or isinstance(self.attention_top_k, bool)
+                    or not 1 <= self.attention_top_k <= self.num_experts):
+                raise ValueError(f"attention_top_k must be None or an int in [1, num_experts="
+                                 f"{self.num_experts}], got {self.attention_top_k!r}")
+        for name in ("load_balancing_alpha", "z_loss_beta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not isinstance(self.expert_domains, list) or (
+                self.expert_domains and len(self.expert_domains) != self.num_experts):
+            raise ValueError(f"expert_domains must be a list of num_experts={self.num_experts} names "
+                             f"(or empty), got {self.expert_domains!r}")
+
+    def dense(self) -> DenseConfig:
+        """The dense config of one expert (what a single dense model of this mixture looks like)."""
+        fields = {f.name for f in dataclasses.fields(DenseConfig)}
+        return DenseConfig(**{k: v for k, v in dataclasses.asdict(self).items() if k in fields})
+
+
+CONFIG_CLASSES = {DenseConfig.model_type: DenseConfig, BamConfig.model_type: BamConfig}
+
+
+def config_from_dict(d: dict) -> DenseConfig:
+    """Build the config a ``to_dict`` produced; unknown keys are an error, not silently dropped."""
+    if not isinstance(d, dict):
+        raise ValueError(f"config must be a dict, got {type(d).__name__}")
+    model_type = d.get("model_type")
+    if model_type not in CONFIG_CLASSES:
+        raise ValueError(f"config model_type must be one of {tuple(CONFIG_CLASSES)}, got {model_type!r}")
+    cls = CONFIG_CLASSES[model_type]
+    known = {f.name for f in dataclasses.fields(cls)}
+    body = {k: v for k, v in d.items() if k != "model_type"}
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise ValueError(f"unknown {model_type} config keys: {unknown}")
+    missing = sorted(f.name for f in dataclasses.fields(cls)
+                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                     and f.name not in body)
+    if missing:
+        raise ValueError(f"{model_type} config is missing required keys: {missing}")
+    return cls(**body)
+
+
+def load_config(path: str) -> DenseConfig:
+    """Read our ``config.json`` (a file, or a folder holding one)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"no config file at {path!r}")
+    with open(path) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return config_from_dict(d)

@@ -1,0 +1,343 @@
+"""Dense and BAM causal language models (Llama family), with a KV cache and sampling.
+
+Parameter names follow Hugging Face's ``LlamaForCausalLM`` (``model.embed_tokens``,
+``model.layers.N.self_attn.q_proj``, ``mlp.gate_proj``, ``input_layernorm``, ``model.norm``,
+``lm_head``), so Llama-family checkpoints map one to one. A BAM layer keeps the names:
+``self_attn`` is a ``MixtureOfAttention`` (or a plain attention for BTX / sparse upcycling) and
+``mlp`` a ``MoE`` whose keys are transformers' Mixtral ones (``mlp.gate.weight``,
+``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import BamConfig, DenseConfig
+from .nn import MoE
+from .rope import apply_rope, rope_cos_sin
+
+
+@dataclass
+class CausalLMOutput:
+    """logits [B, T, V]; nll: mean next-token negative log-likelihood (with labels);
+    loss = nll + aux_loss; aux_loss: the weighted router losses (BAM models; None for dense);
+    router_logits: {"ffn": per-layer [B*T, E], "attention": per-layer router logits} (None for dense)."""
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    nll: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    router_logits: dict | None = None
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of one attention layer, preallocated for ``max_len`` positions.
+
+    ``kv_shape`` is the per-position shape: ``(Hkv, Dh)`` for one attention (or shared KV),
+    ``(E, Hkv, Dh)`` for expert KV. ``update`` appends and returns every cached position.
+    """
+
+    def __init__(self, batch: int, max_len: int, kv_shape: tuple, dtype: torch.dtype, device):
+        self.k = torch.empty(batch, max_len, *kv_shape, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[1]
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        T = k.shape[1]
+        if self.length + T > self.max_len:
+            raise ValueError(f"the KV cache holds {self.max_len} positions; {self.length} are used and "
+                             f"{T} more were given")
+        self.k[:, self.length:self.length + T] = k
+        self.v[:, self.length:self.length + T] = v
+        self.length += T
+        return self.k[:, :self.length], self.v[:, :self.length]
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+def causal_mask(T: int, S: int, device) -> torch.Tensor | None:
+    """Boolean [T, S] mask letting query i see keys j <= i + S - T (None when T == 1)."""
+    if T == 1:
+        return None
+    return torch.arange(S, device=device)[None, :] <= torch.arange(T, device=device)[:, None] + (S - T)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE: q_proj [H*Dh, D], k_proj/v_proj [Hkv*Dh, D], o_proj [D, H*Dh]."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, rope_theta: float):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim, self.rope_theta = n_heads, n_kv_heads, head_dim, rope_theta
+        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
+
+    def new_cache(self, batch: int, max_len: int, dtype, device) -> KVCache:
+        return KVCache(batch, max_len, (self.n_kv_heads, self.head_dim), dtype, device)
+
+    def forward(self, x_BTD: torch.Tensor, cache: KVCache | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        if position_ids is None:
+            past = cache.length if cache is not None else 0
+            position_ids = torch.arange(past, past + T, device=x_BTD.device)
+        cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta, dtype=x_BTD.dtype,
+                                device=x_BTD.device)
+        q_BTHD = apply_rope(self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k_BTGD = apply_rope(self.k_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v_BTGD = self.v_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
+        if cache is not None:
+            k_BTGD, v_BTGD = cache.update(k_BTGD, v_BTGD)
+        S = k_BTGD.shape[1]
+        o_BHTD = F.scaled_dot_product_attention(
+            q_BTHD.transpose(1, 2), k_BTGD.transpose(1, 2), v_BTGD.transpose(1, 2),
+            attn_mask=None if S == T else causal_mask(T, S, x_BTD.device), is_causal=S == T and T > 1,
+            enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.o_proj(o_BHTD.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, ffn_dim, bias=False)
+        self.up_proj = nn.Linear(dim, ffn_dim, bias=False)
+        self.down_proj = nn.Linear(ffn_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Sequential (Llama): ``h = x + Attn(n1(x)); y = h + FFN(n2(h))``.
+    Parallel (GPT-J): ``y = x + Attn(n(x)) + FFN(n(x))``, one norm."""
+
+    def __init__(self, config: DenseConfig, self_attn: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.parallel = config.block == "parallel"
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = self_attn
+        if not self.parallel:
+            self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = mlp
+
+    def forward(self, x_BTD, cache=None, position_ids=None):
+        n_BTD = self.input_layernorm(x_BTD)
+        a_BTD = self.self_attn(n_BTD, cache=cache, position_ids=position_ids)
+        if self.parallel:
+            return x_BTD + a_BTD + self.mlp(n_BTD)
+        h_BTD = x_BTD + a_BTD
+        return h_BTD + self.mlp(self.post_attention_layernorm(h_BTD))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: DenseConfig, layers: list[DecoderLayer]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+
+
+class CausalLM(nn.Module):
+    """Shared body of the dense and BAM models: embeddings, decoder layers, final norm, LM head,
+    loss, KV cache and sampling. Subclasses build the layers."""
+
+    config_class = DenseConfig
+
+    def __init__(self, config: DenseConfig):
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise ValueError(f"{type(self).__name__} needs a {self.config_class.__name__}, "
+                             f"got {type(config).__name__}")
+        self.config = config
+        self.model = Decoder(config, [self._make_layer(config) for _ in range(config.n_layers)])
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def _make_layer(self, config) -> DecoderLayer:
+        raise NotImplementedError
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the LM head when the config says so."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def _aux(self):
+        return None, None
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache=None,
+                position_ids: torch.Tensor | None = None) -> CausalLMOutput:
+        """input_ids [B, T] -> logits [B, T, V]. ``labels`` [B, T] are the input ids themselves (the
+        model shifts them, as Hugging Face does); -100 marks positions left out of the loss.
+        ``cache`` (from ``new_cache``) is extended in place."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            raise ValueError(f"input_ids must be an integer tensor [batch, tokens], got "
+                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
+            raise ValueError(f"labels must be a tensor of input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {getattr(labels, 'shape', type(labels).__name__)}")
+        if input_ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} tokens, more than max_seq_len="
+                             f"{self.config.max_seq_len}")
+        if cache is not None and len(cache) != len(self.model.layers):
+            raise ValueError(f"cache must hold one entry per layer ({len(self.model.layers)}), got {len(cache)}")
+        x_BTD = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            x_BTD = layer(x_BTD, cache=None if cache is None else cache[i], position_ids=position_ids)
+        logits_BTV = self.lm_head(self.model.norm(x_BTD))
+        aux_loss, router_logits = self._aux()
+        nll = loss = None
+        if labels is not None:
+            nll = F.cross_entropy(logits_BTV[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                  ignore_index=-100)
+            loss = nll if aux_loss is None else nll + aux_loss
+        return CausalLMOutput(logits=logits_BTV, loss=loss, nll=nll, aux_loss=aux_loss,
+                              router_logits=router_logits)
+
+    def new_cache(self, batch: int, max_len: int) -> list:
+        """One empty KV cache per layer, for ``batch`` sequences of up to ``max_len`` tokens."""
+        return [layer.self_attn.new_cache(batch, max_len, self.dtype, self.device) for layer in self.model.layers]
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_p: float = 1.0, eos_token_id: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue ``input_ids`` [B, T] by up to ``max_new_tokens`` tokens with a KV cache.
+
+        ``temperature=0`` is greedy; otherwise sample from ``softmax(logits / temperature)`` cut to
+        the smallest set of tokens whose probability reaches ``top_p`` (nucleus sampling). A row that
+        produced ``eos_token_id`` keeps producing it; generation stops when every row has.
+        Returns [B, T + generated].
+        """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"input_ids must be [batch, tokens] with at least one token, got "
+                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        B, T = input_ids.shape
+        if T + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len="
+                             f"{self.config.max_seq_len}")
+        cache = self.new_cache(B, T + max_new_tokens)
+        out = [input_ids]
+        done_B = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        step_ids = input_ids
+        for _ in range(max_new_tokens):
+            logits_BV = self(step_ids, cache=cache).logits[:, -1].float()
+            next_B = sample(logits_BV, temperature, top_p, generator)
+            if eos_token_id is not None:
+                next_B = torch.where(done_B, torch.full_like(next_B, eos_token_id), next_B)
+                done_B |= next_B == eos_token_id
+            step_ids = next_B[:, None]
+            out.append(step_ids)
+            if eos_token_id is not None and bool(done_B.all()):
+                break
+        return torch.cat(out, dim=1)
+
+    def save_pretrained(self, path: str, max_shard_bytes: int | None = None) -> None:
+        """Write ``config.json`` and safetensors weights to the folder ``path``, atomically."""
+        from .checkpoint import save_pretrained
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+
+
+def sample(logits_BV: torch.Tensor, temperature: float, top_p: float,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids [B]: greedy at temperature 0, else nucleus sampling at ``top_p``."""
+    if temperature == 0:
+        return logits_BV.argmax(dim=-1)
+    probs_BV = torch.softmax(logits_BV / temperature, dim=-1)
+    if top_p < 1:
+        sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
+        # Keep a token while the mass before it is under top_p: the first token is always kept.
+        keep_BV = (sorted_BV.cumsum(dim=-1) - sorted_BV) < top_p
+        sorted_BV = sorted_BV * keep_BV
+        probs_BV = torch.zeros_like(probs_BV).scatter(-1, order_BV, sorted_BV)
+    return torch.multinomial(probs_BV, 1, generator=generator)[:, 0]
+
+
+class DenseLM(CausalLM):
+    """A dense Llama-family causal LM (see ``DenseConfig``)."""
+
+    config_class = DenseConfig
+
+    def __init__(self, config: DenseConfig):
+        if isinstance(config, BamConfig):
+            raise ValueError("DenseLM needs a DenseConfig, got a BamConfig; use BamLM")
+        super().__init__(config)
+
+    def _make_layer(self, c: DenseConfig) -> DecoderLayer:
+        return DecoderLayer(c, Attention(c.dim, c.n_heads, c.n_kv_heads, c.dh, c.rope_theta),
+                            MLP(c.dim, c.ffn_dim))
+
+
+class BamLM(CausalLM):
+    """A mixture built from dense models (see ``BamConfig``): every layer has a ``MoE`` FFN and
+    either a ``MixtureOfAttention`` (BAM) or one plain attention (BTX, sparse upcycling)."""
+
+    config_class = BamConfig
+
+    def _make_layer(self, c: BamConfig) -> DecoderLayer:
+        if c.attention == "dense":
+            attn = Attention(c.dim, c.n_heads, c.n_kv_heads, c.dh, c.rope_theta)
+        else:
+            from .nn import MixtureOfAttention
+            attn = MixtureOfAttention(c.dim, c.n_heads, c.n_kv_heads, c.num_experts,
+                                      shared_kv=c.attention == "shared-kv", head_dim=c.dh,
+                                      rope_theta=c.rope_theta, top_k=c.attention_top_k)
+        return DecoderLayer(c, attn, MoE(c.dim, c.ffn_dim, c.num_experts, top_k=c.top_k, normalize=c.normalize))
+
+    def _aux(self):
+        c = self.config
+        ffn, attention = [], []
+        lb = z = 0.0
+        for layer in self.model.layers:
+            ffn.append(layer.mlp.router_logits)
+            lb = lb + layer.mlp.load_balancing_loss
+            z = z + layer.mlp.z_loss
+            if c.attention != "dense":
+                attention.append(layer.self_attn.router_logits)
+        router_logits = {"ffn": tuple(ffn)}
+        if attention:
+            router_logits["attention"] = tuple(attention)
+        return c.load_balancing_alpha * lb + c.z_loss_beta * z, router_logits
