@@ -290,8 +290,9 @@ def train(model: nn.Module, data: str, out: str | os.PathLike, cfg: TrainConfig,
                 loss_sum += result.loss.item()
                 if getattr(result, "nll", None) is not None:
                     has_nll, nll_sum = True, nll_sum + result.nll.item()
-                if getattr(result, "aux_loss", None) is not None:
-                    has_aux, aux_sum = True, aux_sum + float(result.aux_loss)
+                aux = getattr(result, "aux_loss", None)
+                if aux is not None:
+                    has_aux, aux_sum = True, aux_sum + (aux.item() if isinstance(aux, torch.Tensor) else float(aux))
             loss = loss_sum / cfg.grad_accum
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower lr or check the data")
