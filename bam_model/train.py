@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from .data import BatchStream, parse_data_spec
+from .data import BatchStream, load_tokenizer, parse_data_spec
 
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -250,6 +250,11 @@ def train(model: nn.Module, data: str, out: str | os.PathLike, cfg: TrainConfig,
 
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
+    model_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if model_vocab is not None and model_vocab < tokenizer.get_vocab_size():
+        raise ValueError(f"model vocab_size={model_vocab} is smaller than the tokenizer's "
+                         f"{tokenizer.get_vocab_size()}; build the model with vocab_size >= that")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device

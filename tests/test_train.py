@@ -187,3 +187,33 @@ def test_command_line_arguments():
     add_eval_args(p)
     a = p.parse_args(["m"])
     assert a.data == ",".join(D.DOMAINS)
+
+
+def test_bam_train_and_eval_commands_on_a_dense_model(tmp_path):
+    import bam_model
+    from bam_model.evaluate import run_eval
+    from bam_model.train import run_train
+
+    torch.manual_seed(0)
+    cfg = bam_model.DenseConfig(vocab_size=V, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=48,
+                                tie_embeddings=True, eos_token_id=0)
+    bam_model.DenseLM(cfg).save_pretrained(str(tmp_path / "seed"))
+    p = argparse.ArgumentParser()
+    add_train_args(p)
+    argv = [str(tmp_path / "seed"), "--data", "code:0.5,math:0.5", "--steps", "6", "--out", str(tmp_path / "run"),
+            "--batch-size", "4", "--seq-len", "32", "--save-every", "3", "--eval-windows", "2", "--no-progress"]
+    full = run_train(p.parse_args(argv))
+    assert [r["step"] for r in full] == [6] and set(full[-1]["eval"]) == {"code", "math", "avg"}
+    # Resuming the finished run from its step-6 checkpoint changes nothing.
+    again = run_train(p.parse_args(argv + ["--resume"]))
+    assert again == full
+    p = argparse.ArgumentParser()
+    add_eval_args(p)
+    res = run_eval(p.parse_args([str(tmp_path / "run" / "model"), "--data", "legal", "--max-windows", "2",
+                                 "--seq-len", "32", "--json", str(tmp_path / "eval.json")]))
+    assert json.loads((tmp_path / "eval.json").read_text()) == res
+    model = bam_model.from_pretrained(str(tmp_path / "run" / "model"))
+    small = bam_model.DenseLM(bam_model.DenseConfig(vocab_size=100, dim=8, n_layers=1, n_heads=1, n_kv_heads=1, ffn_dim=8))
+    with pytest.raises(ValueError, match="vocab_size=100 is smaller than the tokenizer's 8192"):
+        train(small, "code", tmp_path / "small", _cfg(steps=1, warmup=0), progress=False)
+    assert res["legal"]["loss"] == pytest.approx(evaluate(model, ["legal"], seq_len=32, max_windows=2)["legal"]["loss"])
