@@ -32,6 +32,10 @@ from .._dispatch import interpreting
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 
+# Allocator of every kernel output; the tests swap in one that fills with NaN, so that an element a
+# kernel fails to write shows up.
+empty = torch.empty
+
 
 @triton.jit
 def _kv_len(kvlen_ptr, b, S, HAS_KVLEN: tl.constexpr):
@@ -498,9 +502,9 @@ def forward(q, k, v, mix, kv_lens, causal: bool, scale: float, save: bool, split
     expert_kv = k.dim() == 5
     B, T, S, E, H, Hkv, G, Gq, R, Dh = _dims(q, k, expert_kv)
     rows = T * Gq
-    o = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
-    ou = torch.full_like(o, float("nan")) if save else None
-    lse = torch.full((B, T, E, H), float("nan"), device=q.device, dtype=torch.float32) if save else None
+    o = empty(q.shape, device=q.device, dtype=q.dtype)
+    ou = empty(q.shape, device=q.device, dtype=q.dtype) if save else None
+    lse = empty((B, T, E, H), device=q.device, dtype=torch.float32) if save else None
     if splits is None:
         splits = num_splits(B, G, rows, S, q.device)
     dummy = o
@@ -516,8 +520,8 @@ def forward(q, k, v, mix, kv_lens, causal: bool, scale: float, save: bool, split
         return o, ou, lse
     chunk = triton.cdiv(triton.cdiv(S, splits), SPLIT_GRANULE) * SPLIT_GRANULE
     splits = triton.cdiv(S, chunk)
-    ws_o = torch.empty(splits, B * G, rows, Dh, device=q.device, dtype=torch.float32)
-    ws_lse = torch.empty(splits, B * G, rows, device=q.device, dtype=torch.float32)
+    ws_o = empty((splits, B * G, rows, Dh), device=q.device, dtype=torch.float32)
+    ws_lse = empty((splits, B * G, rows), device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), B * G, splits)
     fwd_decode[grid](q, k, v, mix, kvl, dummy, dummy, dummy, ws_o, ws_lse,
                      *args, chunk, scale * LOG2E, *strides, _bucket(T), _bucket(S), SPLIT=True, **common)
@@ -537,12 +541,12 @@ def backward(do, q, k, v, mix, kv_lens, ou, lse, causal: bool, scale: float):
     do = do.contiguous()
     block_d = max(16, triton.next_power_of_2(Dh))
     n_rows = B * T * E * H
-    dp = torch.full((B, T, E, H), float("nan"), device=q.device, dtype=torch.float32)
+    dp = empty((B, T, E, H), device=q.device, dtype=torch.float32)
     block_r = 16 if interpreting() else 64
     _bwd_pre[(triton.cdiv(n_rows, block_r),)](do, ou, dp, n_rows, HEAD_DIM=Dh, BLOCK_R=block_r, BLOCK_D=block_d)
-    dq = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
-    dk = torch.full_like(k, float("nan"), memory_format=torch.contiguous_format)
-    dv = torch.full_like(v, float("nan"), memory_format=torch.contiguous_format)
+    dq = empty(q.shape, device=q.device, dtype=q.dtype)
+    dk = empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = empty(v.shape, device=v.device, dtype=v.dtype)
     kvl = kv_lens if kv_lens is not None else dq
     args = (T, S, E, H, Hkv, G, Gq, R, scale, scale * LOG2E, *_strides(q, k, v, mix, expert_kv),
             _bucket(T), _bucket(S))

@@ -1,0 +1,317 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bam_kernels as bk
+from bam_kernels import reference
+from bam_kernels._triton import attention as kernels
+
+BACKENDS = ["torch", "triton"]
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
+GARBAGE = 100.0  # scale of the values past kv_lens: large, finite
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(kernels, "empty", lambda shape, **kw: torch.full(shape, float("nan"), **kw))
+
+
+def rel(out, ref):
+    """|out - ref| / |ref|; a reference near zero (dq with one key) is compared at RMS 1e-2."""
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "non-finite values"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-2 * max(ref.numel(), 1) ** 0.5)).item()
+
+
+def make_inputs(B, T, S, E, H, Hkv, Dh, expert_kv, dtype, kv_lens=None, mix_dtype=torch.float32):
+    q = torch.randn(B, T, E, H, Dh, dtype=dtype)
+    kv_shape = (B, S, E, Hkv, Dh) if expert_kv else (B, S, Hkv, Dh)
+    k, v = torch.randn(kv_shape, dtype=dtype), torch.randn(kv_shape, dtype=dtype)
+    if kv_lens is not None:
+        kv_lens = torch.tensor(kv_lens)
+        for b, n in enumerate(kv_lens.tolist()):
+            k[b, n:] = torch.randn_like(k[b, n:]) * GARBAGE
+            v[b, n:] = torch.randn_like(v[b, n:]) * GARBAGE
+    mix = torch.softmax(torch.randn(B, T, E), -1).to(mix_dtype)
+    return q, k, v, mix, kv_lens
+
+
+def run_with_grads(backend, q, k, v, mix, causal, kv_lens, do, scale=None):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, mix)]
+    with bk.use_backend(backend):
+        o = bk.moa_attention(*leaves, causal=causal, scale=scale, kv_lens=kv_lens)
+    grads = torch.autograd.grad(o, leaves, do.to(o.dtype))
+    return o, grads
+
+
+def reference_with_grads(q, k, v, mix, causal, kv_lens, do, scale=None):
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, mix)]
+    o = reference.moa_attention(*leaves, causal, scale, kv_lens)
+    return o, torch.autograd.grad(o, leaves, do.double())
+
+
+# B, T, S, E, H, Hkv, Dh, causal, expert_kv, kv_lens
+CASES = [
+    (1, 1, 1, 1, 1, 1, 16, True, False, None),
+    (2, 17, 17, 2, 4, 2, 16, True, False, None),
+    (1, 17, 40, 4, 2, 1, 64, True, True, None),
+    (2, 7, 33, 2, 3, 1, 16, False, False, None),
+    (1, 127, 127, 1, 2, 1, 16, True, False, None),
+    (2, 5, 37, 4, 4, 2, 16, True, True, [37, 20]),
+    (3, 4, 19, 2, 2, 1, 64, True, False, [2, 19, 0]),
+    (2, 6, 21, 2, 4, 2, 16, False, True, [9, 1]),
+    (1, 9, 12, 2, 2, 2, 24, True, True, None),
+    (1, 1, 600, 4, 4, 2, 64, True, False, [515]),
+]
+SLOW_CASES = [
+    (1, 300, 300, 2, 2, 1, 16, True, False, None),
+    (2, 127, 150, 2, 2, 2, 64, True, True, [150, 140]),
+]
+
+
+def _id(case):
+    B, T, S, E, H, Hkv, Dh, causal, expert_kv, kv_lens = case
+    return (f"B{B}T{T}S{S}E{E}H{H}kv{Hkv}d{Dh}-{'causal' if causal else 'full'}-{'expert' if expert_kv else 'shared'}"
+            + ("-ragged" if kv_lens else ""))
+
+
+def check_against_reference(backend, case, dtype):
+    B, T, S, E, H, Hkv, Dh, causal, expert_kv, kv_lens = case
+    q, k, v, mix, kv_lens = make_inputs(B, T, S, E, H, Hkv, Dh, expert_kv, dtype, kv_lens)
+    do = torch.randn(B, T, E, H, Dh)
+    o_ref, g_ref = reference_with_grads(q, k, v, mix, causal, kv_lens, do)
+    o, grads = run_with_grads(backend, q, k, v, mix, causal, kv_lens, do)
+    assert o.dtype == dtype and o.shape == (B, T, E, H, Dh)
+    for name, out, ref in zip(("out", "dq", "dk", "dv", "dmix"), (o, *grads), (o_ref, *g_ref)):
+        assert out.shape == ref.shape
+        err = rel(out, ref)
+        assert err < TOL[dtype], f"{name}: relative error {err:.2e}"
+    if kv_lens is not None:
+        # Keys past kv_lens influence nothing: exactly zero gradient.
+        for b, n in enumerate(kv_lens.tolist()):
+            assert (grads[1][b, n:] == 0).all() and (grads[2][b, n:] == 0).all()
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference_fp32(backend, case):
+    check_against_reference(backend, case, torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SLOW_CASES, ids=_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference_fp32_long(backend, case):
+    check_against_reference(backend, case, torch.float32)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[5], CASES[6]], ids=_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_reference_fp16(backend, case):
+    check_against_reference(backend, case, torch.float16)
+
+
+def test_explicit_scale_and_mix_in_q_dtype():
+    q, k, v, mix, _ = make_inputs(2, 5, 9, 2, 2, 1, 16, False, torch.float32, mix_dtype=torch.float32)
+    do = torch.randn(2, 5, 2, 2, 16)
+    o_ref, g_ref = reference_with_grads(q, k, v, mix, True, None, do, scale=0.3)
+    for backend in BACKENDS:
+        o, grads = run_with_grads(backend, q, k, v, mix, True, None, do, scale=0.3)
+        assert rel(o, o_ref) < 1e-5 and all(rel(a, b) < 1e-5 for a, b in zip(grads, g_ref))
+
+
+@pytest.mark.parametrize("expert_kv", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_head_reads_its_kv_head(backend, expert_kv):
+    """KV head g holds the constant value g + 1, so an output names the KV head it read."""
+    B, T, S, E, H, Hkv, Dh = 1, 3, 5, 3, 4, 2, 16
+    q, k, v, _, _ = make_inputs(B, T, S, E, H, Hkv, Dh, expert_kv, torch.float32)
+    G = E * Hkv if expert_kv else Hkv
+    v = (torch.arange(G, dtype=torch.float32) + 1).view(*v.shape[2:-1], 1).expand(v.shape).contiguous()
+    mix = torch.ones(B, T, E)
+    with bk.use_backend(backend):
+        o = bk.moa_attention(q, k, v, mix)
+    e_idx = torch.arange(E).view(E, 1)
+    h_idx = torch.arange(H).view(1, H)
+    g = h_idx // (H // Hkv) + e_idx * (Hkv if expert_kv else 0)
+    want = (g + 1).to(torch.float32).view(1, 1, E, H, 1).expand(o.shape)
+    torch.testing.assert_close(o, want)
+
+
+@pytest.mark.parametrize("expert_kv", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_hot_mix_is_single_expert_attention(backend, expert_kv):
+    B, T, S, E, H, Hkv, Dh = 2, 6, 9, 3, 4, 2, 16
+    q, k, v, _, _ = make_inputs(B, T, S, E, H, Hkv, Dh, expert_kv, torch.float32)
+    chosen = torch.randint(0, E, (B, T))
+    mix = F.one_hot(chosen, E).float()
+    with bk.use_backend(backend):
+        o = bk.moa_attention(q, k, v, mix)
+    # Plain GQA attention of expert e (SDPA with a bottom-right causal mask), per expert.
+    mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    for e in range(E):
+        ke = k[:, :, e] if expert_kv else k
+        ve = v[:, :, e] if expert_kv else v
+        att = F.scaled_dot_product_attention(q[:, :, e].transpose(1, 2), ke.transpose(1, 2), ve.transpose(1, 2),
+                                             attn_mask=mask, enable_gqa=True).transpose(1, 2)
+        sel = chosen == e
+        torch.testing.assert_close(o[:, :, e][sel], att[sel], rtol=1e-5, atol=1e-5)
+        assert (o[:, :, e][~sel] == 0).all()
+
+
+@pytest.mark.parametrize("expert_kv", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decoding_from_a_ragged_cache_equals_the_full_forward(backend, expert_kv):
+    """Rows hold prompts of different lengths in one cache buffer with garbage past each; decoding
+    one query at a time with kv_lens must give the full causal forward of each row."""
+    B, E, H, Hkv, Dh, steps, capacity = 3, 2, 4, 2, 16, 4, 24
+    prompts = [5, 1, 12]
+    q, k, v, mix, _ = make_inputs(B, capacity, capacity, E, H, Hkv, Dh, expert_kv, torch.float32,
+                                  kv_lens=[p + steps for p in prompts])
+    with bk.use_backend(backend):
+        full = [bk.moa_attention(q[b:b + 1, :p + steps], k[b:b + 1, :p + steps], v[b:b + 1, :p + steps],
+                                 mix[b:b + 1, :p + steps])[0] for b, p in enumerate(prompts)]
+        for j in range(steps):
+            pos = torch.tensor([p + j for p in prompts])
+            rows = torch.arange(B)
+            o = bk.moa_attention(q[rows, pos][:, None], k, v, mix[rows, pos][:, None], kv_lens=pos + 1)
+            for b in range(B):
+                torch.testing.assert_close(o[b, 0], full[b][pos[b]], rtol=1e-5, atol=1e-5)
+
+
+def test_split_kv_forward_and_its_backward(monkeypatch):
+    """The split-KV path, forced: chunks past kv_lens are empty, a chunk ends mid-tile."""
+    monkeypatch.setattr(kernels, "num_splits", lambda *a: 3)
+    case = (3, 2, 600, 2, 2, 1, 16, True, False, [600, 100, 300])
+    check_against_reference("triton", case, torch.float32)
+    q, k, v, mix, _ = make_inputs(1, 3, 520, 2, 2, 2, 16, True, torch.float32)
+    o_split, _, lse_split = kernels.forward(q, k, v, mix, None, True, 0.25, True, splits=3)
+    o_one, _, lse_one = kernels.forward(q, k, v, mix, None, True, 0.25, True, splits=1)
+    torch.testing.assert_close(o_split, o_one)
+    torch.testing.assert_close(lse_split, lse_one)
+
+
+def test_decode_heuristic_splits_only_small_batches_of_long_caches():
+    cpu = torch.device("cpu")
+    assert kernels.num_splits(1, 2, 4, 4096, cpu) > 1
+    assert kernels.num_splits(1, 2, 4, 200, cpu) == 1
+    assert kernels.num_splits(8, 8, 4096, 4096, cpu) == 1
+
+
+@pytest.mark.parametrize("expert_kv", [False, True])
+def test_backward_is_bitwise_deterministic(expert_kv):
+    q, k, v, mix, kv_lens = make_inputs(2, 19, 23, 2, 4, 2, 16, expert_kv, torch.float32, kv_lens=[23, 14])
+    do = torch.randn(2, 19, 2, 4, 16)
+    _, first = run_with_grads("triton", q, k, v, mix, True, kv_lens, do)
+    _, second = run_with_grads("triton", q, k, v, mix, True, kv_lens, do)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_empty_inputs(backend):
+    q, k, v, mix, _ = make_inputs(2, 0, 5, 2, 2, 1, 16, False, torch.float32)
+    with bk.use_backend(backend):
+        assert bk.moa_attention(q, k, v, mix).shape == (2, 0, 2, 2, 16)
+    q, k, v, mix, _ = make_inputs(1, 3, 0, 2, 2, 1, 16, False, torch.float32)
+    with bk.use_backend(backend):
+        o = bk.moa_attention(q, k, v, mix, causal=False)
+    assert o.shape == q.shape and (o == 0).all()
+
+
+def test_bad_input_names_the_argument():
+    q, k, v, mix, _ = make_inputs(2, 3, 4, 2, 4, 2, 16, False, torch.float32)
+    call = bk.moa_attention
+    with pytest.raises(ValueError, match="q must have 5 dimensions"):
+        call(q[0], k, v, mix)
+    with pytest.raises(ValueError, match="k has Hkv = 3"):
+        call(q, torch.randn(2, 4, 3, 16), torch.randn(2, 4, 3, 16), mix)
+    with pytest.raises(ValueError, match="k must have shape .*Dh = 16"):
+        call(q, k[..., :8], v[..., :8], mix)
+    with pytest.raises(ValueError, match="k must have shape"):
+        call(q, k[0], v[0], mix)
+    with pytest.raises(ValueError, match="k must have shape .*E = 2"):
+        call(q, torch.randn(2, 4, 3, 2, 16), torch.randn(2, 4, 3, 2, 16), mix)
+    with pytest.raises(ValueError, match="v must have shape"):
+        call(q, k, v[:, :3], mix)
+    with pytest.raises(ValueError, match="mix must have shape"):
+        call(q, k, v, mix[:, :, :1])
+    with pytest.raises(ValueError, match="mix must have 3 dimensions"):
+        call(q, k, v, mix[0])
+    with pytest.raises(ValueError, match="v has dtype"):
+        call(q, k, v.half(), mix)
+    with pytest.raises(ValueError, match="kv_lens must have shape"):
+        call(q, k, v, mix, kv_lens=torch.tensor([4]))
+    with pytest.raises(ValueError, match="kv_lens must be an integer"):
+        call(q, k, v, mix, kv_lens=torch.tensor([4.0, 2.0]))
+    with pytest.raises(ValueError, match="kv_lens must hold"):
+        call(q, k, v, mix, kv_lens=torch.tensor([5, 2]))
+    with pytest.raises(ValueError, match="causal must be a bool"):
+        call(q, k, v, mix, causal=1)
+    with pytest.raises(ValueError, match="scale must be"):
+        call(q, k, v, mix, scale="0.1")
+
+
+PTX_SCRIPT = textwrap.dedent("""
+    import json, triton
+    from triton.compiler import ASTSource
+    from triton.backends.compiler import GPUTarget
+    from bam_kernels._triton import attention as A
+
+    F32 = ("mix_ptr", "kvlen_ptr", "lse_ptr", "wso_ptr", "wsl_ptr", "dp_ptr")
+
+    def compile_(fn, constexprs, warps, stages):
+        sig = {}
+        for n in fn.arg_names:
+            if n in constexprs:
+                sig[n] = "constexpr"
+            elif n == "kvlen_ptr":
+                sig[n] = "*i32"
+            elif n.endswith("_ptr"):
+                sig[n] = "*fp32" if n in F32 else "*bf16"
+            else:
+                sig[n] = "fp32" if n in ("qk_scale", "sm_scale") else "i32"
+        k = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": warps, "num_stages": stages})
+        ptx = k.asm["ptx"]
+        return {"wgmma": "wgmma.mma_async" in ptx, "local": ".local" in ptx, "shared": k.metadata.shared}
+
+    base = dict(HEAD_DIM=128, CAUSAL=True, HAS_KVLEN=True, PRECISION="tf32", BLOCK_D=128)
+    out = {}
+    for name, cfgs in (("fwd", A._fwd_configs()), ("decode", A._decode_configs())):
+        for c in cfgs:
+            m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            out[f"{name}-{m}x{n}"] = compile_(A._fwd, dict(base, SPLIT=name == "decode", SAVE=True, BLOCK_M=m,
+                                                           BLOCK_N=n), c.num_warps, c.num_stages)
+    for name, fn, cfgs in (("dkdv", A._bwd_dkdv, A._dkdv_configs()), ("dq", A._bwd_dq, A._dq_configs())):
+        c = cfgs[0]
+        out[f"{name}-{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}"] = compile_(
+            fn, dict(base, BLOCK_M=c.kwargs["BLOCK_M"], BLOCK_N=c.kwargs["BLOCK_N"]), c.num_warps, c.num_stages)
+    out["combine"] = compile_(A._combine, dict(HEAD_DIM=128, SAVE=True, BLOCK_M=32, BLOCK_D=128), 4, 1)
+    out["bwd_pre"] = compile_(A._bwd_pre, dict(HEAD_DIM=128, BLOCK_R=64, BLOCK_D=128), 4, 1)
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper_with_wgmma_and_no_spills():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    res = subprocess.run([sys.executable, "-c", PTX_SCRIPT], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    for name, r in report.items():
+        assert not r["local"], f"{name} spills to local memory"
+        assert r["shared"] <= 228 * 1024, f"{name} needs {r['shared']} bytes of shared memory"
+        # Dots with 64 or more rows per program run on Hopper's warpgroup MMA; 16-row decode tiles
+        # and the dot-free combine/preprocess kernels do not.
+        has_dot_rows = name.split("-")[0] in ("fwd", "dkdv", "dq") or name.startswith("decode-64")
+        if has_dot_rows:
+            assert r["wgmma"], f"{name} does not use wgmma"
