@@ -172,19 +172,22 @@ class _MoeMLPTorch(torch.autograd.Function):
         dy_MD = dout_TD.index_select(0, tok)
         xs_MD = x_TD.index_select(0, tok)
         dxs_MD = torch.zeros_like(xs_MD)
+        d_pre_M2F = torch.empty_like(pre_M2F)
         dw_M = x_TD.new_zeros(tok.numel())
         d_gate_up = torch.zeros_like(gate_up_E2FD)
         d_down = torch.zeros_like(down_EDF)
+        Fh = pre_M2F.shape[1] // 2
         for e, a, b in _segments(plan):
             gate, up = pre_M2F[a:b].chunk(2, dim=1)
-            sig = torch.sigmoid(gate)
-            silu = gate * sig
+            silu = F.silu(gate)
             act = silu * up
             d_act = dy_MD[a:b] @ down_EDF[e]
             dw_M[a:b] = (d_act * act).sum(1)
             torch.mm((dy_MD[a:b] * w_M[a:b, None]).T, act, out=d_down[e])
             d_act.mul_(w_M[a:b, None])
-            d_pre = torch.cat([d_act * up * sig * (1 + gate * (1 - sig)), d_act * silu], dim=1)
+            d_pre = d_pre_M2F[a:b]
+            torch.mul(d_act, silu, out=d_pre[:, Fh:])
+            torch.ops.aten.silu_backward.grad_input(d_act.mul_(up), gate, grad_input=d_pre[:, :Fh])
             torch.mm(d_pre.T, xs_MD[a:b], out=d_gate_up[e])
             torch.mm(d_pre, gate_up_E2FD[e], out=dxs_MD[a:b])
         dx_TD = torch.zeros_like(x_TD).index_add_(0, tok, dxs_MD)

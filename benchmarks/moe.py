@@ -1,0 +1,231 @@
+"""bam-bench moe: the MoE FFN layer (router + experts), forward and forward+backward.
+
+Providers, all on the same weights and tokens:
+  bam              bam_model.nn.MoE on the device's default backend (triton on CUDA, torch on CPU)
+  hf-eager         transformers' MixtralSparseMoeBlock, its per-expert loop (the Mixtral reference)
+  hf-grouped_mm    the same block with transformers' grouped_mm experts implementation
+  torch-grouped_mm a hand-written layer on torch._grouped_mm (sort, gather, two grouped GEMMs)
+  dense-matmul     (GPU) the same FLOPs as dense bf16 matmuls: the ceiling to compare against
+
+transformers' Mixtral router always renormalises the top-k; for BAM's unnormalised cases the hf
+rows time that (equally costly) function.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import bam_kernels as bk
+from bam_kernels import reference
+from bam_model.nn import MoE
+
+from .common import check_close, sync, time_ms
+
+# name, D, F, E, k, normalize
+GPU_CASES = [("bam-small", 1024, 4096, 4, 1, False), ("mixtral", 4096, 14336, 8, 2, True),
+             ("fine-grained", 2048, 768, 128, 8, True)]
+GPU_TOKENS = [4096, 16384, 32768]
+CPU_CASES = [("cpu-target", 512, 1024, 8, 2, True), ("cpu-bam-small", 256, 1024, 4, 1, False),
+             ("cpu-fine-grained", 256, 128, 32, 4, True)]
+CPU_TOKENS = [2048]
+
+
+def _transformers_block(moe: MoE, implementation: str):
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError:
+        return None
+    cfg = MixtralConfig(hidden_size=moe.dim, intermediate_size=moe.ffn_dim, num_local_experts=moe.num_experts,
+                        num_experts_per_tok=moe.top_k, router_jitter_noise=0.0)
+    cfg._experts_implementation = implementation
+    p = next(moe.parameters())
+    block = MixtralSparseMoeBlock(cfg).to(device=p.device, dtype=p.dtype)
+    block.load_state_dict(moe.state_dict())
+    return block
+
+
+class TorchGroupedMM(torch.nn.Module):
+    """A MoE layer on torch._grouped_mm, the nearest peer built into PyTorch."""
+
+    def __init__(self, moe: MoE):
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x):
+        m = self.moe
+        x_TD = x.reshape(-1, m.dim)
+        logits = F.linear(x_TD, m.gate.weight)
+        probs = torch.softmax(logits, -1, dtype=torch.float32)
+        w, idx = probs.topk(m.top_k, -1)
+        if m.normalize:
+            w = w / w.sum(-1, keepdim=True)
+        order = torch.argsort(idx.reshape(-1), stable=True)
+        tok = order // m.top_k
+        offs = torch.cumsum(torch.bincount(idx.reshape(-1), minlength=m.num_experts), 0).to(torch.int32)
+        h = torch._grouped_mm(x_TD[tok], m.experts.gate_up_proj.transpose(1, 2), offs)
+        gate, up = h.chunk(2, -1)
+        y = torch._grouped_mm(F.silu(gate) * up, m.experts.down_proj.transpose(1, 2), offs)
+        y = y * w.reshape(-1)[order, None].to(y.dtype)
+        return torch.zeros_like(x_TD).index_add_(0, tok, y).reshape(x.shape)
+
+
+def _providers(moe: MoE, device: str):
+    out = {"bam": moe}
+    for name, impl in (("hf-eager", "eager"), ("hf-grouped_mm", "grouped_mm")):
+        block = _transformers_block(moe, impl)
+        if block is not None:
+            out[name] = block
+    out["torch-grouped_mm"] = TorchGroupedMM(moe)
+    return out
+
+
+def _dense_equivalent(T, D, Fh, k, dtype, device):
+    """Dense matmuls with the FLOPs of the experts: [T*k, D] x [D, 2F], then [T*k, F] x [F, D]."""
+    a = torch.randn(T * k, D, device=device, dtype=dtype, requires_grad=True)
+    w1 = torch.randn(2 * Fh, D, device=device, dtype=dtype, requires_grad=True)
+    w2 = torch.randn(D, Fh, device=device, dtype=dtype, requires_grad=True)
+    a2 = torch.randn(T * k, Fh, device=device, dtype=dtype, requires_grad=True)
+
+    def fwd():
+        return a @ w1.T, a2 @ w2.T
+
+    return fwd, (a, w1, w2, a2)
+
+
+def _flops(T, D, Fh, k):
+    return 2 * T * k * D * 3 * Fh  # forward; backward is twice this
+
+
+def run(device: str, quick: bool):
+    gpu = device.startswith("cuda")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    cases = GPU_CASES if gpu else CPU_CASES
+    token_counts = GPU_TOKENS[:2] if (gpu and quick) else (GPU_TOKENS if gpu else CPU_TOKENS)
+    rows = []
+    for name, D, Fh, E, k, normalize in cases:
+        torch.manual_seed(0)
+        moe = MoE(D, Fh, E, top_k=k, normalize=normalize, device=device, dtype=dtype)
+        torch.nn.init.normal_(moe.gate.weight, std=0.02)
+        providers = _providers(moe, device)
+        for T in token_counts:
+            x = torch.randn(1, T, D, device=device, dtype=dtype)
+            dy = torch.randn(1, T, D, device=device, dtype=dtype)
+            flops = _flops(T, D, Fh, k)
+            for mode in ("fwd", "fwd+bwd"):
+                case = f"{name} T={T} D={D} F={Fh} E={E} k={k} {mode}"
+                total = flops * (3 if mode == "fwd+bwd" else 1)
+                for pname, module in providers.items():
+                    xin = x.clone().requires_grad_(mode == "fwd+bwd")
+
+                    def step(module=module, xin=xin):
+                        if mode == "fwd":
+                            with torch.no_grad():
+                                module(xin)
+                        else:
+                            module(xin).backward(dy)
+
+                    try:
+                        t = time_ms(step, device, quick)
+                    except (RuntimeError, NotImplementedError) as err:  # a peer without this dtype/device
+                        print(f"  {pname} skipped on {case}: {str(err).splitlines()[0][:120]}")
+                        continue
+                    rows.append({"case": case, "provider": pname, **t, "tflops": total / t["ms"] / 1e9,
+                                 "dtype": str(dtype).replace("torch.", ""), "T": T, "D": D, "F": Fh, "E": E, "k": k})
+                    moe.zero_grad(set_to_none=True)
+                if gpu:
+                    fwd, leaves = _dense_equivalent(T, D, Fh, k, dtype, device)
+                    g1 = torch.randn(T * k, 2 * Fh, device=device, dtype=dtype)
+                    g2 = torch.randn(T * k, D, device=device, dtype=dtype)
+
+                    def dense_step():
+                        if mode == "fwd":
+                            with torch.no_grad():
+                                fwd()
+                        else:
+                            o1, o2 = fwd()
+                            torch.autograd.backward([o1, o2], [g1, g2])
+
+                    t = time_ms(dense_step, device, quick)
+                    rows.append({"case": case, "provider": "dense-matmul", **t, "tflops": total / t["ms"] / 1e9,
+                                 "dtype": str(dtype).replace("torch.", ""), "T": T, "D": D, "F": Fh, "E": E, "k": k})
+                    del leaves
+            del x, dy
+        del moe, providers
+        if gpu:
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _check_ops(device: str, dtype, T, D, Fh, E, k, tol, vs: str = "reference"):
+    """moe_mlp, route_topk and grouped_mm on ``device`` against the float64 reference on the CPU
+    (``vs="reference"``) or, for sizes the reference loop cannot afford, against the torch path
+    in float32 on the same device."""
+    lines = []
+    g = torch.Generator(device="cpu").manual_seed(T + D)
+    x = torch.randn(T, D, generator=g)
+    gate_up = torch.randn(E, 2 * Fh, D, generator=g) / D ** 0.5
+    down = torch.randn(E, D, Fh, generator=g) / Fh ** 0.5
+    logits = torch.randn(T, E, generator=g)
+    dy = torch.randn(T, D, generator=g)
+    dev = [t.to(device=device, dtype=dtype, copy=True).requires_grad_() for t in (x, gate_up, down)]
+    dlogits = logits.to(device, copy=True).requires_grad_()
+    w, idx = bk.route_topk(dlogits, k, normalize=False)
+    y = bk.moe_mlp(*dev, w, idx)
+    y.backward(dy.to(device=device, dtype=dtype))
+    if vs == "reference":
+        ref = [t.to(dtype).double().requires_grad_() for t in (x, gate_up, down)]
+        rlogits = logits.double().requires_grad_()
+        rw, ridx = reference.route_topk(rlogits, k)
+        if not torch.equal(ridx, idx.cpu()):
+            raise AssertionError("route_topk picked other experts than the reference")
+        ry = reference.moe_mlp(*ref, rw, ridx)
+        ry.backward(dy.double())
+    else:
+        ref = [t.to(device=device, dtype=dtype).float().requires_grad_() for t in (x, gate_up, down)]
+        rlogits = logits.to(device, copy=True).requires_grad_()
+        with bk.use_backend("torch"):
+            rw, ridx = bk.route_topk(rlogits, k)
+            ry = bk.moe_mlp(*ref, rw, ridx)
+        ry.backward(dy.to(device).float())
+    tag = f"moe_mlp {str(dtype).replace('torch.', '')} T={T} D={D} F={Fh} E={E} k={k} (T*k*D={T * k * D:.2e})"
+    lines.append(check_close(f"{tag} out", y, ry, tol))
+    for name, a, b in zip(("dx", "d_gate_up", "d_down"), dev, ref):
+        lines.append(check_close(f"{tag} {name}", a.grad, b.grad, tol))
+    lines.append(check_close(f"{tag} d_logits", dlogits.grad, rlogits.grad, tol))
+    return lines
+
+
+def _check_grouped_mm(device, dtype, tol):
+    g = torch.Generator(device="cpu").manual_seed(7)
+    M, K, N, E = 1000, 136, 264, 7
+    counts = torch.randint(0, 300, (E,), generator=g)
+    counts[2] = 0
+    offs = torch.cumsum(counts, 0).clamp(max=M - 13).to(torch.int32)
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(E, N, K, generator=g) / K ** 0.5
+    dy = torch.randn(M, N, generator=g)
+    xd, wd = x.to(device, dtype, copy=True).requires_grad_(), w.to(device, dtype, copy=True).requires_grad_()
+    y = bk.grouped_mm(xd, wd, offs.to(device))
+    y.backward(dy.to(device, dtype))
+    xr, wr = x.to(dtype).double().requires_grad_(), w.to(dtype).double().requires_grad_()
+    yr = reference.grouped_mm(xr, wr, offs)
+    yr.backward(dy.double())
+    tag = f"grouped_mm {str(dtype).replace('torch.', '')} M={M} K={K} N={N} E={E}"
+    return [check_close(f"{tag} out", y, yr, tol), check_close(f"{tag} dx", xd.grad, xr.grad, tol),
+            check_close(f"{tag} dw", wd.grad, wr.grad, tol)]
+
+
+def check(device: str):
+    lines = []
+    if device.startswith("cuda"):
+        for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 1e-2)):
+            lines += _check_ops(device, dtype, 1023, 264, 392, 9, 2, tol)
+            lines += _check_grouped_mm(device, dtype, tol)
+        lines += _check_ops(device, torch.bfloat16, 4099, 1032, 520, 128, 8, 1e-2)
+        # int64 indexing: 140k tokens x k 8 x D 2048 passes 2^31 elements in the gathered rows.
+        lines += _check_ops(device, torch.bfloat16, 140_000, 2048, 256, 16, 8, 1e-2, vs="torch")
+    else:
+        lines += _check_ops(device, torch.float32, 257, 72, 136, 8, 2, 1e-5)
+        lines += _check_grouped_mm(device, torch.float32, 1e-5)
+    return lines
