@@ -2,6 +2,7 @@
 from .checkpoint import export_mixtral, from_pretrained, load_dense, save_pretrained
 from .config import BamConfig, DenseConfig
 from .model import BamLM, CausalLM, CausalLMOutput, DenseLM
+from .upcycle import branch, upcycle
 
-__all__ = ["BamConfig", "BamLM", "CausalLM", "CausalLMOutput", "DenseConfig", "DenseLM", "export_mixtral",
-           "from_pretrained", "load_dense", "save_pretrained"]
+__all__ = ["BamConfig", "BamLM", "CausalLM", "CausalLMOutput", "DenseConfig", "DenseLM", "branch",
+           "export_mixtral", "from_pretrained", "load_dense", "save_pretrained", "upcycle"]

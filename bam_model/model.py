@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import BamConfig, DenseConfig
-from .nn import MoE
+from .nn import KVCache, MixtureOfAttention, MoE
 from .rope import apply_rope, rope_cos_sin
 
 
@@ -46,36 +46,6 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-class KVCache:
-    """Keys and values of one attention layer, preallocated for ``max_len`` positions.
-
-    ``kv_shape`` is the per-position shape: ``(Hkv, Dh)`` for one attention (or shared KV),
-    ``(E, Hkv, Dh)`` for expert KV. ``update`` appends and returns every cached position.
-    """
-
-    def __init__(self, batch: int, max_len: int, kv_shape: tuple, dtype: torch.dtype, device):
-        self.k = torch.empty(batch, max_len, *kv_shape, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
-        self.length = 0
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[1]
-
-    def update(self, k: torch.Tensor, v: torch.Tensor):
-        T = k.shape[1]
-        if self.length + T > self.max_len:
-            raise ValueError(f"the KV cache holds {self.max_len} positions; {self.length} are used and "
-                             f"{T} more were given")
-        self.k[:, self.length:self.length + T] = k
-        self.v[:, self.length:self.length + T] = v
-        self.length += T
-        return self.k[:, :self.length], self.v[:, :self.length]
-
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
-
-
 def causal_mask(T: int, S: int, device) -> torch.Tensor | None:
     """Boolean [T, S] mask letting query i see keys j <= i + S - T (None when T == 1)."""
     if T == 1:
@@ -84,24 +54,26 @@ def causal_mask(T: int, S: int, device) -> torch.Tensor | None:
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with RoPE: q_proj [H*Dh, D], k_proj/v_proj [Hkv*Dh, D], o_proj [D, H*Dh]."""
+    """Grouped-query attention with RoPE: q_proj [H*Dh, D], k_proj/v_proj [Hkv*Dh, D], o_proj [D, H*Dh].
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, rope_theta: float):
+    With a ``KVCache`` the new keys and values go to layer ``layer_idx`` and positions continue from
+    its length (as in ``MixtureOfAttention``)."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, rope_theta: float,
+                 layer_idx: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim, self.rope_theta = n_heads, n_kv_heads, head_dim, rope_theta
+        self.layer_idx = layer_idx
         self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
 
-    def new_cache(self, batch: int, max_len: int, dtype, device) -> KVCache:
-        return KVCache(batch, max_len, (self.n_kv_heads, self.head_dim), dtype, device)
-
     def forward(self, x_BTD: torch.Tensor, cache: KVCache | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         if position_ids is None:
-            past = cache.length if cache is not None else 0
+            past = cache.length(self.layer_idx) if cache is not None else 0
             position_ids = torch.arange(past, past + T, device=x_BTD.device)
         cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta, dtype=x_BTD.dtype,
                                 device=x_BTD.device)
@@ -109,7 +81,7 @@ class Attention(nn.Module):
         k_BTGD = apply_rope(self.k_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v_BTGD = self.v_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
         if cache is not None:
-            k_BTGD, v_BTGD = cache.update(k_BTGD, v_BTGD)
+            k_BTGD, v_BTGD = cache.update(self.layer_idx, k_BTGD, v_BTGD)
         S = k_BTGD.shape[1]
         o_BHTD = F.scaled_dot_product_attention(
             q_BTHD.transpose(1, 2), k_BTGD.transpose(1, 2), v_BTGD.transpose(1, 2),
@@ -173,12 +145,12 @@ class CausalLM(nn.Module):
             raise ValueError(f"{type(self).__name__} needs a {self.config_class.__name__}, "
                              f"got {type(config).__name__}")
         self.config = config
-        self.model = Decoder(config, [self._make_layer(config) for _ in range(config.n_layers)])
+        self.model = Decoder(config, [self._make_layer(config, i) for i in range(config.n_layers)])
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.apply(self._init_weights)
         self.tie_weights()
 
-    def _make_layer(self, config) -> DecoderLayer:
+    def _make_layer(self, config, layer_idx: int) -> DecoderLayer:
         raise NotImplementedError
 
     @staticmethod
@@ -216,11 +188,11 @@ class CausalLM(nn.Module):
         if input_ids.shape[1] > self.config.max_seq_len:
             raise ValueError(f"input_ids has {input_ids.shape[1]} tokens, more than max_seq_len="
                              f"{self.config.max_seq_len}")
-        if cache is not None and len(cache) != len(self.model.layers):
-            raise ValueError(f"cache must hold one entry per layer ({len(self.model.layers)}), got {len(cache)}")
+        if cache is not None and (not isinstance(cache, KVCache) or cache.num_layers != len(self.model.layers)):
+            raise ValueError(f"cache must be a KVCache of {len(self.model.layers)} layers (see new_cache), got {cache!r}")
         x_BTD = self.model.embed_tokens(input_ids)
-        for i, layer in enumerate(self.model.layers):
-            x_BTD = layer(x_BTD, cache=None if cache is None else cache[i], position_ids=position_ids)
+        for layer in self.model.layers:
+            x_BTD = layer(x_BTD, cache=cache, position_ids=position_ids)
         logits_BTV = self.lm_head(self.model.norm(x_BTD))
         aux_loss, router_logits = self._aux()
         nll = loss = None
@@ -231,9 +203,9 @@ class CausalLM(nn.Module):
         return CausalLMOutput(logits=logits_BTV, loss=loss, nll=nll, aux_loss=aux_loss,
                               router_logits=router_logits)
 
-    def new_cache(self, batch: int, max_len: int) -> list:
-        """One empty KV cache per layer, for ``batch`` sequences of up to ``max_len`` tokens."""
-        return [layer.self_attn.new_cache(batch, max_len, self.dtype, self.device) for layer in self.model.layers]
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        """An empty KV cache for every layer; ``max_len`` allocates it once for that many tokens."""
+        return KVCache(len(self.model.layers), max_length=max_len)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
@@ -259,7 +231,7 @@ class CausalLM(nn.Module):
         if T + max_new_tokens > self.config.max_seq_len:
             raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len="
                              f"{self.config.max_seq_len}")
-        cache = self.new_cache(B, T + max_new_tokens)
+        cache = self.new_cache(T + max_new_tokens)
         out = [input_ids]
         done_B = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         step_ids = input_ids
@@ -306,8 +278,8 @@ class DenseLM(CausalLM):
             raise ValueError("DenseLM needs a DenseConfig, got a BamConfig; use BamLM")
         super().__init__(config)
 
-    def _make_layer(self, c: DenseConfig) -> DecoderLayer:
-        return DecoderLayer(c, Attention(c.dim, c.n_heads, c.n_kv_heads, c.dh, c.rope_theta),
+    def _make_layer(self, c: DenseConfig, layer_idx: int) -> DecoderLayer:
+        return DecoderLayer(c, Attention(c.dim, c.n_heads, c.n_kv_heads, c.dh, c.rope_theta, layer_idx),
                             MLP(c.dim, c.ffn_dim))
 
 
@@ -317,14 +289,13 @@ class BamLM(CausalLM):
 
     config_class = BamConfig
 
-    def _make_layer(self, c: BamConfig) -> DecoderLayer:
+    def _make_layer(self, c: BamConfig, layer_idx: int) -> DecoderLayer:
         if c.attention == "dense":
-            attn = Attention(c.dim, c.n_heads, c.n_kv_heads, c.dh, c.rope_theta)
+            attn = Attention(c.dim, c.n_heads, c.n_kv_heads, c.dh, c.rope_theta, layer_idx)
         else:
-            from .nn import MixtureOfAttention
             attn = MixtureOfAttention(c.dim, c.n_heads, c.n_kv_heads, c.num_experts,
                                       shared_kv=c.attention == "shared-kv", head_dim=c.dh,
-                                      rope_theta=c.rope_theta, top_k=c.attention_top_k)
+                                      rope_theta=c.rope_theta, top_k=c.attention_top_k, layer_idx=layer_idx)
         return DecoderLayer(c, attn, MoE(c.dim, c.ffn_dim, c.num_experts, top_k=c.top_k, normalize=c.normalize))
 
     def _aux(self):

@@ -142,11 +142,11 @@ def test_kv_cache_matches_full_forward(block):
     x = ids(101, B=3, T=13)
     with torch.no_grad():
         full = model(x).logits
-        cache = model.new_cache(3, 13)
+        cache = model.new_cache(13)
         parts = [model(x[:, :6], cache=cache).logits, model(x[:, 6:9], cache=cache).logits]
         parts += [model(x[:, t:t + 1], cache=cache).logits for t in range(9, 13)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="KV cache"):
+    with pytest.raises(ValueError, match="max_length"):
         model(x[:, :1], cache=cache)
 
 
@@ -295,3 +295,10 @@ def test_smollm2_gguf_matches_transformers(smollm2):
     x = torch.randint(0, c.vocab_size, (1, 17))
     with torch.no_grad():
         torch.testing.assert_close(smollm2(x).logits, ref_model(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_smollm2_upcycled_with_itself_keeps_its_function(smollm2):
+    moe = bam_model.upcycle(smollm2, [smollm2], attention="shared-kv", top_k=2)
+    x = torch.randint(0, smollm2.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x).logits, smollm2(x).logits, rtol=1e-4, atol=1e-4)

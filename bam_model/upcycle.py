@@ -1,0 +1,176 @@
+"""Branch and mix: copies of a dense seed, and one mixture of experts built from the seed plus its
+trained copies (DESIGN.md section 1).
+
+| part | bam | btx | sparse |
+|---|---|---|---|
+| FFN experts | FFN of each dense model | same | E copies of the seed's FFN |
+| FFN router | random; top-1, not renormalised | random; top-2, renormalised | like btx |
+| attention | soft mixture of every model's attention (expert or shared KV) | mean | the seed's |
+| norms, embeddings, LM head | mean | mean | the seed's |
+
+The seed counts as an expert (expert 0). Routers start random from ``router_seed``.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+from .checkpoint import build_model, load_dense
+from .config import METHODS, BamConfig
+from .model import DenseLM
+from .nn import MixtureOfAttention
+
+ATTENTION_OPTIONS = ("expert-kv", "shared-kv")
+KV_INITS = ("mean", "seed")
+MERGES = ("mean",)
+METHOD_DEFAULTS = {"bam": dict(top_k=1, normalize=False), "btx": dict(top_k=2, normalize=True),
+                   "sparse": dict(top_k=2, normalize=True)}
+
+
+def _as_model(model, name: str) -> DenseLM:
+    if isinstance(model, DenseLM):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        return load_dense(model)
+    raise ValueError(f"{name} must be a DenseLM or a path to a dense checkpoint, got {type(model).__name__}")
+
+
+def branch(seed, domains: list[str]) -> list[DenseLM]:
+    """One independent copy of ``seed`` per domain, each with ``config.domain`` set to its name."""
+    seed = _as_model(seed, "seed")
+    if not isinstance(domains, (list, tuple)) or not domains or not all(isinstance(d, str) and d for d in domains):
+        raise ValueError(f"domains must be a non-empty list of names, got {domains!r}")
+    if len(set(domains)) != len(domains):
+        raise ValueError(f"domains must be distinct, got {list(domains)}")
+    copies = []
+    for domain in domains:
+        model = copy.deepcopy(seed)
+        model.config = seed.config.replace(domain=domain)
+        copies.append(model)
+    return copies
+
+
+def check_compatible(models: list[DenseLM], names: list[str]) -> None:
+    """Refuse models that cannot be mixed, naming the first setting or tensor that differs."""
+    ref, ref_name = models[0], names[0]
+    ref_arch = ref.config.architecture()
+    ref_tensors = ref.state_dict()
+    for model, name in zip(models[1:], names[1:]):
+        for key, value in model.config.architecture().items():
+            if value != ref_arch[key]:
+                raise ValueError(f"{name} has {key}={value!r} but {ref_name} has {key}={ref_arch[key]!r}; "
+                                 "models to mix must share their architecture")
+        tensors = model.state_dict()
+        for key, t in ref_tensors.items():
+            if key not in tensors:
+                raise ValueError(f"{name} has no tensor {key!r}, which {ref_name} has")
+            if tensors[key].shape != t.shape:
+                raise ValueError(f"tensor {key!r} has shape {tuple(tensors[key].shape)} in {name} but "
+                                 f"{tuple(t.shape)} in {ref_name}")
+        extra = [k for k in tensors if k not in ref_tensors]
+        if extra:
+            raise ValueError(f"{name} has tensor {extra[0]!r}, which {ref_name} has not")
+
+
+def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
+    # Accumulate in float64 so that averaging identical models gives back the very same weights.
+    return torch.stack([t.double() for t in tensors]).mean(dim=0)
+
+
+def upcycle(seed, experts, method: str = "bam", attention: str | None = None, top_k: int | None = None,
+            merge: str = "mean", *, normalize: bool | None = None, kv_init: str = "mean",
+            attention_top_k: int | None = None, num_experts: int | None = None, router_seed: int = 0,
+            load_balancing_alpha: float = 0.01, z_loss_beta: float = 0.001,
+            dtype: torch.dtype | None = None):
+    """Mix a dense ``seed`` and its trained copies ``experts`` into one ``BamLM``.
+
+    seed, experts: ``DenseLM`` models or paths ``load_dense`` reads. The seed is expert 0, so
+    E = 1 + len(experts). method: "bam" | "btx" | "sparse" (the table above; sparse uses only the
+    seed, copied ``num_experts`` times, by default 1 + len(experts)).
+    attention (bam only): "expert-kv" (default) or "shared-kv", whose K/V start from the mean of the
+    models' (``kv_init="mean"``) or the seed's (``"seed"``). top_k / normalize: the FFN router,
+    by default top-1 unnormalised for bam and top-2 renormalised otherwise. attention_top_k (bam):
+    None for soft routing over every attention expert. merge: "mean" for the shared parameters.
+    The block kind (sequential or parallel) is the seed's. dtype: that of the result (the seed's
+    by default); merging is done in float64.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {MERGES} (Fisher merging is not implemented yet), got {merge!r}")
+    if method == "bam":
+        attention = "expert-kv" if attention is None else attention
+        if attention not in ATTENTION_OPTIONS:
+            raise ValueError(f"attention must be one of {ATTENTION_OPTIONS}, got {attention!r}")
+        if kv_init not in KV_INITS:
+            raise ValueError(f"kv_init must be one of {KV_INITS}, got {kv_init!r}")
+    else:
+        for name, value in (("attention", attention), ("attention_top_k", attention_top_k)):
+            if value is not None:
+                raise ValueError(f"{name} applies to method='bam' only; {method} keeps one attention")
+        attention = "dense"
+    if not isinstance(experts, (list, tuple)):
+        raise ValueError(f"experts must be a list of dense models or paths, got {type(experts).__name__}")
+    if num_experts is not None and method != "sparse":
+        raise ValueError(f"num_experts applies to method='sparse' only; {method} has one expert per model")
+    seed = _as_model(seed, "seed")
+    if method == "sparse":
+        models = [seed]
+        E = 1 + len(experts) if num_experts is None else num_experts
+    else:
+        models = [seed] + [_as_model(m, f"experts[{i}]") for i, m in enumerate(experts)]
+        E = len(models)
+        check_compatible(models, ["seed"] + [f"experts[{i}]" for i in range(len(experts))])
+    if not isinstance(E, int) or isinstance(E, bool) or E < 1:
+        raise ValueError(f"num_experts must be a positive int, got {E!r}")
+    defaults = METHOD_DEFAULTS[method]
+    top_k = defaults["top_k"] if top_k is None else top_k
+    normalize = defaults["normalize"] if normalize is None else normalize
+    dense_fields = {k: v for k, v in seed.config.__dict__.items() if k != "domain"}
+    config = BamConfig(**dense_fields, num_experts=E, top_k=top_k, normalize=normalize, attention=attention,
+                       attention_top_k=attention_top_k, load_balancing_alpha=load_balancing_alpha,
+                       z_loss_beta=z_loss_beta, method=method,
+                       expert_domains=[m.config.domain for m in models] if method != "sparse" else [])
+    dtype = seed.dtype if dtype is None else dtype
+    states = [m.state_dict() for m in models]
+    generator = torch.Generator().manual_seed(router_seed)
+
+    def shared(key: str) -> torch.Tensor:
+        return states[0][key] if method == "sparse" else _mean([s[key] for s in states])
+
+    def router() -> torch.Tensor:
+        return torch.randn(E, config.dim, generator=generator, dtype=torch.float64) * 0.02
+
+    tensors = {}
+    for key in states[0]:
+        if not key.startswith("model.layers."):
+            if key == "lm_head.weight" and config.tie_embeddings:
+                continue
+            tensors[key] = shared(key)
+    for i in range(config.n_layers):
+        p = f"model.layers.{i}."
+        tensors[p + "input_layernorm.weight"] = shared(p + "input_layernorm.weight")
+        if config.block == "sequential":
+            tensors[p + "post_attention_layernorm.weight"] = shared(p + "post_attention_layernorm.weight")
+        attn = {proj: [s[f"{p}self_attn.{proj}.weight"] for s in states]
+                for proj in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        if method == "bam":
+            moa = MixtureOfAttention.from_dense(
+                attn["q_proj"], attn["k_proj"], attn["v_proj"], attn["o_proj"], config.n_heads, config.n_kv_heads,
+                shared_kv=attention == "shared-kv", kv_init="first" if kv_init == "seed" else "mean",
+                rope_theta=config.rope_theta)
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                tensors[f"{p}self_attn.{proj}.weight"] = getattr(moa, proj).weight.detach()
+            tensors[p + "self_attn.router.weight"] = router()
+        else:
+            for proj, weights in attn.items():
+                tensors[f"{p}self_attn.{proj}.weight"] = weights[0] if method == "sparse" else _mean(weights)
+        ffn = [states[0]] * E if method == "sparse" else states
+        tensors[p + "mlp.gate.weight"] = router()
+        tensors[p + "mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat([s[p + "mlp.gate_proj.weight"], s[p + "mlp.up_proj.weight"]], dim=0) for s in ffn])
+        tensors[p + "mlp.experts.down_proj"] = torch.stack([s[p + "mlp.down_proj.weight"] for s in ffn])
+    return build_model(config, tensors, dtype=dtype, device=seed.device)
+
