@@ -284,21 +284,21 @@ def train(model: nn.Module, data: str, out: str | os.PathLike, cfg: TrainConfig,
             for group in opt.param_groups:
                 group["lr"] = lr
             batch = next(stream)
-            loss_sum, nll_sum, aux_sum = 0.0, 0.0, 0.0
-            has_nll = has_aux = False
+            # Per-micro-batch values stay on the device: one synchronisation per step, not per micro-batch.
+            sums: dict[str, torch.Tensor] = {}
             for i in range(cfg.grad_accum):
-                ids = batch.input_ids[i * micro:(i + 1) * micro].to(device, non_blocking=True)
-                labels = batch.labels[i * micro:(i + 1) * micro].to(device, non_blocking=True)
+                ids = batch.input_ids[i * micro:(i + 1) * micro].to(device)
+                labels = batch.labels[i * micro:(i + 1) * micro].to(device)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     result = model(ids, labels=labels)
                 (result.loss / cfg.grad_accum).backward()
-                loss_sum += result.loss.item()
-                if getattr(result, "nll", None) is not None:
-                    has_nll, nll_sum = True, nll_sum + result.nll.item()
-                aux = getattr(result, "aux_loss", None)
-                if aux is not None:
-                    has_aux, aux_sum = True, aux_sum + (aux.item() if isinstance(aux, torch.Tensor) else float(aux))
-            loss = loss_sum / cfg.grad_accum
+                for name in ("loss", "nll", "aux_loss"):
+                    value = getattr(result, name, None)
+                    if value is not None:
+                        value = torch.as_tensor(value, device=device).detach().float()
+                        sums[name] = sums[name] + value if name in sums else value
+            means = {name: (v / cfg.grad_accum).item() for name, v in sums.items()}
+            loss = means["loss"]
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower lr or check the data")
             params = [p for g in opt.param_groups for p in g["params"]]
@@ -317,10 +317,7 @@ def train(model: nn.Module, data: str, out: str | os.PathLike, cfg: TrainConfig,
                 rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
                        "tokens_per_s": steps_since * tokens_per_step / max(elapsed, 1e-9),
                        "tokens": step * tokens_per_step}
-                if has_nll:
-                    rec["nll"] = nll_sum / cfg.grad_accum
-                if has_aux:
-                    rec["aux_loss"] = aux_sum / cfg.grad_accum
+                rec.update({name: means[name] for name in ("nll", "aux_loss") if name in means})
                 if do_eval:
                     rec["eval"] = evaluate(model, sources, seq_len=cfg.seq_len, batch_size=micro,
                                            max_windows=cfg.eval_windows, tokenizer=tokenizer)
