@@ -247,10 +247,12 @@ class CausalLM(nn.Module):
                 break
         return torch.cat(out, dim=1)
 
-    def save_pretrained(self, path: str, max_shard_bytes: int | None = None) -> None:
-        """Write ``config.json`` and safetensors weights to the folder ``path``, atomically."""
+    def save_pretrained(self, path: str, max_shard_bytes: int | None = None,
+                        extra_files: dict[str, str | bytes] | None = None) -> None:
+        """Write ``config.json``, safetensors weights and ``extra_files`` (name -> contents) to the
+        folder ``path``, atomically."""
         from .checkpoint import save_pretrained
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, extra_files=extra_files)
 
 
 def sample(logits_BV: torch.Tensor, temperature: float, top_p: float,

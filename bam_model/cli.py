@@ -1,0 +1,213 @@
+"""The ``bam`` command line: one ``add_<name>_args(parser)`` / ``run_<name>(args)`` pair per subcommand.
+
+    bam branch SEED --domains code law math --out branches/
+    bam mix --base-model SEED --experts branches/code branches/law --method bam --out mixed/
+    bam mix --config recipe.yaml --out mixed/
+    bam generate MODEL --prompt "def fib(n):"
+
+To add a subcommand, write its pair and add one line to ``SUBCOMMANDS``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --- branch ------------------------------------------------------------------------------------
+
+def add_branch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("seed", help="dense model: our folder, a Hugging Face Llama-family folder or a .gguf file")
+    p.add_argument("--domains", nargs="+", required=True, help="one copy per domain name")
+    p.add_argument("--out", required=True, help="folder that receives one checkpoint folder per domain")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+
+
+def run_branch(args: argparse.Namespace) -> list[str]:
+    from .checkpoint import load_dense
+    from .upcycle import branch
+
+    for d in args.domains:
+        if not d or os.sep in d or d in (".", ".."):
+            raise ValueError(f"domain {d!r} cannot name a folder")
+    copies = branch(load_dense(args.seed, DTYPES[args.dtype]), list(args.domains))
+    paths = []
+    for model in copies:
+        path = os.path.join(args.out, model.config.domain)
+        model.save_pretrained(path)
+        paths.append(path)
+        print(f"wrote {path}")
+    return paths
+
+
+# --- mix ---------------------------------------------------------------------------------------
+
+RECIPE_KEYS = {  # key -> (type check, description)
+    "base_model": (lambda v: isinstance(v, str) and v, "a path"),
+    "experts": (lambda v: isinstance(v, list), "a list of paths"),
+    "method": (lambda v: isinstance(v, str), "bam, btx or sparse"),
+    "attention": (lambda v: v is None or isinstance(v, str), "expert-kv or shared-kv"),
+    "top_k": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "an int"),
+    "merge": (lambda v: isinstance(v, str), "mean"),
+    "dtype": (lambda v: v in DTYPES, " or ".join(DTYPES)),
+    "normalize": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "kv_init": (lambda v: isinstance(v, str), "mean or seed"),
+    "attention_top_k": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "an int"),
+    "num_experts": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "an int"),
+    "router_seed": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an int"),
+    "load_balancing_alpha": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "z_loss_beta": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+}
+RECIPE_DEFAULTS = {"experts": [], "method": "bam", "merge": "mean", "dtype": "float32", "kv_init": "mean",
+                   "router_seed": 0, "load_balancing_alpha": 0.01, "z_loss_beta": 0.001}
+
+
+def _expert_path(entry, i: int) -> str:
+    # mergekit-moe lists experts as {source_model: path, ...}; a bare path is accepted too.
+    if isinstance(entry, dict):
+        extra = sorted(set(entry) - {"source_model"})
+        if extra:
+            raise ValueError(f"experts[{i}] has key {extra[0]!r}; only source_model is understood")
+        entry = entry.get("source_model")
+    if not isinstance(entry, str) or not entry:
+        raise ValueError(f"experts[{i}] must be a path (or {{source_model: path}}), got {entry!r}")
+    return entry
+
+
+def validate_recipe(recipe: dict) -> dict:
+    """The full recipe (defaults filled in), or a ValueError naming the first bad key."""
+    if not isinstance(recipe, dict):
+        raise ValueError(f"a mix recipe must be a mapping of keys to values, got {type(recipe).__name__}")
+    unknown = sorted(set(recipe) - set(RECIPE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown mix recipe key {unknown[0]!r}; known keys: {', '.join(RECIPE_KEYS)}")
+    full = {**RECIPE_DEFAULTS, **recipe}
+    if "base_model" not in full:
+        raise ValueError("the mix recipe needs base_model (the seed's path)")
+    for key, value in full.items():
+        ok, what = RECIPE_KEYS[key]
+        if not ok(value):
+            raise ValueError(f"mix recipe key {key!r} must be {what}, got {value!r}")
+    full["experts"] = [_expert_path(e, i) for i, e in enumerate(full["experts"])]
+    for i, path in enumerate([full["base_model"]] + full["experts"]):
+        if not os.path.exists(path):
+            raise ValueError(f"{'base_model' if i == 0 else f'experts[{i - 1}]'} path {path!r} does not exist")
+    return full
+
+
+def add_mix_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML recipe (keys: " + ", ".join(RECIPE_KEYS) + "); copied to OUT/mix.yaml")
+    p.add_argument("--base-model", help="the seed (it is expert 0)")
+    p.add_argument("--experts", nargs="*", help="the seed's trained copies")
+    p.add_argument("--method", choices=("bam", "btx", "sparse"))
+    p.add_argument("--attention", choices=("expert-kv", "shared-kv"), help="bam only (default expert-kv)")
+    p.add_argument("--top-k", type=int, help="FFN router top-k (default 1 for bam, 2 otherwise)")
+    p.add_argument("--merge", choices=("mean", "fisher"))
+    p.add_argument("--dtype", choices=sorted(DTYPES))
+    p.add_argument("--kv-init", choices=("mean", "seed"), help="shared K/V start (default mean)")
+    p.add_argument("--router-seed", type=int)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", choices=("bam", "mixtral"), default="bam",
+                   help="mixtral: Hugging Face Mixtral layout (btx and sparse only)")
+
+
+def run_mix(args: argparse.Namespace) -> str:
+    import yaml
+
+    from .checkpoint import export_mixtral
+    from .upcycle import upcycle
+
+    flags = {"base_model": args.base_model, "experts": args.experts, "method": args.method,
+             "attention": args.attention, "top_k": args.top_k, "merge": args.merge, "dtype": args.dtype,
+             "kv_init": args.kv_init, "router_seed": args.router_seed}
+    given = {k: v for k, v in flags.items() if v is not None}
+    if args.config is not None:
+        if given:
+            raise ValueError(f"give either --config or recipe flags, not both (got --{next(iter(given)).replace('_', '-')})")
+        if not os.path.isfile(args.config):
+            raise ValueError(f"--config file {args.config!r} does not exist")
+        with open(args.config) as f:
+            text = f.read()
+        try:
+            recipe = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--config {args.config!r} is not valid YAML: {e}") from None
+    else:
+        recipe = given
+    recipe = validate_recipe(recipe if recipe is not None else {})
+    if args.config is None:
+        text = yaml.safe_dump(recipe, sort_keys=False)
+    kwargs = {k: v for k, v in recipe.items() if k not in ("base_model", "experts", "dtype")}
+    model = upcycle(recipe["base_model"], recipe["experts"], dtype=DTYPES[recipe["dtype"]], **kwargs)
+    if args.format == "mixtral":
+        export_mixtral(model, args.out)
+    else:
+        model.save_pretrained(args.out, extra_files={"mix.yaml": text})
+    c = model.config
+    print(f"wrote {args.out}: {c.method}, {c.num_experts} experts, attention {c.attention}, top-{c.top_k}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    return args.out
+
+
+# --- generate ----------------------------------------------------------------------------------
+
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="our folder (dense or mixture), a Hugging Face Llama-family folder or a .gguf")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: the model's own)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as stored (float32 for HF/GGUF)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+
+
+def run_generate(args: argparse.Namespace) -> str:
+    from .generate import generate_text, load_model_and_tokenizer
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tok = load_model_and_tokenizer(args.model, args.tokenizer,
+                                          DTYPES[args.dtype] if args.dtype else None, device)
+    text = generate_text(model.eval(), tok, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    print(args.prompt + text)
+    return text
+
+
+# --- entry point -------------------------------------------------------------------------------
+
+SUBCOMMANDS = [  # (name, help, add_args, run)
+    ("branch", "copy a dense seed once per domain", add_branch_args, run_branch),
+    ("mix", "build a mixture (bam, btx, sparse) from a seed and its trained copies", add_mix_args, run_mix),
+    ("generate", "continue a prompt with any model bam reads", add_generate_args, run_generate),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bam", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text, add_args, run in SUBCOMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except ValueError as e:
+        print(f"bam {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

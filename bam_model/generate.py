@@ -1,0 +1,111 @@
+"""Text generation: load any model ``bam`` reads together with its tokenizer, and continue a prompt.
+
+Tokenizer of a model: a Hugging Face folder's ``tokenizer.json``; a GGUF file's own vocabulary
+(byte-level BPE, ``tokenizer.ggml.model == "gpt2"``); for our folders the bundled BPE of
+``bam_model.data``, unless the folder holds a ``tokenizer.json`` of its own.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import CONFIG, _read_json, from_pretrained, load_dense
+from .config import CONFIG_CLASSES
+from .model import CausalLM
+
+
+@dataclass
+class TextTokenizer:
+    """A ``tokenizers.Tokenizer`` with the ids generation needs."""
+    tokenizer: object
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    add_bos: bool = False
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return [self.bos_token_id] + ids if self.add_bos and self.bos_token_id is not None else ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def gguf_tokenizer(path: str) -> TextTokenizer:
+    """The byte-level BPE stored in a GGUF file's ``tokenizer.ggml.*`` fields."""
+    import gguf
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    reader = gguf.GGUFReader(path)
+
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    kind = field("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' only); "
+                         "pass --tokenizer with a tokenizer.json")
+    tokens = field("tokenizer.ggml.tokens")
+    types = field("tokenizer.ggml.token_type", [1] * len(tokens))
+    merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges", [])]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    # Control tokens (type 3) are matched whole in text, as llama.cpp does.
+    tok.add_special_tokens([AddedToken(t, special=True) for t, ty in zip(tokens, types) if ty == 3])
+    return TextTokenizer(tok, field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id"),
+                         bool(field("tokenizer.ggml.add_bos_token", False)))
+
+
+def file_tokenizer(path: str, bos_token_id=None, eos_token_id=None) -> TextTokenizer:
+    """A ``tokenizer.json`` (its post-processor is not applied; BOS is not added)."""
+    from tokenizers import Tokenizer
+    if not os.path.isfile(path):
+        raise ValueError(f"tokenizer file {path!r} does not exist")
+    return TextTokenizer(Tokenizer.from_file(path), bos_token_id, eos_token_id)
+
+
+def load_model_and_tokenizer(path: str, tokenizer: str | None = None, dtype: torch.dtype | None = None,
+                             device="cpu") -> tuple[CausalLM, TextTokenizer]:
+    """Any model ``bam`` reads (our folder, dense or mixture; a Hugging Face folder; a GGUF file)
+    and its tokenizer (``tokenizer``, a tokenizer.json path, overrides the one found)."""
+    ours = False
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG)):
+        ours = _read_json(os.path.join(path, CONFIG)).get("model_type") in CONFIG_CLASSES
+        model = from_pretrained(path, dtype, device) if ours else load_dense(path, dtype or torch.float32, device)
+    else:
+        model = load_dense(path, dtype or torch.float32, device)
+    c = model.config
+    if tokenizer is not None:
+        tok = file_tokenizer(tokenizer, c.bos_token_id, c.eos_token_id)
+    elif path.endswith(".gguf"):
+        tok = gguf_tokenizer(path)
+    elif os.path.isfile(os.path.join(path, "tokenizer.json")):
+        tok = file_tokenizer(os.path.join(path, "tokenizer.json"), c.bos_token_id, c.eos_token_id)
+    elif ours:
+        from . import data
+        bundled = data.load_tokenizer()
+        tok = TextTokenizer(bundled, None, c.eos_token_id if c.eos_token_id is not None else data.eos_token_id(bundled))
+    else:
+        raise ValueError(f"no tokenizer.json in {path!r}; pass one with --tokenizer")
+    if tok.tokenizer.get_vocab_size() > c.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.tokenizer.get_vocab_size()} tokens but the model only "
+                         f"{c.vocab_size}; they do not belong together")
+    return model, tok
+
+
+def generate_text(model: CausalLM, tok: TextTokenizer, prompt: str, max_new_tokens: int = 64,
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> str:
+    """The continuation of ``prompt`` (without the prompt), stopping at the end-of-text token."""
+    ids = tok.encode(prompt)
+    if not ids:
+        raise ValueError("prompt is empty after tokenization")
+    generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
+    input_ids = torch.tensor([ids], device=model.device)
+    out = model.generate(input_ids, max_new_tokens, temperature=temperature, top_p=top_p,
+                         eos_token_id=tok.eos_token_id, generator=generator)[0, len(ids):].tolist()
+    if tok.eos_token_id is not None and tok.eos_token_id in out:
+        out = out[:out.index(tok.eos_token_id)]
+    return tok.decode(out)

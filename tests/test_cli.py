@@ -1,0 +1,85 @@
+"""The bam command line: branch, mix (flags and YAML, validated, recipe copied), generate."""
+import os
+import re
+
+import pytest
+import torch
+import yaml
+
+import bam_model
+from bam_model import DenseConfig, DenseLM
+from bam_model.cli import SUBCOMMANDS, main
+
+
+@pytest.fixture
+def seed_path(tmp_path):
+    cfg = DenseConfig(vocab_size=8192, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=64,
+                      tie_embeddings=True, eos_token_id=0)
+    DenseLM(cfg).save_pretrained(str(tmp_path / "seed"))
+    return str(tmp_path / "seed")
+
+
+def test_branch_mix_generate(tmp_path, seed_path, capsys):
+    assert main(["branch", seed_path, "--domains", "code", "law", "--out", str(tmp_path / "br")]) == 0
+    code = bam_model.from_pretrained(str(tmp_path / "br" / "code"))
+    assert code.config.domain == "code"
+    out = str(tmp_path / "mixed")
+    assert main(["mix", "--base-model", seed_path, "--experts", str(tmp_path / "br" / "code"),
+                 str(tmp_path / "br" / "law"), "--attention", "shared-kv", "--top-k", "2", "--out", out]) == 0
+    moe = bam_model.from_pretrained(out)
+    assert (moe.config.num_experts, moe.config.attention, moe.config.top_k) == (3, "shared-kv", 2)
+    assert moe.config.expert_domains == [None, "code", "law"]
+    recipe = yaml.safe_load(open(os.path.join(out, "mix.yaml")))
+    assert recipe["attention"] == "shared-kv" and recipe["experts"][1].endswith("law")
+    capsys.readouterr()
+    assert main(["generate", out, "--prompt", "def main():", "--max-new-tokens", "5", "--temperature", "0.8",
+                 "--top-p", "0.9", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("def main():")
+
+
+def test_mix_from_yaml_copies_it_verbatim_and_exports_mixtral(tmp_path, seed_path):
+    text = f"# my recipe\nbase_model: {seed_path}\nexperts:\n  - source_model: {seed_path}\n  - {seed_path}\n" \
+           "method: btx\ndtype: bfloat16\n"
+    (tmp_path / "r.yaml").write_text(text)
+    assert main(["mix", "--config", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "mix.yaml").read_text() == text
+    moe = bam_model.from_pretrained(str(tmp_path / "m"))
+    assert moe.dtype == torch.bfloat16 and moe.config.method == "btx" and moe.config.top_k == 2
+    assert main(["mix", "--config", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "hf"), "--format", "mixtral"]) == 0
+    assert '"model_type": "mixtral"' in (tmp_path / "hf" / "config.json").read_text()
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"experts": []}, "needs base_model"),
+    ({"base_model": "SEED", "colour": "red"}, "unknown mix recipe key 'colour'"),
+    ({"base_model": "SEED", "method": "moe"}, "method must be one of"),
+    ({"base_model": "SEED", "merge": "fisher"}, "merge must be one of"),
+    ({"base_model": "SEED", "top_k": "two"}, "'top_k' must be an int"),
+    ({"base_model": "SEED", "dtype": "int8"}, "'dtype' must be"),
+    ({"base_model": "SEED", "experts": ["/no/such/model"]}, r"experts\[0\] path '/no/such/model' does not exist"),
+    ({"base_model": "SEED", "experts": [{"source_model": "SEED", "positive_prompts": ["x"]}]}, "positive_prompts"),
+    ({"base_model": "SEED", "method": "btx", "attention": "shared-kv"}, "attention applies to method='bam'"),
+    ({"base_model": "SEED", "experts": ["SEED"], "top_k": 3}, "top_k must be an int in"),
+])
+def test_bad_recipes_get_clear_errors_and_write_nothing(tmp_path, seed_path, capsys, recipe, message):
+    recipe = yaml.safe_load(yaml.safe_dump(recipe).replace("SEED", seed_path))
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["mix", "--config", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "bam mix: error:" in err and re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_mix_refuses_config_and_flags_together(tmp_path, seed_path, capsys):
+    (tmp_path / "r.yaml").write_text(f"base_model: {seed_path}\n")
+    assert main(["mix", "--config", str(tmp_path / "r.yaml"), "--method", "btx", "--out", str(tmp_path / "o")]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_generate_with_a_missing_model_is_a_clear_error(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "none"), "--prompt", "hi"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_subcommands_are_one_line_each():
+    assert [name for name, *_ in SUBCOMMANDS][:3] == ["branch", "mix", "generate"]
