@@ -418,29 +418,29 @@ def _cfg(m: int, n: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
 
 
+# GPU tiles: those that compile for sm_90 (bf16, head dim 128) without register spills.
 def _fwd_configs():
     if interpreting():
         return [_cfg(16, 16, 4, 1)]
-    return [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(128, 64, 4, 3), _cfg(64, 64, 4, 3),
-            _cfg(64, 128, 4, 2)]
+    return [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 2), _cfg(64, 32, 4, 3)]
 
 
 def _decode_configs():
     if interpreting():
         return [_cfg(16, 16, 4, 1)]
-    return [_cfg(16, 128, 4, 3), _cfg(16, 64, 4, 4), _cfg(64, 128, 4, 3), _cfg(64, 64, 4, 4)]
+    return [_cfg(16, 128, 4, 3), _cfg(16, 64, 4, 4), _cfg(64, 128, 8, 3), _cfg(64, 64, 4, 4)]
 
 
 def _dkdv_configs():
     if interpreting():
         return [_cfg(16, 16, 4, 1)]
-    return [_cfg(64, 128, 8, 2), _cfg(32, 128, 4, 3), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3)]
+    return [_cfg(32, 128, 8, 3), _cfg(16, 128, 8, 3), _cfg(32, 64, 8, 3), _cfg(16, 64, 4, 3)]
 
 
 def _dq_configs():
     if interpreting():
         return [_cfg(16, 16, 4, 1)]
-    return [_cfg(128, 64, 8, 2), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3)]
+    return [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3)]
 
 
 _KEY = ["T_KEY", "S_KEY", "E", "Gq", "HEAD_DIM", "CAUSAL", "HAS_KVLEN", "SAVE"]
