@@ -15,6 +15,9 @@ import sys
 
 import torch
 
+from .evaluate import add_eval_args, run_eval
+from .train import add_train_args, run_train
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -182,7 +185,9 @@ def run_generate(args: argparse.Namespace) -> str:
 
 SUBCOMMANDS = [  # (name, help, add_args, run)
     ("branch", "copy a dense seed once per domain", add_branch_args, run_branch),
+    ("train", "train a model on a domain, a mixture or text files", add_train_args, run_train),
     ("mix", "build a mixture (bam, btx, sparse) from a seed and its trained copies", add_mix_args, run_mix),
+    ("eval", "held-out perplexity and bits per byte per domain", add_eval_args, run_eval),
     ("generate", "continue a prompt with any model bam reads", add_generate_args, run_generate),
 ]
 

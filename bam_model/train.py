@@ -255,12 +255,12 @@ def train(model: nn.Module, data: str, out: str | os.PathLike, cfg: TrainConfig,
     if model_vocab is not None and model_vocab < tokenizer.get_vocab_size():
         raise ValueError(f"model vocab_size={model_vocab} is smaller than the tokenizer's "
                          f"{tokenizer.get_vocab_size()}; build the model with vocab_size >= that")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     sources = [s for s, _ in parse_data_spec(data)]
     stream = BatchStream(data, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                          tokenizer=tokenizer)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     opt = make_optimizer(model, cfg)
     torch.manual_seed(cfg.seed)
 

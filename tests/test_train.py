@@ -178,7 +178,18 @@ def test_evaluate_uniform_model_is_exact():
         evaluate(Uniform(), ["code:0.5,math:0.5"])
 
 
-def test_command_line_arguments():
+def test_command_line_arguments(tmp_path, capsys):
+    from bam_model.cli import build_parser, main
+
+    args = build_parser().parse_args(["eval", "m", "--data", "code"])
+    assert args.run.__name__ == "run_eval" and args.data == "code"
+    import bam_model
+
+    cfg = bam_model.DenseConfig(vocab_size=V, dim=8, n_layers=1, n_heads=1, n_kv_heads=1, ffn_dim=8)
+    bam_model.DenseLM(cfg).save_pretrained(str(tmp_path / "seed"))
+    assert main(["train", str(tmp_path / "seed"), "--data", "nope", "--steps", "1", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown domain 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
     p = argparse.ArgumentParser()
     add_train_args(p)
     a = p.parse_args(["m", "--data", "code", "--steps", "5", "--out", "o", "--resume", "--save-every", "2"])
