@@ -1,0 +1,147 @@
+"""bam-bench model: the whole BAM causal LM.
+
+Training step (forward + backward of the loss), tokens/s, on the same weights and tokens:
+  bam        the default backend (triton on CUDA, torch on CPU)
+  reference  the same model with every op on bam_kernels' reference definitions
+  dense      the dense seed the mixture was built from (the cost of one expert)
+Generation with a KV cache (greedy), tokens/s: shared-KV and expert-KV mixtures and the dense seed.
+"""
+from __future__ import annotations
+
+import torch
+
+import bam_kernels as bk
+from bam_model import DenseConfig, DenseLM
+from bam_model.upcycle import upcycle
+
+from .common import check_close, sync, time_ms
+
+# vocab, dim, layers, heads, kv heads, ffn, experts
+GPU_MODEL = (32000, 1024, 8, 16, 4, 2816, 4)
+CPU_MODEL = (8192, 256, 4, 8, 2, 512, 4)
+GPU_TRAIN = [(8, 1024)]  # (batch, tokens)
+CPU_TRAIN = [(4, 128)]
+GPU_GEN = [(1, 128, 128), (16, 128, 128)]  # (batch, prompt, new tokens)
+CPU_GEN = [(1, 32, 32), (8, 32, 32)]
+
+
+def _models(device: str, dtype, size, attentions=("expert-kv", "shared-kv")):
+    V, D, L, H, Hkv, Fh, E = size
+    torch.manual_seed(0)
+    cfg = DenseConfig(vocab_size=V, dim=D, n_layers=L, n_heads=H, n_kv_heads=Hkv, ffn_dim=Fh, max_seq_len=4096)
+    dense = [DenseLM(cfg) for _ in range(E)]
+    mixes = {a: upcycle(dense[0], dense[1:], attention=a, dtype=dtype).to(device) for a in attentions}
+    return dense[0].to(device=device, dtype=dtype), mixes
+
+
+def _check_backend(model, device: str, dtype, tol: float, label: str) -> list[str]:
+    """Loss, logits and every gradient on the default backend against the reference ops."""
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randint(0, model.config.vocab_size, (2, 37), generator=g).to(device)
+    results = []
+    for backend in (None, "reference"):
+        model.zero_grad(set_to_none=True)
+        if backend is None:
+            out = model(x, labels=x)
+        else:
+            with bk.use_backend(backend):
+                out = model(x, labels=x)
+        out.loss.backward()
+        results.append((out.logits.detach(), out.loss.detach(),
+                        {n: p.grad.detach().clone() for n, p in model.named_parameters()}))
+    model.zero_grad(set_to_none=True)
+    (logits, loss, grads), (ref_logits, ref_loss, ref_grads) = results
+    lines = [check_close(f"{label} logits", logits, ref_logits, tol), check_close(f"{label} loss", loss, ref_loss, tol)]
+    worst = max(grads, key=lambda n: _rel(grads[n], ref_grads[n]))
+    lines.append(check_close(f"{label} grads (worst: {worst})", grads[worst], ref_grads[worst], tol))
+    return lines
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _check_cache(model, device: str, tol: float, label: str) -> str:
+    x = torch.randint(0, model.config.vocab_size, (3, 21), device=device)
+    with torch.no_grad():
+        full = model(x).logits
+        cache = model.new_cache()
+        steps = [model(x[:, :13], cache=cache).logits] + [model(x[:, t:t + 1], cache=cache).logits
+                                                           for t in range(13, 21)]
+    return check_close(f"{label} cached decoding vs full forward", torch.cat(steps, 1), full, tol)
+
+
+def check(device: str) -> list[str]:
+    gpu = device.startswith("cuda")
+    size = (1000, 128, 2, 4, 2, 160, 4)
+    lines = []
+    for dtype, tol in ((torch.float32, 1e-4),) + (((torch.bfloat16, 3e-2),) if gpu else ()):
+        dense, mixes = _models(device, dtype, size)
+        name = str(dtype).replace("torch.", "")
+        for attention, model in mixes.items():
+            lines += _check_backend(model, device, dtype, tol, f"bam {attention} {name}")
+            lines.append(_check_cache(model, device, tol, f"bam {attention} {name}"))
+        # Function preservation: a mixture of identical models is the dense model.
+        same = upcycle(dense, [dense, dense], attention="shared-kv", top_k=3).to(device)
+        x = torch.randint(0, size[0], (2, 19), device=device)
+        with torch.no_grad():
+            lines.append(check_close(f"identical experts == dense {name}", same(x).logits, dense(x).logits, tol))
+    return lines
+
+
+def _train_rows(device, dtype, size, batches, quick):
+    dense, mixes = _models(device, dtype, size)
+    V, D, L, H, Hkv, Fh, E = size
+    rows = []
+    for B, T in batches:
+        x = torch.randint(0, V, (B, T), device=device)
+        providers = [("dense", dense, None)]
+        for attention, model in mixes.items():
+            providers += [(f"bam {attention}", model, None), (f"reference {attention}", model, "reference")]
+        case = f"train fwd+bwd B={B} T={T} D={D} L={L} E={E}"
+        for pname, model, backend in providers:
+            def step(model=model, backend=backend):
+                model.zero_grad(set_to_none=True)
+                if backend is None:
+                    model(x, labels=x).loss.backward()
+                else:
+                    with bk.use_backend(backend):
+                        model(x, labels=x).loss.backward()
+
+            t = time_ms(step, device, quick)
+            rows.append({"case": case, "provider": pname, **t, "tokens_per_s": B * T / t["ms"] * 1e3,
+                         "dtype": str(dtype).replace("torch.", ""), "B": B, "T": T, "D": D, "layers": L,
+                         "experts": E, "params": sum(p.numel() for p in model.parameters())})
+            model.zero_grad(set_to_none=True)
+    return rows
+
+
+def _generate_rows(device, dtype, size, cases, quick):
+    dense, mixes = _models(device, dtype, size)
+    V, D, L, H, Hkv, Fh, E = size
+    rows = []
+    for B, P, N in cases:
+        prompt = torch.randint(0, V, (B, P), device=device)
+        case = f"generate B={B} prompt={P} new={N} D={D} L={L} E={E}"
+        for pname, model in [("dense", dense)] + [(f"bam {a}", m) for a, m in mixes.items()]:
+            cache = model.new_cache()
+            with torch.no_grad():
+                model(prompt, cache=cache)
+            cache_bytes = sum(cache.layer(i)[0].numel() * cache.layer(i)[0].element_size() * 2 for i in range(L))
+            t = time_ms(lambda model=model: model.generate(prompt, N), device, quick)
+            sync(device)
+            rows.append({"case": case, "provider": pname, **t, "tokens_per_s": B * N / t["ms"] * 1e3,
+                         "kv_cache_bytes_per_token": cache_bytes // (B * P),
+                         "dtype": str(dtype).replace("torch.", ""), "B": B, "prompt": P, "new_tokens": N})
+    return rows
+
+
+def run(device: str, quick: bool) -> list[dict]:
+    gpu = device.startswith("cuda")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    size = GPU_MODEL if gpu else CPU_MODEL
+    train = GPU_TRAIN if gpu else CPU_TRAIN
+    gen = GPU_GEN if gpu else CPU_GEN
+    rows = _train_rows(device, dtype, size, train, quick)
+    rows += _generate_rows(device, dtype, size, gen[:1] if quick else gen, quick)
+    return rows
