@@ -221,3 +221,31 @@ def test_moe_mlp_bad_input():
         bk.moe_mlp(x, gate_up, down.double(), weights, experts)
     with pytest.raises(ValueError, match="x must have 2 dimensions"):
         bk.moe_mlp(x[None], gate_up, down, weights, experts)
+
+
+def test_autotuning_trials_leave_no_stale_partial_sums(monkeypatch):
+    """Autotuning reruns the kernels with several tile shapes. The d(weights) partial sums have one
+    column per column tile, so a trial with narrower tiles writes columns the chosen config does
+    not; the autotuner must clear them (and must not clear anything else)."""
+    import triton
+    from bam_kernels._triton import grouped_gemm as gg
+
+    def configs(ep):  # narrow tiles first, then the wide ones the fake timer picks
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": 32, "GROUP_M": 2}) for n in (32, 64)]
+
+    def fake_bench(kernel_call, quantiles):
+        kernel_call()
+        fake_bench.calls += 1
+        return [float(-fake_bench.calls)] * 3  # later trials look faster: the last config wins
+    fake_bench.calls = 0
+
+    monkeypatch.setattr(gg, "group_gemm", gg.make_autotuners(configs, do_bench=fake_bench))
+    inputs = make_moe(21, 19, 45, 4, 2)  # F = 45: two 32-wide column tiles, one 64-wide
+    leaves = [t.requires_grad_() for t in inputs[:4]] + [inputs[4]]
+    leaves64 = [t.detach().double().requires_grad_() for t in inputs[:4]] + [inputs[4]]
+    dy = torch.randn(21, 19, dtype=torch.float64)
+    run_moe("triton", leaves).backward(dy.float())
+    reference.moe_mlp(*leaves64).backward(dy)
+    assert fake_bench.calls >= 6  # every epilogue was autotuned over both configs
+    for name, a, b in zip(["x", "gate_up_proj", "down_proj", "weights"], leaves, leaves64):
+        assert rel(a.grad, b.grad) < 1e-5, name

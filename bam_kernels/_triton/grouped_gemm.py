@@ -236,14 +236,32 @@ def _m_bucket(M: int) -> int:
 
 
 # One autotuner per epilogue, each with configs that fit its register needs. Autotuning reruns
-# the kernel; every output is a plain store except the per-tile partial sums, whose column count
-# depends on BLOCK_N, so those are zeroed before each trial.
+# the kernel; every output is a plain store except SWIGLU_BWD's per-tile partial sums, whose column
+# count depends on BLOCK_N, so those are zeroed before each trial. (Only there: the other
+# epilogues get a placeholder in part_ptr, which must not be zeroed.)
 _KEY = ["N", "K", "E", "M_BUCKET", "GATHER_A", "SCATTER_C"]
-group_gemm = {ep: triton.autotune(configs=_gemm_configs(ep), key=_KEY, reset_to_zero=["part_ptr"])(_group_gemm)
-              for ep in (PLAIN, SWIGLU_FWD, SWIGLU_BWD)}
+
+
+def make_autotuners(configs=_gemm_configs, do_bench=None) -> dict:
+    """One autotuned ``_group_gemm`` per epilogue (``do_bench`` for tests that drive autotuning)."""
+    return {ep: triton.autotune(configs=configs(ep), key=_KEY, do_bench=do_bench,
+                                reset_to_zero=["part_ptr"] if ep == SWIGLU_BWD else None)(_group_gemm)
+            for ep in (PLAIN, SWIGLU_FWD, SWIGLU_BWD)}
+
+
+group_gemm = make_autotuners()
 group_wgrad = triton.autotune(configs=_wgrad_configs(), key=["N", "K"])(_group_wgrad)
 
 MIN_BLOCK_N = 32
+_placeholders: dict = {}
+
+
+def _placeholder(device) -> torch.Tensor:
+    """A tensor for pointer arguments a launch does not use; never one of the op's own tensors,
+    so that nothing (an autotuner's reset hook, say) can touch real data through it."""
+    if device not in _placeholders:
+        _placeholders[device] = torch.zeros(16, device=device, dtype=torch.int32)
+    return _placeholders[device]
 
 
 def launch_gemm(a, w, w_strides, N: int, K: int, offs, c, *, row_map=None, a_div: int = 1,
@@ -260,7 +278,7 @@ def launch_gemm(a, w, w_strides, N: int, K: int, offs, c, *, row_map=None, a_div
     E = offs.numel()
     if M == 0 or N == 0:
         return c
-    dummy = offs
+    dummy = _placeholder(offs.device)
     grid = lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + E + 1) * triton.cdiv(N, meta["BLOCK_N"]),)
     group_gemm[epilogue][grid](
         a, w, c, offs,
@@ -283,7 +301,7 @@ def launch_wgrad(a, b, dw, dw_strides, N: int, K: int, offs, *, row_map=None, a_
     E = offs.numel()
     if E == 0 or N == 0 or K == 0:
         return dw
-    dummy = offs
+    dummy = _placeholder(offs.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), E)
     group_wgrad[grid](
         a, b, dw, offs,
