@@ -187,14 +187,18 @@ def build_model(config: DenseConfig, tensors: dict[str, torch.Tensor], dtype: to
 
 
 def from_pretrained(path: str, dtype: torch.dtype | None = None, device="cpu") -> CausalLM:
-    """Load a dense or BAM model saved by ``save_pretrained``."""
-    if not os.path.isdir(path):
-        raise ValueError(f"checkpoint folder {path!r} does not exist")
+    """Load a dense or BAM model saved by ``save_pretrained`` (stored dtypes kept unless ``dtype``);
+    a Hugging Face Llama-family folder or a ``.gguf`` file goes through ``load_dense`` (float32
+    unless ``dtype``)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be a checkpoint folder or .gguf file path, got {type(path).__name__}")
+    path = os.fspath(path)
     cfg_path = os.path.join(path, CONFIG)
-    if not os.path.isfile(cfg_path):
-        raise ValueError(f"{path!r} holds no {CONFIG}")
-    config = config_from_dict(_read_json(cfg_path))
-    return build_model(config, read_safetensors_folder(path), dtype, device)
+    if os.path.isdir(path) and os.path.isfile(cfg_path):
+        cfg = _read_json(cfg_path)
+        if cfg.get("model_type") in (DenseConfig.model_type, BamConfig.model_type):
+            return build_model(config_from_dict(cfg), read_safetensors_folder(path), dtype, device)
+    return load_dense(path, torch.float32 if dtype is None else dtype, device)
 
 
 # --- Hugging Face Llama family -----------------------------------------------------------------

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import CONFIG, _read_json, from_pretrained, load_dense
+from .checkpoint import CONFIG, _read_json, from_pretrained
 from .config import CONFIG_CLASSES
 from .model import CausalLM
 
@@ -71,12 +71,8 @@ def load_model_and_tokenizer(path: str, tokenizer: str | None = None, dtype: tor
                              device="cpu") -> tuple[CausalLM, TextTokenizer]:
     """Any model ``bam`` reads (our folder, dense or mixture; a Hugging Face folder; a GGUF file)
     and its tokenizer (``tokenizer``, a tokenizer.json path, overrides the one found)."""
-    ours = False
-    if os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG)):
-        ours = _read_json(os.path.join(path, CONFIG)).get("model_type") in CONFIG_CLASSES
-        model = from_pretrained(path, dtype, device) if ours else load_dense(path, dtype or torch.float32, device)
-    else:
-        model = load_dense(path, dtype or torch.float32, device)
+    model = from_pretrained(path, dtype, device)
+    ours = os.path.isdir(path) and _read_json(os.path.join(path, CONFIG)).get("model_type") in CONFIG_CLASSES
     c = model.config
     if tokenizer is not None:
         tok = file_tokenizer(tokenizer, c.bos_token_id, c.eos_token_id)

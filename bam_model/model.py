@@ -9,6 +9,7 @@ Parameter names follow Hugging Face's ``LlamaForCausalLM`` (``model.embed_tokens
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import torch
@@ -133,9 +134,9 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
 
 
-class CausalLM(nn.Module):
+class CausalLM(nn.Module, abc.ABC):
     """Shared body of the dense and BAM models: embeddings, decoder layers, final norm, LM head,
-    loss, KV cache and sampling. Subclasses build the layers."""
+    loss, KV cache and sampling. Subclasses build the layers (``_make_layer``)."""
 
     config_class = DenseConfig
 
@@ -150,8 +151,9 @@ class CausalLM(nn.Module):
         self.apply(self._init_weights)
         self.tie_weights()
 
+    @abc.abstractmethod
     def _make_layer(self, config, layer_idx: int) -> DecoderLayer:
-        raise NotImplementedError
+        """Decoder layer ``layer_idx`` for ``config``."""
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

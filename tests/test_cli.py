@@ -81,5 +81,8 @@ def test_generate_with_a_missing_model_is_a_clear_error(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_subcommands_are_one_line_each():
-    assert [name for name, *_ in SUBCOMMANDS][:3] == ["branch", "mix", "generate"]
+def test_every_subcommand_has_help(capsys):
+    for name, *_ in SUBCOMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0 and f"usage: bam {name}" in capsys.readouterr().out

@@ -112,6 +112,7 @@ def test_sharded_mistral_folder_loads(tmp_path):
     ref_model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
     assert os.path.isfile(tmp_path / "sharded" / "model.safetensors.index.json")
     ours = bam_model.load_dense(str(tmp_path / "sharded"))
+    assert bam_model.from_pretrained(str(tmp_path / "sharded")).config == ours.config
     x = ids(101)
     with torch.no_grad():
         torch.testing.assert_close(ours(x).logits, ref_model(x).logits, rtol=1e-5, atol=1e-5)
