@@ -212,10 +212,11 @@ def test_bam_loss_is_nll_plus_weighted_router_losses(attention):
         assert model.model.layers[0].self_attn.router.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("attention", ["expert-kv", "shared-kv"])
-def test_bam_kv_cache_matches_full_forward_and_shared_kv_is_dense_sized(attention):
-    dense = tiny()
-    moe = upcycle(dense, [tiny(), tiny()], attention=attention, top_k=2)
+@pytest.mark.parametrize("attention, block", [("expert-kv", "sequential"), ("shared-kv", "sequential"),
+                                              ("expert-kv", "parallel")])
+def test_bam_kv_cache_matches_full_forward_and_shared_kv_is_dense_sized(attention, block):
+    dense = tiny(block=block)
+    moe = upcycle(dense, [tiny(block=block), tiny(block=block)], attention=attention, top_k=2)
     x = ids(B=2, T=9)
     with torch.no_grad():
         full = moe(x).logits
