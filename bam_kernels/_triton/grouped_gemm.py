@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from .._dispatch import interpreting
 
@@ -242,7 +243,13 @@ def _m_bucket(M: int) -> int:
 _KEY = ["N", "K", "E", "M_BUCKET", "GATHER_A", "SCATTER_C"]
 
 
-def make_autotuners(configs=_gemm_configs, do_bench=None) -> dict:
+def _autotune_bench(kernel_call, quantiles):
+    # Shorter than triton's default trial (25 ms warm-up, 100 ms timed): a first call with new
+    # shapes should cost seconds, not minutes, across all configs and kernels.
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+def make_autotuners(configs=_gemm_configs, do_bench=_autotune_bench) -> dict:
     """One autotuned ``_group_gemm`` per epilogue (``do_bench`` for tests that drive autotuning)."""
     return {ep: triton.autotune(configs=configs(ep), key=_KEY, do_bench=do_bench,
                                 reset_to_zero=["part_ptr"] if ep == SWIGLU_BWD else None)(_group_gemm)
@@ -250,7 +257,8 @@ def make_autotuners(configs=_gemm_configs, do_bench=None) -> dict:
 
 
 group_gemm = make_autotuners()
-group_wgrad = triton.autotune(configs=_wgrad_configs(), key=["N", "K"])(_group_wgrad)
+group_wgrad = triton.autotune(configs=_wgrad_configs(), key=["N", "K", "GATHER_A", "GATHER_B", "SWIGLU_B"],
+                              do_bench=_autotune_bench)(_group_wgrad)
 
 MIN_BLOCK_N = 32
 _placeholders: dict = {}
