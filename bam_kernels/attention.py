@@ -71,7 +71,9 @@ def _unstack_heads(o_BNTD, q_shape, Hkv: int, expert_kv: bool):
 
 
 def _moa_torch(q, k, v, mix, causal, scale, kv_lens):
-    """SDPA over the stacked heads, then the mix."""
+    """SDPA over the stacked heads, then the mix. When every query of a row sees the same keys
+    (decoding one token, or no causal mask) the query heads that share a KV head are packed into
+    the rows of one attention over that KV head: one matrix product instead of E*H/Hkv matvecs."""
     B, T, E, H, Dh = q.shape
     S = k.shape[1]
     q_BNTD, k_BGSD, v_BGSD = _stacked_heads(q, k, v)
@@ -90,8 +92,15 @@ def _moa_torch(q, k, v, mix, causal, scale, kv_lens):
         # A query without keys attends to all of them (finite) and its output is zeroed through the mix.
         mask_B1TS = (visible_BTS | ~any_BT[..., None])[:, None]
         mix_BTE = mix_BTE * any_BT[..., None].to(q.dtype)
-    o_BNTD = F.scaled_dot_product_attention(q_BNTD, k_BGSD, v_BGSD, attn_mask=mask_B1TS,
-                                            is_causal=causal and mask_B1TS is None, scale=scale, enable_gqa=True)
+    if not causal or T == 1:
+        G = k_BGSD.shape[1]
+        mask = None if mask_B1TS is None else mask_B1TS[:, :, :1]
+        o_BGMD = F.scaled_dot_product_attention(q_BNTD.reshape(B, G, -1, Dh), k_BGSD, v_BGSD, attn_mask=mask,
+                                                scale=scale)
+        o_BNTD = o_BGMD.reshape(q_BNTD.shape)
+    else:
+        o_BNTD = F.scaled_dot_product_attention(q_BNTD, k_BGSD, v_BGSD, attn_mask=mask_B1TS,
+                                                is_causal=mask_B1TS is None, scale=scale, enable_gqa=True)
     o_BTEHD = _unstack_heads(o_BNTD, q.shape, k.shape[-2], k.dim() == 5)
     return o_BTEHD * mix_BTE[..., None, None]
 

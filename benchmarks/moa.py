@@ -1,0 +1,200 @@
+"""bam-bench moa: soft mixture-of-attention, training (forward, forward+backward) and decoding.
+
+Providers, all on the same q, k, v and mix:
+  bam          bk.moa_attention on the device's default backend (triton on CUDA, torch on CPU: SDPA
+               too, but decoding packs the query heads of a KV head into one attention's rows)
+  reference    the plain definition: softmax materialised as a [B, E, H, T, S] tensor, same dtype
+  sdpa+mix     PyTorch's scaled_dot_product_attention on the stacked E*H query heads (enable_gqa),
+               then a separate pass multiplying by the mix
+  flash+mix    flash-attention's kernel on the stacked heads plus the mix pass (when flash_attn imports)
+  copy         (GPU, decode) a device copy of as many bytes as the KV cache: the bandwidth ceiling
+
+Rates: TFLOP/s for training (causal forward counts half of the 4*B*T*S*E*H*Dh; forward+backward
+3.5x the forward), GB/s of KV cache read for decoding.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import bam_kernels as bk
+from bam_kernels import reference
+from bam_kernels.attention import _stacked_heads, _unstack_heads
+
+from .common import check_close, sync, time_ms
+
+# name, B, T, S, E, H, Hkv, Dh, expert_kv
+GPU_TRAIN = [("bam-small shared-kv", 4, 2048, 2048, 4, 8, 8, 128, False),
+             ("bam-small expert-kv", 4, 2048, 2048, 4, 8, 8, 128, True),
+             ("2b-like shared-kv", 4, 2048, 2048, 4, 18, 6, 128, False)]
+GPU_DECODE = [("decode bam-small shared-kv", 16, 1, 4096, 4, 8, 8, 128, False),
+              ("decode bam-small expert-kv", 16, 1, 4096, 4, 8, 8, 128, True),
+              ("decode 2b-like shared-kv", 16, 1, 4096, 4, 18, 6, 128, False)]
+CPU_TRAIN = [("cpu bam-small shared-kv", 1, 256, 256, 4, 8, 8, 64, False),
+             ("cpu bam-small expert-kv", 1, 256, 256, 4, 8, 8, 64, True),
+             ("cpu 2b-like shared-kv", 1, 256, 256, 4, 6, 2, 64, False)]
+CPU_DECODE = [("cpu decode shared-kv", 4, 1, 1024, 4, 8, 8, 64, False),
+              ("cpu decode expert-kv", 4, 1, 1024, 4, 8, 8, 64, True)]
+
+
+def _inputs(B, T, S, E, H, Hkv, Dh, expert_kv, dtype, device, grad=False, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    kv_shape = (B, S, E, Hkv, Dh) if expert_kv else (B, S, Hkv, Dh)
+    q = torch.randn(B, T, E, H, Dh, generator=g)
+    k, v = torch.randn(kv_shape, generator=g), torch.randn(kv_shape, generator=g)
+    mix = torch.softmax(torch.randn(B, T, E, generator=g), -1)
+    out = [t.to(device=device, dtype=dtype) for t in (q, k, v)] + [mix.to(device)]
+    return [t.requires_grad_(grad) for t in out]
+
+
+def _sdpa(q, k, v, mix, causal):
+    """The peer as it is usually written: stacked heads through SDPA's GQA, then the mix. (The
+    benchmarks call it with S == T when causal, where SDPA's top-left causal mask is the right one.)"""
+    q_BNTD, k_BGSD, v_BGSD = _stacked_heads(q, k, v)
+    o = F.scaled_dot_product_attention(q_BNTD, k_BGSD, v_BGSD, is_causal=causal, enable_gqa=True)
+    return _unstack_heads(o, q.shape, k.shape[-2], k.dim() == 5) * mix.to(q.dtype)[..., None, None]
+
+
+def _flash(q, k, v, mix, causal):
+    from flash_attn import flash_attn_func
+    q_BNTD, k_BGSD, v_BGSD = _stacked_heads(q, k, v)
+    o = flash_attn_func(q_BNTD.transpose(1, 2), k_BGSD.transpose(1, 2), v_BGSD.transpose(1, 2), causal=causal)
+    return _unstack_heads(o.transpose(1, 2), q.shape, k.shape[-2], k.dim() == 5) * mix.to(q.dtype)[..., None, None]
+
+
+def _providers(device: str):
+    out = {"bam": lambda q, k, v, mix, causal: bk.moa_attention(q, k, v, mix, causal=causal),
+           "reference": lambda q, k, v, mix, causal: reference.moa_attention(q, k, v, mix, causal),
+           "sdpa+mix": _sdpa}
+    if device.startswith("cuda"):
+        try:
+            import flash_attn  # noqa: F401
+            out["flash+mix"] = _flash
+        except ImportError:
+            pass
+    return out
+
+
+def _meta(B, T, S, E, H, Hkv, Dh, expert_kv, dtype):
+    return {"dtype": str(dtype).replace("torch.", ""), "B": B, "T": T, "S": S, "E": E, "H": H, "Hkv": Hkv,
+            "Dh": Dh, "kv": "expert" if expert_kv else "shared"}
+
+
+def _copy_row(nbytes: int, device: str, quick: bool, case: str):
+    src = torch.empty(nbytes // 2, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    t = time_ms(lambda: dst.copy_(src), device, quick)
+    # A copy reads and writes: its bytes moved are twice the cache it stands in for.
+    return {"case": case, "provider": "copy", **t, "gbps": 2 * nbytes / t["ms"] / 1e6}
+
+
+def run(device: str, quick: bool):
+    gpu = device.startswith("cuda")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    train, decode = (GPU_TRAIN, GPU_DECODE) if gpu else (CPU_TRAIN, CPU_DECODE)
+    providers = _providers(device)
+    rows = []
+    for name, B, T, S, E, H, Hkv, Dh, expert_kv in train:
+        fwd_flops = 4 * B * T * S * E * H * Dh / 2  # causal: half the scores
+        for mode in ("fwd", "fwd+bwd"):
+            case = f"{name} B={B} T={T} E={E} H={H} Hkv={Hkv} Dh={Dh} {mode}"
+            q, k, v, mix = _inputs(B, T, S, E, H, Hkv, Dh, expert_kv, dtype, device, grad=mode == "fwd+bwd")
+            do = torch.randn(q.shape, device=device, dtype=dtype)
+            flops = fwd_flops * (3.5 if mode == "fwd+bwd" else 1.0)
+            for pname, fn in providers.items():
+                def step(fn=fn):
+                    if mode == "fwd":
+                        with torch.no_grad():
+                            fn(q, k, v, mix, True)
+                    else:
+                        torch.autograd.grad(fn(q, k, v, mix, True), (q, k, v, mix), do)
+
+                try:
+                    t = time_ms(step, device, quick)
+                except (RuntimeError, NotImplementedError) as err:  # a peer without this dtype or size
+                    print(f"  {pname} skipped on {case}: {str(err).splitlines()[0][:120]}")
+                    continue
+                rows.append({"case": case, "provider": pname, **t, "tflops": flops / t["ms"] / 1e9,
+                             **_meta(B, T, S, E, H, Hkv, Dh, expert_kv, dtype)})
+            del q, k, v, mix, do
+            if gpu:
+                torch.cuda.empty_cache()
+    for name, B, T, S, E, H, Hkv, Dh, expert_kv in decode:
+        case = f"{name} B={B} cache={S} E={E} H={H} Hkv={Hkv} Dh={Dh}"
+        q, k, v, mix = _inputs(B, T, S, E, H, Hkv, Dh, expert_kv, dtype, device)
+        kv_bytes = 2 * k.numel() * k.element_size()
+        for pname, fn in providers.items():
+            # One query sees the whole cache: causal=False is the same function, and lets SDPA
+            # and flash-attention run without a mask.
+            def step(fn=fn):
+                with torch.no_grad():
+                    fn(q, k, v, mix, T > 1)
+
+            t = time_ms(step, device, quick)
+            rows.append({"case": case, "provider": pname, **t, "gbps": kv_bytes / t["ms"] / 1e6,
+                         **_meta(B, T, S, E, H, Hkv, Dh, expert_kv, dtype)})
+        if gpu:
+            rows.append({**_copy_row(kv_bytes, device, quick, case), **_meta(B, T, S, E, H, Hkv, Dh, expert_kv, dtype)})
+        del q, k, v, mix
+    return rows
+
+
+def _check_case(device, dtype, B, T, S, E, H, Hkv, Dh, expert_kv, causal, kv_lens, tol, seed=1):
+    """bam on ``device`` against the float64 reference on the CPU: output and the four gradients."""
+    q, k, v, mix = _inputs(B, T, S, E, H, Hkv, Dh, expert_kv, torch.float32, "cpu", seed=seed)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1))
+    kvl = None if kv_lens is None else torch.tensor(kv_lens)
+    dev = [t.to(device=device, dtype=dtype if t is not mix else torch.float32).requires_grad_() for t in (q, k, v, mix)]
+    o = bk.moa_attention(*dev, causal=causal, kv_lens=None if kvl is None else kvl.to(device))
+    grads = torch.autograd.grad(o, dev, do.to(device=device, dtype=dtype))
+    ref = [t.to(dtype).double().requires_grad_() if t is not mix else t.double().requires_grad_()
+           for t in (q, k, v, mix)]
+    ro = reference.moa_attention(*ref, causal, None, kvl)
+    rgrads = torch.autograd.grad(ro, ref, do.to(dtype).double())
+    tag = (f"moa_attention {str(dtype).replace('torch.', '')} B={B} T={T} S={S} E={E} H={H} Hkv={Hkv} Dh={Dh} "
+           f"{'expert' if expert_kv else 'shared'}-kv{' causal' if causal else ''}{' ragged' if kv_lens else ''}")
+    lines = [check_close(f"{tag} out", o, ro, tol)]
+    for name, a, b in zip(("dq", "dk", "dv", "dmix"), grads, rgrads):
+        lines.append(check_close(f"{tag} {name}", a, b, tol))
+    return lines
+
+
+def _check_int64(device):
+    """A KV cache of 2^32 elements (bf16, 8.6 GB each for k and v): batch offsets pass 2^31. The last
+    batch row is checked, forward and dk/dv, against the float64 reference of that row alone."""
+    B, S, E, H, Hkv, Dh = 64, 65536, 4, 8, 8, 128
+    g = torch.Generator(device=device).manual_seed(3)
+    k = torch.randn(B, S, Hkv, Dh, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
+    v = torch.randn(B, S, Hkv, Dh, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
+    q = torch.randn(B, 1, E, H, Dh, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
+    mix = torch.softmax(torch.randn(B, 1, E, device=device, generator=g), -1).requires_grad_()
+    do = torch.randn(q.shape, device=device, dtype=torch.bfloat16, generator=g)
+    o = bk.moa_attention(q, k, v, mix)
+    dk, dv = torch.autograd.grad(o, (k, v), do)
+    sync(device)
+    last = [t[-1:].detach().double().cpu().requires_grad_() for t in (q, k, v, mix)]
+    ro = reference.moa_attention(*last, True)
+    rdk, rdv = torch.autograd.grad(ro, last[1:3], do[-1:].double().cpu())
+    tag = f"moa_attention bf16 int64 offsets B={B} cache={S} (k: {k.numel():.2e} elements), last row"
+    lines = [check_close(f"{tag} out", o[-1:], ro, 1e-2), check_close(f"{tag} dk", dk[-1:], rdk, 1e-2),
+             check_close(f"{tag} dv", dv[-1:], rdv, 1e-2)]
+    del k, v, q, dk, dv
+    torch.cuda.empty_cache()
+    return lines
+
+
+def check(device: str):
+    lines = []
+    if device.startswith("cuda"):
+        for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 1e-2)):
+            lines += _check_case(device, dtype, 2, 300, 300, 4, 4, 2, 128, False, True, None, tol)
+            lines += _check_case(device, dtype, 3, 77, 333, 4, 6, 2, 64, True, True, [333, 100, 77], tol)
+            lines += _check_case(device, dtype, 2, 129, 129, 2, 4, 4, 128, True, False, None, tol)
+        # Decoding: one query against a long cache takes the split-KV path.
+        lines += _check_case(device, torch.bfloat16, 4, 1, 4096, 4, 8, 8, 128, False, True, [4096, 1000, 1, 2500], 1e-2)
+        lines += _check_case(device, torch.bfloat16, 2, 3, 3000, 4, 8, 2, 128, True, True, [3000, 17], 1e-2)
+        lines += _check_int64(device)
+    else:
+        lines += _check_case(device, torch.float32, 2, 100, 120, 4, 4, 2, 64, False, True, [120, 57], 1e-5)
+        lines += _check_case(device, torch.float32, 2, 1, 512, 4, 4, 2, 64, True, True, None, 1e-5)
+    return lines
