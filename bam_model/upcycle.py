@@ -24,7 +24,7 @@ from .nn import MixtureOfAttention
 
 ATTENTION_OPTIONS = ("expert-kv", "shared-kv")
 KV_INITS = ("mean", "seed")
-MERGES = ("mean",)
+MERGES = ("mean", "fisher")
 METHOD_DEFAULTS = {"bam": dict(top_k=1, normalize=False), "btx": dict(top_k=2, normalize=True),
                    "sparse": dict(top_k=2, normalize=True)}
 
@@ -83,7 +83,8 @@ def upcycle(seed, experts, method: str = "bam", attention: str | None = None, to
             merge: str = "mean", *, normalize: bool | None = None, kv_init: str = "mean",
             attention_top_k: int | None = None, num_experts: int | None = None, router_seed: int = 0,
             load_balancing_alpha: float = 0.01, z_loss_beta: float = 0.001,
-            dtype: torch.dtype | None = None):
+            dtype: torch.dtype | None = None, fishers: list[dict] | None = None,
+            fisher_data: list[str] | None = None):
     """Mix a dense ``seed`` and its trained copies ``experts`` into one ``BamLM``.
 
     seed, experts: ``DenseLM`` models or paths ``load_dense`` reads. The seed is expert 0, so
@@ -92,14 +93,22 @@ def upcycle(seed, experts, method: str = "bam", attention: str | None = None, to
     attention (bam only): "expert-kv" (default) or "shared-kv", whose K/V start from the mean of the
     models' (``kv_init="mean"``) or the seed's (``"seed"``). top_k / normalize: the FFN router,
     by default top-1 unnormalised for bam and top-2 renormalised otherwise. attention_top_k (bam):
-    None for soft routing over every attention expert. merge: "mean" for the shared parameters.
+    None for soft routing over every attention expert. merge: "mean" or "fisher" (bam, btx) for the
+    shared parameters (and shared K/V started from the mean); fisher weights each model by its
+    diagonal Fisher (``bam_model.fisher``): ``fishers`` (one dict per model, seed first) or computed on
+    ``fisher_data`` (one data spec per model, by default each model's ``config.domain``, the general
+    mix for the seed).
     The block kind (sequential or parallel) is the seed's. dtype: that of the result (the seed's
     by default); merging is done in float64.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if merge not in MERGES:
-        raise ValueError(f"merge must be one of {MERGES} (Fisher merging is not implemented yet), got {merge!r}")
+        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+    if merge == "mean" and (fishers is not None or fisher_data is not None):
+        raise ValueError("fishers and fisher_data apply to merge='fisher' only")
+    if merge == "fisher" and method == "sparse":
+        raise ValueError("merge='fisher' applies to bam and btx; sparse upcycling copies the seed and merges nothing")
     if method == "bam":
         attention = "expert-kv" if attention is None else attention
         if attention not in ATTENTION_OPTIONS:
@@ -135,10 +144,19 @@ def upcycle(seed, experts, method: str = "bam", attention: str | None = None, to
                        expert_domains=[m.config.domain for m in models] if method != "sparse" else [])
     dtype = seed.dtype if dtype is None else dtype
     states = [m.state_dict() for m in models]
+    if merge == "fisher":
+        from .fisher import fisher_average, model_fishers
+        fisher_states = model_fishers(models, fishers, fisher_data)
+
+    def average(key: str) -> torch.Tensor:
+        if merge == "fisher":
+            return fisher_average([s[key] for s in states], [f[key] for f in fisher_states])
+        return _mean([s[key] for s in states])
+
     generator = torch.Generator().manual_seed(router_seed)
 
     def shared(key: str) -> torch.Tensor:
-        return states[0][key] if method == "sparse" else _mean([s[key] for s in states])
+        return states[0][key] if method == "sparse" else average(key)
 
     def router() -> torch.Tensor:
         return torch.randn(E, config.dim, generator=generator, dtype=torch.float64) * 0.02
@@ -163,10 +181,14 @@ def upcycle(seed, experts, method: str = "bam", attention: str | None = None, to
                 rope_theta=config.rope_theta)
             for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
                 tensors[f"{p}self_attn.{proj}.weight"] = getattr(moa, proj).weight.detach()
+            if attention == "shared-kv" and kv_init == "mean" and merge == "fisher":
+                for proj in ("k_proj", "v_proj"):
+                    tensors[f"{p}self_attn.{proj}.weight"] = average(f"{p}self_attn.{proj}.weight")
             tensors[p + "self_attn.router.weight"] = router()
         else:
             for proj, weights in attn.items():
-                tensors[f"{p}self_attn.{proj}.weight"] = weights[0] if method == "sparse" else _mean(weights)
+                tensors[f"{p}self_attn.{proj}.weight"] = weights[0] if method == "sparse" else average(
+                    f"{p}self_attn.{proj}.weight")
         ffn = [states[0]] * E if method == "sparse" else states
         tensors[p + "mlp.gate.weight"] = router()
         tensors[p + "mlp.experts.gate_up_proj"] = torch.stack(
