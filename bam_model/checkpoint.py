@@ -112,7 +112,7 @@ def save_pretrained(model: CausalLM, path: str, max_shard_bytes: int | None = No
     """
     if not isinstance(model, CausalLM):
         raise ValueError(f"model must be a DenseLM or BamLM, got {type(model).__name__}")
-    files = {CONFIG: model.config.to_json(), **(extra_files or {})}
+    files = {**(extra_files or {}), CONFIG: model.config.to_json()}
     write_folder(path, files, model_tensors(model), max_shard_bytes)
 
 
@@ -369,10 +369,12 @@ def load_dense(path: str, dtype: torch.dtype | None = torch.float32, device="cpu
 
 # --- Mixtral export ----------------------------------------------------------------------------
 
-def export_mixtral(model: CausalLM, path: str, max_shard_bytes: int | None = None) -> None:
+def export_mixtral(model: CausalLM, path: str, max_shard_bytes: int | None = None,
+                   extra_files: dict[str, str | bytes] | None = None) -> None:
     """Write an FFN-only mixture (BTX, sparse upcycling) as a Hugging Face Mixtral folder, with the
     per-expert keys of published Mixtral checkpoints (``block_sparse_moe.experts.j.w1/w2/w3``), so
-    ``MixtralForCausalLM.from_pretrained(path)`` gives the same logits. Atomic, like ``save_pretrained``.
+    ``MixtralForCausalLM.from_pretrained(path)`` gives the same logits. Atomic, like ``save_pretrained``;
+    ``extra_files`` (name -> contents, e.g. a tokenizer.json) go into the same folder.
     """
     config = model.config
     if not isinstance(config, BamConfig):
@@ -397,7 +399,8 @@ def export_mixtral(model: CausalLM, path: str, max_shard_bytes: int | None = Non
         "num_experts_per_tok": config.top_k, "router_aux_loss_coef": config.load_balancing_alpha,
         "output_router_logits": False, "sliding_window": None, "attention_dropout": 0.0,
         "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-        "dtype": str(model.dtype).removeprefix("torch."),
+        # transformers 5 reads dtype; 4.x and other readers torch_dtype.
+        "dtype": str(model.dtype).removeprefix("torch."), "torch_dtype": str(model.dtype).removeprefix("torch."),
     }
     tensors = {}
     for key, t in model_tensors(model).items():
@@ -418,4 +421,4 @@ def export_mixtral(model: CausalLM, path: str, max_shard_bytes: int | None = Non
                 tensors[f"{moe}.experts.{j}.w2.weight"] = t[j]
         else:
             raise ValueError(f"tensor {key!r} has no place in a Mixtral checkpoint")
-    write_folder(path, {CONFIG: json.dumps(hf, indent=2) + "\n"}, tensors, max_shard_bytes)
+    write_folder(path, {**(extra_files or {}), CONFIG: json.dumps(hf, indent=2) + "\n"}, tensors, max_shard_bytes)

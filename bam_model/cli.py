@@ -32,16 +32,18 @@ def add_branch_args(p: argparse.ArgumentParser) -> None:
 
 def run_branch(args: argparse.Namespace) -> list[str]:
     from .checkpoint import load_dense
+    from .generate import tokenizer_json
     from .upcycle import branch
 
     for d in args.domains:
         if not d or os.sep in d or d in (".", ".."):
             raise ValueError(f"domain {d!r} cannot name a folder")
     copies = branch(load_dense(args.seed, DTYPES[args.dtype]), list(args.domains))
+    tokenizer = tokenizer_json(args.seed)
     paths = []
     for model in copies:
         path = os.path.join(args.out, model.config.domain)
-        model.save_pretrained(path)
+        model.save_pretrained(path, extra_files={"tokenizer.json": tokenizer} if tokenizer else None)
         paths.append(path)
         print(f"wrote {path}")
     return paths
@@ -122,6 +124,7 @@ def run_mix(args: argparse.Namespace) -> str:
     import yaml
 
     from .checkpoint import export_mixtral
+    from .generate import tokenizer_json
     from .upcycle import upcycle
 
     flags = {"base_model": args.base_model, "experts": args.experts, "method": args.method,
@@ -146,10 +149,14 @@ def run_mix(args: argparse.Namespace) -> str:
         text = yaml.safe_dump(recipe, sort_keys=False)
     kwargs = {k: v for k, v in recipe.items() if k not in ("base_model", "experts", "dtype")}
     model = upcycle(recipe["base_model"], recipe["experts"], dtype=DTYPES[recipe["dtype"]], **kwargs)
+    files = {"mix.yaml": text}
+    tokenizer = tokenizer_json(recipe["base_model"])
+    if tokenizer:
+        files["tokenizer.json"] = tokenizer
     if args.format == "mixtral":
-        export_mixtral(model, args.out)
+        export_mixtral(model, args.out, extra_files=files)
     else:
-        model.save_pretrained(args.out, extra_files={"mix.yaml": text})
+        model.save_pretrained(args.out, extra_files=files)
     c = model.config
     print(f"wrote {args.out}: {c.method}, {c.num_experts} experts, attention {c.attention}, top-{c.top_k}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
@@ -177,7 +184,7 @@ def run_generate(args: argparse.Namespace) -> str:
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer,
                                           DTYPES[args.dtype] if args.dtype else None, device)
     text = generate_text(model.eval(), tok, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed)
-    print(args.prompt + text)
+    print(text)
     return text
 
 

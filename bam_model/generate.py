@@ -22,11 +22,9 @@ class TextTokenizer:
     tokenizer: object
     bos_token_id: int | None = None
     eos_token_id: int | None = None
-    add_bos: bool = False
 
     def encode(self, text: str) -> list[int]:
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return [self.bos_token_id] + ids if self.add_bos and self.bos_token_id is not None else ids
+        return self.tokenizer.encode(text).ids  # its own post-processor adds BOS where the model wants it
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -35,7 +33,7 @@ class TextTokenizer:
 def gguf_tokenizer(path: str) -> TextTokenizer:
     """The byte-level BPE stored in a GGUF file's ``tokenizer.ggml.*`` fields."""
     import gguf
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
     reader = gguf.GGUFReader(path)
 
@@ -55,12 +53,16 @@ def gguf_tokenizer(path: str) -> TextTokenizer:
     tok.decoder = decoders.ByteLevel()
     # Control tokens (type 3) are matched whole in text, as llama.cpp does.
     tok.add_special_tokens([AddedToken(t, special=True) for t, ty in zip(tokens, types) if ty == 3])
-    return TextTokenizer(tok, field("tokenizer.ggml.bos_token_id"), field("tokenizer.ggml.eos_token_id"),
-                         bool(field("tokenizer.ggml.add_bos_token", False)))
+    bos = field("tokenizer.ggml.bos_token_id")
+    if bos is not None and field("tokenizer.ggml.add_bos_token", False):
+        # As a post-processor, BOS travels with the tokenizer.json a mixture of this model carries.
+        tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B",
+                                                           special_tokens=[(tokens[bos], bos)])
+    return TextTokenizer(tok, bos, field("tokenizer.ggml.eos_token_id"))
 
 
 def file_tokenizer(path: str, bos_token_id=None, eos_token_id=None) -> TextTokenizer:
-    """A ``tokenizer.json`` (its post-processor is not applied; BOS is not added)."""
+    """A ``tokenizer.json`` (special tokens such as BOS come from its own post-processor)."""
     from tokenizers import Tokenizer
     if not os.path.isfile(path):
         raise ValueError(f"tokenizer file {path!r} does not exist")
@@ -80,12 +82,14 @@ def load_model_and_tokenizer(path: str, tokenizer: str | None = None, dtype: tor
         tok = gguf_tokenizer(path)
     elif os.path.isfile(os.path.join(path, "tokenizer.json")):
         tok = file_tokenizer(os.path.join(path, "tokenizer.json"), c.bos_token_id, c.eos_token_id)
-    elif ours:
+    else:
         from . import data
         bundled = data.load_tokenizer()
+        if not ours or bundled.get_vocab_size() != c.vocab_size:
+            raise ValueError(f"no tokenizer.json in {path!r} and the bundled tokenizer's "
+                             f"{bundled.get_vocab_size()} tokens do not fit the model's {c.vocab_size}; "
+                             "pass one with --tokenizer")
         tok = TextTokenizer(bundled, None, c.eos_token_id if c.eos_token_id is not None else data.eos_token_id(bundled))
-    else:
-        raise ValueError(f"no tokenizer.json in {path!r}; pass one with --tokenizer")
     if tok.tokenizer.get_vocab_size() > c.vocab_size:
         raise ValueError(f"the tokenizer has {tok.tokenizer.get_vocab_size()} tokens but the model only "
                          f"{c.vocab_size}; they do not belong together")
@@ -94,14 +98,28 @@ def load_model_and_tokenizer(path: str, tokenizer: str | None = None, dtype: tor
 
 def generate_text(model: CausalLM, tok: TextTokenizer, prompt: str, max_new_tokens: int = 64,
                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> str:
-    """The continuation of ``prompt`` (without the prompt), stopping at the end-of-text token."""
+    """The prompt and its continuation, decoded together (so that spacing is the tokenizer's), up to
+    the end-of-text token."""
     ids = tok.encode(prompt)
     if not ids:
         raise ValueError("prompt is empty after tokenization")
     generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
     input_ids = torch.tensor([ids], device=model.device)
-    out = model.generate(input_ids, max_new_tokens, temperature=temperature, top_p=top_p,
+    new = model.generate(input_ids, max_new_tokens, temperature=temperature, top_p=top_p,
                          eos_token_id=tok.eos_token_id, generator=generator)[0, len(ids):].tolist()
-    if tok.eos_token_id is not None and tok.eos_token_id in out:
-        out = out[:out.index(tok.eos_token_id)]
-    return tok.decode(out)
+    if tok.eos_token_id is not None and tok.eos_token_id in new:
+        new = new[:new.index(tok.eos_token_id)]
+    return tok.decode(ids + new)
+
+
+def tokenizer_json(path: str) -> str | None:
+    """The tokenizer of a model source as ``tokenizer.json`` text, for a checkpoint made from it to
+    carry along: a folder's own ``tokenizer.json``, or a GGUF file's vocabulary; None otherwise."""
+    path = os.fspath(path)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return gguf_tokenizer(path).tokenizer.to_str()
+    own = os.path.join(path, "tokenizer.json")
+    if os.path.isfile(own):
+        with open(own) as f:
+            return f.read()
+    return None

@@ -53,7 +53,7 @@ def test_mix_from_yaml_copies_it_verbatim_and_exports_mixtral(tmp_path, seed_pat
     ({"experts": []}, "needs base_model"),
     ({"base_model": "SEED", "colour": "red"}, "unknown mix recipe key 'colour'"),
     ({"base_model": "SEED", "method": "moe"}, "method must be one of"),
-    ({"base_model": "SEED", "merge": "fisher"}, "merge must be one of"),
+    ({"base_model": "SEED", "merge": "median"}, "merge must be one of"),
     ({"base_model": "SEED", "top_k": "two"}, "'top_k' must be an int"),
     ({"base_model": "SEED", "dtype": "int8"}, "'dtype' must be"),
     ({"base_model": "SEED", "experts": ["/no/such/model"]}, r"experts\[0\] path '/no/such/model' does not exist"),
@@ -74,6 +74,31 @@ def test_mix_refuses_config_and_flags_together(tmp_path, seed_path, capsys):
     (tmp_path / "r.yaml").write_text(f"base_model: {seed_path}\n")
     assert main(["mix", "--config", str(tmp_path / "r.yaml"), "--method", "btx", "--out", str(tmp_path / "o")]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_the_source_tokenizer_travels_through_branch_and_mix(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(95)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   bos_token_id=None, eos_token_id=1)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    tok.save(str(tmp_path / "hf" / "tokenizer.json"))
+    assert main(["branch", str(tmp_path / "hf"), "--domains", "a", "--out", str(tmp_path / "br")]) == 0
+    assert main(["mix", "--base-model", str(tmp_path / "hf"), "--experts", str(tmp_path / "br" / "a"),
+                 "--method", "btx", "--top-k", "1", "--out", str(tmp_path / "mix")]) == 0
+    for folder in ("br/a", "mix"):
+        assert (tmp_path / folder / "tokenizer.json").read_text() == (tmp_path / "hf" / "tokenizer.json").read_text()
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "mix"), "--prompt", "w3 w7", "--max-new-tokens", "4"]) == 0
+    words_out = capsys.readouterr().out.split()
+    assert words_out[:2] == ["w3", "w7"] and all(w in words for w in words_out)
+    (tmp_path / "mix" / "tokenizer.json").unlink()
+    assert main(["generate", str(tmp_path / "mix"), "--prompt", "w3"]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
 
 
 def test_generate_with_a_missing_model_is_a_clear_error(tmp_path, capsys):

@@ -152,7 +152,7 @@ def test_mismatched_models_are_refused_by_name(changes, word):
 
 
 @pytest.mark.parametrize("kwargs, word", [
-    (dict(method="moe"), "method"), (dict(merge="fisher"), "merge"), (dict(attention="dense"), "attention"),
+    (dict(method="moe"), "method"), (dict(merge="median"), "merge"), (dict(attention="dense"), "attention"),
     (dict(method="btx", attention="shared-kv"), "attention"), (dict(top_k=4), "top_k"),
     (dict(kv_init="last"), "kv_init"), (dict(num_experts=5), "num_experts")])
 def test_bad_upcycle_arguments(kwargs, word):
