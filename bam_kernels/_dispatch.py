@@ -44,9 +44,16 @@ def triton_available() -> bool:
     return True
 
 
+@torch.compiler.assume_constant_result
+def _asked_for() -> str:
+    """The backend forced by a ``use_backend`` block or ``BAM_BACKEND``, else "" (a constant to
+    torch.compile, which bakes the choice into the graph it traces)."""
+    return _forced.get() or os.environ.get("BAM_BACKEND") or ""
+
+
 def backend_for(*tensors: torch.Tensor) -> str:
     """The backend an op should run on for these input tensors."""
-    name = _forced.get() or os.environ.get("BAM_BACKEND") or None
+    name = _asked_for() or None
     on_cuda = any(t.is_cuda for t in tensors)
     if name is None:
         return "triton" if on_cuda and triton_available() else "torch"

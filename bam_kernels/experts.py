@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from . import _checks, reference
 from ._dispatch import backend_for
-from .routing import RoutingPlan, routing_plan
+from .routing import routing_plan
 
 # ---------------------------------------------------------------------------------------------
 # grouped_mm
@@ -31,63 +31,87 @@ def _check_grouped_mm(x, w, offs):
             raise ValueError(f"offs must be non-decreasing row ends in [0, M={x.shape[0]}], got {offs.tolist()}")
 
 
-def _grouped_mm_torch(x_MK, w_ENK, offs_E):
-    y_MN = x_MK.new_zeros(x_MK.shape[0], w_ENK.shape[1])
+def _segments(offs_E: torch.Tensor):
+    """(expert, first row, end row) of every expert with rows, from cumulative row ends."""
     start = 0
     for e, end in enumerate(offs_E.tolist()):
         if end > start:
-            torch.mm(x_MK[start:end], w_ENK[e].T, out=y_MN[start:end])
+            yield e, start, end
         start = end
+
+
+def _grouped_mm_torch(x_MK, w_ENK, offs_E):
+    y_MN = x_MK.new_zeros(x_MK.shape[0], w_ENK.shape[1])
+    for e, a, b in _segments(offs_E):
+        torch.mm(x_MK[a:b], w_ENK[e].T, out=y_MN[a:b])
     return y_MN
 
 
-class _GroupedMMTorch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_MK, w_ENK, offs_E):
-        ctx.save_for_backward(x_MK, w_ENK, offs_E)
-        return _grouped_mm_torch(x_MK, w_ENK, offs_E)
-
-    @staticmethod
-    def backward(ctx, dy_MN):
-        x_MK, w_ENK, offs_E = ctx.saved_tensors
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = _grouped_mm_torch(dy_MN, w_ENK.transpose(1, 2), offs_E)
-        if ctx.needs_input_grad[1]:
-            dw = torch.zeros_like(w_ENK)
-            start = 0
-            for e, end in enumerate(offs_E.tolist()):
-                if end > start:
-                    torch.mm(dy_MN[start:end].T, x_MK[start:end], out=dw[e])
-                start = end
-        return dx, dw, None
+def _grouped_mm_triton(x_MK, w_ENK, offs_E):
+    from ._triton.grouped_gemm import launch_gemm
+    E, N, K = w_ENK.shape
+    y_MN = torch.empty(x_MK.shape[0], N, device=x_MK.device, dtype=x_MK.dtype)
+    return launch_gemm(x_MK, w_ENK, w_ENK.stride(), N, K, offs_E.to(torch.int32).contiguous(), y_MN)
 
 
-class _GroupedMMTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_MK, w_ENK, offs_E):
-        from ._triton.grouped_gemm import launch_gemm
-        offs_E = offs_E.to(torch.int32).contiguous()
-        E, N, K = w_ENK.shape
-        y_MN = torch.empty(x_MK.shape[0], N, device=x_MK.device, dtype=x_MK.dtype)
-        launch_gemm(x_MK, w_ENK, w_ENK.stride(), N, K, offs_E, y_MN)
-        ctx.save_for_backward(x_MK, w_ENK, offs_E)
-        return y_MN
+@torch.library.custom_op("bam::grouped_mm", mutates_args=())
+def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        return _grouped_mm_triton(x, w, offs)
+    return _grouped_mm_torch(x, w, offs)
 
-    @staticmethod
-    def backward(ctx, dy_MN):
+
+@_grouped_mm_op.register_fake
+def _(x, w, offs, backend):
+    return x.new_empty(x.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("bam::grouped_mm_backward", mutates_args=())
+def _grouped_mm_backward_op(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor,
+                            need_dx: bool, need_dw: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dw); a gradient not asked for comes back as an empty tensor."""
+    E, N, K = w.shape
+    dx = x.new_empty(0)
+    dw = w.new_empty(0)
+    if backend == "triton":
         from ._triton.grouped_gemm import launch_gemm, launch_wgrad
-        x_MK, w_ENK, offs_E = ctx.saved_tensors
-        E, N, K = w_ENK.shape
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.empty_like(x_MK, memory_format=torch.contiguous_format)
-            sw = w_ENK.stride()
-            launch_gemm(dy_MN, w_ENK, (sw[0], sw[2], sw[1]), K, N, offs_E, dx)
-        if ctx.needs_input_grad[1]:
-            dw = torch.empty_like(w_ENK, memory_format=torch.contiguous_format)
-            launch_wgrad(dy_MN, x_MK, dw, dw.stride(), N, K, offs_E)
-        return dx, dw, None
+        offs = offs.to(torch.int32).contiguous()
+        if need_dx:
+            dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+            sw = w.stride()
+            launch_gemm(dy, w, (sw[0], sw[2], sw[1]), K, N, offs, dx)
+        if need_dw:
+            dw = torch.empty(w.shape, device=w.device, dtype=w.dtype)
+            launch_wgrad(dy, x, dw, dw.stride(), N, K, offs)
+        return dx, dw
+    if need_dx:
+        dx = _grouped_mm_torch(dy, w.transpose(1, 2), offs)
+    if need_dw:
+        dw = torch.zeros(w.shape, device=w.device, dtype=w.dtype)
+        for e, a, b in _segments(offs):
+            torch.mm(dy[a:b].T, x[a:b], out=dw[e])
+    return dx, dw
+
+
+@_grouped_mm_backward_op.register_fake
+def _(dy, x, w, offs, need_dx, need_dw, backend):
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
+            w.new_empty(w.shape) if need_dw else w.new_empty(0))
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    x, w, offs, ctx.backend = inputs
+    ctx.save_for_backward(x, w, offs)
+
+
+def _grouped_mm_grad(ctx, dy):
+    x, w, offs = ctx.saved_tensors
+    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dw = torch.ops.bam.grouped_mm_backward(dy.contiguous(), x, w, offs, need_dx, need_dw, ctx.backend)
+    return (dx if need_dx else None), (dw if need_dw else None), None, None
+
+
+torch.library.register_autograd("bam::grouped_mm", _grouped_mm_grad, setup_context=_grouped_mm_setup)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -96,14 +120,14 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     x [M, K] with the rows of expert e at ``offs[e-1]:offs[e]``; w [E, N, K]; offs [E] integer
     cumulative row ends. Returns [M, N] with ``y[rows of e] = x[rows of e] @ w[e].T``; rows past
     ``offs[-1]`` are zero. Differentiable in x and w; an expert without rows gets a zero gradient.
+    Registered as ``torch.ops.bam.grouped_mm``, so ``torch.compile`` sees one op; the backward
+    runs on the backend the forward ran on.
     """
     _check_grouped_mm(x, w, offs)
     backend = backend_for(x, w)
     if backend == "reference":
         return reference.grouped_mm(x, w, offs)
-    if backend == "torch":
-        return _GroupedMMTorch.apply(x, w, offs)
-    return _GroupedMMTriton.apply(x, w, offs)
+    return _grouped_mm_op(x, w, offs, backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,132 +155,154 @@ def _check_moe_mlp(x, gate_up_proj, down_proj, weights, experts):
                          "weights": weights, "experts": experts})
 
 
-def _segments(plan: RoutingPlan):
-    start = 0
-    for e, end in enumerate(plan.offsets.tolist()):
-        if end > start:
-            yield e, start, end
-        start = end
+def _moe_fwd_torch(x_TD, gate_up_E2FD, down_EDF, weights_TK, experts_TK, save_pre):
+    """CPU path: one gather, per-expert GEMMs on contiguous row blocks."""
+    T, D = x_TD.shape
+    E, F2, _ = gate_up_E2FD.shape
+    plan = routing_plan(experts_TK, E)
+    tok = plan.sorted_tokens
+    w_M = weights_TK.reshape(-1)[plan.sorted_slots].to(x_TD.dtype)
+    xs_MD = x_TD.index_select(0, tok)
+    pre_M2F = x_TD.new_empty(tok.numel(), F2)
+    y_MD = x_TD.new_zeros(tok.numel(), D)
+    for e, a, b in _segments(plan.offsets):
+        torch.mm(xs_MD[a:b], gate_up_E2FD[e].T, out=pre_M2F[a:b])
+        gate, up = pre_M2F[a:b].chunk(2, dim=1)
+        torch.mm(F.silu(gate) * up, down_EDF[e].T, out=y_MD[a:b])
+    y_MD.mul_(w_M[:, None])
+    out_TD = x_TD.new_zeros(T, D).index_add_(0, tok, y_MD)
+    return out_TD, (pre_M2F if save_pre else pre_M2F[:0]), plan.sorted_slots, plan.offsets
 
 
-class _MoeMLPTorch(torch.autograd.Function):
-    """CPU path: one gather, per-expert GEMMs on contiguous row blocks, a hand-written backward
-    (autograd through ``w[e]`` would materialise a full-size zero gradient per expert)."""
-
-    @staticmethod
-    def forward(ctx, x_TD, gate_up_E2FD, down_EDF, weights_TK, experts_TK):
-        T, D = x_TD.shape
-        E, F2, _ = gate_up_E2FD.shape
-        plan = routing_plan(experts_TK, E)
-        tok = plan.sorted_tokens
-        w_M = weights_TK.reshape(-1)[plan.sorted_slots].to(x_TD.dtype)
-        xs_MD = x_TD.index_select(0, tok)
-        pre_M2F = x_TD.new_empty(tok.numel(), F2)
-        y_MD = x_TD.new_zeros(tok.numel(), D)
-        for e, a, b in _segments(plan):
-            torch.mm(xs_MD[a:b], gate_up_E2FD[e].T, out=pre_M2F[a:b])
-            gate, up = pre_M2F[a:b].chunk(2, dim=1)
-            torch.mm(F.silu(gate) * up, down_EDF[e].T, out=y_MD[a:b])
-        y_MD.mul_(w_M[:, None])
-        out_TD = x_TD.new_zeros(T, D).index_add_(0, tok, y_MD)
-        ctx.save_for_backward(x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F)
-        ctx.plan = plan
-        return out_TD
-
-    @staticmethod
-    def backward(ctx, dout_TD):
-        x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F = ctx.saved_tensors
-        plan = ctx.plan
-        tok = plan.sorted_tokens
-        w_M = weights_TK.reshape(-1)[plan.sorted_slots].to(x_TD.dtype)
-        dy_MD = dout_TD.index_select(0, tok)
-        xs_MD = x_TD.index_select(0, tok)
-        dxs_MD = torch.zeros_like(xs_MD)
-        d_pre_M2F = torch.empty_like(pre_M2F)
-        dw_M = x_TD.new_zeros(tok.numel())
-        d_gate_up = torch.zeros_like(gate_up_E2FD)
-        d_down = torch.zeros_like(down_EDF)
-        Fh = pre_M2F.shape[1] // 2
-        for e, a, b in _segments(plan):
-            gate, up = pre_M2F[a:b].chunk(2, dim=1)
-            silu = F.silu(gate)
-            act = silu * up
-            d_act = dy_MD[a:b] @ down_EDF[e]
-            dw_M[a:b] = (d_act * act).sum(1)
-            torch.mm((dy_MD[a:b] * w_M[a:b, None]).T, act, out=d_down[e])
-            d_act.mul_(w_M[a:b, None])
-            d_pre = d_pre_M2F[a:b]
-            torch.mul(d_act, silu, out=d_pre[:, Fh:])
-            torch.ops.aten.silu_backward.grad_input(d_act.mul_(up), gate, grad_input=d_pre[:, :Fh])
-            torch.mm(d_pre.T, xs_MD[a:b], out=d_gate_up[e])
-            torch.mm(d_pre, gate_up_E2FD[e], out=dxs_MD[a:b])
-        dx_TD = torch.zeros_like(x_TD).index_add_(0, tok, dxs_MD)
-        d_weights = torch.zeros_like(weights_TK).view(-1)
-        d_weights[plan.sorted_slots] = dw_M.to(weights_TK.dtype)
-        return dx_TD, d_gate_up, d_down, d_weights.view_as(weights_TK), None
+def _moe_bwd_torch(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F, slots_M, offs_E):
+    """Hand-written backward: autograd through ``w[e]`` would materialise a full-size zero
+    gradient per expert."""
+    k = weights_TK.shape[1]
+    tok = slots_M // k
+    w_M = weights_TK.reshape(-1)[slots_M].to(x_TD.dtype)
+    dy_MD = dout_TD.index_select(0, tok)
+    xs_MD = x_TD.index_select(0, tok)
+    dxs_MD = torch.zeros_like(xs_MD)
+    d_pre_M2F = torch.empty_like(pre_M2F)
+    dw_M = x_TD.new_zeros(tok.numel())
+    d_gate_up = torch.zeros_like(gate_up_E2FD)
+    d_down = torch.zeros_like(down_EDF)
+    Fh = pre_M2F.shape[1] // 2
+    for e, a, b in _segments(offs_E):
+        gate, up = pre_M2F[a:b].chunk(2, dim=1)
+        silu = F.silu(gate)
+        act = silu * up
+        d_act = dy_MD[a:b] @ down_EDF[e]
+        dw_M[a:b] = (d_act * act).sum(1)
+        torch.mm((dy_MD[a:b] * w_M[a:b, None]).T, act, out=d_down[e])
+        d_act.mul_(w_M[a:b, None])
+        d_pre = d_pre_M2F[a:b]
+        torch.mul(d_act, silu, out=d_pre[:, Fh:])
+        torch.ops.aten.silu_backward.grad_input(d_act.mul_(up), gate, grad_input=d_pre[:, :Fh])
+        torch.mm(d_pre.T, xs_MD[a:b], out=d_gate_up[e])
+        torch.mm(d_pre, gate_up_E2FD[e], out=dxs_MD[a:b])
+    dx_TD = torch.zeros_like(x_TD).index_add_(0, tok, dxs_MD)
+    d_weights = torch.zeros_like(weights_TK).view(-1)
+    d_weights[slots_M] = dw_M.to(weights_TK.dtype)
+    return dx_TD, d_gate_up, d_down, d_weights.view_as(weights_TK)
 
 
-class _MoeMLPTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_TD, gate_up_E2FD, down_EDF, weights_TK, experts_TK):
-        from ._triton.grouped_gemm import SWIGLU_FWD, launch_gemm
-        T, D = x_TD.shape
-        E, F2, _ = gate_up_E2FD.shape
-        Fh = F2 // 2
-        k = experts_TK.shape[1]
-        plan = routing_plan(experts_TK, E)
-        slots = plan.sorted_slots
-        M = slots.numel()
-        w_flat = weights_TK.reshape(-1).to(torch.float32).contiguous()
-        needs_grad = any(ctx.needs_input_grad[:4])
-        act_MF = torch.empty(M, Fh, device=x_TD.device, dtype=x_TD.dtype)
-        pre_M2F = torch.empty(M, F2, device=x_TD.device, dtype=x_TD.dtype) if needs_grad else None
-        launch_gemm(x_TD, gate_up_E2FD, gate_up_E2FD.stride(), Fh, D, plan.offsets, act_MF,
-                    row_map=slots, a_div=k, gather_a=True, epilogue=SWIGLU_FWD, pre=pre_M2F)
-        y_MD = torch.empty(M, D, device=x_TD.device, dtype=x_TD.dtype)
-        launch_gemm(act_MF, down_EDF, down_EDF.stride(), D, Fh, plan.offsets, y_MD,
-                    row_map=slots, scatter_c=True, scale=w_flat)
-        ctx.save_for_backward(x_TD, gate_up_E2FD, down_EDF, weights_TK, w_flat, pre_M2F, slots, plan.offsets)
-        ctx.k = k
-        return y_MD.view(T, k, D).sum(1) if k > 1 else y_MD.view(T, D)
+def _moe_fwd_triton(x_TD, gate_up_E2FD, down_EDF, weights_TK, experts_TK, save_pre):
+    from ._triton.grouped_gemm import SWIGLU_FWD, launch_gemm
+    T, D = x_TD.shape
+    E, F2, _ = gate_up_E2FD.shape
+    Fh = F2 // 2
+    k = experts_TK.shape[1]
+    plan = routing_plan(experts_TK, E)
+    slots = plan.sorted_slots
+    M = slots.numel()
+    w_flat = weights_TK.reshape(-1).to(torch.float32).contiguous()
+    act_MF = torch.empty(M, Fh, device=x_TD.device, dtype=x_TD.dtype)
+    pre_M2F = torch.empty(M if save_pre else 0, F2, device=x_TD.device, dtype=x_TD.dtype)
+    launch_gemm(x_TD, gate_up_E2FD, gate_up_E2FD.stride(), Fh, D, plan.offsets, act_MF,
+                row_map=slots, a_div=k, gather_a=True, epilogue=SWIGLU_FWD, pre=pre_M2F if save_pre else None)
+    y_MD = torch.empty(M, D, device=x_TD.device, dtype=x_TD.dtype)
+    launch_gemm(act_MF, down_EDF, down_EDF.stride(), D, Fh, plan.offsets, y_MD,
+                row_map=slots, scatter_c=True, scale=w_flat)
+    # The k slots of a token are summed here, not with atomics in the kernel: deterministic.
+    out_TD = y_MD.view(T, k, D).sum(1) if k > 1 else y_MD.view(T, D)
+    return out_TD, pre_M2F, slots, plan.offsets
 
-    @staticmethod
-    def backward(ctx, dout_TD):
-        from ._triton.grouped_gemm import MIN_BLOCK_N, SWIGLU_BWD, launch_gemm, launch_wgrad
-        x_TD, gate_up_E2FD, down_EDF, weights_TK, w_flat, pre_M2F, slots, offs = ctx.saved_tensors
-        k = ctx.k
-        T, D = x_TD.shape
-        E, F2, _ = gate_up_E2FD.shape
-        Fh = F2 // 2
-        M = slots.numel()
-        dout_TD = dout_TD.contiguous()
-        d_pre = torch.empty(M, F2, device=x_TD.device, dtype=x_TD.dtype)
-        part = torch.zeros(M, -(-Fh // MIN_BLOCK_N), device=x_TD.device, dtype=torch.float32)
-        sd = down_EDF.stride()
-        launch_gemm(dout_TD, down_EDF, (sd[0], sd[2], sd[1]), Fh, D, offs, d_pre, row_map=slots, a_div=k,
-                    gather_a=True, scale=w_flat, epilogue=SWIGLU_BWD, pre=pre_M2F, part=part)
-        d_weights = None
-        if ctx.needs_input_grad[3]:
-            d_flat = torch.empty(M, device=x_TD.device, dtype=torch.float32)
-            d_flat[slots] = part.sum(1)
-            d_weights = d_flat.view(T, k).to(weights_TK.dtype)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx_MD = torch.empty(M, D, device=x_TD.device, dtype=x_TD.dtype)
-            sg = gate_up_E2FD.stride()
-            launch_gemm(d_pre, gate_up_E2FD, (sg[0], sg[2], sg[1]), D, F2, offs, dx_MD,
-                        row_map=slots, scatter_c=True)
-            dx = dx_MD.view(T, k, D).sum(1) if k > 1 else dx_MD.view(T, D)
-        d_down = d_gate_up = None
-        if ctx.needs_input_grad[2]:
-            d_down = torch.empty_like(down_EDF, memory_format=torch.contiguous_format)
-            launch_wgrad(dout_TD, pre_M2F, d_down, d_down.stride(), D, Fh, offs, row_map=slots, a_div=k,
-                         gather_a=True, scale_a=w_flat, swiglu_b=True)
-        if ctx.needs_input_grad[1]:
-            d_gate_up = torch.empty_like(gate_up_E2FD, memory_format=torch.contiguous_format)
-            launch_wgrad(d_pre, x_TD, d_gate_up, d_gate_up.stride(), F2, D, offs, row_map=slots,
-                         b_div=k, gather_b=True)
-        return dx, d_gate_up, d_down, d_weights, None
+
+def _moe_bwd_triton(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F, slots, offs):
+    from ._triton.grouped_gemm import MIN_BLOCK_N, SWIGLU_BWD, launch_gemm, launch_wgrad
+    T, D = x_TD.shape
+    E, F2, _ = gate_up_E2FD.shape
+    Fh = F2 // 2
+    k = weights_TK.shape[1]
+    M = slots.numel()
+    w_flat = weights_TK.reshape(-1).to(torch.float32).contiguous()
+    d_pre = torch.empty(M, F2, device=x_TD.device, dtype=x_TD.dtype)
+    part = torch.zeros(M, -(-Fh // MIN_BLOCK_N), device=x_TD.device, dtype=torch.float32)
+    sd = down_EDF.stride()
+    launch_gemm(dout_TD, down_EDF, (sd[0], sd[2], sd[1]), Fh, D, offs, d_pre, row_map=slots, a_div=k,
+                gather_a=True, scale=w_flat, epilogue=SWIGLU_BWD, pre=pre_M2F, part=part)
+    d_flat = torch.empty(M, device=x_TD.device, dtype=torch.float32)
+    d_flat[slots] = part.sum(1)
+    d_weights = d_flat.view(T, k).to(weights_TK.dtype)
+    dx_MD = torch.empty(M, D, device=x_TD.device, dtype=x_TD.dtype)
+    sg = gate_up_E2FD.stride()
+    launch_gemm(d_pre, gate_up_E2FD, (sg[0], sg[2], sg[1]), D, F2, offs, dx_MD, row_map=slots, scatter_c=True)
+    dx = dx_MD.view(T, k, D).sum(1) if k > 1 else dx_MD.view(T, D)
+    d_down = torch.empty(down_EDF.shape, device=down_EDF.device, dtype=down_EDF.dtype)
+    launch_wgrad(dout_TD, pre_M2F, d_down, d_down.stride(), D, Fh, offs, row_map=slots, a_div=k,
+                 gather_a=True, scale_a=w_flat, swiglu_b=True)
+    d_gate_up = torch.empty(gate_up_E2FD.shape, device=gate_up_E2FD.device, dtype=gate_up_E2FD.dtype)
+    launch_wgrad(d_pre, x_TD, d_gate_up, d_gate_up.stride(), F2, D, offs, row_map=slots, b_div=k, gather_b=True)
+    return dx, d_gate_up, d_down, d_weights
+
+
+@torch.library.custom_op("bam::moe_mlp", mutates_args=())
+def _moe_mlp_op(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
+                experts: torch.Tensor, save_pre: bool,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, pre-activations for backward or empty, sorted slots, expert offsets)."""
+    fwd = _moe_fwd_triton if backend == "triton" else _moe_fwd_torch
+    y, pre, slots, offs = fwd(x, gate_up_proj, down_proj, weights, experts, save_pre)
+    # Custom ops may not return views of one another's storage or of inputs.
+    return y.contiguous() if y._base is not None else y, pre.clone() if pre._base is not None else pre, slots, offs
+
+
+@_moe_mlp_op.register_fake
+def _(x, gate_up_proj, down_proj, weights, experts, save_pre, backend):
+    M = experts.numel()
+    return (x.new_empty(x.shape), x.new_empty(M if save_pre else 0, gate_up_proj.shape[1]),
+            experts.new_empty(M, dtype=torch.int64), experts.new_empty(gate_up_proj.shape[0], dtype=torch.int32))
+
+
+@torch.library.custom_op("bam::moe_mlp_backward", mutates_args=())
+def _moe_mlp_backward_op(dout: torch.Tensor, x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                         weights: torch.Tensor, pre: torch.Tensor, slots: torch.Tensor,
+                         offs: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, d_gate_up_proj, d_down_proj, d_weights)."""
+    bwd = _moe_bwd_triton if backend == "triton" else _moe_bwd_torch
+    dx, dgu, dd, dw = bwd(dout.contiguous(), x, gate_up_proj, down_proj, weights, pre, slots, offs)
+    return dx.contiguous() if dx._base is not None else dx, dgu, dd, dw
+
+
+@_moe_mlp_backward_op.register_fake
+def _(dout, x, gate_up_proj, down_proj, weights, pre, slots, offs, backend):
+    return x.new_empty(x.shape), gate_up_proj.new_empty(gate_up_proj.shape), \
+        down_proj.new_empty(down_proj.shape), weights.new_empty(weights.shape)
+
+
+def _moe_mlp_setup(ctx, inputs, output):
+    x, gate_up_proj, down_proj, weights, _experts, _save_pre, ctx.backend = inputs
+    _y, pre, slots, offs = output
+    ctx.save_for_backward(x, gate_up_proj, down_proj, weights, pre, slots, offs)
+
+
+def _moe_mlp_grad(ctx, dy, _dpre, _dslots, _doffs):
+    grads = torch.ops.bam.moe_mlp_backward(dy, *ctx.saved_tensors, ctx.backend)
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4])) + (None, None, None)
+
+
+torch.library.register_autograd("bam::moe_mlp", _moe_mlp_grad, setup_context=_moe_mlp_setup)
 
 
 def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
@@ -267,12 +313,13 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
     (any float dtype) and experts [T, k] (integer ids) from the router. Returns [T, D]:
     ``y[t] = sum_s weights[t, s] * down[e] @ (silu(gate[e] @ x[t]) * up[e] @ x[t])``, e = experts[t, s].
     Differentiable in x, both weight tensors and weights. Duplicate ids in one token each count.
+    Registered as ``torch.ops.bam.moe_mlp``, so ``torch.compile`` sees one op; the backward runs
+    on the backend the forward ran on.
     """
     _check_moe_mlp(x, gate_up_proj, down_proj, weights, experts)
     backend = backend_for(x, gate_up_proj, down_proj)
     if backend == "reference":
         _checks.expert_ids("experts", experts, gate_up_proj.shape[0])
         return reference.moe_mlp(x, gate_up_proj, down_proj, weights, experts)
-    if backend == "torch":
-        return _MoeMLPTorch.apply(x, gate_up_proj, down_proj, weights, experts)
-    return _MoeMLPTriton.apply(x, gate_up_proj, down_proj, weights, experts)
+    save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up_proj, down_proj, weights))
+    return _moe_mlp_op(x, gate_up_proj, down_proj, weights, experts, save_pre, backend)[0]

@@ -9,23 +9,6 @@ from . import _checks, reference
 from ._dispatch import backend_for
 
 
-class _RouteTopK(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits_TE, k, normalize):
-        from ._triton.routing import route_topk_fwd
-        w_TK, idx_TK = route_topk_fwd(logits_TE, k, normalize)
-        ctx.save_for_backward(logits_TE, w_TK, idx_TK)
-        ctx.normalize = normalize
-        ctx.mark_non_differentiable(idx_TK)
-        return w_TK, idx_TK
-
-    @staticmethod
-    def backward(ctx, dw_TK, _didx):
-        from ._triton.routing import route_topk_bwd
-        logits_TE, w_TK, idx_TK = ctx.saved_tensors
-        return route_topk_bwd(logits_TE, w_TK, idx_TK, dw_TK, ctx.normalize), None, None
-
-
 def _route_topk_torch(logits_TE, k, normalize):
     probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
     w_TK, idx_TK = torch.topk(probs_TE, k, dim=-1)
@@ -34,12 +17,68 @@ def _route_topk_torch(logits_TE, k, normalize):
     return w_TK, idx_TK
 
 
+def _route_topk_bwd_torch(logits_TE, w_TK, idx_TK, dw_TK, normalize):
+    probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
+    dw_TK = dw_TK.to(torch.float32)
+    if normalize:
+        # w_s = p_s / S with S the kept mass, so dL/dp_s = (dw_s - sum_r dw_r w_r) / S.
+        kept_T1 = probs_TE.gather(1, idx_TK).sum(1, keepdim=True)
+        dw_TK = (dw_TK - (dw_TK * w_TK).sum(1, keepdim=True)) / kept_T1
+    g_TE = torch.zeros_like(probs_TE).scatter_(1, idx_TK, dw_TK)
+    return (probs_TE * (g_TE - (probs_TE * g_TE).sum(1, keepdim=True))).to(logits_TE.dtype)
+
+
+@torch.library.custom_op("bam::route_topk", mutates_args=())
+def _route_topk_op(logits: torch.Tensor, k: int, normalize: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        from ._triton.routing import route_topk_fwd
+        return route_topk_fwd(logits, k, normalize)
+    return _route_topk_torch(logits, k, normalize)
+
+
+@_route_topk_op.register_fake
+def _(logits, k, normalize, backend):
+    T = logits.shape[0]
+    return logits.new_empty(T, k, dtype=torch.float32), logits.new_empty(T, k, dtype=torch.int64)
+
+
+@torch.library.custom_op("bam::route_topk_backward", mutates_args=())
+def _route_topk_backward_op(logits: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, dw: torch.Tensor,
+                            normalize: bool, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        from ._triton.routing import route_topk_bwd
+        return route_topk_bwd(logits, w, idx, dw, normalize)
+    return _route_topk_bwd_torch(logits, w, idx, dw, normalize)
+
+
+@_route_topk_backward_op.register_fake
+def _(logits, w, idx, dw, normalize, backend):
+    return torch.empty_like(logits)
+
+
+def _route_topk_setup(ctx, inputs, output):
+    logits, _k, ctx.normalize, ctx.backend = inputs
+    w, idx = output
+    ctx.mark_non_differentiable(idx)
+    ctx.save_for_backward(logits, w, idx)
+
+
+def _route_topk_grad(ctx, dw, _didx):
+    logits, w, idx = ctx.saved_tensors
+    return torch.ops.bam.route_topk_backward(logits, w, idx, dw.contiguous(), ctx.normalize, ctx.backend), \
+        None, None, None
+
+
+torch.library.register_autograd("bam::route_topk", _route_topk_grad, setup_context=_route_topk_setup)
+
+
 def route_topk(logits: torch.Tensor, k: int, normalize: bool = False):
     """Softmax over all experts, then the top k.
 
     logits [T, E] (any float dtype) -> weights [T, k] float32 and expert ids [T, k] int64, largest
     first. ``normalize=False`` is BAM's routing (the kept probabilities as they are);
     ``normalize=True`` rescales the k to sum to 1 (Mixtral, BTX). Differentiable in ``logits``.
+    Registered as ``torch.ops.bam.route_topk``.
     """
     _checks.tensor("logits", logits, ndim=2, floating=True)
     E = logits.shape[1]
@@ -49,9 +88,7 @@ def route_topk(logits: torch.Tensor, k: int, normalize: bool = False):
     if backend == "reference":
         w_TK, idx_TK = reference.route_topk(logits, k, normalize)
         return w_TK.to(torch.promote_types(w_TK.dtype, torch.float32)), idx_TK
-    if backend == "torch":
-        return _route_topk_torch(logits, k, normalize)
-    return _RouteTopK.apply(logits, k, normalize)
+    return _route_topk_op(logits, k, normalize, backend)
 
 
 @dataclass
