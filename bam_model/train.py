@@ -3,42 +3,56 @@
 Works with any ``nn.Module`` whose ``forward(input_ids, labels=...)`` returns an object with
 ``.loss`` (optionally ``.nll`` and ``.aux_loss``, which are logged). AdamW (no weight decay on
 vectors), linear warm-up then cosine decay to ``min_lr_ratio * lr``, gradient clipping, gradient
-accumulation, bf16 autocast on CUDA.
+accumulation, bf16 autocast on CUDA. Under torchrun it trains data-parallel (DDP), fully sharded
+(FSDP2) or with the MoE experts spread over the ranks (``distributed.py``): each rank takes its
+share of every global batch, so the batch and the data order do not depend on the world size.
 
-A run folder ``out`` holds::
+A run folder ``out`` holds (written by rank 0; with FSDP each rank writes its own shards)::
 
     metrics.jsonl                 one JSON object per logged step: step, loss, lr, tokens_per_s, ...
-    checkpoints/step-NNNNNNN/     model.safetensors, trainer.safetensors (optimizer moments, RNG),
-                                  trainer.json (step, config, data position, optimizer scalars)
+    checkpoints/step-NNNNNNN/     trainer.json (step, config, data position, optimizer groups, and
+                                  the size and SHA-256 of every other file), trainer.safetensors
+                                  (RNG of every rank; optimizer moments), model.safetensors, or
+                                  sharded/ (FSDP: model and optimizer shards, one file per rank)
     model/                        the final model (``save_pretrained`` when the model has it)
 
-Checkpoints are written into a temporary folder and renamed into place, so a crash leaves either
-the old checkpoint or the new one, never half of one. ``resume=True`` continues from the newest
-checkpoint (or starts afresh when there is none) and reproduces the uninterrupted run bitwise on
-the CPU (on CUDA as far as its kernels are deterministic). Nothing is pickled.
+Checkpoints are written into a temporary folder and renamed into place, so a kill at any moment
+leaves either the old checkpoint or the new one, never half of one. ``resume=True`` continues
+from the newest intact checkpoint: one whose files are missing, truncated or corrupt is refused
+with a warning naming the problem, moved aside to ``checkpoints/refused-step-NNNNNNN``, and the
+one before it is used. A resumed run reproduces the uninterrupted one bitwise on the CPU (on CUDA
+as far as its kernels are deterministic). Nothing is pickled.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
+from . import distributed
 from .data import BatchStream, load_tokenizer, parse_data_spec
 
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 FINAL_MODEL = "model"
+MODEL_FILE = "model.safetensors"
+TRAINER_FILE = "trainer.safetensors"
+TRAINER_JSON = "trainer.json"
+REFUSED = "refused-"
 
 
 @dataclass
@@ -122,6 +136,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -131,85 +150,171 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _checkpoint_dirs(out: Path) -> list[tuple[int, Path]]:
     root = out / CHECKPOINTS
     if not root.is_dir():
         return []
     found = []
     for p in root.iterdir():
-        if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() and (p / "trainer.json").is_file():
+        if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() and (p / TRAINER_JSON).is_file():
             found.append((int(p.name[5:]), p))
     return sorted(found)
 
 
-def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    sd = opt.state_dict()
-    tensors = {}
-    for idx, state in sd["state"].items():
-        for name, value in state.items():
-            if not isinstance(value, torch.Tensor):
-                raise ValueError(f"optimizer state {name!r} of parameter {idx} is not a tensor")
-            tensors[f"optimizer.{idx}.{name}"] = value.detach().cpu().contiguous()
-    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, groups
+def _remove(path: Path) -> None:
+    """Take ``path`` out of view with one rename, then delete it (a kill mid-way leaves a
+    dot-folder that the next run clears, never a half-deleted checkpoint)."""
+    stale = Path(tempfile.mkdtemp(dir=path.parent, prefix=".stale-"))
+    os.replace(path, stale / path.name)
+    shutil.rmtree(stale)
 
 
-def _optimizer_from_flat(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in groups]
-    return {"state": state, "param_groups": groups}
+def _clear_leftovers(out: Path) -> None:
+    """Delete what a killed run leaves behind: unfinished checkpoint and metrics temporaries."""
+    root = out / CHECKPOINTS
+    leftovers = [p for p in root.iterdir() if p.name.startswith(".")] if root.is_dir() else []
+    leftovers += list(out.glob(f".{METRICS}.tmp-*"))
+    for p in leftovers:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def save_checkpoint(out: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer,
                     stream: BatchStream, cfg: TrainConfig) -> Path:
-    """Write ``out/checkpoints/step-NNNNNNN`` atomically; keep the newest ``keep_checkpoints``."""
+    """Write ``out/checkpoints/step-NNNNNNN`` atomically; keep the newest ``keep_checkpoints``.
+
+    Every rank calls this. Rank 0 writes the files (FSDP: every rank its own shards, through
+    ``torch.distributed.checkpoint``), then ``trainer.json`` with the size and SHA-256 of each,
+    fsyncs them and renames the folder into place."""
+    ctx = distributed.current()
     root = out / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.tmp-"))
-    save_model(model, str(tmp / "model.safetensors"))
-    tensors, groups = _optimizer_to_flat(opt)
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    save_file(tensors, str(tmp / "trainer.safetensors"))
-    state = {"step": step, "config": dataclasses.asdict(cfg), "data": stream.state_dict(),
-             "optimizer_param_groups": groups}
-    (tmp / "trainer.json").write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        stale = Path(tempfile.mkdtemp(dir=root, prefix=".stale-"))
-        os.replace(final, stale / final.name)
-        shutil.rmtree(stale)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    for _, old in _checkpoint_dirs(out)[:-cfg.keep_checkpoints]:
-        shutil.rmtree(old)
+    tmp = root / f".{final.name}.tmp"
+    if ctx.is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    distributed.barrier()
+    rng = distributed.rng_tensors()
+    if distributed.is_fsdp(model):
+        fmt, groups = "sharded", distributed.save_sharded(model, opt, tmp)
+        model_tensors, trainer_tensors = None, rng
+    else:
+        model_tensors, optim_tensors, groups = distributed.model_optimizer_tensors(model, opt)
+        fmt, trainer_tensors = "full", {**optim_tensors, **rng}
+    if ctx.is_main:
+        if model_tensors is not None:
+            save_file(model_tensors, str(tmp / MODEL_FILE))
+        save_file(trainer_tensors, str(tmp / TRAINER_FILE))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        for f in files:
+            _fsync_file(f)
+        state = {"step": step, "format": fmt, "world_size": ctx.world_size, "config": dataclasses.asdict(cfg),
+                 "data": stream.state_dict(), "optimizer_param_groups": groups,
+                 "files": {f.relative_to(tmp).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                           for f in files}}
+        (tmp / TRAINER_JSON).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
+        _fsync_file(tmp / TRAINER_JSON)
+        for d in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
+            _fsync_dir(d)
+        if final.exists():
+            _remove(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for _, old in _checkpoint_dirs(out)[:-cfg.keep_checkpoints]:
+            _remove(old)
+    distributed.barrier()
     return final
 
 
-def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, stream: BatchStream) -> int:
-    """Restore model, optimizer, data position and RNG from ``path``; returns the step."""
-    state = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True)
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {str(path)!r} does not fit the model: missing {missing}, unexpected {unexpected}")
-    tensors = load_file(str(path / "trainer.safetensors"), device="cpu")
-    # load_state_dict moves each moment to its parameter's device (and keeps "step" where it belongs).
-    opt.load_state_dict(_optimizer_from_flat(tensors, state["optimizer_param_groups"]))
+def verify_checkpoint(path: str | os.PathLike) -> dict:
+    """The ``trainer.json`` of an intact checkpoint; a ValueError saying what is wrong when a
+    file is missing, truncated or corrupt (its size or SHA-256 differs from the recorded one)."""
+    path = Path(path)
+    try:
+        state = json.loads((path / TRAINER_JSON).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint {str(path)!r} has no {TRAINER_JSON}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"checkpoint {str(path)!r}: {TRAINER_JSON} is corrupt ({e})") from None
+    files = state.get("files") if isinstance(state, dict) else None
+    if (not isinstance(files, dict) or not files or not isinstance(state.get("step"), int)
+            or state.get("format") not in ("full", "sharded")):
+        raise ValueError(f"checkpoint {str(path)!r}: {TRAINER_JSON} lacks step, format or the file list")
+    for name, info in files.items():
+        f = path / name
+        if not f.is_file():
+            raise ValueError(f"checkpoint {str(path)!r}: {name} is missing")
+        size = f.stat().st_size
+        if size != info["bytes"]:
+            raise ValueError(f"checkpoint {str(path)!r}: {name} is truncated or overwritten "
+                             f"({size} bytes, {info['bytes']} were written)")
+        if _sha256(f) != info["sha256"]:
+            raise ValueError(f"checkpoint {str(path)!r}: {name} is corrupt (its SHA-256 differs from the one written)")
+    return state
+
+
+def _load_state(path: Path, state: dict, model: nn.Module, opt: torch.optim.Optimizer, stream: BatchStream) -> int:
+    groups = state["optimizer_param_groups"]
+    trainer = load_file(str(path / TRAINER_FILE), device="cpu")
+    if state["format"] == "sharded" and distributed.is_fsdp(model):
+        distributed.load_sharded(model, opt, path, groups)
+    else:
+        if state["format"] == "sharded":
+            model_tensors, optim_tensors = distributed.read_sharded(path)
+        else:
+            model_tensors = load_file(str(path / MODEL_FILE), device="cpu")
+            optim_tensors = {k: v for k, v in trainer.items() if k.startswith("optimizer.")}
+        distributed.load_model_optimizer_tensors(model, opt, model_tensors, optim_tensors, groups)
     stream.load_state_dict(state["data"])
-    torch.set_rng_state(tensors["rng.cpu"])
-    cuda_states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
-    if cuda_states:
-        torch.cuda.set_rng_state_all(cuda_states)
+    ctx = distributed.current()
+    if state["world_size"] == ctx.world_size:
+        distributed.set_rng(trainer)
+    elif ctx.is_main:
+        warnings.warn(f"checkpoint {str(path)!r} was written by {state['world_size']} processes, this run has "
+                      f"{ctx.world_size}: random streams (dropout) start afresh, so the run will not repeat "
+                      "an uninterrupted one exactly", stacklevel=3)
     return int(state["step"])
+
+
+def load_checkpoint(path: str | os.PathLike, model: nn.Module, opt: torch.optim.Optimizer,
+                    stream: BatchStream) -> int:
+    """Check ``path`` (``verify_checkpoint``), then restore model, optimizer, data position and
+    RNG from it; returns the step. Loads either kind of checkpoint into a single-process, DDP or
+    expert-parallel model, and a sharded one into an FSDP model."""
+    return _load_state(Path(path), verify_checkpoint(path), model, opt, stream)
+
+
+def _newest_intact(out: Path) -> int:
+    """Step of the newest checkpoint that passes ``verify_checkpoint`` (-1 if there is none).
+    Refused ones are moved aside with a warning, as are any newer than the one chosen; raises
+    if checkpoints exist but none is intact."""
+    refused = []
+    for step, path in reversed(_checkpoint_dirs(out)):
+        try:
+            verify_checkpoint(path)
+        except ValueError as e:
+            aside = path.parent / f"{REFUSED}{path.name}"
+            if aside.exists():
+                _remove(aside)
+            os.replace(path, aside)
+            refused.append(str(e))
+            warnings.warn(f"{e}; moved it to {str(aside)!r} and resuming from the checkpoint before it", stacklevel=3)
+            continue
+        return step
+    if refused:
+        raise ValueError("no intact checkpoint to resume from: " + "; ".join(refused))
+    return -1
 
 
 def _read_metrics(path: Path, upto_step: int) -> list[dict]:
@@ -230,26 +335,54 @@ def _read_metrics(path: Path, upto_step: int) -> list[dict]:
 # --- the loop ----------------------------------------------------------------------------------
 
 def _save_final(model: nn.Module, path: Path) -> None:
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(str(path))
-        return
+    """Write the whole model to ``path`` from rank 0; a collective under FSDP and expert
+    parallelism (the experts are gathered back into full ``MoE`` modules, in place)."""
+    inner = distributed.unwrap(model)
+    if distributed.is_fsdp(model):
+        tensors = distributed.full_model_tensors(model)
+        if not distributed.current().is_main:
+            return
+        from .checkpoint import build_model
+        from .model import CausalLM
+        if isinstance(inner, CausalLM):
+            build_model(inner.config, tensors).save_pretrained(str(path))
+            return
+    else:
+        from .expert_parallel import gather_experts
+        gather_experts(inner)
+        if not distributed.current().is_main:
+            return
+        if hasattr(inner, "save_pretrained"):
+            inner.save_pretrained(str(path))
+            return
+        tensors = {k: v.contiguous() for k, v in distributed.full_model_tensors(inner).items()}
     path.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=".model.safetensors.tmp-")
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{MODEL_FILE}.tmp-")
     os.close(fd)
-    save_model(model, tmp)
-    os.replace(tmp, path / "model.safetensors")
+    save_file(tensors, tmp)
+    os.replace(tmp, path / MODEL_FILE)
 
 
 def train(model: nn.Module, data: str, out: str | os.PathLike, cfg: TrainConfig, *, resume: bool = False,
-          tokenizer=None, progress: bool = True) -> list[dict]:
+          tokenizer=None, progress: bool = True, strategy: str = "ddp", expert_parallel: bool = False) -> list[dict]:
     """Train ``model`` in place on the ``data`` spec; returns every metrics record of the run
-    (those before a resumed checkpoint included), as written to ``out/metrics.jsonl``."""
+    (those before a resumed checkpoint included), as written to ``out/metrics.jsonl``.
+
+    In a torch.distributed process group (torchrun; ``distributed.init_from_env``) every rank
+    calls this with the same arguments: ``strategy`` "ddp" or "fsdp", ``expert_parallel`` to
+    spread the MoE experts over the ranks (see ``distributed.prepare``). Rank r takes rows
+    r, r + W, ... of each global batch of ``cfg.batch_size``; the logged losses are means over
+    all ranks. After an FSDP run ``model`` stays sharded; ``out/model`` holds the whole of it."""
     from tqdm.auto import tqdm
 
     from .evaluate import evaluate
 
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    ctx = distributed.current()
+    if cfg.batch_size % (cfg.grad_accum * ctx.world_size):
+        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of grad_accum={cfg.grad_accum} "
+                         f"x world size={ctx.world_size}")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
     model_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if model_vocab is not None and model_vocab < tokenizer.get_vocab_size():
@@ -258,27 +391,38 @@ def train(model: nn.Module, data: str, out: str | os.PathLike, cfg: TrainConfig,
     device = next(model.parameters()).device
     sources = [s for s, _ in parse_data_spec(data)]
     stream = BatchStream(data, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                         tokenizer=tokenizer)
+                         rank=ctx.rank, world_size=ctx.world_size, tokenizer=tokenizer)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    opt = make_optimizer(model, cfg)
-    torch.manual_seed(cfg.seed)
+    wrapped = distributed.prepare(model, strategy, expert_parallel)
+    opt = make_optimizer(wrapped, cfg)
+    torch.manual_seed(cfg.seed + 1_000_003 * ctx.rank)       # rank 0 keeps the single-process stream
 
+    resume_step = -1
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        _clear_leftovers(out)
+        if resume:
+            resume_step = _newest_intact(out)
+        elif (out / CHECKPOINTS).exists():
+            shutil.rmtree(out / CHECKPOINTS)        # a fresh run must not resume an older one later
+    resume_step = distributed.broadcast_int(resume_step)
     step = 0
-    checkpoints = _checkpoint_dirs(out)
-    if resume and checkpoints:
-        step = load_checkpoint(checkpoints[-1][1], model, opt, stream)
-    elif checkpoints:
-        shutil.rmtree(out / CHECKPOINTS)        # a fresh run must not resume an older one later
+    if resume_step >= 0:
+        path = out / CHECKPOINTS / f"step-{resume_step:07d}"
+        step = _load_state(path, json.loads((path / TRAINER_JSON).read_text(encoding="utf-8")), wrapped, opt, stream)
     records = _read_metrics(out / METRICS, step) if step else []
-    _write_text_atomic(out / METRICS, "".join(json.dumps(r) + "\n" for r in records))
+    if ctx.is_main:
+        _write_text_atomic(out / METRICS, "".join(json.dumps(r) + "\n" for r in records))
 
-    micro = cfg.batch_size // cfg.grad_accum
+    micro = cfg.batch_size // (cfg.grad_accum * ctx.world_size)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    model.train()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="train", unit="step")
+    eval_model = wrapped if distributed.is_fsdp(wrapped) else distributed.unwrap(wrapped)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    wrapped.train()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and ctx.is_main), desc="train", unit="step")
     t_last, steps_since = time.perf_counter(), 0
-    with open(out / METRICS, "a", encoding="utf-8") as metrics:
+    metrics_file = open(out / METRICS, "a", encoding="utf-8") if ctx.is_main else contextlib.nullcontext()
+    with metrics_file as metrics:
         while step < cfg.steps:
             lr = lr_at(step, cfg)
             for group in opt.param_groups:
@@ -289,20 +433,22 @@ def train(model: nn.Module, data: str, out: str | os.PathLike, cfg: TrainConfig,
             for i in range(cfg.grad_accum):
                 ids = batch.input_ids[i * micro:(i + 1) * micro].to(device)
                 labels = batch.labels[i * micro:(i + 1) * micro].to(device)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    result = model(ids, labels=labels)
-                (result.loss / cfg.grad_accum).backward()
+                with distributed.grad_sync(wrapped, i == cfg.grad_accum - 1):
+                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                        result = wrapped(ids, labels=labels)
+                    (result.loss / cfg.grad_accum).backward()
                 for name in ("loss", "nll", "aux_loss"):
                     value = getattr(result, name, None)
                     if value is not None:
                         value = torch.as_tensor(value, device=device).detach().float()
                         sums[name] = sums[name] + value if name in sums else value
-            means = {name: (v / cfg.grad_accum).item() for name, v in sums.items()}
+            names = list(sums)
+            values = distributed.all_reduce_mean(torch.stack([sums[n] for n in names]) / cfg.grad_accum)
+            means = dict(zip(names, values.tolist()))
             loss = means["loss"]
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower lr or check the data")
-            params = [p for g in opt.param_groups for p in g["params"]]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            grad_norm = distributed.clip_grad_norm(wrapped, params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -314,25 +460,27 @@ def train(model: nn.Module, data: str, out: str | os.PathLike, cfg: TrainConfig,
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - t_last
-                rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                        "tokens_per_s": steps_since * tokens_per_step / max(elapsed, 1e-9),
                        "tokens": step * tokens_per_step}
                 rec.update({name: means[name] for name in ("nll", "aux_loss") if name in means})
                 if do_eval:
-                    rec["eval"] = evaluate(model, sources, seq_len=cfg.seq_len, batch_size=micro,
+                    rec["eval"] = evaluate(eval_model, sources, seq_len=cfg.seq_len, batch_size=micro,
                                            max_windows=cfg.eval_windows, tokenizer=tokenizer)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-                metrics.write(json.dumps(rec) + "\n")
-                metrics.flush()
+                if metrics:
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
                 records.append(rec)
                 t_last, steps_since = time.perf_counter(), 0
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                metrics.flush()
-                os.fsync(metrics.fileno())
-                save_checkpoint(out, step, model, opt, stream, cfg)
+                if metrics:
+                    os.fsync(metrics.fileno())
+                save_checkpoint(out, step, wrapped, opt, stream, cfg)
                 t_last = time.perf_counter()
     bar.close()
-    _save_final(model, out / FINAL_MODEL)
+    _save_final(wrapped, out / FINAL_MODEL)
+    distributed.barrier()
     return records
 
 
@@ -360,11 +508,19 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint period (0: at the end only)")
     parser.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--device", default=None,
+                        help="default: cuda when available, else cpu (under torchrun rank r takes cuda:LOCAL_RANK)")
+    parser.add_argument("--strategy", choices=distributed.STRATEGIES, default="ddp",
+                        help="under torchrun: ddp replicates the model on every rank, fsdp shards parameters, "
+                             "gradients and optimizer state over the ranks")
+    parser.add_argument("--expert-parallel", action="store_true",
+                        help="under torchrun (ddp): spread each MoE layer's experts over the ranks, tokens "
+                             "exchanged with all-to-all; the number of experts must divide by the world size")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_train(args: argparse.Namespace) -> list[dict]:
+    """``bam train``; under torchrun each rank runs this and joins the process group first."""
     from . import from_pretrained
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
@@ -372,11 +528,18 @@ def run_train(args: argparse.Namespace) -> list[dict]:
                       grad_clip=args.grad_clip, grad_accum=args.grad_accum, seed=args.seed,
                       log_every=args.log_every, eval_every=args.eval_every, eval_windows=args.eval_windows,
                       save_every=args.save_every, keep_checkpoints=args.keep_checkpoints)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = from_pretrained(args.model, device=device)
-    records = train(model, args.data, args.out, cfg, resume=args.resume, progress=not args.no_progress)
-    last = records[-1]
-    print(f"step {last['step']}: loss {last['loss']:.4f}; model written to {Path(args.out) / FINAL_MODEL}")
-    for name, res in last.get("eval", {}).items():
-        print(f"  {name:12s} ppl {res['ppl']:9.3f}  bpb {res['bpb']:.4f}")
+    owns_group = not torch.distributed.is_initialized()
+    ctx, device = distributed.init_from_env(args.device)
+    try:
+        model = from_pretrained(args.model, device=device)
+        records = train(model, args.data, args.out, cfg, resume=args.resume, progress=not args.no_progress,
+                        strategy=args.strategy, expert_parallel=args.expert_parallel)
+    finally:
+        if owns_group:
+            distributed.shutdown()
+    if ctx.is_main:
+        last = records[-1]
+        print(f"step {last['step']}: loss {last['loss']:.4f}; model written to {Path(args.out) / FINAL_MODEL}")
+        for name, res in last.get("eval", {}).items():
+            print(f"  {name:12s} ppl {res['ppl']:9.3f}  bpb {res['bpb']:.4f}")
     return records

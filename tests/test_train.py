@@ -82,7 +82,7 @@ def test_training_reduces_loss_and_writes_metrics(tmp_path):
     state = json.loads((ckpt / "trainer.json").read_text())
     assert state["step"] == 40 and state["data"]["position"] == 40 * 4
     tensors = load_file(str(ckpt / "trainer.safetensors"))
-    assert "rng.cpu" in tensors and any(k.endswith(".exp_avg_sq") for k in tensors)
+    assert "rng.0.cpu" in tensors and any(k.endswith(".exp_avg_sq") for k in tensors)
 
 
 def test_same_seed_gives_bitwise_same_losses(tmp_path):
