@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from .demo import add_demo_args, run_demo_cli
 from .evaluate import add_eval_args, run_eval
 from .train import add_train_args, run_train
 
@@ -57,7 +58,9 @@ RECIPE_KEYS = {  # key -> (type check, description)
     "method": (lambda v: isinstance(v, str), "bam, btx or sparse"),
     "attention": (lambda v: v is None or isinstance(v, str), "expert-kv or shared-kv"),
     "top_k": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "an int"),
-    "merge": (lambda v: isinstance(v, str), "mean"),
+    "merge": (lambda v: isinstance(v, str), "mean or fisher"),
+    "fisher_data": (lambda v: v is None or (isinstance(v, list) and all(isinstance(d, str) for d in v)),
+                    "a list of data specs, one per model, seed first"),
     "dtype": (lambda v: v in DTYPES, " or ".join(DTYPES)),
     "normalize": (lambda v: v is None or isinstance(v, bool), "true or false"),
     "kv_init": (lambda v: isinstance(v, str), "mean or seed"),
@@ -112,6 +115,8 @@ def add_mix_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", choices=("expert-kv", "shared-kv"), help="bam only (default expert-kv)")
     p.add_argument("--top-k", type=int, help="FFN router top-k (default 1 for bam, 2 otherwise)")
     p.add_argument("--merge", choices=("mean", "fisher"))
+    p.add_argument("--fisher-data", nargs="+", help="with --merge fisher: one data spec per model, seed first "
+                   "(default: each model's domain from bam branch, the general mix for the seed)")
     p.add_argument("--dtype", choices=sorted(DTYPES))
     p.add_argument("--kv-init", choices=("mean", "seed"), help="shared K/V start (default mean)")
     p.add_argument("--router-seed", type=int)
@@ -129,7 +134,7 @@ def run_mix(args: argparse.Namespace) -> str:
 
     flags = {"base_model": args.base_model, "experts": args.experts, "method": args.method,
              "attention": args.attention, "top_k": args.top_k, "merge": args.merge, "dtype": args.dtype,
-             "kv_init": args.kv_init, "router_seed": args.router_seed}
+             "kv_init": args.kv_init, "router_seed": args.router_seed, "fisher_data": args.fisher_data}
     given = {k: v for k, v in flags.items() if v is not None}
     if args.config is not None:
         if given:
@@ -196,6 +201,8 @@ SUBCOMMANDS = [  # (name, help, add_args, run)
     ("mix", "build a mixture (bam, btx, sparse) from a seed and its trained copies", add_mix_args, run_mix),
     ("eval", "held-out perplexity and bits per byte per domain", add_eval_args, run_eval),
     ("generate", "continue a prompt with any model bam reads", add_generate_args, run_generate),
+    ("demo", "the paper's comparison on the bundled corpus: seed, experts, every mixture, table and plots",
+     add_demo_args, run_demo_cli),
 ]
 
 

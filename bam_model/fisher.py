@@ -26,7 +26,7 @@ def fisher_sequences(data: str, *, num_sequences: int, seq_len: int, seed: int =
     return next(stream).input_ids
 
 
-def diagonal_fisher(model: nn.Module, data: str | torch.Tensor, *, num_sequences: int = 32, seq_len: int = 128,
+def diagonal_fisher(model: nn.Module, data: str | torch.Tensor, *, num_sequences: int = 16, seq_len: int = 128,
                     seed: int = 0, tokenizer=None) -> dict[str, torch.Tensor]:
     """The empirical diagonal Fisher of ``model`` (its ``forward(input_ids, labels=...)`` returns
     ``.nll``, or ``.loss`` when it has no ``.nll``), one float32 CPU tensor per named parameter.
