@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(VENV)/bin/bam-bench moe --device cpu
+	$(VENV)/bin/bam demo
 
 bench: $(STAMP)
 	$(VENV)/bin/bam-bench --all
