@@ -298,14 +298,21 @@ def _gguf_name(name: str) -> str:
     raise ValueError(f"GGUF tensor {name!r} has no place in a Llama-family model")
 
 
-def load_gguf(path: str, dtype: torch.dtype | None = torch.float32, device="cpu") -> DenseLM:
-    """A llama.cpp GGUF file of the ``llama`` architecture (Llama, Mistral, SmolLM): tensors are
-    dequantised to float32 and q/k rows put back in Hugging Face's order."""
+def gguf_reader(source):
+    """A ``gguf.GGUFReader`` for a path (reading the metadata takes seconds: share one reader for
+    the model and its tokenizer), or ``source`` itself when it is one already."""
     try:
         import gguf
     except ImportError:
         raise ImportError("reading GGUF files needs the gguf package: pip install 'bam-moe[hf]'") from None
-    reader = gguf.GGUFReader(path)
+    return source if isinstance(source, gguf.GGUFReader) else gguf.GGUFReader(source)
+
+
+def load_gguf(source, dtype: torch.dtype | None = torch.float32, device="cpu") -> DenseLM:
+    """A llama.cpp GGUF file (path or ``gguf_reader``) of the ``llama`` architecture (Llama, Mistral,
+    SmolLM): tensors are dequantised to float32 and q/k rows put back in Hugging Face's order."""
+    reader = gguf_reader(source)
+    import gguf
     arch = _gguf_field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"GGUF architecture {arch!r} is not supported; expected 'llama'")

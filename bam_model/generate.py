@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import CONFIG, _read_json, from_pretrained
+from .checkpoint import CONFIG, _read_json, from_pretrained, gguf_reader, load_gguf
 from .config import CONFIG_CLASSES
 from .model import CausalLM
 
@@ -30,12 +30,11 @@ class TextTokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def gguf_tokenizer(path: str) -> TextTokenizer:
-    """The byte-level BPE stored in a GGUF file's ``tokenizer.ggml.*`` fields."""
-    import gguf
+def gguf_tokenizer(source) -> TextTokenizer:
+    """The byte-level BPE stored in a GGUF file's ``tokenizer.ggml.*`` fields (path or ``gguf_reader``)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-    reader = gguf.GGUFReader(path)
+    reader = gguf_reader(source)
 
     def field(key, default=None):
         f = reader.fields.get(key)
@@ -73,13 +72,14 @@ def load_model_and_tokenizer(path: str, tokenizer: str | None = None, dtype: tor
                              device="cpu") -> tuple[CausalLM, TextTokenizer]:
     """Any model ``bam`` reads (our folder, dense or mixture; a Hugging Face folder; a GGUF file)
     and its tokenizer (``tokenizer``, a tokenizer.json path, overrides the one found)."""
-    model = from_pretrained(path, dtype, device)
+    reader = gguf_reader(path) if os.path.isfile(path) and path.endswith(".gguf") else None
+    model = load_gguf(reader, dtype or torch.float32, device) if reader else from_pretrained(path, dtype, device)
     ours = os.path.isdir(path) and _read_json(os.path.join(path, CONFIG)).get("model_type") in CONFIG_CLASSES
     c = model.config
     if tokenizer is not None:
         tok = file_tokenizer(tokenizer, c.bos_token_id, c.eos_token_id)
-    elif path.endswith(".gguf"):
-        tok = gguf_tokenizer(path)
+    elif reader is not None:
+        tok = gguf_tokenizer(reader)
     elif os.path.isfile(os.path.join(path, "tokenizer.json")):
         tok = file_tokenizer(os.path.join(path, "tokenizer.json"), c.bos_token_id, c.eos_token_id)
     else:

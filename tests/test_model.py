@@ -305,18 +305,17 @@ def test_smollm2_upcycled_with_itself_keeps_its_function(smollm2):
         torch.testing.assert_close(moe(x).logits, smollm2(x).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_smollm2_gguf_tokenizer_and_greedy_generation(smollm2):
-    from bam_model.generate import generate_text, gguf_tokenizer
-    tok = gguf_tokenizer(smollm2_gguf())
+def test_smollm2_gguf_tokenizer_and_greedy_generation():
+    from tokenizers import Tokenizer
+
+    from bam_model.generate import generate_text, load_model_and_tokenizer, tokenizer_json
+    model, tok = load_model_and_tokenizer(smollm2_gguf())  # what bam generate does
     text = "The capital of France is 12345 ok"
     # transformers' tokenizer for this GGUF gives these ids
     assert tok.encode(text) == [504, 3575, 282, 4649, 314, 216, 33, 34, 35, 36, 37, 10907]
     assert tok.decode(tok.encode(text)) == text
     assert tok.encode("<|im_start|>user") == [1, 4093]
-    assert generate_text(smollm2, tok, "The capital of France is", max_new_tokens=3).startswith(
+    assert generate_text(model, tok, "The capital of France is", max_new_tokens=3).startswith(
         "The capital of France is Paris")
-    from tokenizers import Tokenizer
-
-    from bam_model.generate import tokenizer_json
     carried = Tokenizer.from_str(tokenizer_json(smollm2_gguf()))  # what bam branch / mix write beside a copy
     assert carried.encode(text).ids == tok.encode(text)
