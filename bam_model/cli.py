@@ -138,7 +138,8 @@ def run_mix(args: argparse.Namespace) -> str:
     given = {k: v for k, v in flags.items() if v is not None}
     if args.config is not None:
         if given:
-            raise ValueError(f"give either --config or recipe flags, not both (got --{next(iter(given)).replace('_', '-')})")
+            flag = "--" + next(iter(given)).replace("_", "-")
+            raise ValueError(f"give either --config or recipe flags, not both (got {flag})")
         if not os.path.isfile(args.config):
             raise ValueError(f"--config file {args.config!r} does not exist")
         with open(args.config) as f:

@@ -191,7 +191,8 @@ class CausalLM(nn.Module, abc.ABC):
             raise ValueError(f"input_ids has {input_ids.shape[1]} tokens, more than max_seq_len="
                              f"{self.config.max_seq_len}")
         if cache is not None and (not isinstance(cache, KVCache) or cache.num_layers != len(self.model.layers)):
-            raise ValueError(f"cache must be a KVCache of {len(self.model.layers)} layers (see new_cache), got {cache!r}")
+            raise ValueError(f"cache must be a KVCache of {len(self.model.layers)} layers (see new_cache), "
+                             f"got {cache!r}")
         x_BTD = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             x_BTD = layer(x_BTD, cache=cache, position_ids=position_ids)

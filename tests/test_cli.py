@@ -45,7 +45,8 @@ def test_mix_from_yaml_copies_it_verbatim_and_exports_mixtral(tmp_path, seed_pat
     assert (tmp_path / "m" / "mix.yaml").read_text() == text
     moe = bam_model.from_pretrained(str(tmp_path / "m"))
     assert moe.dtype == torch.bfloat16 and moe.config.method == "btx" and moe.config.top_k == 2
-    assert main(["mix", "--config", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "hf"), "--format", "mixtral"]) == 0
+    assert main(["mix", "--config", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "hf"),
+                 "--format", "mixtral"]) == 0
     assert '"model_type": "mixtral"' in (tmp_path / "hf" / "config.json").read_text()
 
 

@@ -263,5 +263,6 @@ def test_mixtral_export_refuses_attention_experts_and_unnormalised_routing(tmp_p
     with pytest.raises(ValueError, match="renormalises"):
         bam_model.export_mixtral(upcycle(seed, [seed, seed], method="btx", normalize=False), str(tmp_path / "b"))
     with pytest.raises(ValueError, match="parallel"):
-        bam_model.export_mixtral(upcycle(tiny(block="parallel"), [], method="sparse", num_experts=2), str(tmp_path / "c"))
+        bam_model.export_mixtral(upcycle(tiny(block="parallel"), [], method="sparse", num_experts=2),
+                                 str(tmp_path / "c"))
     assert not list(tmp_path.iterdir())
