@@ -188,8 +188,8 @@ def build_model(config: DenseConfig, tensors: dict[str, torch.Tensor], dtype: to
 
 def from_pretrained(path: str, dtype: torch.dtype | None = None, device="cpu") -> CausalLM:
     """Load a dense or BAM model saved by ``save_pretrained`` (stored dtypes kept unless ``dtype``);
-    a Hugging Face Llama-family folder or a ``.gguf`` file goes through ``load_dense`` (float32
-    unless ``dtype``)."""
+    a Hugging Face Mixtral folder (``load_mixtral_folder``), Llama-family folder or ``.gguf`` file
+    (``load_dense``) is read in float32 unless ``dtype`` says otherwise."""
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"path must be a checkpoint folder or .gguf file path, got {type(path).__name__}")
     path = os.fspath(path)
@@ -198,6 +198,8 @@ def from_pretrained(path: str, dtype: torch.dtype | None = None, device="cpu") -
         cfg = _read_json(cfg_path)
         if cfg.get("model_type") in (DenseConfig.model_type, BamConfig.model_type):
             return build_model(config_from_dict(cfg), read_safetensors_folder(path), dtype, device)
+        if cfg.get("model_type") == "mixtral":
+            return load_mixtral_folder(path, torch.float32 if dtype is None else dtype, device)
     return load_dense(path, torch.float32 if dtype is None else dtype, device)
 
 
@@ -219,11 +221,12 @@ def _first_id(value):
     return value[0] if isinstance(value, list) and value else value
 
 
-def dense_config_from_hf(hf: dict) -> DenseConfig:
-    """Our ``DenseConfig`` for a Hugging Face Llama/Mistral ``config.json``; refuses what we do not model."""
+def dense_config_from_hf(hf: dict, model_types: tuple = HF_MODEL_TYPES) -> DenseConfig:
+    """Our ``DenseConfig`` for a Hugging Face Llama/Mistral ``config.json`` (the dense part of a
+    Mixtral one); refuses what we do not model."""
     model_type = hf.get("model_type")
-    if model_type not in HF_MODEL_TYPES:
-        raise ValueError(f"Hugging Face model_type {model_type!r} is not supported; expected one of {HF_MODEL_TYPES}")
+    if model_type not in model_types:
+        raise ValueError(f"Hugging Face model_type {model_type!r} is not supported; expected one of {model_types}")
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
             raise ValueError(f"{key}=true is not supported (Llama-family models without biases only)")
@@ -245,14 +248,58 @@ def dense_config_from_hf(hf: dict) -> DenseConfig:
         **{k: v if isinstance(v, int) and 0 <= v < vocab else None for k, v in ids.items()})
 
 
-def load_hf_folder(path: str, dtype: torch.dtype | None = torch.float32, device="cpu") -> DenseLM:
-    """A Hugging Face Llama-family folder (config.json + safetensors, sharded or not)."""
-    config = dense_config_from_hf(_read_json(os.path.join(path, CONFIG)))
+def _hf_tensors(path: str, config: DenseConfig) -> dict[str, torch.Tensor]:
     tensors = read_safetensors_folder(path)
     # Old checkpoints store RoPE's inverse frequencies; they are recomputed from rope_theta.
     tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
     if config.tie_embeddings:
         tensors.pop("lm_head.weight", None)
+    return tensors
+
+
+def load_hf_folder(path: str, dtype: torch.dtype | None = torch.float32, device="cpu") -> DenseLM:
+    """A Hugging Face Llama-family folder (config.json + safetensors, sharded or not)."""
+    config = dense_config_from_hf(_read_json(os.path.join(path, CONFIG)))
+    return build_model(config, _hf_tensors(path, config), dtype, device)
+
+
+def load_mixtral_folder(path: str, dtype: torch.dtype | None = torch.float32, device="cpu") -> CausalLM:
+    """A Hugging Face Mixtral folder (what ``export_mixtral`` writes, or a published Mixtral) as a
+    ``BamLM`` with one attention per layer and top-k renormalised routing (BTX's kind).
+    Per-expert ``block_sparse_moe.experts.j.w1/w2/w3`` keys are fused into our layout."""
+    hf = _read_json(os.path.join(path, CONFIG))
+    dense = dense_config_from_hf(hf, model_types=("mixtral",))
+    if not hf.get("num_local_experts") or not hf.get("num_experts_per_tok"):
+        raise ValueError(f"{path!r}: a Mixtral config needs num_local_experts and num_experts_per_tok")
+    config = BamConfig(**dense.__dict__, num_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
+                       normalize=True, attention="dense", method="btx",
+                       load_balancing_alpha=float(hf.get("router_aux_loss_coef", 0.01)))
+    tensors = {}
+    per_expert = {}
+    for key, t in _hf_tensors(path, config).items():
+        key = key.replace(".block_sparse_moe.", ".mlp.")
+        parts = key.split(".mlp.experts.")
+        if len(parts) == 2 and parts[1].count(".") == 2:  # "j.w1.weight"
+            j, w, _ = parts[1].split(".")
+            per_expert[(parts[0], w, int(j))] = t
+        else:
+            tensors[key] = t
+    E = config.num_experts
+    for i in range(config.n_layers):
+        p = f"model.layers.{i}"
+        if (p, "w1", 0) not in per_expert:
+            continue
+        try:
+            tensors[f"{p}.mlp.experts.gate_up_proj"] = torch.stack(
+                [torch.cat([per_expert.pop((p, "w1", j)), per_expert.pop((p, "w3", j))]) for j in range(E)])
+            tensors[f"{p}.mlp.experts.down_proj"] = torch.stack([per_expert.pop((p, "w2", j)) for j in range(E)])
+        except KeyError as e:
+            layer, w, j = e.args[0]
+            raise ValueError(f"checkpoint is missing tensor "
+                             f"'{layer}.block_sparse_moe.experts.{j}.{w}.weight'") from None
+    if per_expert:
+        layer, w, j = next(iter(per_expert))
+        raise ValueError(f"checkpoint has unexpected tensor '{layer}.block_sparse_moe.experts.{j}.{w}.weight'")
     return build_model(config, tensors, dtype, device)
 
 
@@ -368,7 +415,7 @@ def load_dense(path: str, dtype: torch.dtype | None = torch.float32, device="cpu
     model_type = cfg.get("model_type")
     if model_type == DenseConfig.model_type:
         return build_model(config_from_dict(cfg), read_safetensors_folder(path), dtype, device)
-    if model_type == BamConfig.model_type:
+    if model_type in (BamConfig.model_type, "mixtral"):
         raise ValueError(f"{path!r} holds a mixture (model_type {model_type!r}), not a dense model; "
                          "use bam_model.from_pretrained")
     return load_hf_folder(path, dtype, device)

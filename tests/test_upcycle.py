@@ -251,9 +251,33 @@ def test_mixtral_export_loads_in_transformers_with_the_same_logits(tmp_path, met
     moe = upcycle(paths[0], paths[1:], method=method)
     bam_model.export_mixtral(moe, str(tmp_path / "mixtral"))
     hf = transformers.MixtralForCausalLM.from_pretrained(str(tmp_path / "mixtral")).eval()
+    back = bam_model.from_pretrained(str(tmp_path / "mixtral"))
+    assert (back.config.num_experts, back.config.top_k, back.config.normalize) == (3, 2, True)
     x = ids()
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, moe(x).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(back(x).logits, moe(x).logits, rtol=0, atol=0)
+
+
+def test_a_mixtral_written_by_transformers_loads_as_a_mixture(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.MixtralConfig(vocab_size=97, hidden_size=36, intermediate_size=52, num_hidden_layers=2,
+                                     num_attention_heads=6, num_key_value_heads=2, num_local_experts=5,
+                                     num_experts_per_tok=2, rope_theta=3000.0, max_position_embeddings=48)
+    hf = transformers.MixtralForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "mx")
+    ours = bam_model.from_pretrained(str(tmp_path / "mx"))
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, hf(x).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="from_pretrained"):
+        bam_model.load_dense(str(tmp_path / "mx"))
+    tensors = bam_model.checkpoint.read_safetensors_folder(str(tmp_path / "mx"))
+    del tensors["model.layers.1.block_sparse_moe.experts.3.w3.weight"]
+    config_json = (tmp_path / "mx" / "config.json").read_text()
+    bam_model.checkpoint.write_folder(str(tmp_path / "broken"), {"config.json": config_json}, tensors)
+    with pytest.raises(ValueError, match=r"missing tensor 'model.layers.1.block_sparse_moe.experts.3.w3.weight'"):
+        bam_model.from_pretrained(str(tmp_path / "broken"))
 
 
 def test_mixtral_export_refuses_attention_experts_and_unnormalised_routing(tmp_path):
