@@ -64,9 +64,9 @@ class DemoConfig:
     ffn_dim: int = 352
     seq_len: int = 128
     batch_size: int = 16
-    seed_steps: int = 300
-    expert_steps: int = 150
-    mix_steps: int = 120
+    seed_steps: int = 200
+    expert_steps: int = 80
+    mix_steps: int = 80
     seed_lr: float = 2e-3
     expert_lr: float = 1e-3
     mix_lr: float = 1e-3
@@ -100,7 +100,7 @@ class DemoConfig:
 
 FULL = DemoConfig()
 QUICK = DemoConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, seq_len=64, batch_size=16,
-                   seed_steps=120, expert_steps=50, mix_steps=40, seed_lr=3e-3, expert_lr=1.5e-3, mix_lr=1.5e-3,
+                   seed_steps=80, expert_steps=30, mix_steps=25, seed_lr=3e-3, expert_lr=1.5e-3, mix_lr=1.5e-3,
                    eval_windows=24, diagnostic_windows=4)
 
 
@@ -329,12 +329,12 @@ def format_table(results: dict, details: dict) -> str:
     ppl = results["perplexity"]
     cols = [d for d in ppl["seed"] if d != "avg"] + ["avg"]
     phase = {"seed": "seed", **{m: f"mix/{m}/train" for m in METHODS if m != "seed"}}
-    head = "| method | " + " | ".join(cols) + " | steps | tokens | train PFLOP |"
+    head = "| method | " + " | ".join(cols) + " | steps | tokens | train FLOPs |"
     lines = [head, "|" + "---|" * (len(cols) + 4)]
     for m in METHODS:
         info = details["phases"][phase[m]]
         cells = " | ".join(f"{ppl[m][c]:.2f}" for c in cols)
-        lines.append(f"| {m} | {cells} | {info['steps']} | {info['tokens']:,} | {info['train_flops'] / 1e15:.3f} |")
+        lines.append(f"| {m} | {cells} | {info['steps']} | {info['tokens']:,} | {info['train_flops']:.3g} |")
     return "\n".join(lines) + "\n"
 
 

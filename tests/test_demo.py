@@ -1,0 +1,97 @@
+"""bam demo: a tiny configuration through every phase (results.json schema, finite values, plots,
+compute matching, reuse of a finished run), the FLOP count, the data mixtures and the command line."""
+import json
+import math
+
+import pytest
+
+from bam_model import DenseConfig
+from bam_model.cli import build_parser
+from bam_model.config import BamConfig
+from bam_model.data import DOMAINS, parse_data_spec
+from bam_model.demo import (METHODS, QUICK, DemoConfig, expert_data, flops_per_token, mixture_data, run_demo)
+
+TINY = DemoConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=24, seq_len=16, batch_size=2, seed_steps=3,
+                  expert_steps=2, mix_steps=3, eval_windows=1, diagnostic_windows=1)
+
+
+def test_every_phase_of_a_tiny_demo(tmp_path):
+    out = tmp_path / "demo"
+    lines = []
+    results = run_demo(TINY, out, device="cpu", log=lines.append)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk == results and list(on_disk) == ["perplexity"]
+    assert list(on_disk["perplexity"]) == list(METHODS)
+    for method, row in on_disk["perplexity"].items():
+        assert list(row) == [*DOMAINS, "avg"], method
+        assert all(math.isfinite(v) and v > 1 for v in row.values()), (method, row)
+        assert row["avg"] == pytest.approx(sum(row[d] for d in DOMAINS) / len(DOMAINS))
+    for png in ("perplexity.png", "router_use.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "table.md").read_text()
+    assert all(f"| {m} |" in table for m in METHODS) and table in "\n".join(lines)
+
+    details = json.loads((out / "details.json").read_text())
+    phases = details["phases"]
+    for domain in TINY.expert_domains:
+        assert (out / "experts" / domain / "model" / "config.json").is_file()
+        assert phases[f"experts/{domain}"]["data"] == expert_data(domain, TINY.general_fraction)
+    btx = phases["mix/btx/train"]
+    for cm in ("bam-expert-kv-cm", "bam-shared-kv-cm"):
+        run = phases[f"mix/{cm}/train"]
+        per_step = run["train_flops"] / run["steps"]
+        # compute-matched: the most steps whose training FLOPs stay within BTX's
+        assert run["train_flops"] <= btx["train_flops"] < run["train_flops"] + per_step
+        assert run["steps"] < btx["steps"] and run["flops_per_token"] > btx["flops_per_token"]
+    for name in ("bam-expert-kv", "bam-shared-kv"):
+        for kind in ("ffn", "attention"):
+            use = details["router_use"][name][kind]
+            assert list(use) == list(DOMAINS)
+            for d in DOMAINS:
+                assert len(use[d]["mean_prob"]) == TINY.n_layers
+                assert all(sum(p) == pytest.approx(1) and len(p) == 4 for p in use[d]["mean_prob"])
+                assert all(0 <= h <= 1 + 1e-9 for h in use[d]["entropy"])
+
+    again = run_demo(TINY, out, device="cpu", log=lines.append)       # reuses every trained model
+    assert again == results
+    assert any("reusing" in line for line in lines)
+    with pytest.raises(ValueError, match="other settings"):
+        run_demo(DemoConfig(**{**TINY.__dict__, "seed": 1}), out, device="cpu", log=lines.append)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match="holds no demo run"):
+        run_demo(TINY, tmp_path / "other", device="cpu", log=lines.append)
+
+
+def test_flops_per_token_counts_every_projection_by_hand():
+    D, H, Hkv, Dh, F, V, L, T, E = 16, 2, 1, 8, 24, 100, 3, 9, 4
+    dense = DenseConfig(vocab_size=V, dim=D, n_layers=L, n_heads=H, n_kv_heads=Hkv, ffn_dim=F)
+    ctx = (T + 1) / 2
+    attn = 2 * D * H * Dh * 2 + 2 * 2 * D * Hkv * Dh + 4 * H * Dh * ctx
+    assert flops_per_token(dense, T) == L * (attn + 6 * D * F) + 2 * D * V
+    moe = dict(vocab_size=V, dim=D, n_layers=L, n_heads=H, n_kv_heads=Hkv, ffn_dim=F, num_experts=E)
+    btx = BamConfig(**moe, top_k=2, attention="dense", method="btx")
+    assert flops_per_token(btx, T) == L * (attn + 2 * 6 * D * F + 2 * D * E) + 2 * D * V
+    ekv = BamConfig(**moe, top_k=1, attention="expert-kv")
+    assert flops_per_token(ekv, T) == L * (E * attn + 6 * D * F + 2 * 2 * D * E) + 2 * D * V
+    skv = BamConfig(**moe, top_k=1, attention="shared-kv")
+    shared_kv = 2 * 2 * D * Hkv * Dh
+    assert flops_per_token(skv, T) == L * (E * (attn - shared_kv) + shared_kv + 6 * D * F + 2 * 2 * D * E) + 2 * D * V
+
+
+def test_data_mixtures_follow_the_paper():
+    code = dict((s.name, w) for s, w in parse_data_spec(expert_data("code", 0.1)))
+    assert code["code"] == pytest.approx(0.92) and code["drama"] == pytest.approx(0.02) and sum(code.values()) == pytest.approx(1)
+    mix = dict((s.name, w) for s, w in parse_data_spec(mixture_data(("code", "math", "legal"))))
+    assert mix["math"] == pytest.approx(0.25 + 0.25 / 5) and mix["scripture"] == pytest.approx(0.25 / 5)
+
+
+def test_demo_command_line_and_config_checks():
+    args = build_parser().parse_args(["demo", "--quick", "--out", "somewhere"])
+    assert args.quick and args.out == "somewhere" and args.command == "demo"
+    assert QUICK.seed_steps < DemoConfig().seed_steps
+    for bad, word in ((dict(dim=0), "dim"), (dict(expert_domains=("code", "poetry")), "expert_domains"),
+                      (dict(general_fraction=1.0), "general_fraction"), (dict(mix_lr=0), "mix_lr"),
+                      (dict(eval_windows=0), "eval_windows")):
+        with pytest.raises(ValueError, match=word):
+            DemoConfig(**bad)
