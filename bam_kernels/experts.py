@@ -40,6 +40,22 @@ def _segments(offs_E: torch.Tensor):
         start = end
 
 
+def _zero_tail(t_M, offs_E):
+    """Zero the rows past the last offset (none when every id was valid)."""
+    end = int(offs_E[-1]) if offs_E.numel() else 0
+    t_M[end:].zero_()
+    return t_M
+
+
+def _zero_idle_experts(w_E, offs_E):
+    start = 0
+    for e, end in enumerate(offs_E.tolist()):
+        if end == start:
+            w_E[e].zero_()
+        start = end
+    return w_E
+
+
 def _grouped_mm_torch(x_MK, w_ENK, offs_E):
     y_MN = x_MK.new_zeros(x_MK.shape[0], w_ENK.shape[1])
     for e, a, b in _segments(offs_E):
@@ -164,7 +180,8 @@ def _moe_fwd_torch(x_TD, gate_up_E2FD, down_EDF, weights_TK, experts_TK, save_pr
     w_M = weights_TK.reshape(-1)[plan.sorted_slots].to(x_TD.dtype)
     xs_MD = x_TD.index_select(0, tok)
     pre_M2F = x_TD.new_empty(tok.numel(), F2)
-    y_MD = x_TD.new_zeros(tok.numel(), D)
+    # Every row below the last offset is written; rows past it (unchecked bad ids) stay zero.
+    y_MD = _zero_tail(x_TD.new_empty(tok.numel(), D), plan.offsets)
     for e, a, b in _segments(plan.offsets):
         torch.mm(xs_MD[a:b], gate_up_E2FD[e].T, out=pre_M2F[a:b])
         gate, up = pre_M2F[a:b].chunk(2, dim=1)
@@ -182,11 +199,12 @@ def _moe_bwd_torch(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F, s
     w_M = weights_TK.reshape(-1)[slots_M].to(x_TD.dtype)
     dy_MD = dout_TD.index_select(0, tok)
     xs_MD = x_TD.index_select(0, tok)
-    dxs_MD = torch.zeros_like(xs_MD)
+    dxs_MD = _zero_tail(torch.empty_like(xs_MD), offs_E)
     d_pre_M2F = torch.empty_like(pre_M2F)
     dw_M = x_TD.new_zeros(tok.numel())
-    d_gate_up = torch.zeros_like(gate_up_E2FD)
-    d_down = torch.zeros_like(down_EDF)
+    # Written expert by expert below; only experts without rows need their zeros filled in.
+    d_gate_up = _zero_idle_experts(torch.empty_like(gate_up_E2FD), offs_E)
+    d_down = _zero_idle_experts(torch.empty_like(down_EDF), offs_E)
     Fh = pre_M2F.shape[1] // 2
     for e, a, b in _segments(offs_E):
         gate, up = pre_M2F[a:b].chunk(2, dim=1)
