@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -124,6 +125,10 @@ def is_fsdp(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def is_expert_parallel(model: nn.Module) -> bool:
+    return bool(ep.expert_parameters(unwrap(model)))
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside a DDP wrapper (an FSDP2 model is its own module)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -221,32 +226,38 @@ def _json_group(group: dict, fqns: list[str]) -> dict:
             "params": fqns}
 
 
+def _gather_to_main(t: torch.Tensor, sharded: bool) -> torch.Tensor | None:
+    """A full CPU copy of ``t`` on rank 0 (expert slices gathered there), None elsewhere."""
+    if sharded:
+        t = ep.gather_dim0(t.detach(), dst=0)
+    elif not current().is_main:
+        return None
+    return t.detach().cpu().contiguous() if t is not None else None
+
+
 def model_optimizer_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict, list[dict]]:
     """(model tensors, optimizer tensors, optimizer param groups) of a single-process, DDP or
-    expert-parallel run, as full CPU tensors: model tensors by FQN (a tied weight once), optimizer
-    moments as ``optimizer.<fqn>.<name>``, groups as JSON-able dicts listing their FQNs. Expert
-    slices are gathered from every rank, so this is a collective under expert parallelism."""
+    expert-parallel run, as full CPU tensors on rank 0 (empty dicts elsewhere): model tensors by
+    FQN (a tied weight once), optimizer moments as ``optimizer.<fqn>.<name>``, groups as
+    JSON-able dicts listing their FQNs. Under expert parallelism the expert slices are gathered
+    to rank 0, so every rank must call this."""
     model = unwrap(model)
     experts = ep.expert_parameters(model)
-    full = {}
-    for name, t in _named_state(model).items():
-        full[name] = ep.gather_dim0(t.detach()) if name in experts else t.detach()
+    full = {name: _gather_to_main(t, name in experts) for name, t in _named_state(model).items()}
     fqns = _optimizer_fqns(model, opt)
     sd = opt.state_dict()
-    state = sd["state"]
     optim, index = {}, 0
     for names in fqns:
         for name in names:
-            for key, value in state.get(index, {}).items():
+            for key, value in sd["state"].get(index, {}).items():
                 if not isinstance(value, torch.Tensor):
                     raise ValueError(f"optimizer state {key!r} of {name!r} is not a tensor")
-                if name in experts and value.dim() > 0:
-                    value = ep.gather_dim0(value)
-                optim[f"optimizer.{name}.{key}"] = value
+                optim[f"optimizer.{name}.{key}"] = _gather_to_main(value, name in experts and value.dim() > 0)
             index += 1
     groups = [_json_group(g, names) for g, names in zip(sd["param_groups"], fqns)]
-    to_cpu = lambda d: {k: v.detach().cpu().contiguous() for k, v in d.items()}  # noqa: E731
-    return to_cpu(full), to_cpu(optim), groups
+    if not current().is_main:
+        return {}, {}, groups
+    return full, optim, groups
 
 
 def _check_groups(groups: list[dict], fqns: list[list[str]]) -> None:
@@ -312,8 +323,8 @@ def _aliases(model: nn.Module) -> dict[str, str]:
 
 
 def full_model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's tensors by FQN on rank 0 (a tied weight once), from any wrapping; a
-    collective for FSDP and expert parallelism. Other ranks get ``{}``."""
+    """The whole model's tensors by FQN (a tied weight once) as CPU tensors on rank 0, ``{}``
+    elsewhere, from any wrapping; a collective under FSDP and expert parallelism."""
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -323,8 +334,7 @@ def full_model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         return msd if current().is_main else {}
     inner = unwrap(model)
     experts = ep.expert_parameters(inner)
-    out = {n: (ep.gather_dim0(t.detach()) if n in experts else t.detach()).cpu()
-           for n, t in _named_state(inner).items()}
+    out = {n: _gather_to_main(t, n in experts) for n, t in _named_state(inner).items()}
     return out if current().is_main else {}
 
 
@@ -404,7 +414,9 @@ def read_sharded(path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]
 
     meta = _sharded_metadata(path)
     flat = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.items()}
-    dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(os.path.join(path, SHARDED_DIR))), no_dist=True)
+    with warnings.catch_warnings():         # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(os.path.join(path, SHARDED_DIR))), no_dist=True)
     model = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
     optim = {k: v for k, v in flat.items() if k.startswith("optimizer.")}
     return model, optim

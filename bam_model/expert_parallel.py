@@ -9,7 +9,7 @@ Rank r keeps experts ``r*E/W .. (r+1)*E/W - 1`` under the ``MoE``'s own state-di
 (``gate.weight``, ``experts.gate_up_proj [E/W, 2F, D]``, ``experts.down_proj [E/W, D, F]``); the
 router is replicated. ``gather_dim0`` rebuilds a full ``[E, ...]`` tensor from the ranks' slices,
 which is how a full state dict (and a single-process checkpoint) is written from an
-expert-parallel model.
+expert-parallel model (``bam_model.distributed.full_model_tensors``).
 """
 from __future__ import annotations
 
@@ -46,11 +46,16 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
-def gather_dim0(local: torch.Tensor, group=None) -> torch.Tensor:
-    """The full tensor from equal slices along dim 0, rank order (a collective)."""
+def gather_dim0(local: torch.Tensor, group=None, dst: int | None = None) -> torch.Tensor | None:
+    """The full tensor from equal slices along dim 0, in rank order (a collective): on every
+    rank, or with ``dst`` (a global rank) only there, the others getting None."""
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, local.contiguous(), group=group)
-    return torch.cat(parts)
+    if dst is None:
+        dist.all_gather(parts, local.contiguous(), group=group)
+        return torch.cat(parts)
+    mine = dist.get_rank() == dst
+    dist.gather(local.contiguous(), parts if mine else None, dst=dst, group=group)
+    return torch.cat(parts) if mine else None
 
 
 def shard_dim0(full: torch.Tensor, group=None) -> torch.Tensor:

@@ -181,7 +181,8 @@ def _clear_leftovers(out: Path) -> None:
     """Delete what a killed run leaves behind: unfinished checkpoint and metrics temporaries."""
     root = out / CHECKPOINTS
     leftovers = [p for p in root.iterdir() if p.name.startswith(".")] if root.is_dir() else []
-    leftovers += list(out.glob(f".{METRICS}.tmp-*"))
+    leftovers += list(out.glob(f".{METRICS}.tmp-*")) + list(out.glob(f".{FINAL_MODEL}.tmp-*"))
+    leftovers += list(out.glob(f".{FINAL_MODEL}.old-*")) + list(out.glob(f"{FINAL_MODEL}/.{MODEL_FILE}.tmp-*"))
     for p in leftovers:
         if p.is_dir():
             shutil.rmtree(p)
@@ -297,8 +298,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, opt: torch.optim.
 
 def _newest_intact(out: Path) -> int:
     """Step of the newest checkpoint that passes ``verify_checkpoint`` (-1 if there is none).
-    Refused ones are moved aside with a warning, as are any newer than the one chosen; raises
-    if checkpoints exist but none is intact."""
+    Newer, refused ones are moved aside with a warning; raises if checkpoints exist but none is
+    intact."""
     refused = []
     for step, path in reversed(_checkpoint_dirs(out)):
         try:
@@ -336,26 +337,22 @@ def _read_metrics(path: Path, upto_step: int) -> list[dict]:
 
 def _save_final(model: nn.Module, path: Path) -> None:
     """Write the whole model to ``path`` from rank 0; a collective under FSDP and expert
-    parallelism (the experts are gathered back into full ``MoE`` modules, in place)."""
+    parallelism (shards and expert slices are gathered to rank 0; ``model`` itself stays as it is)."""
+    from .checkpoint import build_model
+    from .model import CausalLM
+
     inner = distributed.unwrap(model)
-    if distributed.is_fsdp(model):
-        tensors = distributed.full_model_tensors(model)
-        if not distributed.current().is_main:
-            return
-        from .checkpoint import build_model
-        from .model import CausalLM
-        if isinstance(inner, CausalLM):
-            build_model(inner.config, tensors).save_pretrained(str(path))
-            return
-    else:
-        from .expert_parallel import gather_experts
-        gather_experts(inner)
-        if not distributed.current().is_main:
-            return
-        if hasattr(inner, "save_pretrained"):
+    sharded = distributed.is_fsdp(model) or distributed.is_expert_parallel(inner)
+    if not sharded and hasattr(inner, "save_pretrained"):
+        if distributed.current().is_main:
             inner.save_pretrained(str(path))
-            return
-        tensors = {k: v.contiguous() for k, v in distributed.full_model_tensors(inner).items()}
+        return
+    tensors = distributed.full_model_tensors(model)
+    if not distributed.current().is_main:
+        return
+    if isinstance(inner, CausalLM):
+        build_model(inner.config, tensors).save_pretrained(str(path))
+        return
     path.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{MODEL_FILE}.tmp-")
     os.close(fd)
@@ -372,7 +369,8 @@ def train(model: nn.Module, data: str, out: str | os.PathLike, cfg: TrainConfig,
     calls this with the same arguments: ``strategy`` "ddp" or "fsdp", ``expert_parallel`` to
     spread the MoE experts over the ranks (see ``distributed.prepare``). Rank r takes rows
     r, r + W, ... of each global batch of ``cfg.batch_size``; the logged losses are means over
-    all ranks. After an FSDP run ``model`` stays sharded; ``out/model`` holds the whole of it."""
+    all ranks. After an FSDP or expert-parallel run ``model`` stays sharded; ``out/model`` holds
+    the whole of it."""
     from tqdm.auto import tqdm
 
     from .evaluate import evaluate
