@@ -131,7 +131,7 @@ def _worker(out: Path) -> None:
     data = (out / "data.txt").read_text()
     args = ["train", str(out / "seed"), "--data", data, "--steps", str(STEPS), "--batch-size", "8", "--seq-len", "24",
             "--lr", "3e-3", "--warmup", "1", "--log-every", "1", "--eval-windows", "1", "--seed", "3",
-            "--save-every", "2", "--keep-checkpoints", "2", "--no-progress", "--strategy", "fsdp"]
+            "--save-every", "2", "--keep-checkpoints", "2", "--no-progress", "--strategy", "fsdp", "--grad-accum", "2"]
     record("fsdp", lambda: {"rc": main(args + ["--out", str(out / "fsdp")]),
                             "records": [json.loads(s) for s in (out / "fsdp" / "metrics.jsonl").read_text().splitlines()]})
 
@@ -139,9 +139,10 @@ def _worker(out: Path) -> None:
         _check_expert_parallel(rank)
         return "ok"
 
-    def run(name, **kw):
+    def run(name, grad_accum=1, **kw):
         model = bam_model.from_pretrained(str(out / "seed"))
-        return {"records": train(model, data, out / name, _train_cfg(), progress=False, **kw)}
+        cfg = _train_cfg(grad_accum=grad_accum)
+        return {"records": train(model, data, out / name, cfg, progress=False, **kw)}
 
     def fsdp_resume():
         # Resume the FSDP run from its step-2 checkpoint (as if it had died in step 3 or 4).
@@ -152,11 +153,11 @@ def _worker(out: Path) -> None:
             shutil.rmtree(run_dir / "model")
         distributed.barrier()
         model = bam_model.from_pretrained(str(out / "seed"))
-        cfg = _train_cfg(save_every=2, keep_checkpoints=2)
+        cfg = _train_cfg(save_every=2, keep_checkpoints=2, grad_accum=2)
         return {"records": train(model, data, run_dir, cfg, resume=True, progress=False, strategy="fsdp")}
 
     record("ep_module", ep_module)
-    record("ddp", lambda: run("ddp"))
+    record("ddp", lambda: run("ddp", grad_accum=2))
     record("ddp_ep", lambda: run("ddp-ep", expert_parallel=True))
     record("fsdp_resume", fsdp_resume)
     distributed.shutdown()
@@ -212,6 +213,7 @@ def _final_weights(folder):
 
 @pytest.mark.parametrize("name", ["ddp", "ddp_ep", "fsdp"])
 def test_two_ranks_match_one_process(multi, name):
+    """ddp and fsdp run 2 micro-batches per rank (gradient sync on the last only), ddp_ep one."""
     out, reference, *_ = multi
     res = _scenario(multi, name)
     assert [r["step"] for r in res["records"]] == list(range(1, STEPS + 1))
@@ -257,6 +259,23 @@ def test_fsdp_sharded_checkpoint_resumes_and_loads_into_one_process(multi):
     for key, value in final.items():
         assert torch.equal(model.state_dict()[key], value), key
     assert all(float(s["step"]) == STEPS for s in opt.state.values())
+
+
+def test_distributed_options_without_a_process_group_are_refused():
+    from bam_model import distributed
+    from bam_model.expert_parallel import ExpertParallelMoE
+    from bam_model.nn import MoE
+
+    model = torch.nn.Linear(4, 4)
+    assert distributed.prepare(model) is model
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        distributed.prepare(model, "zero3")
+    with pytest.raises(ValueError, match="strategy=fsdp needs a torch.distributed process group"):
+        distributed.prepare(model, "fsdp")
+    with pytest.raises(ValueError, match="expert_parallel needs a torch.distributed process group"):
+        distributed.prepare(model, expert_parallel=True)
+    with pytest.raises(ValueError, match="expert parallelism needs an initialised torch.distributed"):
+        ExpertParallelMoE(MoE(8, 8, 2))
 
 
 # --- kill -9 and damaged checkpoints -------------------------------------------------------------
