@@ -116,7 +116,7 @@ def _store_out(o_ptr, ou_ptr, lse_ptr, mix_ptr, out_u, lse, b64, t, e, h, row_ok
 @triton.jit
 def _fwd(
     q_ptr, k_ptr, v_ptr, mix_ptr, kvlen_ptr, o_ptr, ou_ptr, lse_ptr, wso_ptr, wsl_ptr,
-    T, S, E, H, Hkv, G, Gq, R, chunk, qk_scale,
+    B, T, S, E, H, Hkv, G, Gq, R, chunk, qk_scale,
     stride_qb, stride_qt, stride_qe, stride_qh, stride_kb, stride_ks, stride_ke, stride_kh,
     stride_vb, stride_vs, stride_ve, stride_vh, stride_mb, stride_mt, stride_me,
     T_KEY, S_KEY,
@@ -124,12 +124,17 @@ def _fwd(
     SAVE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bg = tl.program_id(1)
+    # One flat grid (CUDA caps the 2nd and 3rd grid dimensions at 65535): row tiles vary fastest,
+    # so the programs that read one KV head run together and share it in L2.
+    M_total = T * Gq
+    n_m = tl.cdiv(M_total, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % n_m
+    pid_bg = (pid // n_m) % (B * G)
+    split = pid // (n_m * B * G)
     b = pid_bg // G
     g = pid_bg % G
     b64 = b.to(tl.int64)
-    M_total = T * Gq
     m0 = pid_m * BLOCK_M
     rows, t, e, h = _rows(m0, g, Gq, R, Hkv, BLOCK_M)
     row_ok = rows < M_total
@@ -153,7 +158,7 @@ def _fwd(
         hi = tl.minimum(hi, t_last + shift + 1)
         full = tl.minimum(hi, t_first + shift + 1)
     if SPLIT:
-        lo = tl.program_id(2) * chunk
+        lo = split * chunk
         hi = tl.minimum(hi, lo + chunk)
         full = tl.minimum(full, hi)
     full = tl.maximum(full, lo)
@@ -172,7 +177,7 @@ def _fwd(
     if SPLIT:
         # Partial over this chunk of keys; an empty chunk has weight exp2(-inf) = 0 in _combine.
         lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-        ws_rows = (tl.program_id(2) * tl.num_programs(1) + pid_bg).to(tl.int64) * M_total + rows
+        ws_rows = (split * B * G + pid_bg).to(tl.int64) * M_total + rows
         tl.store(wsl_ptr + ws_rows, lse, mask=row_ok)
         tl.store(wso_ptr + ws_rows[:, None] * HEAD_DIM + offs_d[None, :], out_u,
                  mask=row_ok[:, None] & d_ok[None, :])
@@ -185,16 +190,17 @@ def _fwd(
 @triton.jit
 def _combine(
     wso_ptr, wsl_ptr, mix_ptr, o_ptr, ou_ptr, lse_ptr,
-    T, E, H, Hkv, G, Gq, R, num_splits, stride_mb, stride_mt, stride_me,
+    B, T, E, H, Hkv, G, Gq, R, num_splits, stride_mb, stride_mt, stride_me,
     HEAD_DIM: tl.constexpr, SAVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Merge the per-chunk partials of the split forward: weights exp2(lse_chunk - lse_max)."""
-    pid_m = tl.program_id(0)
-    pid_bg = tl.program_id(1)
+    M_total = T * Gq
+    n_m = tl.cdiv(M_total, BLOCK_M)
+    pid_m = tl.program_id(0) % n_m
+    pid_bg = tl.program_id(0) // n_m
     b = pid_bg // G
     g = pid_bg % G
-    M_total = T * Gq
-    BG = tl.num_programs(1)
+    BG = B * G
     rows, t, e, h = _rows(pid_m * BLOCK_M, g, Gq, R, Hkv, BLOCK_M)
     row_ok = rows < M_total
     offs_d = tl.arange(0, BLOCK_D)
@@ -280,7 +286,7 @@ def _dkdv_rows(dk, dv, k, v, q_ptr, do_ptr, mix_ptr, lse_ptr, dp_ptr, b64, m_lo,
 @triton.jit
 def _bwd_dkdv(
     q_ptr, k_ptr, v_ptr, mix_ptr, kvlen_ptr, do_ptr, lse_ptr, dp_ptr, dk_ptr, dv_ptr,
-    T, S, E, H, Hkv, G, Gq, R, sm_scale, qk_scale,
+    B, T, S, E, H, Hkv, G, Gq, R, sm_scale, qk_scale,
     stride_qb, stride_qt, stride_qe, stride_qh, stride_kb, stride_ks, stride_ke, stride_kh,
     stride_vb, stride_vs, stride_ve, stride_vh, stride_mb, stride_mt, stride_me,
     T_KEY, S_KEY,
@@ -288,8 +294,9 @@ def _bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK, dV of one key tile of KV head g, written in the contiguous [B, S, G, Dh] layout."""
-    pid_n = tl.program_id(0)
-    pid_bg = tl.program_id(1)
+    n_n = tl.cdiv(S, BLOCK_N)
+    pid_n = tl.program_id(0) % n_n
+    pid_bg = tl.program_id(0) // n_n
     b = pid_bg // G
     g = pid_bg % G
     b64 = b.to(tl.int64)
@@ -362,7 +369,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, s_lo, s_hi, kv_len, t, shif
 @triton.jit
 def _bwd_dq(
     q_ptr, k_ptr, v_ptr, mix_ptr, kvlen_ptr, do_ptr, lse_ptr, dp_ptr, dq_ptr,
-    T, S, E, H, Hkv, G, Gq, R, sm_scale, qk_scale,
+    B, T, S, E, H, Hkv, G, Gq, R, sm_scale, qk_scale,
     stride_qb, stride_qt, stride_qe, stride_qh, stride_kb, stride_ks, stride_ke, stride_kh,
     stride_vb, stride_vs, stride_ve, stride_vh, stride_mb, stride_mt, stride_me,
     T_KEY, S_KEY,
@@ -370,8 +377,9 @@ def _bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dQ of one packed row tile, written in the contiguous [B, T, E, H, Dh] layout."""
-    pid_m = tl.program_id(0)
-    pid_bg = tl.program_id(1)
+    n_m = tl.cdiv(T * Gq, BLOCK_M)
+    pid_m = tl.program_id(0) % n_m
+    pid_bg = tl.program_id(0) // n_m
     b = pid_bg // G
     g = pid_bg % G
     b64 = b.to(tl.int64)
@@ -510,11 +518,11 @@ def forward(q, k, v, mix, kv_lens, causal: bool, scale: float, save: bool, split
     dummy = o
     common = dict(HEAD_DIM=Dh, CAUSAL=causal, HAS_KVLEN=kv_lens is not None, SAVE=save,
                   PRECISION=_precision(q.dtype), BLOCK_D=max(16, triton.next_power_of_2(Dh)))
-    args = (T, S, E, H, Hkv, G, Gq, R)
+    args = (B, T, S, E, H, Hkv, G, Gq, R)
     strides = _strides(q, k, v, mix, expert_kv)
     kvl = kv_lens if kv_lens is not None else dummy
     if splits <= 1:
-        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), B * G, 1)
+        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * B * G,)
         fwd[grid](q, k, v, mix, kvl, o, ou if save else dummy, lse if save else dummy, dummy, dummy,
                   *args, S, scale * LOG2E, *strides, _bucket(T), _bucket(S), SPLIT=False, **common)
         return o, ou, lse
@@ -522,13 +530,13 @@ def forward(q, k, v, mix, kv_lens, causal: bool, scale: float, save: bool, split
     splits = triton.cdiv(S, chunk)
     ws_o = empty((splits, B * G, rows, Dh), device=q.device, dtype=torch.float32)
     ws_lse = empty((splits, B * G, rows), device=q.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), B * G, splits)
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * B * G * splits,)
     fwd_decode[grid](q, k, v, mix, kvl, dummy, dummy, dummy, ws_o, ws_lse,
                      *args, chunk, scale * LOG2E, *strides, _bucket(T), _bucket(S), SPLIT=True, **common)
     block_m = 16 if interpreting() else 32
-    _combine[(triton.cdiv(rows, block_m), B * G)](
+    _combine[(triton.cdiv(rows, block_m) * B * G,)](
         ws_o, ws_lse, mix, o, ou if save else dummy, lse if save else dummy,
-        T, E, H, Hkv, G, Gq, R, splits, mix.stride(0), mix.stride(1), mix.stride(2),
+        B, T, E, H, Hkv, G, Gq, R, splits, mix.stride(0), mix.stride(1), mix.stride(2),
         HEAD_DIM=Dh, SAVE=save, BLOCK_M=block_m, BLOCK_D=common["BLOCK_D"])
     return o, ou, lse
 
@@ -548,12 +556,12 @@ def backward(do, q, k, v, mix, kv_lens, ou, lse, causal: bool, scale: float):
     dk = empty(k.shape, device=k.device, dtype=k.dtype)
     dv = empty(v.shape, device=v.device, dtype=v.dtype)
     kvl = kv_lens if kv_lens is not None else dq
-    args = (T, S, E, H, Hkv, G, Gq, R, scale, scale * LOG2E, *_strides(q, k, v, mix, expert_kv),
+    args = (B, T, S, E, H, Hkv, G, Gq, R, scale, scale * LOG2E, *_strides(q, k, v, mix, expert_kv),
             _bucket(T), _bucket(S))
     common = dict(HEAD_DIM=Dh, CAUSAL=causal, HAS_KVLEN=kv_lens is not None, PRECISION=_precision(q.dtype),
                   BLOCK_D=block_d)
-    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * G)
+    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]) * B * G,)
     bwd_dkdv[grid](q, k, v, mix, kvl, do, lse, dp, dk, dv, *args, **common)
-    grid = lambda meta: (triton.cdiv(T * Gq, meta["BLOCK_M"]), B * G)
+    grid = lambda meta: (triton.cdiv(T * Gq, meta["BLOCK_M"]) * B * G,)
     bwd_dq[grid](q, k, v, mix, kvl, do, lse, dp, dq, *args, **common)
     return dq, dk, dv, dp
