@@ -109,24 +109,56 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-class _MoATriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, mix, kv_lens, causal, scale):
-        from ._triton import attention as kernels
-        save = any(ctx.needs_input_grad[:4])
-        o, o_unmixed, lse = kernels.forward(q, k, v, mix, kv_lens, causal, scale, save)
-        if save:
-            ctx.save_for_backward(q, k, v, mix, kv_lens, o_unmixed, lse)
-        ctx.causal, ctx.scale = causal, scale
-        return o
+@torch.library.custom_op("bam::moa_attention", mutates_args=())
+def _moa_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix: torch.Tensor,
+                kv_lens: torch.Tensor | None, causal: bool, scale: float,
+                save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(o, o before the mix, log-sum-exp); the last two are empty unless ``save``."""
+    from ._triton import attention as kernels
+    o, o_unmixed, lse = kernels.forward(q, k, v, mix, kv_lens, causal, scale, save)
+    if not save:
+        o_unmixed, lse = q.new_empty(0), q.new_empty(0, dtype=torch.float32)
+    return o, o_unmixed, lse
 
-    @staticmethod
-    def backward(ctx, do):
-        from ._triton import attention as kernels
-        q, k, v, mix, kv_lens, o_unmixed, lse = ctx.saved_tensors
-        dq, dk, dv, dp_BTEH = kernels.backward(do, q, k, v, mix, kv_lens, o_unmixed, lse, ctx.causal, ctx.scale)
-        dmix = dp_BTEH.sum(-1).to(mix.dtype) if ctx.needs_input_grad[3] else None
-        return dq, dk, dv, dmix, None, None, None
+
+@_moa_triton.register_fake
+def _(q, k, v, mix, kv_lens, causal, scale, save):
+    if not save:
+        return torch.empty_like(q), q.new_empty(0), q.new_empty(0, dtype=torch.float32)
+    return torch.empty_like(q), torch.empty_like(q), q.new_empty(q.shape[:4], dtype=torch.float32)
+
+
+@torch.library.custom_op("bam::moa_attention_backward", mutates_args=())
+def _moa_triton_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix: torch.Tensor,
+                         kv_lens: torch.Tensor | None, o_unmixed: torch.Tensor, lse: torch.Tensor, causal: bool,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dmix)."""
+    from ._triton import attention as kernels
+    dq, dk, dv, dp_BTEH = kernels.backward(do, q, k, v, mix, kv_lens, o_unmixed, lse, causal, scale)
+    return dq, dk, dv, dp_BTEH.sum(-1).to(mix.dtype)
+
+
+@_moa_triton_backward.register_fake
+def _(do, q, k, v, mix, kv_lens, o_unmixed, lse, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(mix)
+
+
+def _moa_setup(ctx, inputs, output):
+    q, k, v, mix, kv_lens, ctx.causal, ctx.scale, _save = inputs
+    _o, o_unmixed, lse = output
+    ctx.save_for_backward(q, k, v, mix, kv_lens, o_unmixed, lse)
+
+
+def _moa_grad(ctx, do, _do_unmixed, _dlse):
+    q, k, v, mix, kv_lens, o_unmixed, lse = ctx.saved_tensors
+    dq, dk, dv, dmix = torch.ops.bam.moa_attention_backward(do.contiguous(), q, k, v, mix, kv_lens, o_unmixed, lse,
+                                                             ctx.causal, ctx.scale)
+    need = ctx.needs_input_grad
+    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, dmix if need[3] else None,
+            None, None, None, None)
+
+
+torch.library.register_autograd("bam::moa_attention", _moa_grad, setup_context=_moa_setup)
 
 
 def moa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix: torch.Tensor, causal: bool = True,
@@ -140,7 +172,8 @@ def moa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix: torch.
     ``Dh ** -0.5``. kv_lens [B] (integer, optional) counts the valid keys of each row; keys past it
     are ignored. Causal masking aligns the last query with the last valid key: query t sees key s
     iff s <= t + kv_lens[b] - T. A query that sees no key gets zeros. Differentiable in q, k, v and
-    mix; the Triton backward is deterministic.
+    mix; the Triton backward is deterministic. The Triton path is the custom op
+    ``torch.ops.bam.moa_attention`` and the torch path plain torch ops, so torch.compile traces both.
     """
     _check_moa(q, k, v, mix, causal, scale, kv_lens)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -154,4 +187,5 @@ def moa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix: torch.
         raise ValueError(f"q has head dim {q.shape[-1]}; the triton backend supports up to {MAX_HEAD_DIM}")
     if kv_lens is not None:
         kv_lens = kv_lens.to(device=q.device, dtype=torch.int32).contiguous()
-    return _MoATriton.apply(_unit_stride(q), _unit_stride(k), _unit_stride(v), mix, kv_lens, causal, scale)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, mix))
+    return _moa_triton(_unit_stride(q), _unit_stride(k), _unit_stride(v), mix, kv_lens, causal, scale, save)[0]

@@ -57,3 +57,30 @@ def test_backward_runs_on_the_forward_backend():
     x_ref = x.detach().double().requires_grad_()
     bk.reference.moe_mlp(x_ref, gate_up.double(), down.double(), weights.double(), experts).sum().backward()
     torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck_moa_attention():
+    B, T, S, E, H, Hkv, Dh = 2, 5, 9, 2, 4, 2, 16
+    q = torch.randn(B, T, E, H, Dh, requires_grad=True)
+    k = torch.randn(B, S, Hkv, Dh, requires_grad=True)
+    v = torch.randn(B, S, Hkv, Dh, requires_grad=True)
+    mix = torch.softmax(torch.randn(B, T, E), -1).requires_grad_()
+    kv_lens = torch.tensor([9, 6], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.bam.moa_attention, (q, k, v, mix, kv_lens, True, Dh ** -0.5, True))
+    torch.library.opcheck(torch.ops.bam.moa_attention, (q, k, v, mix, None, False, 0.3, True))
+
+
+@pytest.mark.parametrize("shared_kv", [True, False])
+def test_torch_compile_mixture_of_attention_one_graph(shared_kv):
+    from bam_model.nn import MixtureOfAttention
+    torch._dynamo.reset()
+    moa = MixtureOfAttention(32, n_heads=4, n_kv_heads=2, num_experts=3, shared_kv=shared_kv)
+    compiled = torch.compile(moa, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 7, 32)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_eager = moa(x1)
+    y_eager.sum().backward()
+    y_comp = compiled(x2)
+    y_comp.sum().backward()
+    torch.testing.assert_close(y_comp, y_eager)
+    torch.testing.assert_close(x2.grad, x1.grad)
