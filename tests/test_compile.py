@@ -84,3 +84,23 @@ def test_torch_compile_mixture_of_attention_one_graph(shared_kv):
     y_comp.sum().backward()
     torch.testing.assert_close(y_comp, y_eager)
     torch.testing.assert_close(x2.grad, x1.grad)
+
+
+@pytest.mark.parametrize("attention", ["expert-kv", "shared-kv"])
+def test_torch_compile_whole_bam_model_one_graph(attention):
+    from bam_model.config import BamConfig
+    from bam_model.model import BamLM
+    torch._dynamo.reset()
+    model = BamLM(BamConfig(vocab_size=97, dim=36, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=52,
+                            num_experts=3, top_k=2, attention=attention))
+    x = torch.randint(0, 97, (2, 9))
+    ref = model(x, labels=x)
+    ref.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    out = torch.compile(model, fullgraph=True, backend="aot_eager")(x, labels=x)
+    out.loss.backward()
+    torch.testing.assert_close(out.logits, ref.logits)
+    torch.testing.assert_close(out.loss, ref.loss)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], msg=n)
