@@ -7,9 +7,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _route_topk_fwd(logits_ptr, w_ptr, idx_ptr, T, E, stride_t,
-                    K: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+def _softmax_rows(logits_ptr, T, E, stride_t, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Softmax in fp32 over the E logits of this program's BLOCK_T rows."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
     row_ok = rows < T
@@ -20,6 +19,14 @@ def _route_topk_fwd(logits_ptr, w_ptr, idx_ptr, T, E, stride_t,
     x = x - tl.max(x, axis=1)[:, None]
     num = tl.where(cols[None, :] < E, tl.exp(x), 0.0)
     p = num / tl.sum(num, axis=1)[:, None]
+    return rows, cols, row_ok, mask, p
+
+
+@triton.jit
+def _route_topk_fwd(logits_ptr, w_ptr, idx_ptr, T, E, stride_t,
+                    K: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    rows, cols, row_ok, mask, p = _softmax_rows(logits_ptr, T, E, stride_t, BLOCK_T, BLOCK_E)
     # Taken experts are marked -1 so a later pass cannot pick them again (p >= 0 otherwise).
     live = tl.where(mask, p, -1.0)
     slots = tl.arange(0, BLOCK_K)
@@ -43,16 +50,7 @@ def _route_topk_fwd(logits_ptr, w_ptr, idx_ptr, T, E, stride_t,
 @triton.jit
 def _route_topk_bwd(logits_ptr, w_ptr, idx_ptr, dw_ptr, dlogits_ptr, T, E, stride_t, stride_dt,
                     K: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_E)
-    row_ok = rows < T
-    mask = row_ok[:, None] & (cols[None, :] < E)
-    x = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_t + cols[None, :], mask=mask,
-                other=-float("inf")).to(tl.float32)
-    x = tl.where(row_ok[:, None], x, 0.0)  # rows past T: finite values, never stored
-    x = x - tl.max(x, axis=1)[:, None]
-    num = tl.where(cols[None, :] < E, tl.exp(x), 0.0)
-    p = num / tl.sum(num, axis=1)[:, None]
+    rows, cols, row_ok, mask, p = _softmax_rows(logits_ptr, T, E, stride_t, BLOCK_T, BLOCK_E)
     out = rows.to(tl.int64) * K
     # With renormalisation w_s = p_s / S, so dL/dp_s = (dw_s - sum_r dw_r w_r) / S.
     shift = tl.zeros((BLOCK_T,), tl.float32)
