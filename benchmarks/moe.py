@@ -40,8 +40,13 @@ def _transformers_block(moe: MoE, implementation: str):
                         num_experts_per_tok=moe.top_k, router_jitter_noise=0.0)
     cfg._experts_implementation = implementation
     p = next(moe.parameters())
-    block = MixtralSparseMoeBlock(cfg).to(device=p.device, dtype=p.dtype)
-    block.load_state_dict(moe.state_dict())
+    try:
+        block = MixtralSparseMoeBlock(cfg).to(device=p.device, dtype=p.dtype)
+        block.load_state_dict(moe.state_dict())
+    except (AttributeError, KeyError, RuntimeError, TypeError, ValueError) as err:
+        # Another transformers release (other layout or experts implementations): leave the peer out.
+        print(f"  transformers' Mixtral block ({implementation}) left out: {str(err).splitlines()[0][:160]}")
+        return None
     return block
 
 
