@@ -40,27 +40,47 @@ def _segments(offs_E: torch.Tensor):
         start = end
 
 
+_native_gmm: dict = {}
+
+
+def _gmm(a: torch.Tensor, b: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """Per-expert matmuls over row groups, in one call.
+
+    b [E, K, N]: rows ``offs[e-1]:offs[e]`` of a [M, K] times b[e] -> [M, N].
+    b [M, N] (2-D): a [K, M] with its columns grouped -> [E, K, N], ``a[:, rows] @ b[rows]``.
+    Rows past ``offs[-1]`` give zeros; an expert without rows gives zeros. torch._grouped_mm where
+    this torch has it for the device and dtype (one parallel region instead of one per expert,
+    which matters on a busy CPU), else a loop over the experts.
+    """
+    key = (a.device.type, a.dtype)
+    if _native_gmm.get(key, True) and hasattr(torch, "_grouped_mm"):
+        try:
+            out = torch._grouped_mm(a, b, offs_E)
+            _native_gmm[key] = True
+            return _zero_tail(out, offs_E) if b.dim() == 3 else out
+        except (RuntimeError, NotImplementedError):
+            _native_gmm[key] = False
+    if b.dim() == 3:
+        out = a.new_zeros(a.shape[0], b.shape[2])
+        for e, lo, hi in _segments(offs_E):
+            torch.mm(a[lo:hi], b[e], out=out[lo:hi])
+        return out
+    out = a.new_zeros(offs_E.numel(), a.shape[0], b.shape[1])
+    for e, lo, hi in _segments(offs_E):
+        torch.mm(a[:, lo:hi], b[lo:hi], out=out[e])
+    return out
+
+
 def _zero_tail(t_M, offs_E):
     """Zero the rows past the last offset (none when every id was valid)."""
     end = int(offs_E[-1]) if offs_E.numel() else 0
-    t_M[end:].zero_()
+    if end < t_M.shape[0]:
+        t_M[end:].zero_()
     return t_M
 
 
-def _zero_idle_experts(w_E, offs_E):
-    start = 0
-    for e, end in enumerate(offs_E.tolist()):
-        if end == start:
-            w_E[e].zero_()
-        start = end
-    return w_E
-
-
 def _grouped_mm_torch(x_MK, w_ENK, offs_E):
-    y_MN = x_MK.new_zeros(x_MK.shape[0], w_ENK.shape[1])
-    for e, a, b in _segments(offs_E):
-        torch.mm(x_MK[a:b], w_ENK[e].T, out=y_MN[a:b])
-    return y_MN
+    return _gmm(x_MK, w_ENK.transpose(1, 2), offs_E.to(torch.int32))
 
 
 def _grouped_mm_triton(x_MK, w_ENK, offs_E):
@@ -100,12 +120,11 @@ def _grouped_mm_backward_op(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, 
             dw = torch.empty(w.shape, device=w.device, dtype=w.dtype)
             launch_wgrad(dy, x, dw, dw.stride(), N, K, offs)
         return dx, dw
+    offs = offs.to(torch.int32)
     if need_dx:
-        dx = _grouped_mm_torch(dy, w.transpose(1, 2), offs)
+        dx = _gmm(dy, w, offs)
     if need_dw:
-        dw = torch.zeros(w.shape, device=w.device, dtype=w.dtype)
-        for e, a, b in _segments(offs):
-            torch.mm(dy[a:b].T, x[a:b], out=dw[e])
+        dw = _gmm(dy.T, x, offs)
     return dx, dw
 
 
@@ -172,54 +191,40 @@ def _check_moe_mlp(x, gate_up_proj, down_proj, weights, experts):
 
 
 def _moe_fwd_torch(x_TD, gate_up_E2FD, down_EDF, weights_TK, experts_TK, save_pre):
-    """CPU path: one gather, per-expert GEMMs on contiguous row blocks."""
+    """CPU path: one gather, then grouped matmuls over the expert-sorted rows."""
     T, D = x_TD.shape
-    E, F2, _ = gate_up_E2FD.shape
-    plan = routing_plan(experts_TK, E)
+    plan = routing_plan(experts_TK, gate_up_E2FD.shape[0])
     tok = plan.sorted_tokens
     w_M = weights_TK.reshape(-1)[plan.sorted_slots].to(x_TD.dtype)
-    xs_MD = x_TD.index_select(0, tok)
-    pre_M2F = x_TD.new_empty(tok.numel(), F2)
-    # Every row below the last offset is written; rows past it (unchecked bad ids) stay zero.
-    y_MD = _zero_tail(x_TD.new_empty(tok.numel(), D), plan.offsets)
-    for e, a, b in _segments(plan.offsets):
-        torch.mm(xs_MD[a:b], gate_up_E2FD[e].T, out=pre_M2F[a:b])
-        gate, up = pre_M2F[a:b].chunk(2, dim=1)
-        torch.mm(F.silu(gate) * up, down_EDF[e].T, out=y_MD[a:b])
+    pre_M2F = _gmm(x_TD.index_select(0, tok), gate_up_E2FD.transpose(1, 2), plan.offsets)
+    gate, up = pre_M2F.chunk(2, dim=1)
+    y_MD = _gmm(F.silu(gate) * up, down_EDF.transpose(1, 2), plan.offsets)
     y_MD.mul_(w_M[:, None])
     out_TD = x_TD.new_zeros(T, D).index_add_(0, tok, y_MD)
     return out_TD, (pre_M2F if save_pre else pre_M2F[:0]), plan.sorted_slots, plan.offsets
 
 
 def _moe_bwd_torch(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F, slots_M, offs_E):
-    """Hand-written backward: autograd through ``w[e]`` would materialise a full-size zero
-    gradient per expert."""
+    """Hand-written backward (autograd through ``w[e]`` would materialise a full-size zero
+    gradient per expert); SwiGLU's activations are recomputed from the saved pre-activations."""
     k = weights_TK.shape[1]
     tok = slots_M // k
     w_M = weights_TK.reshape(-1)[slots_M].to(x_TD.dtype)
     dy_MD = dout_TD.index_select(0, tok)
     xs_MD = x_TD.index_select(0, tok)
-    dxs_MD = _zero_tail(torch.empty_like(xs_MD), offs_E)
-    d_pre_M2F = torch.empty_like(pre_M2F)
-    dw_M = x_TD.new_zeros(tok.numel())
-    # Written expert by expert below; only experts without rows need their zeros filled in.
-    d_gate_up = _zero_idle_experts(torch.empty_like(gate_up_E2FD), offs_E)
-    d_down = _zero_idle_experts(torch.empty_like(down_EDF), offs_E)
     Fh = pre_M2F.shape[1] // 2
-    for e, a, b in _segments(offs_E):
-        gate, up = pre_M2F[a:b].chunk(2, dim=1)
-        silu = F.silu(gate)
-        act = silu * up
-        d_act = dy_MD[a:b] @ down_EDF[e]
-        dw_M[a:b] = (d_act * act).sum(1)
-        torch.mm((dy_MD[a:b] * w_M[a:b, None]).T, act, out=d_down[e])
-        d_act.mul_(w_M[a:b, None])
-        d_pre = d_pre_M2F[a:b]
-        torch.mul(d_act, silu, out=d_pre[:, Fh:])
-        torch.ops.aten.silu_backward.grad_input(d_act.mul_(up), gate, grad_input=d_pre[:, :Fh])
-        torch.mm(d_pre.T, xs_MD[a:b], out=d_gate_up[e])
-        torch.mm(d_pre, gate_up_E2FD[e], out=dxs_MD[a:b])
-    dx_TD = torch.zeros_like(x_TD).index_add_(0, tok, dxs_MD)
+    gate, up = pre_M2F.chunk(2, dim=1)
+    silu = F.silu(gate)
+    act = silu * up
+    d_act = _gmm(dy_MD, down_EDF, offs_E)
+    dw_M = (d_act * act).sum(1)
+    d_down = _gmm((dy_MD * w_M[:, None]).T, act, offs_E)
+    d_act.mul_(w_M[:, None])
+    d_pre = torch.empty_like(pre_M2F)
+    torch.mul(d_act, silu, out=d_pre[:, Fh:])
+    torch.ops.aten.silu_backward.grad_input(d_act.mul_(up), gate, grad_input=d_pre[:, :Fh])
+    d_gate_up = _gmm(d_pre.T, xs_MD, offs_E)
+    dx_TD = torch.zeros_like(x_TD).index_add_(0, tok, _gmm(d_pre, gate_up_E2FD, offs_E))
     d_weights = torch.zeros_like(weights_TK).view(-1)
     d_weights[slots_M] = dw_M.to(weights_TK.dtype)
     return dx_TD, d_gate_up, d_down, d_weights.view_as(weights_TK)

@@ -249,3 +249,36 @@ def test_autotuning_trials_leave_no_stale_partial_sums(monkeypatch):
     assert fake_bench.calls >= 6  # every epilogue was autotuned over both configs
     for name, a, b in zip(["x", "gate_up_proj", "down_proj", "weights"], leaves, leaves64):
         assert rel(a.grad, b.grad) < 1e-5, name
+
+
+@pytest.mark.parametrize("op", ["grouped_mm", "moe_mlp"])
+def test_torch_path_without_native_grouped_mm(monkeypatch, op):
+    """The CPU path's per-expert loop, used where torch._grouped_mm is missing or refuses a dtype."""
+    from bam_kernels import experts
+    monkeypatch.setitem(experts._native_gmm, ("cpu", torch.float32), False)
+    if op == "grouped_mm":
+        offs = random_offsets(57, 5, empty=(1,), tail=4)
+        x = torch.randn(57, 19, requires_grad=True)
+        w = torch.randn(5, 23, 19, requires_grad=True)
+        x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        with bk.use_backend("torch"):
+            y = bk.grouped_mm(x, w, offs)
+        ref = reference.grouped_mm(x64, w64, offs)
+        dy = torch.randn(57, 23, dtype=torch.float64)
+        y.backward(dy.float())
+        ref.backward(dy)
+        pairs = [(y, ref), (x.grad, x64.grad), (w.grad, w64.grad)]
+        assert torch.all(w.grad[1] == 0) and torch.all(y[-4:] == 0)
+    else:
+        inputs = make_moe(33, 19, 23, 6, 2, empty=(3,))
+        leaves = [t.requires_grad_() for t in inputs[:4]] + [inputs[4]]
+        leaves64 = [t.detach().double().requires_grad_() for t in inputs[:4]] + [inputs[4]]
+        y = run_moe("torch", leaves)
+        ref = reference.moe_mlp(*leaves64)
+        dy = torch.randn(33, 19, dtype=torch.float64)
+        y.backward(dy.float())
+        ref.backward(dy)
+        pairs = [(y, ref)] + [(a.grad, b.grad) for a, b in zip(leaves[:4], leaves64[:4])]
+    for a, b in pairs:
+        assert rel(a, b) < 1e-5
+    assert experts._native_gmm[("cpu", torch.float32)] is False
