@@ -79,12 +79,11 @@ def _zero_tail(t_M, offs_E):
     return t_M
 
 
-def _unsort_sum(rows_MD, slots_M, T: int):
+def _unsort_sum(rows_MD, slots_M, T: int, k: int):
     """Rows in expert order back to (token, slot) order, then the k slots of each token summed:
     a permutation and a reduction, where index_add_ would serialise on repeated tokens."""
-    k = slots_M.numel() // max(T, 1)
     by_slot = torch.empty_like(rows_MD).index_copy_(0, slots_M, rows_MD)
-    return by_slot.view(T, k, -1).sum(1) if k > 1 else by_slot.view(T, -1)
+    return by_slot.view(T, k, rows_MD.shape[1]).sum(1)
 
 
 def _grouped_mm_torch(x_MK, w_ENK, offs_E):
@@ -208,7 +207,7 @@ def _moe_fwd_torch(x_TD, gate_up_E2FD, down_EDF, weights_TK, experts_TK, save_pr
     gate, up = pre_M2F.chunk(2, dim=1)
     y_MD = _gmm(F.silu(gate) * up, down_EDF.transpose(1, 2), plan.offsets)
     y_MD.mul_(w_M[:, None])
-    return _unsort_sum(y_MD, plan.sorted_slots, T), (pre_M2F if save_pre else pre_M2F[:0]), \
+    return _unsort_sum(y_MD, plan.sorted_slots, T, experts_TK.shape[1]), (pre_M2F if save_pre else pre_M2F[:0]), \
         plan.sorted_slots, plan.offsets
 
 
@@ -232,7 +231,7 @@ def _moe_bwd_torch(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F, s
     torch.mul(d_act, silu, out=d_pre[:, Fh:])
     torch.ops.aten.silu_backward.grad_input(d_act.mul_(up), gate, grad_input=d_pre[:, :Fh])
     d_gate_up = _gmm(d_pre.T, xs_MD, offs_E)
-    dx_TD = _unsort_sum(_gmm(d_pre, gate_up_E2FD, offs_E), slots_M, x_TD.shape[0])
+    dx_TD = _unsort_sum(_gmm(d_pre, gate_up_E2FD, offs_E), slots_M, x_TD.shape[0], k)
     d_weights = torch.zeros_like(weights_TK).view(-1)
     d_weights[slots_M] = dw_M.to(weights_TK.dtype)
     return dx_TD, d_gate_up, d_down, d_weights.view_as(weights_TK)
