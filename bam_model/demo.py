@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import from_pretrained
-from .config import BamConfig, DenseConfig
-from .data import DOMAINS, eval_windows, load_tokenizer, tokens, parse_data_spec
+from .config import BamConfig, DenseConfig, load_config
+from .data import DOMAINS, eval_windows, load_tokenizer, parse_data_spec, tokens
 from .evaluate import evaluate
 from .model import DenseLM
 from .train import FINAL_MODEL, TrainConfig, train
@@ -64,15 +64,15 @@ class DemoConfig:
     ffn_dim: int = 352
     seq_len: int = 128
     batch_size: int = 16
-    seed_steps: int = 200
-    expert_steps: int = 80
-    mix_steps: int = 80
+    seed_steps: int = 600
+    expert_steps: int = 250
+    mix_steps: int = 250
     seed_lr: float = 2e-3
     expert_lr: float = 1e-3
     mix_lr: float = 1e-3
     expert_domains: tuple[str, ...] = ("code", "math", "legal")
     general_fraction: float = 0.1
-    eval_windows: int | None = 48
+    eval_windows: int | None = 64
     diagnostic_windows: int = 8
     seed: int = 0
 
@@ -100,8 +100,8 @@ class DemoConfig:
 
 FULL = DemoConfig()
 QUICK = DemoConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, seq_len=64, batch_size=16,
-                   seed_steps=80, expert_steps=30, mix_steps=25, seed_lr=3e-3, expert_lr=1.5e-3, mix_lr=1.5e-3,
-                   eval_windows=24, diagnostic_windows=4)
+                   seed_steps=250, expert_steps=100, mix_steps=80, seed_lr=3e-3, expert_lr=1.5e-3, mix_lr=1.5e-3,
+                   eval_windows=32, diagnostic_windows=4)
 
 
 # --- data and cost ------------------------------------------------------------------------------
@@ -170,7 +170,10 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class _Run:
+class PhaseRunner:
+    """Trains, reuses and evaluates the models of one demo folder (also used by the ablation script
+    in docs/demo)."""
+
     def __init__(self, cfg: DemoConfig, out: Path, device: torch.device, progress: bool, log):
         self.cfg, self.out, self.device, self.progress, self.log = cfg, out, device, progress, log
         self.tokenizer = load_tokenizer()
@@ -263,7 +266,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, device: str | None = No
     _write_json_atomic(settings, dataclasses.asdict(cfg))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t_start = time.perf_counter()
-    run = _Run(cfg, out, device, progress, log)
+    run = PhaseRunner(cfg, out, device, progress, log)
     tok = run.tokenizer
     dense_cfg = DenseConfig(vocab_size=tok.get_vocab_size(), dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
                             n_kv_heads=cfg.n_kv_heads, ffn_dim=cfg.ffn_dim, max_seq_len=cfg.seq_len,
@@ -283,7 +286,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, device: str | None = No
 
     ppl = {"seed": run.perplexity(seed, cfg.eval_windows)}
     diag = run.details
-    diag["expert_ppl"] = {m.config.domain: run.perplexity(m, cfg.diagnostic_windows) for m in experts}
+    diag["expert_ppl"] = {m.config.domain: run.perplexity(m, cfg.eval_windows) for m in experts}
     diag["init_ppl"], diag["router_use"] = {}, {}
     data = mixture_data(cfg.expert_domains)
     inits = {}
@@ -293,7 +296,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, device: str | None = No
             upcycle(seed, experts, router_seed=cfg.seed, **kwargs).save_pretrained(str(init_path))
         inits[name] = init_path
         model = from_pretrained(str(init_path), device=device)
-        diag["init_ppl"][name] = run.perplexity(model, cfg.diagnostic_windows)
+        diag["init_ppl"][name] = run.perplexity(model, cfg.eval_windows)
         model = run.trained(f"mix/{name}/train", lambda m=model: m, data, cfg.mix_steps, cfg.mix_lr)
         ppl[name] = run.perplexity(model, cfg.eval_windows)
         if name.startswith("bam"):
@@ -312,9 +315,9 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, device: str | None = No
     _write_json_atomic(out / "details.json", diag)
     table = format_table(results, diag)
     _write_text_atomic(out / "table.md", table)
-    plot_perplexity(results, out / "perplexity.png")
-    plot_router_use(diag["router_use"], {n: _experts_names(from_pretrained(str(inits[n])).config)
-                                         for n in diag["router_use"]}, out / "router_use.png")
+    plot_perplexity(results, cfg.expert_domains, out / "perplexity.png")
+    plot_router_use(diag["router_use"], {n: _experts_names(load_config(str(inits[n]))) for n in diag["router_use"]},
+                    out / "router_use.png")
     log(table)
     log(f"wrote {out / 'results.json'}, table.md, perplexity.png, router_use.png, details.json "
         f"in {diag['seconds']:.0f} s")
@@ -323,34 +326,41 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, device: str | None = No
 
 # --- reporting ----------------------------------------------------------------------------------
 
+def expert_domain_avg(row: dict, expert_domains) -> float:
+    """Mean perplexity over the expert domains (where the mixtures' experts differ)."""
+    return sum(row[d] for d in expert_domains) / len(expert_domains)
+
+
 def format_table(results: dict, details: dict) -> str:
-    """A markdown table like the paper's Table 1: perplexity per domain (lower is better), with
-    each mixture's training steps, tokens and training FLOPs."""
+    """A markdown table like the paper's Table 1: perplexity per domain (lower is better), the mean
+    over all domains ("avg") and over the expert domains, with each model's training steps, tokens
+    and training FLOPs."""
     ppl = results["perplexity"]
+    experts = details["config"]["expert_domains"]
     cols = [d for d in ppl["seed"] if d != "avg"] + ["avg"]
     phase = {"seed": "seed", **{m: f"mix/{m}/train" for m in METHODS if m != "seed"}}
-    head = "| method | " + " | ".join(cols) + " | steps | tokens | train FLOPs |"
-    lines = [head, "|" + "---|" * (len(cols) + 4)]
+    head = ("| method | " + " | ".join(cols) + f" | avg {'/'.join(experts)} | steps | tokens | train FLOPs |")
+    lines = [head, "|" + "---|" * (len(cols) + 5)]
     for m in METHODS:
         info = details["phases"][phase[m]]
-        cells = " | ".join(f"{ppl[m][c]:.2f}" for c in cols)
+        cells = " | ".join(f"{ppl[m][c]:.2f}" for c in cols) + f" | {expert_domain_avg(ppl[m], experts):.2f}"
         lines.append(f"| {m} | {cells} | {info['steps']} | {info['tokens']:,} | {info['train_flops']:.3g} |")
     return "\n".join(lines) + "\n"
 
 
-def plot_perplexity(results: dict, path: Path) -> None:
+def plot_perplexity(results: dict, expert_domains, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ppl = results["perplexity"]
     cols = [d for d in ppl["seed"] if d != "avg"] + ["avg"]
-    fig, ax = plt.subplots(figsize=(11, 4.5))
+    fig, ax = plt.subplots(figsize=(12, 4.5))
     width = 0.8 / len(METHODS)
     for i, m in enumerate(METHODS):
-        xs = [j + (i - (len(METHODS) - 1) / 2) * width for j in range(len(cols))]
-        ax.bar(xs, [ppl[m][c] for c in cols], width, label=m)
-    ax.set_xticks(range(len(cols)), cols)
+        xs = [j + (i - (len(METHODS) - 1) / 2) * width for j in range(len(cols) + 1)]
+        ax.bar(xs, [ppl[m][c] for c in cols] + [expert_domain_avg(ppl[m], expert_domains)], width, label=m)
+    ax.set_xticks(range(len(cols) + 1), cols + [f"avg {'/'.join(expert_domains)}"])
     ax.set_yscale("log")
     ax.set_ylabel("held-out perplexity (log scale, lower is better)")
     ax.set_title("bam demo: per-domain perplexity (cm = compute-matched to BTX)")
