@@ -146,10 +146,15 @@ def _(do, q, k, v, mix, kv_lens, o_unmixed, lse, causal, scale):
 def _moa_setup(ctx, inputs, output):
     q, k, v, mix, kv_lens, ctx.causal, ctx.scale, _save = inputs
     _o, o_unmixed, lse = output
+    # The saved-for-backward outputs get no gradient: no zero tensors materialised for them.
+    ctx.mark_non_differentiable(o_unmixed, lse)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, mix, kv_lens, o_unmixed, lse)
 
 
 def _moa_grad(ctx, do, _do_unmixed, _dlse):
+    if do is None:
+        return (None,) * 8
     q, k, v, mix, kv_lens, o_unmixed, lse = ctx.saved_tensors
     dq, dk, dv, dmix = torch.ops.bam.moa_attention_backward(do.contiguous(), q, k, v, mix, kv_lens, o_unmixed, lse,
                                                              ctx.causal, ctx.scale)

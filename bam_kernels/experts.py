@@ -81,8 +81,11 @@ def _zero_tail(t_M, offs_E):
 
 def _unsort_sum(rows_MD, slots_M, T: int, k: int):
     """Rows in expert order back to (token, slot) order, then the k slots of each token summed:
-    a permutation and a reduction, where index_add_ would serialise on repeated tokens."""
-    by_slot = torch.empty_like(rows_MD).index_copy_(0, slots_M, rows_MD)
+    a permutation and a reduction, where index_add_ would serialise on repeated tokens. Rows past
+    the last offset (unchecked bad ids) are gathered like any other."""
+    row_of_slot = torch.empty_like(slots_M)
+    row_of_slot[slots_M] = torch.arange(slots_M.numel(), device=slots_M.device)
+    by_slot = rows_MD.index_select(0, row_of_slot)  # a gather: contiguous writes, parallel
     return by_slot.view(T, k, rows_MD.shape[1]).sum(1)
 
 
@@ -206,14 +209,16 @@ def _moe_fwd_torch(x_TD, gate_up_E2FD, down_EDF, weights_TK, experts_TK, save_pr
     pre_M2F = _gmm(x_TD.index_select(0, tok), gate_up_E2FD.transpose(1, 2), plan.offsets)
     gate, up = pre_M2F.chunk(2, dim=1)
     y_MD = _gmm(F.silu(gate) * up, down_EDF.transpose(1, 2), plan.offsets)
-    y_MD.mul_(w_M[:, None])
-    return _unsort_sum(y_MD, plan.sorted_slots, T, experts_TK.shape[1]), (pre_M2F if save_pre else pre_M2F[:0]), \
-        plan.sorted_slots, plan.offsets
+    out_TD = _unsort_sum(y_MD * w_M[:, None], plan.sorted_slots, T, experts_TK.shape[1])
+    if not save_pre:
+        pre_M2F, y_MD = x_TD.new_empty(0, pre_M2F.shape[1]), x_TD.new_empty(0, D)
+    return out_TD, pre_M2F, y_MD, plan.sorted_slots, plan.offsets
 
 
-def _moe_bwd_torch(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F, slots_M, offs_E):
+def _moe_bwd_torch(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F, y_MD, slots_M, offs_E):
     """Hand-written backward (autograd through ``w[e]`` would materialise a full-size zero
-    gradient per expert); SwiGLU's activations are recomputed from the saved pre-activations."""
+    gradient per expert). SwiGLU's activations are recomputed from the saved pre-activations; the
+    saved unweighted expert outputs give d(weights) over D columns instead of F."""
     k = weights_TK.shape[1]
     tok = slots_M // k
     w_M = weights_TK.reshape(-1)[slots_M].to(x_TD.dtype)
@@ -223,10 +228,10 @@ def _moe_bwd_torch(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F, s
     gate, up = pre_M2F.chunk(2, dim=1)
     silu = F.silu(gate)
     act = silu * up
+    dw_M = (dy_MD * y_MD).sum(1)
+    dy_MD.mul_(w_M[:, None])
     d_act = _gmm(dy_MD, down_EDF, offs_E)
-    dw_M = (d_act * act).sum(1)
-    d_down = _gmm((dy_MD * w_M[:, None]).T, act, offs_E)
-    d_act.mul_(w_M[:, None])
+    d_down = _gmm(dy_MD.T, act, offs_E)
     d_pre = torch.empty_like(pre_M2F)
     torch.mul(d_act, silu, out=d_pre[:, Fh:])
     torch.ops.aten.silu_backward.grad_input(d_act.mul_(up), gate, grad_input=d_pre[:, :Fh])
@@ -256,10 +261,10 @@ def _moe_fwd_triton(x_TD, gate_up_E2FD, down_EDF, weights_TK, experts_TK, save_p
                 row_map=slots, scatter_c=True, scale=w_flat)
     # The k slots of a token are summed here, not with atomics in the kernel: deterministic.
     out_TD = y_MD.view(T, k, D).sum(1) if k > 1 else y_MD.view(T, D)
-    return out_TD, pre_M2F, slots, plan.offsets
+    return out_TD, pre_M2F, x_TD.new_empty(0, 0), slots, plan.offsets
 
 
-def _moe_bwd_triton(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F, slots, offs):
+def _moe_bwd_triton(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F, _y_MD, slots, offs):
     from ._triton.grouped_gemm import MIN_BLOCK_N, SWIGLU_BWD, launch_gemm, launch_wgrad
     T, D = x_TD.shape
     E, F2, _ = gate_up_E2FD.shape
@@ -290,44 +295,52 @@ def _moe_bwd_triton(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F, 
 @torch.library.custom_op("bam::moe_mlp", mutates_args=())
 def _moe_mlp_op(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
                 experts: torch.Tensor, save_pre: bool,
-                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, pre-activations for backward or empty, sorted slots, expert offsets)."""
+                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, then for the backward: the [gate | up] pre-activations and, on the torch path, the
+    unweighted expert outputs, each empty unless ``save_pre``; sorted slots; expert offsets)."""
     fwd = _moe_fwd_triton if backend == "triton" else _moe_fwd_torch
-    y, pre, slots, offs = fwd(x, gate_up_proj, down_proj, weights, experts, save_pre)
+    y, pre, y_rows, slots, offs = fwd(x, gate_up_proj, down_proj, weights, experts, save_pre)
     # Custom ops may not return views of one another's storage or of inputs.
-    return y.contiguous() if y._base is not None else y, pre.clone() if pre._base is not None else pre, slots, offs
+    own = lambda t: t.clone() if t._base is not None else t
+    return own(y), own(pre), own(y_rows), slots, offs
 
 
 @_moe_mlp_op.register_fake
 def _(x, gate_up_proj, down_proj, weights, experts, save_pre, backend):
     M = experts.numel()
-    return (x.new_empty(x.shape), x.new_empty(M if save_pre else 0, gate_up_proj.shape[1]),
+    y_rows = x.new_empty(M if save_pre else 0, x.shape[1]) if backend != "triton" else x.new_empty(0, 0)
+    return (x.new_empty(x.shape), x.new_empty(M if save_pre else 0, gate_up_proj.shape[1]), y_rows,
             experts.new_empty(M, dtype=torch.int64), experts.new_empty(gate_up_proj.shape[0], dtype=torch.int32))
 
 
 @torch.library.custom_op("bam::moe_mlp_backward", mutates_args=())
 def _moe_mlp_backward_op(dout: torch.Tensor, x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                         weights: torch.Tensor, pre: torch.Tensor, slots: torch.Tensor,
+                         weights: torch.Tensor, pre: torch.Tensor, y_rows: torch.Tensor, slots: torch.Tensor,
                          offs: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, d_gate_up_proj, d_down_proj, d_weights)."""
     bwd = _moe_bwd_triton if backend == "triton" else _moe_bwd_torch
-    dx, dgu, dd, dw = bwd(dout.contiguous(), x, gate_up_proj, down_proj, weights, pre, slots, offs)
+    dx, dgu, dd, dw = bwd(dout.contiguous(), x, gate_up_proj, down_proj, weights, pre, y_rows, slots, offs)
     return dx.contiguous() if dx._base is not None else dx, dgu, dd, dw
 
 
 @_moe_mlp_backward_op.register_fake
-def _(dout, x, gate_up_proj, down_proj, weights, pre, slots, offs, backend):
+def _(dout, x, gate_up_proj, down_proj, weights, pre, y_rows, slots, offs, backend):
     return x.new_empty(x.shape), gate_up_proj.new_empty(gate_up_proj.shape), \
         down_proj.new_empty(down_proj.shape), weights.new_empty(weights.shape)
 
 
 def _moe_mlp_setup(ctx, inputs, output):
     x, gate_up_proj, down_proj, weights, _experts, _save_pre, ctx.backend = inputs
-    _y, pre, slots, offs = output
-    ctx.save_for_backward(x, gate_up_proj, down_proj, weights, pre, slots, offs)
+    _y, pre, y_rows, slots, offs = output
+    # The saved-for-backward outputs get no gradient: no zero tensors materialised for them.
+    ctx.mark_non_differentiable(pre, y_rows, slots, offs)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, gate_up_proj, down_proj, weights, pre, y_rows, slots, offs)
 
 
-def _moe_mlp_grad(ctx, dy, _dpre, _dslots, _doffs):
+def _moe_mlp_grad(ctx, dy, _dpre, _dy_rows, _dslots, _doffs):
+    if dy is None:
+        return (None,) * 7
     grads = torch.ops.bam.moe_mlp_backward(dy, *ctx.saved_tensors, ctx.backend)
     return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4])) + (None, None, None)
 

@@ -60,10 +60,13 @@ def _route_topk_setup(ctx, inputs, output):
     logits, _k, ctx.normalize, ctx.backend = inputs
     w, idx = output
     ctx.mark_non_differentiable(idx)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(logits, w, idx)
 
 
 def _route_topk_grad(ctx, dw, _didx):
+    if dw is None:
+        return None, None, None, None
     logits, w, idx = ctx.saved_tensors
     return torch.ops.bam.route_topk_backward(logits, w, idx, dw.contiguous(), ctx.normalize, ctx.backend), \
         None, None, None
