@@ -26,7 +26,9 @@ def time_ms(fn, device: str, quick: bool = False) -> dict:
         return {"ms": q[0], "p20_ms": q[1], "p80_ms": q[2]}
     from torch.utils.benchmark import Timer
     fn()  # warm-up
-    m = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.3 if quick else 1.0)
+    # Timer runs on one thread unless told otherwise; time on all the threads torch would use.
+    m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=0.3 if quick else 1.0)
     times = sorted(t * 1e3 for t in m.times)  # per call (raw_times are whole blocks of calls)
     n = len(times)
     return {"ms": statistics.median(times), "p20_ms": times[int(0.2 * (n - 1))], "p80_ms": times[int(0.8 * (n - 1))]}
