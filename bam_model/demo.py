@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -39,7 +40,7 @@ from .config import BamConfig, DenseConfig, load_config
 from .data import DOMAINS, eval_windows, load_tokenizer, parse_data_spec, tokens
 from .evaluate import evaluate
 from .model import DenseLM
-from .train import FINAL_MODEL, TrainConfig, train
+from .train import CHECKPOINTS, FINAL_MODEL, TrainConfig, train
 from .upcycle import branch, upcycle
 
 METHODS = ("seed", "btx", "sparse", "bam-expert-kv", "bam-shared-kv", "bam-expert-kv-cm", "bam-shared-kv-cm")
@@ -160,6 +161,7 @@ def _write_json_atomic(path: Path, obj) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(json.dumps(obj, indent=2) + "\n")
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -167,6 +169,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -205,6 +208,7 @@ class PhaseRunner:
                     "flops_per_token": flops_per_token(model.config, self.cfg.seq_len)}
             info["train_flops"] = 3 * info["flops_per_token"] * info["tokens"]
             _write_json_atomic(run / "done.json", info)
+            shutil.rmtree(run / CHECKPOINTS, ignore_errors=True)   # only needed to resume an unfinished phase
             self.log(f"[{name}] loss {info['final_loss']:.3f} in {info['seconds']:.0f} s")
         self.details["phases"][name] = info
         return model
@@ -412,6 +416,7 @@ def _save_figure(fig, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=".png")
     os.close(fd)
     fig.savefig(tmp, dpi=110)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 

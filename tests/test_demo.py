@@ -35,6 +35,7 @@ def test_every_phase_of_a_tiny_demo(tmp_path):
     phases = details["phases"]
     for domain in TINY.expert_domains:
         assert (out / "experts" / domain / "model" / "config.json").is_file()
+        assert not (out / "experts" / domain / "checkpoints").exists()      # dropped once a phase is done
         assert phases[f"experts/{domain}"]["data"] == expert_data(domain, TINY.general_fraction)
     btx = phases["mix/btx/train"]
     for cm in ("bam-expert-kv-cm", "bam-shared-kv-cm"):
