@@ -102,7 +102,7 @@ def run(device: str, quick: bool):
             do = torch.randn(q.shape, device=device, dtype=dtype)
             flops = fwd_flops * (3.5 if mode == "fwd+bwd" else 1.0)
             for pname, fn in providers.items():
-                def step(fn=fn):
+                def step(fn=fn, q=q, k=k, v=v, mix=mix, do=do, mode=mode):
                     if mode == "fwd":
                         with torch.no_grad():
                             fn(q, k, v, mix, True)
@@ -126,7 +126,7 @@ def run(device: str, quick: bool):
         for pname, fn in providers.items():
             # One query sees the whole cache: causal=False is the same function, and lets SDPA
             # and flash-attention run without a mask.
-            def step(fn=fn):
+            def step(fn=fn, q=q, k=k, v=v, mix=mix, T=T):
                 with torch.no_grad():
                     fn(q, k, v, mix, T > 1)
 

@@ -19,7 +19,7 @@ import bam_kernels as bk
 from bam_kernels import reference
 from bam_model.nn import MoE
 
-from .common import check_close, sync, time_ms
+from .common import check_close, time_ms
 
 # name, D, F, E, k, normalize
 GPU_CASES = [("bam-small", 1024, 4096, 4, 1, False), ("mixtral", 4096, 14336, 8, 2, True),
@@ -124,7 +124,7 @@ def run(device: str, quick: bool):
                     xin = x.clone().requires_grad_(mode == "fwd+bwd")
                     wrt = [xin, *module.parameters()]
 
-                    def step(module=module, xin=xin, wrt=wrt):
+                    def step(module=module, xin=xin, wrt=wrt, dy=dy, mode=mode):
                         if mode == "fwd":
                             with torch.no_grad():
                                 module(xin)

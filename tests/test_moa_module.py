@@ -1,6 +1,5 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
 import bam_kernels as bk
 from bam_model.nn import KVCache, MixtureOfAttention
