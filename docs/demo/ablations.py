@@ -26,7 +26,7 @@ import torch
 from bam_model import from_pretrained
 from bam_model.config import config_from_dict
 from bam_model.data import DOMAINS
-from bam_model.demo import DemoConfig, PhaseRunner, flops_per_token, mixture_data
+from bam_model.demo import DemoConfig, PhaseRunner, expert_domain_avg, flops_per_token, mixture_data
 from bam_model.upcycle import upcycle
 
 VARIANTS = {  # name -> (upcycle arguments, router seeds)
@@ -77,12 +77,13 @@ def main(argv=None) -> None:
                      "perplexity": run.perplexity(model, cfg.eval_windows)})
         print(json.dumps(rows[-1]), flush=True)
     (out / "ablations.json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
-    lines = ["| variant | router seed | steps | avg after mixing | " + " | ".join(DOMAINS) + " | avg |",
-             "|" + "---|" * (len(DOMAINS) + 5)]
+    lines = ["| variant | router seed | steps | avg after mixing | " + " | ".join(DOMAINS)
+             + f" | avg | avg {'/'.join(cfg.expert_domains)} |", "|" + "---|" * (len(DOMAINS) + 6)]
     for r in rows:
         ppl = r["perplexity"]
         lines.append(f"| {r['variant']} | {r['router_seed']} | {r['steps']} | {r['init_avg']:.1f} | "
-                     + " | ".join(f"{ppl[d]:.2f}" for d in DOMAINS) + f" | {ppl['avg']:.2f} |")
+                     + " | ".join(f"{ppl[d]:.2f}" for d in DOMAINS)
+                     + f" | {ppl['avg']:.2f} | {expert_domain_avg(ppl, cfg.expert_domains):.2f} |")
     (out / "ablations.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
 
