@@ -206,9 +206,15 @@ def _moe_fwd_torch(x_TD, gate_up_E2FD, down_EDF, weights_TK, experts_TK, save_pr
     plan = routing_plan(experts_TK, gate_up_E2FD.shape[0])
     tok = plan.sorted_tokens
     w_M = weights_TK.reshape(-1)[plan.sorted_slots].to(x_TD.dtype)
-    pre_M2F = _gmm(x_TD.index_select(0, tok), gate_up_E2FD.transpose(1, 2), plan.offsets)
-    gate, up = pre_M2F.chunk(2, dim=1)
-    y_MD = _gmm(F.silu(gate) * up, down_EDF.transpose(1, 2), plan.offsets)
+    xs_MD = x_TD.index_select(0, tok)
+    # Expert by expert, so SwiGLU runs on the block its GEMM just wrote while it is still in cache
+    # (the whole [T*k, 2F] at once streams it through memory).
+    pre_M2F = _zero_tail(x_TD.new_empty(tok.numel(), gate_up_E2FD.shape[1]), plan.offsets)
+    y_MD = _zero_tail(x_TD.new_empty(tok.numel(), D), plan.offsets)
+    for e, lo, hi in _segments(plan.offsets):
+        torch.mm(xs_MD[lo:hi], gate_up_E2FD[e].T, out=pre_M2F[lo:hi])
+        gate, up = pre_M2F[lo:hi].chunk(2, dim=1)
+        torch.mm(F.silu(gate).mul_(up), down_EDF[e].T, out=y_MD[lo:hi])
     out_TD = _unsort_sum(y_MD * w_M[:, None], plan.sorted_slots, T, experts_TK.shape[1])
     if not save_pre:
         pre_M2F, y_MD = x_TD.new_empty(0, pre_M2F.shape[1]), x_TD.new_empty(0, D)
