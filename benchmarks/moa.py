@@ -21,7 +21,7 @@ import bam_kernels as bk
 from bam_kernels import reference
 from bam_kernels.attention import _stacked_heads, _unstack_heads
 
-from .common import check_close, sync, time_ms
+from .common import attempt, check_close, guarded, rate, sync
 
 # name, B, T, S, E, H, Hkv, Dh, expert_kv
 GPU_TRAIN = [("bam-small shared-kv", 4, 2048, 2048, 4, 8, 8, 128, False),
@@ -83,9 +83,9 @@ def _meta(B, T, S, E, H, Hkv, Dh, expert_kv, dtype):
 def _copy_row(nbytes: int, device: str, quick: bool, case: str):
     src = torch.empty(nbytes // 2, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    t = time_ms(lambda: dst.copy_(src), device, quick)
+    t = attempt(lambda: dst.copy_(src), device, quick)
     # A copy reads and writes: its bytes moved are twice the cache it stands in for.
-    return {"case": case, "provider": "copy", **t, "gbps": 2 * nbytes / t["ms"] / 1e6}
+    return {"case": case, "provider": "copy", **t, **rate(t, "gbps", 2 * nbytes / 1e9)}
 
 
 def run(device: str, quick: bool):
@@ -93,7 +93,6 @@ def run(device: str, quick: bool):
     dtype = torch.bfloat16 if gpu else torch.float32
     train, decode = (GPU_TRAIN, GPU_DECODE) if gpu else (CPU_TRAIN, CPU_DECODE)
     providers = _providers(device)
-    rows = []
     for name, B, T, S, E, H, Hkv, Dh, expert_kv in train:
         fwd_flops = 4 * B * T * S * E * H * Dh / 2  # causal: half the scores
         for mode in ("fwd", "fwd+bwd"):
@@ -109,13 +108,9 @@ def run(device: str, quick: bool):
                     else:
                         torch.autograd.grad(fn(q, k, v, mix, True), (q, k, v, mix), do)
 
-                try:
-                    t = time_ms(step, device, quick)
-                except (RuntimeError, NotImplementedError) as err:  # a peer without this dtype or size
-                    print(f"  {pname} skipped on {case}: {str(err).splitlines()[0][:120]}")
-                    continue
-                rows.append({"case": case, "provider": pname, **t, "tflops": flops / t["ms"] / 1e9,
-                             **_meta(B, T, S, E, H, Hkv, Dh, expert_kv, dtype)})
+                t = attempt(step, device, quick)
+                yield {"case": case, "provider": pname, **t, **rate(t, "tflops", flops / 1e12),
+                       **_meta(B, T, S, E, H, Hkv, Dh, expert_kv, dtype)}
             del q, k, v, mix, do
             if gpu:
                 torch.cuda.empty_cache()
@@ -130,13 +125,12 @@ def run(device: str, quick: bool):
                 with torch.no_grad():
                     fn(q, k, v, mix, T > 1)
 
-            t = time_ms(step, device, quick)
-            rows.append({"case": case, "provider": pname, **t, "gbps": kv_bytes / t["ms"] / 1e6,
-                         **_meta(B, T, S, E, H, Hkv, Dh, expert_kv, dtype)})
+            t = attempt(step, device, quick)
+            yield {"case": case, "provider": pname, **t, **rate(t, "gbps", kv_bytes / 1e9),
+                   **_meta(B, T, S, E, H, Hkv, Dh, expert_kv, dtype)}
         if gpu:
-            rows.append({**_copy_row(kv_bytes, device, quick, case), **_meta(B, T, S, E, H, Hkv, Dh, expert_kv, dtype)})
+            yield {**_copy_row(kv_bytes, device, quick, case), **_meta(B, T, S, E, H, Hkv, Dh, expert_kv, dtype)}
         del q, k, v, mix
-    return rows
 
 
 def _check_case(device, dtype, B, T, S, E, H, Hkv, Dh, expert_kv, causal, kv_lens, tol, seed=1):
@@ -184,17 +178,19 @@ def _check_int64(device):
 
 
 def check(device: str):
-    lines = []
+    case = lambda label, *args: guarded(f"moa_attention {label}", device, _check_case, device, *args)
     if device.startswith("cuda"):
         for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 1e-2)):
-            lines += _check_case(device, dtype, 2, 300, 300, 4, 4, 2, 128, False, True, None, tol)
-            lines += _check_case(device, dtype, 3, 77, 333, 4, 6, 2, 64, True, True, [333, 100, 77], tol)
-            lines += _check_case(device, dtype, 2, 129, 129, 2, 4, 4, 128, True, False, None, tol)
+            name = str(dtype).replace("torch.", "")
+            yield from case(f"{name} shared-kv", dtype, 2, 300, 300, 4, 4, 2, 128, False, True, None, tol)
+            yield from case(f"{name} expert-kv ragged", dtype, 3, 77, 333, 4, 6, 2, 64, True, True, [333, 100, 77], tol)
+            yield from case(f"{name} expert-kv not causal", dtype, 2, 129, 129, 2, 4, 4, 128, True, False, None, tol)
         # Decoding: one query against a long cache takes the split-KV path.
-        lines += _check_case(device, torch.bfloat16, 4, 1, 4096, 4, 8, 8, 128, False, True, [4096, 1000, 1, 2500], 1e-2)
-        lines += _check_case(device, torch.bfloat16, 2, 3, 3000, 4, 8, 2, 128, True, True, [3000, 17], 1e-2)
-        lines += _check_int64(device)
+        yield from case("bfloat16 decode", torch.bfloat16, 4, 1, 4096, 4, 8, 8, 128, False, True,
+                        [4096, 1000, 1, 2500], 1e-2)
+        yield from case("bfloat16 decode 3 queries", torch.bfloat16, 2, 3, 3000, 4, 8, 2, 128, True, True,
+                        [3000, 17], 1e-2)
+        yield from guarded("moa_attention bfloat16 int64", device, _check_int64, device)
     else:
-        lines += _check_case(device, torch.float32, 2, 100, 120, 4, 4, 2, 64, False, True, [120, 57], 1e-5)
-        lines += _check_case(device, torch.float32, 2, 1, 512, 4, 4, 2, 64, True, True, None, 1e-5)
-    return lines
+        yield from case("float32 shared-kv ragged", torch.float32, 2, 100, 120, 4, 4, 2, 64, False, True, [120, 57], 1e-5)
+        yield from case("float32 decode expert-kv", torch.float32, 2, 1, 512, 4, 4, 2, 64, True, True, None, 1e-5)

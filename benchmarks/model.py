@@ -16,7 +16,7 @@ import bam_kernels as bk
 from bam_model import DenseConfig, DenseLM
 from bam_model.upcycle import upcycle
 
-from .common import check_close, sync, time_ms
+from .common import attempt, check_close, guarded, rate, sync
 
 # vocab, dim, layers, heads, kv heads, ffn, experts
 GPU_MODEL = (32000, 1024, 8, 16, 4, 2816, 4)
@@ -73,33 +73,39 @@ def _check_cache(model, device: str, tol: float, label: str) -> str:
     return check_close(f"{label} cached decoding vs full forward", torch.cat(steps, 1), full, tol)
 
 
-def check(device: str) -> list[str]:
+def _check_bf16(model, device: str, vocab: int, label: str) -> list[str]:
+    x = torch.randint(0, vocab, (2, 37), device=device)
+    with torch.no_grad():
+        loss32 = model(x, labels=x).loss
+        loss16 = copy.deepcopy(model).to(torch.bfloat16)(x, labels=x).loss
+    return [check_close(f"{label} bfloat16 loss vs float32", loss16, loss32, 2e-2)]
+
+
+def _check_identical(dense, device: str, vocab: int) -> list[str]:
+    same = upcycle(dense, [dense, dense], attention="shared-kv", top_k=3).to(device)
+    x = torch.randint(0, vocab, (2, 19), device=device)
+    with torch.no_grad():
+        return [check_close("identical experts == dense float32", same(x).logits, dense(x).logits, 1e-4)]
+
+
+def check(device: str):
     """float32: the default backend against the reference ops (logits, loss, every gradient) and
     cached decoding against the full forward; bf16 (GPU): the loss against float32's; a mixture of
     identical models against the dense model."""
     size = (1000, 128, 2, 4, 2, 160, 4)
-    lines = []
     dense, mixes = _models(device, torch.float32, size)
     for attention, model in mixes.items():
-        lines += _check_backend(model, device, 1e-4, f"bam {attention} float32")
-        lines.append(_check_cache(model, device, 1e-4, f"bam {attention} float32"))
+        label = f"bam {attention} float32"
+        yield from guarded(f"{label} vs reference", device, _check_backend, model, device, 1e-4, label)
+        yield from guarded(f"{label} cache", device, lambda: [_check_cache(model, device, 1e-4, label)])
         if device.startswith("cuda"):
-            x = torch.randint(0, size[0], (2, 37), device=device)
-            with torch.no_grad():
-                loss32 = model(x, labels=x).loss
-                loss16 = copy.deepcopy(model).to(torch.bfloat16)(x, labels=x).loss
-            lines.append(check_close(f"bam {attention} bfloat16 loss vs float32", loss16, loss32, 2e-2))
-    same = upcycle(dense, [dense, dense], attention="shared-kv", top_k=3).to(device)
-    x = torch.randint(0, size[0], (2, 19), device=device)
-    with torch.no_grad():
-        lines.append(check_close("identical experts == dense float32", same(x).logits, dense(x).logits, 1e-4))
-    return lines
+            yield from guarded(f"bam {attention} bfloat16", device, _check_bf16, model, device, size[0], f"bam {attention}")
+    yield from guarded("identical experts", device, _check_identical, dense, device, size[0])
 
 
 def _train_rows(device, dtype, size, batches, quick):
     dense, mixes = _models(device, dtype, size)
     V, D, L, H, Hkv, Fh, E = size
-    rows = []
     for B, T in batches:
         x = torch.randint(0, V, (B, T), device=device)
         providers = [("dense", dense, None)]
@@ -115,18 +121,16 @@ def _train_rows(device, dtype, size, batches, quick):
                     with bk.use_backend(backend):
                         model(x, labels=x).loss.backward()
 
-            t = time_ms(step, device, quick)
-            rows.append({"case": case, "provider": pname, **t, "tokens_per_s": B * T / t["ms"] * 1e3,
-                         "dtype": str(dtype).replace("torch.", ""), "B": B, "T": T, "D": D, "layers": L,
-                         "experts": E, "params": sum(p.numel() for p in model.parameters())})
+            t = attempt(step, device, quick)
+            yield {"case": case, "provider": pname, **t, **rate(t, "tokens_per_s", B * T),
+                   "dtype": str(dtype).replace("torch.", ""), "B": B, "T": T, "D": D, "layers": L,
+                   "experts": E, "params": sum(p.numel() for p in model.parameters())}
             model.zero_grad(set_to_none=True)
-    return rows
 
 
 def _generate_rows(device, dtype, size, cases, quick):
     dense, mixes = _models(device, dtype, size)
     V, D, L, H, Hkv, Fh, E = size
-    rows = []
     for B, P, N in cases:
         prompt = torch.randint(0, V, (B, P), device=device)
         case = f"generate B={B} prompt={P} new={N} D={D} L={L} E={E}"
@@ -135,20 +139,18 @@ def _generate_rows(device, dtype, size, cases, quick):
             with torch.no_grad():
                 model(prompt, cache=cache)
             cache_bytes = sum(cache.layer(i)[0].numel() * cache.layer(i)[0].element_size() * 2 for i in range(L))
-            t = time_ms(lambda model=model: model.generate(prompt, N), device, quick)
+            t = attempt(lambda model=model: model.generate(prompt, N), device, quick)
             sync(device)
-            rows.append({"case": case, "provider": pname, **t, "tokens_per_s": B * N / t["ms"] * 1e3,
-                         "kv_cache_bytes_per_token": cache_bytes // (B * P),
-                         "dtype": str(dtype).replace("torch.", ""), "B": B, "prompt": P, "new_tokens": N})
-    return rows
+            yield {"case": case, "provider": pname, **t, **rate(t, "tokens_per_s", B * N),
+                   "kv_cache_bytes_per_token": cache_bytes // (B * P),
+                   "dtype": str(dtype).replace("torch.", ""), "B": B, "prompt": P, "new_tokens": N}
 
 
-def run(device: str, quick: bool) -> list[dict]:
+def run(device: str, quick: bool):
     gpu = device.startswith("cuda")
     dtype = torch.bfloat16 if gpu else torch.float32
     size = GPU_MODEL if gpu else CPU_MODEL
     train = GPU_TRAIN if gpu else CPU_TRAIN
     gen = GPU_GEN if gpu else CPU_GEN
-    rows = _train_rows(device, dtype, size, train, quick)
-    rows += _generate_rows(device, dtype, size, gen[:1] if quick else gen, quick)
-    return rows
+    yield from _train_rows(device, dtype, size, train, quick)
+    yield from _generate_rows(device, dtype, size, gen[:1] if quick else gen, quick)

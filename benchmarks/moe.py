@@ -19,7 +19,7 @@ import bam_kernels as bk
 from bam_kernels import reference
 from bam_model.nn import MoE
 
-from .common import check_close, time_ms
+from .common import attempt, check_close, guarded, rate
 
 # name, D, F, E, k, normalize
 GPU_CASES = [("bam-small", 1024, 4096, 4, 1, False), ("mixtral", 4096, 14336, 8, 2, True),
@@ -107,7 +107,6 @@ def run(device: str, quick: bool):
     dtype = torch.bfloat16 if gpu else torch.float32
     cases = GPU_CASES if gpu else CPU_CASES
     token_counts = GPU_TOKENS[:2] if (gpu and quick) else (GPU_TOKENS if gpu else CPU_TOKENS)
-    rows = []
     for name, D, Fh, E, k, normalize in cases:
         torch.manual_seed(0)
         moe = MoE(D, Fh, E, top_k=k, normalize=normalize, device=device, dtype=dtype)
@@ -132,13 +131,9 @@ def run(device: str, quick: bool):
                             # autograd.grad, not backward: no .grad accumulation inside the timing.
                             torch.autograd.grad(module(xin), wrt, dy)
 
-                    try:
-                        t = time_ms(step, device, quick)
-                    except (RuntimeError, NotImplementedError) as err:  # a peer without this dtype/device
-                        print(f"  {pname} skipped on {case}: {str(err).splitlines()[0][:120]}")
-                        continue
-                    rows.append({"case": case, "provider": pname, **t, "tflops": total / t["ms"] / 1e9,
-                                 "dtype": str(dtype).replace("torch.", ""), "T": T, "D": D, "F": Fh, "E": E, "k": k})
+                    t = attempt(step, device, quick)
+                    yield {"case": case, "provider": pname, **t, **rate(t, "tflops", total / 1e12),
+                           "dtype": str(dtype).replace("torch.", ""), "T": T, "D": D, "F": Fh, "E": E, "k": k}
                 if gpu:
                     fwd, leaves = _dense_equivalent(T, D, Fh, k, dtype, device)
                     g1 = torch.randn(T * k, 2 * Fh, device=device, dtype=dtype)
@@ -152,15 +147,14 @@ def run(device: str, quick: bool):
                             o1, o2 = fwd()
                             torch.autograd.grad([o1, o2], leaves, [g1, g2])
 
-                    t = time_ms(dense_step, device, quick)
-                    rows.append({"case": case, "provider": "dense-matmul", **t, "tflops": total / t["ms"] / 1e9,
-                                 "dtype": str(dtype).replace("torch.", ""), "T": T, "D": D, "F": Fh, "E": E, "k": k})
+                    t = attempt(dense_step, device, quick)
+                    yield {"case": case, "provider": "dense-matmul", **t, **rate(t, "tflops", total / 1e12),
+                           "dtype": str(dtype).replace("torch.", ""), "T": T, "D": D, "F": Fh, "E": E, "k": k}
                     del leaves
             del x, dy
         del moe, providers
         if gpu:
             torch.cuda.empty_cache()
-    return rows
 
 
 def _check_ops(device: str, dtype, T, D, Fh, E, k, tol, vs: str = "reference"):
@@ -184,7 +178,7 @@ def _check_ops(device: str, dtype, T, D, Fh, E, k, tol, vs: str = "reference"):
         rlogits = logits.double().requires_grad_()
         rw, ridx = reference.route_topk(rlogits, k)
         if not torch.equal(ridx, idx.cpu()):
-            raise AssertionError("route_topk picked other experts than the reference")
+            lines.append(f"FAIL route_topk T={T} E={E} k={k}: picked other experts than the reference")
         ry = reference.moe_mlp(*ref, rw, ridx)
         ry.backward(dy.double())
     else:
@@ -223,15 +217,16 @@ def _check_grouped_mm(device, dtype, tol):
 
 
 def check(device: str):
-    lines = []
     if device.startswith("cuda"):
         for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 1e-2)):
-            lines += _check_ops(device, dtype, 1023, 264, 392, 9, 2, tol)
-            lines += _check_grouped_mm(device, dtype, tol)
-        lines += _check_ops(device, torch.bfloat16, 4099, 1032, 520, 128, 8, 1e-2)
+            name = str(dtype).replace("torch.", "")
+            yield from guarded(f"moe_mlp {name}", device, _check_ops, device, dtype, 1023, 264, 392, 9, 2, tol)
+            yield from guarded(f"grouped_mm {name}", device, _check_grouped_mm, device, dtype, tol)
+        yield from guarded("moe_mlp bfloat16 E=128 k=8", device, _check_ops, device, torch.bfloat16,
+                           4099, 1032, 520, 128, 8, 1e-2)
         # int64 indexing: 140k tokens x k 8 x D 2048 passes 2^31 elements in the gathered rows.
-        lines += _check_ops(device, torch.bfloat16, 140_000, 2048, 256, 16, 8, 1e-2, vs="torch")
+        yield from guarded("moe_mlp bfloat16 int64", device, _check_ops, device, torch.bfloat16,
+                           140_000, 2048, 256, 16, 8, 1e-2, vs="torch")
     else:
-        lines += _check_ops(device, torch.float32, 257, 72, 136, 8, 2, 1e-5)
-        lines += _check_grouped_mm(device, torch.float32, 1e-5)
-    return lines
+        yield from guarded("moe_mlp float32", device, _check_ops, device, torch.float32, 257, 72, 136, 8, 2, 1e-5)
+        yield from guarded("grouped_mm float32", device, _check_grouped_mm, device, torch.float32, 1e-5)

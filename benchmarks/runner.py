@@ -11,8 +11,11 @@ import importlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
+import time
+import traceback
 
 import torch
 
@@ -54,19 +57,28 @@ def _atomic_write(path: str, text: str | bytes) -> None:
     os.replace(tmp, path)
 
 
-def markdown(rows: list[dict], env: dict) -> str:
+def markdown(result: dict) -> str:
+    env, rows = result["environment"], result["rows"]
     lines = [f"# bam-bench on {env['device_name']} ({env['device']})", "",
              f"torch {env['torch']}, triton {env['triton']}, bam {env['bam']}", ""]
-    suites = []
-    for r in rows:
-        if r["suite"] not in suites:
-            suites.append(r["suite"])
+    checks = result.get("checks", [])
+    failed = [c for c in checks if _failed(c)]
+    if checks:
+        lines += [f"Correctness checks on this device: {len(checks) - len(failed)} of {len(checks)} passed"
+                  f" (every line is in the JSON).", ""]
+        lines += [f"- {c}" for c in failed] + ([""] if failed else [])
+    if result.get("errors"):
+        lines += ["Errors:", ""] + [f"- {e}" for e in result["errors"]] + [""]
+    suites = list(dict.fromkeys(r["suite"] for r in rows))
     for suite in suites:
         srows = [r for r in rows if r["suite"] == suite]
         lines += [f"## {suite}", "", "| case | provider | ms | p20-p80 ms | rate | vs first |",
                   "|---|---|---:|---|---:|---:|"]
         first = {}
         for r in srows:
+            if "ms" not in r:
+                lines.append(f"| {r['case']} | {r['provider']} | failed | | {r.get('error', '')} | |")
+                continue
             base = first.setdefault(r["case"], r["ms"])
             rate = (f"{r['tflops']:.2f} TFLOP/s" if "tflops" in r else
                     f"{r['gbps']:.1f} GB/s" if "gbps" in r else
@@ -78,7 +90,14 @@ def markdown(rows: list[dict], env: dict) -> str:
     return "\n".join(lines)
 
 
+def _failed(line: str) -> bool:
+    return line.split(": ", 1)[-1].startswith("FAIL")
+
+
 def plot(rows: list[dict], path: str) -> None:
+    rows = [r for r in rows if "ms" in r]
+    if not rows:
+        return
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -104,6 +123,82 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+class Results:
+    """Check lines, rows and errors of one run, saved (JSON and markdown, atomically) after each."""
+
+    def __init__(self, env: dict, json_path: str):
+        self.data = {"environment": env, "checks": [], "rows": [], "errors": []}
+        self.json_path = json_path
+
+    def add(self, kind: str, item) -> None:
+        self.data[kind].append(item)
+        self.save()
+
+    def save(self) -> None:
+        _atomic_write(self.json_path, json.dumps(self.data, indent=1))
+        _atomic_write(self.json_path[:-len(".json")] + ".md", markdown(self.data))
+
+    def failed(self) -> bool:
+        return bool(self.data["errors"]) or any(_failed(c) for c in self.data["checks"])
+
+
+def _in_process(suites: list[str], device: str, args, results: Results) -> None:
+    """All the suites' checks first, then their timings, in this process."""
+    modules = {s: importlib.import_module(f"benchmarks.{s}") for s in suites}
+    if not args.no_check:
+        for s, mod in modules.items():
+            try:
+                for line in mod.check(device):
+                    print(f"[check {s}] {line}", flush=True)
+                    results.add("checks", f"{s}: {line}")
+            except Exception as err:  # noqa: BLE001 - a check that crashed outside its guarded cases
+                msg = f"{s}: FAIL checks stopped: {type(err).__name__}: {err}"
+                print(f"[check {s}] {msg}", flush=True)
+                results.add("checks", msg)
+    for s, mod in modules.items():
+        start = time.perf_counter()
+        try:
+            for row in mod.run(device, args.quick):
+                row = {"suite": s, **row}
+                shown = f"{row['ms']:9.3f} ms" if "ms" in row else f"failed: {row.get('error', '')}"
+                print(f"[{s}] {row['case']:<40} {row['provider']:<24} {shown}", flush=True)
+                results.add("rows", row)
+        except Exception:  # noqa: BLE001 - the rows so far are kept; the traceback goes into the results
+            tb = traceback.format_exc()
+            print(tb, flush=True)
+            results.add("errors", f"{s}: timings stopped: {tb.strip().splitlines()[-1]}")
+        print(f"[{s}] {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def _isolated(suites: list[str], device: str, args, results: Results) -> None:
+    """Each suite in its own process, so that a crash, a hang or a broken CUDA context in one
+    suite costs that suite alone; a suite past ``--suite-timeout`` is stopped with what it saved."""
+    with tempfile.TemporaryDirectory(prefix="bam-bench-") as tmp:
+        for s in suites:
+            part = os.path.join(tmp, f"{s}.json")
+            cmd = [sys.executable, "-m", "benchmarks.runner", s, "--device", device, "--no-isolate",
+                   "--out", tmp, "--json", part] + (["--quick"] if args.quick else []) + \
+                  (["--no-check"] if args.no_check else [])
+            start = time.perf_counter()
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            try:
+                code = subprocess.run(cmd, env=env, timeout=args.suite_timeout).returncode
+                status = None if code in (0, 1) else f"{s}: the suite's process exited with code {code}"
+            except subprocess.TimeoutExpired:
+                status = f"{s}: stopped after {args.suite_timeout:.0f} s (--suite-timeout); what it measured is kept"
+            print(f"[{s}] {time.perf_counter() - start:.0f} s", flush=True)
+            if os.path.exists(part):
+                with open(part) as f:
+                    data = json.load(f)
+                results.data["checks"] += data["checks"]
+                results.data["rows"] += data["rows"]
+                results.data["errors"] += data["errors"]
+            if status:
+                print(status, flush=True)
+                results.data["errors"].append(status)
+            results.save()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bam-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,6 +208,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     p.add_argument("--out", default=RESULTS, help="folder for the JSON, markdown and PNG results")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="run each suite in its own process (default: on CUDA with several suites)")
+    p.add_argument("--suite-timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop an isolated suite after this long, keeping what it measured")
+    p.add_argument("--json", default=None, help=argparse.SUPPRESS)  # an isolated suite's results file
     args = p.parse_args(argv)
     available = _available_suites()
     suites = available if args.all else args.suites
@@ -121,41 +221,32 @@ def main(argv=None) -> int:
     for s in suites:
         if s not in available:
             p.error(f"unknown suite {s!r}; available: {', '.join(available)}")
+    if args.suite_timeout is not None and args.suite_timeout <= 0:
+        p.error(f"--suite-timeout must be a positive number of seconds, got {args.suite_timeout}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda asked for, but torch sees no CUDA device")
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False
+    isolate = args.isolate if args.isolate is not None else (device.startswith("cuda") and len(suites) > 1)
     env = environment(device)
     print(f"bam-bench on {env['device_name']} ({device}); torch {env['torch']}, triton {env['triton']}",
           flush=True)
-    modules = {s: importlib.import_module(f"benchmarks.{s}") for s in suites}
-    checks = []
-    if not args.no_check:
-        for s, mod in modules.items():
-            for line in mod.check(device):
-                print(f"[check {s}] {line}", flush=True)
-                checks.append(f"{s}: {line}")
-    rows = []
-    for s, mod in modules.items():
-        for row in mod.run(device, args.quick):
-            row = {"suite": s, **row}
-            print(f"[{s}] {row['case']:<40} {row['provider']:<24} {row['ms']:9.3f} ms", flush=True)
-            rows.append(row)
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     tag = "cuda" if device.startswith("cuda") else "cpu"
     safe = "".join(c if c.isalnum() else "-" for c in env["device_name"]).strip("-").lower()[:40] or tag
-    base = os.path.join(args.out, f"{tag}-{safe}-{'-'.join(suites)}-{stamp}")
-    _atomic_write(base + ".json", json.dumps({"environment": env, "checks": checks, "rows": rows}, indent=1))
-    table = markdown(rows, env)
-    _atomic_write(base + ".md", table)
-    if rows:
-        plot(rows, base + ".png")
-    print()
-    print(table)
-    print(f"wrote {base}.json, .md, .png")
-    return 0
+    json_path = args.json or os.path.join(args.out, f"{tag}-{safe}-{'-'.join(suites)}-{stamp}.json")
+    results = Results(env, json_path)
+    results.save()
+    (_isolated if isolate else _in_process)(suites, device, args, results)
+    if args.json is None:
+        base = json_path[:-len(".json")]
+        plot(results.data["rows"], base + ".png")
+        print()
+        print(markdown(results.data))
+        print(f"wrote {base}.json, .md, .png")
+    return 1 if results.failed() else 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The one prepared command for a lent GPU machine (run from the repository root, with the
+# machine's own torch and triton): the machine's facts, then every bam-bench suite, each in its
+# own process with a time limit, checks on the GPU first, then timings. Results (JSON, markdown,
+# PNG, the log) go to $OUT (the device tool's folder) or benchmarks/results.
+#   device run: bash scripts/gpu_session.sh            (timeout_s 600)
+set -u
+out=${OUT:-benchmarks/results}
+suite_timeout=${SUITE_TIMEOUT:-170}
+mkdir -p "$out"
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+  python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__,
+'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} 2>&1 | tee "$out/machine.txt"
+set -o pipefail
+PYTHONPATH=. PYTHONUNBUFFERED=1 python3 -m benchmarks.runner --all --device cuda --out "$out" \
+  --suite-timeout "$suite_timeout" 2>&1 | tee "$out/log.txt"

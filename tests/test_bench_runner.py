@@ -1,0 +1,80 @@
+"""bam-bench's runner: results saved as they come, failures recorded without ending the run."""
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+
+from benchmarks import runner
+from benchmarks.common import attempt, check_close, guarded
+
+
+def _fake_suite():
+    mod = types.ModuleType("benchmarks.fake")
+
+    def check(device):
+        yield "op a: rel err 1e-7 (tol 1e-05)"
+        yield from guarded("op b", device, lambda: [check_close("op b out", torch.ones(3), torch.zeros(3) + 2, 1e-5)])
+        yield from guarded("op c", device, lambda: 1 / 0)
+        yield "op d: rel err 2e-7 (tol 1e-05)"  # after the failures: still run
+
+    def run(device, quick):
+        yield {"case": "c1", "provider": "bam", **attempt(lambda: None, device, quick=True)}
+        yield {"case": "c1", "provider": "peer", **attempt(lambda: torch.ones(2) @ torch.ones(3), device, True)}
+        raise RuntimeError("suite crashed half-way")
+
+    mod.check, mod.run = check, run
+    return mod
+
+
+def test_failures_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "benchmarks.fake", _fake_suite())
+    monkeypatch.setattr(runner, "_available_suites", lambda: ["fake"])
+    code = runner.main(["fake", "--device", "cpu", "--out", str(tmp_path)])
+    assert code == 1
+    (path,) = tmp_path.glob("*.json")
+    data = json.loads(path.read_text())
+    checks = data["checks"]
+    assert len(checks) == 4 and checks[0].startswith("fake: op a") and checks[3].startswith("fake: op d")
+    assert checks[1].startswith("fake: FAIL op b out: relative error")
+    assert checks[2] == "fake: FAIL op c: ZeroDivisionError: division by zero"
+    bam, peer = data["rows"]
+    assert bam["provider"] == "bam" and bam["ms"] >= 0 and bam["p20_ms"] <= bam["p80_ms"]
+    assert peer["provider"] == "peer" and "ms" not in peer and peer["error"].startswith("RuntimeError")
+    assert len(data["errors"]) == 1 and "suite crashed half-way" in data["errors"][0]
+    md = path.with_suffix(".md").read_text()
+    assert "2 of 4 passed" in md and "FAIL op c" in md and "| c1 | peer | failed |" in md
+    assert path.with_suffix(".png").exists()
+
+
+def test_a_clean_run_exits_zero(tmp_path, monkeypatch):
+    mod = types.ModuleType("benchmarks.clean")
+    mod.check = lambda device: iter(["op: rel err 0 (tol 1e-05)"])
+    mod.run = lambda device, quick: iter([{"case": "c", "provider": "bam", "ms": 1.0}])
+    monkeypatch.setitem(sys.modules, "benchmarks.clean", mod)
+    monkeypatch.setattr(runner, "_available_suites", lambda: ["clean"])
+    assert runner.main(["clean", "--device", "cpu", "--out", str(tmp_path)]) == 0
+
+
+@pytest.mark.slow
+def test_isolated_suite_stopped_at_its_timeout_keeps_a_valid_result(tmp_path):
+    """A suite past --suite-timeout is killed; the run reports it, exits 1 and leaves valid files."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.runner", "moe", "--device", "cpu", "--isolate",
+                           "--suite-timeout", "3", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    (path,) = tmp_path.glob("*.json")
+    data = json.loads(path.read_text())
+    assert any("stopped after 3 s" in e for e in data["errors"])
+    assert "stopped after 3 s" in path.with_suffix(".md").read_text()
+
+
+def test_bad_arguments_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        runner.main(["nosuch", "--device", "cpu"])
+    assert "unknown suite 'nosuch'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        runner.main(["moe", "--device", "cpu", "--suite-timeout", "0"])
+    assert "--suite-timeout must be a positive" in capsys.readouterr().err
