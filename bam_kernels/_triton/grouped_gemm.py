@@ -215,8 +215,9 @@ def _gemm_configs(epilogue: int):
         # Two fp32 accumulators (gate and up) per program: half the columns of the plain tiles.
         return [cfg(128, 128, 64, 8, 3), cfg(128, 64, 64, 8, 4), cfg(128, 64, 64, 4, 3), cfg(64, 64, 64, 4, 4)]
     if epilogue == SWIGLU_BWD:
-        # The epilogue keeps gate, up and their sigmoid live beside the accumulator.
-        return [cfg(128, 64, 64, 8, 3), cfg(128, 64, 64, 8, 4), cfg(64, 128, 64, 8, 3), cfg(64, 64, 64, 4, 4)]
+        # The epilogue keeps gate, up and their sigmoid live beside the accumulator; 128-row tiles
+        # take K in steps of 32, as with 64 the gathered A rows spill under triton 3.6.
+        return [cfg(128, 64, 32, 8, 3), cfg(128, 64, 32, 8, 4), cfg(64, 128, 64, 8, 3), cfg(64, 64, 64, 4, 4)]
     return [cfg(128, 256, 64, 8, 3), cfg(128, 128, 64, 8, 3), cfg(128, 128, 64, 4, 4), cfg(128, 64, 64, 4, 4),
             cfg(64, 128, 64, 4, 4), cfg(64, 64, 64, 4, 4)]
 
