@@ -40,6 +40,14 @@ def _segments(offs_E: torch.Tensor):
         start = end
 
 
+def _segments_all(offs_E: torch.Tensor):
+    """(expert, first row, end row) of every expert, those without rows too (lo == hi)."""
+    start = 0
+    for e, end in enumerate(offs_E.tolist()):
+        yield e, start, end
+        start = end
+
+
 _native_gmm: dict = {}
 
 
@@ -201,49 +209,71 @@ def _check_moe_mlp(x, gate_up_proj, down_proj, weights, experts):
 
 
 def _moe_fwd_torch(x_TD, gate_up_E2FD, down_EDF, weights_TK, experts_TK, save_pre):
-    """CPU path: one gather, then grouped matmuls over the expert-sorted rows."""
+    """CPU path: expert by expert, gather, GEMM, SwiGLU, GEMM, weight, written to (token, slot)
+    order; then the k slots of each token summed. Each step works on one expert's block while it
+    is in cache, and the temporaries stay per-expert sized: [T*k, 2F] buffers are large enough for
+    the C allocator to map fresh pages, and fault every one in, on every call. Only what the
+    backward needs (pre-activations, unweighted expert outputs, in expert order) is kept whole."""
     T, D = x_TD.shape
+    k = experts_TK.shape[1]
     plan = routing_plan(experts_TK, gate_up_E2FD.shape[0])
-    tok = plan.sorted_tokens
-    w_M = weights_TK.reshape(-1)[plan.sorted_slots].to(x_TD.dtype)
-    xs_MD = x_TD.index_select(0, tok)
-    # Expert by expert, so SwiGLU runs on the block its GEMM just wrote while it is still in cache
-    # (the whole [T*k, 2F] at once streams it through memory).
-    pre_M2F = _zero_tail(x_TD.new_empty(tok.numel(), gate_up_E2FD.shape[1]), plan.offsets)
-    y_MD = _zero_tail(x_TD.new_empty(tok.numel(), D), plan.offsets)
-    for e, lo, hi in _segments(plan.offsets):
-        torch.mm(xs_MD[lo:hi], gate_up_E2FD[e].T, out=pre_M2F[lo:hi])
-        gate, up = pre_M2F[lo:hi].chunk(2, dim=1)
-        torch.mm(F.silu(gate).mul_(up), down_EDF[e].T, out=y_MD[lo:hi])
-    out_TD = _unsort_sum(y_MD * w_M[:, None], plan.sorted_slots, T, experts_TK.shape[1])
+    tok, slots, offs = plan.sorted_tokens, plan.sorted_slots, plan.offsets
+    w_M = weights_TK.reshape(-1)[slots].to(x_TD.dtype)
+    pre_M2F = _zero_tail(x_TD.new_empty(T * k, gate_up_E2FD.shape[1]), offs) if save_pre else None
+    y_MD = _zero_tail(x_TD.new_empty(T * k, D), offs) if save_pre else None
+    out_SD = x_TD.new_empty(T * k, D)  # slot order
+    end = 0
+    for e, lo, hi in _segments(offs):
+        pre = torch.mm(x_TD.index_select(0, tok[lo:hi]), gate_up_E2FD[e].T,
+                       out=None if pre_M2F is None else pre_M2F[lo:hi])
+        gate, up = pre.chunk(2, dim=1)
+        y = torch.mm(F.silu(gate).mul_(up), down_EDF[e].T, out=None if y_MD is None else y_MD[lo:hi])
+        out_SD.index_copy_(0, slots[lo:hi], y * w_M[lo:hi, None] if save_pre else y.mul_(w_M[lo:hi, None]))
+        end = hi
+    if end < T * k:  # unchecked out-of-range ids (forced torch path on CUDA): those slots give 0
+        out_SD.index_fill_(0, slots[end:], 0)
+    out_TD = out_SD.view(T, k, D).sum(1) if k > 1 else out_SD
     if not save_pre:
-        pre_M2F, y_MD = x_TD.new_empty(0, pre_M2F.shape[1]), x_TD.new_empty(0, D)
-    return out_TD, pre_M2F, y_MD, plan.sorted_slots, plan.offsets
+        return out_TD, x_TD.new_empty(0, gate_up_E2FD.shape[1]), x_TD.new_empty(0, D), slots, offs
+    return out_TD, pre_M2F, y_MD, slots, offs
 
 
 def _moe_bwd_torch(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F, y_MD, slots_M, offs_E):
     """Hand-written backward (autograd through ``w[e]`` would materialise a full-size zero
-    gradient per expert). SwiGLU's activations are recomputed from the saved pre-activations; the
-    saved unweighted expert outputs give d(weights) over D columns instead of F."""
+    gradient per expert), expert by expert like the forward: the temporaries stay per-expert sized
+    and in cache. SwiGLU's activations are recomputed from the saved pre-activations; the saved
+    unweighted expert outputs give d(weights) over D columns instead of F."""
+    T, D = x_TD.shape
     k = weights_TK.shape[1]
+    Fh = pre_M2F.shape[1] // 2
     tok = slots_M // k
     w_M = weights_TK.reshape(-1)[slots_M].to(x_TD.dtype)
-    dy_MD = dout_TD.index_select(0, tok)
-    xs_MD = x_TD.index_select(0, tok)
-    Fh = pre_M2F.shape[1] // 2
-    gate, up = pre_M2F.chunk(2, dim=1)
-    silu = F.silu(gate)
-    act = silu * up
-    dw_M = (dy_MD * y_MD).sum(1)
-    dy_MD.mul_(w_M[:, None])
-    d_act = _gmm(dy_MD, down_EDF, offs_E)
-    d_down = _gmm(dy_MD.T, act, offs_E)
-    d_pre = torch.empty_like(pre_M2F)
-    torch.mul(d_act, silu, out=d_pre[:, Fh:])
-    torch.ops.aten.silu_backward.grad_input(d_act.mul_(up), gate, grad_input=d_pre[:, :Fh])
-    d_gate_up = _gmm(d_pre.T, xs_MD, offs_E)
-    dx_TD = _unsort_sum(_gmm(d_pre, gate_up_E2FD, offs_E), slots_M, x_TD.shape[0], k)
-    d_weights = torch.zeros_like(weights_TK).view(-1)
+    d_gate_up, d_down = torch.empty_like(gate_up_E2FD), torch.empty_like(down_EDF)
+    dx_SD = x_TD.new_empty(T * k, D)  # slot order
+    dw_M = x_TD.new_zeros(T * k)
+    end = 0
+    for e, lo, hi in _segments_all(offs_E):
+        if lo == hi:  # an expert without rows: exactly zero gradient
+            d_gate_up[e].zero_()
+            d_down[e].zero_()
+            continue
+        dy = dout_TD.index_select(0, tok[lo:hi])
+        torch.linalg.vecdot(dy, y_MD[lo:hi], out=dw_M[lo:hi])
+        dy.mul_(w_M[lo:hi, None])
+        gate, up = pre_M2F[lo:hi].chunk(2, dim=1)
+        silu = F.silu(gate)
+        torch.mm(dy.T, silu * up, out=d_down[e])
+        d_act = torch.mm(dy, down_EDF[e])
+        d_pre = torch.empty_like(pre_M2F[lo:hi])
+        torch.mul(d_act, silu, out=d_pre[:, Fh:])
+        torch.ops.aten.silu_backward.grad_input(d_act.mul_(up), gate, grad_input=d_pre[:, :Fh])
+        torch.mm(d_pre.T, x_TD.index_select(0, tok[lo:hi]), out=d_gate_up[e])
+        dx_SD.index_copy_(0, slots_M[lo:hi], torch.mm(d_pre, gate_up_E2FD[e]))
+        end = hi
+    if end < T * k:  # unchecked out-of-range ids (forced torch path on CUDA): no gradient through them
+        dx_SD.index_fill_(0, slots_M[end:], 0)
+    dx_TD = dx_SD.view(T, k, D).sum(1) if k > 1 else dx_SD
+    d_weights = torch.empty_like(weights_TK).view(-1)
     d_weights[slots_M] = dw_M.to(weights_TK.dtype)
     return dx_TD, d_gate_up, d_down, d_weights.view_as(weights_TK)
 

@@ -5,7 +5,7 @@ Providers, all on the same weights and tokens:
   hf-eager         transformers' MixtralSparseMoeBlock, its per-expert loop (the Mixtral reference)
   hf-grouped_mm    the same block with transformers' grouped_mm experts implementation
   torch-grouped_mm a hand-written layer on torch._grouped_mm (sort, gather, two grouped GEMMs)
-  dense-matmul     (GPU) the same FLOPs as dense bf16 matmuls: the ceiling to compare against
+  dense-matmul     the same FLOPs as dense matmuls of the device's dtype: the ceiling to compare against
 
 transformers' Mixtral router always renormalises the top-k; for BAM's unnormalised cases the hf
 rows time that (equally costly) function.
@@ -134,23 +134,23 @@ def run(device: str, quick: bool):
                     t = attempt(step, device, quick)
                     yield {"case": case, "provider": pname, **t, **rate(t, "tflops", total / 1e12),
                            "dtype": str(dtype).replace("torch.", ""), "T": T, "D": D, "F": Fh, "E": E, "k": k}
-                if gpu:
-                    fwd, leaves = _dense_equivalent(T, D, Fh, k, dtype, device)
-                    g1 = torch.randn(T * k, 2 * Fh, device=device, dtype=dtype)
-                    g2 = torch.randn(T * k, D, device=device, dtype=dtype)
+                # The ceiling: the experts' FLOPs as plain dense matmuls.
+                fwd, leaves = _dense_equivalent(T, D, Fh, k, dtype, device)
+                g1 = torch.randn(T * k, 2 * Fh, device=device, dtype=dtype)
+                g2 = torch.randn(T * k, D, device=device, dtype=dtype)
 
-                    def dense_step():
-                        if mode == "fwd":
-                            with torch.no_grad():
-                                fwd()
-                        else:
-                            o1, o2 = fwd()
-                            torch.autograd.grad([o1, o2], leaves, [g1, g2])
+                def dense_step():
+                    if mode == "fwd":
+                        with torch.no_grad():
+                            fwd()
+                    else:
+                        o1, o2 = fwd()
+                        torch.autograd.grad([o1, o2], leaves, [g1, g2])
 
-                    t = attempt(dense_step, device, quick)
-                    yield {"case": case, "provider": "dense-matmul", **t, **rate(t, "tflops", total / 1e12),
-                           "dtype": str(dtype).replace("torch.", ""), "T": T, "D": D, "F": Fh, "E": E, "k": k}
-                    del leaves
+                t = attempt(dense_step, device, quick)
+                yield {"case": case, "provider": "dense-matmul", **t, **rate(t, "tflops", total / 1e12),
+                       "dtype": str(dtype).replace("torch.", ""), "T": T, "D": D, "F": Fh, "E": E, "k": k}
+                del leaves
             del x, dy
         del moe, providers
         if gpu:
