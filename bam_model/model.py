@@ -193,10 +193,7 @@ class CausalLM(nn.Module, abc.ABC):
         if cache is not None and (not isinstance(cache, KVCache) or cache.num_layers != len(self.model.layers)):
             raise ValueError(f"cache must be a KVCache of {len(self.model.layers)} layers (see new_cache), "
                              f"got {cache!r}")
-        x_BTD = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            x_BTD = layer(x_BTD, cache=cache, position_ids=position_ids)
-        logits_BTV = self.lm_head(self.model.norm(x_BTD))
+        logits_BTV = self.lm_head(self.model.norm(self._hidden(input_ids, cache, position_ids)))
         aux_loss, router_logits = self._aux()
         nll = loss = None
         if labels is not None:
@@ -205,6 +202,12 @@ class CausalLM(nn.Module, abc.ABC):
             loss = nll if aux_loss is None else nll + aux_loss
         return CausalLMOutput(logits=logits_BTV, loss=loss, nll=nll, aux_loss=aux_loss,
                               router_logits=router_logits)
+
+    def _hidden(self, input_ids_BT, cache=None, position_ids=None) -> torch.Tensor:
+        x_BTD = self.model.embed_tokens(input_ids_BT)
+        for layer in self.model.layers:
+            x_BTD = layer(x_BTD, cache=cache, position_ids=position_ids)
+        return x_BTD
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         """An empty KV cache for every layer; ``max_len`` allocates it once for that many tokens."""
@@ -239,7 +242,8 @@ class CausalLM(nn.Module, abc.ABC):
         done_B = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         step_ids = input_ids
         for _ in range(max_new_tokens):
-            logits_BV = self(step_ids, cache=cache).logits[:, -1].float()
+            # Only the last position's logits, and no router losses: decoding needs neither.
+            logits_BV = self.lm_head(self.model.norm(self._hidden(step_ids, cache)[:, -1])).float()
             next_B = sample(logits_BV, temperature, top_p, generator)
             if eos_token_id is not None:
                 next_B = torch.where(done_B, torch.full_like(next_B, eos_token_id), next_B)

@@ -76,8 +76,22 @@ class MoE(nn.Module):
         self.gate = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
         self.experts = MoEExperts(num_experts, dim, ffn_dim, device=device, dtype=dtype)
         self.router_logits = None
-        self.load_balancing_loss = None
-        self.z_loss = None
+        self._routed = None  # (logits, expert ids) of the last forward
+        self._losses: dict = {}
+
+    @property
+    def load_balancing_loss(self) -> torch.Tensor | None:
+        """``E * sum_i f_i P_i`` of the last forward (computed when first read: decoding never pays)."""
+        if "lb" not in self._losses and self._routed is not None:
+            self._losses["lb"] = load_balancing_loss(*self._routed)
+        return self._losses.get("lb")
+
+    @property
+    def z_loss(self) -> torch.Tensor | None:
+        """``mean_t logsumexp(logits_t)^2`` of the last forward (computed when first read)."""
+        if "z" not in self._losses and self._routed is not None:
+            self._losses["z"] = router_z_loss(self._routed[0])
+        return self._losses.get("z")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:
@@ -87,8 +101,7 @@ class MoE(nn.Module):
         weights_TK, experts_TK = bk.route_topk(logits_TE, self.top_k, normalize=self.normalize)
         y_TD = self.experts(x_TD, weights_TK, experts_TK)
         self.router_logits = logits_TE
-        self.load_balancing_loss = load_balancing_loss(logits_TE, experts_TK)
-        self.z_loss = router_z_loss(logits_TE)
+        self._routed, self._losses = (logits_TE, experts_TK), {}
         return y_TD.reshape(x.shape)
 
     def extra_repr(self) -> str:

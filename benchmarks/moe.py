@@ -27,7 +27,7 @@ GPU_CASES = [("bam-small", 1024, 4096, 4, 1, False), ("mixtral", 4096, 14336, 8,
 GPU_TOKENS = [4096, 16384, 32768]
 CPU_CASES = [("cpu-target", 512, 1024, 8, 2, True), ("cpu-bam-small", 256, 1024, 4, 1, False),
              ("cpu-fine-grained", 256, 128, 32, 4, True)]
-CPU_TOKENS = [2048]
+CPU_TOKENS = [512, 2048]
 
 
 def _transformers_block(moe: MoE, implementation: str):

@@ -181,11 +181,12 @@ def _isolated(suites: list[str], device: str, args, results: Results) -> None:
                   (["--no-check"] if args.no_check else [])
             start = time.perf_counter()
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            limit = args.suite_timeout[s]
             try:
-                code = subprocess.run(cmd, env=env, timeout=args.suite_timeout).returncode
+                code = subprocess.run(cmd, env=env, timeout=limit).returncode
                 status = None if code in (0, 1) else f"{s}: the suite's process exited with code {code}"
             except subprocess.TimeoutExpired:
-                status = f"{s}: stopped after {args.suite_timeout:.0f} s (--suite-timeout); what it measured is kept"
+                status = f"{s}: stopped after {limit:.0f} s (--suite-timeout); what it measured is kept"
             print(f"[{s}] {time.perf_counter() - start:.0f} s", flush=True)
             if os.path.exists(part):
                 with open(part) as f:
@@ -199,6 +200,32 @@ def _isolated(suites: list[str], device: str, args, results: Results) -> None:
             results.save()
 
 
+def _timeouts(spec: str | None, suites: list[str]) -> dict:
+    """``--suite-timeout``: seconds per suite (None: no limit) from "300" or "moe=240,moa=180"."""
+    if spec is None:
+        return {s: None for s in suites}
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    try:
+        if len(parts) == 1 and "=" not in parts[0]:
+            out = {s: float(parts[0]) for s in suites}
+        else:
+            out = {s: None for s in suites}
+            for part in parts:
+                name, _, value = part.partition("=")
+                if name not in out:
+                    raise ValueError(f"--suite-timeout names {name!r}, which is not among the suites run "
+                                     f"({', '.join(suites)})")
+                out[name] = float(value)
+    except ValueError as err:
+        if "suite-timeout" in str(err):
+            raise
+        raise ValueError(f"--suite-timeout must be seconds (300) or suite=seconds pairs (moe=240,moa=180), "
+                         f"got {spec!r}") from None
+    if any(v is not None and not v > 0 for v in out.values()):
+        raise ValueError(f"--suite-timeout must be a positive number of seconds, got {spec!r}")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bam-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -210,8 +237,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=RESULTS, help="folder for the JSON, markdown and PNG results")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="run each suite in its own process (default: on CUDA with several suites)")
-    p.add_argument("--suite-timeout", type=float, default=None, metavar="SECONDS",
-                   help="stop an isolated suite after this long, keeping what it measured")
+    p.add_argument("--suite-timeout", default=None, metavar="SECONDS",
+                   help="stop an isolated suite after this long, keeping what it measured: one number "
+                        "for every suite, or per suite as moe=240,moa=180,model=120")
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)  # an isolated suite's results file
     args = p.parse_args(argv)
     available = _available_suites()
@@ -221,8 +249,10 @@ def main(argv=None) -> int:
     for s in suites:
         if s not in available:
             p.error(f"unknown suite {s!r}; available: {', '.join(available)}")
-    if args.suite_timeout is not None and args.suite_timeout <= 0:
-        p.error(f"--suite-timeout must be a positive number of seconds, got {args.suite_timeout}")
+    try:
+        args.suite_timeout = _timeouts(args.suite_timeout, suites)
+    except ValueError as err:
+        p.error(str(err))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda asked for, but torch sees no CUDA device")

@@ -6,7 +6,7 @@
 #   device run: bash scripts/gpu_session.sh            (timeout_s 600)
 set -u
 out=${OUT:-benchmarks/results}
-suite_timeout=${SUITE_TIMEOUT:-170}
+suite_timeout=${SUITE_TIMEOUT:-moe=240,moa=180,model=110}
 mkdir -p "$out"
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv

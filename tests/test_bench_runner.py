@@ -78,3 +78,16 @@ def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         runner.main(["moe", "--device", "cpu", "--suite-timeout", "0"])
     assert "--suite-timeout must be a positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        runner.main(["moe", "--device", "cpu", "--suite-timeout", "moa=10"])
+    assert "names 'moa', which is not among the suites run (moe)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        runner.main(["moe", "--device", "cpu", "--suite-timeout", "moe=ten"])
+    assert "suite=seconds pairs" in capsys.readouterr().err
+
+
+def test_suite_timeouts_parse():
+    assert runner._timeouts(None, ["moe", "moa"]) == {"moe": None, "moa": None}
+    assert runner._timeouts("90", ["moe", "moa"]) == {"moe": 90.0, "moa": 90.0}
+    assert runner._timeouts("moe=240, moa=180", ["moe", "moa", "model"]) == {"moe": 240.0, "moa": 180.0,
+                                                                          "model": None}
