@@ -10,6 +10,7 @@ import contextvars
 import os
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 BACKENDS = ("triton", "torch", "reference")
 
@@ -66,3 +67,19 @@ def backend_for(*tensors: torch.Tensor) -> str:
                 "backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
                 "imported to run its kernels on the CPU")
     return name
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def call_directly(*tensors: torch.Tensor | None) -> bool:
+    """Whether an op may run its implementation without its registered custom op: in eager mode,
+    with no gradient to record, on plain tensors and with no dispatch mode active. A custom op
+    costs tens of microseconds of Python per call, which decoding pays for every op of every layer
+    of every token; torch.compile, autograd, fake and other tensor subclasses still go through the
+    op, so what they see is unchanged."""
+    present = [t for t in tensors if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return False
+    return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+            and all(type(t) in _PLAIN for t in present))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks, reference
-from ._dispatch import backend_for
+from ._dispatch import backend_for, call_directly
 
 
 def _check_moa(q, k, v, mix, causal, scale, kv_lens):
@@ -192,5 +192,9 @@ def moa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix: torch.
         raise ValueError(f"q has head dim {q.shape[-1]}; the triton backend supports up to {MAX_HEAD_DIM}")
     if kv_lens is not None:
         kv_lens = kv_lens.to(device=q.device, dtype=torch.int32).contiguous()
+    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    if call_directly(q, k, v, mix, kv_lens):
+        from ._triton import attention as kernels
+        return kernels.forward(q, k, v, mix, kv_lens, causal, scale, False)[0]
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, mix))
-    return _moa_triton(_unit_stride(q), _unit_stride(k), _unit_stride(v), mix, kv_lens, causal, scale, save)[0]
+    return _moa_triton(q, k, v, mix, kv_lens, causal, scale, save)[0]

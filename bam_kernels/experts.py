@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks, reference
-from ._dispatch import backend_for
+from ._dispatch import backend_for, call_directly
 from .routing import routing_plan
 
 # ---------------------------------------------------------------------------------------------
@@ -180,6 +180,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     backend = backend_for(x, w)
     if backend == "reference":
         return reference.grouped_mm(x, w, offs)
+    if call_directly(x, w, offs):
+        return (_grouped_mm_triton if backend == "triton" else _grouped_mm_torch)(x, w, offs)
     return _grouped_mm_op(x, w, offs, backend)
 
 
@@ -236,6 +238,23 @@ def _moe_fwd_torch(x_TD, gate_up_E2FD, down_EDF, weights_TK, experts_TK, save_pr
     if not save_pre:
         return out_TD, x_TD.new_empty(0, gate_up_E2FD.shape[1]), x_TD.new_empty(0, D), slots, offs
     return out_TD, pre_M2F, y_MD, slots, offs
+
+
+# Up to this many (token, slot) pairs (decoding a few tokens), the torch path runs each pair
+# through its expert's weights directly: a sort and a plan cost more than the work.
+_FEW_SLOTS = 8
+
+
+def _moe_fwd_few(x_TD, gate_up_E2FD, down_EDF, weights_TK, experts_TK):
+    """Forward only, for a few (token, slot) pairs: no routing plan, no gathers."""
+    out_TD = torch.zeros_like(x_TD)
+    for t, (ids, ws) in enumerate(zip(experts_TK.tolist(), weights_TK.tolist())):
+        for e, w in zip(ids, ws):
+            if not 0 <= e < gate_up_E2FD.shape[0]:  # unchecked bad id (forced torch path on CUDA): nothing
+                continue
+            gate, up = torch.mm(x_TD[t:t + 1], gate_up_E2FD[e].T).chunk(2, dim=1)
+            out_TD[t:t + 1].addmm_(F.silu(gate).mul_(up), down_EDF[e].T, alpha=w)
+    return out_TD
 
 
 def _moe_bwd_torch(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F, y_MD, slots_M, offs_E):
@@ -328,14 +347,24 @@ def _moe_bwd_triton(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F, 
     return dx, d_gate_up, d_down, d_weights
 
 
+def _moe_mlp_impl(x, gate_up_proj, down_proj, weights, experts, save_pre: bool, backend: str):
+    if backend != "triton" and not save_pre and experts.numel() <= _FEW_SLOTS:
+        return _moe_fwd_few(x, gate_up_proj, down_proj, weights, experts), x.new_empty(0, gate_up_proj.shape[1]), \
+            x.new_empty(0, x.shape[1]), experts.new_empty(0, dtype=torch.int64), experts.new_empty(0, dtype=torch.int32)
+    fwd = _moe_fwd_triton if backend == "triton" else _moe_fwd_torch
+    y, pre, y_rows, slots, offs = fwd(x, gate_up_proj, down_proj, weights, experts, save_pre)
+    if not save_pre:  # only the backward reads these
+        slots, offs = slots.new_empty(0), offs.new_empty(0)
+    return y, pre, y_rows, slots, offs
+
+
 @torch.library.custom_op("bam::moe_mlp", mutates_args=())
 def _moe_mlp_op(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
                 experts: torch.Tensor, save_pre: bool,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, then for the backward: the [gate | up] pre-activations and, on the torch path, the
     unweighted expert outputs, each empty unless ``save_pre``; sorted slots; expert offsets)."""
-    fwd = _moe_fwd_triton if backend == "triton" else _moe_fwd_torch
-    y, pre, y_rows, slots, offs = fwd(x, gate_up_proj, down_proj, weights, experts, save_pre)
+    y, pre, y_rows, slots, offs = _moe_mlp_impl(x, gate_up_proj, down_proj, weights, experts, save_pre, backend)
     # Custom ops may not return views of one another's storage or of inputs.
     own = lambda t: t.clone() if t._base is not None else t
     return own(y), own(pre), own(y_rows), slots, offs
@@ -343,10 +372,11 @@ def _moe_mlp_op(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Te
 
 @_moe_mlp_op.register_fake
 def _(x, gate_up_proj, down_proj, weights, experts, save_pre, backend):
-    M = experts.numel()
-    y_rows = x.new_empty(M if save_pre else 0, x.shape[1]) if backend != "triton" else x.new_empty(0, 0)
-    return (x.new_empty(x.shape), x.new_empty(M if save_pre else 0, gate_up_proj.shape[1]), y_rows,
-            experts.new_empty(M, dtype=torch.int64), experts.new_empty(gate_up_proj.shape[0], dtype=torch.int32))
+    M = experts.numel() if save_pre else 0
+    y_rows = x.new_empty(M, x.shape[1]) if backend != "triton" else x.new_empty(0, 0)
+    return (x.new_empty(x.shape), x.new_empty(M, gate_up_proj.shape[1]), y_rows,
+            experts.new_empty(M, dtype=torch.int64),
+            experts.new_empty(gate_up_proj.shape[0] if save_pre else 0, dtype=torch.int32))
 
 
 @torch.library.custom_op("bam::moe_mlp_backward", mutates_args=())
@@ -400,5 +430,7 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
     if backend == "reference":
         _checks.expert_ids("experts", experts, gate_up_proj.shape[0])
         return reference.moe_mlp(x, gate_up_proj, down_proj, weights, experts)
+    if call_directly(x, gate_up_proj, down_proj, weights, experts):
+        return _moe_mlp_impl(x, gate_up_proj, down_proj, weights, experts, False, backend)[0]
     save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up_proj, down_proj, weights))
     return _moe_mlp_op(x, gate_up_proj, down_proj, weights, experts, save_pre, backend)[0]

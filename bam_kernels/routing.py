@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _checks, reference
-from ._dispatch import backend_for
+from ._dispatch import backend_for, call_directly
 
 
 def _route_topk_torch(logits_TE, k, normalize):
@@ -28,12 +28,16 @@ def _route_topk_bwd_torch(logits_TE, w_TK, idx_TK, dw_TK, normalize):
     return (probs_TE * (g_TE - (probs_TE * g_TE).sum(1, keepdim=True))).to(logits_TE.dtype)
 
 
-@torch.library.custom_op("bam::route_topk", mutates_args=())
-def _route_topk_op(logits: torch.Tensor, k: int, normalize: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _route_topk_impl(logits, k, normalize, backend):
     if backend == "triton":
         from ._triton.routing import route_topk_fwd
         return route_topk_fwd(logits, k, normalize)
     return _route_topk_torch(logits, k, normalize)
+
+
+@torch.library.custom_op("bam::route_topk", mutates_args=())
+def _route_topk_op(logits: torch.Tensor, k: int, normalize: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _route_topk_impl(logits, k, normalize, backend)
 
 
 @_route_topk_op.register_fake
@@ -91,6 +95,8 @@ def route_topk(logits: torch.Tensor, k: int, normalize: bool = False):
     if backend == "reference":
         w_TK, idx_TK = reference.route_topk(logits, k, normalize)
         return w_TK.to(torch.promote_types(w_TK.dtype, torch.float32)), idx_TK
+    if call_directly(logits):
+        return _route_topk_impl(logits, k, normalize, backend)
     return _route_topk_op(logits, k, normalize, backend)
 
 

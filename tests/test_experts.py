@@ -195,6 +195,35 @@ def test_moe_mlp_inference_no_grad(backend):
     assert rel(y, reference.moe_mlp(*[t.double() for t in inputs[:4]], inputs[4])) < 1e-5
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T,k,duplicates", [(1, 1, False), (1, 3, True), (2, 2, False), (4, 2, True), (3, 3, False),
+                                            (9, 1, False)])
+def test_moe_mlp_decoding_sizes_without_grad(poison, backend, dtype, T, k, duplicates):
+    """A few (token, slot) pairs (decoding), eager and without autograd: the torch path runs them
+    one by one, both paths skip the custom op; the result is the reference's, as through the op."""
+    inputs = make_moe(T, 19, 23, 5, k, dtype, duplicates)
+    ref = reference.moe_mlp(*[t.double() for t in inputs[:4]], inputs[4])
+    with torch.no_grad():
+        y = run_moe(backend, inputs)
+    assert y.shape == (T, 19) and y.dtype == dtype
+    assert rel(y, ref) < TOL[dtype]
+    with bk.use_backend(backend):
+        through_op = torch.ops.bam.moe_mlp(*inputs, False, backend)[0]
+    assert rel(y, through_op.double()) < TOL[dtype]
+
+
+def test_moe_mlp_under_a_dispatch_mode_goes_through_the_op():
+    """Fake tensors (torch.compile, export, memory estimators) must reach the op's fake kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        x, gate_up, down, weights, experts = [mode.from_tensor(t) for t in make_moe(3, 16, 24, 4, 2)]
+        with torch.no_grad():
+            y = bk.moe_mlp(x, gate_up, down, weights, experts)
+            w, idx = bk.route_topk(torch.randn(3, 4), 2)
+    assert y.shape == (3, 16) and w.shape == (3, 2) and idx.shape == (3, 2)
+
+
 def test_moe_mlp_empty_batch():
     x, gate_up, down, weights, experts = make_moe(0, 16, 24, 4, 2)
     for backend in BACKENDS:
