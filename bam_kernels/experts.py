@@ -210,33 +210,54 @@ def _check_moe_mlp(x, gate_up_proj, down_proj, weights, experts):
                          "weights": weights, "experts": experts})
 
 
+# The torch path works expert by expert when an expert gets this many rows on average: every
+# step then runs on one expert's block, and the temporaries stay per-expert sized (whole [T*k, 2F]
+# buffers are large enough for the C allocator to map fresh pages and fault every one of them in
+# on every call). With fewer rows per expert (fine-grained experts, short batches) the per-expert
+# launches cost more than that, and one gather and two grouped matmuls over all rows win.
+# Measured on 2 x86 cores, interleaved, fwd+bwd vs a torch._grouped_mm layer: E 32 with 64 rows
+# each, grouped 12.6 ms, per expert 18.3, peer 12.7; E 8 with 512 rows each, per expert 165.6,
+# grouped 190.2, peer 176.8; at 128 rows the two are equal.
+_PER_EXPERT_MIN_ROWS = 128
+
+
+def _per_expert(rows: int, num_experts: int) -> bool:
+    return rows >= _PER_EXPERT_MIN_ROWS * num_experts
+
+
 def _moe_fwd_torch(x_TD, gate_up_E2FD, down_EDF, weights_TK, experts_TK, save_pre):
-    """CPU path: expert by expert, gather, GEMM, SwiGLU, GEMM, weight, written to (token, slot)
-    order; then the k slots of each token summed. Each step works on one expert's block while it
-    is in cache, and the temporaries stay per-expert sized: [T*k, 2F] buffers are large enough for
-    the C allocator to map fresh pages, and fault every one in, on every call. Only what the
-    backward needs (pre-activations, unweighted expert outputs, in expert order) is kept whole."""
+    """CPU path: gather, GEMM, SwiGLU, GEMM, weight, then the k slots of each token summed; either
+    expert by expert with per-expert temporaries written straight to (token, slot) order, or over
+    all rows at once with grouped matmuls (``_PER_EXPERT_MIN_ROWS``). Only what the backward needs
+    (pre-activations, unweighted expert outputs, in expert order) is kept whole."""
     T, D = x_TD.shape
     k = experts_TK.shape[1]
+    F2 = gate_up_E2FD.shape[1]
     plan = routing_plan(experts_TK, gate_up_E2FD.shape[0])
     tok, slots, offs = plan.sorted_tokens, plan.sorted_slots, plan.offsets
     w_M = weights_TK.reshape(-1)[slots].to(x_TD.dtype)
-    pre_M2F = _zero_tail(x_TD.new_empty(T * k, gate_up_E2FD.shape[1]), offs) if save_pre else None
-    y_MD = _zero_tail(x_TD.new_empty(T * k, D), offs) if save_pre else None
-    out_SD = x_TD.new_empty(T * k, D)  # slot order
-    end = 0
-    for e, lo, hi in _segments(offs):
-        pre = torch.mm(x_TD.index_select(0, tok[lo:hi]), gate_up_E2FD[e].T,
-                       out=None if pre_M2F is None else pre_M2F[lo:hi])
-        gate, up = pre.chunk(2, dim=1)
-        y = torch.mm(F.silu(gate).mul_(up), down_EDF[e].T, out=None if y_MD is None else y_MD[lo:hi])
-        out_SD.index_copy_(0, slots[lo:hi], y * w_M[lo:hi, None] if save_pre else y.mul_(w_M[lo:hi, None]))
-        end = hi
-    if end < T * k:  # unchecked out-of-range ids (forced torch path on CUDA): those slots give 0
-        out_SD.index_fill_(0, slots[end:], 0)
-    out_TD = out_SD.view(T, k, D).sum(1) if k > 1 else out_SD
+    if not _per_expert(T * k, gate_up_E2FD.shape[0]):
+        pre_M2F = _gmm(x_TD.index_select(0, tok), gate_up_E2FD.transpose(1, 2), offs)
+        gate, up = pre_M2F.chunk(2, dim=1)
+        y_MD = _gmm(F.silu(gate).mul_(up), down_EDF.transpose(1, 2), offs)
+        out_TD = _unsort_sum(y_MD * w_M[:, None] if save_pre else y_MD.mul_(w_M[:, None]), slots, T, k)
+    else:
+        pre_M2F = _zero_tail(x_TD.new_empty(T * k, F2), offs) if save_pre else None
+        y_MD = _zero_tail(x_TD.new_empty(T * k, D), offs) if save_pre else None
+        out_SD = x_TD.new_empty(T * k, D)  # slot order
+        end = 0
+        for e, lo, hi in _segments(offs):
+            pre = torch.mm(x_TD.index_select(0, tok[lo:hi]), gate_up_E2FD[e].T,
+                           out=None if pre_M2F is None else pre_M2F[lo:hi])
+            gate, up = pre.chunk(2, dim=1)
+            y = torch.mm(F.silu(gate).mul_(up), down_EDF[e].T, out=None if y_MD is None else y_MD[lo:hi])
+            out_SD.index_copy_(0, slots[lo:hi], y * w_M[lo:hi, None] if save_pre else y.mul_(w_M[lo:hi, None]))
+            end = hi
+        if end < T * k:  # unchecked out-of-range ids (forced torch path on CUDA): those slots give 0
+            out_SD.index_fill_(0, slots[end:], 0)
+        out_TD = out_SD.view(T, k, D).sum(1) if k > 1 else out_SD
     if not save_pre:
-        return out_TD, x_TD.new_empty(0, gate_up_E2FD.shape[1]), x_TD.new_empty(0, D), slots, offs
+        return out_TD, x_TD.new_empty(0, F2), x_TD.new_empty(0, D), slots, offs
     return out_TD, pre_M2F, y_MD, slots, offs
 
 
@@ -259,9 +280,35 @@ def _moe_fwd_few(x_TD, gate_up_E2FD, down_EDF, weights_TK, experts_TK):
 
 def _moe_bwd_torch(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F, y_MD, slots_M, offs_E):
     """Hand-written backward (autograd through ``w[e]`` would materialise a full-size zero
-    gradient per expert), expert by expert like the forward: the temporaries stay per-expert sized
-    and in cache. SwiGLU's activations are recomputed from the saved pre-activations; the saved
-    unweighted expert outputs give d(weights) over D columns instead of F."""
+    gradient per expert), expert by expert or grouped as the forward chose. SwiGLU's activations
+    are recomputed from the saved pre-activations; the saved unweighted expert outputs give
+    d(weights) over D columns instead of F."""
+    if _per_expert(pre_M2F.shape[0], gate_up_E2FD.shape[0]):
+        return _moe_bwd_torch_per_expert(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F, y_MD,
+                                         slots_M, offs_E)
+    k = weights_TK.shape[1]
+    tok = slots_M // k
+    w_M = weights_TK.reshape(-1)[slots_M].to(x_TD.dtype)
+    dy_MD = dout_TD.index_select(0, tok)
+    Fh = pre_M2F.shape[1] // 2
+    gate, up = pre_M2F.chunk(2, dim=1)
+    silu = F.silu(gate)
+    dw_M = torch.linalg.vecdot(dy_MD, y_MD)
+    dy_MD.mul_(w_M[:, None])
+    d_act = _gmm(dy_MD, down_EDF, offs_E)
+    d_down = _gmm(dy_MD.T, silu * up, offs_E)
+    d_pre = torch.empty_like(pre_M2F)
+    torch.mul(d_act, silu, out=d_pre[:, Fh:])
+    torch.ops.aten.silu_backward.grad_input(d_act.mul_(up), gate, grad_input=d_pre[:, :Fh])
+    d_gate_up = _gmm(d_pre.T, x_TD.index_select(0, tok), offs_E)
+    dx_TD = _unsort_sum(_gmm(d_pre, gate_up_E2FD, offs_E), slots_M, x_TD.shape[0], k)
+    d_weights = torch.empty_like(weights_TK).view(-1)
+    d_weights[slots_M] = dw_M.to(weights_TK.dtype)
+    return dx_TD, d_gate_up, d_down, d_weights.view_as(weights_TK)
+
+
+def _moe_bwd_torch_per_expert(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F, y_MD, slots_M, offs_E):
+    """The backward expert by expert: the temporaries stay per-expert sized."""
     T, D = x_TD.shape
     k = weights_TK.shape[1]
     Fh = pre_M2F.shape[1] // 2

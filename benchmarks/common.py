@@ -19,35 +19,69 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn, device: str, quick: bool = False) -> dict:
-    """Median, p20 and p80 of ``fn()`` in milliseconds on ``device``."""
-    if device.startswith("cuda"):
-        import triton.testing
-        q = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
-                                    quantiles=[0.5, 0.2, 0.8])
-        return {"ms": q[0], "p20_ms": q[1], "p80_ms": q[2]}
-    from torch.utils.benchmark import Timer
-    fn()  # warm-up
-    # Timer runs on one thread unless told otherwise; time on all the threads torch would use.
-    m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
-        min_run_time=0.3 if quick else 1.0)
-    times = sorted(t * 1e3 for t in m.times)  # per call (raw_times are whole blocks of calls)
+def _quantiles(times_ms: list[float]) -> dict:
+    times = sorted(times_ms)
     n = len(times)
     return {"ms": statistics.median(times), "p20_ms": times[round(0.2 * (n - 1))],
             "p80_ms": times[round(0.8 * (n - 1))]}
 
 
+def _error(err: Exception, device: str) -> dict:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    return {"error": f"{type(err).__name__}: {first}"}
+
+
+def time_group(steps: dict, device: str, quick: bool = False) -> dict:
+    """Time the providers of one case side by side: ``{name: {"ms", "p20_ms", "p80_ms"}}``, or
+    ``{name: {"error": ...}}`` for one that raises (a peer without this dtype or size, an
+    out-of-memory, a kernel that fails to build), so that one failure ends one row, not the run.
+
+    On CUDA each runs under triton's ``do_bench``. On the CPU every provider is warmed up first,
+    then they are timed in interleaved rounds (torch's Timer, a block of calls per provider per
+    round): the first provider timed in a fresh process was measured up to 20% slower than the
+    same code timed second (the C allocator's heap still growing), and load from other work on a
+    shared machine drifts; interleaving puts both on every provider alike.
+    """
+    out, live = {}, {}
+    for name, fn in steps.items():
+        try:
+            fn()  # warm-up: compiles, autotuning, first allocations
+            live[name] = fn
+        except Exception as err:  # noqa: BLE001 - recorded in the results
+            out[name] = _error(err, device)
+    if device.startswith("cuda"):
+        import triton.testing
+        for name, fn in live.items():
+            try:
+                q = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
+                                            quantiles=[0.5, 0.2, 0.8])
+                out[name] = {"ms": q[0], "p20_ms": q[1], "p80_ms": q[2]}
+            except Exception as err:  # noqa: BLE001
+                out[name] = _error(err, device)
+        return {name: out[name] for name in steps}
+    from torch.utils.benchmark import Timer
+    budget_s = 0.3 if quick else 1.0  # per provider
+    timers, per_call = {}, {}
+    for name, fn in live.items():
+        # Timer runs on one thread unless told otherwise; time on all the threads torch would use.
+        timers[name] = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        per_call[name] = max(timers[name].timeit(1).mean, 1e-6)
+    rounds = max(3, min(10, int(budget_s / max(per_call.values(), default=budget_s))))
+    times = {name: [] for name in live}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            n = max(1, int(budget_s / rounds / per_call[name]))
+            times[name].append(timer.timeit(n).mean * 1e3)
+    out.update({name: _quantiles(t) for name, t in times.items()})
+    return {name: out[name] for name in steps}
+
+
 def attempt(fn, device: str, quick: bool = False) -> dict:
-    """``time_ms(fn)``, or ``{"error": ...}`` when ``fn`` raises: a peer without this dtype or size,
-    an out-of-memory or a kernel that fails to build ends one row, not the whole run."""
-    try:
-        return time_ms(fn, device, quick)
-    except Exception as err:  # noqa: BLE001 - recorded in the results, and printed
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
-        first = (str(err).strip().splitlines() or [""])[0][:200]
-        return {"error": f"{type(err).__name__}: {first}"}
+    """One provider alone: its timing, or ``{"error": ...}`` when ``fn`` raises."""
+    return time_group({"fn": fn}, device, quick)["fn"]
 
 
 def rate(t: dict, name: str, amount: float) -> dict:

@@ -21,7 +21,7 @@ import bam_kernels as bk
 from bam_kernels import reference
 from bam_kernels.attention import _stacked_heads, _unstack_heads
 
-from .common import attempt, check_close, guarded, rate, sync
+from .common import attempt, check_close, guarded, rate, sync, time_group
 
 # name, B, T, S, E, H, Hkv, Dh, expert_kv
 GPU_TRAIN = [("bam-small shared-kv", 4, 2048, 2048, 4, 8, 8, 128, False),
@@ -100,6 +100,7 @@ def run(device: str, quick: bool):
             q, k, v, mix = _inputs(B, T, S, E, H, Hkv, Dh, expert_kv, dtype, device, grad=mode == "fwd+bwd")
             do = torch.randn(q.shape, device=device, dtype=dtype)
             flops = fwd_flops * (3.5 if mode == "fwd+bwd" else 1.0)
+            steps = {}
             for pname, fn in providers.items():
                 def step(fn=fn, q=q, k=k, v=v, mix=mix, do=do, mode=mode):
                     if mode == "fwd":
@@ -108,16 +109,18 @@ def run(device: str, quick: bool):
                     else:
                         torch.autograd.grad(fn(q, k, v, mix, True), (q, k, v, mix), do)
 
-                t = attempt(step, device, quick)
+                steps[pname] = step
+            for pname, t in time_group(steps, device, quick).items():
                 yield {"case": case, "provider": pname, **t, **rate(t, "tflops", flops / 1e12),
                        **_meta(B, T, S, E, H, Hkv, Dh, expert_kv, dtype)}
-            del q, k, v, mix, do
+            del q, k, v, mix, do, steps
             if gpu:
                 torch.cuda.empty_cache()
     for name, B, T, S, E, H, Hkv, Dh, expert_kv in decode:
         case = f"{name} B={B} cache={S} E={E} H={H} Hkv={Hkv} Dh={Dh}"
         q, k, v, mix = _inputs(B, T, S, E, H, Hkv, Dh, expert_kv, dtype, device)
         kv_bytes = 2 * k.numel() * k.element_size()
+        steps = {}
         for pname, fn in providers.items():
             # One query sees the whole cache: causal=False is the same function, and lets SDPA
             # and flash-attention run without a mask.
@@ -125,7 +128,8 @@ def run(device: str, quick: bool):
                 with torch.no_grad():
                     fn(q, k, v, mix, T > 1)
 
-            t = attempt(step, device, quick)
+            steps[pname] = step
+        for pname, t in time_group(steps, device, quick).items():
             yield {"case": case, "provider": pname, **t, **rate(t, "gbps", kv_bytes / 1e9),
                    **_meta(B, T, S, E, H, Hkv, Dh, expert_kv, dtype)}
         if gpu:

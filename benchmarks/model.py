@@ -16,7 +16,7 @@ import bam_kernels as bk
 from bam_model import DenseConfig, DenseLM
 from bam_model.upcycle import upcycle
 
-from .common import attempt, check_close, guarded, rate, sync
+from .common import check_close, guarded, rate, time_group
 
 # vocab, dim, layers, heads, kv heads, ffn, experts
 GPU_MODEL = (32000, 1024, 8, 16, 4, 2816, 4)
@@ -112,6 +112,7 @@ def _train_rows(device, dtype, size, batches, quick):
         for attention, model in mixes.items():
             providers += [(f"bam {attention}", model, None), (f"reference {attention}", model, "reference")]
         case = f"train fwd+bwd B={B} T={T} D={D} L={L} E={E}"
+        steps = {}
         for pname, model, backend in providers:
             def step(model=model, backend=backend):
                 model.zero_grad(set_to_none=True)
@@ -121,7 +122,10 @@ def _train_rows(device, dtype, size, batches, quick):
                     with bk.use_backend(backend):
                         model(x, labels=x).loss.backward()
 
-            t = attempt(step, device, quick)
+            steps[pname] = step
+        timings = time_group(steps, device, quick)
+        for pname, model, _backend in providers:
+            t = timings[pname]
             yield {"case": case, "provider": pname, **t, **rate(t, "tokens_per_s", B * T),
                    "dtype": str(dtype).replace("torch.", ""), "B": B, "T": T, "D": D, "layers": L,
                    "experts": E, "params": sum(p.numel() for p in model.parameters())}
@@ -134,13 +138,15 @@ def _generate_rows(device, dtype, size, cases, quick):
     for B, P, N in cases:
         prompt = torch.randint(0, V, (B, P), device=device)
         case = f"generate B={B} prompt={P} new={N} D={D} L={L} E={E}"
-        for pname, model in [("dense", dense)] + [(f"bam {a}", m) for a, m in mixes.items()]:
+        models = [("dense", dense)] + [(f"bam {a}", m) for a, m in mixes.items()]
+        timings = time_group({pname: lambda model=model: model.generate(prompt, N) for pname, model in models},
+                             device, quick)
+        for pname, model in models:
             cache = model.new_cache()
             with torch.no_grad():
                 model(prompt, cache=cache)
             cache_bytes = sum(cache.layer(i)[0].numel() * cache.layer(i)[0].element_size() * 2 for i in range(L))
-            t = attempt(lambda model=model: model.generate(prompt, N), device, quick)
-            sync(device)
+            t = timings[pname]
             yield {"case": case, "provider": pname, **t, **rate(t, "tokens_per_s", B * N),
                    "kv_cache_bytes_per_token": cache_bytes // (B * P),
                    "dtype": str(dtype).replace("torch.", ""), "B": B, "prompt": P, "new_tokens": N}

@@ -19,7 +19,7 @@ import bam_kernels as bk
 from bam_kernels import reference
 from bam_model.nn import MoE
 
-from .common import attempt, check_close, guarded, rate
+from .common import check_close, guarded, rate, time_group
 
 # name, D, F, E, k, normalize
 GPU_CASES = [("bam-small", 1024, 4096, 4, 1, False), ("mixtral", 4096, 14336, 8, 2, True),
@@ -119,6 +119,7 @@ def run(device: str, quick: bool):
             for mode in ("fwd", "fwd+bwd"):
                 case = f"{name} T={T} D={D} F={Fh} E={E} k={k} {mode}"
                 total = flops * (3 if mode == "fwd+bwd" else 1)
+                steps = {}
                 for pname, module in providers.items():
                     xin = x.clone().requires_grad_(mode == "fwd+bwd")
                     wrt = [xin, *module.parameters()]
@@ -131,15 +132,13 @@ def run(device: str, quick: bool):
                             # autograd.grad, not backward: no .grad accumulation inside the timing.
                             torch.autograd.grad(module(xin), wrt, dy)
 
-                    t = attempt(step, device, quick)
-                    yield {"case": case, "provider": pname, **t, **rate(t, "tflops", total / 1e12),
-                           "dtype": str(dtype).replace("torch.", ""), "T": T, "D": D, "F": Fh, "E": E, "k": k}
+                    steps[pname] = step
                 # The ceiling: the experts' FLOPs as plain dense matmuls.
                 fwd, leaves = _dense_equivalent(T, D, Fh, k, dtype, device)
                 g1 = torch.randn(T * k, 2 * Fh, device=device, dtype=dtype)
                 g2 = torch.randn(T * k, D, device=device, dtype=dtype)
 
-                def dense_step():
+                def dense_step(fwd=fwd, leaves=leaves, g1=g1, g2=g2, mode=mode):
                     if mode == "fwd":
                         with torch.no_grad():
                             fwd()
@@ -147,10 +146,11 @@ def run(device: str, quick: bool):
                         o1, o2 = fwd()
                         torch.autograd.grad([o1, o2], leaves, [g1, g2])
 
-                t = attempt(dense_step, device, quick)
-                yield {"case": case, "provider": "dense-matmul", **t, **rate(t, "tflops", total / 1e12),
-                       "dtype": str(dtype).replace("torch.", ""), "T": T, "D": D, "F": Fh, "E": E, "k": k}
-                del leaves
+                steps["dense-matmul"] = dense_step
+                for pname, t in time_group(steps, device, quick).items():
+                    yield {"case": case, "provider": pname, **t, **rate(t, "tflops", total / 1e12),
+                           "dtype": str(dtype).replace("torch.", ""), "T": T, "D": D, "F": Fh, "E": E, "k": k}
+                del steps, leaves
             del x, dy
         del moe, providers
         if gpu:

@@ -136,20 +136,34 @@ MOE_CASES = [  # T, D, F, E, k, duplicate ids, experts without tokens
 ]
 
 
+# The torch path runs grouped with few rows per expert and expert by expert with many: test both.
+MOE_BACKENDS = ["torch", "torch-per-expert", "triton"]
+
+
+@pytest.fixture
+def moe_backend(request, monkeypatch):
+    """The backend name for bk.use_backend; "torch-per-expert" forces the per-expert torch path."""
+    name = request.param
+    if name == "torch-per-expert":
+        monkeypatch.setattr("bam_kernels.experts._PER_EXPERT_MIN_ROWS", 0)
+        return "torch"
+    return name
+
+
 def run_moe(backend, inputs):
     with bk.use_backend(backend):
         return bk.moe_mlp(*inputs)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("moe_backend", MOE_BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("T,D,F,E,k,duplicates,empty", MOE_CASES)
-def test_moe_mlp_matches_reference(poison, backend, dtype, T, D, F, E, k, duplicates, empty):
+def test_moe_mlp_matches_reference(poison, moe_backend, dtype, T, D, F, E, k, duplicates, empty):
     inputs = make_moe(T, D, F, E, k, dtype, duplicates, empty)
     leaves = [t.requires_grad_() for t in inputs[:4]] + [inputs[4]]
     leaves64 = [t.detach().double().requires_grad_() for t in inputs[:4]] + [inputs[4]]
     ref = reference.moe_mlp(*leaves64)
-    y = run_moe(backend, leaves)
+    y = run_moe(moe_backend, leaves)
     assert y.shape == (T, D) and y.dtype == dtype
     assert rel(y, ref) < TOL[dtype]
     dy = torch.randn(T, D, dtype=torch.float64)
@@ -162,8 +176,8 @@ def test_moe_mlp_matches_reference(poison, backend, dtype, T, D, F, E, k, duplic
         assert torch.all(leaves[1].grad[e] == 0) and torch.all(leaves[2].grad[e] == 0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_moe_mlp_backward_is_deterministic(backend):
+@pytest.mark.parametrize("moe_backend", MOE_BACKENDS, indirect=True)
+def test_moe_mlp_backward_is_deterministic(moe_backend):
     inputs = make_moe(65, 24, 40, 6, 2, duplicates=True, empty=(4,))
     leaves = [t.requires_grad_() for t in inputs[:4]] + [inputs[4]]
     dy = torch.randn(65, 24)
@@ -171,27 +185,27 @@ def test_moe_mlp_backward_is_deterministic(backend):
     for _ in range(2):
         for t in leaves[:4]:
             t.grad = None
-        run_moe(backend, leaves).backward(dy)
+        run_moe(moe_backend, leaves).backward(dy)
         runs.append([t.grad.clone() for t in leaves[:4]])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_moe_mlp_only_some_inputs_need_grad(backend):
+@pytest.mark.parametrize("moe_backend", MOE_BACKENDS, indirect=True)
+def test_moe_mlp_only_some_inputs_need_grad(moe_backend):
     x, gate_up, down, weights, experts = make_moe(20, 16, 24, 4, 2)
     down.requires_grad_()
-    run_moe(backend, [x, gate_up, down, weights, experts]).sum().backward()
+    run_moe(moe_backend, [x, gate_up, down, weights, experts]).sum().backward()
     ref_down = down.detach().double().requires_grad_()
     reference.moe_mlp(x.double(), gate_up.double(), ref_down, weights.double(), experts).sum().backward()
     assert rel(down.grad, ref_down.grad) < 1e-5
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_moe_mlp_inference_no_grad(backend):
+@pytest.mark.parametrize("moe_backend", MOE_BACKENDS, indirect=True)
+def test_moe_mlp_inference_no_grad(moe_backend):
     inputs = make_moe(33, 16, 24, 4, 2)
     with torch.no_grad():
-        y = run_moe(backend, inputs)
+        y = run_moe(moe_backend, inputs)
     assert rel(y, reference.moe_mlp(*[t.double() for t in inputs[:4]], inputs[4])) < 1e-5
 
 
