@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from . import _checks, reference
 from ._dispatch import backend_for, call_directly
-from .routing import routing_plan
+from .routing import _checks_enabled, routing_plan
 
 # ---------------------------------------------------------------------------------------------
 # grouped_mm
@@ -261,20 +261,36 @@ def _moe_fwd_torch(x_TD, gate_up_E2FD, down_EDF, weights_TK, experts_TK, save_pr
     return out_TD, pre_M2F, y_MD, slots, offs
 
 
-# Up to this many (token, slot) pairs (decoding a few tokens), the torch path runs each pair
-# through its expert's weights directly: a sort and a plan cost more than the work.
-_FEW_SLOTS = 8
+# Up to this many (token, slot) pairs (decoding), the torch path groups them by expert on the
+# host instead of sorting on the device: the plan's sort, searches and gathers cost more than the
+# work there, and each expert's weights are still read once.
+_FEW_SLOTS = 64
 
 
 def _moe_fwd_few(x_TD, gate_up_E2FD, down_EDF, weights_TK, experts_TK):
-    """Forward only, for a few (token, slot) pairs: no routing plan, no gathers."""
-    out_TD = torch.zeros_like(x_TD)
+    """Forward only, for a few (token, slot) pairs: grouped by expert in Python, one GEMM pair per
+    expert used. Unchecked out-of-range ids (a forced torch path on CUDA) contribute nothing."""
+    E = gate_up_E2FD.shape[0]
+    if not experts_TK.is_cuda or _checks_enabled():  # the routing plan's policy
+        _checks.expert_ids("experts", experts_TK, E)
+    groups: dict = {}
     for t, (ids, ws) in enumerate(zip(experts_TK.tolist(), weights_TK.tolist())):
         for e, w in zip(ids, ws):
-            if not 0 <= e < gate_up_E2FD.shape[0]:  # unchecked bad id (forced torch path on CUDA): nothing
-                continue
+            if 0 <= e < E:
+                tokens, weights = groups.setdefault(e, ([], []))
+                tokens.append(t)
+                weights.append(w)
+    out_TD = torch.zeros_like(x_TD)
+    for e, (tokens, weights) in groups.items():
+        if len(tokens) == 1:
+            t = tokens[0]
             gate, up = torch.mm(x_TD[t:t + 1], gate_up_E2FD[e].T).chunk(2, dim=1)
-            out_TD[t:t + 1].addmm_(F.silu(gate).mul_(up), down_EDF[e].T, alpha=w)
+            out_TD[t:t + 1].addmm_(F.silu(gate).mul_(up), down_EDF[e].T, alpha=weights[0])
+            continue
+        rows = torch.tensor(tokens, device=x_TD.device)
+        gate, up = torch.mm(x_TD.index_select(0, rows), gate_up_E2FD[e].T).chunk(2, dim=1)
+        y = torch.mm(F.silu(gate).mul_(up), down_EDF[e].T)
+        out_TD.index_add_(0, rows, y.mul_(torch.tensor(weights, dtype=y.dtype, device=y.device)[:, None]))
     return out_TD
 
 

@@ -212,10 +212,11 @@ def test_moe_mlp_inference_no_grad(moe_backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("T,k,duplicates", [(1, 1, False), (1, 3, True), (2, 2, False), (4, 2, True), (3, 3, False),
-                                            (9, 1, False)])
+                                            (16, 4, True), (65, 1, False)])
 def test_moe_mlp_decoding_sizes_without_grad(poison, backend, dtype, T, k, duplicates):
-    """A few (token, slot) pairs (decoding), eager and without autograd: the torch path runs them
-    one by one, both paths skip the custom op; the result is the reference's, as through the op."""
+    """A few (token, slot) pairs (decoding), eager and without autograd: the torch path groups them
+    by expert on the host (up to 64 pairs; 65 takes the general path), both paths skip the custom
+    op; the result is the reference's, as through the op."""
     inputs = make_moe(T, 19, 23, 5, k, dtype, duplicates)
     ref = reference.moe_mlp(*[t.double() for t in inputs[:4]], inputs[4])
     with torch.no_grad():
