@@ -3,10 +3,15 @@
 # machine's own torch and triton): the machine's facts, then every bam-bench suite, each in its
 # own process with a time limit, checks on the GPU first, then timings. Results (JSON, markdown,
 # PNG, the log) go to $OUT (the device tool's folder) or benchmarks/results.
+# A lent machine gives one call of at most 10 minutes; the limits below keep the three suites
+# inside it (each suite's checks compile every kernel variant for three dtypes first), and
+# --quick (4k and 16k tokens, shorter do_bench) keeps every case in. FULL=1 runs the full sizes.
 #   device run: bash scripts/gpu_session.sh            (timeout_s 600)
 set -u
 out=${OUT:-benchmarks/results}
-suite_timeout=${SUITE_TIMEOUT:-moe=240,moa=180,model=110}
+suite_timeout=${SUITE_TIMEOUT:-moe=300,moa=170,model=100}
+quick=--quick
+[ "${FULL:-0}" = 1 ] && quick=
 mkdir -p "$out"
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
@@ -14,5 +19,5 @@ mkdir -p "$out"
 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } 2>&1 | tee "$out/machine.txt"
 set -o pipefail
-PYTHONPATH=. PYTHONUNBUFFERED=1 python3 -m benchmarks.runner --all --device cuda --out "$out" \
+PYTHONPATH=. PYTHONUNBUFFERED=1 python3 -m benchmarks.runner --all --device cuda --out "$out" $quick \
   --suite-timeout "$suite_timeout" 2>&1 | tee "$out/log.txt"
