@@ -97,7 +97,7 @@ def check(device: str):
     for attention, model in mixes.items():
         label = f"bam {attention} float32"
         yield from guarded(f"{label} vs reference", device, _check_backend, model, device, 1e-4, label)
-        yield from guarded(f"{label} cache", device, lambda: [_check_cache(model, device, 1e-4, label)])
+        yield from guarded(f"{label} cache", device, lambda m=model, lb=label: [_check_cache(m, device, 1e-4, lb)])
         if device.startswith("cuda"):
             yield from guarded(f"bam {attention} bfloat16", device, _check_bf16, model, device, size[0], f"bam {attention}")
     yield from guarded("identical experts", device, _check_identical, dense, device, size[0])
@@ -114,7 +114,7 @@ def _train_rows(device, dtype, size, batches, quick):
         case = f"train fwd+bwd B={B} T={T} D={D} L={L} E={E}"
         steps = {}
         for pname, model, backend in providers:
-            def step(model=model, backend=backend):
+            def step(model=model, backend=backend, x=x):
                 model.zero_grad(set_to_none=True)
                 if backend is None:
                     model(x, labels=x).loss.backward()
@@ -139,8 +139,8 @@ def _generate_rows(device, dtype, size, cases, quick):
         prompt = torch.randint(0, V, (B, P), device=device)
         case = f"generate B={B} prompt={P} new={N} D={D} L={L} E={E}"
         models = [("dense", dense)] + [(f"bam {a}", m) for a, m in mixes.items()]
-        timings = time_group({pname: lambda model=model: model.generate(prompt, N) for pname, model in models},
-                             device, quick)
+        timings = time_group({pname: lambda model=model, prompt=prompt, N=N: model.generate(prompt, N)
+                              for pname, model in models}, device, quick)
         for pname, model in models:
             cache = model.new_cache()
             with torch.no_grad():
