@@ -1,0 +1,105 @@
+"""Every Triton kernel on inputs fenced by NaN: each input is a strided view into a larger buffer
+that holds NaN before its first row, after its last and past the end of every row (a KV cache
+view is exactly this: valid keys, then whatever the buffer holds). Under the interpreter an
+unmasked load outside the tensor then reads NaN, which reaches the outputs and fails the
+comparison, where it would read stray memory (or fault) on a GPU."""
+import math
+
+import pytest
+import torch
+
+import bam_kernels as bk
+from bam_kernels import reference
+from bam_kernels._triton import attention as attention_kernels
+
+NAN = float("nan")
+
+
+def fenced(t: torch.Tensor, rows_pad: int = 3, cols_pad: int = 5) -> torch.Tensor:
+    """A copy of ``t`` inside a NaN buffer, padded along the first and the last dimension."""
+    buf = torch.full((t.shape[0] + 2 * rows_pad, *t.shape[1:-1], t.shape[-1] + cols_pad), NAN, dtype=t.dtype)
+    view = buf[rows_pad:rows_pad + t.shape[0], ..., :t.shape[-1]]
+    view.copy_(t)
+    assert view.stride(-1) == 1
+    return view
+
+
+def grad_leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_()
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "NaN from the fence reached the output: a load outside the tensor"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def test_grouped_mm_fenced():
+    M, K, N, E = 45, 19, 37, 4
+    offs = torch.tensor([10, 10, 31, 40], dtype=torch.int32)  # an empty expert, 5 rows past the end
+    x, w = torch.randn(M, K), torch.randn(E, N, K) / math.sqrt(K)
+    dy = torch.randn(M, N)
+    xf, wf = grad_leaf(fenced(x)), grad_leaf(fenced(w))
+    with bk.use_backend("triton"):
+        y = bk.grouped_mm(xf, wf, offs)
+    y.backward(fenced(dy))
+    x64, w64 = grad_leaf(x.double()), grad_leaf(w.double())
+    ref = reference.grouped_mm(x64, w64, offs)
+    ref.backward(dy.double())
+    assert rel(y, ref) < 1e-5
+    assert rel(xf.grad, x64.grad) < 1e-5 and rel(wf.grad, w64.grad) < 1e-5
+
+
+@pytest.mark.parametrize("T,E,k", [(1, 4, 2), (37, 5, 2), (70, 3, 1)])
+def test_route_topk_and_moe_mlp_fenced(T, E, k):
+    D, Fh = 21, 27
+    logits = torch.randn(T, E)
+    x = torch.randn(T, D)
+    gate_up, down = torch.randn(E, 2 * Fh, D) / math.sqrt(D), torch.randn(E, D, Fh) / math.sqrt(Fh)
+    dy = torch.randn(T, D)
+    leaves = [grad_leaf(fenced(t)) for t in (logits, x, gate_up, down)]
+    with bk.use_backend("triton"):
+        w, idx = bk.route_topk(leaves[0], k, normalize=False)
+        y = bk.moe_mlp(leaves[1], leaves[2], leaves[3], w, idx)
+    y.backward(fenced(dy))
+    ref_leaves = [grad_leaf(t.double()) for t in (logits, x, gate_up, down)]
+    rw, ridx = reference.route_topk(ref_leaves[0], k, normalize=False)
+    assert torch.equal(idx, ridx)
+    ref = reference.moe_mlp(ref_leaves[1], ref_leaves[2], ref_leaves[3], rw, ridx)
+    ref.backward(dy.double())
+    assert rel(y, ref) < 1e-5
+    for name, a, b in zip(("logits", "x", "gate_up_proj", "down_proj"), leaves, ref_leaves):
+        assert rel(a.grad, b.grad) < 1e-5, name
+
+
+@pytest.mark.parametrize("expert_kv", [False, True])
+@pytest.mark.parametrize("T,S,kv_lens,splits", [
+    (33, 33, None, 1),            # prefill, causal
+    (5, 70, [70, 23], 1),         # a few queries against a ragged cache
+    (1, 600, [600, 257], 3),      # decoding, split-KV path
+])
+def test_moa_attention_fenced(expert_kv, T, S, kv_lens, splits, monkeypatch):
+    monkeypatch.setattr(attention_kernels, "num_splits", lambda *a: splits)
+    B, E, H, Hkv, Dh = 2, 2, 4, 2, 16
+    kv_shape = (B, S, E, Hkv, Dh) if expert_kv else (B, S, Hkv, Dh)
+    q, k, v = torch.randn(B, T, E, H, Dh), torch.randn(kv_shape), torch.randn(kv_shape)
+    mix = torch.softmax(torch.randn(B, T, E), -1)
+    do = torch.randn(B, T, E, H, Dh)
+    lens = None if kv_lens is None else torch.tensor(kv_lens)
+    if lens is not None:  # keys past a row's length: NaN too, as in a cache buffer
+        for b, n in enumerate(kv_lens):
+            k[b, n:], v[b, n:] = NAN, NAN
+    leaves = [grad_leaf(fenced(t)) for t in (q, k, v, mix)]
+    with bk.use_backend("triton"):
+        o = bk.moa_attention(*leaves, causal=True, kv_lens=lens)
+    o.backward(fenced(do))
+    ref_leaves = [grad_leaf(torch.nan_to_num(t.double(), nan=0.0)) for t in (q, k, v, mix)]
+    ref = reference.moa_attention(*ref_leaves, True, None, lens)
+    ref.backward(do.double())
+    assert rel(o, ref) < 1e-5
+    for name, a, b in zip(("q", "k", "v", "mix"), leaves, ref_leaves):
+        grad = a.grad
+        if name in ("k", "v") and lens is not None:  # keys past the length: zero gradient
+            for bb, n in enumerate(kv_lens):
+                assert torch.all(grad[bb, n:] == 0), name
+        assert rel(grad, b.grad) < 1e-5, name
