@@ -47,7 +47,23 @@ def _transformers_block(moe: MoE, implementation: str):
         # Another transformers release (other layout or experts implementations): leave the peer out.
         print(f"  transformers' Mixtral block ({implementation}) left out: {str(err).splitlines()[0][:160]}")
         return None
+    if implementation == "grouped_mm" and not _runs_op(block, moe.dim, "aten::_grouped_mm"):
+        # A release that ignores the setting would time its eager loop under this peer's name.
+        print("  transformers' Mixtral block (grouped_mm) left out: this release does not dispatch to it")
+        return None
     return block
+
+
+def _runs_op(module, dim: int, op: str) -> bool:
+    """Whether one small forward of ``module`` calls the aten op ``op``."""
+    p = next(module.parameters())
+    x = torch.randn(1, 8, dim, device=p.device, dtype=p.dtype)
+    try:
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            module(x)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+    return any(e.name == op for e in prof.events())
 
 
 class TorchGroupedMM(torch.nn.Module):

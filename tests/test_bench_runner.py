@@ -91,3 +91,15 @@ def test_suite_timeouts_parse():
     assert runner._timeouts("90", ["moe", "moa"]) == {"moe": 90.0, "moa": 90.0}
     assert runner._timeouts("moe=240, moa=180", ["moe", "moa", "model"]) == {"moe": 240.0, "moa": 180.0,
                                                                           "model": None}
+
+
+def test_transformers_peers_are_what_they_are_named():
+    """The hf-grouped_mm peer runs torch._grouped_mm and hf-eager does not; a transformers release
+    that ignored the implementation setting would be left out rather than timed under that name."""
+    pytest.importorskip("transformers")
+    from bam_model.nn import MoE
+    from benchmarks.moe import _runs_op, _transformers_block
+    moe = MoE(64, 96, 4, top_k=2, normalize=True)
+    grouped, eager = _transformers_block(moe, "grouped_mm"), _transformers_block(moe, "eager")
+    assert grouped is not None and _runs_op(grouped, 64, "aten::_grouped_mm")
+    assert eager is not None and not _runs_op(eager, 64, "aten::_grouped_mm")
