@@ -96,7 +96,6 @@ def test_suite_timeouts_parse():
 def test_transformers_peers_are_what_they_are_named():
     """The hf-grouped_mm peer runs torch._grouped_mm and hf-eager does not; a transformers release
     that ignored the implementation setting would be left out rather than timed under that name."""
-    pytest.importorskip("transformers")
     from bam_model.nn import MoE
     from benchmarks.moe import _runs_op, _transformers_block
     moe = MoE(64, 96, 4, top_k=2, normalize=True)
