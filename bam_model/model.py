@@ -197,8 +197,11 @@ class CausalLM(nn.Module, abc.ABC):
         aux_loss, router_logits = self._aux()
         nll = loss = None
         if labels is not None:
-            nll = F.cross_entropy(logits_BTV[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                  ignore_index=-100)
+            # Labels shifted left (the last position ignored) rather than the logits shifted
+            # right: slicing [B, T, V] logits costs a copy and, in the backward, a zero-filled
+            # logits-sized gradient; the mean is over the same positions.
+            targets_BT = F.pad(labels[:, 1:], (0, 1), value=-100)
+            nll = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100)
             loss = nll if aux_loss is None else nll + aux_loss
         return CausalLMOutput(logits=logits_BTV, loss=loss, nll=nll, aux_loss=aux_loss,
                               router_logits=router_logits)
