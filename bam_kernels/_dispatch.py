@@ -83,3 +83,17 @@ def call_directly(*tensors: torch.Tensor | None) -> bool:
         return False
     return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
             and all(type(t) in _PLAIN for t in present))
+
+
+def autocast_to(*tensors: torch.Tensor):
+    """Inside an autocast region, the floating tensors cast to its dtype (as F.linear and SDPA
+    would be run), else unchanged: the GEMM-like ops then run in bf16/fp16 on fp32 parameters, and
+    gradients flow back through the casts."""
+    first = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if first is None:
+        return tensors
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks, reference
-from ._dispatch import backend_for, call_directly
+from ._dispatch import autocast_to, backend_for, call_directly
 
 
 def _check_moa(q, k, v, mix, causal, scale, kv_lens):
@@ -177,9 +177,11 @@ def moa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix: torch.
     ``Dh ** -0.5``. kv_lens [B] (integer, optional) counts the valid keys of each row; keys past it
     are ignored. Causal masking aligns the last query with the last valid key: query t sees key s
     iff s <= t + kv_lens[b] - T. A query that sees no key gets zeros. Differentiable in q, k, v and
-    mix; the Triton backward is deterministic. The Triton path is the custom op
+    mix; the Triton backward is deterministic. Inside an autocast region q, k and v run in its
+    dtype, as scaled_dot_product_attention would. The Triton path is the custom op
     ``torch.ops.bam.moa_attention`` and the torch path plain torch ops, so torch.compile traces both.
     """
+    q, k, v = autocast_to(q, k, v)
     _check_moa(q, k, v, mix, causal, scale, kv_lens)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = backend_for(q, k, v)

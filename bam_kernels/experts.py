@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks, reference
-from ._dispatch import backend_for, call_directly
+from ._dispatch import autocast_to, backend_for, call_directly
 from .routing import _checks_enabled, routing_plan
 
 # ---------------------------------------------------------------------------------------------
@@ -173,9 +173,11 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     x [M, K] with the rows of expert e at ``offs[e-1]:offs[e]``; w [E, N, K]; offs [E] integer
     cumulative row ends. Returns [M, N] with ``y[rows of e] = x[rows of e] @ w[e].T``; rows past
     ``offs[-1]`` are zero. Differentiable in x and w; an expert without rows gets a zero gradient.
+    Inside an autocast region x and w run in its dtype, as F.linear would.
     Registered as ``torch.ops.bam.grouped_mm``, so ``torch.compile`` sees one op; the backward
     runs on the backend the forward ran on.
     """
+    x, w = autocast_to(x, w)
     _check_grouped_mm(x, w, offs)
     backend = backend_for(x, w)
     if backend == "reference":
@@ -485,9 +487,11 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
     (any float dtype) and experts [T, k] (integer ids) from the router. Returns [T, D]:
     ``y[t] = sum_s weights[t, s] * down[e] @ (silu(gate[e] @ x[t]) * up[e] @ x[t])``, e = experts[t, s].
     Differentiable in x, both weight tensors and weights. Duplicate ids in one token each count.
+    Inside an autocast region x and both weight tensors run in its dtype, as F.linear would.
     Registered as ``torch.ops.bam.moe_mlp``, so ``torch.compile`` sees one op; the backward runs
     on the backend the forward ran on.
     """
+    x, gate_up_proj, down_proj = autocast_to(x, gate_up_proj, down_proj)
     _check_moe_mlp(x, gate_up_proj, down_proj, weights, experts)
     backend = backend_for(x, gate_up_proj, down_proj)
     if backend == "reference":

@@ -320,3 +320,22 @@ def test_kernels_compile_for_hopper_with_wgmma_and_no_spills():
         # decode tiles (mma.sync) and the dot-free combine and preprocess kernels do not.
         if r["needs_wgmma"]:
             assert r["wgmma"], f"{name} does not use wgmma"
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.bfloat16), ("triton", torch.float16)])
+def test_autocast_runs_attention_in_its_dtype(backend, dtype):
+    """fp32 q, k, v (RoPE's fp32 tables promote them) inside autocast: the op runs in its dtype
+    and the fp32 leaves get gradients equal to the reference's on the cast values."""
+    q, k, v, mix, lens = make_inputs(2, 9, 12, 2, 4, 2, 16, False, torch.float32, kv_lens=[12, 10])
+    do = torch.randn(q.shape)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, mix)]
+    with torch.autocast("cpu", dtype=dtype), bk.use_backend(backend):
+        o = bk.moa_attention(*leaves, kv_lens=lens)
+    assert o.dtype == dtype
+    grads = torch.autograd.grad(o, leaves, do.to(dtype))
+    cast = [t.to(dtype) for t in (q, k, v)] + [mix]
+    ref, ref_grads = reference_with_grads(*cast, True, lens, do.to(dtype))
+    assert rel(o, ref) < 2e-2
+    for name, a, b in zip("q k v mix".split(), grads, ref_grads):
+        assert a.dtype == torch.float32, name
+        assert rel(a, b) < 2e-2, name

@@ -290,3 +290,26 @@ def test_mixtral_export_refuses_attention_experts_and_unnormalised_routing(tmp_p
         bam_model.export_mixtral(upcycle(tiny(block="parallel"), [], method="sparse", num_experts=2),
                                  str(tmp_path / "c"))
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("attention", ["expert-kv", "shared-kv"])
+def test_bam_model_trains_under_autocast(attention, monkeypatch):
+    """A training step inside bf16 autocast (what `bam train` does on CUDA) runs the experts and
+    the attention in bf16 on fp32 parameters: same loss as float32 within bf16's precision, and
+    fp32 gradients for every parameter."""
+    import bam_kernels.experts as experts
+    seen = []
+    real = experts._moe_mlp_impl
+    monkeypatch.setattr(experts, "_moe_mlp_impl", lambda x, *a: seen.append(x.dtype) or real(x, *a))
+    seed = tiny(block="parallel")
+    model = upcycle(seed, [tiny(block="parallel"), tiny(block="parallel")], attention=attention)
+    x = torch.randint(0, seed.config.vocab_size, (2, 17))
+    with torch.no_grad():
+        loss32 = model(x, labels=x).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16 = model(x, labels=x).loss
+    loss16.backward()
+    assert seen and set(seen[-seed.config.n_layers:]) == {torch.bfloat16}
+    assert abs(loss16.item() - loss32.item()) < 2e-2 * loss32.item()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in model.parameters())
