@@ -157,10 +157,10 @@ def _check_case(device, dtype, B, T, S, E, H, Hkv, Dh, expert_kv, causal, kv_len
     return lines
 
 
-def _check_int64(device):
+def _check_int64(device, B: int = 64, S: int = 65536):
     """A KV cache of 2^32 elements (bf16, 8.6 GB each for k and v): batch offsets pass 2^31. The last
     batch row is checked, forward and dk/dv, against the float64 reference of that row alone."""
-    B, S, E, H, Hkv, Dh = 64, 65536, 4, 8, 8, 128
+    E, H, Hkv, Dh = 4, 8, 8, 128
     g = torch.Generator(device=device).manual_seed(3)
     k = torch.randn(B, S, Hkv, Dh, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
     v = torch.randn(B, S, Hkv, Dh, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
@@ -177,7 +177,8 @@ def _check_int64(device):
     lines = [check_close(f"{tag} out", o[-1:], ro, 1e-2), check_close(f"{tag} dk", dk[-1:], rdk, 1e-2),
              check_close(f"{tag} dv", dv[-1:], rdv, 1e-2)]
     del k, v, q, dk, dv
-    torch.cuda.empty_cache()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     return lines
 
 

@@ -102,3 +102,17 @@ def test_transformers_peers_are_what_they_are_named():
     grouped, eager = _transformers_block(moe, "grouped_mm"), _transformers_block(moe, "eager")
     assert grouped is not None and _runs_op(grouped, 64, "aten::_grouped_mm")
     assert eager is not None and not _runs_op(eager, 64, "aten::_grouped_mm")
+
+
+def test_gpu_only_check_paths_run_on_small_sizes():
+    """The checks bam-bench runs only on CUDA, run here at small sizes on the CPU, so that a slip
+    in them cannot cost a GPU session: the int64 cache check, the large-size check against the
+    torch path, the decode checks, and the copy-bandwidth row."""
+    from benchmarks import moa, moe
+    lines = moa._check_int64("cpu", B=3, S=257)
+    lines += moe._check_ops("cpu", torch.float32, 300, 24, 40, 16, 8, 1e-5, vs="torch")
+    lines += moa._check_case("cpu", torch.float32, 4, 1, 700, 4, 8, 8, 32, False, True, [700, 300, 1, 500], 1e-5)
+    lines += moa._check_case("cpu", torch.float32, 2, 3, 600, 4, 8, 2, 32, True, True, [600, 17], 1e-5)
+    assert len(lines) == 3 + 5 + 5 + 5 and not [line for line in lines if line.startswith("FAIL")], lines
+    row = moa._copy_row(1 << 20, "cpu", True, "copy case")
+    assert row["provider"] == "copy" and row["ms"] > 0 and row["gbps"] > 0
