@@ -114,5 +114,10 @@ def test_gpu_only_check_paths_run_on_small_sizes():
     lines += moa._check_case("cpu", torch.float32, 4, 1, 700, 4, 8, 8, 32, False, True, [700, 300, 1, 500], 1e-5)
     lines += moa._check_case("cpu", torch.float32, 2, 3, 600, 4, 8, 2, 32, True, True, [600, 17], 1e-5)
     assert len(lines) == 3 + 5 + 5 + 5 and not [line for line in lines if line.startswith("FAIL")], lines
+    from benchmarks import model
+    _, mixes = model._models("cpu", torch.float32, (1000, 64, 2, 4, 2, 96, 4))
+    for attention, m in mixes.items():
+        (line,) = model._check_bf16(m, "cpu", 1000, f"bam {attention}")
+        assert not line.startswith("FAIL"), line
     row = moa._copy_row(1 << 20, "cpu", True, "copy case")
     assert row["provider"] == "copy" and row["ms"] > 0 and row["gbps"] > 0
