@@ -31,20 +31,13 @@ def _check_grouped_mm(x, w, offs):
             raise ValueError(f"offs must be non-decreasing row ends in [0, M={x.shape[0]}], got {offs.tolist()}")
 
 
-def _segments(offs_E: torch.Tensor):
-    """(expert, first row, end row) of every expert with rows, from cumulative row ends."""
+def _segments(offs_E: torch.Tensor, empty: bool = False):
+    """(expert, first row, end row) of every expert with rows (``empty``: of every expert) from
+    cumulative row ends."""
     start = 0
     for e, end in enumerate(offs_E.tolist()):
-        if end > start:
+        if end > start or empty:
             yield e, start, end
-        start = end
-
-
-def _segments_all(offs_E: torch.Tensor):
-    """(expert, first row, end row) of every expert, those without rows too (lo == hi)."""
-    start = 0
-    for e, end in enumerate(offs_E.tolist()):
-        yield e, start, end
         start = end
 
 
@@ -336,7 +329,7 @@ def _moe_bwd_torch_per_expert(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK,
     dx_SD = x_TD.new_empty(T * k, D)  # slot order
     dw_M = x_TD.new_zeros(T * k)
     end = 0
-    for e, lo, hi in _segments_all(offs_E):
+    for e, lo, hi in _segments(offs_E, empty=True):
         if lo == hi:  # an expert without rows: exactly zero gradient
             d_gate_up[e].zero_()
             d_down[e].zero_()
