@@ -74,7 +74,7 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 def call_directly(*tensors: torch.Tensor | None) -> bool:
     """Whether an op may run its implementation without its registered custom op: in eager mode,
-    with no gradient to record, on plain tensors and with no dispatch mode active. A custom op
+    with no gradient to record, on plain tensors with data and with no dispatch mode active. A custom op
     costs tens of microseconds of Python per call, which decoding pays for every op of every layer
     of every token; torch.compile, autograd, fake and other tensor subclasses still go through the
     op, so what they see is unchanged."""
@@ -82,7 +82,7 @@ def call_directly(*tensors: torch.Tensor | None) -> bool:
     if torch.is_grad_enabled() and any(t.requires_grad for t in present):
         return False
     return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
-            and all(type(t) in _PLAIN for t in present))
+            and all(type(t) in _PLAIN and not t.is_meta for t in present))
 
 
 def autocast_to(*tensors: torch.Tensor):
@@ -93,7 +93,7 @@ def autocast_to(*tensors: torch.Tensor):
     if first is None:
         return tensors
     device_type = first.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return tensors  # (meta tensors, for one, have no autocast)
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

@@ -239,6 +239,18 @@ def test_moe_mlp_under_a_dispatch_mode_goes_through_the_op():
     assert y.shape == (3, 16) and w.shape == (3, 2) and idx.shape == (3, 2)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_modules_run_on_the_meta_device(grad):
+    """Shape-only runs (a model built on the meta device) reach the ops' fake kernels, with and
+    without autograd."""
+    from bam_model.nn import MixtureOfAttention, MoE
+    moe = MoE(16, 24, 4, top_k=2, device="meta")
+    moa = MixtureOfAttention(16, 4, 2, 3, shared_kv=False).to("meta")
+    with torch.set_grad_enabled(grad):
+        assert moe(torch.randn(2, 5, 16, device="meta")).shape == (2, 5, 16)
+        assert moa(torch.randn(2, 5, 16, device="meta")).shape == (2, 5, 16)
+
+
 def test_moe_mlp_empty_batch():
     x, gate_up, down, weights, experts = make_moe(0, 16, 24, 4, 2)
     for backend in BACKENDS:
