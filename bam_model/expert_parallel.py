@@ -19,7 +19,7 @@ import torch.nn as nn
 
 import bam_kernels as bk
 
-from .nn import MoE, MoEExperts, load_balancing_loss, router_z_loss
+from .nn import MoE, MoEExperts, load_balancing_loss, route_logits, router_z_loss
 
 
 class _AllToAll(torch.autograd.Function):
@@ -122,7 +122,7 @@ class ExpertParallelMoE(nn.Module):
             raise ValueError(f"x must have last dimension dim={self.dim}, got shape {tuple(x.shape)}")
         W, E_local = self.world_size, self.num_local_experts
         x_TD = x.reshape(-1, self.dim)
-        logits_TE = self.gate(x_TD)
+        logits_TE = route_logits(self.gate, x_TD)
         weights_TK, experts_TK = bk.route_topk(logits_TE, self.top_k, normalize=self.normalize)
         plan = bk.routing_plan(experts_TK, self.num_experts)
         tokens_M = plan.sorted_tokens

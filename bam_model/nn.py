@@ -26,6 +26,17 @@ def load_balancing_loss(router_logits_TE: torch.Tensor, experts_TK: torch.Tensor
     return E * (f_E * probs_TE.mean(dim=0)).sum()
 
 
+def route_logits(router: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``router(x)``; inside an autocast region computed in float32 instead (selective precision,
+    as Switch and ST-MoE do: bf16 logits round enough to flip top-k choices and to destabilise the
+    softmax and the z-loss)."""
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return nn.functional.linear(x.float(), router.weight.float())
+    return router(x)
+
+
 def router_z_loss(router_logits_TE: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss ``mean_t (logsumexp_j logits_tj)^2``."""
     return torch.logsumexp(router_logits_TE.float(), dim=-1).square().mean()
@@ -97,7 +108,7 @@ class MoE(nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"x must have last dimension dim={self.dim}, got shape {tuple(x.shape)}")
         x_TD = x.reshape(-1, self.dim)
-        logits_TE = self.gate(x_TD)
+        logits_TE = route_logits(self.gate, x_TD)
         weights_TK, experts_TK = bk.route_topk(logits_TE, self.top_k, normalize=self.normalize)
         y_TD = self.experts(x_TD, weights_TK, experts_TK)
         self.router_logits = logits_TE
@@ -269,7 +280,7 @@ class MixtureOfAttention(nn.Module):
         B, T, _ = x.shape
         E, H, Hkv, Dh = self.num_experts, self.n_heads, self.n_kv_heads, self.head_dim
         kv_heads = (Hkv,) if self.shared_kv else (E, Hkv)
-        logits_BTE = self.router(x)
+        logits_BTE = route_logits(self.router, x)
         q_BTND = self.q_proj(x).view(B, T, E * H, Dh)
         k_BTGD = self.k_proj(x).view(B, T, -1, Dh)
         v_BTGD = self.v_proj(x).view(B, T, *kv_heads, Dh)

@@ -295,8 +295,8 @@ def test_mixtral_export_refuses_attention_experts_and_unnormalised_routing(tmp_p
 @pytest.mark.parametrize("attention", ["expert-kv", "shared-kv"])
 def test_bam_model_trains_under_autocast(attention, monkeypatch):
     """A training step inside bf16 autocast (what `bam train` does on CUDA) runs the experts and
-    the attention in bf16 on fp32 parameters: same loss as float32 within bf16's precision, and
-    fp32 gradients for every parameter."""
+    the attention in bf16 on fp32 parameters and the routers in fp32: same loss as float32 within
+    bf16's precision, and fp32 gradients for every parameter."""
     import bam_kernels.experts as experts
     seen = []
     real = experts._moe_mlp_impl
@@ -307,8 +307,16 @@ def test_bam_model_trains_under_autocast(attention, monkeypatch):
     with torch.no_grad():
         loss32 = model(x, labels=x).loss
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss16 = model(x, labels=x).loss
+        out = model(x, labels=x)
+    loss16 = out.loss
     loss16.backward()
+    # Routers in float32 (selective precision): the logits equal the fp32 product exactly.
+    for logits in out.router_logits["ffn"] + out.router_logits["attention"]:
+        assert logits.dtype == torch.float32
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        h = layer.input_layernorm(model.model.embed_tokens(x)).reshape(-1, seed.config.dim)
+        assert torch.equal(out.router_logits["ffn"][0], h @ layer.mlp.gate.weight.T)
     assert seen and set(seen[-seed.config.n_layers:]) == {torch.bfloat16}
     assert abs(loss16.item() - loss32.item()) < 2e-2 * loss32.item()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
