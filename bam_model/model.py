@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .config import BamConfig, DenseConfig
 from .nn import KVCache, MixtureOfAttention, MoE
-from .rope import apply_rope, rope_cos_sin
+from .rope import apply_rope, rope_cos_sin, rope_cos_sin_range
 
 
 @dataclass
@@ -75,9 +75,11 @@ class Attention(nn.Module):
         B, T, _ = x_BTD.shape
         if position_ids is None:
             past = cache.length(self.layer_idx) if cache is not None else 0
-            position_ids = torch.arange(past, past + T, device=x_BTD.device)
-        cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta, dtype=x_BTD.dtype,
-                                device=x_BTD.device)
+            cos, sin = rope_cos_sin_range(past, T, self.head_dim, self.rope_theta, dtype=x_BTD.dtype,
+                                          device=x_BTD.device)
+        else:
+            cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta, dtype=x_BTD.dtype,
+                                    device=x_BTD.device)
         q_BTHD = apply_rope(self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim), cos, sin)
         k_BTGD = apply_rope(self.k_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v_BTGD = self.v_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)

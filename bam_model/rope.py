@@ -23,6 +23,28 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0,
     return angles_TD.cos().to(dtype), angles_TD.sin().to(dtype)
 
 
+_TABLES: dict = {}
+
+
+def rope_cos_sin_range(start: int, length: int, head_dim: int, theta: float = 10000.0,
+                       dtype: torch.dtype = torch.float32, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rope_cos_sin`` of positions ``start .. start + length - 1``, each [length, head_dim], sliced
+    from a table kept per (device, head_dim, theta) that grows by doubling: the layers of a model,
+    and every decoding step, share it instead of computing the angles again (a dozen small
+    kernels per layer per token). Under torch.compile the angles are computed in the graph."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if torch.compiler.is_compiling():
+        return rope_cos_sin(torch.arange(start, start + length, device=device), head_dim, theta, dtype, device)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    key = (device, head_dim, float(theta), work)
+    end = start + length
+    table = _TABLES.get(key)
+    if table is None or table[0].shape[0] < end:
+        n = max(end, 2 * (table[0].shape[0] if table is not None else 0), 256)
+        table = _TABLES[key] = rope_cos_sin(torch.arange(n, device=device), head_dim, theta, work, device)
+    return table[0][start:end].to(dtype), table[1][start:end].to(dtype)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

@@ -58,3 +58,18 @@ def test_rope_bad_input():
     cos, sin = rope_cos_sin(torch.arange(4), 8)
     with pytest.raises(ValueError, match="cos and sin"):
         apply_rope(torch.randn(5, 2, 8), cos, sin)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_range_table_equals_the_angles_computed_afresh(dtype):
+    """Slices of the shared table (grown by doubling past its first 256 positions) match
+    rope_cos_sin of the same positions."""
+    from bam_model.rope import _TABLES, rope_cos_sin_range
+    _TABLES.clear()
+    for start, length in [(0, 7), (250, 1), (255, 300), (1000, 33), (3, 1)]:
+        cos, sin = rope_cos_sin_range(start, length, 32, 5000.0, dtype=dtype)
+        ref_cos, ref_sin = rope_cos_sin(torch.arange(start, start + length), 32, 5000.0, dtype=dtype)
+        assert cos.shape == (length, 32) and cos.dtype == dtype
+        torch.testing.assert_close(cos, ref_cos, rtol=0, atol=1e-6 if dtype != torch.float16 else 1e-3)
+        torch.testing.assert_close(sin, ref_sin, rtol=0, atol=1e-6 if dtype != torch.float16 else 1e-3)
+    assert len(_TABLES) == 1  # one table, grown in place of the old, whatever dtype is asked for
