@@ -64,7 +64,10 @@ def evaluate(model: nn.Module, domains: str | Sequence[str | Source] = DOMAINS, 
                 ids = chunk.to(device)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     logits = model(ids).logits
-                nll += F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
+                # Shifted targets (the last position ignored) rather than sliced logits: no
+                # logits-sized copy.
+                targets = F.pad(ids[:, 1:], (0, 1), value=-100)
+                nll += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
                                        reduction="sum").item()
                 n_tok += chunk[:, 1:].numel()
                 n_bytes += int(byte_len[chunk[:, 1:]].sum())
