@@ -259,6 +259,9 @@ def main(argv=None) -> int:
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False
     isolate = args.isolate if args.isolate is not None else (device.startswith("cuda") and len(suites) > 1)
+    if not isolate and any(v is not None for v in args.suite_timeout.values()):
+        p.error("--suite-timeout stops suites run in their own processes: add --isolate (the default on "
+                "CUDA with several suites)")
     env = environment(device)
     print(f"bam-bench on {env['device_name']} ({device}); torch {env['torch']}, triton {env['triton']}",
           flush=True)

@@ -84,6 +84,9 @@ def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         runner.main(["moe", "--device", "cpu", "--suite-timeout", "moe=ten"])
     assert "suite=seconds pairs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        runner.main(["moe", "--device", "cpu", "--suite-timeout", "60"])
+    assert "add --isolate" in capsys.readouterr().err
 
 
 def test_suite_timeouts_parse():
