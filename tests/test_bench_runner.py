@@ -71,22 +71,17 @@ def test_isolated_suite_stopped_at_its_timeout_keeps_a_valid_result(tmp_path):
     assert "stopped after 3 s" in path.with_suffix(".md").read_text()
 
 
-def test_bad_arguments_are_refused(capsys):
+@pytest.mark.parametrize("argv,message", [
+    (["nosuch"], "unknown suite 'nosuch'"),
+    (["moe", "--suite-timeout", "0"], "--suite-timeout must be a positive"),
+    (["moe", "--suite-timeout", "moa=10"], "names 'moa', which is not among the suites run (moe)"),
+    (["moe", "--suite-timeout", "moe=ten"], "suite=seconds pairs"),
+    (["moe", "--suite-timeout", "60"], "add --isolate"),
+])
+def test_bad_arguments_are_refused(capsys, argv, message):
     with pytest.raises(SystemExit):
-        runner.main(["nosuch", "--device", "cpu"])
-    assert "unknown suite 'nosuch'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        runner.main(["moe", "--device", "cpu", "--suite-timeout", "0"])
-    assert "--suite-timeout must be a positive" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        runner.main(["moe", "--device", "cpu", "--suite-timeout", "moa=10"])
-    assert "names 'moa', which is not among the suites run (moe)" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        runner.main(["moe", "--device", "cpu", "--suite-timeout", "moe=ten"])
-    assert "suite=seconds pairs" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        runner.main(["moe", "--device", "cpu", "--suite-timeout", "60"])
-    assert "add --isolate" in capsys.readouterr().err
+        runner.main(argv + ["--device", "cpu"])
+    assert message in capsys.readouterr().err
 
 
 def test_suite_timeouts_parse():
