@@ -28,8 +28,11 @@ def _quantiles(times_ms: list[float]) -> dict:
 
 def _error(err: Exception, device: str) -> dict:
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+        try:  # free what a failed (out-of-memory) call left; a broken context raises again here
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        except RuntimeError:
+            pass
     first = (str(err).strip().splitlines() or [""])[0][:200]
     return {"error": f"{type(err).__name__}: {first}"}
 
@@ -110,7 +113,4 @@ def guarded(label: str, device: str, fn, *args, **kwargs) -> list[str]:
     try:
         return fn(*args, **kwargs)
     except Exception as err:  # noqa: BLE001 - reported as a failed check
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-        first = (str(err).strip().splitlines() or [""])[0][:300]
-        return [f"FAIL {label}: {type(err).__name__}: {first}"]
+        return [f"FAIL {label}: {_error(err, device)['error']}"]
