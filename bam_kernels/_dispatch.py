@@ -72,6 +72,11 @@ def backend_for(*tensors: torch.Tensor) -> str:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will record an op on these inputs."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def call_directly(*tensors: torch.Tensor | None) -> bool:
     """Whether an op may run its implementation without its registered custom op: in eager mode,
     with no gradient to record, on plain tensors with data and with no dispatch mode active. A custom op
@@ -79,9 +84,8 @@ def call_directly(*tensors: torch.Tensor | None) -> bool:
     of every token; torch.compile, autograd, fake and other tensor subclasses still go through the
     op, so what they see is unchanged."""
     present = [t for t in tensors if t is not None]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
-        return False
-    return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+    return (not needs_grad(*present) and not torch.compiler.is_compiling()
+            and _get_current_dispatch_mode() is None
             and all(type(t) in _PLAIN and not t.is_meta for t in present))
 
 

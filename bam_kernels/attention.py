@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks, reference
-from ._dispatch import autocast_to, backend_for, call_directly
+from ._dispatch import autocast_to, backend_for, call_directly, needs_grad
 
 
 def _check_moa(q, k, v, mix, causal, scale, kv_lens):
@@ -198,5 +198,4 @@ def moa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix: torch.
     if call_directly(q, k, v, mix, kv_lens):
         from ._triton import attention as kernels
         return kernels.forward(q, k, v, mix, kv_lens, causal, scale, False)[0]
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, mix))
-    return _moa_triton(q, k, v, mix, kv_lens, causal, scale, save)[0]
+    return _moa_triton(q, k, v, mix, kv_lens, causal, scale, needs_grad(q, k, v, mix))[0]

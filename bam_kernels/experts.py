@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks, reference
-from ._dispatch import autocast_to, backend_for, call_directly
+from ._dispatch import autocast_to, backend_for, call_directly, needs_grad
 from .routing import _checks_enabled, routing_plan
 
 # ---------------------------------------------------------------------------------------------
@@ -101,11 +101,13 @@ def _grouped_mm_triton(x_MK, w_ENK, offs_E):
     return launch_gemm(x_MK, w_ENK, w_ENK.stride(), N, K, offs_E.to(torch.int32).contiguous(), y_MN)
 
 
+def _grouped_mm_impl(x, w, offs, backend: str):
+    return (_grouped_mm_triton if backend == "triton" else _grouped_mm_torch)(x, w, offs)
+
+
 @torch.library.custom_op("bam::grouped_mm", mutates_args=())
 def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, backend: str) -> torch.Tensor:
-    if backend == "triton":
-        return _grouped_mm_triton(x, w, offs)
-    return _grouped_mm_torch(x, w, offs)
+    return _grouped_mm_impl(x, w, offs, backend)
 
 
 @_grouped_mm_op.register_fake
@@ -176,7 +178,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Te
     if backend == "reference":
         return reference.grouped_mm(x, w, offs)
     if call_directly(x, w, offs):
-        return (_grouped_mm_triton if backend == "triton" else _grouped_mm_torch)(x, w, offs)
+        return _grouped_mm_impl(x, w, offs, backend)
     return _grouped_mm_op(x, w, offs, backend)
 
 
@@ -492,5 +494,5 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
         return reference.moe_mlp(x, gate_up_proj, down_proj, weights, experts)
     if call_directly(x, gate_up_proj, down_proj, weights, experts):
         return _moe_mlp_impl(x, gate_up_proj, down_proj, weights, experts, False, backend)[0]
-    save_pre = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up_proj, down_proj, weights))
+    save_pre = needs_grad(x, gate_up_proj, down_proj, weights)
     return _moe_mlp_op(x, gate_up_proj, down_proj, weights, experts, save_pre, backend)[0]

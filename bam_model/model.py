@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .config import BamConfig, DenseConfig
 from .nn import KVCache, MixtureOfAttention, MoE
-from .rope import apply_rope, rope_cos_sin, rope_cos_sin_range
+from .rope import apply_rope, rope_for
 
 
 @dataclass
@@ -73,13 +73,8 @@ class Attention(nn.Module):
     def forward(self, x_BTD: torch.Tensor, cache: KVCache | None = None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        if position_ids is None:
-            past = cache.length(self.layer_idx) if cache is not None else 0
-            cos, sin = rope_cos_sin_range(past, T, self.head_dim, self.rope_theta, dtype=x_BTD.dtype,
-                                          device=x_BTD.device)
-        else:
-            cos, sin = rope_cos_sin(position_ids, self.head_dim, self.rope_theta, dtype=x_BTD.dtype,
-                                    device=x_BTD.device)
+        past = cache.length(self.layer_idx) if cache is not None else 0
+        cos, sin = rope_for(position_ids, past, T, self.head_dim, self.rope_theta, x_BTD.dtype, x_BTD.device)
         q_BTHD = apply_rope(self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim), cos, sin)
         k_BTGD = apply_rope(self.k_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v_BTGD = self.v_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import bam_kernels as bk
 
-from .rope import apply_rope, rope_cos_sin, rope_cos_sin_range
+from .rope import apply_rope, rope_for
 
 
 def load_balancing_loss(router_logits_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
@@ -284,11 +284,8 @@ class MixtureOfAttention(nn.Module):
         q_BTND = self.q_proj(x).view(B, T, E * H, Dh)
         k_BTGD = self.k_proj(x).view(B, T, -1, Dh)
         v_BTGD = self.v_proj(x).view(B, T, *kv_heads, Dh)
-        if position_ids is None:
-            start = cache.length(self.layer_idx) if cache is not None else 0
-            cos, sin = rope_cos_sin_range(start, T, Dh, self.rope_theta, dtype=q_BTND.dtype, device=x.device)
-        else:
-            cos, sin = rope_cos_sin(position_ids, Dh, self.rope_theta, dtype=q_BTND.dtype, device=x.device)
+        start = cache.length(self.layer_idx) if cache is not None else 0
+        cos, sin = rope_for(position_ids, start, T, Dh, self.rope_theta, q_BTND.dtype, x.device)
         q_BTEHD = apply_rope(q_BTND, cos, sin).view(B, T, E, H, Dh)
         k_BTGD = apply_rope(k_BTGD, cos, sin).view(B, T, *kv_heads, Dh)
         if cache is not None:

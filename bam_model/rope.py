@@ -45,6 +45,15 @@ def rope_cos_sin_range(start: int, length: int, head_dim: int, theta: float = 10
     return table[0][start:end].to(dtype), table[1][start:end].to(dtype)
 
 
+def rope_for(position_ids: torch.Tensor | None, start: int, length: int, head_dim: int, theta: float,
+             dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) for an attention layer: of ``position_ids`` when given, else of the positions
+    ``start ..`` that follow its cache, from the shared table."""
+    if position_ids is None:
+        return rope_cos_sin_range(start, length, head_dim, theta, dtype, device)
+    return rope_cos_sin(position_ids, head_dim, theta, dtype, device)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
