@@ -27,6 +27,34 @@ CONFIG = "config.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024 ** 3
 
 
+def write_atomic(path, write) -> None:
+    """Make the file ``path`` by ``write(temporary path)`` beside it, fsync it, give it the mode a
+    plain open() would (0644; mkstemp makes 0600), then rename it into place: a crash leaves the
+    old file or the new one, never half of one."""
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(dir=folder or ".", prefix=f".{name}.tmp-", suffix=os.path.splitext(name)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text_atomic(path, text: str) -> None:
+    """``write_atomic`` of a UTF-8 text."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+    write_atomic(path, write)
+
+
 def model_class(config: DenseConfig) -> type[CausalLM]:
     return BamLM if isinstance(config, BamConfig) else DenseLM
 

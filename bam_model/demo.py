@@ -28,14 +28,13 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .checkpoint import from_pretrained
+from .checkpoint import from_pretrained, write_atomic, write_text_atomic
 from .config import BamConfig, DenseConfig, load_config
 from .data import DOMAINS, eval_windows, load_tokenizer, parse_data_spec, tokens
 from .evaluate import evaluate
@@ -158,19 +157,7 @@ def flops_per_token(config: DenseConfig, seq_len: int) -> float:
 
 def _write_json_atomic(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, indent=2) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 class PhaseRunner:
@@ -318,7 +305,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, device: str | None = No
     _write_json_atomic(out / "results.json", results)
     _write_json_atomic(out / "details.json", diag)
     table = format_table(results, diag)
-    _write_text_atomic(out / "table.md", table)
+    write_text_atomic(out / "table.md", table)
     plot_perplexity(results, cfg.expert_domains, out / "perplexity.png")
     plot_router_use(diag["router_use"], {n: _experts_names(load_config(str(inits[n]))) for n in diag["router_use"]},
                     out / "router_use.png")
@@ -413,11 +400,7 @@ def plot_router_use(router: dict, experts: dict[str, list[str]], path: Path) -> 
 
 
 def _save_figure(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
 
 
 # --- command line -------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from . import distributed
+from .checkpoint import write_atomic, write_text_atomic
 from .data import BatchStream, load_tokenizer, parse_data_spec
 
 METRICS = "metrics.jsonl"
@@ -139,15 +140,6 @@ def _fsync_dir(path: Path) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _sha256(path: Path) -> str:
@@ -354,10 +346,7 @@ def _save_final(model: nn.Module, path: Path) -> None:
         build_model(inner.config, tensors).save_pretrained(str(path))
         return
     path.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{MODEL_FILE}.tmp-")
-    os.close(fd)
-    save_file(tensors, tmp)
-    os.replace(tmp, path / MODEL_FILE)
+    write_atomic(path / MODEL_FILE, lambda tmp: save_file(tensors, tmp))
 
 
 def train(model: nn.Module, data: str, out: str | os.PathLike, cfg: TrainConfig, *, resume: bool = False,
@@ -410,7 +399,7 @@ def train(model: nn.Module, data: str, out: str | os.PathLike, cfg: TrainConfig,
         step = _load_state(path, json.loads((path / TRAINER_JSON).read_text(encoding="utf-8")), wrapped, opt, stream)
     records = _read_metrics(out / METRICS, step) if step else []
     if ctx.is_main:
-        _write_text_atomic(out / METRICS, "".join(json.dumps(r) + "\n" for r in records))
+        write_text_atomic(out / METRICS, "".join(json.dumps(r) + "\n" for r in records))
 
     micro = cfg.batch_size // (cfg.grad_accum * ctx.world_size)
     tokens_per_step = cfg.batch_size * cfg.seq_len

@@ -19,6 +19,8 @@ import traceback
 
 import torch
 
+from bam_model.checkpoint import write_text_atomic
+
 SUITES = ("moe", "moa", "model")
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -47,14 +49,6 @@ def environment(device: str) -> dict:
     if device.startswith("cuda"):
         env["cuda"] = torch.version.cuda
     return env
-
-
-def _atomic_write(path: str, text: str | bytes) -> None:
-    mode = "wb" if isinstance(text, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-    with os.fdopen(fd, mode) as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def markdown(result: dict) -> str:
@@ -135,8 +129,8 @@ class Results:
         self.save()
 
     def save(self) -> None:
-        _atomic_write(self.json_path, json.dumps(self.data, indent=1))
-        _atomic_write(self.json_path[:-len(".json")] + ".md", markdown(self.data))
+        write_text_atomic(self.json_path, json.dumps(self.data, indent=1))
+        write_text_atomic(self.json_path[:-len(".json")] + ".md", markdown(self.data))
 
     def failed(self) -> bool:
         return bool(self.data["errors"]) or any(_failed(c) for c in self.data["checks"])
