@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import from_pretrained, write_atomic, write_text_atomic
-from .config import BamConfig, DenseConfig, load_config
+from .config import BamConfig, DenseConfig, _positive_float, _positive_int, load_config
 from .data import DOMAINS, eval_windows, load_tokenizer, parse_data_spec, tokens
 from .evaluate import evaluate
 from .model import DenseLM
@@ -79,15 +79,11 @@ class DemoConfig:
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "seq_len", "batch_size",
                      "seed_steps", "expert_steps", "mix_steps", "diagnostic_windows"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            _positive_int(name, getattr(self, name))
         if self.eval_windows is not None and (not isinstance(self.eval_windows, int) or self.eval_windows < 1):
             raise ValueError(f"eval_windows must be None or a positive int, got {self.eval_windows!r}")
         for name in ("seed_lr", "expert_lr", "mix_lr"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"{name} must be a positive number, got {v!r}")
+            _positive_float(name, getattr(self, name))
         if not 0 <= self.general_fraction < 1:
             raise ValueError(f"general_fraction must be in [0, 1), got {self.general_fraction!r}")
         self.expert_domains = tuple(self.expert_domains)

@@ -183,14 +183,19 @@ def grad_sync(model: nn.Module, enabled: bool):
     return contextlib.nullcontext()
 
 
-def clip_grad_norm(model: nn.Module, params: list[torch.Tensor], max_norm: float) -> float:
+def expert_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of the expert-parallel parameters (each rank holds its own experts'), for clip_grad_norm."""
+    return {id(p) for p in ep.expert_parameters(unwrap(model)).values()}
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, experts: set[int]) -> torch.Tensor:
     """Scale the gradients so that their global 2-norm is at most ``max_norm`` (``math.inf``: only
-    measure it); returns the norm before clipping. Sharded FSDP gradients reduce their norm over
-    the ranks themselves; expert-parallel gradients are summed in here."""
-    experts = {id(p) for p in ep.expert_parameters(unwrap(model)).values()}
+    measure it); returns the norm before clipping, on the device (no host sync). Sharded FSDP
+    gradients reduce their norm over the ranks themselves; the gradients of the expert-parallel
+    parameters ``experts`` (from ``expert_parameter_ids``) are summed in here."""
     if not experts:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     grads = [p.grad for p in params if p.grad is not None and id(p) not in experts]
     expert_grads = [p.grad for p in params if p.grad is not None and id(p) in experts]
     local = torch.nn.utils.get_total_norm(grads).float()
@@ -198,7 +203,7 @@ def clip_grad_norm(model: nn.Module, params: list[torch.Tensor], max_norm: float
     dist.all_reduce(expert_sq)
     total = (local.square() + expert_sq.to(local.device)).sqrt()
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return float(total)
+    return total
 
 
 # --- model and optimizer state: full tensors ---------------------------------------------------

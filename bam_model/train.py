@@ -405,6 +405,7 @@ def train(model: nn.Module, data: str, out: str | os.PathLike, cfg: TrainConfig,
     tokens_per_step = cfg.batch_size * cfg.seq_len
     eval_model = wrapped if distributed.is_fsdp(wrapped) else distributed.unwrap(wrapped)
     params = [p for g in opt.param_groups for p in g["params"]]
+    experts = distributed.expert_parameter_ids(wrapped)
     wrapped.train()
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and ctx.is_main), desc="train", unit="step")
     t_last, steps_since = time.perf_counter(), 0
@@ -435,7 +436,7 @@ def train(model: nn.Module, data: str, out: str | os.PathLike, cfg: TrainConfig,
             loss = means["loss"]
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower lr or check the data")
-            grad_norm = distributed.clip_grad_norm(wrapped, params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            grad_norm = distributed.clip_grad_norm(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf, experts)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -447,7 +448,7 @@ def train(model: nn.Module, data: str, out: str | os.PathLike, cfg: TrainConfig,
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - t_last
-                rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
                        "tokens_per_s": steps_since * tokens_per_step / max(elapsed, 1e-9),
                        "tokens": step * tokens_per_step}
                 rec.update({name: means[name] for name in ("nll", "aux_loss") if name in means})
