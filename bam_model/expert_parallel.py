@@ -19,7 +19,7 @@ import torch.nn as nn
 
 import bam_kernels as bk
 
-from .nn import MoE, MoEExperts, load_balancing_loss, route_logits, router_z_loss
+from .nn import MoE, MoEExperts, RouterLosses, route_logits
 
 
 class _AllToAll(torch.autograd.Function):
@@ -68,7 +68,7 @@ def shard_dim0(full: torch.Tensor, group=None) -> torch.Tensor:
     return full[rank * n:(rank + 1) * n]
 
 
-class ExpertParallelMoE(nn.Module):
+class ExpertParallelMoE(RouterLosses, nn.Module):
     """An ``nn.MoE`` whose experts are spread over the ranks of ``group``.
 
     forward(x [..., D]) -> [..., D], the ``MoE``'s function of this rank's tokens. Each rank routes
@@ -114,8 +114,6 @@ class ExpertParallelMoE(nn.Module):
         self.experts.gate_up_proj = nn.Parameter(shard_dim0(full.gate_up_proj.detach(), group).clone())
         self.experts.down_proj = nn.Parameter(shard_dim0(full.down_proj.detach(), group).clone())
         self.router_logits = None
-        self.load_balancing_loss = None
-        self.z_loss = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:
@@ -131,14 +129,14 @@ class ExpertParallelMoE(nn.Module):
         send_WL = plan.counts.to(torch.int64).view(W, E_local)
         recv_WL = torch.empty_like(send_WL)
         dist.all_to_all_single(recv_WL, send_WL, group=self.group)
-        in_splits = send_WL.sum(1).tolist()
-        out_splits = recv_WL.sum(1).tolist()
+        in_splits, out_splits = torch.stack([send_WL.sum(1), recv_WL.sum(1)]).tolist()  # one host sync
 
         # 2. rows to their experts' ranks (sorted by expert, hence grouped by destination rank).
         x_recv_RD = all_to_all(x_TD.index_select(0, tokens_M), out_splits, in_splits, self.group)
 
         # 3. the local experts; received rows are ordered (source rank, local expert).
-        local_R = torch.arange(E_local, device=x.device).repeat(W).repeat_interleave(recv_WL.reshape(-1))
+        local_R = torch.arange(E_local, device=x.device).repeat(W)
+        local_R = local_R.repeat_interleave(recv_WL.reshape(-1), output_size=sum(out_splits))
         ones_R1 = torch.ones(local_R.shape[0], 1, device=x.device, dtype=torch.float32)
         y_recv_RD = self.experts(x_recv_RD, ones_R1, local_R[:, None])
 
@@ -147,9 +145,7 @@ class ExpertParallelMoE(nn.Module):
         w_M = weights_TK.reshape(-1)[plan.sorted_slots].to(x.dtype)
         out_TD = x_TD.new_zeros(x_TD.shape).index_add(0, tokens_M, y_MD * w_M[:, None])
 
-        self.router_logits = logits_TE
-        self.load_balancing_loss = load_balancing_loss(logits_TE, experts_TK)
-        self.z_loss = router_z_loss(logits_TE)
+        self._set_routed(logits_TE, experts_TK)
         return out_TD.reshape(x.shape)
 
     def to_moe(self) -> MoE:

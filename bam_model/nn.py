@@ -62,7 +62,34 @@ class MoEExperts(nn.Module):
         return bk.moe_mlp(x_TD, self.gate_up_proj, self.down_proj, weights_TK, experts_TK)
 
 
-class MoE(nn.Module):
+class RouterLosses:
+    """``load_balancing_loss`` and ``z_loss`` of the last forward, computed when first read
+    (decoding never pays): a forward sets ``self._routed = (router logits, expert ids)``."""
+    _routed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _set_routed(self, logits_TE: torch.Tensor, experts_TK: torch.Tensor) -> None:
+        self.router_logits = logits_TE
+        self._routed, self._losses = (logits_TE, experts_TK), {}
+
+    def _loss(self, name: str, fn) -> torch.Tensor | None:
+        if self._routed is None:
+            return None
+        if name not in self._losses:
+            self._losses[name] = fn()
+        return self._losses[name]
+
+    @property
+    def load_balancing_loss(self) -> torch.Tensor | None:
+        """``E * sum_i f_i P_i`` of the last forward."""
+        return self._loss("lb", lambda: load_balancing_loss(*self._routed))
+
+    @property
+    def z_loss(self) -> torch.Tensor | None:
+        """``mean_t logsumexp(logits_t)^2`` of the last forward."""
+        return self._loss("z", lambda: router_z_loss(self._routed[0]))
+
+
+class MoE(RouterLosses, nn.Module):
     """Sparse mixture of SwiGLU experts with a top-k softmax router.
 
     ``normalize=False`` keeps the top-k probabilities as they are (BAM); ``normalize=True``
@@ -87,22 +114,6 @@ class MoE(nn.Module):
         self.gate = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
         self.experts = MoEExperts(num_experts, dim, ffn_dim, device=device, dtype=dtype)
         self.router_logits = None
-        self._routed = None  # (logits, expert ids) of the last forward
-        self._losses: dict = {}
-
-    @property
-    def load_balancing_loss(self) -> torch.Tensor | None:
-        """``E * sum_i f_i P_i`` of the last forward (computed when first read: decoding never pays)."""
-        if "lb" not in self._losses and self._routed is not None:
-            self._losses["lb"] = load_balancing_loss(*self._routed)
-        return self._losses.get("lb")
-
-    @property
-    def z_loss(self) -> torch.Tensor | None:
-        """``mean_t logsumexp(logits_t)^2`` of the last forward (computed when first read)."""
-        if "z" not in self._losses and self._routed is not None:
-            self._losses["z"] = router_z_loss(self._routed[0])
-        return self._losses.get("z")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:
@@ -111,8 +122,7 @@ class MoE(nn.Module):
         logits_TE = route_logits(self.gate, x_TD)
         weights_TK, experts_TK = bk.route_topk(logits_TE, self.top_k, normalize=self.normalize)
         y_TD = self.experts(x_TD, weights_TK, experts_TK)
-        self.router_logits = logits_TE
-        self._routed, self._losses = (logits_TE, experts_TK), {}
+        self._set_routed(logits_TE, experts_TK)
         return y_TD.reshape(x.shape)
 
     def extra_repr(self) -> str:
