@@ -20,7 +20,6 @@ from .model import CausalLM
 class TextTokenizer:
     """A ``tokenizers.Tokenizer`` with the ids generation needs."""
     tokenizer: object
-    bos_token_id: int | None = None
     eos_token_id: int | None = None
 
     def encode(self, text: str) -> list[int]:
@@ -57,15 +56,15 @@ def gguf_tokenizer(source) -> TextTokenizer:
         # As a post-processor, BOS travels with the tokenizer.json a mixture of this model carries.
         tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B",
                                                            special_tokens=[(tokens[bos], bos)])
-    return TextTokenizer(tok, bos, field("tokenizer.ggml.eos_token_id"))
+    return TextTokenizer(tok, field("tokenizer.ggml.eos_token_id"))
 
 
-def file_tokenizer(path: str, bos_token_id=None, eos_token_id=None) -> TextTokenizer:
+def file_tokenizer(path: str, eos_token_id=None) -> TextTokenizer:
     """A ``tokenizer.json`` (special tokens such as BOS come from its own post-processor)."""
     from tokenizers import Tokenizer
     if not os.path.isfile(path):
         raise ValueError(f"tokenizer file {path!r} does not exist")
-    return TextTokenizer(Tokenizer.from_file(path), bos_token_id, eos_token_id)
+    return TextTokenizer(Tokenizer.from_file(path), eos_token_id)
 
 
 def load_model_and_tokenizer(path: str, tokenizer: str | None = None, dtype: torch.dtype | None = None,
@@ -77,11 +76,11 @@ def load_model_and_tokenizer(path: str, tokenizer: str | None = None, dtype: tor
     ours = os.path.isdir(path) and _read_json(os.path.join(path, CONFIG)).get("model_type") in CONFIG_CLASSES
     c = model.config
     if tokenizer is not None:
-        tok = file_tokenizer(tokenizer, c.bos_token_id, c.eos_token_id)
+        tok = file_tokenizer(tokenizer, c.eos_token_id)
     elif reader is not None:
         tok = gguf_tokenizer(reader)
     elif os.path.isfile(os.path.join(path, "tokenizer.json")):
-        tok = file_tokenizer(os.path.join(path, "tokenizer.json"), c.bos_token_id, c.eos_token_id)
+        tok = file_tokenizer(os.path.join(path, "tokenizer.json"), c.eos_token_id)
     else:
         from . import data
         bundled = data.load_tokenizer()
@@ -89,7 +88,7 @@ def load_model_and_tokenizer(path: str, tokenizer: str | None = None, dtype: tor
             raise ValueError(f"no tokenizer.json in {path!r} and the bundled tokenizer's "
                              f"{bundled.get_vocab_size()} tokens do not fit the model's {c.vocab_size}; "
                              "pass one with --tokenizer")
-        tok = TextTokenizer(bundled, None, c.eos_token_id if c.eos_token_id is not None else data.eos_token_id(bundled))
+        tok = TextTokenizer(bundled, c.eos_token_id if c.eos_token_id is not None else data.eos_token_id(bundled))
     if tok.tokenizer.get_vocab_size() > c.vocab_size:
         raise ValueError(f"the tokenizer has {tok.tokenizer.get_vocab_size()} tokens but the model only "
                          f"{c.vocab_size}; they do not belong together")

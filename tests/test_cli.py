@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+import transformers
 import yaml
 
 import bam_model
@@ -78,7 +79,6 @@ def test_mix_refuses_config_and_flags_together(tmp_path, seed_path, capsys):
 
 
 def test_the_source_tokenizer_travels_through_branch_and_mix(tmp_path, capsys):
-    transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers
     words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(95)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import transformers
 
 import bam_model
 from bam_model import checkpoint
@@ -77,7 +78,7 @@ def test_config_from_dict_refuses_unknown_and_missing_keys():
 # --- dense model -------------------------------------------------------------------------------
 
 def hf():
-    return pytest.importorskip("transformers")
+    return transformers
 
 
 def hf_llama(tmp_path, tie=False, cls_name="LlamaForCausalLM", **kw):

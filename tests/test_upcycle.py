@@ -2,6 +2,7 @@
 weight goes, refusal of mismatched models, aux losses, KV cache, Mixtral export."""
 import pytest
 import torch
+import transformers
 
 import bam_model
 from bam_model import BamConfig, BamLM, DenseConfig, DenseLM
@@ -21,7 +22,6 @@ def tiny(block="sequential", tie=False, **changes) -> DenseLM:
 
 
 def hf_written_llama(tmp_path, name="llama", tie=False):
-    transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=36, intermediate_size=52, num_hidden_layers=2,
                                    num_attention_heads=6, num_key_value_heads=2, rope_theta=3000.0,
                                    rms_norm_eps=1e-6, max_position_embeddings=48, tie_word_embeddings=tie)
@@ -246,7 +246,6 @@ def test_bam_checkpoint_round_trip(tmp_path):
 
 @pytest.mark.parametrize("method, tie", [("btx", False), ("sparse", True)])
 def test_mixtral_export_loads_in_transformers_with_the_same_logits(tmp_path, method, tie):
-    transformers = pytest.importorskip("transformers")
     paths = [hf_written_llama(tmp_path, f"m{i}", tie=tie) for i in range(3)]
     moe = upcycle(paths[0], paths[1:], method=method)
     bam_model.export_mixtral(moe, str(tmp_path / "mixtral"))
@@ -260,7 +259,6 @@ def test_mixtral_export_loads_in_transformers_with_the_same_logits(tmp_path, met
 
 
 def test_a_mixtral_written_by_transformers_loads_as_a_mixture(tmp_path):
-    transformers = pytest.importorskip("transformers")
     cfg = transformers.MixtralConfig(vocab_size=97, hidden_size=36, intermediate_size=52, num_hidden_layers=2,
                                      num_attention_heads=6, num_key_value_heads=2, num_local_experts=5,
                                      num_experts_per_tok=2, rope_theta=3000.0, max_position_embeddings=48)
