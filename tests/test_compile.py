@@ -46,14 +46,19 @@ def test_torch_compile_moe_layer_one_graph():
         torch.testing.assert_close(p.grad, g)
 
 
-def test_backward_runs_on_the_forward_backend():
+def test_backward_runs_on_the_forward_backend(monkeypatch):
     """A forward run under use_backend('triton') differentiates on triton even outside the block."""
+    import bam_kernels.experts as experts_module
+    ran = []
+    real = experts_module._moe_bwd_triton
+    monkeypatch.setattr(experts_module, "_moe_bwd_triton", lambda *a: ran.append(True) or real(*a))
     x, gate_up, down, weights, experts = _moe_args()
     with bk.use_backend("triton"):
         y = bk.moe_mlp(x, gate_up, down, weights, experts)
     node = y.grad_fn
     assert node is not None
     y.sum().backward()
+    assert ran, "the backward did not run on the triton backend"
     x_ref = x.detach().double().requires_grad_()
     bk.reference.moe_mlp(x_ref, gate_up.double(), down.double(), weights.double(), experts).sum().backward()
     torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-6)

@@ -335,13 +335,15 @@ def test_sigkill_at_any_moment_then_resume_matches_uninterrupted_run(tmp_path):
             break
     else:
         pytest.fail("three kills at a checkpoint write all came too late to leave a half-written folder")
-    # 2.-3. At random moments once training is under way.
+    # 2.-3. At random moments once training is under way: after this start has logged a step
+    # (metrics.jsonl already holds the earlier starts' lines, so its growth is what counts).
     rng = random.Random(1)
+    metrics_file = run / "metrics.jsonl"
     for _ in range(2):
-        started = []
+        started, logged = [], metrics_file.stat().st_size if metrics_file.is_file() else 0
 
-        def training_for_a_while():
-            if not started and (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size:
+        def training_for_a_while(started=started, logged=logged):
+            if not started and metrics_file.is_file() and metrics_file.stat().st_size > logged:
                 started.append(time.monotonic() + rng.uniform(0.0, 0.3))
             return bool(started) and time.monotonic() >= started[0]
         _kill_when(cmd(run), training_for_a_while)

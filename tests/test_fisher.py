@@ -205,6 +205,10 @@ def test_bam_mix_merge_fisher_from_the_branch_domains(tmp_path, capsys):
     flag = ["--merge", "fisher", "--fisher-data", "scripture", "math", "drama", "--out", str(tmp_path / "flag")]
     assert bam_main(args + flag) == 0
     other = from_pretrained(str(tmp_path / "flag")).state_dict()
+    fishers = [diagonal_fisher(m, d) for m, d in zip(models, ["scripture", "math", "drama"])]
+    want = upcycle(models[0], models[1:], method="btx", merge="fisher", fishers=fishers).state_dict()
+    for key in want:  # each model's Fisher from the domain named in its place
+        torch.testing.assert_close(other[key], want[key], rtol=0, atol=0, msg=key)
     assert not torch.equal(other["model.norm.weight"], got["model.norm.weight"])
     assert "- scripture" in (tmp_path / "flag" / "mix.yaml").read_text()
     assert bam_main(args + ["--merge", "fisher", "--fisher-data", "code", "--out", str(tmp_path / "bad")]) == 2
