@@ -210,12 +210,8 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, experts: set[int
 
 def _named_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """FQN -> parameter or persistent buffer, each tensor once (a tied weight under its first name)."""
-    seen, out = set(), {}
-    for name, t in model.state_dict(keep_vars=True).items():
-        if id(t) not in seen:
-            seen.add(id(t))
-            out[name] = t
-    return out
+    aliases = _aliases(model)
+    return {name: t for name, t in model.state_dict(keep_vars=True).items() if name not in aliases}
 
 
 def _optimizer_fqns(model: nn.Module, opt: torch.optim.Optimizer) -> list[list[str]]:
@@ -248,7 +244,7 @@ def model_optimizer_tensors(model: nn.Module, opt: torch.optim.Optimizer) -> tup
     to rank 0, so every rank must call this."""
     model = unwrap(model)
     experts = ep.expert_parameters(model)
-    full = {name: _gather_to_main(t, name in experts) for name, t in _named_state(model).items()}
+    full = full_model_tensors(model)
     fqns = _optimizer_fqns(model, opt)
     sd = opt.state_dict()
     optim, index = {}, 0
