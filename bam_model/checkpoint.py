@@ -422,18 +422,32 @@ def load_gguf(source, dtype: torch.dtype | None = torch.float32, device="cpu") -
     return build_model(config, tensors, dtype, device)
 
 
-def load_dense(path: str, dtype: torch.dtype | None = torch.float32, device="cpu") -> DenseLM:
-    """A dense model from our folder, a Hugging Face Llama-family folder, or a ``.gguf`` file.
+def is_gguf(source) -> bool:
+    """Whether ``source`` is a GGUF file: its path, or a reader of it from ``gguf_reader``."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.path.isfile(source) and os.fspath(source).endswith(".gguf")
+    return type(source).__name__ == "GGUFReader"
+
+
+def open_source(path):
+    """``path``, or for a GGUF file one ``gguf_reader`` that the model and its tokenizer can share
+    (``load_dense`` and ``generate.tokenizer_json`` take either)."""
+    return gguf_reader(path) if is_gguf(path) else path
+
+
+def load_dense(path, dtype: torch.dtype | None = torch.float32, device="cpu") -> DenseLM:
+    """A dense model from our folder, a Hugging Face Llama-family folder, or a ``.gguf`` file (a
+    path, or a reader from ``open_source``).
 
     ``dtype`` (float32 by default; None keeps what the file stores) is applied to every tensor.
     """
+    if is_gguf(path):
+        return load_gguf(path, dtype, device)
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"path must be a folder or .gguf file path, got {type(path).__name__}")
     path = os.fspath(path)
     if os.path.isfile(path):
-        if not path.endswith(".gguf"):
-            raise ValueError(f"{path!r} is a file but not a .gguf; expected a checkpoint folder or a .gguf file")
-        return load_gguf(path, dtype, device)
+        raise ValueError(f"{path!r} is a file but not a .gguf; expected a checkpoint folder or a .gguf file")
     if not os.path.isdir(path):
         raise ValueError(f"{path!r} does not exist")
     cfg_path = os.path.join(path, CONFIG)

@@ -32,15 +32,16 @@ def add_branch_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_branch(args: argparse.Namespace) -> list[str]:
-    from .checkpoint import load_dense
+    from .checkpoint import load_dense, open_source
     from .generate import tokenizer_json
     from .upcycle import branch
 
     for d in args.domains:
         if not d or os.sep in d or d in (".", ".."):
             raise ValueError(f"domain {d!r} cannot name a folder")
-    copies = branch(load_dense(args.seed, DTYPES[args.dtype]), list(args.domains))
-    tokenizer = tokenizer_json(args.seed)
+    source = open_source(args.seed)  # a GGUF file is read once for the model and its tokenizer
+    copies = branch(load_dense(source, DTYPES[args.dtype]), list(args.domains))
+    tokenizer = tokenizer_json(source)
     paths = []
     for model in copies:
         path = os.path.join(args.out, model.config.domain)
@@ -128,7 +129,7 @@ def add_mix_args(p: argparse.ArgumentParser) -> None:
 def run_mix(args: argparse.Namespace) -> str:
     import yaml
 
-    from .checkpoint import export_mixtral
+    from .checkpoint import export_mixtral, open_source
     from .generate import tokenizer_json
     from .upcycle import upcycle
 
@@ -154,9 +155,10 @@ def run_mix(args: argparse.Namespace) -> str:
     if args.config is None:
         text = yaml.safe_dump(recipe, sort_keys=False)
     kwargs = {k: v for k, v in recipe.items() if k not in ("base_model", "experts", "dtype")}
-    model = upcycle(recipe["base_model"], recipe["experts"], dtype=DTYPES[recipe["dtype"]], **kwargs)
+    base = open_source(recipe["base_model"])  # a GGUF file is read once for the model and its tokenizer
+    model = upcycle(base, recipe["experts"], dtype=DTYPES[recipe["dtype"]], **kwargs)
     files = {"mix.yaml": text}
-    tokenizer = tokenizer_json(recipe["base_model"])
+    tokenizer = tokenizer_json(base)
     if tokenizer:
         files["tokenizer.json"] = tokenizer
     if args.format == "mixtral":

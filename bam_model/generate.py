@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import CONFIG, _read_json, from_pretrained, gguf_reader, load_gguf
+from .checkpoint import CONFIG, _read_json, from_pretrained, gguf_reader, is_gguf, load_gguf
 from .config import CONFIG_CLASSES
 from .model import CausalLM
 
@@ -71,7 +71,7 @@ def load_model_and_tokenizer(path: str, tokenizer: str | None = None, dtype: tor
                              device="cpu") -> tuple[CausalLM, TextTokenizer]:
     """Any model ``bam`` reads (our folder, dense or mixture; a Hugging Face folder; a GGUF file)
     and its tokenizer (``tokenizer``, a tokenizer.json path, overrides the one found)."""
-    reader = gguf_reader(path) if os.path.isfile(path) and path.endswith(".gguf") else None
+    reader = gguf_reader(path) if is_gguf(path) else None
     model = load_gguf(reader, dtype or torch.float32, device) if reader else from_pretrained(path, dtype, device)
     ours = os.path.isdir(path) and _read_json(os.path.join(path, CONFIG)).get("model_type") in CONFIG_CLASSES
     c = model.config
@@ -111,12 +111,13 @@ def generate_text(model: CausalLM, tok: TextTokenizer, prompt: str, max_new_toke
     return tok.decode(ids + new)
 
 
-def tokenizer_json(path: str) -> str | None:
-    """The tokenizer of a model source as ``tokenizer.json`` text, for a checkpoint made from it to
-    carry along: a folder's own ``tokenizer.json``, or a GGUF file's vocabulary; None otherwise."""
-    path = os.fspath(path)
-    if os.path.isfile(path) and path.endswith(".gguf"):
-        return gguf_tokenizer(path).tokenizer.to_str()
+def tokenizer_json(source) -> str | None:
+    """The tokenizer of a model source (a path, or a reader from ``checkpoint.open_source``) as
+    ``tokenizer.json`` text, for a checkpoint made from it to carry along: a folder's own
+    ``tokenizer.json``, or a GGUF file's vocabulary; None otherwise."""
+    if is_gguf(source):
+        return gguf_tokenizer(source).tokenizer.to_str()
+    path = os.fspath(source)
     own = os.path.join(path, "tokenizer.json")
     if os.path.isfile(own):
         with open(own) as f:

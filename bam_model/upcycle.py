@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from .checkpoint import build_model, load_dense
+from .checkpoint import build_model, is_gguf, load_dense
 from .config import METHODS, BamConfig
 from .model import DenseLM
 from .nn import MixtureOfAttention
@@ -32,7 +32,7 @@ METHOD_DEFAULTS = {"bam": dict(top_k=1, normalize=False), "btx": dict(top_k=2, n
 def _as_model(model, name: str) -> DenseLM:
     if isinstance(model, DenseLM):
         return model
-    if isinstance(model, (str, os.PathLike)):
+    if isinstance(model, (str, os.PathLike)) or is_gguf(model):  # a path, or a reader from open_source
         return load_dense(model)
     raise ValueError(f"{name} must be a DenseLM or a path to a dense checkpoint, got {type(model).__name__}")
 
