@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from bam_model import from_pretrained
-from bam_model.config import config_from_dict
+from bam_model.config import load_config
 from bam_model.data import DOMAINS
 from bam_model.demo import DemoConfig, PhaseRunner, expert_domain_avg, flops_per_token, mixture_data
 from bam_model.upcycle import upcycle
@@ -55,8 +55,7 @@ def main(argv=None) -> None:
     seed = from_pretrained(str(demo / "seed" / "model"), device=device)
     experts = [from_pretrained(str(demo / "experts" / d / "model"), device=device) for d in cfg.expert_domains]
     data = mixture_data(cfg.expert_domains)
-    btx_flops = flops_per_token(config_from_dict(json.loads((demo / "mix" / "btx" / "init" / "config.json")
-                                                            .read_text(encoding="utf-8"))), cfg.seq_len)
+    btx_flops = flops_per_token(load_config(str(demo / "mix" / "btx" / "init")), cfg.seq_len)
     jobs = [(name, kw, r, steps) for name, (kw, seeds) in VARIANTS.items() for r in seeds]
     kw = VARIANTS[COMPUTE_MATCHED][0]
     cm_flops = flops_per_token(upcycle(seed, experts, **kw).config, cfg.seq_len)
