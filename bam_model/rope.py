@@ -41,7 +41,10 @@ def rope_cos_sin_range(start: int, length: int, head_dim: int, theta: float = 10
     table = _TABLES.get(key)
     if table is None or table[0].shape[0] < end:
         n = max(end, 2 * (table[0].shape[0] if table is not None else 0), 256)
-        table = _TABLES[key] = rope_cos_sin(torch.arange(n, device=device), head_dim, theta, work, device)
+        # A plain tensor whatever the caller's mode: one made under inference_mode could not be
+        # saved for a later training step's backward.
+        with torch.inference_mode(False), torch.no_grad():
+            table = _TABLES[key] = rope_cos_sin(torch.arange(n, device=device), head_dim, theta, work, device)
     return table[0][start:end].to(dtype), table[1][start:end].to(dtype)
 
 

@@ -73,3 +73,16 @@ def test_range_table_equals_the_angles_computed_afresh(dtype):
         torch.testing.assert_close(cos, ref_cos, rtol=0, atol=1e-6 if dtype != torch.float16 else 1e-3)
         torch.testing.assert_close(sin, ref_sin, rtol=0, atol=1e-6 if dtype != torch.float16 else 1e-3)
     assert len(_TABLES) == 1  # one table, grown in place of the old, whatever dtype is asked for
+
+
+def test_range_table_made_in_inference_mode_serves_training():
+    """The first call under torch.inference_mode (generation) must not leave an inference tensor
+    that a later training step would need to save for backward."""
+    from bam_model.rope import _TABLES, rope_cos_sin_range
+    _TABLES.clear()
+    with torch.inference_mode():
+        rope_cos_sin_range(0, 4, 16)
+    cos, sin = rope_cos_sin_range(0, 4, 16)
+    q = torch.randn(4, 16, requires_grad=True)
+    (q * cos + q * sin).sum().backward()
+    assert q.grad is not None
