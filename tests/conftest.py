@@ -9,6 +9,15 @@ import torch  # noqa: E402
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
+# Every Triton launch under the interpreter is bounds-checked (tests/sanitizer.py); set
+# BAM_TEST_SANITIZE=0 to run without the checks.
+if os.environ.get("BAM_TEST_SANITIZE", "1") != "0" and os.environ["TRITON_INTERPRET"] not in ("", "0"):
+    import sanitizer  # noqa: E402
+
+    SANITIZED = sanitizer.install()
+else:
+    SANITIZED = False
+
 
 @pytest.fixture(autouse=True)
 def _seed():
