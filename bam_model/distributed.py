@@ -108,6 +108,15 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return (out / dist.get_world_size()).to(t.device)
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over the ranks (``t`` itself with one process)."""
+    if not dist.is_initialized():
+        return t
+    out = t.detach().to(_comm_device(), copy=True)
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
 def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
     """Every rank's ``t`` (same shape and dtype on every rank), on the CPU, in rank order."""
     if not dist.is_initialized():

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed
 from .checkpoint import write_text_atomic
 from .data import DOMAINS, Source, eval_windows, load_tokenizer, parse_data_spec, token_byte_lengths, tokens
 
@@ -47,32 +48,49 @@ def evaluate(model: nn.Module, domains: str | Sequence[str | Source] = DOMAINS, 
              tokenizer=None) -> dict:
     """Score ``model`` (forward(input_ids) returning ``.logits`` [B, T, V]) on each source's
     ``split``. Returns ``{name: {"loss", "ppl", "bpb", "tokens", "bytes"}, ...,
-    "avg": {"loss", "ppl", "bpb"}}``, "avg" being the plain mean over the sources."""
+    "avg": {"loss", "ppl", "bpb"}}``, "avg" being the plain mean over the sources.
+
+    In a torch.distributed process group every rank calls this: rank r scores batches r, r + W, ...
+    of each source and the sums are added over the ranks, so W ranks share the work and all get
+    the whole result. Every rank runs the same number of forward passes (a rank left without a
+    batch in the last round runs one and discards it), as sharded and expert-parallel models need."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
     byte_len = torch.from_numpy(token_byte_lengths(tokenizer))
     device = next(model.parameters()).device
+    ctx = distributed.current()
     was_training = model.training
     model.eval()
     results = {}
     try:
         for source in _sources(domains):
             windows = eval_windows(tokens(source, split, tokenizer), seq_len, max_windows)
-            nll, n_tok, n_bytes = 0.0, 0, 0
-            for chunk in windows.split(batch_size):
+            batches = windows.split(batch_size)
+            rounds = -(-len(batches) // ctx.world_size)
+            nll = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per batch
+            n_tok, n_bytes = 0, 0
+            for i in range(ctx.rank, rounds * ctx.world_size, ctx.world_size):
+                chunk = batches[min(i, len(batches) - 1)]
                 ids = chunk.to(device)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     logits = model(ids).logits
+                if i >= len(batches):
+                    continue  # the padding pass: collectives inside the model pair up across ranks
                 # Shifted targets (the last position ignored) rather than sliced logits: no
                 # logits-sized copy.
                 targets = F.pad(ids[:, 1:], (0, 1), value=-100)
                 nll += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                                       reduction="sum").item()
+                                       reduction="sum")
                 n_tok += chunk[:, 1:].numel()
                 n_bytes += int(byte_len[chunk[:, 1:]].sum())
-            loss = nll / n_tok
-            results[source.name] = {"loss": loss, "ppl": math.exp(loss), "bpb": nll / math.log(2) / max(n_bytes, 1),
+            sums = torch.stack([nll.cpu(), torch.tensor(float(n_tok), dtype=torch.float64),
+                                torch.tensor(float(n_bytes), dtype=torch.float64)])
+            total_nll, n_tok, n_bytes = distributed.all_reduce_sum(sums).tolist()
+            n_tok, n_bytes = int(n_tok), int(n_bytes)
+            loss = total_nll / n_tok
+            results[source.name] = {"loss": loss, "ppl": math.exp(loss),
+                                    "bpb": total_nll / math.log(2) / max(n_bytes, 1),
                                     "tokens": n_tok, "bytes": n_bytes}
     finally:
         model.train(was_training)
