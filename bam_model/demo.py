@@ -149,6 +149,13 @@ def flops_per_token(config: DenseConfig, seq_len: int) -> float:
     return config.n_layers * (attention + ffn + router) + 2 * D * V
 
 
+def compute_matched_steps(steps: int, reference: DenseConfig, config: DenseConfig, seq_len: int) -> int:
+    """Training steps for ``config`` that cost what ``steps`` steps of ``reference`` cost (same
+    batch), at most ``steps`` and at least 1."""
+    ratio = flops_per_token(reference, seq_len) / flops_per_token(config, seq_len)
+    return max(1, min(steps, int(steps * ratio)))
+
+
 # --- the run ------------------------------------------------------------------------------------
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -288,11 +295,10 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, device: str | None = No
         ppl[name] = run.perplexity(model, cfg.eval_windows)
         if name.startswith("bam"):
             diag["router_use"][name] = router_use(model, cfg, tok)
-    budget = run.details["phases"]["mix/btx/train"]["train_flops"]
+    btx = load_config(str(inits["btx"]))
     for name, base in COMPUTE_MATCHED.items():
         model = from_pretrained(str(inits[base]), device=device)
-        per_step = 3 * flops_per_token(model.config, cfg.seq_len) * cfg.batch_size * cfg.seq_len
-        steps = max(1, min(cfg.mix_steps, int(budget // per_step)))
+        steps = compute_matched_steps(cfg.mix_steps, btx, model.config, cfg.seq_len)
         model = run.trained(f"mix/{name}/train", lambda m=model: m, data, steps, cfg.mix_lr)
         ppl[name] = run.perplexity(model, cfg.eval_windows)
     diag["seconds"] = time.perf_counter() - t_start

@@ -26,7 +26,7 @@ import torch
 from bam_model import from_pretrained
 from bam_model.config import load_config
 from bam_model.data import DOMAINS
-from bam_model.demo import DemoConfig, PhaseRunner, expert_domain_avg, flops_per_token, mixture_data
+from bam_model.demo import DemoConfig, PhaseRunner, compute_matched_steps, expert_domain_avg, mixture_data
 from bam_model.upcycle import upcycle
 
 VARIANTS = {  # name -> (upcycle arguments, router seeds)
@@ -55,11 +55,11 @@ def main(argv=None) -> None:
     seed = from_pretrained(str(demo / "seed" / "model"), device=device)
     experts = [from_pretrained(str(demo / "experts" / d / "model"), device=device) for d in cfg.expert_domains]
     data = mixture_data(cfg.expert_domains)
-    btx_flops = flops_per_token(load_config(str(demo / "mix" / "btx" / "init")), cfg.seq_len)
+    btx = load_config(str(demo / "mix" / "btx" / "init"))
     jobs = [(name, kw, r, steps) for name, (kw, seeds) in VARIANTS.items() for r in seeds]
     kw = VARIANTS[COMPUTE_MATCHED][0]
-    cm_flops = flops_per_token(upcycle(seed, experts, **kw).config, cfg.seq_len)
-    jobs.append((COMPUTE_MATCHED + ", compute-matched", kw, 0, int(steps * btx_flops // cm_flops)))
+    cm_steps = compute_matched_steps(steps, btx, upcycle(seed, experts, **kw).config, cfg.seq_len)
+    jobs.append((COMPUTE_MATCHED + ", compute-matched", kw, 0, cm_steps))
     results = json.loads((demo / "results.json").read_text(encoding="utf-8"))["perplexity"]
     details = json.loads((demo / "details.json").read_text(encoding="utf-8"))
     rows = []
