@@ -79,7 +79,8 @@ def _moa_torch(q, k, v, mix, causal, scale, kv_lens):
     q_BNTD, k_BGSD, v_BGSD = _stacked_heads(q, k, v)
     mix_BTE = mix.to(q.dtype)
     mask_B1TS = None
-    if kv_lens is not None or (causal and S != T):
+    # One query per row with every key valid sees them all, causal or not: no mask to build.
+    if kv_lens is not None or (causal and S != T and not (T == 1 and S > 0)):
         keys_S = torch.arange(S, device=q.device)
         kv_len_B = (torch.full((B,), S, device=q.device) if kv_lens is None
                     else kv_lens.to(device=q.device, dtype=torch.int64).clamp(0, S))
