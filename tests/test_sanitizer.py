@@ -56,3 +56,32 @@ def test_a_view_is_checked_against_its_own_elements_not_its_storage():
     base = torch.randn(3, 40)
     with pytest.raises(Exception, match=r"load of 1 lane.*offset 37 of `src_ptr`"):
         _run(base[1, 2:39], torch.empty(37), load_extra=1)
+
+
+@triton.jit
+def _last_writer(out_ptr):
+    tl.store(out_ptr, tl.program_id(0))
+
+
+@triton.jit
+def _neighbour(buf_ptr, BLOCK: tl.constexpr):
+    """Program p writes block p, then reads block p - 1: written by another program."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    tl.store(buf_ptr + offs, offs.to(tl.float32))
+    if pid > 0:
+        x = tl.load(buf_ptr + offs - BLOCK)
+        tl.store(buf_ptr + offs, x + 1.0)
+
+
+def test_races_are_caught_between_programs_not_within_one():
+    import sanitizer
+
+    with sanitizer.races():
+        _copy[(3,)](torch.randn(40), torch.empty(40), 40, 0, 0, 0, BLOCK=16, MASKED=True)  # no race
+        _neighbour[(1,)](torch.empty(16), BLOCK=16)  # one program reads its own stores: no race
+        with pytest.raises(Exception, match=r"_last_writer: programs 0 and 1 both store to byte 0 of `out_ptr`"):
+            _last_writer[(4,)](torch.zeros(1, dtype=torch.int32))
+        with pytest.raises(Exception, match=r"_neighbour: program 1 loads byte 0 of `buf_ptr`, which program 0"):
+            _neighbour[(3,)](torch.empty(48), BLOCK=16)
+    _last_writer[(4,)](torch.zeros(1, dtype=torch.int32))  # outside the block: not checked
