@@ -105,17 +105,27 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-windows", type=int, default=None, help="cap on held-out windows per domain")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--device", default=None,
+                        help="default: cuda when available, else cpu (under torchrun rank r takes cuda:LOCAL_RANK)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
 def run_eval(args: argparse.Namespace) -> dict:
+    """``bam eval``; under torchrun every rank loads the model and scores its share of the windows,
+    and rank 0 prints and writes the results."""
     from . import from_pretrained
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = from_pretrained(args.model, device=device)
-    results = evaluate(model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-                       max_windows=args.max_windows)
+    owns_group = not torch.distributed.is_initialized()
+    ctx, device = distributed.init_from_env(args.device)
+    try:
+        model = from_pretrained(args.model, device=device)
+        results = evaluate(model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+                           max_windows=args.max_windows)
+    finally:
+        if owns_group:
+            distributed.shutdown()
+    if not ctx.is_main:
+        return results
     print(f"{'domain':12s} {'ppl':>10s} {'bpb':>8s} {'tokens':>9s}")
     for name, r in results.items():
         print(f"{name:12s} {r['ppl']:10.3f} {r['bpb']:8.4f} {r.get('tokens', ''):>9}")

@@ -156,6 +156,9 @@ def _worker(out: Path) -> None:
         cfg = _train_cfg(save_every=2, keep_checkpoints=2, grad_accum=2)
         return {"records": train(model, data, run_dir, cfg, resume=True, progress=False, strategy="fsdp")}
 
+    # `bam eval` under torchrun: 5 windows per file in batches of 2 are 3 batches, 2 + 1 per rank.
+    record("eval", lambda: {"rc": main(["eval", str(out / "seed"), "--data", data, "--seq-len", "24",
+                                        "--batch-size", "2", "--max-windows", "5", "--json", str(out / "eval.json")])})
     record("ep_module", ep_module)
     record("ddp", lambda: run("ddp", grad_accum=2))
     record("ddp_ep", lambda: run("ddp-ep", expert_parallel=True))
@@ -236,6 +239,22 @@ def test_two_ranks_match_one_process(multi, name):
     assert set(theirs) == set(single)
     for key, value in single.items():
         torch.testing.assert_close(theirs[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_eval_under_torchrun_shares_the_windows_and_matches_one_process(multi):
+    import bam_model
+    from bam_model.evaluate import evaluate
+
+    out, *_, data = multi
+    assert _scenario(multi, "eval")["rc"] == 0
+    theirs = json.loads((out / "eval.json").read_text())
+    ours = evaluate(bam_model.from_pretrained(str(out / "seed")), data, seq_len=24, batch_size=2, max_windows=5)
+    assert set(theirs) == set(ours) and len(ours) == 3
+    for name, res in ours.items():
+        for key, value in res.items():
+            assert theirs[name][key] == pytest.approx(value, rel=1e-6), (name, key)
+        if name != "avg":
+            assert theirs[name]["tokens"] == 5 * 23
 
 
 def test_expert_parallel_equals_single_process_outputs_and_gradients(multi):
