@@ -264,13 +264,13 @@ PTX_SCRIPT = textwrap.dedent("""
     from sm90 import H100_SMEM_BYTES, compile_sm90, ptxas_report
     from bam_kernels._triton import attention as A
 
-    def types_of(fn):
+    def types_of(fn, dtype="*bf16"):
         types = {}
         for n in fn.arg_names:
             if n == "kvlen_ptr":
                 types[n] = "*i32"
             elif n.endswith("_ptr"):
-                types[n] = "*fp32" if n in ("mix_ptr", "lse_ptr", "wso_ptr", "wsl_ptr", "dp_ptr") else "*bf16"
+                types[n] = "*fp32" if n in ("mix_ptr", "lse_ptr", "wso_ptr", "wsl_ptr", "dp_ptr") else dtype
             else:
                 types[n] = "fp32" if n in ("qk_scale", "sm_scale") else "i32"
         return types
@@ -289,6 +289,18 @@ PTX_SCRIPT = textwrap.dedent("""
             key = f"{name} {c.kwargs} w{c.num_warps} s{c.num_stages}"
             k = compile_sm90(fn, types_of(fn), dict(const, **c.kwargs), c.num_warps, c.num_stages, aligned(fn))
             report[key] = (k, c.kwargs["BLOCK_M"] >= 64 or name == "dkdv")
+    # float32 operands on their own tiles, without TF32 (FMA dots) and with it, head dims 64 and 128.
+    fp32_jobs = [("fwd", A._fwd, dict(SPLIT=False, SAVE=True), A._fwd_configs(True)),
+                 ("decode", A._fwd, dict(SPLIT=True, SAVE=True), A._decode_configs(True)),
+                 ("dkdv", A._bwd_dkdv, {}, A._dkdv_configs(True)), ("dq", A._bwd_dq, {}, A._dq_configs(True))]
+    for precision in ("ieee", "tf32"):
+        for dh in (64, 128):
+            for name, fn, extra, cfgs in fp32_jobs:
+                for c in cfgs:
+                    const = dict(base, **extra, **c.kwargs, HEAD_DIM=dh, BLOCK_D=dh, PRECISION=precision)
+                    key = f"fp32 {precision} Dh={dh} {name} {c.kwargs} w{c.num_warps} s{c.num_stages}"
+                    report[key] = (compile_sm90(fn, types_of(fn, "*fp32"), const, c.num_warps, c.num_stages,
+                                                aligned(fn)), False)
     report["combine"] = (compile_sm90(A._combine, types_of(A._combine), dict(HEAD_DIM=128, SAVE=True, BLOCK_M=32,
                                                                            BLOCK_D=128), 4, 1, aligned(A._combine)), False)
     report["bwd_pre"] = (compile_sm90(A._bwd_pre, types_of(A._bwd_pre), dict(HEAD_DIM=128, BLOCK_R=64, BLOCK_D=128),

@@ -286,7 +286,7 @@ def test_autotuning_trials_leave_no_stale_partial_sums(monkeypatch):
     import triton
     from bam_kernels._triton import grouped_gemm as gg
 
-    def configs(ep):  # narrow tiles first, then the wide ones the fake timer picks
+    def configs(ep, fma):  # narrow tiles first, then the wide ones the fake timer picks
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": 32, "GROUP_M": 2}) for n in (32, 64)]
 
     def fake_bench(kernel_call, quantiles):

@@ -4,9 +4,9 @@ The rest of the suite runs each kernel with its small interpreter tile; a GPU ru
 ``_gemm_configs``, ``_wgrad_configs`` and the attention ``_*_configs`` (and 32/64-row blocks for the
 split merge and the backward preamble). A mask or an index that is right for 16-row tiles and wrong
 for 128-row ones shows up only there, so here each op runs forward and backward with each GPU
-config in turn (one config per autotuner: no trials), on shapes that leave partial tiles at every
-edge, checked against the float64 reference, for bounds and for races between programs
-(tests/sanitizer.py).
+config in turn (one config per autotuner: no trials; the tensor-core and the float32 families
+alike, both run here in float32), on shapes that leave partial tiles at every edge, checked
+against the float64 reference, for bounds and for races between programs (tests/sanitizer.py).
 """
 import math
 
@@ -21,10 +21,25 @@ from bam_kernels._triton import attention as ak
 from bam_kernels._triton import grouped_gemm as gg
 
 
-def _gpu_configs(module, monkeypatch, *fns):
-    with monkeypatch.context() as m:
-        m.setattr(module, "interpreting", lambda: False)
-        return [fn() for fn in fns]
+def _gpu(module, fn, *args):
+    """``fn(*args)`` as on a GPU: the config functions give the interpreter its own small tiles."""
+    saved = module.interpreting
+    module.interpreting = lambda: False
+    try:
+        return fn(*args)
+    finally:
+        module.interpreting = saved
+
+
+EPILOGUES = (gg.PLAIN, gg.SWIGLU_FWD, gg.SWIGLU_BWD)
+GEMM = {fma: ({ep: _gpu(gg, gg._gemm_configs, ep, fma) for ep in EPILOGUES}, _gpu(gg, gg._wgrad_configs, fma))
+        for fma in (False, True)}
+ATTENTION = {fp32: [_gpu(ak, f, fp32) for f in (ak._fwd_configs, ak._decode_configs, ak._dkdv_configs,
+                                                  ak._dq_configs)] for fp32 in (False, True)}
+# (family, i): the i-th config of every kernel of the family (wrapping around the shorter lists).
+GEMM_CASES = [(fma, i) for fma, (gemm, wgrad) in GEMM.items()
+              for i in range(max(len(wgrad), *map(len, gemm.values())))]
+ATTENTION_CASES = [(fp32, i) for fp32, lists in ATTENTION.items() for i in range(max(map(len, lists)))]
 
 
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -37,16 +52,18 @@ def _leaves(*tensors):
     return [t.detach().clone().requires_grad_() for t in tensors]
 
 
-@pytest.mark.parametrize("i", range(6))
-def test_moe_ops_with_gpu_tiles(i, monkeypatch):
-    gemm, wgrad = _gpu_configs(gg, monkeypatch, lambda: {ep: gg._gemm_configs(ep) for ep in
-                                                         (gg.PLAIN, gg.SWIGLU_FWD, gg.SWIGLU_BWD)},
-                               gg._wgrad_configs)
-    assert i < max(len(c) for c in gemm.values())
-    monkeypatch.setattr(gg, "group_gemm", gg.make_autotuners(lambda ep: [gemm[ep][i % len(gemm[ep])]]))
-    monkeypatch.setattr(gg, "group_wgrad", triton.autotune(configs=[wgrad[i % len(wgrad)]],
-                                                           key=["N", "K", "GATHER_A", "GATHER_B", "SWIGLU_B"])
-                        (gg._group_wgrad))
+def _one_config_each(fn, configs, key, **kw):
+    """{family: autotuner of ``configs`` with one config}: both families run the same tile."""
+    tuner = triton.autotune(configs=configs, key=key, **kw)(fn)
+    return {False: tuner, True: tuner}
+
+
+@pytest.mark.parametrize("fma,i", GEMM_CASES)
+def test_moe_ops_with_gpu_tiles(fma, i, monkeypatch):
+    gemm, wgrad = GEMM[fma]
+    monkeypatch.setattr(gg, "group_gemm", gg.make_autotuners(lambda ep, _: [gemm[ep][i % len(gemm[ep])]]))
+    monkeypatch.setattr(gg, "group_wgrad", _one_config_each(gg._group_wgrad, [wgrad[i % len(wgrad)]],
+                                                            ["N", "K", "GATHER_A", "GATHER_B", "SWIGLU_B"]))
     # 300 (token, slot) rows over 4 experts, one of them empty: several 128-row tiles, partial
     # tiles in every dimension (D 72, F 100 against 64- to 256-wide tiles).
     T, D, Fh, E, k = 150, 72, 100, 4, 2
@@ -82,22 +99,21 @@ def test_moe_ops_with_gpu_tiles(i, monkeypatch):
     assert rel(out, rout) < 1e-5 and rel(xs.grad, rx.grad) < 1e-5 and rel(ws.grad, rw_.grad) < 1e-5
 
 
-@pytest.mark.parametrize("i", range(5))
+@pytest.mark.parametrize("fp32,i", ATTENTION_CASES)
 @pytest.mark.parametrize("expert_kv", [False, True])
-def test_moa_attention_with_gpu_tiles(i, expert_kv, monkeypatch):
-    fwd, dec, dkdv, dq = _gpu_configs(ak, monkeypatch, ak._fwd_configs, ak._decode_configs, ak._dkdv_configs,
-                                      ak._dq_configs)
-    assert i < max(map(len, (fwd, dec, dkdv, dq)))
-    pick = lambda cfgs: [cfgs[i % len(cfgs)]]
-    monkeypatch.setattr(ak, "fwd", triton.autotune(configs=pick(fwd), key=ak._KEY)(ak._fwd))
-    monkeypatch.setattr(ak, "fwd_decode", triton.autotune(configs=pick(dec), key=ak._KEY)(ak._fwd))
-    monkeypatch.setattr(ak, "bwd_dkdv", triton.autotune(configs=pick(dkdv), key=ak._BWD_KEY)(ak._bwd_dkdv))
-    monkeypatch.setattr(ak, "bwd_dq", triton.autotune(configs=pick(dq), key=ak._BWD_KEY)(ak._bwd_dq))
+def test_moa_attention_with_gpu_tiles(fp32, i, expert_kv, monkeypatch):
+    fwd, dec, dkdv, dq = ([cfgs[i % len(cfgs)]] for cfgs in ATTENTION[fp32])
+    monkeypatch.setattr(ak, "fwd", _one_config_each(ak._fwd, fwd, ak._KEY))
+    monkeypatch.setattr(ak, "fwd_decode", _one_config_each(ak._fwd, dec, ak._KEY))
+    monkeypatch.setattr(ak, "bwd_dkdv", _one_config_each(ak._bwd_dkdv, dkdv, ak._BWD_KEY))
+    monkeypatch.setattr(ak, "bwd_dq", _one_config_each(ak._bwd_dq, dq, ak._BWD_KEY))
     monkeypatch.setattr(ak, "interpreting", lambda: False)  # the GPU's merge and preamble blocks
     B, E, H, Hkv, Dh = 2, 2, 4, 2, 64
-    # Prefill (every query tile partial at 128 rows), a few queries against a ragged cache, and a
-    # decoding step whose keys are split over programs.
-    for T, S, kv_lens, splits in ((150, 150, None, 1), (5, 300, [300, 170], 1), (1, 700, [700, 257], 3)):
+    # Prefill (the last query tile partial), a few queries against a ragged cache, and a decoding
+    # step whose keys are split over programs; smaller for the fp32 family's tiles of 16 and 32 rows.
+    cases = (((40, 40, None, 1), (5, 150, [150, 70], 1), (1, 600, [600, 257], 3)) if fp32 else
+             ((150, 150, None, 1), (5, 300, [300, 170], 1), (1, 700, [700, 257], 3)))
+    for T, S, kv_lens, splits in cases:
         monkeypatch.setattr(ak, "num_splits", lambda *a, n=splits: n)
         kv_shape = (B, S, E, Hkv, Dh) if expert_kv else (B, S, Hkv, Dh)
         q, k, v = torch.randn(B, T, E, H, Dh), torch.randn(kv_shape), torch.randn(kv_shape)

@@ -25,14 +25,17 @@ def _gemm_matrix():
     launches = [(gg.PLAIN, False, False, False, False), (gg.PLAIN, False, False, False, True),
                 (gg.SWIGLU_FWD, True, False, False, False), (gg.PLAIN, False, True, True, False),
                 (gg.SWIGLU_BWD, True, False, True, True), (gg.PLAIN, False, True, False, True)]
+    fp32 = {n: "*fp32" if t == "*bf16" else t for n, t in types.items()}
     for ep, gather, scatter, scale, transposed in launches:
-        for cfg in gg._gemm_configs(ep):
-            const = dict(cfg.kwargs, A_DIV=2, GATHER_A=gather, SCATTER_C=scatter, SCALE=scale, EPILOGUE=ep,
-                         STORE_PRE=ep == gg.SWIGLU_FWD, PRECISION="tf32", BLOCK_G=16, stride_ak=1, stride_cn=1)
-            const["stride_wn" if transposed else "stride_wk"] = 1
-            div = aligned.split() + ["stride_wk" if transposed else "stride_wn"]
-            yield (f"group_gemm ep={ep} g={gather} s={scatter} t={transposed} {cfg.kwargs}",
-                   gg._group_gemm, types, const, cfg, div, True)
+        # bf16 on the tensor-core tiles; float32 without TF32 ("ieee": FMA dots) on the fma tiles.
+        for fma, dtypes, precision in ((False, types, "tf32"), (True, fp32, "ieee")):
+            for cfg in gg._gemm_configs(ep, fma):
+                const = dict(cfg.kwargs, A_DIV=2, GATHER_A=gather, SCATTER_C=scatter, SCALE=scale, EPILOGUE=ep,
+                             STORE_PRE=ep == gg.SWIGLU_FWD, PRECISION=precision, BLOCK_G=16, stride_ak=1, stride_cn=1)
+                const["stride_wn" if transposed else "stride_wk"] = 1
+                div = aligned.split() + ["stride_wk" if transposed else "stride_wn"]
+                yield (f"group_gemm {precision} ep={ep} g={gather} s={scatter} t={transposed} {cfg.kwargs}",
+                       gg._group_gemm, dtypes, const, cfg, div, not fma)
 
 
 def _wgrad_matrix():
@@ -40,13 +43,15 @@ def _wgrad_matrix():
     types = {n: "i32" for n in "N K stride_am stride_an stride_bm stride_bk stride_de stride_dn stride_dk".split()}
     types.update(a_ptr="*bf16", b_ptr="*bf16", dw_ptr="*bf16", offs_ptr="*i32", row_map_ptr="*i64", scale_ptr="*fp32")
     div = "a_ptr b_ptr dw_ptr offs_ptr row_map_ptr scale_ptr N K stride_am stride_bm stride_de stride_dn".split()
-    for cfg in gg._wgrad_configs():
-        for gather_a, scale_a, gather_b, swiglu_b in [(False, False, False, False), (True, True, False, True),
-                                                      (False, False, True, False)]:
-            const = dict(cfg.kwargs, A_DIV=2, GATHER_A=gather_a, SCALE_A=scale_a, B_DIV=2, GATHER_B=gather_b,
-                         SWIGLU_B=swiglu_b, PRECISION="tf32", stride_an=1, stride_bk=1, stride_dk=1)
-            yield (f"group_wgrad ga={gather_a} sb={swiglu_b} gb={gather_b} {cfg.kwargs}",
-                   gg._group_wgrad, types, const, cfg, div, True)
+    fp32 = {n: "*fp32" if t == "*bf16" else t for n, t in types.items()}
+    for fma, dtypes, precision in ((False, types, "tf32"), (True, fp32, "ieee")):
+        for cfg in gg._wgrad_configs(fma):
+            for gather_a, scale_a, gather_b, swiglu_b in [(False, False, False, False), (True, True, False, True),
+                                                          (False, False, True, False)]:
+                const = dict(cfg.kwargs, A_DIV=2, GATHER_A=gather_a, SCALE_A=scale_a, B_DIV=2, GATHER_B=gather_b,
+                             SWIGLU_B=swiglu_b, PRECISION=precision, stride_an=1, stride_bk=1, stride_dk=1)
+                yield (f"group_wgrad {precision} ga={gather_a} sb={swiglu_b} gb={gather_b} {cfg.kwargs}",
+                       gg._group_wgrad, dtypes, const, cfg, div, not fma)
 
 
 def _routing_matrix():

@@ -428,37 +428,55 @@ def _cfg(m: int, n: int, warps: int, stages: int) -> triton.Config:
 
 # GPU tiles: those that compile for sm_90 (bf16, head dim 128) without register spills under both
 # triton 3.6 and 3.9 (3.6's code needs more registers in dK/dV: 32-row tiles at 3 stages spill there).
-def _fwd_configs():
+# float32 operands take their own, smaller tiles (``fp32``), without spills with or without TF32 at
+# head dims 64 and 128: with the 16-bit tiles their dots (FMA instructions without TF32) spilled
+# tens of kilobytes and took seconds each to compile.
+def _fwd_configs(fp32: bool = False):
     if interpreting():
         return [_cfg(16, 16, 4, 1)]
+    if fp32:
+        return [_cfg(16, 64, 8, 2), _cfg(16, 64, 4, 2)]
     return [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2), _cfg(128, 32, 8, 3), _cfg(64, 64, 8, 2), _cfg(64, 32, 4, 3)]
 
 
-def _decode_configs():
+def _decode_configs(fp32: bool = False):
     if interpreting():
         return [_cfg(16, 16, 4, 1)]
+    if fp32:
+        return [_cfg(16, 64, 4, 2)]
     return [_cfg(16, 128, 4, 3), _cfg(16, 64, 4, 4), _cfg(64, 128, 8, 3), _cfg(64, 64, 4, 4)]
 
 
-def _dkdv_configs():
+def _dkdv_configs(fp32: bool = False):
     if interpreting():
         return [_cfg(16, 16, 4, 1)]
+    if fp32:
+        return [_cfg(16, 32, 8, 2), _cfg(16, 16, 4, 2)]
     return [_cfg(16, 128, 8, 2), _cfg(32, 64, 8, 2), _cfg(16, 64, 8, 3), _cfg(16, 64, 8, 2)]
 
 
-def _dq_configs():
+def _dq_configs(fp32: bool = False):
     if interpreting():
         return [_cfg(16, 16, 4, 1)]
+    if fp32:
+        return [_cfg(16, 64, 4, 2), _cfg(16, 32, 4, 2), _cfg(32, 16, 4, 2)]
     return [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3)]
 
 
 _KEY = ["T_KEY", "S_KEY", "E", "Gq", "HEAD_DIM", "CAUSAL", "HAS_KVLEN", "SAVE"]
 _BWD_KEY = ["T_KEY", "S_KEY", "E", "Gq", "HEAD_DIM", "CAUSAL", "HAS_KVLEN"]
+
+
+def _autotuned(fn, configs, key) -> dict:
+    """{fp32: autotuned fn}: one autotuner per tile family."""
+    return {fp32: triton.autotune(configs=configs(fp32), key=key)(fn) for fp32 in (False, True)}
+
+
 # Every output of these kernels is a plain store, so autotuning's reruns are harmless.
-fwd = triton.autotune(configs=_fwd_configs(), key=_KEY)(_fwd)
-fwd_decode = triton.autotune(configs=_decode_configs(), key=_KEY)(_fwd)
-bwd_dkdv = triton.autotune(configs=_dkdv_configs(), key=_BWD_KEY)(_bwd_dkdv)
-bwd_dq = triton.autotune(configs=_dq_configs(), key=_BWD_KEY)(_bwd_dq)
+fwd = _autotuned(_fwd, _fwd_configs, _KEY)
+fwd_decode = _autotuned(_fwd, _decode_configs, _KEY)
+bwd_dkdv = _autotuned(_bwd_dkdv, _dkdv_configs, _BWD_KEY)
+bwd_dq = _autotuned(_bwd_dq, _dq_configs, _BWD_KEY)
 
 SPLIT_GRANULE = 256  # keys: every chunk of a split forward is a multiple of this
 
@@ -524,7 +542,7 @@ def forward(q, k, v, mix, kv_lens, causal: bool, scale: float, save: bool, split
     kvl = kv_lens if kv_lens is not None else dummy
     if splits <= 1:
         grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * B * G,)
-        fwd[grid](q, k, v, mix, kvl, o, ou if save else dummy, lse if save else dummy, dummy, dummy,
+        fwd[q.dtype == torch.float32][grid](q, k, v, mix, kvl, o, ou if save else dummy, lse if save else dummy, dummy, dummy,
                   *args, S, scale * LOG2E, *strides, _bucket(T), _bucket(S), SPLIT=False, **common)
         return o, ou, lse
     chunk = triton.cdiv(triton.cdiv(S, splits), SPLIT_GRANULE) * SPLIT_GRANULE
@@ -532,7 +550,7 @@ def forward(q, k, v, mix, kv_lens, causal: bool, scale: float, save: bool, split
     ws_o = empty((splits, B * G, rows, Dh), device=q.device, dtype=torch.float32)
     ws_lse = empty((splits, B * G, rows), device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * B * G * splits,)
-    fwd_decode[grid](q, k, v, mix, kvl, dummy, dummy, dummy, ws_o, ws_lse,
+    fwd_decode[q.dtype == torch.float32][grid](q, k, v, mix, kvl, dummy, dummy, dummy, ws_o, ws_lse,
                      *args, chunk, scale * LOG2E, *strides, _bucket(T), _bucket(S), SPLIT=True, **common)
     block_m = 16 if interpreting() else 32
     _combine[(triton.cdiv(rows, block_m) * B * G,)](
@@ -562,7 +580,7 @@ def backward(do, q, k, v, mix, kv_lens, ou, lse, causal: bool, scale: float):
     common = dict(HEAD_DIM=Dh, CAUSAL=causal, HAS_KVLEN=kv_lens is not None, PRECISION=_precision(q.dtype),
                   BLOCK_D=block_d)
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]) * B * G,)
-    bwd_dkdv[grid](q, k, v, mix, kvl, do, lse, dp, dk, dv, *args, **common)
+    bwd_dkdv[q.dtype == torch.float32][grid](q, k, v, mix, kvl, do, lse, dp, dk, dv, *args, **common)
     grid = lambda meta: (triton.cdiv(T * Gq, meta["BLOCK_M"]) * B * G,)
-    bwd_dq[grid](q, k, v, mix, kvl, do, lse, dp, dq, *args, **common)
+    bwd_dq[q.dtype == torch.float32][grid](q, k, v, mix, kvl, do, lse, dp, dq, *args, **common)
     return dq, dk, dv, dp

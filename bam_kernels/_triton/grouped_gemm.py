@@ -206,11 +206,18 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _gemm_configs(epilogue: int):
+def _gemm_configs(epilogue: int, fma: bool = False):
+    """Tiles to autotune over: tensor-core tiles, or with ``fma`` (float32 without TF32, where a dot
+    is FMA instructions) smaller ones: the tensor-core tiles compile there to kilobytes of register
+    spills and take seconds each to build."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4})]
     cfg = lambda m, n, k, w, s: triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
                                               num_warps=w, num_stages=s)
+    if fma:
+        if epilogue == PLAIN:
+            return [cfg(128, 64, 32, 8, 3), cfg(64, 128, 32, 8, 3), cfg(64, 64, 32, 4, 3)]
+        return [cfg(64, 64, 32, 8 if epilogue == SWIGLU_FWD else 4, 3), cfg(64, 32, 32, 4, 3), cfg(32, 64, 32, 4, 3)]
     if epilogue == SWIGLU_FWD:
         # Two fp32 accumulators (gate and up) per program: half the columns of the plain tiles.
         return [cfg(128, 128, 64, 8, 3), cfg(128, 64, 64, 8, 4), cfg(128, 64, 64, 4, 3), cfg(64, 64, 64, 4, 4)]
@@ -222,15 +229,13 @@ def _gemm_configs(epilogue: int):
             cfg(64, 128, 64, 4, 4), cfg(64, 64, 64, 4, 4)]
 
 
-def _wgrad_configs():
+def _wgrad_configs(fma: bool = False):
     if interpreting():
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_R": 16})]
-    return [
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "BLOCK_R": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "BLOCK_R": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "BLOCK_R": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_R": 64}, num_warps=4, num_stages=3),
-    ]
+    cfg = lambda n, k, r, w, s: triton.Config({"BLOCK_N": n, "BLOCK_K": k, "BLOCK_R": r}, num_warps=w, num_stages=s)
+    if fma:
+        return [cfg(128, 64, 32, 8, 3), cfg(64, 128, 32, 8, 3), cfg(64, 64, 32, 4, 3), cfg(32, 64, 32, 4, 3)]
+    return [cfg(128, 128, 64, 8, 3), cfg(128, 64, 64, 4, 4), cfg(64, 128, 64, 4, 4), cfg(64, 64, 64, 4, 3)]
 
 
 def _m_bucket(M: int) -> int:
@@ -251,15 +256,15 @@ def _autotune_bench(kernel_call, quantiles):
 
 
 def make_autotuners(configs=_gemm_configs, do_bench=_autotune_bench) -> dict:
-    """One autotuned ``_group_gemm`` per epilogue (``do_bench`` for tests that drive autotuning)."""
-    return {ep: triton.autotune(configs=configs(ep), key=_KEY, do_bench=do_bench,
-                                reset_to_zero=["part_ptr"] if ep == SWIGLU_BWD else None)(_group_gemm)
-            for ep in (PLAIN, SWIGLU_FWD, SWIGLU_BWD)}
+    """One autotuned ``_group_gemm`` per (epilogue, fma) (``do_bench`` for tests that drive autotuning)."""
+    return {(ep, fma): triton.autotune(configs=configs(ep, fma), key=_KEY, do_bench=do_bench,
+                                       reset_to_zero=["part_ptr"] if ep == SWIGLU_BWD else None)(_group_gemm)
+            for ep in (PLAIN, SWIGLU_FWD, SWIGLU_BWD) for fma in (False, True)}
 
 
 group_gemm = make_autotuners()
-group_wgrad = triton.autotune(configs=_wgrad_configs(), key=["N", "K", "GATHER_A", "GATHER_B", "SWIGLU_B"],
-                              do_bench=_autotune_bench)(_group_wgrad)
+group_wgrad = {fma: triton.autotune(configs=_wgrad_configs(fma), key=["N", "K", "GATHER_A", "GATHER_B", "SWIGLU_B"],
+                                    do_bench=_autotune_bench)(_group_wgrad) for fma in (False, True)}
 
 MIN_BLOCK_N = 32
 _placeholders: dict = {}
@@ -289,7 +294,8 @@ def launch_gemm(a, w, w_strides, N: int, K: int, offs, c, *, row_map=None, a_div
         return c
     dummy = _placeholder(offs.device)
     grid = lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + E + 1) * triton.cdiv(N, meta["BLOCK_N"]),)
-    group_gemm[epilogue][grid](
+    precision = _precision(a.dtype)
+    group_gemm[epilogue, precision == "ieee"][grid](
         a, w, c, offs,
         row_map if row_map is not None else dummy, scale if scale is not None else dummy,
         pre if pre is not None else dummy, part if part is not None else dummy,
@@ -298,7 +304,7 @@ def launch_gemm(a, w, w_strides, N: int, K: int, offs, c, *, row_map=None, a_div
         pre.stride(0) if pre is not None else 0, part.stride(0) if part is not None else 0,
         A_DIV=a_div, GATHER_A=gather_a, SCATTER_C=scatter_c, SCALE=scale is not None,
         EPILOGUE=epilogue, STORE_PRE=pre is not None and epilogue == SWIGLU_FWD,
-        PRECISION=_precision(a.dtype), BLOCK_G=triton.next_power_of_2(E + 2),
+        PRECISION=precision, BLOCK_G=triton.next_power_of_2(E + 2),
     )
     return c
 
@@ -312,11 +318,12 @@ def launch_wgrad(a, b, dw, dw_strides, N: int, K: int, offs, *, row_map=None, a_
         return dw
     dummy = _placeholder(offs.device)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), E)
-    group_wgrad[grid](
+    precision = _precision(a.dtype)
+    group_wgrad[precision == "ieee"][grid](
         a, b, dw, offs,
         row_map if row_map is not None else dummy, scale_a if scale_a is not None else dummy,
         N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), *dw_strides,
         A_DIV=a_div, GATHER_A=gather_a, SCALE_A=scale_a is not None,
-        B_DIV=b_div, GATHER_B=gather_b, SWIGLU_B=swiglu_b, PRECISION=_precision(a.dtype),
+        B_DIV=b_div, GATHER_B=gather_b, SWIGLU_B=swiglu_b, PRECISION=precision,
     )
     return dw
