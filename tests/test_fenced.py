@@ -11,6 +11,7 @@ import torch
 import bam_kernels as bk
 from bam_kernels import reference
 from bam_kernels._triton import attention as attention_kernels
+from oracle import rel, routed_moe_matches_reference
 
 NAN = float("nan")
 
@@ -26,12 +27,6 @@ def fenced(t: torch.Tensor, rows_pad: int = 3, cols_pad: int = 5) -> torch.Tenso
 
 def grad_leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().requires_grad_()
-
-
-def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all(), "NaN from the fence reached the output: a load outside the tensor"
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def test_grouped_mm_fenced():
@@ -58,18 +53,7 @@ def test_route_topk_and_moe_mlp_fenced(T, E, k):
     gate_up, down = torch.randn(E, 2 * Fh, D) / math.sqrt(D), torch.randn(E, D, Fh) / math.sqrt(Fh)
     dy = torch.randn(T, D)
     leaves = [grad_leaf(fenced(t)) for t in (logits, x, gate_up, down)]
-    with bk.use_backend("triton"):
-        w, idx = bk.route_topk(leaves[0], k, normalize=False)
-        y = bk.moe_mlp(leaves[1], leaves[2], leaves[3], w, idx)
-    y.backward(fenced(dy))
-    ref_leaves = [grad_leaf(t.double()) for t in (logits, x, gate_up, down)]
-    rw, ridx = reference.route_topk(ref_leaves[0], k, normalize=False)
-    assert torch.equal(idx, ridx)
-    ref = reference.moe_mlp(ref_leaves[1], ref_leaves[2], ref_leaves[3], rw, ridx)
-    ref.backward(dy.double())
-    assert rel(y, ref) < 1e-5
-    for name, a, b in zip(("logits", "x", "gate_up_proj", "down_proj"), leaves, ref_leaves):
-        assert rel(a.grad, b.grad) < 1e-5, name
+    routed_moe_matches_reference(leaves, (logits, x, gate_up, down), k, fenced(dy), dy)
 
 
 @pytest.mark.parametrize("expert_kv", [False, True])

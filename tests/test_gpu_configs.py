@@ -17,6 +17,7 @@ import triton
 import bam_kernels as bk
 import sanitizer
 from bam_kernels import reference
+from oracle import rel, routed_moe_matches_reference
 from bam_kernels._triton import attention as ak
 from bam_kernels._triton import grouped_gemm as gg
 
@@ -40,12 +41,6 @@ ATTENTION = {fp32: [_gpu(ak, f, fp32) for f in (ak._fwd_configs, ak._decode_conf
 GEMM_CASES = [(fma, i) for fma, (gemm, wgrad) in GEMM.items()
               for i in range(max(len(wgrad), *map(len, gemm.values())))]
 ATTENTION_CASES = [(fp32, i) for fp32, lists in ATTENTION.items() for i in range(max(map(len, lists)))]
-
-
-def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def _leaves(*tensors):
@@ -72,18 +67,8 @@ def test_moe_ops_with_gpu_tiles(fma, i, monkeypatch):
     x, dy = torch.randn(T, D), torch.randn(T, D)
     gate_up, down = torch.randn(E, 2 * Fh, D) / math.sqrt(D), torch.randn(E, D, Fh) / math.sqrt(Fh)
     ours = _leaves(logits, x, gate_up, down)
-    with sanitizer.races(), bk.use_backend("triton"):
-        w, idx = bk.route_topk(ours[0], k)
-        y = bk.moe_mlp(ours[1], ours[2], ours[3], w, idx)
-        y.backward(dy)
-    refs = _leaves(*(t.double() for t in (logits, x, gate_up, down)))
-    rw, ridx = reference.route_topk(refs[0], k)
-    assert torch.equal(idx, ridx)
-    ry = reference.moe_mlp(refs[1], refs[2], refs[3], rw, ridx)
-    ry.backward(dy.double())
-    assert rel(y, ry) < 1e-5
-    for name, a, b in zip(("logits", "x", "gate_up_proj", "down_proj"), ours, refs):
-        assert rel(a.grad, b.grad) < 1e-5, name
+    with sanitizer.races():
+        routed_moe_matches_reference(ours, (logits, x, gate_up, down), k, dy, dy)
     assert torch.all(ours[2].grad[3] == 0) and torch.all(ours[3].grad[3] == 0)
 
     M, K, N = 300, 72, 130

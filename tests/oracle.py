@@ -1,0 +1,31 @@
+"""Checks shared by the tests that run the Triton kernels in unusual conditions (NaN-fenced inputs,
+GPU tile configs): the op on the triton backend against the float64 reference, forward and every
+gradient."""
+import torch
+
+import bam_kernels as bk
+from bam_kernels import reference
+
+
+def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), "a NaN or inf reached the output (a load outside a tensor, or an unwritten element)"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def routed_moe_matches_reference(leaves, values, k: int, dy_ours: torch.Tensor, dy: torch.Tensor, tol=1e-5):
+    """route_topk + moe_mlp on the triton backend, forward and backward, on ``leaves`` (logits, x,
+    gate_up_proj, down_proj: leaf tensors in any layout) against the reference on ``values`` (the
+    same numbers). ``dy_ours`` is the output gradient given to ours (``dy`` in any layout)."""
+    with bk.use_backend("triton"):
+        w, idx = bk.route_topk(leaves[0], k)
+        y = bk.moe_mlp(leaves[1], leaves[2], leaves[3], w, idx)
+    y.backward(dy_ours)
+    refs = [t.detach().double().requires_grad_() for t in values]
+    rw, ridx = reference.route_topk(refs[0], k)
+    assert torch.equal(idx, ridx)
+    ry = reference.moe_mlp(refs[1], refs[2], refs[3], rw, ridx)
+    ry.backward(dy.double())
+    assert rel(y, ry) < tol
+    for name, a, b in zip(("logits", "x", "gate_up_proj", "down_proj"), leaves, refs):
+        assert rel(a.grad, b.grad) < tol, name
