@@ -18,6 +18,15 @@ if os.environ.get("BAM_TEST_SANITIZE", "1") != "0" and os.environ["TRITON_INTERP
 else:
     SANITIZED = False
 
+# The interpreter's bf16 dots are garbage (integer products of the bit patterns); this makes them
+# right, so bf16 runs on the CPU too (tests/interpreter_bf16.py).
+if os.environ["TRITON_INTERPRET"] not in ("", "0"):
+    import interpreter_bf16  # noqa: E402
+
+    BF16_DOTS = interpreter_bf16.install()
+else:
+    BF16_DOTS = False
+
 
 @pytest.fixture(autouse=True)
 def _seed():

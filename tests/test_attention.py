@@ -334,7 +334,8 @@ def test_kernels_compile_for_hopper_with_wgmma_and_no_spills():
             assert r["wgmma"], f"{name} does not use wgmma"
 
 
-@pytest.mark.parametrize("backend,dtype", [("torch", torch.bfloat16), ("triton", torch.float16)])
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.bfloat16), ("triton", torch.float16),
+                                           ("triton", torch.bfloat16)])
 def test_autocast_runs_attention_in_its_dtype(backend, dtype):
     """fp32 q, k, v (RoPE's fp32 tables promote them) inside autocast: the op runs in its dtype
     and the fp32 leaves get gradients equal to the reference's on the cast values."""

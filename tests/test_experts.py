@@ -340,11 +340,12 @@ def test_torch_path_without_native_grouped_mm(monkeypatch, op):
     assert experts._native_gmm[("cpu", torch.float32)] is False
 
 
-@pytest.mark.parametrize("backend,dtype", [("torch", torch.bfloat16), ("triton", torch.float16)])
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.bfloat16), ("triton", torch.float16),
+                                           ("triton", torch.bfloat16)])
 def test_moe_mlp_and_grouped_mm_under_autocast(backend, dtype):
     """fp32 inputs and parameters inside autocast: the experts run in its dtype (as F.linear), the
     output has that dtype, and the fp32 leaves get fp32 gradients equal to the reference's on the
-    same cast values. (bf16 only on the torch path: the interpreter's bf16 dots are wrong.)"""
+    same cast values."""
     x, gate_up, down, weights, experts = make_moe(33, 24, 40, 5, 2)
     leaves = [t.requires_grad_() for t in (x, gate_up, down, weights)]
     with torch.autocast("cpu", dtype=dtype), bk.use_backend(backend):
