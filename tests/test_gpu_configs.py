@@ -115,3 +115,23 @@ def test_moa_attention_with_gpu_tiles(fp32, i, expert_kv, monkeypatch):
         assert rel(o, ro) < 1e-5, case
         for name, a, b in zip(("q", "k", "v", "mix"), ours, refs):
             assert rel(a.grad, b.grad) < 1e-5, f"{case}: d{name}"
+
+
+def test_first_config_only_restricts_every_autotuner_and_restores_it(monkeypatch):
+    """The GPU checks of bam-bench run each kernel on its first config only (one compile per
+    variant); afterwards the full lists, and no remembered choice, are back."""
+    from bam_kernels._triton import autotuners, first_config_only
+
+    tuners = autotuners()
+    assert len(tuners) == 6 + 2 + 4 * 2  # gemm (epilogue, fma), wgrad, 4 attention kernels x 2 families
+    two = _gpu(gg, gg._gemm_configs, gg.PLAIN, False)[:2]
+    monkeypatch.setattr(tuners[0], "configs", two)
+    tuners[0].cache["stale"] = two[1]
+    with first_config_only():
+        assert all(len(t.configs) == 1 for t in tuners) and tuners[0].configs == two[:1]
+        assert not tuners[0].cache
+        x, w = torch.randn(40, 24), torch.randn(3, 20, 24)
+        with bk.use_backend("triton"):
+            y = bk.grouped_mm(x, w, torch.tensor([10, 25, 40], dtype=torch.int32))
+        assert rel(y, reference.grouped_mm(x.double(), w.double(), torch.tensor([10, 25, 40]))) < 1e-5
+    assert tuners[0].configs == two and not tuners[0].cache
