@@ -107,6 +107,14 @@ def check_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> 
     return f"{name}: rel err {err:.2e} (tol {tol:.0e})"
 
 
+def agreement(ours, peer, peer_name: str, tol: float) -> str:
+    """``ours`` and ``peer`` each give [output, *gradients] for the same inputs; run once after the
+    timing (on a GPU: with the configs the autotuner chose there, which the checks before the
+    timings did not run), the largest relative error between them, starting with FAIL over ``tol``."""
+    err = max(rel_err(a, b) for a, b in zip(ours(), peer()))
+    return f"{'FAIL ' if not err <= tol else ''}{err:.1e} vs {peer_name}"
+
+
 def guarded(label: str, device: str, fn, *args, **kwargs) -> list[str]:
     """Run one check case; an exception (a kernel that fails to build, an out-of-memory) becomes one
     FAIL line, so that the cases after it still run."""

@@ -21,7 +21,7 @@ import bam_kernels as bk
 from bam_kernels import reference
 from bam_kernels.attention import _stacked_heads, _unstack_heads
 
-from .common import attempt, check_close, guarded, rate, sync, time_group
+from .common import agreement, attempt, check_close, guarded, rate, sync, time_group
 
 # name, B, T, S, E, H, Hkv, Dh, expert_kv
 GPU_TRAIN = [("bam-small shared-kv", 4, 2048, 2048, 4, 8, 8, 128, False),
@@ -110,9 +110,18 @@ def run(device: str, quick: bool):
                         torch.autograd.grad(fn(q, k, v, mix, True), (q, k, v, mix), do)
 
                 steps[pname] = step
-            for pname, t in time_group(steps, device, quick).items():
+            timings = time_group(steps, device, quick)
+            agree = {}
+            if mode == "fwd+bwd":
+                def grads(fn, q=q, k=k, v=v, mix=mix, do=do):
+                    out = fn(q, k, v, mix, True)
+                    return [out, *torch.autograd.grad(out, (q, k, v, mix), do)]
+
+                agree["agreement"] = agreement(lambda: grads(providers["bam"]), lambda: grads(providers["sdpa+mix"]),
+                                               "sdpa+mix", 3e-2 if gpu else 1e-4)
+            for pname, t in timings.items():
                 yield {"case": case, "provider": pname, **t, **rate(t, "tflops", flops / 1e12),
-                       **_meta(B, T, S, E, H, Hkv, Dh, expert_kv, dtype)}
+                       **(agree if pname == "bam" else {}), **_meta(B, T, S, E, H, Hkv, Dh, expert_kv, dtype)}
             del q, k, v, mix, do, steps
             if gpu:
                 torch.cuda.empty_cache()

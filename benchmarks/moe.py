@@ -19,7 +19,7 @@ import bam_kernels as bk
 from bam_kernels import reference
 from bam_model.nn import MoE
 
-from .common import check_close, guarded, rate, time_group
+from .common import agreement, check_close, guarded, rate, time_group
 
 # name, D, F, E, k, normalize
 GPU_CASES = [("bam-small", 1024, 4096, 4, 1, False), ("mixtral", 4096, 14336, 8, 2, True),
@@ -163,8 +163,20 @@ def run(device: str, quick: bool):
                         torch.autograd.grad([o1, o2], leaves, [g1, g2])
 
                 steps["dense-matmul"] = dense_step
-                for pname, t in time_group(steps, device, quick).items():
+                timings = time_group(steps, device, quick)
+                agree = {}
+                if mode == "fwd+bwd":
+                    def grads(module, x=x, dy=dy):
+                        xin = x.clone().requires_grad_()
+                        out = module(xin)
+                        return [out, *torch.autograd.grad(out, [xin, *module.parameters()], dy)]
+
+                    ours, peer = providers["bam"], providers["torch-grouped_mm"]
+                    agree["agreement"] = agreement(lambda: grads(ours), lambda: grads(peer),
+                                                   "torch-grouped_mm", 3e-2 if gpu else 1e-4)
+                for pname, t in timings.items():
                     yield {"case": case, "provider": pname, **t, **rate(t, "tflops", total / 1e12),
+                           **(agree if pname == "bam" else {}),
                            "dtype": str(dtype).replace("torch.", ""), "T": T, "D": D, "F": Fh, "E": E, "k": k}
                 del steps, leaves
             del x, dy

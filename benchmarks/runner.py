@@ -78,7 +78,8 @@ def markdown(result: dict) -> str:
             rate = (f"{r['tflops']:.2f} TFLOP/s" if "tflops" in r else
                     f"{r['gbps']:.1f} GB/s" if "gbps" in r else
                     f"{r['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in r else "")
-            lines.append(f"| {r['case']} | {r['provider']} | {r['ms']:.3f} | "
+            provider = f"{r['provider']} (agrees: {r['agreement']})" if "agreement" in r else r["provider"]
+            lines.append(f"| {r['case']} | {provider} | {r['ms']:.3f} | "
                          f"{r.get('p20_ms', r['ms']):.3f}-{r.get('p80_ms', r['ms']):.3f} | {rate} | "
                          f"{base / r['ms']:.2f}x |")
         lines.append("")

@@ -119,3 +119,19 @@ def test_gpu_only_check_paths_run_on_small_sizes():
         assert not line.startswith("FAIL"), line
     row = moa._copy_row(1 << 20, "cpu", True, "copy case")
     assert row["provider"] == "copy" and row["ms"] > 0 and row["gbps"] > 0
+
+
+def test_agreement_after_the_timings_flags_a_disagreeing_kernel():
+    """On a GPU the timings run configs the checks did not (those the autotuner picks there): each
+    fwd+bwd case of bam is compared once with its peer afterwards, and a gap over the tolerance
+    reads FAIL in the row and the table."""
+    from benchmarks.common import agreement
+    from benchmarks.runner import markdown
+
+    a = [torch.ones(4), torch.arange(4.0)]
+    assert agreement(lambda: a, lambda: [t.clone() for t in a], "peer", 1e-4) == "0.0e+00 vs peer"
+    off = agreement(lambda: a, lambda: [a[0], a[1] * 1.1], "peer", 3e-2)
+    assert off == "FAIL 9.1e-02 vs peer"  # |0.1 a| / |1.1 a|
+    env = {"device_name": "cpu", "device": "cpu", "torch": "x", "triton": "x", "bam": "x"}
+    row = {"suite": "moe", "case": "c", "provider": "bam", "ms": 1.0, "agreement": off}
+    assert "| bam (agrees: FAIL 9.1e-02 vs peer) |" in markdown({"environment": env, "rows": [row]})
