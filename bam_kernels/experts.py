@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from . import _checks, reference
 from ._dispatch import autocast_to, backend_for, call_directly, needs_grad
-from .routing import _checks_enabled, routing_plan
+from .routing import check_expert_ids, routing_plan
 
 # ---------------------------------------------------------------------------------------------
 # grouped_mm
@@ -268,8 +268,7 @@ def _moe_fwd_few(x_TD, gate_up_E2FD, down_EDF, weights_TK, experts_TK):
     """Forward only, for a few (token, slot) pairs: grouped by expert in Python, one GEMM pair per
     expert used. Unchecked out-of-range ids (a forced torch path on CUDA) contribute nothing."""
     E = gate_up_E2FD.shape[0]
-    if not experts_TK.is_cuda or _checks_enabled():  # the routing plan's policy
-        _checks.expert_ids("experts", experts_TK, E)
+    check_expert_ids(experts_TK, E)
     groups: dict = {}
     for t, (ids, ws) in enumerate(zip(experts_TK.tolist(), weights_TK.tolist())):
         for e, w in zip(ids, ws):

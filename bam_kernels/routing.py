@@ -132,8 +132,7 @@ def routing_plan(experts: torch.Tensor, num_experts: int) -> RoutingPlan:
     their slots contribute nothing.
     """
     _checks.tensor("experts", experts, ndim=2, floating=False)
-    if not experts.is_cuda or _checks_enabled():
-        _checks.expert_ids("experts", experts, num_experts)
+    check_expert_ids(experts, num_experts)
     T, k = experts.shape
     flat = experts.reshape(-1).to(torch.int64)
     flat = torch.where((flat < 0) | (flat >= num_experts), num_experts, flat)
@@ -141,6 +140,13 @@ def routing_plan(experts: torch.Tensor, num_experts: int) -> RoutingPlan:
     bounds = torch.arange(num_experts, device=flat.device, dtype=torch.int64)
     offsets = torch.searchsorted(sorted_experts, bounds, right=True).to(torch.int32)
     return RoutingPlan(sorted_slots, sorted_experts, offsets, T, k, num_experts)
+
+
+def check_expert_ids(experts: torch.Tensor, num_experts: int) -> None:
+    """The range check of expert ids where it costs no host sync: always on the CPU, on CUDA only
+    with ``BAM_CHECK=1``."""
+    if not experts.is_cuda or _checks_enabled():
+        _checks.expert_ids("experts", experts, num_experts)
 
 
 def _checks_enabled() -> bool:

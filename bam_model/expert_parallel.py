@@ -113,7 +113,6 @@ class ExpertParallelMoE(RouterLosses, nn.Module):
             self.experts = MoEExperts(self.num_local_experts, self.dim, self.ffn_dim, dtype=full.gate_up_proj.dtype)
         self.experts.gate_up_proj = nn.Parameter(shard_dim0(full.gate_up_proj.detach(), group).clone())
         self.experts.down_proj = nn.Parameter(shard_dim0(full.down_proj.detach(), group).clone())
-        self.router_logits = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:

@@ -64,7 +64,9 @@ class MoEExperts(nn.Module):
 
 class RouterLosses:
     """``load_balancing_loss`` and ``z_loss`` of the last forward, computed when first read
-    (decoding never pays): a forward sets ``self._routed = (router logits, expert ids)``."""
+    (decoding never pays): a forward calls ``_set_routed(router logits, expert ids)``, which also
+    keeps the logits as ``router_logits``."""
+    router_logits: torch.Tensor | None = None
     _routed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _set_routed(self, logits_TE: torch.Tensor, experts_TK: torch.Tensor) -> None:
@@ -113,7 +115,6 @@ class MoE(RouterLosses, nn.Module):
         self.top_k, self.normalize = top_k, normalize
         self.gate = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
         self.experts = MoEExperts(num_experts, dim, ffn_dim, device=device, dtype=dtype)
-        self.router_logits = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.dim:

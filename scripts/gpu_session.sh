@@ -4,7 +4,7 @@
 # own process with a time limit, checks on the GPU first, then timings. Results (JSON, markdown,
 # PNG, the log) go to $OUT (the device tool's folder) or benchmarks/results.
 # A lent machine gives one call of at most 10 minutes; the limits below keep the three suites
-# inside it (each suite's checks compile every kernel variant for three dtypes first), and
+# inside it (each suite's checks first compile each kernel variant once, for three dtypes), and
 # --quick (4k and 16k tokens, shorter do_bench) keeps every case in. FULL=1 runs the full sizes.
 #   device run: bash scripts/gpu_session.sh            (timeout_s 600)
 set -u

@@ -29,3 +29,33 @@ def routed_moe_matches_reference(leaves, values, k: int, dy_ours: torch.Tensor, 
     assert rel(y, ry) < tol
     for name, a, b in zip(("logits", "x", "gate_up_proj", "down_proj"), leaves, refs):
         assert rel(a.grad, b.grad) < tol, name
+
+
+def grouped_mm_matches_reference(x, w, offs, dy_ours: torch.Tensor, dy: torch.Tensor, tol=1e-5, label=""):
+    """grouped_mm on the triton backend, forward and backward, on the leaves ``x``, ``w`` (any
+    layout) against the reference on the same numbers. Returns our output."""
+    with bk.use_backend("triton"):
+        y = bk.grouped_mm(x, w, offs)
+    y.backward(dy_ours)
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+    ref = reference.grouped_mm(x64, w64, offs)
+    ref.backward(dy.double())
+    assert rel(y, ref) < tol, label
+    assert rel(x.grad, x64.grad) < tol and rel(w.grad, w64.grad) < tol, label
+    return y
+
+
+def moa_matches_reference(leaves, values, kv_lens, do_ours: torch.Tensor, do: torch.Tensor, tol=1e-5, label=""):
+    """moa_attention (causal) on the triton backend, forward and backward, on ``leaves`` (q, k, v,
+    mix: leaf tensors in any layout) against the reference on ``values`` (the same numbers; NaN in
+    them, as past a cache's valid keys, read as 0). Returns our output."""
+    with bk.use_backend("triton"):
+        o = bk.moa_attention(*leaves, causal=True, kv_lens=kv_lens)
+    o.backward(do_ours)
+    refs = [torch.nan_to_num(t.detach().double(), nan=0.0).requires_grad_() for t in values]
+    ro = reference.moa_attention(*refs, True, None, kv_lens)
+    ro.backward(do.double())
+    assert rel(o, ro) < tol, label
+    for name, a, b in zip(("q", "k", "v", "mix"), leaves, refs):
+        assert rel(a.grad, b.grad) < tol, f"{label} d{name}"
+    return o

@@ -2,7 +2,7 @@
 rounding are made what a GPU does by tests/interpreter_bf16.py (conftest installs it), so every op
 runs here in the dtype a GPU trains in, forward and every gradient against the float64 reference
 on the same bf16 numbers, under the convention's bf16 tolerance (1e-2 relative). Errors seen:
-2e-3 to 4e-3, as the torch path's (with the interpreter's own truncating cast, attention
+1.6e-3 to 3.4e-3, as the torch path's (with the interpreter's own truncating cast, attention
 gradients were at 9e-3)."""
 import math
 
@@ -11,11 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-import bam_kernels as bk
 import conftest
-from bam_kernels import reference
 from bam_kernels._triton import attention as attention_kernels
-from oracle import rel, routed_moe_matches_reference
+from oracle import grouped_mm_matches_reference, moa_matches_reference, routed_moe_matches_reference
 
 BF16 = torch.bfloat16
 TOL = 1e-2
@@ -56,14 +54,8 @@ def test_grouped_mm_bf16():
     offs = torch.tensor([10, 10, 31, 40], dtype=torch.int32)
     x, w = _bf16_leaves(torch.randn(M, K), torch.randn(E, N, K) / math.sqrt(K))
     dy = torch.randn(M, N).to(BF16)
-    with bk.use_backend("triton"):
-        y = bk.grouped_mm(x, w, offs)
-    y.backward(dy)
-    x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
-    ref = reference.grouped_mm(x64, w64, offs)
-    ref.backward(dy.double())
-    assert y.dtype == BF16 and rel(y, ref) < TOL
-    assert rel(x.grad, x64.grad) < TOL and rel(w.grad, w64.grad) < TOL
+    y = grouped_mm_matches_reference(x, w, offs, dy, dy, tol=TOL)
+    assert y.dtype == BF16
 
 
 @pytest.mark.parametrize("T,E,k", [(37, 5, 2), (70, 3, 1), (9, 4, 4)])
@@ -88,12 +80,5 @@ def test_moa_attention_bf16(expert_kv, T, S, kv_lens, splits, monkeypatch):
     mix = torch.softmax(torch.randn(B, T, E), -1).requires_grad_()
     do = torch.randn(B, T, E, H, Dh).to(BF16)
     lens = None if kv_lens is None else torch.tensor(kv_lens)
-    with bk.use_backend("triton"):
-        o = bk.moa_attention(q, k, v, mix, kv_lens=lens)
-    o.backward(do)
-    refs = [t.detach().double().requires_grad_() for t in (q, k, v, mix)]
-    ro = reference.moa_attention(*refs, True, None, lens)
-    ro.backward(do.double())
-    assert o.dtype == BF16 and rel(o, ro) < TOL
-    for name, a, b in zip(("q", "k", "v", "mix"), (q, k, v, mix), refs):
-        assert rel(a.grad, b.grad) < TOL, name
+    o = moa_matches_reference([q, k, v, mix], (q, k, v, mix), lens, do, do, tol=TOL)
+    assert o.dtype == BF16
