@@ -1,8 +1,9 @@
 """Checkpoints in and out, safetensors and GGUF only (never pickle).
 
 - Our folder: ``config.json`` + ``model.safetensors`` (or shards ``model-0000i-of-0000n.safetensors``
-  with ``model.safetensors.index.json``), written to a temporary folder and renamed into place, so
-  a crash never leaves half a checkpoint.
+  with ``model.safetensors.index.json``) and ``bam-manifest.json``, written by
+  ``files.write_model_folder``: a crash never leaves half a checkpoint, and a folder we did not
+  write is never replaced.
 - Import of Hugging Face Llama-family folders (Llama, Mistral, SmolLM) and llama.cpp GGUF files,
   read without transformers.
 - Export of FFN-only mixtures (BTX, sparse upcycling) to Hugging Face's Mixtral layout.
@@ -11,48 +12,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import BamConfig, DenseConfig, config_from_dict
+from .files import write_model_folder
 from .model import BamLM, CausalLM, DenseLM
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 CONFIG = "config.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024 ** 3
-
-
-def write_atomic(path, write) -> None:
-    """Make the file ``path`` by ``write(temporary path)`` beside it, fsync it, give it the mode a
-    plain open() would (0644; mkstemp makes 0600), then rename it into place: a crash leaves the
-    old file or the new one, never half of one."""
-    path = os.fspath(path)
-    folder, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(dir=folder or ".", prefix=f".{name}.tmp-", suffix=os.path.splitext(name)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_text_atomic(path, text: str) -> None:
-    """``write_atomic`` of a UTF-8 text."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    write_atomic(path, write)
 
 
 def model_class(config: DenseConfig) -> type[CausalLM]:
@@ -76,52 +48,33 @@ def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict
 
 def write_folder(path: str, files: dict[str, str | bytes], tensors: dict[str, torch.Tensor],
                  max_shard_bytes: int | None = None, metadata: dict | None = None) -> None:
-    """Write ``files`` (name -> text or bytes) and ``tensors`` as safetensors into the folder ``path``.
-
-    Everything goes into a temporary sibling folder first, which is then renamed to ``path``. An
-    existing checkpoint at ``path`` (a folder with a config.json) is replaced; any other existing
-    non-empty folder or file is refused.
-    """
+    """Write ``files`` (name -> text or bytes) and ``tensors`` as safetensors into the folder ``path``
+    (``files.write_model_folder``: atomic for a new folder; an existing folder is written into only
+    when it is empty or one we wrote, and only the files we wrote are replaced)."""
     max_shard_bytes = DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
     if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
-    path = os.path.abspath(path)
-    if os.path.exists(path):
-        if not os.path.isdir(path):
-            raise ValueError(f"output path {path!r} exists and is not a folder")
-        if os.listdir(path) and not os.path.isfile(os.path.join(path, CONFIG)):
-            raise ValueError(f"output folder {path!r} is not empty and holds no checkpoint; refusing to replace it")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.tmp-")
-    try:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+    def write(folder):
         for name, content in files.items():
-            with open(os.path.join(tmp, name), "wb" if isinstance(content, bytes) else "w") as f:
+            with open(os.path.join(folder, name), "wb" if isinstance(content, bytes) else "w") as f:
                 f.write(content)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
         shards = _shards(tensors, max_shard_bytes)
         meta = {"format": "pt", **(metadata or {})}
         if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, WEIGHTS), metadata=meta)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, fname), metadata=meta)
-                weight_map.update(dict.fromkeys(shard, fname))
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            with open(os.path.join(tmp, INDEX), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(path)}.old-")
-            os.replace(path, os.path.join(old, "ckpt"))
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            save_file(shards[0], os.path.join(folder, WEIGHTS), metadata=meta)
+            return
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(folder, fname), metadata=meta)
+            weight_map.update(dict.fromkeys(shard, fname))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open(os.path.join(folder, INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+    write_model_folder(path, write)
 
 
 def model_tensors(model: CausalLM) -> dict[str, torch.Tensor]:

@@ -10,11 +10,13 @@ To add a subcommand, write its pair and add one line to ``SUBCOMMANDS``.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 
 import torch
 
+from .config import finite_float
 from .demo import add_demo_args, run_demo_cli
 from .evaluate import add_eval_args, run_eval
 from .train import add_train_args, run_train
@@ -33,12 +35,19 @@ def add_branch_args(p: argparse.ArgumentParser) -> None:
 
 def run_branch(args: argparse.Namespace) -> list[str]:
     from .checkpoint import load_dense, open_source
+    from .files import check_output
     from .generate import tokenizer_json
     from .upcycle import branch
 
     for d in args.domains:
-        if not d or os.sep in d or d in (".", ".."):
-            raise ValueError(f"domain {d!r} cannot name a folder")
+        if not d or os.sep in d or d in (".", "..") or d.startswith("."):
+            raise ValueError(f"--domains: {d!r} cannot name a folder")
+    if len(set(args.domains)) < len(args.domains):
+        raise ValueError(f"--domains names a domain twice: {args.domains}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} is a file, not a folder; choose a folder path")
+    for d in args.domains:  # every target is checked before anything is written
+        check_output(os.path.join(args.out, d), "model", flag="--out", inputs=[("SEED", args.seed)])
     source = open_source(args.seed)  # a GGUF file is read once for the model and its tokenizer
     copies = branch(load_dense(source, DTYPES[args.dtype]), list(args.domains))
     tokenizer = tokenizer_json(source)
@@ -130,6 +139,7 @@ def run_mix(args: argparse.Namespace) -> str:
     import yaml
 
     from .checkpoint import export_mixtral, open_source
+    from .files import check_output
     from .generate import tokenizer_json
     from .upcycle import upcycle
 
@@ -154,6 +164,8 @@ def run_mix(args: argparse.Namespace) -> str:
     recipe = validate_recipe(recipe if recipe is not None else {})
     if args.config is None:
         text = yaml.safe_dump(recipe, sort_keys=False)
+    inputs = [("base_model", recipe["base_model"])] + [(f"experts[{i}]", e) for i, e in enumerate(recipe["experts"])]
+    check_output(args.out, "model", inputs=inputs)
     kwargs = {k: v for k, v in recipe.items() if k not in ("base_model", "experts", "dtype")}
     base = open_source(recipe["base_model"])  # a GGUF file is read once for the model and its tokenizer
     model = upcycle(base, recipe["experts"], dtype=DTYPES[recipe["dtype"]], **kwargs)
@@ -177,8 +189,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="our folder (dense or mixture), a Hugging Face Llama-family folder or a .gguf")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--temperature", type=finite_float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
     p.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: the model's own)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as stored (float32 for HF/GGUF)")
@@ -188,7 +200,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 def run_generate(args: argparse.Namespace) -> str:
     from .generate import generate_text, load_model_and_tokenizer
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .distributed import resolve_device
+
+    device = resolve_device(args.device)
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer,
                                           DTYPES[args.dtype] if args.dtype else None, device)
     text = generate_text(model.eval(), tok, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed)
@@ -220,13 +234,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# OS errors a user can foresee and mend (rights, a read-only or full disk): one line, not a traceback.
+USER_OS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+                  errno.ENAMETOOLONG)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except ValueError as e:
+    except (ValueError, FloatingPointError) as e:
         print(f"bam {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in USER_OS_ERRORS:
+            raise
+        where = f": {e.filename!r}" if e.filename else ""
+        print(f"bam {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     return 0
 

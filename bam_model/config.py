@@ -7,12 +7,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
 BLOCKS = ("sequential", "parallel")
 ATTENTION_KINDS = ("expert-kv", "shared-kv", "dense")
 METHODS = ("bam", "btx", "sparse")
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a float that is neither NaN nor infinite."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def _positive_int(name: str, value) -> None:

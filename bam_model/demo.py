@@ -26,7 +26,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -34,12 +33,15 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import from_pretrained, write_atomic, write_text_atomic
+from . import files
+from .checkpoint import from_pretrained
 from .config import BamConfig, DenseConfig, _positive_float, _positive_int, load_config
 from .data import DOMAINS, eval_windows, load_tokenizer, parse_data_spec, tokens
+from .distributed import resolve_device
 from .evaluate import evaluate
+from .files import write_atomic, write_text_atomic
 from .model import DenseLM
-from .train import CHECKPOINTS, FINAL_MODEL, TrainConfig, train
+from .train import FINAL_MODEL, TrainConfig, remove_checkpoints, train
 from .upcycle import branch, upcycle
 
 METHODS = ("seed", "btx", "sparse", "bam-expert-kv", "bam-shared-kv", "bam-expert-kv-cm", "bam-shared-kv-cm")
@@ -49,6 +51,9 @@ MIXTURES = {  # name -> upcycle arguments
     "bam-expert-kv": dict(method="bam", attention="expert-kv"),
     "bam-shared-kv": dict(method="bam", attention="shared-kv"),
 }
+# What a demo folder holds (its manifest lists these; the phase folders are runs and models of their own).
+DEMO_ENTRIES = ["demo.json", "results.json", "details.json", "table.md", "perplexity.png", "router_use.png",
+                "seed", "experts", "mix"]
 COMPUTE_MATCHED = {"bam-expert-kv-cm": "bam-expert-kv", "bam-shared-kv-cm": "bam-shared-kv"}
 
 
@@ -198,7 +203,7 @@ class PhaseRunner:
                     "flops_per_token": flops_per_token(model.config, self.cfg.seq_len)}
             info["train_flops"] = 3 * info["flops_per_token"] * info["tokens"]
             _write_json_atomic(run / "done.json", info)
-            shutil.rmtree(run / CHECKPOINTS, ignore_errors=True)   # only needed to resume an unfinished phase
+            remove_checkpoints(run)   # only needed to resume an unfinished phase
             self.log(f"[{name}] loss {info['final_loss']:.3f} in {info['seconds']:.0f} s")
         self.details["phases"][name] = info
         return model
@@ -247,18 +252,16 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, device: str | None = No
     """Run the whole pipeline into the folder ``out``; returns the results dict (also in results.json)."""
     if not isinstance(cfg, DemoConfig):
         raise ValueError(f"cfg must be a DemoConfig, got {type(cfg).__name__}")
+    device = resolve_device(device)
     out = Path(out)
     settings = out / "demo.json"
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {str(out)!r} exists and is not a folder")
-    if settings.is_file():
+    if files.check_output(out, "demo") == "ours" and settings.is_file():
         before = json.loads(settings.read_text(encoding="utf-8"))
         if before != json.loads(json.dumps(dataclasses.asdict(cfg))):
             raise ValueError(f"--out {str(out)!r} holds a demo run with other settings; choose another folder")
-    elif out.is_dir() and any(out.iterdir()):
-        raise ValueError(f"--out {str(out)!r} is a non-empty folder that holds no demo run")
+    else:
+        files.claim_folder(out, "demo", DEMO_ENTRIES)
     _write_json_atomic(settings, dataclasses.asdict(cfg))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t_start = time.perf_counter()
     run = PhaseRunner(cfg, out, device, progress, log)
     tok = run.tokenizer

@@ -56,11 +56,31 @@ def current() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """The device a ``--device`` value names (None: CUDA when available, else the CPU); a
+    ValueError for a name torch does not know or a GPU that is not there."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device name; expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device!r}: PyTorch sees no CUDA GPU on this machine (torch "
+                             f"{torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {device!r} is not supported; expected cpu, cuda or cuda:N")
+    return dev
+
+
 def init_from_env(device: str | None = None) -> tuple[Dist, torch.device]:
     """Join the process group torchrun describes in the environment (when WORLD_SIZE is set and
     no group is initialised yet: NCCL for CUDA, gloo for the CPU) and pick this rank's device.
     ``device`` None means CUDA when available; a bare ``"cuda"`` means ``cuda:LOCAL_RANK``."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

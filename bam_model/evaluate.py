@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed
-from .checkpoint import write_text_atomic
+from .files import write_text_atomic
 from .data import DOMAINS, Source, eval_windows, load_tokenizer, parse_data_spec, token_byte_lengths, tokens
 
 
@@ -115,6 +116,8 @@ def run_eval(args: argparse.Namespace) -> dict:
     and rank 0 prints and writes the results."""
     from . import from_pretrained
 
+    if args.json is not None and os.path.isdir(args.json):
+        raise ValueError(f"--json {args.json!r} is a folder; give a file path such as {os.path.join(args.json, 'eval.json')!r}")
     owns_group = not torch.distributed.is_initialized()
     ctx, device = distributed.init_from_env(args.device)
     try:

@@ -10,6 +10,7 @@ Parameter names follow Hugging Face's ``LlamaForCausalLM`` (``model.embed_tokens
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass
 
 import torch
@@ -229,8 +230,9 @@ class CausalLM(nn.Module, abc.ABC):
                              f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                or not 0 <= temperature < math.inf):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         B, T = input_ids.shape

@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -43,8 +44,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from . import distributed
-from .checkpoint import write_atomic, write_text_atomic
+from . import distributed, files
+from .config import finite_float
+from .files import STAGING_PREFIX, file_record, fsync_dir, fsync_file, sha256, write_text_atomic
 from .data import BatchStream, load_tokenizer, parse_data_spec
 
 METRICS = "metrics.jsonl"
@@ -54,6 +56,11 @@ MODEL_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.safetensors"
 TRAINER_JSON = "trainer.json"
 REFUSED = "refused-"
+STEP_DIR = re.compile(r"step-\d{7}")
+OURS_IN_CHECKPOINTS = re.compile(r"refused-step-\d{7}|\.step-\d{7}\.tmp|\.stale-.*")
+# Flags that do not change what is trained (only what is logged, evaluated or kept): a resumed run
+# may change them; any other difference from the checkpoint's run is refused.
+RESUMABLE_CHANGES = ("log_every", "eval_every", "eval_windows", "save_every", "keep_checkpoints")
 
 
 @dataclass
@@ -129,57 +136,51 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 # --- checkpoints -------------------------------------------------------------------------------
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _checkpoint_dirs(out: Path) -> list[tuple[int, Path]]:
     root = out / CHECKPOINTS
     if not root.is_dir():
         return []
     found = []
     for p in root.iterdir():
-        if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() and (p / TRAINER_JSON).is_file():
+        if p.is_dir() and STEP_DIR.fullmatch(p.name) and (p / TRAINER_JSON).is_file():
             found.append((int(p.name[5:]), p))
     return sorted(found)
 
 
 def _remove(path: Path) -> None:
     """Take ``path`` out of view with one rename, then delete it (a kill mid-way leaves a
-    dot-folder that the next run clears, never a half-deleted checkpoint)."""
+    ``.stale-*`` folder that the next run clears, never a half-deleted checkpoint)."""
     stale = Path(tempfile.mkdtemp(dir=path.parent, prefix=".stale-"))
     os.replace(path, stale / path.name)
     shutil.rmtree(stale)
 
 
+def _ours_in_checkpoints(name: str) -> bool:
+    """Whether an entry of ``checkpoints/`` is one we write: a checkpoint, a refused one, or a
+    temporary of either (anything else there belongs to the user and is never touched)."""
+    return bool(STEP_DIR.fullmatch(name) or OURS_IN_CHECKPOINTS.fullmatch(name))
+
+
 def _clear_leftovers(out: Path) -> None:
-    """Delete what a killed run leaves behind: unfinished checkpoint and metrics temporaries."""
+    """Delete what a killed run leaves behind: unfinished checkpoint, metrics and model temporaries
+    (only names we make)."""
     root = out / CHECKPOINTS
-    leftovers = [p for p in root.iterdir() if p.name.startswith(".")] if root.is_dir() else []
+    leftovers = [p for p in root.iterdir() if p.name.startswith(".") and _ours_in_checkpoints(p.name)] \
+        if root.is_dir() else []
     leftovers += list(out.glob(f".{METRICS}.tmp-*")) + list(out.glob(f".{FINAL_MODEL}.tmp-*"))
-    leftovers += list(out.glob(f".{FINAL_MODEL}.old-*")) + list(out.glob(f"{FINAL_MODEL}/.{MODEL_FILE}.tmp-*"))
+    leftovers += list(out.glob(f"{FINAL_MODEL}/{STAGING_PREFIX}*"))
     for p in leftovers:
         if p.is_dir():
             shutil.rmtree(p)
         else:
             p.unlink()
+
+
+def _trainer_digest(state: dict) -> str:
+    """SHA-256 of ``trainer.json``'s content without its digest: an edited step, config or file
+    list is caught like a corrupt weight file."""
+    body = {k: v for k, v in state.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def save_checkpoint(out: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer,
@@ -209,21 +210,21 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, opt: torch.optim.Opt
         if model_tensors is not None:
             save_file(model_tensors, str(tmp / MODEL_FILE))
         save_file(trainer_tensors, str(tmp / TRAINER_FILE))
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        for f in files:
-            _fsync_file(f)
+        written = sorted(p for p in tmp.rglob("*") if p.is_file())
+        for f in written:
+            fsync_file(f)
         state = {"step": step, "format": fmt, "world_size": ctx.world_size, "config": dataclasses.asdict(cfg),
                  "data": stream.state_dict(), "optimizer_param_groups": groups,
-                 "files": {f.relative_to(tmp).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
-                           for f in files}}
-        (tmp / TRAINER_JSON).write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
-        _fsync_file(tmp / TRAINER_JSON)
+                 "files": {f.relative_to(tmp).as_posix(): file_record(f) for f in written}}
+        state["digest"] = _trainer_digest(state)
+        (tmp / TRAINER_JSON).write_text(json.dumps(state, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+        fsync_file(tmp / TRAINER_JSON)
         for d in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
-            _fsync_dir(d)
+            fsync_dir(d)
         if final.exists():
             _remove(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         for _, old in _checkpoint_dirs(out)[:-cfg.keep_checkpoints]:
             _remove(old)
     distributed.barrier()
@@ -240,11 +241,16 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
         raise ValueError(f"checkpoint {str(path)!r} has no {TRAINER_JSON}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"checkpoint {str(path)!r}: {TRAINER_JSON} is corrupt ({e})") from None
-    files = state.get("files") if isinstance(state, dict) else None
-    if (not isinstance(files, dict) or not files or not isinstance(state.get("step"), int)
+    listed = state.get("files") if isinstance(state, dict) else None
+    if (not isinstance(listed, dict) or not listed or not isinstance(state.get("step"), int)
             or state.get("format") not in ("full", "sharded")):
         raise ValueError(f"checkpoint {str(path)!r}: {TRAINER_JSON} lacks step, format or the file list")
-    for name, info in files.items():
+    if state.get("digest") != _trainer_digest(state):
+        raise ValueError(f"checkpoint {str(path)!r}: {TRAINER_JSON} was changed after it was written "
+                         "(its digest differs)")
+    for name, info in listed.items():
+        if not isinstance(info, dict) or not files.is_within(path / name, path):
+            raise ValueError(f"checkpoint {str(path)!r}: {TRAINER_JSON} lists a bad file entry {name!r}")
         f = path / name
         if not f.is_file():
             raise ValueError(f"checkpoint {str(path)!r}: {name} is missing")
@@ -252,7 +258,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
         if size != info["bytes"]:
             raise ValueError(f"checkpoint {str(path)!r}: {name} is truncated or overwritten "
                              f"({size} bytes, {info['bytes']} were written)")
-        if _sha256(f) != info["sha256"]:
+        if sha256(f) != info["sha256"]:
             raise ValueError(f"checkpoint {str(path)!r}: {name} is corrupt (its SHA-256 differs from the one written)")
     return state
 
@@ -325,6 +331,139 @@ def _read_metrics(path: Path, upto_step: int) -> list[dict]:
     return records
 
 
+def data_inputs(sources) -> list[tuple[str, Path]]:
+    """The ``--data`` paths a run reads, for ``open_run``'s overlap check."""
+    return [("--data", s.path) for s in sources if s.path is not None]
+
+
+class LossNotFinite(FloatingPointError):
+    """Training diverged: the loss became NaN or infinite."""
+
+
+# --- the run folder ------------------------------------------------------------------------------
+
+class RunFolder:
+    """A run folder opened for writing by ``open_run``: checked, claimed (our manifest) and locked
+    on rank 0. ``resume_step`` is the checkpoint to continue from (-1: a fresh run)."""
+
+    def __init__(self, path: Path, resume_step: int, lock: files.FolderLock | None):
+        self.path, self.resume_step, self.lock = path, resume_step, lock
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _has_run(out: Path) -> bool:
+    return ((out / METRICS).exists() or (out / FINAL_MODEL).exists()
+            or bool((out / CHECKPOINTS).is_dir() and any(_ours_in_checkpoints(p.name)
+                                                         for p in (out / CHECKPOINTS).iterdir())))
+
+
+def remove_checkpoints(out: str | os.PathLike) -> None:
+    """Remove the checkpoints of a finished run (only those we wrote; ``checkpoints/`` itself goes
+    when nothing else is left in it)."""
+    root = Path(out) / CHECKPOINTS
+    if root.is_dir():
+        for p in root.iterdir():
+            if _ours_in_checkpoints(p.name):
+                _remove(p)
+        with contextlib.suppress(OSError):
+            root.rmdir()
+
+
+def _clear_run(out: Path) -> None:
+    """``--overwrite``: remove what an earlier run wrote (metrics, our checkpoint folders, the
+    final model's files); anything else in the folder stays."""
+    if (out / METRICS).is_file():
+        (out / METRICS).unlink()
+    remove_checkpoints(out)
+    if (out / FINAL_MODEL).is_dir():
+        files.clear_owned(out / FINAL_MODEL)
+
+
+def _check_resume(state: dict, path: Path, cfg: TrainConfig, data: str) -> None:
+    """Refuse to resume a checkpoint written with other settings, naming each differing flag (a
+    resumed run must continue exactly the recorded one)."""
+    if cfg.steps < state["step"]:
+        raise ValueError(f"--resume: the checkpoint {str(path)!r} is at step {state['step']}, past --steps {cfg.steps}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    saved = TrainConfig(**{k: v for k, v in state["config"].items() if k in known})  # digest-checked
+    before, now = dataclasses.asdict(saved), dataclasses.asdict(cfg)
+    before["warmup"], now["warmup"] = saved.warmup_steps, cfg.warmup_steps
+    diffs = [f"--{k.replace('_', '-')} {now[k]!r} (the run has {before[k]!r})"
+             for k in now if k not in RESUMABLE_CHANGES and before[k] != now[k]]
+    saved_data = state["data"].get("data")
+    if saved_data != data:
+        diffs.insert(0, f"--data {data!r} (the run has {saved_data!r})")
+    if diffs:
+        raise ValueError(f"--resume: {'; '.join(diffs)}; resume with the run's own settings, or start a new "
+                         "run (another --out, or --overwrite)")
+
+
+def open_run(out: str | os.PathLike, cfg: TrainConfig, data: str, *, resume: bool = False,
+             overwrite: bool = False, inputs=()) -> RunFolder:
+    """Check, claim and lock the run folder ``out`` before any work (rank 0; every rank gets rank
+    0's outcome). A fresh run needs ``out`` absent, empty or a run of ours without content;
+    ``resume`` continues the newest intact checkpoint when there is one (after checking its
+    settings against ``cfg`` and ``data``); ``overwrite`` removes an earlier run's files first.
+    ``inputs`` ((name, path) pairs) may not overlap ``out``."""
+    if resume and overwrite:
+        raise ValueError("give --resume or --overwrite, not both")
+    out = Path(os.path.abspath(out))
+    ctx = distributed.current()
+    error, run = None, None
+    if ctx.is_main:
+        try:
+            run = _open_run_main(out, cfg, data, resume, overwrite, inputs)
+        except (ValueError, OSError) as e:
+            error = e
+    if distributed.broadcast_int(0 if error is None else 1):
+        if error is not None:
+            raise error
+        raise ValueError(f"rank 0 refused the run folder {str(out)!r} (its message says why)")
+    resume_step = distributed.broadcast_int(run.resume_step if run is not None else -1)
+    return run if run is not None else RunFolder(out, resume_step, None)
+
+
+def _open_run_main(out: Path, cfg: TrainConfig, data: str, resume: bool, overwrite: bool, inputs) -> RunFolder:
+    state = files.check_output(out, "run", inputs=inputs)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = files.lock_folder(out, "bam train")
+    try:
+        if state == "new":
+            files.claim_folder(out, "run", [METRICS, CHECKPOINTS, FINAL_MODEL, files.LOCK])
+        if (out / CHECKPOINTS).exists() and not (out / CHECKPOINTS).is_dir():
+            raise ValueError(f"{str(out / CHECKPOINTS)!r} is a file; the run keeps its checkpoints in a folder there")
+        files.check_output(out / FINAL_MODEL, "model", flag="the run's final model folder")
+        _clear_leftovers(out)
+        resume_step = -1
+        if _has_run(out):
+            if overwrite:
+                _clear_run(out)
+            elif resume:
+                resume_step = _newest_intact(out)
+                if resume_step >= 0:
+                    path = out / CHECKPOINTS / f"step-{resume_step:07d}"
+                    _check_resume(verify_checkpoint(path), path, cfg, data)
+            else:
+                steps = [step for step, _ in _checkpoint_dirs(out)]
+                at = f" (checkpoint at step {steps[-1]})" if steps else ""
+                raise ValueError(f"--out {str(out)!r} holds a training run{at}; pass --resume to continue it or "
+                                 "--overwrite to start afresh")
+        return RunFolder(out, resume_step, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
 # --- the loop ----------------------------------------------------------------------------------
 
 def _save_final(model: nn.Module, path: Path) -> None:
@@ -345,12 +484,12 @@ def _save_final(model: nn.Module, path: Path) -> None:
     if isinstance(inner, CausalLM):
         build_model(inner.config, tensors).save_pretrained(str(path))
         return
-    path.mkdir(parents=True, exist_ok=True)
-    write_atomic(path / MODEL_FILE, lambda tmp: save_file(tensors, tmp))
+    files.write_model_folder(path, lambda folder: save_file(tensors, str(folder / MODEL_FILE)))
 
 
-def train(model: nn.Module, data: str, out: str | os.PathLike, cfg: TrainConfig, *, resume: bool = False,
-          tokenizer=None, progress: bool = True, strategy: str = "ddp", expert_parallel: bool = False) -> list[dict]:
+def train(model: nn.Module, data: str, out: str | os.PathLike | RunFolder, cfg: TrainConfig, *,
+          resume: bool = False, overwrite: bool = False, tokenizer=None, progress: bool = True,
+          strategy: str = "ddp", expert_parallel: bool = False) -> list[dict]:
     """Train ``model`` in place on the ``data`` spec; returns every metrics record of the run
     (those before a resumed checkpoint included), as written to ``out/metrics.jsonl``.
 
@@ -359,11 +498,11 @@ def train(model: nn.Module, data: str, out: str | os.PathLike, cfg: TrainConfig,
     spread the MoE experts over the ranks (see ``distributed.prepare``). Rank r takes rows
     r, r + W, ... of each global batch of ``cfg.batch_size``; the logged losses are means over
     all ranks. After an FSDP or expert-parallel run ``model`` stays sharded; ``out/model`` holds
-    the whole of it."""
-    from tqdm.auto import tqdm
+    the whole of it.
 
-    from .evaluate import evaluate
-
+    ``out`` is checked, claimed and locked first (``open_run``; or pass what ``open_run`` gave): a
+    fresh run into a folder holding a run is refused unless ``resume`` (continue it, with the same
+    settings) or ``overwrite`` (start afresh)."""
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     ctx = distributed.current()
@@ -375,24 +514,30 @@ def train(model: nn.Module, data: str, out: str | os.PathLike, cfg: TrainConfig,
     if model_vocab is not None and model_vocab < tokenizer.get_vocab_size():
         raise ValueError(f"model vocab_size={model_vocab} is smaller than the tokenizer's "
                          f"{tokenizer.get_vocab_size()}; build the model with vocab_size >= that")
-    device = next(model.parameters()).device
     sources = [s for s, _ in parse_data_spec(data)]
-    stream = BatchStream(data, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                         rank=ctx.rank, world_size=ctx.world_size, tokenizer=tokenizer)
-    out = Path(out)
+    run = out if isinstance(out, RunFolder) else open_run(out, cfg, data, resume=resume, overwrite=overwrite,
+                                                          inputs=data_inputs(sources))
+    try:
+        stream = BatchStream(data, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
+                             rank=ctx.rank, world_size=ctx.world_size, tokenizer=tokenizer)
+        return _train(model, run, cfg, tokenizer, sources, stream, progress, strategy, expert_parallel)
+    finally:
+        if run is not out:
+            run.close()
+
+
+def _train(model: nn.Module, run: RunFolder, cfg: TrainConfig, tokenizer, sources, stream: BatchStream,
+           progress: bool, strategy: str, expert_parallel: bool) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    from .evaluate import evaluate
+
+    ctx = distributed.current()
+    device = next(model.parameters()).device
+    out, resume_step = run.path, run.resume_step
     wrapped = distributed.prepare(model, strategy, expert_parallel)
     opt = make_optimizer(wrapped, cfg)
     torch.manual_seed(cfg.seed + 1_000_003 * ctx.rank)       # rank 0 keeps the single-process stream
-
-    resume_step = -1
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        _clear_leftovers(out)
-        if resume:
-            resume_step = _newest_intact(out)
-        elif (out / CHECKPOINTS).exists():
-            shutil.rmtree(out / CHECKPOINTS)        # a fresh run must not resume an older one later
-    resume_step = distributed.broadcast_int(resume_step)
     step = 0
     if resume_step >= 0:
         path = out / CHECKPOINTS / f"step-{resume_step:07d}"
@@ -435,7 +580,9 @@ def train(model: nn.Module, data: str, out: str | os.PathLike, cfg: TrainConfig,
             means = dict(zip(names, values.tolist()))
             loss = means["loss"]
             if not math.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss} at step {step + 1}; lower lr or check the data")
+                kept = f"the checkpoint of step {step} is kept" if _checkpoint_dirs(out) else "no checkpoint was written"
+                raise LossNotFinite(f"the loss is {loss} at step {step + 1} ({kept}); try a lower --lr (now "
+                                    f"{cfg.lr:g}), a longer --warmup or a lower --grad-clip, and check the data")
             grad_norm = distributed.clip_grad_norm(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf, experts)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -483,11 +630,11 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, model/")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per optimizer step")
     parser.add_argument("--seq-len", type=int, default=d.seq_len)
-    parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    parser.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr / peak lr")
+    parser.add_argument("--lr", type=finite_float, default=d.lr, help="peak learning rate")
+    parser.add_argument("--min-lr-ratio", type=finite_float, default=d.min_lr_ratio, help="final lr / peak lr")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default min(100, steps/10))")
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    parser.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
+    parser.add_argument("--weight-decay", type=finite_float, default=d.weight_decay)
+    parser.add_argument("--grad-clip", type=finite_float, default=d.grad_clip, help="max gradient norm (0: off)")
     parser.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--log-every", type=int, default=d.log_every)
@@ -495,7 +642,12 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-windows", type=int, default=d.eval_windows, help="held-out windows per source")
     parser.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint period (0: at the end only)")
     parser.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its newest intact checkpoint, with the same settings "
+                             "(only --log-every, --eval-every, --eval-windows, --save-every and "
+                             "--keep-checkpoints may change); a fresh run when --out holds none")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in an --out that holds an earlier run, removing that run's files")
     parser.add_argument("--device", default=None,
                         help="default: cuda when available, else cpu (under torchrun rank r takes cuda:LOCAL_RANK)")
     parser.add_argument("--strategy", choices=distributed.STRATEGIES, default="ddp",
@@ -516,12 +668,16 @@ def run_train(args: argparse.Namespace) -> list[dict]:
                       grad_clip=args.grad_clip, grad_accum=args.grad_accum, seed=args.seed,
                       log_every=args.log_every, eval_every=args.eval_every, eval_windows=args.eval_windows,
                       save_every=args.save_every, keep_checkpoints=args.keep_checkpoints)
+    sources = [s for s, _ in parse_data_spec(args.data)]
     owns_group = not torch.distributed.is_initialized()
     ctx, device = distributed.init_from_env(args.device)
     try:
-        model = from_pretrained(args.model, device=device)
-        records = train(model, args.data, args.out, cfg, resume=args.resume, progress=not args.no_progress,
-                        strategy=args.strategy, expert_parallel=args.expert_parallel)
+        # Every check of the run folder comes before the model is loaded.
+        with open_run(args.out, cfg, args.data, resume=args.resume, overwrite=args.overwrite,
+                      inputs=[("MODEL", args.model), *data_inputs(sources)]) as run:
+            model = from_pretrained(args.model, device=device)
+            records = train(model, args.data, run, cfg, progress=not args.no_progress,
+                            strategy=args.strategy, expert_parallel=args.expert_parallel)
     finally:
         if owns_group:
             distributed.shutdown()

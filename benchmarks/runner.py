@@ -20,7 +20,7 @@ import traceback
 
 import torch
 
-from bam_model.checkpoint import write_text_atomic
+from bam_model.files import write_text_atomic
 
 SUITES = ("moe", "moa", "model")
 RESULTS = os.path.join(os.path.dirname(__file__), "results")

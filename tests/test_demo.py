@@ -60,7 +60,7 @@ def test_every_phase_of_a_tiny_demo(tmp_path):
         run_demo(DemoConfig(**{**TINY.__dict__, "seed": 1}), out, device="cpu", log=lines.append)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "file.txt").write_text("x")
-    with pytest.raises(ValueError, match="holds no demo run"):
+    with pytest.raises(ValueError, match="not written by bam"):
         run_demo(TINY, tmp_path / "other", device="cpu", log=lines.append)
 
 

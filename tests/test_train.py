@@ -120,11 +120,21 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
-def test_fresh_run_discards_old_checkpoints(tmp_path):
+def test_fresh_run_into_a_run_needs_overwrite_and_then_discards_old_checkpoints(tmp_path):
     train(_model(), "code", tmp_path, _cfg(steps=3), progress=False)
-    records = train(_model(), "code", tmp_path, _cfg(steps=2), progress=False)
+    before = _snapshot(tmp_path)
+    with pytest.raises(ValueError, match="holds a training run .checkpoint at step 3.; pass --resume"):
+        train(_model(), "code", tmp_path, _cfg(steps=2), progress=False)
+    assert _snapshot(tmp_path) == before
+    records = train(_model(), "code", tmp_path, _cfg(steps=2), overwrite=True, progress=False)
     assert [r["step"] for r in records] == [1, 2]
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000002"]
+
+
+def _snapshot(folder):
+    """Every file under ``folder`` with its bytes (the lock file aside, whose holder line changes)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".bam-lock"}
 
 
 def test_lr_schedule():
