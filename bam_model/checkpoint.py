@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import BamConfig, DenseConfig, config_from_dict
-from .files import write_model_folder
+from .files import check_complete, write_model_folder
 from .model import BamLM, CausalLM, DenseLM
 
 WEIGHTS = "model.safetensors"
@@ -174,6 +174,8 @@ def from_pretrained(path: str, dtype: torch.dtype | None = None, device="cpu") -
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"path must be a checkpoint folder or .gguf file path, got {type(path).__name__}")
     path = os.fspath(path)
+    if os.path.isdir(path):
+        check_complete(path)
     cfg_path = os.path.join(path, CONFIG)
     if os.path.isdir(path) and os.path.isfile(cfg_path):
         cfg = _read_json(cfg_path)
@@ -403,6 +405,7 @@ def load_dense(path, dtype: torch.dtype | None = torch.float32, device="cpu") ->
         raise ValueError(f"{path!r} is a file but not a .gguf; expected a checkpoint folder or a .gguf file")
     if not os.path.isdir(path):
         raise ValueError(f"{path!r} does not exist")
+    check_complete(path)
     cfg_path = os.path.join(path, CONFIG)
     if not os.path.isfile(cfg_path):
         raise ValueError(f"{path!r} holds no {CONFIG}")

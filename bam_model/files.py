@@ -215,9 +215,11 @@ def write_model_folder(path, write) -> None:
         names = sorted(p.name for p in stage.iterdir())
         if MANIFEST in names:
             raise ValueError(f"a model folder cannot hold a file named {MANIFEST}")
+        mode = 0o666 & ~umask()  # safetensors creates its files 0600, whatever the umask
         for name in names:
             if not (stage / name).is_file():
                 raise ValueError(f"a model folder holds files only; {name!r} is not one")
+            os.chmod(stage / name, mode)
             fsync_file(stage / name)
         files = {name: file_record(stage / name) for name in names}
         if not existing:
@@ -254,25 +256,10 @@ def check_complete(folder) -> None:
                          "interrupted); write it again")
 
 
-def remove_owned(folder, name: str) -> None:
-    """Remove the entry ``name`` of a folder of ours, if our manifest lists it: a file, or a folder
-    that is itself ours (its listed entries, then the folder if nothing else is left in it)."""
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    if manifest is None or name not in manifest["files"]:
-        raise ValueError(f"{str(folder / name)!r} is not listed in {str(folder / MANIFEST)!r}; not removing it")
-    target = folder / name
-    if target.is_symlink() or target.is_file():
-        target.unlink()
-    elif target.is_dir():
-        clear_owned(target)
-        with contextlib.suppress(OSError):
-            target.rmdir()
-
-
-def clear_owned(folder) -> None:
-    """Remove every entry a folder's manifest lists, then the manifest itself (the folder and
-    anything not listed stay)."""
+def clear_owned(folder, keep_claim: bool = False) -> None:
+    """Remove every entry a folder's manifest lists (a file, or a folder that is ours in turn), then
+    the manifest itself, or with ``keep_claim`` a manifest listing nothing, so that the folder stays
+    ours. The folder and anything its manifest does not list stay."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest is None:
@@ -281,23 +268,22 @@ def clear_owned(folder) -> None:
         target = folder / name
         if target.is_symlink() or target.is_file():
             target.unlink()
-        elif target.is_dir():
-            if read_manifest(target) is not None:
-                clear_owned(target)
-                with contextlib.suppress(OSError):
-                    target.rmdir()
-            elif name in manifest.get("trees", []):
-                shutil.rmtree(target)
-    (folder / MANIFEST).unlink()
+        elif target.is_dir() and read_manifest(target) is not None:
+            clear_owned(target)
+            with contextlib.suppress(OSError):
+                target.rmdir()
+    if keep_claim:
+        write_json_atomic(folder / MANIFEST, _manifest(manifest["kind"], {}))
+    else:
+        (folder / MANIFEST).unlink()
 
 
-def claim_folder(path, kind: str, entries: list[str], trees: list[str] = ()) -> None:
+def claim_folder(path, kind: str, entries: list[str]) -> None:
     """Create ``path`` if needed and write the manifest of a folder of ``kind`` whose content we
-    manage entry by entry (a run or demo folder): ``entries`` are the names we may write there,
-    ``trees`` those of them we create and may remove whole."""
+    manage entry by entry (a run or demo folder): ``entries`` are the names we may write there."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path / MANIFEST, _manifest(kind, dict.fromkeys(entries, {}), trees=list(trees)))
+    write_json_atomic(path / MANIFEST, _manifest(kind, dict.fromkeys(entries, {})))
 
 
 # --- locks -----------------------------------------------------------------------------------------

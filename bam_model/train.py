@@ -386,7 +386,7 @@ def _clear_run(out: Path) -> None:
         (out / METRICS).unlink()
     remove_checkpoints(out)
     if (out / FINAL_MODEL).is_dir():
-        files.clear_owned(out / FINAL_MODEL)
+        files.clear_owned(out / FINAL_MODEL, keep_claim=True)
 
 
 def _check_resume(state: dict, path: Path, cfg: TrainConfig, data: str) -> None:
