@@ -18,6 +18,7 @@ import torch
 
 from .config import finite_float
 from .demo import add_demo_args, run_demo_cli
+from .upcycle import FFN_ROUTINGS
 from .evaluate import add_eval_args, run_eval
 from .train import add_train_args, run_train
 
@@ -72,7 +73,7 @@ RECIPE_KEYS = {  # key -> (type check, description)
     "fisher_data": (lambda v: v is None or (isinstance(v, list) and all(isinstance(d, str) for d in v)),
                     "a list of data specs, one per model, seed first"),
     "dtype": (lambda v: v in DTYPES, " or ".join(DTYPES)),
-    "normalize": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "ffn_routing": (lambda v: v is None or v in FFN_ROUTINGS, " or ".join(FFN_ROUTINGS)),
     "kv_init": (lambda v: isinstance(v, str), "mean or seed"),
     "attention_top_k": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "an int"),
     "num_experts": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "an int"),
@@ -101,6 +102,9 @@ def validate_recipe(recipe: dict) -> dict:
     if not isinstance(recipe, dict):
         raise ValueError(f"a mix recipe must be a mapping of keys to values, got {type(recipe).__name__}")
     unknown = sorted(set(recipe) - set(RECIPE_KEYS))
+    if "normalize" in unknown:
+        raise ValueError("mix recipe key 'normalize' is now ffn_routing: renormalized (normalize: true) or "
+                         "paper (normalize: false)")
     if unknown:
         raise ValueError(f"unknown mix recipe key {unknown[0]!r}; known keys: {', '.join(RECIPE_KEYS)}")
     full = {**RECIPE_DEFAULTS, **recipe}
@@ -124,6 +128,11 @@ def add_mix_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("bam", "btx", "sparse"))
     p.add_argument("--attention", choices=("expert-kv", "shared-kv"), help="bam only (default expert-kv)")
     p.add_argument("--top-k", type=int, help="FFN router top-k (default 1 for bam, 2 otherwise)")
+    p.add_argument("--ffn-routing", choices=tuple(FFN_ROUTINGS),
+                   help="how the FFN router's top-k probabilities weight the experts: straight-through "
+                        "(bam's default: renormalised, so mixing keeps the models' function, with the paper's "
+                        "router gradient), renormalized (btx's and sparse's default, Mixtral's), or paper "
+                        "(the kept probabilities as they are, as the BAM paper states)")
     p.add_argument("--merge", choices=("mean", "fisher"))
     p.add_argument("--fisher-data", nargs="+", help="with --merge fisher: one data spec per model, seed first "
                    "(default: each model's domain from bam branch, the general mix for the seed)")
@@ -145,7 +154,8 @@ def run_mix(args: argparse.Namespace) -> str:
 
     flags = {"base_model": args.base_model, "experts": args.experts, "method": args.method,
              "attention": args.attention, "top_k": args.top_k, "merge": args.merge, "dtype": args.dtype,
-             "kv_init": args.kv_init, "router_seed": args.router_seed, "fisher_data": args.fisher_data}
+             "kv_init": args.kv_init, "router_seed": args.router_seed, "fisher_data": args.fisher_data,
+             "ffn_routing": args.ffn_routing}
     given = {k: v for k, v in flags.items() if v is not None}
     if args.config is not None:
         if given:

@@ -130,6 +130,7 @@ class BamConfig(DenseConfig):
     num_experts: int = 2
     top_k: int = 1
     normalize: bool = False
+    straight_through: bool = False
     attention: str = "expert-kv"
     attention_top_k: int | None = None
     load_balancing_alpha: float = 0.01
@@ -144,8 +145,11 @@ class BamConfig(DenseConfig):
         _positive_int("num_experts", self.num_experts)
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k must be an int in [1, num_experts={self.num_experts}], got {self.top_k!r}")
-        if not isinstance(self.normalize, bool):
-            raise ValueError(f"normalize must be a bool, got {self.normalize!r}")
+        for name in ("normalize", "straight_through"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.straight_through and not self.normalize:
+            raise ValueError("straight_through=True needs normalize=True (it keeps the renormalised forward)")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         if self.attention_top_k is not None:

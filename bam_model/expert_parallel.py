@@ -19,7 +19,7 @@ import torch.nn as nn
 
 import bam_kernels as bk
 
-from .nn import MoE, MoEExperts, RouterLosses, route_logits
+from .nn import MoE, MoEExperts, RouterLosses, route, route_logits
 
 
 class _AllToAll(torch.autograd.Function):
@@ -104,7 +104,7 @@ class ExpertParallelMoE(RouterLosses, nn.Module):
             raise ValueError(f"num_experts={E} must be divisible by the world size {world} for expert parallelism")
         self.group = group
         self.dim, self.ffn_dim, self.num_experts = moe.dim, moe.ffn_dim, E
-        self.top_k, self.normalize = moe.top_k, moe.normalize
+        self.top_k, self.normalize, self.straight_through = moe.top_k, moe.normalize, moe.straight_through
         self.world_size, self.rank = world, rank
         self.num_local_experts = E // world
         self.gate = moe.gate
@@ -120,7 +120,7 @@ class ExpertParallelMoE(RouterLosses, nn.Module):
         W, E_local = self.world_size, self.num_local_experts
         x_TD = x.reshape(-1, self.dim)
         logits_TE = route_logits(self.gate, x_TD)
-        weights_TK, experts_TK = bk.route_topk(logits_TE, self.top_k, normalize=self.normalize)
+        weights_TK, experts_TK = route(logits_TE, self.top_k, self.normalize, self.straight_through)
         plan = bk.routing_plan(experts_TK, self.num_experts)
         tokens_M = plan.sorted_tokens
 
@@ -151,7 +151,7 @@ class ExpertParallelMoE(RouterLosses, nn.Module):
         """The full ``MoE`` (every expert), gathered from all ranks: a collective."""
         with torch.device("meta"):
             moe = MoE(self.dim, self.ffn_dim, self.num_experts, top_k=self.top_k, normalize=self.normalize,
-                      dtype=self.experts.gate_up_proj.dtype)
+                      dtype=self.experts.gate_up_proj.dtype, straight_through=self.straight_through)
         moe.gate = self.gate
         with torch.no_grad():
             moe.experts.gate_up_proj = nn.Parameter(gather_dim0(self.experts.gate_up_proj.detach(), self.group))
@@ -161,7 +161,7 @@ class ExpertParallelMoE(RouterLosses, nn.Module):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, ffn_dim={self.ffn_dim}, num_experts={self.num_experts}, "
                 f"local_experts={self.rank * self.num_local_experts}..{(self.rank + 1) * self.num_local_experts - 1}, "
-                f"top_k={self.top_k}, normalize={self.normalize}")
+                f"top_k={self.top_k}, normalize={self.normalize}, straight_through={self.straight_through}")
 
 
 def _replace(model: nn.Module, kind: type, make) -> int:

@@ -307,7 +307,9 @@ class BamLM(CausalLM):
             attn = MixtureOfAttention(c.dim, c.n_heads, c.n_kv_heads, c.num_experts,
                                       shared_kv=c.attention == "shared-kv", head_dim=c.dh,
                                       rope_theta=c.rope_theta, top_k=c.attention_top_k, layer_idx=layer_idx)
-        return DecoderLayer(c, attn, MoE(c.dim, c.ffn_dim, c.num_experts, top_k=c.top_k, normalize=c.normalize))
+        moe = MoE(c.dim, c.ffn_dim, c.num_experts, top_k=c.top_k, normalize=c.normalize,
+                  straight_through=c.straight_through)
+        return DecoderLayer(c, attn, moe)
 
     def _aux(self):
         c = self.config

@@ -37,6 +37,22 @@ def route_logits(router: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return router(x)
 
 
+def route(logits_TE: torch.Tensor, top_k: int, normalize: bool, straight_through: bool = False):
+    """Top-k routing weights [T, K] and expert ids [T, K] from router logits [T, E].
+
+    ``normalize=False``: the kept softmax probabilities (BAM's paper); ``normalize=True``: rescaled
+    to sum to 1 over the k (Mixtral, BTX). ``straight_through`` (with ``normalize``): the forward
+    weights are the renormalised ones, exactly, but the gradient is that of the plain probabilities,
+    so the router learns from the language-model loss as in the paper even at top-1 (where the
+    renormalised weight is the constant 1) while the mixture of identical experts keeps the dense
+    model's function."""
+    if not straight_through:
+        return bk.route_topk(logits_TE, top_k, normalize=normalize)
+    probs_TK, experts_TK = bk.route_topk(logits_TE, top_k, normalize=False)
+    weights_TK = probs_TK / probs_TK.sum(dim=-1, keepdim=True)
+    return weights_TK.detach() + (probs_TK - probs_TK.detach()), experts_TK
+
+
 def router_z_loss(router_logits_TE: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss ``mean_t (logsumexp_j logits_tj)^2``."""
     return torch.logsumexp(router_logits_TE.float(), dim=-1).square().mean()
@@ -94,8 +110,10 @@ class RouterLosses:
 class MoE(RouterLosses, nn.Module):
     """Sparse mixture of SwiGLU experts with a top-k softmax router.
 
-    ``normalize=False`` keeps the top-k probabilities as they are (BAM); ``normalize=True``
-    rescales them to sum to 1 (Mixtral, BTX). State-dict keys and shapes are those of
+    ``normalize=False`` keeps the top-k probabilities as they are (BAM's paper); ``normalize=True``
+    rescales them to sum to 1 (Mixtral, BTX); ``straight_through=True`` (with ``normalize``) keeps
+    the renormalised forward but gives the router the plain probabilities' gradient (``route``).
+    State-dict keys and shapes are those of
     transformers' ``MixtralSparseMoeBlock``: ``gate.weight [E, D]``,
     ``experts.gate_up_proj [E, 2F, D]``, ``experts.down_proj [E, D, F]``.
 
@@ -104,15 +122,17 @@ class MoE(RouterLosses, nn.Module):
     """
 
     def __init__(self, dim: int, ffn_dim: int, num_experts: int, top_k: int = 1, normalize: bool = False,
-                 device=None, dtype=None):
+                 device=None, dtype=None, *, straight_through: bool = False):
         super().__init__()
         for name, value in (("dim", dim), ("ffn_dim", ffn_dim), ("num_experts", num_experts)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+        if straight_through and not normalize:
+            raise ValueError("straight_through=True needs normalize=True (it keeps the renormalised forward)")
         self.dim, self.ffn_dim, self.num_experts = dim, ffn_dim, num_experts
-        self.top_k, self.normalize = top_k, normalize
+        self.top_k, self.normalize, self.straight_through = top_k, normalize, straight_through
         self.gate = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
         self.experts = MoEExperts(num_experts, dim, ffn_dim, device=device, dtype=dtype)
 
@@ -121,14 +141,14 @@ class MoE(RouterLosses, nn.Module):
             raise ValueError(f"x must have last dimension dim={self.dim}, got shape {tuple(x.shape)}")
         x_TD = x.reshape(-1, self.dim)
         logits_TE = route_logits(self.gate, x_TD)
-        weights_TK, experts_TK = bk.route_topk(logits_TE, self.top_k, normalize=self.normalize)
+        weights_TK, experts_TK = route(logits_TE, self.top_k, self.normalize, self.straight_through)
         y_TD = self.experts(x_TD, weights_TK, experts_TK)
         self._set_routed(logits_TE, experts_TK)
         return y_TD.reshape(x.shape)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, ffn_dim={self.ffn_dim}, num_experts={self.num_experts}, "
-                f"top_k={self.top_k}, normalize={self.normalize}")
+                f"top_k={self.top_k}, normalize={self.normalize}, straight_through={self.straight_through}")
 
 
 class KVCache:

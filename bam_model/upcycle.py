@@ -25,8 +25,15 @@ from .nn import MixtureOfAttention
 ATTENTION_OPTIONS = ("expert-kv", "shared-kv")
 KV_INITS = ("mean", "seed")
 MERGES = ("mean", "fisher")
-METHOD_DEFAULTS = {"bam": dict(top_k=1, normalize=False), "btx": dict(top_k=2, normalize=True),
-                   "sparse": dict(top_k=2, normalize=True)}
+# How the FFN router's top-k probabilities become weights: name -> (normalize, straight_through).
+FFN_ROUTINGS = {
+    "paper": (False, False),            # BAM's paper: the kept softmax probabilities as they are
+    "renormalized": (True, False),      # Mixtral, BTX: rescaled to sum to 1 over the k
+    "straight-through": (True, True),   # renormalised forward, the plain probabilities' gradient
+}
+METHOD_DEFAULTS = {"bam": dict(top_k=1, ffn_routing="straight-through"),
+                   "btx": dict(top_k=2, ffn_routing="renormalized"),
+                   "sparse": dict(top_k=2, ffn_routing="renormalized")}
 
 
 def _as_model(model, name: str) -> DenseLM:
@@ -80,7 +87,7 @@ def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def upcycle(seed, experts, method: str = "bam", attention: str | None = None, top_k: int | None = None,
-            merge: str = "mean", *, normalize: bool | None = None, kv_init: str = "mean",
+            merge: str = "mean", *, ffn_routing: str | None = None, kv_init: str = "mean",
             attention_top_k: int | None = None, num_experts: int | None = None, router_seed: int = 0,
             load_balancing_alpha: float = 0.01, z_loss_beta: float = 0.001,
             dtype: torch.dtype | None = None, fishers: list[dict] | None = None,
@@ -91,8 +98,10 @@ def upcycle(seed, experts, method: str = "bam", attention: str | None = None, to
     E = 1 + len(experts). method: "bam" | "btx" | "sparse" (the table above; sparse uses only the
     seed, copied ``num_experts`` times, by default 1 + len(experts)).
     attention (bam only): "expert-kv" (default) or "shared-kv", whose K/V start from the mean of the
-    models' (``kv_init="mean"``) or the seed's (``"seed"``). top_k / normalize: the FFN router,
-    by default top-1 unnormalised for bam and top-2 renormalised otherwise. attention_top_k (bam):
+    models' (``kv_init="mean"``) or the seed's (``"seed"``). top_k / ffn_routing: the FFN router,
+    by default top-1 "straight-through" for bam (renormalised weights, so that mixing keeps the
+    models' function, with the paper's router gradient; "paper" is the paper's routing, the kept
+    probabilities as they are) and top-2 "renormalized" otherwise. attention_top_k (bam):
     None for soft routing over every attention expert. merge: "mean" or "fisher" (bam, btx) for the
     shared parameters (and shared K/V started from the mean); fisher weights each model by its
     diagonal Fisher (``bam_model.fisher``): ``fishers`` (one dict per model, seed first) or computed on
@@ -136,9 +145,13 @@ def upcycle(seed, experts, method: str = "bam", attention: str | None = None, to
         raise ValueError(f"num_experts must be a positive int, got {E!r}")
     defaults = METHOD_DEFAULTS[method]
     top_k = defaults["top_k"] if top_k is None else top_k
-    normalize = defaults["normalize"] if normalize is None else normalize
+    ffn_routing = defaults["ffn_routing"] if ffn_routing is None else ffn_routing
+    if ffn_routing not in FFN_ROUTINGS:
+        raise ValueError(f"ffn_routing must be one of {tuple(FFN_ROUTINGS)}, got {ffn_routing!r}")
+    normalize, straight_through = FFN_ROUTINGS[ffn_routing]
     dense_fields = {k: v for k, v in seed.config.__dict__.items() if k != "domain"}
-    config = BamConfig(**dense_fields, num_experts=E, top_k=top_k, normalize=normalize, attention=attention,
+    config = BamConfig(**dense_fields, num_experts=E, top_k=top_k, normalize=normalize,
+                       straight_through=straight_through, attention=attention,
                        attention_top_k=attention_top_k, load_balancing_alpha=load_balancing_alpha,
                        z_loss_beta=z_loss_beta, method=method,
                        expert_domains=[m.config.domain for m in models] if method != "sparse" else [])

@@ -38,14 +38,14 @@ def ids(B=2, T=10):
     return torch.randint(0, 97, (B, T))
 
 
-CASES = [
-    dict(method="bam", attention="expert-kv", top_k=3),
-    dict(method="bam", attention="shared-kv", top_k=3),
-    dict(method="bam", attention="shared-kv", kv_init="seed", top_k=1, normalize=True),
-    dict(method="bam", attention="expert-kv", top_k=2, normalize=True, attention_top_k=1),
-    dict(method="btx"),
-    dict(method="sparse"),
-]
+KINDS = [dict(method="bam", attention="expert-kv"), dict(method="bam", attention="shared-kv"),
+         dict(method="bam", attention="shared-kv", kv_init="seed"), dict(method="bam", attention="expert-kv",
+                                                                         attention_top_k=1),
+         dict(method="btx"), dict(method="sparse")]
+# Every method and KV option at every top-k, with its default FFN routing and with the renormalised one;
+# the paper's routing keeps the function only at top-k = E.
+CASES = [{**kind, "top_k": k, **routing} for kind in KINDS for k in (1, 2, 3)
+         for routing in ({}, {"ffn_routing": "renormalized"})] + [dict(method="bam", top_k=3, ffn_routing="paper")]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
@@ -61,18 +61,20 @@ def test_identical_transformers_checkpoints_keep_their_function(tmp_path, case):
 
 
 @pytest.mark.parametrize("attention", ["expert-kv", "shared-kv"])
-def test_parallel_seed_stays_parallel_and_keeps_its_function(attention):
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_parallel_seed_stays_parallel_and_keeps_its_function(attention, top_k):
     dense = tiny(block="parallel", tie=True)
-    moe = upcycle(dense, branch(dense, ["code", "law"]), attention=attention, top_k=3)
+    moe = upcycle(dense, branch(dense, ["code", "law"]), attention=attention, top_k=top_k)
     assert moe.config.block == "parallel" and moe.config.expert_domains == [None, "code", "law"]
     x = ids()
     with torch.no_grad():
         torch.testing.assert_close(moe(x).logits, dense(x).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_bam_top1_without_renormalisation_scales_the_ffn_by_the_kept_probability():
+def test_bam_paper_routing_scales_the_ffn_by_the_kept_probability():
     dense = tiny()
-    moe = upcycle(dense, [dense, dense])
+    moe = upcycle(dense, [dense, dense], ffn_routing="paper")
+    assert (moe.config.normalize, moe.config.straight_through) == (False, False)
     x_BTD = torch.randn(2, 5, 36)
     mlp = moe.model.layers[0].mlp
     with torch.no_grad():
@@ -80,6 +82,40 @@ def test_bam_top1_without_renormalisation_scales_the_ffn_by_the_kept_probability
         p_max = torch.softmax(mlp.router_logits.float(), dim=-1).max(dim=-1).values.reshape(2, 5, 1)
         torch.testing.assert_close(y, p_max * dense.model.layers[0].mlp(x_BTD), rtol=1e-5, atol=1e-6)
     assert (p_max < 0.99).all()
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_straight_through_routing_has_renormalised_forward_and_the_papers_router_gradient(top_k):
+    """bam's default: the forward equals renormalised routing bitwise, the router's gradient equals
+    that of the paper's routing (the plain probabilities), which renormalised top-1 does not have."""
+    dense = tiny()
+    experts = [tiny(), tiny()]
+    moes = {r: upcycle(dense, experts, top_k=top_k, ffn_routing=r) for r in ("straight-through", "renormalized",
+                                                                           "paper")}
+    assert upcycle(dense, experts).config.straight_through     # the default
+    x_BTD = torch.randn(2, 5, 36)
+    out, grads = {}, {}
+    for name, moe in moes.items():
+        mlp = moe.model.layers[0].mlp
+        y = mlp(x_BTD)
+        out[name] = y
+        (g,) = torch.autograd.grad((y * torch.linspace(-1, 1, 36)).sum(), mlp.gate.weight)
+        grads[name] = g
+    assert torch.equal(out["straight-through"], out["renormalized"])
+    # The paper's forward is p * y, so its router gradient is that of the unscaled output: compare
+    # with the gradient of sum_k p_k <dy, FFN_k(x)> built by hand from the renormalised forward.
+    mlp = moes["paper"].model.layers[0].mlp
+    logits = mlp.gate(x_BTD.reshape(-1, 36))
+    probs = torch.softmax(logits, dim=-1)
+    w, idx = torch.topk(probs, top_k, dim=-1)
+    ffn = torch.stack([m.model.layers[0].mlp(x_BTD.reshape(-1, 36)) for m in [dense] + experts], dim=1)  # [T,E,D]
+    picked = torch.gather(ffn, 1, idx[..., None].expand(-1, -1, 36))                    # [T, K, D]
+    target = (w[..., None] * picked.detach() * torch.linspace(-1, 1, 36)).sum()
+    (expected,) = torch.autograd.grad(target, mlp.gate.weight)
+    torch.testing.assert_close(grads["straight-through"], expected, rtol=1e-4, atol=1e-6)
+    if top_k == 1:
+        assert torch.count_nonzero(grads["renormalized"]) == 0  # renormalised top-1: no LM gradient
+    assert torch.count_nonzero(grads["straight-through"]) > 0
 
 
 def test_each_weight_goes_where_the_table_says():
@@ -283,7 +319,7 @@ def test_mixtral_export_refuses_attention_experts_and_unnormalised_routing(tmp_p
     with pytest.raises(ValueError, match="attention experts"):
         bam_model.export_mixtral(upcycle(seed, [seed]), str(tmp_path / "a"))
     with pytest.raises(ValueError, match="renormalises"):
-        bam_model.export_mixtral(upcycle(seed, [seed, seed], method="btx", normalize=False), str(tmp_path / "b"))
+        bam_model.export_mixtral(upcycle(seed, [seed, seed], method="btx", ffn_routing="paper"), str(tmp_path / "b"))
     with pytest.raises(ValueError, match="parallel"):
         bam_model.export_mixtral(upcycle(tiny(block="parallel"), [], method="sparse", num_experts=2),
                                  str(tmp_path / "c"))

@@ -32,8 +32,8 @@ from bam_model.upcycle import upcycle
 VARIANTS = {  # name -> (upcycle arguments, router seeds)
     "btx": (dict(method="btx"), (0, 1)),
     "bam-expert-kv (top-1)": (dict(method="bam", attention="expert-kv"), (0, 1)),
-    "bam-expert-kv top-1 renormalised": (dict(method="bam", attention="expert-kv", top_k=1, normalize=True), (0,)),
-    "bam-expert-kv top-2 renormalised": (dict(method="bam", attention="expert-kv", top_k=2, normalize=True), (0, 1)),
+    "bam-expert-kv top-1 renormalised": (dict(method="bam", attention="expert-kv", top_k=1, ffn_routing="renormalized"), (0,)),
+    "bam-expert-kv top-2 renormalised": (dict(method="bam", attention="expert-kv", top_k=2, ffn_routing="renormalized"), (0, 1)),
 }
 COMPUTE_MATCHED = "bam-expert-kv top-2 renormalised"
 IN_DEMO = {"btx": "btx", "bam-expert-kv (top-1)": "bam-expert-kv"}   # trained by the demo at router seed 0
