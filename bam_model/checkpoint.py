@@ -419,7 +419,53 @@ def load_dense(path, dtype: torch.dtype | None = torch.float32, device="cpu") ->
     return load_hf_folder(path, dtype, device)
 
 
-# --- Mixtral export ----------------------------------------------------------------------------
+# --- Hugging Face export ---------------------------------------------------------------------------
+
+def _hf_common(config: DenseConfig, dtype: torch.dtype) -> dict:
+    """The ``config.json`` keys Llama and Mixtral share."""
+    dtype_name = str(dtype).removeprefix("torch.")
+    return {
+        "vocab_size": config.vocab_size, "hidden_size": config.dim, "intermediate_size": config.ffn_dim,
+        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads, "head_dim": config.dh, "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "tie_word_embeddings": config.tie_embeddings, "attention_dropout": 0.0,
+        "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+        # transformers 5 reads dtype; 4.x and other readers torch_dtype.
+        "dtype": dtype_name, "torch_dtype": dtype_name,
+    }
+
+
+def export_llama(model: CausalLM, path: str, max_shard_bytes: int | None = None,
+                 extra_files: dict[str, str | bytes] | None = None) -> None:
+    """Write a dense model as a Hugging Face Llama folder: our tensors already have Llama's names
+    and layout, so ``LlamaForCausalLM.from_pretrained(path)`` gives the same logits. A parallel-block
+    model has no Llama form and is refused. Atomic, like ``save_pretrained``."""
+    config = model.config
+    if isinstance(config, BamConfig):
+        raise ValueError("export_llama needs a dense model; a BTX or sparse mixture exports as Mixtral")
+    if config.block != "sequential":
+        raise ValueError("Llama blocks are sequential; this model has block='parallel' (GPT-J style), which no "
+                         "Hugging Face Llama-family class computes. Keep it in bam's format")
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **_hf_common(config, model.dtype),
+          "attention_bias": False, "mlp_bias": False}
+    write_folder(path, {**(extra_files or {}), CONFIG: json.dumps(hf, indent=2) + "\n"}, model_tensors(model),
+                 max_shard_bytes)
+
+
+def export_hf(model: CausalLM, path: str, max_shard_bytes: int | None = None,
+              extra_files: dict[str, str | bytes] | None = None) -> str:
+    """Write ``model`` in the Hugging Face class that computes it: a dense model as Llama, a BTX or
+    sparse mixture as Mixtral; returns the class name. A BAM mixture with attention experts has no
+    Hugging Face class and is refused."""
+    if isinstance(model.config, BamConfig):
+        export_mixtral(model, path, max_shard_bytes, extra_files)
+        return "MixtralForCausalLM"
+    export_llama(model, path, max_shard_bytes, extra_files)
+    return "LlamaForCausalLM"
+
 
 def export_mixtral(model: CausalLM, path: str, max_shard_bytes: int | None = None,
                    extra_files: dict[str, str | bytes] | None = None) -> None:
@@ -430,7 +476,7 @@ def export_mixtral(model: CausalLM, path: str, max_shard_bytes: int | None = Non
     """
     config = model.config
     if not isinstance(config, BamConfig):
-        raise ValueError("export_mixtral needs a mixture (BamConfig); a dense model is a Llama, save it as is")
+        raise ValueError("export_mixtral needs a mixture (BamConfig); a dense model exports as Llama (export_llama)")
     if config.attention != "dense":
         raise ValueError(f"this mixture has attention experts (attention={config.attention!r}); Mixtral has "
                          "one attention per layer, so no Hugging Face class can hold it. Use save_pretrained")
@@ -438,22 +484,11 @@ def export_mixtral(model: CausalLM, path: str, max_shard_bytes: int | None = Non
         raise ValueError("Mixtral blocks are sequential; this mixture has block='parallel'")
     if not config.normalize and config.top_k != config.num_experts:
         raise ValueError(f"Mixtral renormalises its top-{config.top_k} router weights; this mixture does not "
-                         "(normalize=False), so Mixtral would compute a different function")
-    hf = {
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
-        "vocab_size": config.vocab_size, "hidden_size": config.dim, "intermediate_size": config.ffn_dim,
-        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
-        "num_key_value_heads": config.n_kv_heads, "head_dim": config.dh, "hidden_act": "silu",
-        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
-        "tie_word_embeddings": config.tie_embeddings, "num_local_experts": config.num_experts,
-        "num_experts_per_tok": config.top_k, "router_aux_loss_coef": config.load_balancing_alpha,
-        "output_router_logits": False, "sliding_window": None, "attention_dropout": 0.0,
-        "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-        # transformers 5 reads dtype; 4.x and other readers torch_dtype.
-        "dtype": str(model.dtype).removeprefix("torch."), "torch_dtype": str(model.dtype).removeprefix("torch."),
-    }
+                         "(ffn_routing 'paper'), so Mixtral would compute a different function")
+    hf = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", **_hf_common(config, model.dtype),
+          "num_local_experts": config.num_experts, "num_experts_per_tok": config.top_k,
+          "router_aux_loss_coef": config.load_balancing_alpha, "output_router_logits": False,
+          "sliding_window": None}
     tensors = {}
     for key, t in model_tensors(model).items():
         if ".mlp." not in key:

@@ -220,6 +220,35 @@ def run_generate(args: argparse.Namespace) -> str:
     return text
 
 
+# --- export ------------------------------------------------------------------------------------
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="our folder (dense or BTX/sparse mixture), a Hugging Face folder or a .gguf")
+    p.add_argument("--format", choices=("hf",), default="hf",
+                   help="hf: the Hugging Face class that computes the model (a dense model as Llama, a BTX or "
+                        "sparse mixture as Mixtral), with the tokenizer files AutoTokenizer reads "
+                        "(default: %(default)s)")
+    p.add_argument("--out", required=True, help="output folder (new, empty, or one bam wrote)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="weights' dtype (default: as stored; float32 for a .gguf)")
+    p.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: the model's own)")
+
+
+def run_export(args: argparse.Namespace) -> str:
+    from .checkpoint import export_hf
+    from .files import check_output
+    from .generate import load_model_and_tokenizer
+    from .tokenizer import hf_tokenizer_files
+
+    check_output(args.out, "model", inputs=[("MODEL", args.model)])
+    model, tok = load_model_and_tokenizer(args.model, args.tokenizer, DTYPES[args.dtype] if args.dtype else None)
+    files = hf_tokenizer_files(tok.tokenizer.to_str(), model.config)
+    cls = export_hf(model, args.out, extra_files=files)
+    print(f"wrote {args.out}: {cls}, {model.dtype}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+          "parameters, with its tokenizer")
+    return args.out
+
+
 # --- entry point -------------------------------------------------------------------------------
 
 SUBCOMMANDS = [  # (name, help, add_args, run)
@@ -228,6 +257,8 @@ SUBCOMMANDS = [  # (name, help, add_args, run)
     ("mix", "build a mixture (bam, btx, sparse) from a seed and its trained copies", add_mix_args, run_mix),
     ("eval", "held-out perplexity and bits per byte per domain", add_eval_args, run_eval),
     ("generate", "continue a prompt with any model bam reads", add_generate_args, run_generate),
+    ("export", "write a model as the Hugging Face class that computes it (Llama, Mixtral)", add_export_args,
+     run_export),
     ("demo", "the paper's comparison on the bundled corpus: seed, experts, every mixture, table and plots",
      add_demo_args, run_demo_cli),
 ]
