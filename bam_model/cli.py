@@ -1,11 +1,14 @@
-"""The ``bam`` command line: one ``add_<name>_args(parser)`` / ``run_<name>(args)`` pair per subcommand.
+"""bam: upcycle dense transformer checkpoints into Branch-Attend-Mix mixtures.
 
-    bam branch SEED --domains code law math --out branches/
-    bam mix --base-model SEED --experts branches/code branches/law --method bam --out mixed/
-    bam mix --config recipe.yaml --out mixed/
-    bam generate MODEL --prompt "def fib(n):"
+    bam branch SEED --domains code math legal --out branches/
+    bam train branches/code --data code:0.9,drama:0.1 --steps 2000 --out runs/code
+    bam mix --base-model SEED --experts runs/code/model runs/math/model --out mixed/
+    bam train mixed/ --data code,math,legal,drama --steps 2000 --out runs/mixed
+    bam eval runs/mixed/model --data code,math
+    bam generate runs/mixed/model --prompt "def fib(n):"
+    bam export runs/code/model --out code-hf/
 
-To add a subcommand, write its pair and add one line to ``SUBCOMMANDS``.
+Each subcommand has its own --help.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import torch
 
 from .config import finite_float
 from .demo import add_demo_args, run_demo_cli
-from .upcycle import FFN_ROUTINGS
+from .config import METHODS
+from .upcycle import FFN_ROUTINGS, MERGES
 from .evaluate import add_eval_args, run_eval
 from .train import add_train_args, run_train
 
@@ -31,7 +35,7 @@ def add_branch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("seed", help="dense model: our folder, a Hugging Face Llama-family folder or a .gguf file")
     p.add_argument("--domains", nargs="+", required=True, help="one copy per domain name")
     p.add_argument("--out", required=True, help="folder that receives one checkpoint folder per domain")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the copies' dtype")
 
 
 def run_branch(args: argparse.Namespace) -> list[str]:
@@ -125,7 +129,7 @@ def add_mix_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML recipe (keys: " + ", ".join(RECIPE_KEYS) + "); copied to OUT/mix.yaml")
     p.add_argument("--base-model", help="the seed (it is expert 0)")
     p.add_argument("--experts", nargs="*", help="the seed's trained copies")
-    p.add_argument("--method", choices=("bam", "btx", "sparse"))
+    p.add_argument("--method", choices=METHODS, help="how the mixture is built (default: bam)")
     p.add_argument("--attention", choices=("expert-kv", "shared-kv"), help="bam only (default expert-kv)")
     p.add_argument("--top-k", type=int, help="FFN router top-k (default 1 for bam, 2 otherwise)")
     p.add_argument("--ffn-routing", choices=tuple(FFN_ROUTINGS),
@@ -133,12 +137,12 @@ def add_mix_args(p: argparse.ArgumentParser) -> None:
                         "(bam's default: renormalised, so mixing keeps the models' function, with the paper's "
                         "router gradient), renormalized (btx's and sparse's default, Mixtral's), or paper "
                         "(the kept probabilities as they are, as the BAM paper states)")
-    p.add_argument("--merge", choices=("mean", "fisher"))
+    p.add_argument("--merge", choices=MERGES, help="how norms, embeddings and head are merged (default: mean)")
     p.add_argument("--fisher-data", nargs="+", help="with --merge fisher: one data spec per model, seed first "
                    "(default: each model's domain from bam branch, the general mix for the seed)")
-    p.add_argument("--dtype", choices=sorted(DTYPES))
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="the mixture's dtype (default: float32)")
     p.add_argument("--kv-init", choices=("mean", "seed"), help="shared K/V start (default mean)")
-    p.add_argument("--router-seed", type=int)
+    p.add_argument("--router-seed", type=int, help="seed of the new routers' initialisation (default: 0)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--format", choices=("bam", "mixtral"), default="bam",
                    help="mixtral: Hugging Face Mixtral layout (btx and sparse only)")
@@ -178,7 +182,7 @@ def run_mix(args: argparse.Namespace) -> str:
     check_output(args.out, "model", inputs=inputs)
     kwargs = {k: v for k, v in recipe.items() if k not in ("base_model", "experts", "dtype")}
     base = open_source(recipe["base_model"])  # a GGUF file is read once for the model and its tokenizer
-    model = upcycle(base, recipe["experts"], dtype=DTYPES[recipe["dtype"]], **kwargs)
+    model = upcycle(base, recipe["experts"], dtype=DTYPES[recipe["dtype"]], progress=sys.stderr.isatty(), **kwargs)
     files = {"mix.yaml": text}
     tokenizer = tokenizer_json(base)
     if tokenizer:
@@ -197,8 +201,8 @@ def run_mix(args: argparse.Namespace) -> str:
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="our folder (dense or mixture), a Hugging Face Llama-family folder or a .gguf")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     p.add_argument("--temperature", type=finite_float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=finite_float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=None, help="sampling seed")
@@ -264,12 +268,22 @@ SUBCOMMANDS = [  # (name, help, add_args, run)
 ]
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Says each option's default in ``--help``, where it has one worth saying."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" in text or "default" in text.lower() or action.default is None
+                or action.default is False or action.default is argparse.SUPPRESS or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bam", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="bam", description=__doc__, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text, add_args, run in SUBCOMMANDS:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         add_args(p)
         p.set_defaults(run=run)
     return parser

@@ -46,7 +46,7 @@ def _sources(domains) -> list[Source]:
 @torch.no_grad()
 def evaluate(model: nn.Module, domains: str | Sequence[str | Source] = DOMAINS, *, seq_len: int = 256,
              batch_size: int = 8, max_windows: int | None = None, split: str = "heldout",
-             tokenizer=None) -> dict:
+             tokenizer=None, progress: bool = False) -> dict:
     """Score ``model`` (forward(input_ids) returning ``.logits`` [B, T, V]) on each source's
     ``split``. Returns ``{name: {"loss", "ppl", "bpb", "tokens", "bytes"}, ...,
     "avg": {"loss", "ppl", "bpb"}}``, "avg" being the plain mean over the sources.
@@ -54,7 +54,10 @@ def evaluate(model: nn.Module, domains: str | Sequence[str | Source] = DOMAINS, 
     In a torch.distributed process group every rank calls this: rank r scores batches r, r + W, ...
     of each source and the sums are added over the ranks, so W ranks share the work and all get
     the whole result. Every rank runs the same number of forward passes (a rank left without a
-    batch in the last round runs one and discards it), as sharded and expert-parallel models need."""
+    batch in the last round runs one and discards it), as sharded and expert-parallel models need.
+    ``progress`` shows a bar per source (rank 0)."""
+    from tqdm.auto import tqdm
+
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
@@ -71,7 +74,8 @@ def evaluate(model: nn.Module, domains: str | Sequence[str | Source] = DOMAINS, 
             rounds = -(-len(batches) // ctx.world_size)
             nll = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per batch
             n_tok, n_bytes = 0, 0
-            for i in range(ctx.rank, rounds * ctx.world_size, ctx.world_size):
+            for i in tqdm(range(ctx.rank, rounds * ctx.world_size, ctx.world_size), desc=f"eval {source.name}",
+                          unit="batch", disable=not (progress and ctx.is_main), leave=False):
                 chunk = batches[min(i, len(batches) - 1)]
                 ids = chunk.to(device)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -103,12 +107,13 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="model folder")
     parser.add_argument("--data", default=",".join(DOMAINS),
                         help="domains or paths, comma-separated (weights are ignored); default: every domain")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per scored window")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--max-windows", type=int, default=None, help="cap on held-out windows per domain")
     parser.add_argument("--device", default=None,
                         help="default: cuda when available, else cpu (under torchrun rank r takes cuda:LOCAL_RANK)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_eval(args: argparse.Namespace) -> dict:
@@ -123,7 +128,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     try:
         model = from_pretrained(args.model, device=device)
         results = evaluate(model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-                           max_windows=args.max_windows)
+                           max_windows=args.max_windows, progress=not args.no_progress)
     finally:
         if owns_group:
             distributed.shutdown()

@@ -95,7 +95,7 @@ def fisher_average(tensors: list[torch.Tensor], fishers: list[torch.Tensor], eps
 
 
 def model_fishers(models: list[nn.Module], fishers: list[dict] | None = None, fisher_data: list[str] | None = None,
-                  **kwargs) -> list[dict[str, torch.Tensor]]:
+                  progress: bool = False, **kwargs) -> list[dict[str, torch.Tensor]]:
     """One Fisher per model: ``fishers`` as given (checked against the models), or computed by
     ``diagonal_fisher`` (``kwargs``) on ``fisher_data[i]``, by default each model's own
     ``config.domain`` and ``GENERAL_MIX`` for a model that names none (the seed)."""
@@ -119,8 +119,10 @@ def model_fishers(models: list[nn.Module], fishers: list[dict] | None = None, fi
     if not isinstance(fisher_data, (list, tuple)) or len(fisher_data) != len(models) or not all(
             isinstance(d, (str, torch.Tensor)) for d in fisher_data):
         raise ValueError(f"fisher_data must be a list of {len(models)} data specs (seed first), got {fisher_data!r}")
+    from tqdm.auto import tqdm
+
     out = []
-    for i, (model, data) in enumerate(zip(models, fisher_data)):
+    for i, (model, data) in enumerate(tqdm(list(zip(models, fisher_data)), desc="fisher", disable=not progress)):
         try:
             out.append(diagonal_fisher(model, data, **kwargs))
         except ValueError as e:

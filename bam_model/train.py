@@ -34,6 +34,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -464,6 +465,35 @@ def _open_run_main(out: Path, cfg: TrainConfig, data: str, resume: bool, overwri
         raise
 
 
+class Estimate:
+    """Says once, after the first few steps, how long the rest of a long run will take (the first
+    step is left out of the rate: it pays for warm-up and allocation)."""
+    WARM_STEPS, MEASURED_STEPS, LONG_S = 1, 3, 60.0
+
+    def __init__(self, start: int, total: int, tokens_per_step: int, device: torch.device, enabled: bool):
+        self.start, self.total, self.tokens_per_step, self.device = start, total, tokens_per_step, device
+        self.enabled, self.t0 = enabled, None
+
+    def step(self, step: int) -> None:
+        done = step - self.start
+        if not self.enabled or done < self.WARM_STEPS:
+            return
+        if done == self.WARM_STEPS:
+            self.t0 = time.perf_counter()
+        elif done == self.WARM_STEPS + self.MEASURED_STEPS:
+            per_step = (time.perf_counter() - self.t0) / self.MEASURED_STEPS
+            left = (self.total - step) * per_step
+            if left > self.LONG_S:
+                print(f"train: about {_duration(left)} for the remaining {self.total - step} steps at "
+                      f"{self.tokens_per_step / per_step:,.0f} tokens/s on {self.device} (evaluation and "
+                      "checkpoints not counted)", file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours} h {rest // 60:02d} min" if hours else f"{rest // 60} min {rest % 60:02d} s"
+
+
 # --- the loop ----------------------------------------------------------------------------------
 
 def _save_final(model: nn.Module, path: Path) -> None:
@@ -553,6 +583,7 @@ def _train(model: nn.Module, run: RunFolder, cfg: TrainConfig, tokenizer, source
     experts = distributed.expert_parameter_ids(wrapped)
     wrapped.train()
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and ctx.is_main), desc="train", unit="step")
+    eta = Estimate(step, cfg.steps, tokens_per_step, device, enabled=ctx.is_main)
     t_last, steps_since = time.perf_counter(), 0
     metrics_file = open(out / METRICS, "a", encoding="utf-8") if ctx.is_main else contextlib.nullcontext()
     with metrics_file as metrics:
@@ -589,6 +620,7 @@ def _train(model: nn.Module, run: RunFolder, cfg: TrainConfig, tokenizer, source
             step += 1
             steps_since += 1
             bar.update(1)
+            eta.step(step)
 
             do_eval = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
             if step % cfg.log_every == 0 or do_eval or step == cfg.steps:
@@ -629,19 +661,21 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, required=True, help="optimizer steps")
     parser.add_argument("--out", required=True, help="run folder: metrics.jsonl, checkpoints/, model/")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per optimizer step")
-    parser.add_argument("--seq-len", type=int, default=d.seq_len)
+    parser.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training sequence")
     parser.add_argument("--lr", type=finite_float, default=d.lr, help="peak learning rate")
     parser.add_argument("--min-lr-ratio", type=finite_float, default=d.min_lr_ratio, help="final lr / peak lr")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default min(100, steps/10))")
-    parser.add_argument("--weight-decay", type=finite_float, default=d.weight_decay)
+    parser.add_argument("--weight-decay", type=finite_float, default=d.weight_decay,
+                        help="AdamW weight decay of matrices and embeddings")
     parser.add_argument("--grad-clip", type=finite_float, default=d.grad_clip, help="max gradient norm (0: off)")
     parser.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--log-every", type=int, default=d.log_every)
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the data order and dropout")
+    parser.add_argument("--log-every", type=int, default=d.log_every, help="steps between metrics records")
     parser.add_argument("--eval-every", type=int, default=d.eval_every, help="0: at the end only")
     parser.add_argument("--eval-windows", type=int, default=d.eval_windows, help="held-out windows per source")
     parser.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint period (0: at the end only)")
-    parser.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    parser.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
+                        help="checkpoints kept (each holds the model and its optimizer state in float32)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its newest intact checkpoint, with the same settings "
                              "(only --log-every, --eval-every, --eval-windows, --save-every and "

@@ -91,7 +91,7 @@ def upcycle(seed, experts, method: str = "bam", attention: str | None = None, to
             attention_top_k: int | None = None, num_experts: int | None = None, router_seed: int = 0,
             load_balancing_alpha: float = 0.01, z_loss_beta: float = 0.001,
             dtype: torch.dtype | None = None, fishers: list[dict] | None = None,
-            fisher_data: list[str] | None = None):
+            fisher_data: list[str] | None = None, progress: bool = False):
     """Mix a dense ``seed`` and its trained copies ``experts`` into one ``BamLM``.
 
     seed, experts: ``DenseLM`` models or paths ``load_dense`` reads. The seed is expert 0, so
@@ -108,8 +108,10 @@ def upcycle(seed, experts, method: str = "bam", attention: str | None = None, to
     ``fisher_data`` (one data spec per model, by default each model's ``config.domain``, the general
     mix for the seed).
     The block kind (sequential or parallel) is the seed's. dtype: that of the result (the seed's
-    by default); merging is done in float64.
+    by default); merging is done in float64. progress: bars for loading, Fisher and mixing.
     """
+    from tqdm.auto import tqdm
+
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if merge not in MERGES:
@@ -138,7 +140,8 @@ def upcycle(seed, experts, method: str = "bam", attention: str | None = None, to
         models = [seed]
         E = 1 + len(experts) if num_experts is None else num_experts
     else:
-        models = [seed] + [_as_model(m, f"experts[{i}]") for i, m in enumerate(experts)]
+        models = [seed] + [_as_model(m, f"experts[{i}]")
+                           for i, m in enumerate(tqdm(experts, desc="load experts", disable=not progress))]
         E = len(models)
         check_compatible(models, ["seed"] + [f"experts[{i}]" for i in range(len(experts))])
     if not isinstance(E, int) or isinstance(E, bool) or E < 1:
@@ -159,7 +162,7 @@ def upcycle(seed, experts, method: str = "bam", attention: str | None = None, to
     states = [m.state_dict() for m in models]
     if merge == "fisher":
         from .fisher import fisher_average, model_fishers
-        fisher_states = model_fishers(models, fishers, fisher_data)
+        fisher_states = model_fishers(models, fishers, fisher_data, progress=progress)
 
     def average(key: str) -> torch.Tensor:
         if merge == "fisher":
@@ -180,7 +183,7 @@ def upcycle(seed, experts, method: str = "bam", attention: str | None = None, to
             if key == "lm_head.weight" and config.tie_embeddings:
                 continue
             tensors[key] = shared(key)
-    for i in range(config.n_layers):
+    for i in tqdm(range(config.n_layers), desc="mix layers", disable=not progress):
         p = f"model.layers.{i}."
         tensors[p + "input_layernorm.weight"] = shared(p + "input_layernorm.weight")
         if config.block == "sequential":
