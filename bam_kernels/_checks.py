@@ -43,3 +43,12 @@ def expert_ids(name: str, idx: torch.Tensor, num_experts: int) -> None:
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= num_experts:
         raise ValueError(f"{name} holds expert ids in [{lo}, {hi}], expected each in [0, {num_experts - 1}]")
+
+
+def finite_rows(name: str, t: torch.Tensor) -> None:
+    """Each row of t [T, E >= 1] needs a finite maximum: no NaN, no +inf, not -inf throughout
+    (-inf alone masks an entry out). It reads the values, so on CUDA it syncs."""
+    bad_T = ~torch.isfinite(t.amax(1))
+    if bool(bad_T.any()):
+        raise ValueError(f"{name} are not finite in row {int(bad_T.nonzero()[0])} ({int(bad_T.sum())} of {t.shape[0]} "
+                         f"rows): a row may not hold NaN or +inf, nor -inf throughout (-inf masks an entry out)")

@@ -314,9 +314,10 @@ def _moe_bwd_torch(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F, y
     torch.ops.aten.silu_backward.grad_input(d_act.mul_(up), gate, grad_input=d_pre[:, :Fh])
     d_gate_up = _gmm(d_pre.T, x_TD.index_select(0, tok), offs_E)
     dx_TD = _unsort_sum(_gmm(d_pre, gate_up_E2FD, offs_E), slots_M, x_TD.shape[0], k)
-    d_weights = torch.empty_like(weights_TK).view(-1)
+    # Flat and contiguous whatever the layout of weights (a transposed view has no flat view).
+    d_weights = torch.empty(weights_TK.numel(), device=weights_TK.device, dtype=weights_TK.dtype)
     d_weights[slots_M] = dw_M.to(weights_TK.dtype)
-    return dx_TD, d_gate_up, d_down, d_weights.view_as(weights_TK)
+    return dx_TD, d_gate_up, d_down, d_weights.view(weights_TK.shape)
 
 
 def _moe_bwd_torch_per_expert(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F, y_MD, slots_M, offs_E):
@@ -351,9 +352,10 @@ def _moe_bwd_torch_per_expert(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK,
     if end < T * k:  # unchecked out-of-range ids (forced torch path on CUDA): no gradient through them
         dx_SD.index_fill_(0, slots_M[end:], 0)
     dx_TD = dx_SD.view(T, k, D).sum(1) if k > 1 else dx_SD
-    d_weights = torch.empty_like(weights_TK).view(-1)
+    # Flat and contiguous whatever the layout of weights (a transposed view has no flat view).
+    d_weights = torch.empty(weights_TK.numel(), device=weights_TK.device, dtype=weights_TK.dtype)
     d_weights[slots_M] = dw_M.to(weights_TK.dtype)
-    return dx_TD, d_gate_up, d_down, d_weights.view_as(weights_TK)
+    return dx_TD, d_gate_up, d_down, d_weights.view(weights_TK.shape)
 
 
 def _moe_fwd_triton(x_TD, gate_up_E2FD, down_EDF, weights_TK, experts_TK, save_pre):

@@ -60,14 +60,18 @@ def moa_attention(q_BTEHD, k, v, mix_BTE, causal: bool = True, scale: float | No
     """
     B, T, E, H, Dh = q_BTEHD.shape
     S, Hkv = k.shape[1], k.shape[-2]
+    kv_len_B = torch.full((B,), S) if kv_lens_B is None else kv_lens_B.cpu().clamp(0, S)
+    keys_S, queries_T = torch.arange(S), torch.arange(T)
+    # Keys past kv_lens may hold anything (NaN, inf: a preallocated cache). A mask alone would still
+    # multiply their zero probabilities by them, so they are zeroed, and their gradient is exactly 0.
+    valid_BS = (keys_S[None, :] < kv_len_B[:, None]).to(k.device).view(B, S, *[1] * (k.dim() - 2))
+    k, v = torch.where(valid_BS, k, 0), torch.where(valid_BS, v, 0)
     if k.dim() == 4:
         k, v = k[:, :, None].expand(B, S, E, Hkv, Dh), v[:, :, None].expand(B, S, E, Hkv, Dh)
     k_BSEHD = k.repeat_interleave(H // Hkv, dim=3)
     v_BSEHD = v.repeat_interleave(H // Hkv, dim=3)
     scale = Dh ** -0.5 if scale is None else scale
     scores_BEHTS = torch.einsum("btehd,bsehd->behts", q_BTEHD, k_BSEHD) * scale
-    kv_len_B = torch.full((B,), S) if kv_lens_B is None else kv_lens_B.cpu().clamp(0, S)
-    keys_S, queries_T = torch.arange(S), torch.arange(T)
     visible_BTS = keys_S[None, None, :] < kv_len_B[:, None, None]
     if causal:
         visible_BTS = visible_BTS & (keys_S[None, None, :] <= queries_T[None, :, None] + (kv_len_B - T)[:, None, None])

@@ -28,7 +28,23 @@ def _route_topk_bwd_torch(logits_TE, w_TK, idx_TK, dw_TK, normalize):
     return (probs_TE * (g_TE - (probs_TE * g_TE).sum(1, keepdim=True))).to(logits_TE.dtype)
 
 
+def _check_finite(logits, backend):
+    """Non-finite router logits raise where reading them costs no host sync (CPU tensors, except
+    on the triton backend, which runs them as a GPU would), and anywhere with ``BAM_CHECK=1``."""
+    if _checks_enabled() or (not logits.is_cuda and backend != "triton"):
+        _checks.finite_rows("logits", logits)
+
+
+def _as_the_kernel_reads(logits):
+    """Unchecked logits as the Triton kernel reads them: NaN as -inf, then clamped to the finite
+    float32 range (computed in float32 or wider)."""
+    big = torch.finfo(torch.float32).max
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return wide.nan_to_num(nan=-big).clamp(-big, big)
+
+
 def _route_topk_impl(logits, k, normalize, backend):
+    _check_finite(logits, backend)
     if backend == "triton":
         from ._triton.routing import route_topk_fwd
         return route_topk_fwd(logits, k, normalize)
@@ -86,13 +102,24 @@ def route_topk(logits: torch.Tensor, k: int, normalize: bool = False):
     first. ``normalize=False`` is BAM's routing (the kept probabilities as they are);
     ``normalize=True`` rescales the k to sum to 1 (Mixtral, BTX). Differentiable in ``logits``.
     Registered as ``torch.ops.bam.route_topk``.
+
+    -inf masks an expert out of a row. A row holding NaN or +inf, or -inf throughout, raises a
+    ValueError where reading the logits costs no host sync: CPU tensors on the torch and
+    reference backends, and any tensor with the environment variable ``BAM_CHECK=1``. Elsewhere
+    (CUDA, and the triton backend, which runs CPU tensors as a GPU would) such a row still routes
+    in range with finite weights: NaN reads as -inf, then the logits are clamped to the finite
+    float32 range, so +inf logits share the row's probability and a row of -inf (or NaN) is
+    uniform (the kernel takes the lowest ids among ties).
     """
     _checks.tensor("logits", logits, ndim=2, floating=True)
     E = logits.shape[1]
     if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= E:
         raise ValueError(f"k must be an int in [1, E={E}] (E = logits.shape[1]), got {k!r}")
     backend = backend_for(logits)
+    if backend != "triton" and logits.is_cuda and not _checks_enabled():
+        logits = _as_the_kernel_reads(logits)
     if backend == "reference":
+        _check_finite(logits, backend)
         w_TK, idx_TK = reference.route_topk(logits, k, normalize)
         return w_TK.to(torch.promote_types(w_TK.dtype, torch.float32)), idx_TK
     if call_directly(logits):

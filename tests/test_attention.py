@@ -186,6 +186,65 @@ def test_decoding_from_a_ragged_cache_equals_the_full_forward(backend, expert_kv
                 torch.testing.assert_close(o[b, 0], full[b][pos[b]], rtol=1e-5, atol=1e-5)
 
 
+def filled_past(t, kv_lens, value):
+    """A copy of ``t`` [B, S, ...] holding ``value`` at every key past kv_lens[b]."""
+    t = t.clone()
+    for b, n in enumerate(kv_lens.tolist()):
+        t[b, n:] = value
+    return t
+
+
+# B, T, S, E, H, Hkv, Dh, causal, expert_kv, kv_lens
+TAIL_CASES = [
+    (3, 1, 64, 2, 2, 1, 16, True, False, [64, 23, 0]),  # decoding; a full row, an empty one
+    (2, 1, 40, 2, 4, 2, 16, False, True, [17, 17]),     # decoding, one length: the tail only
+    (2, 3, 48, 2, 2, 1, 16, True, True, [2, 37]),       # a few queries against a long cache
+    (2, 9, 9, 2, 4, 2, 16, True, False, [9, 5]),        # prefill: queries 0-3 of row 1 see nothing
+    (2, 5, 11, 2, 2, 2, 16, False, True, [11, 0]),
+]
+
+
+@pytest.mark.parametrize("case", TAIL_CASES, ids=_id)
+@pytest.mark.parametrize("fill", [float("nan"), float("inf"), 3e38], ids=["nan", "inf", "3e38"])
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_keys_past_kv_lens_influence_nothing(backend, fill, case):
+    """A preallocated cache may hold anything past kv_lens: the output and every gradient are the
+    float64 reference's on a zero tail, the tail's gradients are exactly 0, and a query that sees
+    no key gets zeros, forward and backward."""
+    B, T, S, E, H, Hkv, Dh, causal, expert_kv, kv_lens = case
+    q, k, v, mix, kv_lens = make_inputs(B, T, S, E, H, Hkv, Dh, expert_kv, torch.float32, kv_lens)
+    do = torch.randn(B, T, E, H, Dh)
+    o_ref, g_ref = reference_with_grads(q, filled_past(k, kv_lens, 0.0), filled_past(v, kv_lens, 0.0), mix,
+                                        causal, kv_lens, do)
+    o, grads = run_with_grads(backend, q, filled_past(k, kv_lens, fill), filled_past(v, kv_lens, fill), mix,
+                              causal, kv_lens, do)
+    for name, out, ref in zip(("out", "dq", "dk", "dv", "dmix"), (o, *grads), (o_ref, *g_ref)):
+        assert rel(out, ref) < 1e-5, name
+    t_T = torch.arange(T)
+    for b, n in enumerate(kv_lens.tolist()):
+        assert (grads[1][b, n:] == 0).all() and (grads[2][b, n:] == 0).all()
+        blind_T = (t_T + n - T < 0) if causal else torch.full((T,), n == 0)
+        for t in blind_T.nonzero().view(-1).tolist():
+            assert (o[b, t] == 0).all() and (grads[0][b, t] == 0).all() and (grads[3][b, t] == 0).all()
+
+
+@pytest.mark.parametrize("fill", [65504.0, float("inf")], ids=["max", "inf"])
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_keys_past_kv_lens_influence_nothing_fp16(backend, fill):
+    B, T, S, E, H, Hkv, Dh = 2, 3, 33, 2, 2, 1, 16
+    q, k, v, mix, kv_lens = make_inputs(B, T, S, E, H, Hkv, Dh, False, torch.float16, [30, 2])
+    do = torch.randn(B, T, E, H, Dh)
+    o_ref, g_ref = reference_with_grads(q, filled_past(k, kv_lens, 0.0), filled_past(v, kv_lens, 0.0), mix,
+                                        True, kv_lens, do)
+    o, grads = run_with_grads(backend, q, filled_past(k, kv_lens, fill), filled_past(v, kv_lens, fill), mix,
+                              True, kv_lens, do)
+    for name, out, ref in zip(("out", "dq", "dk", "dv", "dmix"), (o, *grads), (o_ref, *g_ref)):
+        assert rel(out, ref) < 1e-2, name
+    for b, n in enumerate(kv_lens.tolist()):
+        assert (grads[1][b, n:] == 0).all() and (grads[2][b, n:] == 0).all()
+    assert (o[1, 0] == 0).all() and (grads[0][1, 0] == 0).all()  # query 0 of row 1 sees no key
+
+
 def test_split_kv_forward_and_its_backward(monkeypatch):
     """The split-KV path, forced: chunks past kv_lens are empty, a chunk ends mid-tile."""
     monkeypatch.setattr(kernels, "num_splits", lambda *a: 3)

@@ -209,6 +209,41 @@ def test_moe_mlp_inference_no_grad(moe_backend):
     assert rel(y, reference.moe_mlp(*[t.double() for t in inputs[:4]], inputs[4])) < 1e-5
 
 
+def relaid(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """The values of ``t`` in a non-contiguous view: "transposed" (the last two dimensions swapped
+    in memory) or "step" (every other element of a buffer twice as wide)."""
+    if layout == "transposed":
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    buf = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+    buf[..., ::2] = t
+    return buf[..., ::2]
+
+
+@pytest.mark.parametrize("layout", ["transposed", "step"])
+@pytest.mark.parametrize("moe_backend", MOE_BACKENDS + ["reference"], indirect=True)
+def test_moe_mlp_strided_inputs(moe_backend, layout, monkeypatch):
+    """x, gate_up_proj, down_proj, weights and experts all as non-contiguous views: the output and
+    every gradient are the reference's, with autograd (few slots take another torch path without)."""
+    from bam_kernels import experts
+    monkeypatch.setattr(experts, "_native_gmm", {})  # a layout torch._grouped_mm refuses must not stick
+    T, D, F = 21, 16, 24  # 16-byte rows: torch._grouped_mm is tried
+    inputs = make_moe(T, D, F, 4, 2, duplicates=True)
+    views = [relaid(t, layout) for t in inputs]
+    assert not any(t.is_contiguous() for t in views)
+    leaves = [t.requires_grad_() for t in views[:4]] + [views[4]]
+    leaves64 = [t.detach().double().requires_grad_() for t in inputs[:4]] + [inputs[4]]
+    ref = reference.moe_mlp(*leaves64)
+    y = run_moe(moe_backend, leaves)
+    dy = torch.randn(T, D, dtype=torch.float64)
+    ref.backward(dy)
+    y.backward(relaid(dy.float(), layout))
+    assert rel(y, ref) < 1e-5
+    for name, a, b in zip(["x", "gate_up_proj", "down_proj", "weights"], leaves, leaves64):
+        assert rel(a.grad, b.grad) < 1e-5, name
+    with torch.no_grad():
+        assert rel(run_moe(moe_backend, views), ref) < 1e-5
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("T,k,duplicates", [(1, 1, False), (1, 3, True), (2, 2, False), (4, 2, True), (3, 3, False),

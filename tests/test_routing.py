@@ -50,6 +50,84 @@ def test_triton_ties_pick_lowest_index():
     assert idx.tolist() == [[1, 2, 4], [0, 1, 2]]
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+def non_finite_rows(E):
+    """Logits [9, E] with normal rows 0, 4 and 8 between a NaN, a +inf, a row of -inf, a row of
+    NaN, and a row holding two +inf beside NaN and -inf."""
+    logits = torch.randn(9, E, dtype=torch.float64) * 2
+    logits[1, 0] = NAN
+    logits[2, E // 2] = INF
+    logits[3] = -INF
+    logits[5] = NAN
+    logits[6, :4] = torch.tensor([INF, 0.5, NAN, -INF])[:E]
+    logits[6, -1] = INF
+    logits[7, 1:] = -INF  # one live expert: -inf masks the others out, a valid row
+    return logits
+
+
+def routed_as_documented(logits, k, normalize):
+    """route_topk's documented reading of non-finite logits: NaN as -inf, then clamped to the
+    finite float32 range; softmax in float64, ties to the lowest id."""
+    big = torch.finfo(torch.float32).max
+    probs = torch.softmax(logits.double().nan_to_num(nan=-big).clamp(-big, big), dim=-1)
+    p_sorted, ids = torch.sort(probs, dim=-1, descending=True, stable=True)
+    w = p_sorted[:, :k]
+    return (w / w.sum(-1, keepdim=True) if normalize else w), ids[:, :k], probs
+
+
+# The interpreter's numpy warns where -FP32_MAX - FP32_MAX rounds to -inf, as the kernel means it to.
+OVERFLOW_IS_MEANT = pytest.mark.filterwarnings("ignore:overflow encountered in subtract:RuntimeWarning")
+
+
+@OVERFLOW_IS_MEANT
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("E,k", [(5, 1), (5, 5), (8, 3)])
+def test_triton_routes_non_finite_rows_in_range(monkeypatch, E, k, normalize):
+    """The kernel runs unchecked (a check would sync a GPU): a row with NaN, +inf or only -inf
+    still gets ids in [0, E) and finite weights, as route_topk documents, and finite gradients."""
+    monkeypatch.delenv("BAM_CHECK", raising=False)
+    logits = non_finite_rows(E).float().requires_grad_()
+    w, idx = _route("triton", logits, k, normalize)
+    want_w, want_idx, _ = routed_as_documented(logits.detach(), k, normalize)
+    assert torch.equal(idx, want_idx)
+    torch.testing.assert_close(w.double(), want_w, rtol=1e-6, atol=1e-7)
+    assert ((idx >= 0) & (idx < E)).all() and torch.isfinite(w).all()
+    w.backward(torch.randn(w.shape))
+    assert torch.isfinite(logits.grad).all()
+
+
+@OVERFLOW_IS_MEANT
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_unchecked_logits_read_as_the_kernel_reads_them(backend):
+    """On CUDA without BAM_CHECK the torch and reference backends route what the kernel reads:
+    the same weights, each id's probability its weight (torch.topk may order ties otherwise)."""
+    from bam_kernels.routing import _as_the_kernel_reads
+    logits = non_finite_rows(8).float()
+    want_w, _, probs = routed_as_documented(logits, 3, False)
+    w, idx = _route(backend, _as_the_kernel_reads(logits), 3, False)
+    torch.testing.assert_close(w.double(), want_w, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(probs.gather(1, idx), want_w, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("bad", ["nan", "+inf", "all -inf"])
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton with BAM_CHECK=1"])
+def test_route_topk_rejects_non_finite_logits_on_the_cpu(monkeypatch, backend, bad, grad):
+    if backend.startswith("triton"):
+        monkeypatch.setenv("BAM_CHECK", "1")
+        backend = "triton"
+    logits = torch.randn(7, 5)
+    logits[3, 2:] = -INF  # masked experts: fine
+    if bad == "all -inf":
+        logits[5] = -INF
+    else:
+        logits[5, 1] = NAN if bad == "nan" else INF
+    with pytest.raises(ValueError, match=r"logits are not finite in row 5 \(1 of 7 rows\)"):
+        _route(backend, logits.requires_grad_(grad), 2, True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_normalized_weights_sum_to_one(backend):
     w, _ = _route(backend, torch.randn(17, 6), 3, True)

@@ -5,16 +5,23 @@ import torch
 import triton
 import triton.language as tl
 
+FP32_MAX = tl.constexpr(3.4028234663852886e38)
+
 
 @triton.jit
 def _softmax_rows(logits_ptr, T, E, stride_t, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Softmax in fp32 over the E logits of this program's BLOCK_T rows."""
+    """Softmax in fp32 over the E logits of this program's BLOCK_T rows. The logits are not
+    checked here (on a GPU that would cost a host sync), so a non-finite row still gives finite
+    probabilities: NaN reads as -inf, then every logit is clamped to the finite fp32 range, so
+    +inf logits share the row and a row of -inf is uniform."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
     row_ok = rows < T
     mask = row_ok[:, None] & (cols[None, :] < E)
     x = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * stride_t + cols[None, :], mask=mask,
                 other=-float("inf")).to(tl.float32)
+    x = tl.where(x == x, x, -float("inf"))
+    x = tl.minimum(tl.maximum(x, -FP32_MAX), FP32_MAX)
     x = tl.where(row_ok[:, None], x, 0.0)  # rows past T: finite values, never stored
     x = x - tl.max(x, axis=1)[:, None]
     num = tl.where(cols[None, :] < E, tl.exp(x), 0.0)
