@@ -53,7 +53,9 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor
     this torch has it for the device and dtype (one parallel region instead of one per expert,
     which matters on a busy CPU), else a loop over the experts.
     """
-    key = (a.device.type, a.dtype)
+    # What torch._grouped_mm refuses is remembered per device, dtype and alignment: it needs 16-byte
+    # aligned strides, so one odd-sized call must not turn it off for the aligned calls after it.
+    key = (a.device.type, a.dtype, _aligned16(a) and _aligned16(b))
     if _native_gmm.get(key, True) and hasattr(torch, "_grouped_mm"):
         try:
             out = torch._grouped_mm(a, b, offs_E)
@@ -70,6 +72,14 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor
     for e, lo, hi in _segments(offs_E):
         torch.mm(a[:, lo:hi], b[lo:hi], out=out[e])
     return out
+
+
+def _aligned16(t: torch.Tensor) -> bool:
+    """Whether ``t`` starts on 16 bytes and every stride of a dimension longer than 1 (but a unit
+    one) is a multiple of 16 bytes."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(st == 1 or n == 1 or (st * size) % 16 == 0
+                                          for st, n in zip(t.stride(), t.shape))
 
 
 def _zero_tail(t_M, offs_E):
