@@ -5,6 +5,7 @@ Both are plain dataclasses that validate themselves on construction and round-tr
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,8 +36,9 @@ def _positive_int(name: str, value) -> None:
 
 
 def _positive_float(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
 
 
 def _optional_token(name: str, value, vocab_size: int) -> None:
@@ -161,8 +163,9 @@ class BamConfig(DenseConfig):
                                  f"{self.num_experts}], got {self.attention_top_k!r}")
         for name in ("load_balancing_alpha", "z_loss_beta"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if not isinstance(self.expert_domains, list) or (
@@ -184,7 +187,7 @@ def config_from_dict(d: dict) -> DenseConfig:
     if not isinstance(d, dict):
         raise ValueError(f"config must be a dict, got {type(d).__name__}")
     model_type = d.get("model_type")
-    if model_type not in CONFIG_CLASSES:
+    if not isinstance(model_type, str) or model_type not in CONFIG_CLASSES:
         raise ValueError(f"config model_type must be one of {tuple(CONFIG_CLASSES)}, got {model_type!r}")
     cls = CONFIG_CLASSES[model_type]
     known = {f.name for f in dataclasses.fields(cls)}
@@ -200,15 +203,56 @@ def config_from_dict(d: dict) -> DenseConfig:
     return cls(**body)
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a float")
+    return value
+
+
+def read_json(path: str) -> dict:
+    """The JSON object in the file ``path``. Anything else (an unreadable file, not UTF-8, not JSON,
+    NaN or Infinity, nesting too deep for Python's parser, an array or a number) is a ValueError
+    that names the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be read") from None
+    except ValueError as e:  # JSONDecodeError, the two refusals above, an int of over 4300 digits
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        kind = "null" if value is None else type(value).__name__
+        raise ValueError(f"{path} must hold a JSON object, got {kind}")
+    return value
+
+
+@contextlib.contextmanager
+def about_file(path: str):
+    """Prefix the ValueErrors raised inside with ``path``, the file whose contents they are about
+    (for checks that know a key, not the file it came from)."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
 def load_config(path: str) -> DenseConfig:
     """Read our ``config.json`` (a file, or a folder holding one)."""
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
     if not os.path.isfile(path):
         raise ValueError(f"no config file at {path!r}")
-    with open(path) as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-    return config_from_dict(d)
+    d = read_json(path)
+    with about_file(path):
+        return config_from_dict(d)

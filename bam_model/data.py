@@ -31,11 +31,27 @@ EOS_TOKEN = "<|endoftext|>"
 HELDOUT_FRACTION = 0.1
 
 
-@functools.lru_cache(maxsize=None)
-def _load_tokenizer_file(path: str):
+def read_tokenizer(path: str | os.PathLike):
+    """The ``tokenizers.Tokenizer`` of a tokenizer.json file; a ValueError naming the file when it is
+    missing or not one."""
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(path)
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        problem = "is not a file" if os.path.exists(path) else "does not exist"
+        raise ValueError(f"tokenizer file {path!r} {problem}")
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:
+        if type(e) is not Exception:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise
+        reason = str(e).splitlines()[0] if str(e) else "unreadable"
+        raise ValueError(f"tokenizer file {path} is not a tokenizers tokenizer.json ({reason})") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _load_tokenizer_file(path: str):
+    return read_tokenizer(path)
 
 
 def load_tokenizer(path: str | os.PathLike | None = None):

@@ -35,7 +35,7 @@ import torch
 
 from . import files
 from .checkpoint import from_pretrained
-from .config import BamConfig, DenseConfig, _positive_float, _positive_int, load_config
+from .config import BamConfig, DenseConfig, _positive_float, _positive_int, load_config, read_json
 from .data import DOMAINS, eval_windows, load_tokenizer, parse_data_spec, tokens
 from .distributed import resolve_device
 from .evaluate import evaluate
@@ -190,7 +190,7 @@ class PhaseRunner:
         t0 = time.perf_counter()
         if (final / "config.json").is_file() and (run / "done.json").is_file():
             model = from_pretrained(str(final), device=self.device)
-            info = json.loads((run / "done.json").read_text(encoding="utf-8"))
+            info = read_json(str(run / "done.json"))
             self.log(f"[{name}] reusing {final}")
         else:
             model = make_model().to(self.device)
@@ -256,7 +256,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, device: str | None = No
     out = Path(out)
     settings = out / "demo.json"
     if files.check_output(out, "demo") == "ours" and settings.is_file():
-        before = json.loads(settings.read_text(encoding="utf-8"))
+        before = read_json(str(settings))
         if before != json.loads(json.dumps(dataclasses.asdict(cfg))):
             raise ValueError(f"--out {str(out)!r} holds a demo run with other settings; choose another folder")
     else:

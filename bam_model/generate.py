@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import CONFIG, _read_json, from_pretrained, gguf_reader, is_gguf, load_gguf
+from . import data
+from .checkpoint import _gguf_path, folder_model_type, from_pretrained, gguf_reader, is_gguf, load_gguf
 from .config import CONFIG_CLASSES
 from .model import CausalLM
 
@@ -43,15 +44,28 @@ def gguf_tokenizer(source) -> TextTokenizer:
     if kind != "gpt2":
         raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' only); "
                          "pass --tokenizer with a tokenizer.json")
-    tokens = field("tokenizer.ggml.tokens")
+    tokens, merges = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.merges", [])
+    where = f"GGUF file {_gguf_path(reader)}"
+    if not (isinstance(tokens, list) and tokens and all(isinstance(t, str) for t in tokens)):
+        raise ValueError(f"{where}: tokenizer.ggml.tokens must be a list of strings")
+    if not (isinstance(merges, list) and all(isinstance(m, str) and " " in m for m in merges)):
+        raise ValueError(f"{where}: tokenizer.ggml.merges must be a list of 'left right' strings")
     types = field("tokenizer.ggml.token_type", [1] * len(tokens))
-    merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges", [])]
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    try:
+        bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                         merges=[tuple(m.split(" ", 1)) for m in merges])
+    except Exception as e:
+        if type(e) is not Exception:  # tokenizers raises a bare Exception for a vocabulary it cannot use
+            raise
+        raise ValueError(f"{where}: its tokenizer is corrupt ({e})") from None
+    tok = Tokenizer(bpe)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     # Control tokens (type 3) are matched whole in text, as llama.cpp does.
     tok.add_special_tokens([AddedToken(t, special=True) for t, ty in zip(tokens, types) if ty == 3])
     bos = field("tokenizer.ggml.bos_token_id")
+    if bos is not None and not (isinstance(bos, int) and 0 <= bos < len(tokens)):
+        raise ValueError(f"{where}: tokenizer.ggml.bos_token_id {bos!r} is not a token id")
     if bos is not None and field("tokenizer.ggml.add_bos_token", False):
         # As a post-processor, BOS travels with the tokenizer.json a mixture of this model carries.
         tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B",
@@ -61,28 +75,25 @@ def gguf_tokenizer(source) -> TextTokenizer:
 
 def file_tokenizer(path: str, eos_token_id=None) -> TextTokenizer:
     """A ``tokenizer.json`` (special tokens such as BOS come from its own post-processor)."""
-    from tokenizers import Tokenizer
-    if not os.path.isfile(path):
-        raise ValueError(f"tokenizer file {path!r} does not exist")
-    return TextTokenizer(Tokenizer.from_file(path), eos_token_id)
+    return TextTokenizer(data.read_tokenizer(path), eos_token_id)
 
 
 def load_model_and_tokenizer(path: str, tokenizer: str | None = None, dtype: torch.dtype | None = None,
                              device="cpu") -> tuple[CausalLM, TextTokenizer]:
     """Any model ``bam`` reads (our folder, dense or mixture; a Hugging Face folder; a GGUF file)
     and its tokenizer (``tokenizer``, a tokenizer.json path, overrides the one found)."""
+    given = data.read_tokenizer(tokenizer) if tokenizer is not None else None  # refused before the slow part
     reader = gguf_reader(path) if is_gguf(path) else None
     model = load_gguf(reader, dtype or torch.float32, device) if reader else from_pretrained(path, dtype, device)
-    ours = os.path.isdir(path) and _read_json(os.path.join(path, CONFIG)).get("model_type") in CONFIG_CLASSES
+    ours = os.path.isdir(path) and folder_model_type(path) in CONFIG_CLASSES
     c = model.config
-    if tokenizer is not None:
-        tok = file_tokenizer(tokenizer, c.eos_token_id)
+    if given is not None:
+        tok = TextTokenizer(given, c.eos_token_id)
     elif reader is not None:
         tok = gguf_tokenizer(reader)
     elif os.path.isfile(os.path.join(path, "tokenizer.json")):
         tok = file_tokenizer(os.path.join(path, "tokenizer.json"), c.eos_token_id)
     else:
-        from . import data
         bundled = data.load_tokenizer()
         if not ours or bundled.get_vocab_size() != c.vocab_size:
             raise ValueError(f"no tokenizer.json in {path!r} and the bundled tokenizer's "
@@ -120,6 +131,7 @@ def tokenizer_json(source) -> str | None:
     path = os.fspath(source)
     own = os.path.join(path, "tokenizer.json")
     if os.path.isfile(own):
-        with open(own) as f:
+        data.read_tokenizer(own)  # a corrupt one is refused, not carried along
+        with open(own, encoding="utf-8") as f:
             return f.read()
     return None

@@ -46,7 +46,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from . import distributed, files
-from .config import finite_float
+from .config import finite_float, read_json
 from .files import STAGING_PREFIX, file_record, fsync_dir, fsync_file, sha256, write_text_atomic
 from .data import BatchStream, load_tokenizer, parse_data_spec
 
@@ -236,13 +236,13 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
     """The ``trainer.json`` of an intact checkpoint; a ValueError saying what is wrong when a
     file is missing, truncated or corrupt (its size or SHA-256 differs from the recorded one)."""
     path = Path(path)
+    if not (path / TRAINER_JSON).is_file():
+        raise ValueError(f"checkpoint {str(path)!r} has no {TRAINER_JSON}")
     try:
-        state = json.loads((path / TRAINER_JSON).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"checkpoint {str(path)!r} has no {TRAINER_JSON}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        state = read_json(str(path / TRAINER_JSON))
+    except ValueError as e:
         raise ValueError(f"checkpoint {str(path)!r}: {TRAINER_JSON} is corrupt ({e})") from None
-    listed = state.get("files") if isinstance(state, dict) else None
+    listed = state.get("files")
     if (not isinstance(listed, dict) or not listed or not isinstance(state.get("step"), int)
             or state.get("format") not in ("full", "sharded")):
         raise ValueError(f"checkpoint {str(path)!r}: {TRAINER_JSON} lacks step, format or the file list")
@@ -571,7 +571,7 @@ def _train(model: nn.Module, run: RunFolder, cfg: TrainConfig, tokenizer, source
     step = 0
     if resume_step >= 0:
         path = out / CHECKPOINTS / f"step-{resume_step:07d}"
-        step = _load_state(path, json.loads((path / TRAINER_JSON).read_text(encoding="utf-8")), wrapped, opt, stream)
+        step = _load_state(path, read_json(str(path / TRAINER_JSON)), wrapped, opt, stream)
     records = _read_metrics(out / METRICS, step) if step else []
     if ctx.is_main:
         write_text_atomic(out / METRICS, "".join(json.dumps(r) + "\n" for r in records))
