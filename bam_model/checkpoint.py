@@ -95,8 +95,15 @@ def save_pretrained(model: CausalLM, path: str, max_shard_bytes: int | None = No
     """
     if not isinstance(model, CausalLM):
         raise ValueError(f"model must be a DenseLM or BamLM, got {type(model).__name__}")
-    files = {**(extra_files or {}), CONFIG: model.config.to_json()}
+    files = {**_tokenizer_files(model), **(extra_files or {}), CONFIG: model.config.to_json()}
     write_folder(path, files, model_tensors(model), max_shard_bytes)
+
+
+def _tokenizer_files(model: CausalLM) -> dict[str, str]:
+    """The tokenizer the model carries, as files for its folder (none when it carries none)."""
+    from .tokenizer import hf_tokenizer_files
+
+    return hf_tokenizer_files(model.tokenizer.to_str(), model.config) if model.tokenizer is not None else {}
 
 
 # --- reading -----------------------------------------------------------------------------------
@@ -306,7 +313,21 @@ def folder_model_type(path: str) -> str | None:
 def from_pretrained(path: str, dtype: torch.dtype | None = None, device="cpu") -> CausalLM:
     """Load a dense or BAM model saved by ``save_pretrained`` (stored dtypes kept unless ``dtype``);
     a Hugging Face Mixtral folder (``load_mixtral_folder``), Llama-family folder or ``.gguf`` file
-    (``load_dense``) is read in float32 unless ``dtype`` says otherwise."""
+    (``load_dense``) is read in float32 unless ``dtype`` says otherwise. The model carries its
+    tokenizer as ``model.tokenizer`` (``bam_model.tokenizer``)."""
+    model = _from_pretrained(path, dtype, device)
+    return _with_tokenizer(model, path)
+
+
+def _with_tokenizer(model: CausalLM, source) -> CausalLM:
+    from .tokenizer import of_source
+
+    if model.tokenizer is None:
+        model.tokenizer = of_source(source, model.config)
+    return model
+
+
+def _from_pretrained(path: str, dtype: torch.dtype | None, device) -> CausalLM:
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"path must be a checkpoint folder or .gguf file path, got {type(path).__name__}")
     path = os.fspath(path)
@@ -595,7 +616,7 @@ def load_gguf(source, dtype: torch.dtype | None = torch.float32, device="cpu") -
         elif name.endswith("k_proj.weight"):
             w = unpermute_gguf_qk(w, n_kv_heads)
         tensors[name] = w
-    return build_model(config, tensors, dtype, device)
+    return _with_tokenizer(build_model(config, tensors, dtype, device), reader)
 
 
 def is_gguf(source) -> bool:
@@ -605,18 +626,17 @@ def is_gguf(source) -> bool:
     return type(source).__name__ == "GGUFReader"
 
 
-def open_source(path):
-    """``path``, or for a GGUF file one ``gguf_reader`` that the model and its tokenizer can share
-    (``load_dense`` and ``generate.tokenizer_json`` take either)."""
-    return gguf_reader(path) if is_gguf(path) else path
-
-
 def load_dense(path, dtype: torch.dtype | None = torch.float32, device="cpu") -> DenseLM:
     """A dense model from our folder, a Hugging Face Llama-family folder, or a ``.gguf`` file (a
-    path, or a reader from ``open_source``).
+    path, or a reader from ``gguf_reader``).
 
     ``dtype`` (float32 by default; None keeps what the file stores) is applied to every tensor.
+    The model carries its tokenizer as ``model.tokenizer``.
     """
+    return _with_tokenizer(_load_dense(path, dtype, device), path)
+
+
+def _load_dense(path, dtype: torch.dtype | None, device) -> DenseLM:
     if is_gguf(path):
         return load_gguf(path, dtype, device)
     if not isinstance(path, (str, os.PathLike)):

@@ -39,9 +39,8 @@ def add_branch_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_branch(args: argparse.Namespace) -> list[str]:
-    from .checkpoint import load_dense, open_source
+    from .checkpoint import load_dense
     from .files import check_output
-    from .generate import tokenizer_json
     from .upcycle import branch
 
     for d in args.domains:
@@ -53,13 +52,11 @@ def run_branch(args: argparse.Namespace) -> list[str]:
         raise ValueError(f"--out {args.out!r} is a file, not a folder; choose a folder path")
     for d in args.domains:  # every target is checked before anything is written
         check_output(os.path.join(args.out, d), "model", flag="--out", inputs=[("SEED", args.seed)])
-    source = open_source(args.seed)  # a GGUF file is read once for the model and its tokenizer
-    copies = branch(load_dense(source, DTYPES[args.dtype]), list(args.domains))
-    tokenizer = tokenizer_json(source)
+    copies = branch(load_dense(args.seed, DTYPES[args.dtype]), list(args.domains))
     paths = []
-    for model in copies:
+    for model in copies:  # each copy carries the seed's tokenizer into its folder
         path = os.path.join(args.out, model.config.domain)
-        model.save_pretrained(path, extra_files={"tokenizer.json": tokenizer} if tokenizer else None)
+        model.save_pretrained(path)
         paths.append(path)
         print(f"wrote {path}")
     return paths
@@ -151,9 +148,9 @@ def add_mix_args(p: argparse.ArgumentParser) -> None:
 def run_mix(args: argparse.Namespace) -> str:
     import yaml
 
-    from .checkpoint import export_mixtral, open_source
+    from .checkpoint import export_mixtral
     from .files import check_output
-    from .generate import tokenizer_json
+    from .tokenizer import hf_tokenizer_files
     from .upcycle import upcycle
 
     flags = {"base_model": args.base_model, "experts": args.experts, "method": args.method,
@@ -181,13 +178,12 @@ def run_mix(args: argparse.Namespace) -> str:
     inputs = [("base_model", recipe["base_model"])] + [(f"experts[{i}]", e) for i, e in enumerate(recipe["experts"])]
     check_output(args.out, "model", inputs=inputs)
     kwargs = {k: v for k, v in recipe.items() if k not in ("base_model", "experts", "dtype")}
-    base = open_source(recipe["base_model"])  # a GGUF file is read once for the model and its tokenizer
-    model = upcycle(base, recipe["experts"], dtype=DTYPES[recipe["dtype"]], progress=sys.stderr.isatty(), **kwargs)
+    model = upcycle(recipe["base_model"], recipe["experts"], dtype=DTYPES[recipe["dtype"]],
+                    progress=sys.stderr.isatty(), **kwargs)
     files = {"mix.yaml": text}
-    tokenizer = tokenizer_json(base)
-    if tokenizer:
-        files["tokenizer.json"] = tokenizer
     if args.format == "mixtral":
+        if model.tokenizer is not None:
+            files.update(hf_tokenizer_files(model.tokenizer.to_str(), model.config))
         export_mixtral(model, args.out, extra_files=files)
     else:
         model.save_pretrained(args.out, extra_files=files)
@@ -246,8 +242,7 @@ def run_export(args: argparse.Namespace) -> str:
 
     check_output(args.out, "model", inputs=[("MODEL", args.model)])
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer, DTYPES[args.dtype] if args.dtype else None)
-    files = hf_tokenizer_files(tok.tokenizer.to_str(), model.config)
-    cls = export_hf(model, args.out, extra_files=files)
+    cls = export_hf(model, args.out, extra_files=hf_tokenizer_files(tok.tokenizer.to_str(), model.config))
     print(f"wrote {args.out}: {cls}, {model.dtype}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
           "parameters, with its tokenizer")
     return args.out

@@ -28,6 +28,9 @@ CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 DOMAINS = ("code", "math", "legal", "drama", "scripture")
 SPLITS = ("train", "heldout")
 EOS_TOKEN = "<|endoftext|>"
+# What ends a document, in the vocabularies of common tokenizers (GPT-2 and SmolLM, Llama 3,
+# SentencePiece models such as Llama 2 and Mistral, Gemma): the first one a tokenizer has is used.
+DOCUMENT_END_TOKENS = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>")
 HELDOUT_FRACTION = 0.1
 
 
@@ -63,10 +66,12 @@ def load_tokenizer(path: str | os.PathLike | None = None):
 
 
 def eos_token_id(tokenizer) -> int:
-    eos = tokenizer.token_to_id(EOS_TOKEN)
-    if eos is None:
-        raise ValueError(f"tokenizer has no {EOS_TOKEN!r} token")
-    return eos
+    """The id of the token that ends a document (joins documents in the token stream)."""
+    for token in DOCUMENT_END_TOKENS:
+        eos = tokenizer.token_to_id(token)
+        if eos is not None:
+            return eos
+    raise ValueError(f"the tokenizer has none of the end-of-document tokens {DOCUMENT_END_TOKENS}")
 
 
 def _bytes_to_unicode() -> dict[int, str]:

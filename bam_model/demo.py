@@ -271,7 +271,9 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, device: str | None = No
 
     def new_seed():
         torch.manual_seed(cfg.seed)
-        return DenseLM(dense_cfg)
+        seed = DenseLM(dense_cfg)
+        seed.tokenizer = tok  # built with the bundled BPE: every folder of the run carries it
+        return seed
 
     general = mixture_spec(general_weights())
     seed = run.trained("seed", new_seed, general, cfg.seed_steps, cfg.seed_lr)

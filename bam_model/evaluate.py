@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from . import distributed
 from .files import write_text_atomic
-from .data import DOMAINS, Source, eval_windows, load_tokenizer, parse_data_spec, token_byte_lengths, tokens
+from .data import DOMAINS, Source, eval_windows, parse_data_spec, token_byte_lengths, tokens
+from .tokenizer import for_model
 
 
 def _sources(domains) -> list[Source]:
@@ -60,7 +61,7 @@ def evaluate(model: nn.Module, domains: str | Sequence[str | Source] = DOMAINS, 
 
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
+    tokenizer = for_model(distributed.unwrap(model), tokenizer)
     byte_len = torch.from_numpy(token_byte_lengths(tokenizer))
     device = next(model.parameters()).device
     ctx = distributed.current()

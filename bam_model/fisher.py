@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .data import DOMAINS, BatchStream, load_tokenizer
+from .data import DOMAINS, BatchStream
+from .tokenizer import for_model
 
 GENERAL_MIX = ",".join(DOMAINS)      # the data of a model that names no domain (the seed)
 
@@ -32,16 +33,12 @@ def diagonal_fisher(model: nn.Module, data: str | torch.Tensor, *, num_sequences
     ``.nll``, or ``.loss`` when it has no ``.nll``), one float32 CPU tensor per named parameter.
 
     data: a ``--data`` spec (``num_sequences`` windows of ``seq_len`` tokens are drawn from its
-    train split with ``seed``, tokenized by ``tokenizer``, the bundled one by default) or token
+    train split with ``seed``, tokenized by ``tokenizer``, by default the model's own) or token
     ids [N, T] to use as they are. Each sequence's gradient is taken alone (batch of one), so the
     result is the mean of per-sequence squared gradients, not the square of a batch gradient.
     """
     if isinstance(data, str):
-        tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
-        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-        if vocab is not None and vocab < tokenizer.get_vocab_size():
-            raise ValueError(f"model vocab_size={vocab} is smaller than the tokenizer's "
-                             f"{tokenizer.get_vocab_size()}; pass token ids as data instead of {data!r}")
+        tokenizer = for_model(model, tokenizer)
         ids_NT = fisher_sequences(data, num_sequences=num_sequences, seq_len=seq_len, seed=seed, tokenizer=tokenizer)
     elif isinstance(data, torch.Tensor):
         if data.dim() != 2 or data.is_floating_point() or data.shape[0] < 1 or data.shape[1] < 2:

@@ -137,6 +137,10 @@ class CausalLM(nn.Module, abc.ABC):
     loss, KV cache and sampling. Subclasses build the layers (``_make_layer``)."""
 
     config_class = DenseConfig
+    # The ``tokenizers.Tokenizer`` the model was trained with (set by the loaders, passed on by
+    # branch, upcycle and training, written by save_pretrained); None for a model built from a
+    # config alone. Not a parameter: an object the model carries.
+    tokenizer = None
 
     def __init__(self, config: DenseConfig):
         super().__init__()
@@ -283,6 +287,10 @@ class DenseLM(CausalLM):
     """A dense Llama-family causal LM (see ``DenseConfig``)."""
 
     config_class = DenseConfig
+    # The ``tokenizers.Tokenizer`` the model was trained with (set by the loaders, passed on by
+    # branch, upcycle and training, written by save_pretrained); None for a model built from a
+    # config alone. Not a parameter: an object the model carries.
+    tokenizer = None
 
     def __init__(self, config: DenseConfig):
         if isinstance(config, BamConfig):

@@ -47,8 +47,9 @@ from safetensors.torch import load_file, save_file
 
 from . import distributed, files
 from .config import finite_float, read_json
+from .data import BatchStream, parse_data_spec
 from .files import STAGING_PREFIX, file_record, fsync_dir, fsync_file, sha256, write_text_atomic
-from .data import BatchStream, load_tokenizer, parse_data_spec
+from .tokenizer import for_model
 
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -512,7 +513,9 @@ def _save_final(model: nn.Module, path: Path) -> None:
     if not distributed.current().is_main:
         return
     if isinstance(inner, CausalLM):
-        build_model(inner.config, tensors).save_pretrained(str(path))
+        whole = build_model(inner.config, tensors)
+        whole.tokenizer = inner.tokenizer
+        whole.save_pretrained(str(path))
         return
     files.write_model_folder(path, lambda folder: save_file(tensors, str(folder / MODEL_FILE)))
 
@@ -539,11 +542,7 @@ def train(model: nn.Module, data: str, out: str | os.PathLike | RunFolder, cfg: 
     if cfg.batch_size % (cfg.grad_accum * ctx.world_size):
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of grad_accum={cfg.grad_accum} "
                          f"x world size={ctx.world_size}")
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
-    model_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if model_vocab is not None and model_vocab < tokenizer.get_vocab_size():
-        raise ValueError(f"model vocab_size={model_vocab} is smaller than the tokenizer's "
-                         f"{tokenizer.get_vocab_size()}; build the model with vocab_size >= that")
+    tokenizer = for_model(distributed.unwrap(model), tokenizer)
     sources = [s for s, _ in parse_data_spec(data)]
     run = out if isinstance(out, RunFolder) else open_run(out, cfg, data, resume=resume, overwrite=overwrite,
                                                           inputs=data_inputs(sources))

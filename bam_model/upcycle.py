@@ -39,7 +39,7 @@ METHOD_DEFAULTS = {"bam": dict(top_k=1, ffn_routing="straight-through"),
 def _as_model(model, name: str) -> DenseLM:
     if isinstance(model, DenseLM):
         return model
-    if isinstance(model, (str, os.PathLike)) or is_gguf(model):  # a path, or a reader from open_source
+    if isinstance(model, (str, os.PathLike)) or is_gguf(model):  # a path, or a reader from gguf_reader
         return load_dense(model)
     raise ValueError(f"{name} must be a DenseLM or a path to a dense checkpoint, got {type(model).__name__}")
 
@@ -53,7 +53,7 @@ def branch(seed, domains: list[str]) -> list[DenseLM]:
         raise ValueError(f"domains must be distinct, got {list(domains)}")
     copies = []
     for domain in domains:
-        model = copy.deepcopy(seed)
+        model = copy.deepcopy(seed, memo={id(seed.tokenizer): seed.tokenizer})  # the tokenizer is shared
         model.config = seed.config.replace(domain=domain)
         copies.append(model)
     return copies
@@ -210,5 +210,20 @@ def upcycle(seed, experts, method: str = "bam", attention: str | None = None, to
         tensors[p + "mlp.experts.gate_up_proj"] = torch.stack(
             [torch.cat([s[p + "mlp.gate_proj.weight"], s[p + "mlp.up_proj.weight"]], dim=0) for s in ffn])
         tensors[p + "mlp.experts.down_proj"] = torch.stack([s[p + "mlp.down_proj.weight"] for s in ffn])
-    return build_model(config, tensors, dtype=dtype, device=seed.device)
+    moe = build_model(config, tensors, dtype=dtype, device=seed.device)
+    moe.tokenizer = _common_tokenizer(models)
+    return moe
+
+
+def _common_tokenizer(models: list[DenseLM]):
+    """The tokenizer the mixed models share (the seed's); refused when two of them carry different ones."""
+    from .tokenizer import same
+
+    carried = [(i, m.tokenizer) for i, m in enumerate(models) if m.tokenizer is not None]
+    for i, tok in carried[1:]:
+        if not same(tok, carried[0][1]):
+            first = "seed" if carried[0][0] == 0 else f"experts[{carried[0][0] - 1}]"
+            raise ValueError(f"experts[{i - 1}] carries another tokenizer than the {first}; models mixed together "
+                             "must share one")
+    return carried[0][1] if carried else None
 

@@ -302,7 +302,7 @@ def test_smollm2_upcycled_with_itself_keeps_its_function(smollm2):
 def test_smollm2_gguf_tokenizer_and_greedy_generation():
     from tokenizers import Tokenizer
 
-    from bam_model.generate import generate_text, load_model_and_tokenizer, tokenizer_json
+    from bam_model.generate import generate_text, load_model_and_tokenizer
     model, tok = load_model_and_tokenizer(smollm2_gguf())  # what bam generate does
     text = "The capital of France is 12345 ok"
     # transformers' tokenizer for this GGUF gives these ids
@@ -311,5 +311,5 @@ def test_smollm2_gguf_tokenizer_and_greedy_generation():
     assert tok.encode("<|im_start|>user") == [1, 4093]
     assert generate_text(model, tok, "The capital of France is", max_new_tokens=3).startswith(
         "The capital of France is Paris")
-    carried = Tokenizer.from_str(tokenizer_json(smollm2_gguf()))  # what bam branch / mix write beside a copy
+    carried = Tokenizer.from_str(model.tokenizer.to_str())  # what bam branch / mix write beside a copy
     assert carried.encode(text).ids == tok.encode(text)

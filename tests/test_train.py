@@ -235,6 +235,10 @@ def test_bam_train_and_eval_commands_on_a_dense_model(tmp_path):
     assert json.loads((tmp_path / "eval.json").read_text()) == res
     model = bam_model.from_pretrained(str(tmp_path / "run" / "model"))
     small = bam_model.DenseLM(bam_model.DenseConfig(vocab_size=100, dim=8, n_layers=1, n_heads=1, n_kv_heads=1, ffn_dim=8))
-    with pytest.raises(ValueError, match="vocab_size=100 is smaller than the tokenizer's 8192"):
+    with pytest.raises(ValueError, match=r"carries no tokenizer and its vocabulary \(100 tokens\) is not the bundled"):
         train(small, "code", tmp_path / "small", _cfg(steps=1, warmup=0), progress=False)
+    with pytest.raises(ValueError, match="the tokenizer has 8192 tokens but the model's vocabulary only 100"):
+        train(small, "code", tmp_path / "small", _cfg(steps=1, warmup=0), progress=False,
+              tokenizer=D.load_tokenizer())
+    assert not (tmp_path / "small").exists()
     assert res["legal"]["loss"] == pytest.approx(evaluate(model, ["legal"], seq_len=32, max_windows=2)["legal"]["loss"])

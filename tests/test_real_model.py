@@ -1,0 +1,79 @@
+"""The command line on a real pretrained model (SmolLM2-135M-Instruct, a Q4_1 GGUF): each model
+tokenizes with its own tokenizer, a fresh BAM mixture of the seed keeps the seed's function, and a
+trained model generates without being told its tokenizer. A few windows and one training step keep it
+within the CI budget."""
+import math
+import os
+
+import pytest
+import torch
+import transformers
+
+from bam_model import data
+from bam_model.cli import main
+from real_models import smollm2_gguf
+
+WINDOWS = ["--data", "code", "--max-windows", "3", "--seq-len", "64", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("smollm2")
+
+
+def eval_ppl(model, capsys) -> float:
+    assert main(["eval", model, *WINDOWS]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("code "))
+    return float(line.split()[1])
+
+
+def greedy(model, capsys, prompt="def fibonacci(n):") -> str:
+    assert main(["generate", model, "--prompt", prompt, "--max-new-tokens", "8"]) == 0
+    return capsys.readouterr().out
+
+
+def test_eval_uses_the_models_own_tokenizer(capsys):
+    """bam eval's perplexity of the seed equals transformers' with the GGUF's own tokenizer (1%)."""
+    gguf = smollm2_gguf()
+    ours = eval_ppl(gguf, capsys)
+    folder, name = os.path.split(gguf)
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    eos = tok.convert_tokens_to_ids(data.EOS_TOKEN)
+    ids = []
+    for doc in data.Source("code").documents("heldout"):
+        ids += tok(doc, add_special_tokens=False).input_ids + [eos]
+        if len(ids) > 3 * 64:
+            break
+    windows = torch.tensor([ids[i * 63:i * 63 + 64] for i in range(3)])   # overlapping by one, as bam eval
+    with torch.no_grad():
+        logits = hf(windows).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten())
+    assert ours == pytest.approx(math.exp(nll.item()), rel=0.01)
+    assert ours < 100         # with the bundled BPE's ids it was in the thousands
+
+
+def test_a_fresh_bam_mixture_keeps_the_seeds_perplexity_and_tokens(work, capsys):
+    gguf = smollm2_gguf()
+    assert main(["branch", gguf, "--domains", "code", "math", "--out", str(work / "br")]) == 0
+    assert (work / "br" / "code" / "tokenizer.json").is_file() and (work / "br" / "code" / "tokenizer_config.json").is_file()
+    assert main(["mix", "--base-model", gguf, "--experts", str(work / "br" / "code"), str(work / "br" / "math"),
+                 "--method", "bam", "--out", str(work / "mixed")]) == 0
+    capsys.readouterr()
+    seed_ppl, mixed_ppl = eval_ppl(gguf, capsys), eval_ppl(str(work / "mixed"), capsys)
+    assert mixed_ppl == pytest.approx(seed_ppl, rel=1e-3)
+    assert greedy(str(work / "mixed"), capsys) == greedy(gguf, capsys)
+
+
+def test_a_trained_model_generates_with_its_own_tokenizer(work, capsys):
+    if not (work / "br" / "code").is_dir():
+        assert main(["branch", smollm2_gguf(), "--domains", "code", "--out", str(work / "br")]) == 0
+    assert main(["train", str(work / "br" / "code"), "--data", "code", "--steps", "1", "--batch-size", "1",
+                 "--seq-len", "32", "--eval-windows", "1", "--lr", "1e-5", "--no-progress",
+                 "--out", str(work / "run")]) == 0
+    out = capsys.readouterr().out
+    loss = float(out.split("loss ")[1].split(";")[0])
+    assert loss < 5          # SmolLM2's own ids: about 1 to 3 nats; the bundled BPE's ids gave 9.4
+    assert (work / "run" / "model" / "tokenizer.json").is_file()
+    text = greedy(str(work / "run" / "model"), capsys)
+    assert text.startswith("def fibonacci(n):") and len(text) > len("def fibonacci(n):\n")
