@@ -205,18 +205,24 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="a tokenizer.json (default: the model's own)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as stored (float32 for HF/GGUF)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--verbose", action="store_true", help="print the generation speed even when stderr is not a "
+                   "terminal (it is printed on a terminal)")
 
 
 def run_generate(args: argparse.Namespace) -> str:
-    from .generate import generate_text, load_model_and_tokenizer
-
     from .distributed import resolve_device
+    from .generate import generate_text, load_model_and_tokenizer
 
     device = resolve_device(args.device)
     model, tok = load_model_and_tokenizer(args.model, args.tokenizer,
                                           DTYPES[args.dtype] if args.dtype else None, device)
-    text = generate_text(model.eval(), tok, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    stats = {}
+    text = generate_text(model.eval(), tok, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                         stats=stats)
     print(text)
+    if sys.stderr.isatty() or args.verbose:
+        print(f"generate: {stats['new_tokens']} tokens in {stats['seconds']:.2f} s "
+              f"({stats['new_tokens'] / max(stats['seconds'], 1e-9):.1f} tokens/s on {device})", file=sys.stderr)
     return text
 
 

@@ -1,6 +1,8 @@
 """Text generation: load any model ``bam`` reads together with its tokenizer, and continue a prompt."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from . import data
@@ -30,16 +32,19 @@ def load_model_and_tokenizer(path: str, tokenizer: str | None = None, dtype: tor
 
 
 def generate_text(model: CausalLM, tok: TextTokenizer, prompt: str, max_new_tokens: int = 64,
-                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> str:
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stats: dict | None = None) -> str:
     """The prompt and its continuation, decoded together (so that spacing is the tokenizer's), up to
-    the end-of-text token."""
+    the end-of-text token. ``stats`` (a dict) receives ``new_tokens`` and ``seconds`` of the generation."""
     ids = tok.encode(prompt)
     if not ids:
         raise ValueError("prompt is empty after tokenization")
     generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
     input_ids = torch.tensor([ids], device=model.device)
+    start = time.perf_counter()
     new = model.generate(input_ids, max_new_tokens, temperature=temperature, top_p=top_p,
                          eos_token_id=tok.eos_token_id, generator=generator)[0, len(ids):].tolist()
+    if stats is not None:
+        stats.update(new_tokens=len(new), seconds=time.perf_counter() - start)
     if tok.eos_token_id is not None and tok.eos_token_id in new:
         new = new[:new.index(tok.eos_token_id)]
     return tok.decode(ids + new)
