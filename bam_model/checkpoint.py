@@ -88,15 +88,21 @@ def model_tensors(model: CausalLM) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(model: CausalLM, path: str, max_shard_bytes: int | None = None,
-                    extra_files: dict[str, str | bytes] | None = None) -> None:
-    """Save ``model`` as our folder format (config.json + safetensors), atomically.
+                    extra_files: dict[str, str | bytes] | None = None, dtype: torch.dtype | None = None) -> None:
+    """Save ``model`` as our folder format (config.json + safetensors + its tokenizer), atomically;
+    the weights in ``dtype`` (bfloat16 halves the size), by default in their own.
 
     ``extra_files`` (name -> contents) are written into the same folder, e.g. a mix recipe.
     """
     if not isinstance(model, CausalLM):
         raise ValueError(f"model must be a DenseLM or BamLM, got {type(model).__name__}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     files = {**_tokenizer_files(model), **(extra_files or {}), CONFIG: model.config.to_json()}
-    write_folder(path, files, model_tensors(model), max_shard_bytes)
+    tensors = model_tensors(model)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    write_folder(path, files, tensors, max_shard_bytes)
 
 
 def _tokenizer_files(model: CausalLM) -> dict[str, str]:

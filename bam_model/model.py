@@ -261,11 +261,11 @@ class CausalLM(nn.Module, abc.ABC):
         return torch.cat(out, dim=1)
 
     def save_pretrained(self, path: str, max_shard_bytes: int | None = None,
-                        extra_files: dict[str, str | bytes] | None = None) -> None:
-        """Write ``config.json``, safetensors weights and ``extra_files`` (name -> contents) to the
-        folder ``path``, atomically."""
+                        extra_files: dict[str, str | bytes] | None = None, dtype: torch.dtype | None = None) -> None:
+        """Write ``config.json``, safetensors weights (in ``dtype``, by default their own), the
+        tokenizer and ``extra_files`` (name -> contents) to the folder ``path``, atomically."""
         from .checkpoint import save_pretrained
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, extra_files=extra_files)
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, extra_files=extra_files, dtype=dtype)
 
 
 def sample(logits_BV: torch.Tensor, temperature: float, top_p: float,

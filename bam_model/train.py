@@ -62,6 +62,7 @@ STEP_DIR = re.compile(r"step-\d{7}")
 OURS_IN_CHECKPOINTS = re.compile(r"refused-step-\d{7}|\.step-\d{7}\.tmp|\.stale-.*")
 # Flags that do not change what is trained (only what is logged, evaluated or kept): a resumed run
 # may change them; any other difference from the checkpoint's run is refused.
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RESUMABLE_CHANGES = ("log_every", "eval_every", "eval_windows", "save_every", "keep_checkpoints")
 
 
@@ -497,9 +498,10 @@ def _duration(seconds: float) -> str:
 
 # --- the loop ----------------------------------------------------------------------------------
 
-def _save_final(model: nn.Module, path: Path) -> None:
-    """Write the whole model to ``path`` from rank 0; a collective under FSDP and expert
-    parallelism (shards and expert slices are gathered to rank 0; ``model`` itself stays as it is)."""
+def _save_final(model: nn.Module, path: Path, dtype: torch.dtype | None = None) -> None:
+    """Write the whole model to ``path`` from rank 0 (its weights in ``dtype``, by default their
+    own); a collective under FSDP and expert parallelism (shards and expert slices are gathered to
+    rank 0; ``model`` itself stays as it is)."""
     from .checkpoint import build_model
     from .model import CausalLM
 
@@ -507,7 +509,7 @@ def _save_final(model: nn.Module, path: Path) -> None:
     sharded = distributed.is_fsdp(model) or distributed.is_expert_parallel(inner)
     if not sharded and hasattr(inner, "save_pretrained"):
         if distributed.current().is_main:
-            inner.save_pretrained(str(path))
+            inner.save_pretrained(str(path), dtype=dtype)
         return
     tensors = distributed.full_model_tensors(model)
     if not distributed.current().is_main:
@@ -515,14 +517,16 @@ def _save_final(model: nn.Module, path: Path) -> None:
     if isinstance(inner, CausalLM):
         whole = build_model(inner.config, tensors)
         whole.tokenizer = inner.tokenizer
-        whole.save_pretrained(str(path))
+        whole.save_pretrained(str(path), dtype=dtype)
         return
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
     files.write_model_folder(path, lambda folder: save_file(tensors, str(folder / MODEL_FILE)))
 
 
 def train(model: nn.Module, data: str, out: str | os.PathLike | RunFolder, cfg: TrainConfig, *,
           resume: bool = False, overwrite: bool = False, tokenizer=None, progress: bool = True,
-          strategy: str = "ddp", expert_parallel: bool = False) -> list[dict]:
+          strategy: str = "ddp", expert_parallel: bool = False, save_dtype: torch.dtype | None = None) -> list[dict]:
     """Train ``model`` in place on the ``data`` spec; returns every metrics record of the run
     (those before a resumed checkpoint included), as written to ``out/metrics.jsonl``.
 
@@ -532,6 +536,9 @@ def train(model: nn.Module, data: str, out: str | os.PathLike | RunFolder, cfg: 
     r, r + W, ... of each global batch of ``cfg.batch_size``; the logged losses are means over
     all ranks. After an FSDP or expert-parallel run ``model`` stays sharded; ``out/model`` holds
     the whole of it.
+
+    ``out/model`` holds the weights in ``save_dtype`` (by default their own; checkpoints keep the
+    training precision, which resuming needs).
 
     ``out`` is checked, claimed and locked first (``open_run``; or pass what ``open_run`` gave): a
     fresh run into a folder holding a run is refused unless ``resume`` (continue it, with the same
@@ -549,14 +556,14 @@ def train(model: nn.Module, data: str, out: str | os.PathLike | RunFolder, cfg: 
     try:
         stream = BatchStream(data, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                              rank=ctx.rank, world_size=ctx.world_size, tokenizer=tokenizer)
-        return _train(model, run, cfg, tokenizer, sources, stream, progress, strategy, expert_parallel)
+        return _train(model, run, cfg, tokenizer, sources, stream, progress, strategy, expert_parallel, save_dtype)
     finally:
         if run is not out:
             run.close()
 
 
 def _train(model: nn.Module, run: RunFolder, cfg: TrainConfig, tokenizer, sources, stream: BatchStream,
-           progress: bool, strategy: str, expert_parallel: bool) -> list[dict]:
+           progress: bool, strategy: str, expert_parallel: bool, save_dtype: torch.dtype | None) -> list[dict]:
     from tqdm.auto import tqdm
 
     from .evaluate import evaluate
@@ -645,7 +652,7 @@ def _train(model: nn.Module, run: RunFolder, cfg: TrainConfig, tokenizer, source
                 save_checkpoint(out, step, wrapped, opt, stream, cfg)
                 t_last = time.perf_counter()
     bar.close()
-    _save_final(wrapped, out / FINAL_MODEL)
+    _save_final(wrapped, out / FINAL_MODEL, save_dtype)
     distributed.barrier()
     return records
 
@@ -689,6 +696,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expert-parallel", action="store_true",
                         help="under torchrun (ddp): spread each MoE layer's experts over the ranks, tokens "
                              "exchanged with all-to-all; the number of experts must divide by the world size")
+    parser.add_argument("--dtype", choices=sorted(SAVE_DTYPES), default=None,
+                        help="dtype of the final model/ (default: the training dtype, float32); bfloat16 halves "
+                             "its size. Checkpoints keep float32 weights and optimizer state, which resuming needs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -710,7 +720,8 @@ def run_train(args: argparse.Namespace) -> list[dict]:
                       inputs=[("MODEL", args.model), *data_inputs(sources)]) as run:
             model = from_pretrained(args.model, device=device)
             records = train(model, args.data, run, cfg, progress=not args.no_progress,
-                            strategy=args.strategy, expert_parallel=args.expert_parallel)
+                            strategy=args.strategy, expert_parallel=args.expert_parallel,
+                            save_dtype=SAVE_DTYPES[args.dtype] if args.dtype else None)
     finally:
         if owns_group:
             distributed.shutdown()

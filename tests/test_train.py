@@ -242,3 +242,27 @@ def test_bam_train_and_eval_commands_on_a_dense_model(tmp_path):
               tokenizer=D.load_tokenizer())
     assert not (tmp_path / "small").exists()
     assert res["legal"]["loss"] == pytest.approx(evaluate(model, ["legal"], seq_len=32, max_windows=2)["legal"]["loss"])
+
+
+def test_final_model_dtype_and_what_a_run_folder_holds(tmp_path):
+    """--dtype bfloat16 halves model/; checkpoints keep float32 weights and the optimizer state (resuming
+    needs them), model/ holds no optimizer state and carries the tokenizer."""
+    import bam_model
+    from bam_model.cli import main
+
+    cfg = bam_model.DenseConfig(vocab_size=V, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=48,
+                                tie_embeddings=True, eos_token_id=0)
+    bam_model.DenseLM(cfg).save_pretrained(str(tmp_path / "seed"))
+    base = ["train", str(tmp_path / "seed"), "--data", "code", "--steps", "2", "--batch-size", "2", "--seq-len", "16",
+            "--eval-windows", "1", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "f32")]) == 0
+    assert main([*base, "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    size = {k: (tmp_path / k / "model" / "model.safetensors").stat().st_size for k in ("f32", "bf16")}
+    assert size["bf16"] < 0.55 * size["f32"]
+    model = bam_model.from_pretrained(str(tmp_path / "bf16" / "model"))
+    assert model.dtype == torch.bfloat16 and model.tokenizer is not None
+    assert sorted(p.name for p in (tmp_path / "bf16" / "model").iterdir()) == [
+        "bam-manifest.json", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    ckpt = tmp_path / "bf16" / "checkpoints" / "step-0000002"
+    assert {t.dtype for t in load_file(str(ckpt / "model.safetensors")).values()} == {torch.float32}
+    assert any(k.startswith("optimizer.") for k in load_file(str(ckpt / "trainer.safetensors")))
