@@ -21,20 +21,8 @@ import bam_kernels as bk
 from bam_kernels import reference
 from bam_kernels.attention import _stacked_heads, _unstack_heads
 
+from . import cases
 from .common import agreement, attempt, check_close, guarded, rate, sync, time_group
-
-# name, B, T, S, E, H, Hkv, Dh, expert_kv
-GPU_TRAIN = [("bam-small shared-kv", 4, 2048, 2048, 4, 8, 8, 128, False),
-             ("bam-small expert-kv", 4, 2048, 2048, 4, 8, 8, 128, True),
-             ("2b-like shared-kv", 4, 2048, 2048, 4, 18, 6, 128, False)]
-GPU_DECODE = [("decode bam-small shared-kv", 16, 1, 4096, 4, 8, 8, 128, False),
-              ("decode bam-small expert-kv", 16, 1, 4096, 4, 8, 8, 128, True),
-              ("decode 2b-like shared-kv", 16, 1, 4096, 4, 18, 6, 128, False)]
-CPU_TRAIN = [("cpu bam-small shared-kv", 1, 256, 256, 4, 8, 8, 64, False),
-             ("cpu bam-small expert-kv", 1, 256, 256, 4, 8, 8, 64, True),
-             ("cpu 2b-like shared-kv", 1, 256, 256, 4, 6, 2, 64, False)]
-CPU_DECODE = [("cpu decode shared-kv", 4, 1, 1024, 4, 8, 8, 64, False),
-              ("cpu decode expert-kv", 4, 1, 1024, 4, 8, 8, 64, True)]
 
 
 def _inputs(B, T, S, E, H, Hkv, Dh, expert_kv, dtype, device, grad=False, seed=0):
@@ -62,7 +50,8 @@ def _flash(q, k, v, mix, causal):
     return _unstack_heads(o.transpose(1, 2), q.shape, k.shape[-2], k.dim() == 5) * mix.to(q.dtype)[..., None, None]
 
 
-def _providers(device: str):
+def providers(device: str):
+    """The attentions timed against each other: ``{name: fn(q, k, v, mix, causal)}``."""
     out = {"bam": lambda q, k, v, mix, causal: bk.moa_attention(q, k, v, mix, causal=causal),
            "reference": lambda q, k, v, mix, causal: reference.moa_attention(q, k, v, mix, causal),
            "sdpa+mix": _sdpa}
@@ -88,28 +77,54 @@ def _copy_row(nbytes: int, device: str, quick: bool, case: str):
     return {"case": case, "provider": "copy", **t, **rate(t, "gbps", 2 * nbytes / 1e9)}
 
 
+def case_inputs(c: cases.MoACase, dtype, device, grad=False):
+    """q, k, v, mix of one case (the same on every call)."""
+    return _inputs(c.B, c.T, c.S, c.E, c.H, c.Hkv, c.Dh, c.expert_kv, dtype, device, grad=grad)
+
+
+def train_flops(c: cases.MoACase, mode: str) -> float:
+    """Causal forward counts half of the 4*B*T*S*E*H*Dh; forward+backward 3.5x the forward."""
+    return 4 * c.B * c.T * c.S * c.E * c.H * c.Dh / 2 * (3.5 if mode == "fwd+bwd" else 1.0)
+
+
+def kv_bytes(k: torch.Tensor) -> int:
+    """Bytes of the KV cache a decoding step reads: k and v."""
+    return 2 * k.numel() * k.element_size()
+
+
+def attention_step(fn, q, k, v, mix, do, mode: str):
+    """One causal training call of ``fn``: forward without autograd, or forward+backward to q, k, v, mix."""
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                fn(q, k, v, mix, True)
+        else:
+            torch.autograd.grad(fn(q, k, v, mix, True), (q, k, v, mix), do)
+
+    return step
+
+
+def decode_step(fn, q, k, v, mix):
+    # One query sees the whole cache: causal=False is the same function, and lets SDPA and
+    # flash-attention run without a mask.
+    def step():
+        with torch.no_grad():
+            fn(q, k, v, mix, q.shape[1] > 1)
+
+    return step
+
+
 def run(device: str, quick: bool):
     gpu = device.startswith("cuda")
     dtype = torch.bfloat16 if gpu else torch.float32
-    train, decode = (GPU_TRAIN, GPU_DECODE) if gpu else (CPU_TRAIN, CPU_DECODE)
-    providers = _providers(device)
-    for name, B, T, S, E, H, Hkv, Dh, expert_kv in train:
-        fwd_flops = 4 * B * T * S * E * H * Dh / 2  # causal: half the scores
-        for mode in ("fwd", "fwd+bwd"):
-            case = f"{name} B={B} T={T} E={E} H={H} Hkv={Hkv} Dh={Dh} {mode}"
-            q, k, v, mix = _inputs(B, T, S, E, H, Hkv, Dh, expert_kv, dtype, device, grad=mode == "fwd+bwd")
+    kind = cases.device_kind(device)
+    fns = providers(device)
+    for c in cases.MOA_TRAIN[kind]:
+        meta = _meta(c.B, c.T, c.S, c.E, c.H, c.Hkv, c.Dh, c.expert_kv, dtype)
+        for mode in cases.MODES:
+            q, k, v, mix = case_inputs(c, dtype, device, grad=mode == "fwd+bwd")
             do = torch.randn(q.shape, device=device, dtype=dtype)
-            flops = fwd_flops * (3.5 if mode == "fwd+bwd" else 1.0)
-            steps = {}
-            for pname, fn in providers.items():
-                def step(fn=fn, q=q, k=k, v=v, mix=mix, do=do, mode=mode):
-                    if mode == "fwd":
-                        with torch.no_grad():
-                            fn(q, k, v, mix, True)
-                    else:
-                        torch.autograd.grad(fn(q, k, v, mix, True), (q, k, v, mix), do)
-
-                steps[pname] = step
+            steps = {pname: attention_step(fn, q, k, v, mix, do, mode) for pname, fn in fns.items()}
             timings = time_group(steps, device, quick)
             agree = {}
             if mode == "fwd+bwd":
@@ -117,32 +132,23 @@ def run(device: str, quick: bool):
                     out = fn(q, k, v, mix, True)
                     return [out, *torch.autograd.grad(out, (q, k, v, mix), do)]
 
-                agree["agreement"] = agreement(lambda: grads(providers["bam"]), lambda: grads(providers["sdpa+mix"]),
+                agree["agreement"] = agreement(lambda: grads(fns["bam"]), lambda: grads(fns["sdpa+mix"]),
                                                "sdpa+mix", 3e-2 if gpu else 1e-4)
             for pname, t in timings.items():
-                yield {"case": case, "provider": pname, **t, **rate(t, "tflops", flops / 1e12),
-                       **(agree if pname == "bam" else {}), **_meta(B, T, S, E, H, Hkv, Dh, expert_kv, dtype)}
+                yield {"case": c.label(mode), "provider": pname, **t,
+                       **rate(t, "tflops", train_flops(c, mode) / 1e12), **(agree if pname == "bam" else {}),
+                       **meta}
             del q, k, v, mix, do, steps
             if gpu:
                 torch.cuda.empty_cache()
-    for name, B, T, S, E, H, Hkv, Dh, expert_kv in decode:
-        case = f"{name} B={B} cache={S} E={E} H={H} Hkv={Hkv} Dh={Dh}"
-        q, k, v, mix = _inputs(B, T, S, E, H, Hkv, Dh, expert_kv, dtype, device)
-        kv_bytes = 2 * k.numel() * k.element_size()
-        steps = {}
-        for pname, fn in providers.items():
-            # One query sees the whole cache: causal=False is the same function, and lets SDPA
-            # and flash-attention run without a mask.
-            def step(fn=fn, q=q, k=k, v=v, mix=mix, T=T):
-                with torch.no_grad():
-                    fn(q, k, v, mix, T > 1)
-
-            steps[pname] = step
+    for c in cases.MOA_DECODE[kind]:
+        meta = _meta(c.B, c.T, c.S, c.E, c.H, c.Hkv, c.Dh, c.expert_kv, dtype)
+        q, k, v, mix = case_inputs(c, dtype, device)
+        steps = {pname: decode_step(fn, q, k, v, mix) for pname, fn in fns.items()}
         for pname, t in time_group(steps, device, quick).items():
-            yield {"case": case, "provider": pname, **t, **rate(t, "gbps", kv_bytes / 1e9),
-                   **_meta(B, T, S, E, H, Hkv, Dh, expert_kv, dtype)}
+            yield {"case": c.label(), "provider": pname, **t, **rate(t, "gbps", kv_bytes(k) / 1e9), **meta}
         if gpu:
-            yield {**_copy_row(kv_bytes, device, quick, case), **_meta(B, T, S, E, H, Hkv, Dh, expert_kv, dtype)}
+            yield {**_copy_row(kv_bytes(k), device, quick, c.label()), **meta}
         del q, k, v, mix
 
 

@@ -21,15 +21,8 @@ import bam_kernels as bk
 from bam_kernels import reference
 from bam_model.nn import MoE
 
+from . import cases
 from .common import agreement, check_close, guarded, rate, time_group
-
-# name, D, F, E, k, normalize
-GPU_CASES = [("bam-small", 1024, 4096, 4, 1, False), ("mixtral", 4096, 14336, 8, 2, True),
-             ("fine-grained", 2048, 768, 128, 8, True)]
-GPU_TOKENS = [4096, 16384, 32768]
-CPU_CASES = [("cpu-target", 512, 1024, 8, 2, True), ("cpu-bam-small", 256, 1024, 4, 1, False),
-             ("cpu-fine-grained", 256, 128, 32, 4, True)]
-CPU_TOKENS = [512, 2048]
 
 
 def _transformers_block(moe: MoE, implementation: str):
@@ -68,6 +61,20 @@ def _runs_op(module, dim: int, op: str) -> bool:
     return any(e.name == op for e in prof.events())
 
 
+def grouped_mm_experts(x_TD, gate_up_E2FD, down_EDF, w_TK, idx_TK):
+    """The experts as written on torch._grouped_mm: sort the (token, slot) pairs by expert, gather,
+    two grouped GEMMs, weight and scatter-add. x [T, D] -> [T, D]."""
+    k, E = idx_TK.shape[1], gate_up_E2FD.shape[0]
+    order = torch.argsort(idx_TK.reshape(-1), stable=True)
+    tok = order // k
+    offs = torch.cumsum(torch.bincount(idx_TK.reshape(-1), minlength=E), 0).to(torch.int32)
+    h = torch._grouped_mm(x_TD[tok], gate_up_E2FD.transpose(1, 2), offs)
+    gate, up = h.chunk(2, -1)
+    y = torch._grouped_mm(F.silu(gate) * up, down_EDF.transpose(1, 2), offs)
+    y = y * w_TK.reshape(-1)[order, None].to(y.dtype)
+    return torch.zeros_like(x_TD).index_add_(0, tok, y)
+
+
 class TorchGroupedMM(torch.nn.Module):
     """A MoE layer on torch._grouped_mm, the nearest peer built into PyTorch."""
 
@@ -83,17 +90,11 @@ class TorchGroupedMM(torch.nn.Module):
         w, idx = probs.topk(m.top_k, -1)
         if m.normalize:
             w = w / w.sum(-1, keepdim=True)
-        order = torch.argsort(idx.reshape(-1), stable=True)
-        tok = order // m.top_k
-        offs = torch.cumsum(torch.bincount(idx.reshape(-1), minlength=m.num_experts), 0).to(torch.int32)
-        h = torch._grouped_mm(x_TD[tok], m.experts.gate_up_proj.transpose(1, 2), offs)
-        gate, up = h.chunk(2, -1)
-        y = torch._grouped_mm(F.silu(gate) * up, m.experts.down_proj.transpose(1, 2), offs)
-        y = y * w.reshape(-1)[order, None].to(y.dtype)
-        return torch.zeros_like(x_TD).index_add_(0, tok, y).reshape(x.shape)
+        return grouped_mm_experts(x_TD, m.experts.gate_up_proj, m.experts.down_proj, w, idx).reshape(x.shape)
 
 
-def _providers(moe: MoE, device: str):
+def layer_providers(moe: MoE, device: str):
+    """The layers timed against each other, on ``moe``'s weights: ``{name: module}``."""
     out = {"bam": moe}
     for name, impl in (("hf-eager", "eager"), ("hf-grouped_mm", "grouped_mm")):
         block = _transformers_block(moe, impl)
@@ -116,7 +117,8 @@ def _dense_equivalent(T, D, Fh, k, dtype, device):
     return fwd, (a, w1, w2, a2)
 
 
-def _flops(T, D, Fh, k):
+def flops(T, D, Fh, k):
+    """The experts' forward FLOPs at T tokens (the router's are negligible)."""
     return 2 * T * k * D * 3 * Fh  # forward; backward is twice this
 
 
@@ -138,37 +140,45 @@ def _experts_agreement(moe: MoE, x, dy, gpu: bool) -> str:
     return agreement(experts, lambda: experts("reference"), "reference ops", 3e-2 if gpu else 1e-4)
 
 
+def new_moe(case: cases.MoECase, device: str, dtype) -> MoE:
+    """The layer of one case, the same weights on every call (a router at std 0.02: balanced routing)."""
+    torch.manual_seed(0)
+    moe = MoE(case.D, case.F, case.E, top_k=case.k, normalize=case.normalize, device=device, dtype=dtype)
+    torch.nn.init.normal_(moe.gate.weight, std=0.02)
+    return moe
+
+
+def layer_step(module, x, dy, mode: str):
+    """One call of a MoE layer: its forward without autograd, or forward+backward to x and its weights."""
+    xin = x.clone().requires_grad_(mode == "fwd+bwd")
+    wrt = [xin, *module.parameters()]
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                module(xin)
+        else:
+            # autograd.grad, not backward: no .grad accumulation inside the timing.
+            torch.autograd.grad(module(xin), wrt, dy)
+
+    return step
+
+
 def run(device: str, quick: bool):
     gpu = device.startswith("cuda")
     dtype = torch.bfloat16 if gpu else torch.float32
-    cases = GPU_CASES if gpu else CPU_CASES
-    token_counts = GPU_TOKENS[:2] if (gpu and quick) else (GPU_TOKENS if gpu else CPU_TOKENS)
-    for name, D, Fh, E, k, normalize in cases:
-        torch.manual_seed(0)
-        moe = MoE(D, Fh, E, top_k=k, normalize=normalize, device=device, dtype=dtype)
-        torch.nn.init.normal_(moe.gate.weight, std=0.02)
-        providers = _providers(moe, device)
+    kind = cases.device_kind(device)
+    token_counts = cases.MOE_TOKENS[kind][:2] if (gpu and quick) else cases.MOE_TOKENS[kind]
+    for c in cases.MOE[kind]:
+        D, Fh, E, k = c.D, c.F, c.E, c.k
+        moe = new_moe(c, device, dtype)
+        providers = layer_providers(moe, device)
         for T in token_counts:
             x = torch.randn(1, T, D, device=device, dtype=dtype)
             dy = torch.randn(1, T, D, device=device, dtype=dtype)
-            flops = _flops(T, D, Fh, k)
-            for mode in ("fwd", "fwd+bwd"):
-                case = f"{name} T={T} D={D} F={Fh} E={E} k={k} {mode}"
-                total = flops * (3 if mode == "fwd+bwd" else 1)
-                steps = {}
-                for pname, module in providers.items():
-                    xin = x.clone().requires_grad_(mode == "fwd+bwd")
-                    wrt = [xin, *module.parameters()]
-
-                    def step(module=module, xin=xin, wrt=wrt, dy=dy, mode=mode):
-                        if mode == "fwd":
-                            with torch.no_grad():
-                                module(xin)
-                        else:
-                            # autograd.grad, not backward: no .grad accumulation inside the timing.
-                            torch.autograd.grad(module(xin), wrt, dy)
-
-                    steps[pname] = step
+            for mode in cases.MODES:
+                total = flops(T, D, Fh, k) * (3 if mode == "fwd+bwd" else 1)
+                steps = {pname: layer_step(module, x, dy, mode) for pname, module in providers.items()}
                 # The ceiling: the experts' FLOPs as plain dense matmuls.
                 fwd, leaves = _dense_equivalent(T, D, Fh, k, dtype, device)
                 g1 = torch.randn(T * k, 2 * Fh, device=device, dtype=dtype)
@@ -188,8 +198,8 @@ def run(device: str, quick: bool):
                 if mode == "fwd+bwd":
                     agree["agreement"] = _experts_agreement(moe, x, dy, gpu)
                 for pname, t in timings.items():
-                    yield {"case": case, "provider": pname, **t, **rate(t, "tflops", total / 1e12),
-                           **(agree if pname == "bam" else {}),
+                    yield {"case": c.label(T, mode), "provider": pname, **t,
+                           **rate(t, "tflops", total / 1e12), **(agree if pname == "bam" else {}),
                            "dtype": str(dtype).replace("torch.", ""), "T": T, "D": D, "F": Fh, "E": E, "k": k}
                 del steps, leaves
             del x, dy
