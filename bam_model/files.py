@@ -174,7 +174,7 @@ def check_output(path, kind: str, *, flag: str = "--out", inputs=()) -> str:
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {str(path)!r} is a file, not a folder; choose a folder path")
     state = "new"
-    if path.is_dir() and any(p.name != LOCK for p in path.iterdir()):
+    if path.is_dir() and any(not _leftover(p.name) for p in path.iterdir()):
         manifest = read_manifest(path)
         if manifest is None:
             raise ValueError(f"{flag} {str(path)!r} is not empty and was not written by bam (it holds no "
@@ -187,6 +187,11 @@ def check_output(path, kind: str, *, flag: str = "--out", inputs=()) -> str:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {str(path)!r} cannot be written ({str(existing)!r} is not writable for this user)")
     return state
+
+
+def _leftover(name: str) -> bool:
+    """Our lock file, or a staging folder a killed write left (both ours by name, neither content)."""
+    return name == LOCK or name.startswith(STAGING_PREFIX)
 
 
 def _chmod_new_folder(path) -> None:
@@ -208,6 +213,9 @@ def write_model_folder(path, write) -> None:
     check_output(path, "model", flag="output path")
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = path.is_dir()
+    if existing:
+        for stale in path.glob(f"{STAGING_PREFIX}*"):  # what a kill -9 during an earlier write left
+            shutil.rmtree(stale, ignore_errors=True)
     stage = Path(tempfile.mkdtemp(dir=path if existing else path.parent,
                                   prefix=STAGING_PREFIX if existing else f".{path.name}.tmp-"))
     try:

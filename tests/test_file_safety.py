@@ -128,6 +128,14 @@ def test_an_interrupted_rewrite_is_refused_on_load_and_written_again(tmp_path, m
     assert bam_model.from_pretrained(str(path)).config == model.config
 
 
+def test_a_staging_folder_left_by_a_kill_does_not_block_the_next_write(tmp_path):
+    model = DenseLM(DenseConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=24))
+    (tmp_path / "m" / f"{files.STAGING_PREFIX}x1").mkdir(parents=True)   # killed before its manifest
+    (tmp_path / "m" / f"{files.STAGING_PREFIX}x1" / "model.safetensors").write_bytes(b"half")
+    model.save_pretrained(str(tmp_path / "m"))
+    assert sorted(os.listdir(tmp_path / "m")) == ["bam-manifest.json", "config.json", "model.safetensors"]
+
+
 def test_an_empty_folder_is_written_into_and_a_file_is_refused(tmp_path):
     model = DenseLM(DenseConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=24))
     (tmp_path / "empty").mkdir()
