@@ -185,7 +185,8 @@ def check_output(path, kind: str, *, flag: str = "--out", inputs=()) -> str:
         state = "ours"
     existing = _nearest_existing(path)
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {str(path)!r} cannot be written ({str(existing)!r} is not writable for this user)")
+        raise ValueError(f"{flag} {str(path)!r} cannot be written ({str(existing)!r} is not writable "
+                         "for this user)")
     return state
 
 
@@ -231,7 +232,8 @@ def write_model_folder(path, write) -> None:
             fsync_file(stage / name)
         files = {name: file_record(stage / name) for name in names}
         if not existing:
-            (stage / MANIFEST).write_text(json.dumps(_manifest("model", files), indent=1) + "\n", encoding="utf-8")
+            manifest = json.dumps(_manifest("model", files), indent=1) + "\n"
+            (stage / MANIFEST).write_text(manifest, encoding="utf-8")
             fsync_file(stage / MANIFEST)
             _chmod_new_folder(stage)
             fsync_dir(stage)

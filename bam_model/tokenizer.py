@@ -78,7 +78,8 @@ def gguf_tokenizer(source) -> TextTokenizer:
         raise ValueError(f"{where}: tokenizer.ggml.bos_token_id {bos!r} is not a token id")
     if bos is not None and field("tokenizer.ggml.add_bos_token", False):
         # As a post-processor, BOS travels with the tokenizer.json a mixture of this model carries.
-        tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B",
+        tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A",
+                                                           pair=f"{tokens[bos]} $A $B",
                                                            special_tokens=[(tokens[bos], bos)])
     return TextTokenizer(tok, field("tokenizer.ggml.eos_token_id"))
 
@@ -115,7 +116,8 @@ def of_source(source, config) -> "Tokenizer | None":
         own = os.path.join(path, TOKENIZER_JSON)
         if os.path.isfile(own):
             tok = data.read_tokenizer(own)
-        elif folder_model_type(path) in CONFIG_CLASSES and config.vocab_size == data.load_tokenizer().get_vocab_size():
+        elif (folder_model_type(path) in CONFIG_CLASSES
+              and config.vocab_size == data.load_tokenizer().get_vocab_size()):
             tok = data.load_tokenizer()
         else:
             return None
@@ -126,8 +128,8 @@ def of_source(source, config) -> "Tokenizer | None":
 def check_fits(tokenizer, config) -> None:
     """Refuse a tokenizer with more tokens than the model's vocabulary (they were not trained together)."""
     if tokenizer.get_vocab_size() > config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocabulary only "
-                         f"{config.vocab_size}; they do not belong together")
+        raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but the model's vocabulary "
+                         f"only {config.vocab_size}; they do not belong together")
 
 
 def for_model(model, tokenizer=None):
@@ -140,9 +142,10 @@ def for_model(model, tokenizer=None):
         tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         bundled = data.load_tokenizer()
-        if config is not None and getattr(config, "vocab_size", None) not in (None, bundled.get_vocab_size()):
-            raise ValueError(f"the model carries no tokenizer and its vocabulary ({config.vocab_size} tokens) is "
-                             f"not the bundled BPE's ({bundled.get_vocab_size()}); load it from a folder with its "
+        size = bundled.get_vocab_size()
+        if config is not None and getattr(config, "vocab_size", None) not in (None, size):
+            raise ValueError(f"the model carries no tokenizer and its vocabulary ({config.vocab_size} tokens) "
+                             f"is not the bundled BPE's ({size}); load it from a folder with its "
                              "tokenizer.json, or pass the tokenizer it was trained with")
         tokenizer = bundled
     if config is not None and getattr(config, "vocab_size", None) is not None:
