@@ -145,9 +145,9 @@ def for_model(model, tokenizer=None):
         size = bundled.get_vocab_size()
         if config is not None and getattr(config, "vocab_size", None) not in (None, size):
             raise ValueError("the model carries no tokenizer and its vocabulary "
-                             f"({config.vocab_size} tokens) is not the bundled BPE's ({size}); load it from a "
-                             "folder with its "
-                             "tokenizer.json, or pass the tokenizer it was trained with")
+                             f"({config.vocab_size} tokens) is not the bundled BPE's ({size}); load it "
+                             "from a folder with its tokenizer.json, or pass the tokenizer it was "
+                             "trained with")
         tokenizer = bundled
     if config is not None and getattr(config, "vocab_size", None) is not None:
         check_fits(tokenizer, config)
