@@ -204,6 +204,19 @@ TAIL_CASES = [
 ]
 
 
+def tail_filled_against_reference(backend, q, k, v, mix, causal, kv_lens, fill, tol):
+    """Run ``backend`` with the cache past ``kv_lens`` filled with ``fill``; check the output and every
+    gradient against the float64 reference on a zero tail (relative error under ``tol``)."""
+    do = torch.randn(*q.shape)
+    o_ref, g_ref = reference_with_grads(q, filled_past(k, kv_lens, 0.0), filled_past(v, kv_lens, 0.0), mix,
+                                        causal, kv_lens, do)
+    o, grads = run_with_grads(backend, q, filled_past(k, kv_lens, fill), filled_past(v, kv_lens, fill), mix,
+                              causal, kv_lens, do)
+    for name, out, ref in zip(("out", "dq", "dk", "dv", "dmix"), (o, *grads), (o_ref, *g_ref)):
+        assert rel(out, ref) < tol, name
+    return o, grads
+
+
 @pytest.mark.parametrize("case", TAIL_CASES, ids=_id)
 @pytest.mark.parametrize("fill", [float("nan"), float("inf"), 3e38], ids=["nan", "inf", "3e38"])
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
@@ -213,13 +226,7 @@ def test_keys_past_kv_lens_influence_nothing(backend, fill, case):
     no key gets zeros, forward and backward."""
     B, T, S, E, H, Hkv, Dh, causal, expert_kv, kv_lens = case
     q, k, v, mix, kv_lens = make_inputs(B, T, S, E, H, Hkv, Dh, expert_kv, torch.float32, kv_lens)
-    do = torch.randn(B, T, E, H, Dh)
-    o_ref, g_ref = reference_with_grads(q, filled_past(k, kv_lens, 0.0), filled_past(v, kv_lens, 0.0), mix,
-                                        causal, kv_lens, do)
-    o, grads = run_with_grads(backend, q, filled_past(k, kv_lens, fill), filled_past(v, kv_lens, fill), mix,
-                              causal, kv_lens, do)
-    for name, out, ref in zip(("out", "dq", "dk", "dv", "dmix"), (o, *grads), (o_ref, *g_ref)):
-        assert rel(out, ref) < 1e-5, name
+    o, grads = tail_filled_against_reference(backend, q, k, v, mix, causal, kv_lens, fill, 1e-5)
     t_T = torch.arange(T)
     for b, n in enumerate(kv_lens.tolist()):
         assert (grads[1][b, n:] == 0).all() and (grads[2][b, n:] == 0).all()
@@ -233,13 +240,7 @@ def test_keys_past_kv_lens_influence_nothing(backend, fill, case):
 def test_keys_past_kv_lens_influence_nothing_fp16(backend, fill):
     B, T, S, E, H, Hkv, Dh = 2, 3, 33, 2, 2, 1, 16
     q, k, v, mix, kv_lens = make_inputs(B, T, S, E, H, Hkv, Dh, False, torch.float16, [30, 2])
-    do = torch.randn(B, T, E, H, Dh)
-    o_ref, g_ref = reference_with_grads(q, filled_past(k, kv_lens, 0.0), filled_past(v, kv_lens, 0.0), mix,
-                                        True, kv_lens, do)
-    o, grads = run_with_grads(backend, q, filled_past(k, kv_lens, fill), filled_past(v, kv_lens, fill), mix,
-                              True, kv_lens, do)
-    for name, out, ref in zip(("out", "dq", "dk", "dv", "dmix"), (o, *grads), (o_ref, *g_ref)):
-        assert rel(out, ref) < 1e-2, name
+    o, grads = tail_filled_against_reference(backend, q, k, v, mix, True, kv_lens, fill, 1e-2)
     for b, n in enumerate(kv_lens.tolist()):
         assert (grads[1][b, n:] == 0).all() and (grads[2][b, n:] == 0).all()
     assert (o[1, 0] == 0).all() and (grads[0][1, 0] == 0).all()  # query 0 of row 1 sees no key
