@@ -188,8 +188,9 @@ def run_mix(args: argparse.Namespace) -> str:
     else:
         model.save_pretrained(args.out, extra_files=files)
     c = model.config
-    print(f"wrote {args.out}: {c.method}, {c.num_experts} experts, attention {c.attention}, top-{c.top_k}, "
-          f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    routing = next(name for name, flags in FFN_ROUTINGS.items() if flags == (c.normalize, c.straight_through))
+    print(f"wrote {args.out}: {c.method}, {c.num_experts} experts, attention {c.attention}, FFN top-{c.top_k} "
+          f"{routing}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     return args.out
 
 
