@@ -17,16 +17,11 @@ import errno
 import os
 import sys
 
-import torch
-
-from .config import finite_float
+from .config import DTYPES, METHODS, finite_float
 from .demo import add_demo_args, run_demo_cli
-from .config import METHODS
-from .upcycle import FFN_ROUTINGS, MERGES
 from .evaluate import add_eval_args, run_eval
 from .train import add_train_args, run_train
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .upcycle import FFN_ROUTINGS, MERGES
 
 
 # --- branch ------------------------------------------------------------------------------------

@@ -12,9 +12,15 @@ import math
 import os
 from dataclasses import dataclass, field
 
+import torch
+
 BLOCKS = ("sequential", "parallel")
 ATTENTION_KINDS = ("expert-kv", "shared-kv", "dense")
 METHODS = ("bam", "btx", "sparse")
+
+
+# The weight dtypes the command line accepts, by name.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def finite_float(text: str) -> float:

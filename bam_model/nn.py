@@ -49,8 +49,8 @@ def route(logits_TE: torch.Tensor, top_k: int, normalize: bool, straight_through
     if not straight_through:
         return bk.route_topk(logits_TE, top_k, normalize=normalize)
     probs_TK, experts_TK = bk.route_topk(logits_TE, top_k, normalize=False)
-    weights_TK = probs_TK / probs_TK.sum(dim=-1, keepdim=True)
-    return weights_TK.detach() + (probs_TK - probs_TK.detach()), experts_TK
+    kept_TK = probs_TK.detach()
+    return kept_TK / kept_TK.sum(dim=-1, keepdim=True) + (probs_TK - kept_TK), experts_TK
 
 
 def router_z_loss(router_logits_TE: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from . import distributed, files
-from .config import finite_float, read_json
+from .config import DTYPES, finite_float, read_json
 from .data import BatchStream, parse_data_spec
 from .files import STAGING_PREFIX, file_record, fsync_dir, fsync_file, sha256, write_text_atomic
 from .tokenizer import for_model
@@ -62,7 +62,6 @@ STEP_DIR = re.compile(r"step-\d{7}")
 OURS_IN_CHECKPOINTS = re.compile(r"refused-step-\d{7}|\.step-\d{7}\.tmp|\.stale-.*")
 # Flags that do not change what is trained (only what is logged, evaluated or kept): a resumed run
 # may change them; any other difference from the checkpoint's run is refused.
-SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RESUMABLE_CHANGES = ("log_every", "eval_every", "eval_windows", "save_every", "keep_checkpoints")
 
 
@@ -453,9 +452,9 @@ def _open_run_main(out: Path, cfg: TrainConfig, data: str, resume: bool, overwri
                 _clear_run(out)
             elif resume:
                 resume_step = _newest_intact(out)
-                if resume_step >= 0:
+                if resume_step >= 0:  # _newest_intact verified it: its trainer.json is read, not hashed again
                     path = out / CHECKPOINTS / f"step-{resume_step:07d}"
-                    _check_resume(verify_checkpoint(path), path, cfg, data)
+                    _check_resume(read_json(str(path / TRAINER_JSON)), path, cfg, data)
             else:
                 steps = [step for step, _ in _checkpoint_dirs(out)]
                 at = f" (checkpoint at step {steps[-1]})" if steps else ""
@@ -696,7 +695,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expert-parallel", action="store_true",
                         help="under torchrun (ddp): spread each MoE layer's experts over the ranks, tokens "
                              "exchanged with all-to-all; the number of experts must divide by the world size")
-    parser.add_argument("--dtype", choices=sorted(SAVE_DTYPES), default=None,
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="dtype of the final model/ (default: the training dtype, float32); bfloat16 halves "
                              "its size. Checkpoints keep float32 weights and optimizer state, which resuming needs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -721,7 +720,7 @@ def run_train(args: argparse.Namespace) -> list[dict]:
             model = from_pretrained(args.model, device=device)
             records = train(model, args.data, run, cfg, progress=not args.no_progress,
                             strategy=args.strategy, expert_parallel=args.expert_parallel,
-                            save_dtype=SAVE_DTYPES[args.dtype] if args.dtype else None)
+                            save_dtype=DTYPES[args.dtype] if args.dtype else None)
     finally:
         if owns_group:
             distributed.shutdown()
