@@ -4,7 +4,7 @@ baselines of the pytest-benchmark suite, in the inputs' own dtype (no float64, n
 MoE: every expert on every token through ``torch.einsum``, then the dense routing mask (E/k times
 the FLOPs of a sparse layer: what the kernels save). MoA: einsum scores, the causal mask, softmax,
 einsum with the values, then the mix. Checked against ``bam_kernels.reference`` in
-tests/test_bench_baselines.py. Shapes as in bam_kernels (T tokens, D model dim, F expert hidden,
+tests/bench/test_bench_baselines.py. Shapes as in bam_kernels (T tokens, D model dim, F expert hidden,
 E experts, K top-k slots, B batch, S keys, H query heads, G KV heads, R = H // G, Dh head dim).
 """
 from __future__ import annotations

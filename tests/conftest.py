@@ -9,19 +9,19 @@ import torch  # noqa: E402
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
-# Every Triton launch under the interpreter is bounds-checked (tests/sanitizer.py); set
+# Every Triton launch under the interpreter is bounds-checked (tests/support/sanitizer.py); set
 # BAM_TEST_SANITIZE=0 to run without the checks.
 if os.environ.get("BAM_TEST_SANITIZE", "1") != "0" and os.environ["TRITON_INTERPRET"] not in ("", "0"):
-    import sanitizer  # noqa: E402
+    from tests.support import sanitizer  # noqa: E402
 
     SANITIZED = sanitizer.install()
 else:
     SANITIZED = False
 
 # The interpreter's bf16 dots are garbage (integer products of the bit patterns); this makes them
-# right, so bf16 runs on the CPU too (tests/interpreter_bf16.py).
+# right, so bf16 runs on the CPU too (tests/support/interpreter_bf16.py).
 if os.environ["TRITON_INTERPRET"] not in ("", "0"):
-    import interpreter_bf16  # noqa: E402
+    from tests.support import interpreter_bf16  # noqa: E402
 
     BF16_DOTS = interpreter_bf16.install()
 else:

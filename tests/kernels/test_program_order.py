@@ -4,7 +4,7 @@ The interpreter runs a grid's programs one after another in id order; a GPU runs
 any order. Two programs writing one element, or one reading what another writes in the same
 launch, give results that depend on the order: here every op runs forward and backward twice,
 the second time with every launch's programs in reverse id order, and the results must be
-bitwise equal; the first run is also checked by the race detector of tests/sanitizer.py.
+bitwise equal; the first run is also checked by the race detector of tests/support/sanitizer.py.
 """
 import math
 
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import bam_kernels as bk
-import sanitizer
+from tests.support import sanitizer
 from bam_kernels._triton import attention as attention_kernels
 
 
@@ -42,7 +42,7 @@ def reversed_programs(monkeypatch):
 
 def run_twice(fn, switch):
     """fn() -> list of tensors, in id order then in reverse id order; both must be bitwise equal.
-    The first run also goes through the race detector (tests/sanitizer.py): no program of a launch
+    The first run also goes through the race detector (tests/support/sanitizer.py): no program of a launch
     may store to an element another program of it stores to or loads."""
     with sanitizer.races():
         first = [t.clone() for t in fn()]

@@ -11,7 +11,7 @@ import bam_model
 from bam_model import checkpoint
 from bam_model.config import BamConfig, DenseConfig, config_from_dict, load_config
 from bam_model.model import DenseLM, sample
-from real_models import smollm2_gguf
+from tests.support.real_models import smollm2_gguf
 
 
 def tiny_config(**changes) -> DenseConfig:

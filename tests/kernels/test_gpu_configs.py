@@ -6,7 +6,7 @@ split merge and the backward preamble). A mask or an index that is right for 16-
 for 128-row ones shows up only there, so here each op runs forward and backward with each GPU
 config in turn (one config per autotuner: no trials; the tensor-core and the float32 families
 alike, both run here in float32), on shapes that leave partial tiles at every edge, checked
-against the float64 reference, for bounds and for races between programs (tests/sanitizer.py).
+against the float64 reference, for bounds and for races between programs (tests/support/sanitizer.py).
 """
 import math
 
@@ -15,9 +15,9 @@ import torch
 import triton
 
 import bam_kernels as bk
-import sanitizer
+from tests.support import sanitizer
 from bam_kernels import reference
-from oracle import grouped_mm_matches_reference, moa_matches_reference, rel, routed_moe_matches_reference
+from tests.support.oracle import grouped_mm_matches_reference, moa_matches_reference, rel, routed_moe_matches_reference
 from bam_kernels._triton import attention as ak
 from bam_kernels._triton import grouped_gemm as gg
 

@@ -11,7 +11,7 @@ import transformers
 
 from bam_model import data
 from bam_model.cli import main
-from real_models import smollm2_gguf
+from tests.support.real_models import smollm2_gguf
 
 WINDOWS = ["--data", "code", "--max-windows", "3", "--seq-len", "64", "--no-progress"]
 

@@ -17,7 +17,7 @@ import bam_model
 from bam_model import DenseConfig, DenseLM, files
 from bam_model.cli import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-windows", "1", "--no-progress"]
 
 

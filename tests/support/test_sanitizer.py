@@ -1,4 +1,4 @@
-"""The interpreter's bounds checker (tests/sanitizer.py) is on for the whole suite: it must catch a
+"""The interpreter's bounds checker (tests/support/sanitizer.py) is on for the whole suite: it must catch a
 store or a load one element outside a tensor, before its start, or outside a view inside a larger
 buffer, and let masked and in-bounds accesses through."""
 import pytest
@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-import conftest
+from tests import conftest
 
 
 @triton.jit
@@ -75,7 +75,7 @@ def _neighbour(buf_ptr, BLOCK: tl.constexpr):
 
 
 def test_races_are_caught_between_programs_not_within_one():
-    import sanitizer
+    from tests.support import sanitizer
 
     with sanitizer.races():
         _copy[(3,)](torch.randn(40), torch.empty(40), 40, 0, 0, 0, BLOCK=16, MASKED=True)  # no race

@@ -16,7 +16,7 @@ from bam_model import checkpoint
 from bam_model.cli import main
 from bam_model.config import BamConfig, DenseConfig, load_config
 from bam_model.model import DenseLM
-from real_models import smollm2_gguf
+from tests.support.real_models import smollm2_gguf
 
 HF_CONFIG = {"model_type": "llama", "vocab_size": 101, "hidden_size": 40, "intermediate_size": 72,
              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,

@@ -1,5 +1,5 @@
 """The Triton kernels in bf16, on the CPU: the interpreter's bf16 dots and its float32 -> bf16
-rounding are made what a GPU does by tests/interpreter_bf16.py (conftest installs it), so every op
+rounding are made what a GPU does by tests/support/interpreter_bf16.py (conftest installs it), so every op
 runs here in the dtype a GPU trains in, forward and every gradient against the float64 reference
 on the same bf16 numbers, under the convention's bf16 tolerance (1e-2 relative). Errors seen:
 1.6e-3 to 3.4e-3, as the torch path's (with the interpreter's own truncating cast, attention
@@ -11,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-import conftest
+from tests import conftest
 from bam_kernels._triton import attention as attention_kernels
-from oracle import grouped_mm_matches_reference, moa_matches_reference, routed_moe_matches_reference
+from tests.support.oracle import grouped_mm_matches_reference, moa_matches_reference, routed_moe_matches_reference
 
 BF16 = torch.bfloat16
 TOL = 1e-2

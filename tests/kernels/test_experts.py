@@ -5,15 +5,11 @@ import torch
 
 import bam_kernels as bk
 from bam_kernels import reference
+from tests.support.oracle import rel
 
 BACKENDS = ["torch", "triton"]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
 
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "non-finite values (an unwritten output?)"
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 # ---------------------------------------------------------------------------------------------

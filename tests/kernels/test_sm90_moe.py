@@ -66,7 +66,7 @@ def _routing_matrix():
 
 
 def _compile_one(item):
-    from sm90 import compile_sm90, ptxas_report
+    from tests.support.sm90 import compile_sm90, ptxas_report
     name, fn, types, const, cfg, div, has_dot = item
     warps, stages = (cfg.num_warps, cfg.num_stages) if cfg else (4, 3)
     kernel = compile_sm90(fn, types, const, warps, stages, divisible=tuple(div))
@@ -87,14 +87,14 @@ def _compile_all():
 @pytest.mark.slow
 def test_moe_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(HERE)
+    root = os.path.dirname(os.path.dirname(HERE))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=root,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(results) >= 40
-    from sm90 import H100_SMEM_BYTES
+    from tests.support.sm90 import H100_SMEM_BYTES
     for r in results:
         if r["has_dot"]:
             assert r["wgmma"], f"{r['name']}: no wgmma in the PTX"
@@ -104,5 +104,5 @@ def test_moe_kernels_compile_for_sm90():
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, HERE)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
     print(json.dumps(_compile_all()))

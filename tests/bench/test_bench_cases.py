@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import cases, moa, moe
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _collect(kind: str) -> subprocess.Popen:

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 WORLD = 2
 STEPS = 4
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _small_data(folder: Path) -> str:

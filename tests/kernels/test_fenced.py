@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bam_kernels._triton import attention as attention_kernels
-from oracle import grouped_mm_matches_reference, moa_matches_reference, routed_moe_matches_reference
+from tests.support.oracle import grouped_mm_matches_reference, moa_matches_reference, routed_moe_matches_reference
 
 NAN = float("nan")
 

@@ -7,10 +7,14 @@ import bam_kernels as bk
 from bam_kernels import reference
 
 
-def rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+def rel(out: torch.Tensor, ref: torch.Tensor, floor_rms: float = 0.0) -> float:
+    """|out - ref| / |ref| in float64, after checking that ``out`` is finite. ``floor_rms`` keeps a
+    reference near zero (dq with a single key) from blowing the ratio up: |ref| is taken as at least
+    ``floor_rms`` per element, root-mean-square."""
     out, ref = out.double(), ref.double()
     assert torch.isfinite(out).all(), "a NaN or inf reached the output (a load outside a tensor, or an unwritten element)"
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    floor = max(floor_rms * max(ref.numel(), 1) ** 0.5, 1e-30)
+    return ((out - ref).norm() / ref.norm().clamp_min(floor)).item()
 
 
 def routed_moe_matches_reference(leaves, values, k: int, dy_ours: torch.Tensor, dy: torch.Tensor, tol=1e-5):
