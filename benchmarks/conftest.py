@@ -1,5 +1,5 @@
 """The pytest-benchmark suite: each public op against its einsum baseline, its reference definition
-and bam-bench's peers, on the cases of benchmarks/cases.py (docs/benchmarks.md).
+and bam-bench's peers, on the cases of bam_bench/cases.py (docs/benchmarks.md).
 
     pytest benchmarks --benchmark-only                   # on CUDA when present, else the CPU
     pytest benchmarks --benchmark-only --bench-device cpu
@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from .cases import device_kind
-from .runner import device_name, environment
+from bam_bench.cases import device_kind
+from bam_bench.runner import device_name, environment
 
 # do_bench's method on CUDA: every timed call starts with a cold L2 (50 MB on an H100/H200) ...
 L2_FLUSH_BYTES = 256 << 20

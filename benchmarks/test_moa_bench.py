@@ -1,5 +1,5 @@
 """pytest-benchmark: moa_attention, prefill (causal, forward and forward+backward) and decode (one
-query over a KV cache), on every MoA case of cases.py.
+query over a KV cache), on every MoA case of bam_bench/cases.py.
 
 Providers (the test id ends with the provider; the group names op, mode and case):
   bam        bk.moa_attention on the device's default backend
@@ -13,7 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from . import baselines, cases, moa
+from bam_bench import cases, moa
+
+from . import baselines
 from .conftest import bench_device
 
 PROVIDERS = {"cpu": ("bam", "einsum", "reference", "sdpa+mix"),

@@ -1,5 +1,5 @@
 """pytest-benchmark: route_topk, grouped_mm, moe_mlp and the MoE layer, forward and forward+backward,
-on every MoE case of cases.py at each of its token counts.
+on every MoE case of bam_bench/cases.py at each of its token counts.
 
 Providers (the test id ends with the provider; the group names op, mode and case):
   bam               the op on the device's default backend (triton on CUDA, torch on CPU)
@@ -19,7 +19,9 @@ import torch
 import bam_kernels as bk
 from bam_kernels import reference
 
-from . import baselines, cases, moe
+from bam_bench import cases, moe
+
+from . import baselines
 from .conftest import bench_device
 
 PROVIDERS = {

@@ -1,4 +1,4 @@
-"""One case list (benchmarks/cases.py), two runners: every case is collected by the pytest-benchmark
+"""One case list (bam_bench/cases.py), two runners: every case is collected by the pytest-benchmark
 suite, for both kinds of device, and timed by bam-bench's suites."""
 import os
 import re
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from benchmarks import cases, moa, moe
+from bam_bench import cases, moa, moe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

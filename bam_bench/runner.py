@@ -2,12 +2,14 @@
 
     bam-bench moe                  # one suite, on CUDA if present else the CPU
     bam-bench --all --device cuda  # every suite: GPU correctness checks first, then timings
+
+Each suite's results go to one set of files per machine, <device>-<machine>-<suite>.{json,md,png}
+(cpu-x86-64-moe.json), which the next run on that machine replaces; their history is git's.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import importlib
 import json
 import os
@@ -20,10 +22,20 @@ import traceback
 
 import torch
 
-from bam_model.files import write_text_atomic
+from bam_model._entry import require_model_extra
+from bam_model.files import write_atomic, write_text_atomic
 
 SUITES = ("moe", "moa", "model")
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def default_out() -> str:
+    """``benchmarks/results`` of the source checkout this package is part of; installed, a folder
+    in the working directory (never site-packages)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    checkout = os.path.isfile(os.path.join(root, "pyproject.toml"))
+    if checkout and os.path.isdir(os.path.join(root, "benchmarks")):
+        return os.path.join(root, "benchmarks", "results")
+    return "bam-bench-results"
 
 
 def _available_suites():
@@ -35,6 +47,14 @@ def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     return platform.processor() or platform.machine() or "cpu"
+
+
+def machine_tag(device: str, name: str | None = None) -> str:
+    """The machine part of the results' file names: ``cpu-x86-64``, ``cuda-nvidia-h200``."""
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    name = device_name(device) if name is None else name
+    safe = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()[:40] or kind
+    return f"{kind}-{safe}"
 
 
 def environment(device: str) -> dict:
@@ -90,10 +110,14 @@ def _failed(line: str) -> bool:
     return line.split(": ", 1)[-1].startswith("FAIL")
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], path: str) -> bool:
+    """Speed relative to each case's first provider, as a bar chart (replaced atomically); with no
+    timed row there is no chart, and a previous run's is removed rather than left beside new tables."""
     rows = [r for r in rows if "ms" in r]
     if not rows:
-        return
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+        return False
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -115,24 +139,40 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_ylabel("speed relative to the first provider (higher is faster)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
+    return True
 
 
 class Results:
-    """Check lines, rows and errors of one run, saved (JSON and markdown, atomically) after each."""
+    """Check lines, rows and errors of one run, saved (JSON and markdown, atomically) after each:
+    one file pair per suite, ``paths[suite]`` (its JSON; the markdown beside it). Check lines and
+    errors start with their suite's name, rows carry it."""
 
-    def __init__(self, env: dict, json_path: str):
+    def __init__(self, env: dict, paths: dict[str, str]):
         self.data = {"environment": env, "checks": [], "rows": [], "errors": []}
-        self.json_path = json_path
+        self.paths = paths
 
-    def add(self, kind: str, item) -> None:
+    def add(self, kind: str, item, suite: str) -> None:
         self.data[kind].append(item)
-        self.save()
+        self.save(suite)
 
-    def save(self) -> None:
-        write_text_atomic(self.json_path, json.dumps(self.data, indent=1))
-        write_text_atomic(self.json_path[:-len(".json")] + ".md", markdown(self.data))
+    def part(self, suite: str) -> dict:
+        """What one suite's files hold: everything, when the run has one suite."""
+        if len(self.paths) == 1:
+            return self.data
+        mine = f"{suite}: "
+        return {"environment": self.data["environment"],
+                "checks": [c for c in self.data["checks"] if c.startswith(mine)],
+                "rows": [r for r in self.data["rows"] if r["suite"] == suite],
+                "errors": [e for e in self.data["errors"] if e.startswith(mine)]}
+
+    def save(self, suite: str | None = None) -> None:
+        """Rewrite one suite's files, or (``None``) every suite's."""
+        for s in self.paths if suite is None else [suite]:
+            part = self.part(s)
+            write_text_atomic(self.paths[s], json.dumps(part, indent=1))
+            write_text_atomic(self.paths[s][:-len(".json")] + ".md", markdown(part))
 
     def failed(self) -> bool:
         return bool(self.data["errors"]) or any(_failed(c) for c in self.data["checks"])
@@ -150,18 +190,18 @@ def _checking(device: str):
 
 def _in_process(suites: list[str], device: str, args, results: Results) -> None:
     """All the suites' checks first, then their timings, in this process."""
-    modules = {s: importlib.import_module(f"benchmarks.{s}") for s in suites}
+    modules = {s: importlib.import_module(f"{__package__}.{s}") for s in suites}
     if not args.no_check:
         for s, mod in modules.items():
             try:
                 with _checking(device):
                     for line in mod.check(device):
                         print(f"[check {s}] {line}", flush=True)
-                        results.add("checks", f"{s}: {line}")
-            except Exception as err:  # noqa: BLE001 - a check that crashed outside its guarded cases
+                        results.add("checks", f"{s}: {line}", s)
+            except Exception as err:  # a check that crashed outside its guarded cases
                 msg = f"{s}: FAIL checks stopped: {type(err).__name__}: {err}"
                 print(f"[check {s}] {msg}", flush=True)
-                results.add("checks", msg)
+                results.add("checks", msg, s)
     for s, mod in modules.items():
         start = time.perf_counter()
         try:
@@ -169,11 +209,11 @@ def _in_process(suites: list[str], device: str, args, results: Results) -> None:
                 row = {"suite": s, **row}
                 shown = f"{row['ms']:9.3f} ms" if "ms" in row else f"failed: {row.get('error', '')}"
                 print(f"[{s}] {row['case']:<40} {row['provider']:<24} {shown}", flush=True)
-                results.add("rows", row)
-        except Exception:  # noqa: BLE001 - the rows so far are kept; the traceback goes into the results
+                results.add("rows", row, s)
+        except Exception:  # the rows so far are kept; the traceback goes into the results
             tb = traceback.format_exc()
             print(tb, flush=True)
-            results.add("errors", f"{s}: timings stopped: {tb.strip().splitlines()[-1]}")
+            results.add("errors", f"{s}: timings stopped: {tb.strip().splitlines()[-1]}", s)
         print(f"[{s}] {time.perf_counter() - start:.0f} s", flush=True)
 
 
@@ -183,7 +223,7 @@ def _isolated(suites: list[str], device: str, args, results: Results) -> None:
     with tempfile.TemporaryDirectory(prefix="bam-bench-") as tmp:
         for s in suites:
             part = os.path.join(tmp, f"{s}.json")
-            cmd = [sys.executable, "-m", "benchmarks.runner", s, "--device", device, "--no-isolate",
+            cmd = [sys.executable, "-m", f"{__package__}.runner", s, "--device", device, "--no-isolate",
                    "--out", tmp, "--json", part] + (["--quick"] if args.quick else []) + \
                   (["--no-check"] if args.no_check else [])
             start = time.perf_counter()
@@ -204,7 +244,7 @@ def _isolated(suites: list[str], device: str, args, results: Results) -> None:
             if status:
                 print(status, flush=True)
                 results.data["errors"].append(status)
-            results.save()
+            results.save(s)
 
 
 def _timeouts(spec: str | None, suites: list[str]) -> dict:
@@ -234,6 +274,7 @@ def _timeouts(spec: str | None, suites: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
+    require_model_extra("bam-bench")
     p = argparse.ArgumentParser(prog="bam-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suites", nargs="*", help=f"suites to run, of {', '.join(SUITES)}")
@@ -241,13 +282,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
-    p.add_argument("--out", default=RESULTS, help="folder for the JSON, markdown and PNG results")
+    p.add_argument("--out", default=default_out(),
+                   help="folder for the JSON, markdown and PNG results (default: %(default)s)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="run each suite in its own process (default: on CUDA with several suites)")
     p.add_argument("--suite-timeout", default=None, metavar="SECONDS",
                    help="stop an isolated suite after this long, keeping what it measured: one number "
                         "for every suite, or per suite as moe=240,moa=180,model=120")
-    p.add_argument("--json", default=None, help=argparse.SUPPRESS)  # an isolated suite's results file
+    p.add_argument("--json", default=None, help=argparse.SUPPRESS)  # an isolated suite's one results file
     args = p.parse_args(argv)
     available = _available_suites()
     suites = available if args.all else args.suites
@@ -273,19 +315,23 @@ def main(argv=None) -> int:
     print(f"bam-bench on {env['device_name']} ({device}); torch {env['torch']}, triton {env['triton']}",
           flush=True)
     os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    tag = "cuda" if device.startswith("cuda") else "cpu"
-    safe = "".join(c if c.isalnum() else "-" for c in env["device_name"]).strip("-").lower()[:40] or tag
-    json_path = args.json or os.path.join(args.out, f"{tag}-{safe}-{'-'.join(suites)}-{stamp}.json")
-    results = Results(env, json_path)
+    if args.json is not None:
+        if len(suites) != 1:
+            p.error("--json takes one suite")
+        paths = {suites[0]: args.json}
+    else:
+        stem = os.path.join(args.out, machine_tag(device, env["device_name"]))
+        paths = {s: f"{stem}-{s}.json" for s in suites}
+    results = Results(env, paths)
     results.save()
     (_isolated if isolate else _in_process)(suites, device, args, results)
     if args.json is None:
-        base = json_path[:-len(".json")]
-        plot(results.data["rows"], base + ".png")
         print()
         print(markdown(results.data))
-        print(f"wrote {base}.json, .md, .png")
+        for s, path in paths.items():
+            base = path[:-len(".json")]
+            png = plot(results.part(s)["rows"], base + ".png")
+            print(f"wrote {base}.json, .md{', .png' if png else ''}")
     return 1 if results.failed() else 0
 
 
