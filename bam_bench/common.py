@@ -1,6 +1,6 @@
 """Timing and result helpers shared by the benchmark suites.
 
-A suite is a module ``benchmarks.<name>`` with two generators:
+A suite is a module ``bam_bench.<name>`` with two generators:
 ``check(device)`` yields result lines of correctness checks on that device (a failed one starts
 with ``FAIL``; one failed case does not stop the others) and ``run(device, quick)`` yields one row
 per timed case and provider: ``case``, ``provider`` and either ``ms`` (with ``p20_ms``,
@@ -53,7 +53,7 @@ def time_group(steps: dict, device: str, quick: bool = False) -> dict:
         try:
             fn()  # warm-up: compiles, autotuning, first allocations
             live[name] = fn
-        except Exception as err:  # noqa: BLE001 - recorded in the results
+        except Exception as err:  # recorded in the results
             out[name] = _error(err, device)
     if device.startswith("cuda"):
         import triton.testing
@@ -62,7 +62,7 @@ def time_group(steps: dict, device: str, quick: bool = False) -> dict:
                 q = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
                                             quantiles=[0.5, 0.2, 0.8])
                 out[name] = {"ms": q[0], "p20_ms": q[1], "p80_ms": q[2]}
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 out[name] = _error(err, device)
         return {name: out[name] for name in steps}
     from torch.utils.benchmark import Timer
@@ -88,7 +88,8 @@ def attempt(fn, device: str, quick: bool = False) -> dict:
 
 
 def rate(t: dict, name: str, amount: float) -> dict:
-    """``{name: amount / seconds}`` for a timed row (amount per ms scaled by ``1e3``); nothing for a failed one."""
+    """``{name: amount / seconds}`` for a timed row (amount per ms scaled by ``1e3``); nothing for a
+    failed one."""
     return {name: amount / t["ms"] * 1e3} if "ms" in t else {}
 
 
@@ -120,5 +121,5 @@ def guarded(label: str, device: str, fn, *args, **kwargs) -> list[str]:
     FAIL line, so that the cases after it still run."""
     try:
         return fn(*args, **kwargs)
-    except Exception as err:  # noqa: BLE001 - reported as a failed check
+    except Exception as err:  # reported as a failed check
         return [f"FAIL {label}: {_error(err, device)['error']}"]

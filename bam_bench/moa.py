@@ -47,7 +47,8 @@ def _flash(q, k, v, mix, causal):
     from flash_attn import flash_attn_func
     q_BNTD, k_BGSD, v_BGSD = _stacked_heads(q, k, v)
     o = flash_attn_func(q_BNTD.transpose(1, 2), k_BGSD.transpose(1, 2), v_BGSD.transpose(1, 2), causal=causal)
-    return _unstack_heads(o.transpose(1, 2), q.shape, k.shape[-2], k.dim() == 5) * mix.to(q.dtype)[..., None, None]
+    o = _unstack_heads(o.transpose(1, 2), q.shape, k.shape[-2], k.dim() == 5)
+    return o * mix.to(q.dtype)[..., None, None]
 
 
 def providers(device: str):
@@ -157,15 +158,18 @@ def _check_case(device, dtype, B, T, S, E, H, Hkv, Dh, expert_kv, causal, kv_len
     q, k, v, mix = _inputs(B, T, S, E, H, Hkv, Dh, expert_kv, torch.float32, "cpu", seed=seed)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1))
     kvl = None if kv_lens is None else torch.tensor(kv_lens)
-    dev = [t.to(device=device, dtype=dtype if t is not mix else torch.float32).requires_grad_() for t in (q, k, v, mix)]
+    dev = [t.to(device=device, dtype=dtype if t is not mix else torch.float32).requires_grad_()
+           for t in (q, k, v, mix)]
     o = bk.moa_attention(*dev, causal=causal, kv_lens=None if kvl is None else kvl.to(device))
     grads = torch.autograd.grad(o, dev, do.to(device=device, dtype=dtype))
     ref = [t.to(dtype).double().requires_grad_() if t is not mix else t.double().requires_grad_()
            for t in (q, k, v, mix)]
     ro = reference.moa_attention(*ref, causal, None, kvl)
     rgrads = torch.autograd.grad(ro, ref, do.to(dtype).double())
-    tag = (f"moa_attention {str(dtype).replace('torch.', '')} B={B} T={T} S={S} E={E} H={H} Hkv={Hkv} Dh={Dh} "
-           f"{'expert' if expert_kv else 'shared'}-kv{' causal' if causal else ''}{' ragged' if kv_lens else ''}")
+    kind = f"{'expert' if expert_kv else 'shared'}-kv"
+    kind += f"{' causal' if causal else ''}{' ragged' if kv_lens else ''}"
+    tag = (f"moa_attention {str(dtype).replace('torch.', '')} B={B} T={T} S={S} E={E} H={H} Hkv={Hkv} "
+           f"Dh={Dh} {kind}")
     lines = [check_close(f"{tag} out", o, ro, tol)]
     for name, a, b in zip(("dq", "dk", "dv", "dmix"), grads, rgrads):
         lines.append(check_close(f"{tag} {name}", a, b, tol))
@@ -203,8 +207,10 @@ def check(device: str):
         for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 1e-2)):
             name = str(dtype).replace("torch.", "")
             yield from case(f"{name} shared-kv", dtype, 2, 300, 300, 4, 4, 2, 128, False, True, None, tol)
-            yield from case(f"{name} expert-kv ragged", dtype, 3, 77, 333, 4, 6, 2, 64, True, True, [333, 100, 77], tol)
-            yield from case(f"{name} expert-kv not causal", dtype, 2, 129, 129, 2, 4, 4, 128, True, False, None, tol)
+            yield from case(f"{name} expert-kv ragged", dtype, 3, 77, 333, 4, 6, 2, 64, True, True,
+                            [333, 100, 77], tol)
+            yield from case(f"{name} expert-kv not causal", dtype, 2, 129, 129, 2, 4, 4, 128, True, False,
+                            None, tol)
         # Decoding: one query against a long cache takes the split-KV path.
         yield from case("bfloat16 decode", torch.bfloat16, 4, 1, 4096, 4, 8, 8, 128, False, True,
                         [4096, 1000, 1, 2500], 1e-2)
@@ -212,5 +218,7 @@ def check(device: str):
                         [3000, 17], 1e-2)
         yield from guarded("moa_attention bfloat16 int64", device, _check_int64, device)
     else:
-        yield from case("float32 shared-kv ragged", torch.float32, 2, 100, 120, 4, 4, 2, 64, False, True, [120, 57], 1e-5)
-        yield from case("float32 decode expert-kv", torch.float32, 2, 1, 512, 4, 4, 2, 64, True, True, None, 1e-5)
+        yield from case("float32 shared-kv ragged", torch.float32, 2, 100, 120, 4, 4, 2, 64, False, True,
+                        [120, 57], 1e-5)
+        yield from case("float32 decode expert-kv", torch.float32, 2, 1, 512, 4, 4, 2, 64, True, True,
+                        None, 1e-5)

@@ -30,7 +30,8 @@ CPU_GEN = [(1, 32, 32), (8, 32, 32)]
 def _models(device: str, dtype, size, attentions=("expert-kv", "shared-kv")):
     V, D, L, H, Hkv, Fh, E = size
     torch.manual_seed(0)
-    cfg = DenseConfig(vocab_size=V, dim=D, n_layers=L, n_heads=H, n_kv_heads=Hkv, ffn_dim=Fh, max_seq_len=4096)
+    cfg = DenseConfig(vocab_size=V, dim=D, n_layers=L, n_heads=H, n_kv_heads=Hkv, ffn_dim=Fh,
+                      max_seq_len=4096)
     dense = [DenseLM(cfg) for _ in range(E)]
     mixes = {a: upcycle(dense[0], dense[1:], attention=a, dtype=dtype).to(device) for a in attentions}
     return dense[0].to(device=device, dtype=dtype), mixes
@@ -53,7 +54,8 @@ def _check_backend(model, device: str, tol: float, label: str) -> list[str]:
                         {n: p.grad.detach().clone() for n, p in model.named_parameters()}))
     model.zero_grad(set_to_none=True)
     (logits, loss, grads), (ref_logits, ref_loss, ref_grads) = results
-    lines = [check_close(f"{label} logits", logits, ref_logits, tol), check_close(f"{label} loss", loss, ref_loss, tol)]
+    lines = [check_close(f"{label} logits", logits, ref_logits, tol),
+             check_close(f"{label} loss", loss, ref_loss, tol)]
     worst = max(grads, key=lambda n: _rel(grads[n], ref_grads[n]))
     lines.append(check_close(f"{label} grads (worst: {worst})", grads[worst], ref_grads[worst], tol))
     return lines
@@ -97,9 +99,11 @@ def check(device: str):
     for attention, model in mixes.items():
         label = f"bam {attention} float32"
         yield from guarded(f"{label} vs reference", device, _check_backend, model, device, 1e-4, label)
-        yield from guarded(f"{label} cache", device, lambda m=model, lb=label: [_check_cache(m, device, 1e-4, lb)])
+        yield from guarded(f"{label} cache", device,
+                           lambda m=model, lb=label: [_check_cache(m, device, 1e-4, lb)])
         if device.startswith("cuda"):
-            yield from guarded(f"bam {attention} bfloat16", device, _check_bf16, model, device, size[0], f"bam {attention}")
+            yield from guarded(f"bam {attention} bfloat16", device, _check_bf16, model, device, size[0],
+                               f"bam {attention}")
     yield from guarded("identical experts", device, _check_identical, dense, device, size[0])
 
 
@@ -145,7 +149,8 @@ def _generate_rows(device, dtype, size, cases, quick):
             cache = model.new_cache()
             with torch.no_grad():
                 model(prompt, cache=cache)
-            cache_bytes = sum(cache.layer(i)[0].numel() * cache.layer(i)[0].element_size() * 2 for i in range(L))
+            cache_bytes = sum(2 * cache.layer(i)[0].numel() * cache.layer(i)[0].element_size()
+                              for i in range(L))
             t = timings[pname]
             yield {"case": case, "provider": pname, **t, **rate(t, "tokens_per_s", B * N),
                    "kv_cache_bytes_per_token": cache_bytes // (B * P),

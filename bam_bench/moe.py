@@ -271,7 +271,8 @@ def check(device: str):
     if device.startswith("cuda"):
         for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 1e-2)):
             name = str(dtype).replace("torch.", "")
-            yield from guarded(f"moe_mlp {name}", device, _check_ops, device, dtype, 1023, 264, 392, 9, 2, tol)
+            yield from guarded(f"moe_mlp {name}", device, _check_ops, device, dtype, 1023, 264, 392, 9, 2,
+                               tol)
             yield from guarded(f"grouped_mm {name}", device, _check_grouped_mm, device, dtype, tol)
         yield from guarded("moe_mlp bfloat16 E=128 k=8", device, _check_ops, device, torch.bfloat16,
                            4099, 1032, 520, 128, 8, 1e-2)
@@ -279,5 +280,6 @@ def check(device: str):
         yield from guarded("moe_mlp bfloat16 int64", device, _check_ops, device, torch.bfloat16,
                            140_000, 2048, 256, 16, 8, 1e-2, vs="torch")
     else:
-        yield from guarded("moe_mlp float32", device, _check_ops, device, torch.float32, 257, 72, 136, 8, 2, 1e-5)
+        yield from guarded("moe_mlp float32", device, _check_ops, device, torch.float32, 257, 72, 136, 8, 2,
+                           1e-5)
         yield from guarded("grouped_mm float32", device, _check_grouped_mm, device, torch.float32, 1e-5)

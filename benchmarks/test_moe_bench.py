@@ -17,9 +17,8 @@ import pytest
 import torch
 
 import bam_kernels as bk
-from bam_kernels import reference
-
 from bam_bench import cases, moe
+from bam_kernels import reference
 
 from . import baselines
 from .conftest import bench_device

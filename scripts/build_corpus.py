@@ -141,7 +141,7 @@ def scripture_documents():
         out = subprocess.run(["bible", "-l", "1000", "Gen1:1-Rev22:21"], check=True,
                              capture_output=True, text=True, encoding="utf-8").stdout
     except FileNotFoundError:
-        raise SystemExit("bible is not installed: apt-get install bible-kjv bible-kjv-text")
+        raise SystemExit("bible is not installed: apt-get install bible-kjv bible-kjv-text") from None
     chapter, lines = None, []
     for line in out.split("\n"):
         if line and not line[0].isspace():
@@ -196,7 +196,8 @@ def train_tokenizer(texts, vocab_size: int = VOCAB_SIZE):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "bam_model" / "corpus")
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).resolve().parents[1] / "bam_model" / "corpus")
     parser.add_argument("--stdlib", type=Path, default=Path(sysconfig.get_paths()["stdlib"]),
                         help="the Python standard library to take code from (default: this interpreter's)")
     args = parser.parse_args(argv)
