@@ -274,7 +274,7 @@ def _timeouts(spec: str | None, suites: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
-    require_model_extra("bam-bench")
+    require_model_extra("bam-bench", needs=("tqdm", "matplotlib"))  # upcycle's progress bars, the charts
     p = argparse.ArgumentParser(prog="bam-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suites", nargs="*", help=f"suites to run, of {', '.join(SUITES)}")

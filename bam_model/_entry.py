@@ -18,14 +18,15 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def missing_model_extra() -> list[str]:
-    """The distributions of the ``model`` extra that are not installed."""
-    return [dist for module, dist in MODEL_EXTRA.items() if not _installed(module)]
+def missing_model_extra(needs=tuple(MODEL_EXTRA)) -> list[str]:
+    """The distributions of the ``model`` extra that are not installed, of those imported as ``needs``."""
+    return [MODEL_EXTRA[module] for module in needs if not _installed(module)]
 
 
-def require_model_extra(prog: str) -> None:
-    """Exit with status 2 and one line naming what to install, when the ``model`` extra is missing."""
-    missing = missing_model_extra()
+def require_model_extra(prog: str, needs=tuple(MODEL_EXTRA)) -> None:
+    """Exit with status 2 and one line naming what to install, when a package of the ``model`` extra
+    that ``prog`` imports (``needs``, import names; by default all of them) is missing."""
+    missing = missing_model_extra(needs)
     if missing:
         print(f"{prog}: error: {', '.join(missing)} not installed (the model extra): {INSTALL}",
               file=sys.stderr)

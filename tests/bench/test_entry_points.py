@@ -1,6 +1,7 @@
 """The console scripts: where pyproject.toml points them, and what they say without the model extra."""
 import importlib
 import os
+import subprocess
 import sys
 
 import pytest
@@ -35,17 +36,27 @@ def test_the_model_extra_is_what_the_entry_points_check():
     assert any(r.startswith("bam-moe[") and "model" in r for r in project["optional-dependencies"]["test"])
 
 
-@pytest.mark.parametrize("command", ["bam", "bam-bench"])
-def test_without_the_model_extra_a_command_says_what_to_install(monkeypatch, capsys, command):
-    monkeypatch.setitem(sys.modules, "yaml", None)  # None in sys.modules: the import fails
-    monkeypatch.setitem(sys.modules, "tokenizers", None)
+@pytest.mark.parametrize("command,missing", [("bam", "tokenizers, tqdm, PyYAML, matplotlib"),
+                                             ("bam-bench", "tqdm, matplotlib")])
+def test_without_the_model_extra_a_command_says_what_to_install(monkeypatch, capsys, command, missing):
+    for module in _entry.MODEL_EXTRA:
+        monkeypatch.setitem(sys.modules, module, None)  # None in sys.modules: the import fails
     main = _entry.bam if command == "bam" else runner.main
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert err == f"{command}: error: tokenizers, PyYAML not installed (the model extra): " \
-                  "pip install 'bam-moe[model]'\n"
+    assert capsys.readouterr().err == (f"{command}: error: {missing} not installed (the model extra): "
+                                       "pip install 'bam-moe[model]'\n")
+
+
+def test_bam_bench_needs_only_what_it_imports(monkeypatch, capsys):
+    """A GPU machine with torch, triton, tqdm and matplotlib runs bam-bench without the tokenizers
+    and PyYAML that bam's own commands need."""
+    monkeypatch.setitem(sys.modules, "yaml", None)
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    with pytest.raises(SystemExit) as exc:
+        runner.main(["--help"])
+    assert exc.value.code == 0 and "usage: bam-bench" in capsys.readouterr().out
 
 
 def test_with_the_model_extra_bam_runs(capsys):
@@ -53,3 +64,17 @@ def test_with_the_model_extra_bam_runs(capsys):
     with pytest.raises(SystemExit) as exc:
         _entry.bam(["--help"])
     assert exc.value.code == 0 and "usage: bam" in capsys.readouterr().out
+
+
+def test_the_packages_import_without_the_model_extra():
+    """The op library works with its four dependencies alone, and bam_model and bam_bench import
+    without the extra too (they import its packages where they use them), so the entry points can
+    run their check."""
+    blocked = ", ".join(repr(m) for m in _entry.MODEL_EXTRA)
+    code = (f"import sys\nfor m in ({blocked},): sys.modules[m] = None\n"
+            "import torch, bam_kernels as bk, bam_model, bam_model.nn, bam_bench.runner\n"
+            "x = torch.randn(5, 8)\n"
+            "w, idx = bk.route_topk(torch.randn(5, 4), k=2)\n"
+            "print(tuple(bk.moe_mlp(x, torch.randn(4, 12, 8), torch.randn(4, 8, 6), w, idx).shape))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout == "(5, 8)\n", proc.stdout + proc.stderr
