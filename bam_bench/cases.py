@@ -71,6 +71,16 @@ MOE = {
 }
 # Token counts each MoE case is timed at; bam-bench --quick on CUDA takes the first two.
 MOE_TOKENS = {"cuda": [4096, 16384, 32768], "cpu": [512, 2048]}
+# The whole-model rows: a 2-layer transformers Mixtral with these experts, [batch, tokens] per step.
+MOE_MODEL = {"cuda": MOE["cuda"][0], "cpu": MOE["cpu"][0]}
+MOE_MODEL_BATCH = {"cuda": (8, 2048), "cpu": (2, 1024)}
+MODEL_VOCAB = 1024
+
+
+def model_label(c: MoECase, B: int, T: int, mode: str) -> str:
+    """How bam-bench moe's tables name a whole-model row (bam-bench only: the pytest-benchmark suite
+    times layers and ops)."""
+    return f"mixtral-model layers=2 B={B} T={T} D={c.D} F={c.F} E={c.E} k={c.k} {mode}"
 
 MOA_TRAIN = {
     "cuda": [MoACase("bam-small shared-kv", 4, 2048, 2048, 4, 8, 8, 128, False),

@@ -4,15 +4,20 @@ Providers, all on the same weights and tokens:
   bam              bam_model.nn.MoE on the device's default backend (triton on CUDA, torch on CPU)
   hf-eager         transformers' MixtralSparseMoeBlock, its per-expert loop (the Mixtral reference)
   hf-grouped_mm    the same block with transformers' grouped_mm experts implementation
+  hf-bam           the same block with experts_implementation="bam" (bam_kernels.integrations)
   torch-grouped_mm a hand-written layer on torch._grouped_mm (sort, gather, two grouped GEMMs)
   dense-matmul     the same FLOPs as dense matmuls of the device's dtype: the ceiling to compare against
 
 transformers' Mixtral router always renormalises the top-k; for BAM's unnormalised cases the hf
 rows time that (equally costly) function.
+
+The whole-model rows (``mixtral-model``) time a small transformers Mixtral, forward and
+forward+backward of the loss, with its experts run by "eager", "grouped_mm" and "bam".
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +29,26 @@ from bam_model.nn import MoE
 from . import cases
 from .common import agreement, check_close, guarded, rate, time_group
 
+HF_IMPLEMENTATIONS = (("hf-eager", "eager"), ("hf-grouped_mm", "grouped_mm"), ("hf-bam", "bam"))
+
+
+def _register_bam() -> bool:
+    """Whether transformers can run experts_implementation="bam" (registering it)."""
+    try:
+        from bam_kernels import integrations
+        integrations.register_transformers()
+    except ImportError:
+        return False
+    return True
+
 
 def _transformers_block(moe: MoE, implementation: str):
     try:
         from transformers import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
     except ImportError:
+        return None
+    if implementation == "bam" and not _register_bam():
         return None
     cfg = MixtralConfig(hidden_size=moe.dim, intermediate_size=moe.ffn_dim, num_local_experts=moe.num_experts,
                         num_experts_per_tok=moe.top_k, router_jitter_noise=0.0)
@@ -96,7 +115,7 @@ class TorchGroupedMM(torch.nn.Module):
 def layer_providers(moe: MoE, device: str):
     """The layers timed against each other, on ``moe``'s weights: ``{name: module}``."""
     out = {"bam": moe}
-    for name, impl in (("hf-eager", "eager"), ("hf-grouped_mm", "grouped_mm")):
+    for name, impl in HF_IMPLEMENTATIONS:
         block = _transformers_block(moe, impl)
         if block is not None:
             out[name] = block
@@ -206,6 +225,68 @@ def run(device: str, quick: bool):
         del moe, providers
         if gpu:
             torch.cuda.empty_cache()
+    yield from model_rows(device, quick)
+
+
+def _mixtral_models(c: cases.MoECase, device: str, dtype) -> dict:
+    """A small transformers Mixtral with ``c``'s experts (2 layers), one copy per experts
+    implementation: ``{provider: model}``; {} without transformers."""
+    try:
+        from transformers import MixtralConfig, MixtralForCausalLM
+    except ImportError:
+        return {}
+    cfg = MixtralConfig(vocab_size=cases.MODEL_VOCAB, hidden_size=c.D, intermediate_size=c.F,
+                        num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
+                        num_local_experts=c.E, num_experts_per_tok=c.k, router_jitter_noise=0.0,
+                        max_position_embeddings=4096)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    base = MixtralForCausalLM(cfg).to(device=device, dtype=dtype)
+    models = {}
+    for name, impl in HF_IMPLEMENTATIONS:
+        if impl == "bam" and not _register_bam():
+            continue
+        model = copy.deepcopy(base)
+        try:
+            model.set_experts_implementation(impl)
+        except (ValueError, KeyError, ImportError) as err:
+            print(f"  transformers' Mixtral model ({impl}) left out: {str(err).splitlines()[0][:160]}")
+            continue
+        models[name] = model
+    return models
+
+
+def _model_step(model, ids, mode: str):
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                model(input_ids=ids)
+        else:
+            torch.autograd.grad(model(input_ids=ids, labels=ids).loss, params)
+
+    return step
+
+
+def model_rows(device: str, quick: bool):
+    """Whole small Mixtral models, their experts run by each transformers implementation."""
+    gpu = device.startswith("cuda")
+    dtype = torch.bfloat16 if gpu else torch.float32
+    c = cases.MOE_MODEL[cases.device_kind(device)]
+    B, T = cases.MOE_MODEL_BATCH[cases.device_kind(device)]
+    models = _mixtral_models(c, device, dtype)
+    if not models:
+        return
+    ids = torch.randint(0, cases.MODEL_VOCAB, (B, T), device=device)
+    for mode in cases.MODES:
+        timings = time_group({name: _model_step(m, ids, mode) for name, m in models.items()}, device, quick)
+        for pname, t in timings.items():
+            yield {"case": cases.model_label(c, B, T, mode),
+                   "provider": pname, **t, **rate(t, "tokens_per_s", B * T),
+                   "dtype": str(dtype).replace("torch.", ""), "T": B * T, "D": c.D, "F": c.F, "E": c.E,
+                   "k": c.k}
+    del models
 
 
 def _check_ops(device: str, dtype, T, D, Fh, E, k, tol, vs: str = "reference"):

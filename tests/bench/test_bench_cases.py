@@ -62,6 +62,8 @@ def test_bam_bench_times_every_case_of_the_shared_list(monkeypatch):
     monkeypatch.setitem(cases.MOE_TOKENS, "cpu", [5, 9])
     monkeypatch.setitem(cases.MOA_TRAIN, "cpu", tiny_train)
     monkeypatch.setitem(cases.MOA_DECODE, "cpu", tiny_decode)
+    monkeypatch.setitem(cases.MOE_MODEL, "cpu", tiny_moe[0])
+    monkeypatch.setitem(cases.MOE_MODEL_BATCH, "cpu", (1, 8))
 
     def untimed(steps, device, quick=False):
         return {name: {"ms": 1.0} for name in steps}
@@ -71,6 +73,7 @@ def test_bam_bench_times_every_case_of_the_shared_list(monkeypatch):
     timed = {row["case"] for row in [*moe.run("cpu", False), *moa.run("cpu", False)]}
     listed = {c.label(T, mode) for c in tiny_moe for T in (5, 9) for mode in cases.MODES}
     listed |= {c.label(mode) for c in tiny_train for mode in cases.MODES} | {c.label() for c in tiny_decode}
+    listed |= {cases.model_label(tiny_moe[0], 1, 8, mode) for mode in cases.MODES}
     assert timed == listed
 
 
