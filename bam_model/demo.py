@@ -16,17 +16,15 @@
 
 Every model is written under ``out`` (atomically, by ``train`` and ``save_pretrained``); a rerun
 with the same settings reuses what a previous run finished and resumes a phase from its newest
-checkpoint. Training and evaluation use ``bam_model.train`` and ``bam_model.evaluate``; the run is
+checkpoint. Training and evaluation use ``bam_model.training`` and ``bam_model.evaluate``; the run is
 seeded, so it is repeatable on one machine.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +33,14 @@ import torch
 
 from . import files
 from .checkpoint import from_pretrained
-from .config import BamConfig, DenseConfig, _positive_float, _positive_int, load_config, read_json
+from .config import BamConfig, DenseConfig, load_config, read_json
 from .data import DOMAINS, eval_windows, load_tokenizer, parse_data_spec, tokens
 from .distributed import resolve_device
 from .evaluate import evaluate
 from .files import write_atomic, write_text_atomic
 from .model import DenseLM
-from .train import FINAL_MODEL, TrainConfig, remove_checkpoints, train
+from .options import positive_float, positive_int
+from .training import FINAL_MODEL, TrainConfig, remove_checkpoints, train
 from .upcycle import branch, upcycle
 
 METHODS = ("seed", "btx", "sparse", "bam-expert-kv", "bam-shared-kv", "bam-expert-kv-cm", "bam-shared-kv-cm")
@@ -84,11 +83,11 @@ class DemoConfig:
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "seq_len", "batch_size",
                      "seed_steps", "expert_steps", "mix_steps", "diagnostic_windows"):
-            _positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         if self.eval_windows is not None and (not isinstance(self.eval_windows, int) or self.eval_windows < 1):
             raise ValueError(f"eval_windows must be None or a positive int, got {self.eval_windows!r}")
         for name in ("seed_lr", "expert_lr", "mix_lr"):
-            _positive_float(name, getattr(self, name))
+            positive_float(name, getattr(self, name))
         if not 0 <= self.general_fraction < 1:
             raise ValueError(f"general_fraction must be in [0, 1), got {self.general_fraction!r}")
         self.expert_domains = tuple(self.expert_domains)
@@ -408,15 +407,3 @@ def plot_router_use(router: dict, experts: dict[str, list[str]], path: Path) -> 
 
 def _save_figure(fig, path: Path) -> None:
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
-
-
-# --- command line -------------------------------------------------------------------------------
-
-def add_demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="a smaller model and fewer steps (about 2 minutes on 2 CPU cores)")
-    p.add_argument("--out", default="runs/demo", help="folder for every model, results.json, table.md and the plots")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-
-
-def run_demo_cli(args: argparse.Namespace) -> dict:
-    return run_demo(QUICK if args.quick else FULL, args.out, device=args.device, progress=sys.stderr.isatty())

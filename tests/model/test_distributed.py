@@ -43,7 +43,7 @@ def _bam_config(**kw):
 
 
 def _train_cfg(**kw):
-    from bam_model.train import TrainConfig
+    from bam_model.training import TrainConfig
     base = dict(steps=STEPS, batch_size=8, seq_len=24, lr=3e-3, warmup=1, log_every=1, eval_windows=3, seed=3)
     return TrainConfig(**{**base, **kw})
 
@@ -110,7 +110,7 @@ def _worker(out: Path) -> None:
     import bam_model
     from bam_model import distributed
     from bam_model.cli import main
-    from bam_model.train import train
+    from bam_model.training import train
 
     results = {}
 
@@ -172,7 +172,7 @@ def _worker(out: Path) -> None:
 def multi(tmp_path_factory):
     """Single-process reference runs, and the 2-rank runs of ``_worker``."""
     import bam_model
-    from bam_model.train import train
+    from bam_model.training import train
 
     out = tmp_path_factory.mktemp("dist")
     torch.manual_seed(0)
@@ -264,7 +264,7 @@ def test_expert_parallel_equals_single_process_outputs_and_gradients(multi):
 def test_fsdp_sharded_checkpoint_resumes_and_loads_into_one_process(multi):
     import bam_model
     from bam_model.data import BatchStream
-    from bam_model.train import load_checkpoint, make_optimizer
+    from bam_model.training import load_checkpoint, make_optimizer
 
     out, data = multi[0], multi[4]
     fsdp, resumed = _scenario(multi, "fsdp"), _scenario(multi, "fsdp_resume")
@@ -389,7 +389,7 @@ def test_sigkill_at_any_moment_then_resume_matches_uninterrupted_run(tmp_path):
 def test_damaged_checkpoints_are_refused_and_the_previous_one_is_used(tmp_path):
     import bam_model
     from bam_model.data import BatchStream
-    from bam_model.train import load_checkpoint, make_optimizer, train, verify_checkpoint
+    from bam_model.training import load_checkpoint, make_optimizer, train, verify_checkpoint
 
     def model():
         torch.manual_seed(0)

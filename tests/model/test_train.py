@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from bam_model import data as D
-from bam_model.evaluate import add_eval_args, evaluate
-from bam_model.train import TrainConfig, add_train_args, lr_at, train
+from bam_model.cli.eval import add_eval_args
+from bam_model.cli.train import add_train_args
+from bam_model.evaluate import evaluate
+from bam_model.training import TrainConfig, lr_at, train
 
 V = 8192
 
@@ -212,8 +214,8 @@ def test_command_line_arguments(tmp_path, capsys):
 
 def test_bam_train_and_eval_commands_on_a_dense_model(tmp_path):
     import bam_model
-    from bam_model.evaluate import run_eval
-    from bam_model.train import run_train
+    from bam_model.cli.eval import run_eval
+    from bam_model.cli.train import run_train
 
     torch.manual_seed(0)
     cfg = bam_model.DenseConfig(vocab_size=V, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=48,
