@@ -68,10 +68,12 @@ def evaluate(model: nn.Module, domains: str | Sequence[str | Source] = DOMAINS, 
             windows = eval_windows(tokens(source, split, tokenizer), seq_len, max_windows)
             batches = windows.split(batch_size)
             rounds = -(-len(batches) // ctx.world_size)
-            nll = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per batch
+            # Summed on the device: no synchronisation per batch.
+            nll = torch.zeros((), dtype=torch.float64, device=device)
             n_tok, n_bytes = 0, 0
-            for i in tqdm(range(ctx.rank, rounds * ctx.world_size, ctx.world_size), desc=f"eval {source.name}",
-                          unit="batch", disable=not (progress and ctx.is_main), leave=False):
+            mine = range(ctx.rank, rounds * ctx.world_size, ctx.world_size)
+            bar = progress and ctx.is_main
+            for i in tqdm(mine, desc=f"eval {source.name}", unit="batch", disable=not bar, leave=False):
                 chunk = batches[min(i, len(batches) - 1)]
                 ids = chunk.to(device)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):

@@ -9,6 +9,7 @@ A run folder ``out`` holds (written by rank 0; with FSDP each rank writes its ow
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -73,20 +74,18 @@ def data_inputs(sources) -> list[tuple[str, Path]]:
 
 
 
-class RunFolder:
+class RunFolder(contextlib.AbstractContextManager):
     """A run folder opened for writing by ``open_run``: checked, claimed (our manifest) and locked
-    on rank 0. ``resume_step`` is the checkpoint to continue from (-1: a fresh run)."""
+    on rank 0 (a context manager: leaving it releases the lock). ``resume_step`` is the checkpoint
+    to continue from (-1: a fresh run)."""
 
     def __init__(self, path: Path, resume_step: int, lock: files.FolderLock | None):
         self.path, self.resume_step, self.lock = path, resume_step, lock
 
     def close(self) -> None:
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
-
-    def __enter__(self):
-        return self
+        lock, self.lock = self.lock, None
+        if lock is not None:
+            lock.release()
 
     def __exit__(self, *exc):
         self.close()

@@ -14,8 +14,8 @@ from bam_model.cli import SUBCOMMANDS, main
 
 @pytest.fixture
 def seed_path(tmp_path):
-    cfg = DenseConfig(vocab_size=8192, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=64,
-                      tie_embeddings=True, eos_token_id=0)
+    cfg = DenseConfig(vocab_size=8192, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
+                      max_seq_len=64, tie_embeddings=True, eos_token_id=0)
     DenseLM(cfg).save_pretrained(str(tmp_path / "seed"))
     return str(tmp_path / "seed")
 
@@ -39,8 +39,8 @@ def test_branch_mix_generate(tmp_path, seed_path, capsys):
 
 
 def test_mix_from_yaml_copies_it_verbatim_and_exports_mixtral(tmp_path, seed_path):
-    text = f"# my recipe\nbase_model: {seed_path}\nexperts:\n  - source_model: {seed_path}\n  - {seed_path}\n" \
-           "method: btx\ndtype: bfloat16\n"
+    text = (f"# my recipe\nbase_model: {seed_path}\nexperts:\n  - source_model: {seed_path}\n"
+            f"  - {seed_path}\nmethod: btx\ndtype: bfloat16\n")
     (tmp_path / "r.yaml").write_text(text)
     assert main(["mix", "--config", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "mix.yaml").read_text() == text
@@ -58,8 +58,10 @@ def test_mix_from_yaml_copies_it_verbatim_and_exports_mixtral(tmp_path, seed_pat
     ({"base_model": "SEED", "merge": "median"}, "merge must be one of"),
     ({"base_model": "SEED", "top_k": "two"}, "'top_k' must be an int"),
     ({"base_model": "SEED", "dtype": "int8"}, "'dtype' must be"),
-    ({"base_model": "SEED", "experts": ["/no/such/model"]}, r"experts\[0\] path '/no/such/model' does not exist"),
-    ({"base_model": "SEED", "experts": [{"source_model": "SEED", "positive_prompts": ["x"]}]}, "positive_prompts"),
+    ({"base_model": "SEED", "experts": ["/no/such/model"]},
+     r"experts\[0\] path '/no/such/model' does not exist"),
+    ({"base_model": "SEED", "experts": [{"source_model": "SEED", "positive_prompts": ["x"]}]},
+     "positive_prompts"),
     ({"base_model": "SEED", "method": "btx", "attention": "shared-kv"}, "attention applies to method='bam'"),
     ({"base_model": "SEED", "experts": ["SEED"], "top_k": 3}, "top_k must be an int in"),
 ])
@@ -74,7 +76,8 @@ def test_bad_recipes_get_clear_errors_and_write_nothing(tmp_path, seed_path, cap
 
 def test_mix_refuses_config_and_flags_together(tmp_path, seed_path, capsys):
     (tmp_path / "r.yaml").write_text(f"base_model: {seed_path}\n")
-    assert main(["mix", "--config", str(tmp_path / "r.yaml"), "--method", "btx", "--out", str(tmp_path / "o")]) == 2
+    assert main(["mix", "--config", str(tmp_path / "r.yaml"), "--method", "btx", "--out",
+                 str(tmp_path / "o")]) == 2
     assert "not both" in capsys.readouterr().err
 
 
