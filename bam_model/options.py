@@ -5,12 +5,17 @@ how the command line parses it (``parse``, ``choices``, ``nargs``), how a YAML r
 type-checked (``accepts`` and ``what``), and how a value is validated (``check``, a function
 ``(name, value)`` that raises a ValueError naming the setting). From that one declaration:
 
-- ``add_options(parser, cls)`` adds one ``--flag`` per field (``model`` style positionals where
-  ``positional=True``), with the field's default, shown by ``--help``;
-- ``from_args(cls, args)`` builds the dataclass from parsed arguments;
-- ``from_mapping(cls, mapping, label)`` builds it from a YAML/JSON mapping, refusing unknown keys
-  and values of the wrong type with a message that names the key;
+- ``add_options(parser, cls)`` adds one ``--flag-name`` per field (a positional argument where
+  ``positional=True``; a required flag where the field has no default; ``store_true`` for a bool
+  defaulting to False), with the field's default, which ``--help`` shows;
+- ``from_args(cls, args)`` builds the dataclass from parsed arguments (``given`` lists the flags
+  that were given);
+- ``check_mapping(cls, mapping, label)`` checks a YAML/JSON mapping before ``cls(**mapping)``,
+  refusing unknown keys and values of the wrong type with a message that names the key;
 - ``validate(self)``, called from ``__post_init__``, runs every field's choices and check.
+
+Used by every command: ``TrainConfig`` (``training.config``), ``MixOptions`` (``upcycle``) and the
+option dataclasses of ``bam_model.cli.*``.
 
 Cross-field rules (``warmup <= steps``) stay in the dataclass's own ``__post_init__``.
 """

@@ -115,3 +115,33 @@ def test_every_subcommand_has_help(capsys):
         with pytest.raises(SystemExit) as exit_info:
             main([name, "--help"])
         assert exit_info.value.code == 0 and f"usage: bam {name}" in capsys.readouterr().out
+
+
+def test_flags_recipe_keys_defaults_and_checks_come_from_one_declaration(seed_path):
+    import argparse
+    import dataclasses
+
+    from bam_model.cli.mix import MixRecipe, add_mix_args, validate_recipe
+    from bam_model.cli.train import add_train_args
+    from bam_model.options import from_args, given
+    from bam_model.training import TrainConfig
+    from bam_model.upcycle import MixOptions
+
+    p = argparse.ArgumentParser()
+    add_train_args(p)
+    args = p.parse_args(["m", "--data", "code", "--steps", "3", "--out", "o"])
+    assert from_args(TrainConfig, args) == TrainConfig(steps=3)     # every flag's default is the field's
+    assert from_args(TrainConfig, p.parse_args(["m", "--data", "code", "--steps", "3", "--out", "o",
+                                                "--lr", "0.01"])).lr == 0.01
+    p = argparse.ArgumentParser()
+    add_mix_args(p)
+    recipe_keys = [f.name for f in dataclasses.fields(MixRecipe)]
+    assert set(recipe_keys) <= {a.dest for a in p._actions}          # every recipe key is a flag too
+    args = p.parse_args(["--base-model", seed_path, "--z-loss-beta", "0.5", "--out", "o"])
+    assert given(MixRecipe, args) == {"base_model": seed_path, "z_loss_beta": 0.5}
+    recipe = validate_recipe(given(MixRecipe, args))
+    assert (recipe.z_loss_beta, recipe.load_balancing_alpha, recipe.method) == (0.5, 0.01, "bam")
+    with pytest.raises(ValueError, match=r"kv_init must be one of \('mean', 'seed'\), got 'first'"):
+        MixOptions(kv_init="first")
+    with pytest.raises(ValueError, match="mix recipe key 'router_seed' must be an int, got 1.5"):
+        validate_recipe({"base_model": seed_path, "router_seed": 1.5})
