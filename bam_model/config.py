@@ -14,6 +14,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .options import (
+    finite_float,  # noqa: F401  (kept importable from here; it lives in options)
+    is_int,
+    positive_float,
+    positive_int,
+)
+
 BLOCKS = ("sequential", "parallel")
 ATTENTION_KINDS = ("expert-kv", "shared-kv", "dense")
 METHODS = ("bam", "btx", "sparse")
@@ -21,30 +28,6 @@ METHODS = ("bam", "btx", "sparse")
 
 # The weight dtypes the command line accepts, by name.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def finite_float(text: str) -> float:
-    """An argparse type: a float that is neither NaN nor infinite."""
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
-
-
-def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-
-def _positive_float(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-            math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
 
 
 def _optional_token(name: str, value, vocab_size: int) -> None:
@@ -81,19 +64,19 @@ class DenseConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
-            _positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         if self.head_dim is None:
             if self.dim % self.n_heads:
                 raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
                                  "set head_dim explicitly")
         else:
-            _positive_int("head_dim", self.head_dim)
+            positive_int("head_dim", self.head_dim)
         if self.dh % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.dh}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
-        _positive_float("rope_theta", self.rope_theta)
-        _positive_float("norm_eps", self.norm_eps)
+        positive_float("rope_theta", self.rope_theta)
+        positive_float("norm_eps", self.norm_eps)
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
         if self.block not in BLOCKS:
@@ -150,9 +133,10 @@ class BamConfig(DenseConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _positive_int("num_experts", self.num_experts)
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k must be an int in [1, num_experts={self.num_experts}], got {self.top_k!r}")
+        positive_int("num_experts", self.num_experts)
+        if not is_int(self.top_k) or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k must be an int in [1, num_experts={self.num_experts}], "
+                             f"got {self.top_k!r}")
         for name in ("normalize", "straight_through"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -52,7 +52,7 @@ def read_tokenizer(path: str | os.PathLike):
         raise ValueError(f"tokenizer file {path} is not a tokenizers tokenizer.json ({reason})") from None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_tokenizer_file(path: str):
     return read_tokenizer(path)
 
@@ -76,7 +76,8 @@ def eos_token_id(tokenizer) -> int:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte <-> printable character table, which byte-level BPE vocabularies are written in."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -325,7 +326,8 @@ class BatchStream:
                 rows.append(self.tokens[s][start:start + self.seq_len])
                 src.append(s)
         input_ids = torch.from_numpy(np.stack(rows).astype(np.int64))
-        return Batch(input_ids=input_ids, labels=input_ids.clone(), source=torch.tensor(src, dtype=torch.int64))
+        return Batch(input_ids=input_ids, labels=input_ids.clone(),
+                     source=torch.tensor(src, dtype=torch.int64))
 
     def _config(self) -> dict:
         return {"data": self.data, "split": self.split, "seq_len": self.seq_len, "seed": self.seed,

@@ -16,17 +16,15 @@
 
 Every model is written under ``out`` (atomically, by ``train`` and ``save_pretrained``); a rerun
 with the same settings reuses what a previous run finished and resumes a phase from its newest
-checkpoint. Training and evaluation use ``bam_model.train`` and ``bam_model.evaluate``; the run is
+checkpoint. Training and evaluation use ``bam_model.training`` and ``bam_model.evaluate``; the run is
 seeded, so it is repeatable on one machine.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +33,14 @@ import torch
 
 from . import files
 from .checkpoint import from_pretrained
-from .config import BamConfig, DenseConfig, _positive_float, _positive_int, load_config, read_json
+from .config import BamConfig, DenseConfig, load_config, read_json
 from .data import DOMAINS, eval_windows, load_tokenizer, parse_data_spec, tokens
 from .distributed import resolve_device
 from .evaluate import evaluate
 from .files import write_atomic, write_text_atomic
 from .model import DenseLM
-from .train import FINAL_MODEL, TrainConfig, remove_checkpoints, train
+from .options import positive_float, positive_int
+from .training import FINAL_MODEL, TrainConfig, remove_checkpoints, train
 from .upcycle import branch, upcycle
 
 METHODS = ("seed", "btx", "sparse", "bam-expert-kv", "bam-shared-kv", "bam-expert-kv-cm", "bam-shared-kv-cm")
@@ -84,24 +83,27 @@ class DemoConfig:
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "seq_len", "batch_size",
                      "seed_steps", "expert_steps", "mix_steps", "diagnostic_windows"):
-            _positive_int(name, getattr(self, name))
-        if self.eval_windows is not None and (not isinstance(self.eval_windows, int) or self.eval_windows < 1):
+            positive_int(name, getattr(self, name))
+        if self.eval_windows is not None and (not isinstance(self.eval_windows, int)
+                                              or self.eval_windows < 1):
             raise ValueError(f"eval_windows must be None or a positive int, got {self.eval_windows!r}")
         for name in ("seed_lr", "expert_lr", "mix_lr"):
-            _positive_float(name, getattr(self, name))
+            positive_float(name, getattr(self, name))
         if not 0 <= self.general_fraction < 1:
             raise ValueError(f"general_fraction must be in [0, 1), got {self.general_fraction!r}")
         self.expert_domains = tuple(self.expert_domains)
         if not self.expert_domains or len(set(self.expert_domains)) != len(self.expert_domains) or not set(
                 self.expert_domains) <= set(DOMAINS):
-            raise ValueError(f"expert_domains must be distinct bundled domains {DOMAINS}, got {self.expert_domains!r}")
+            raise ValueError(f"expert_domains must be distinct bundled domains {DOMAINS}, "
+                             f"got {self.expert_domains!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
 
 
 FULL = DemoConfig()
 QUICK = DemoConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, seq_len=64, batch_size=16,
-                   seed_steps=250, expert_steps=100, mix_steps=80, seed_lr=3e-3, expert_lr=1.5e-3, mix_lr=1.5e-3,
+                   seed_steps=250, expert_steps=100, mix_steps=80, seed_lr=3e-3, expert_lr=1.5e-3,
+                   mix_lr=1.5e-3,
                    eval_windows=32, diagnostic_windows=4)
 
 
@@ -180,7 +182,8 @@ class PhaseRunner:
     def train_cfg(self, steps: int, lr: float) -> TrainConfig:
         c = self.cfg
         return TrainConfig(steps=steps, batch_size=c.batch_size, seq_len=c.seq_len, lr=lr, seed=c.seed,
-                           warmup=max(1, min(100, steps // 10)), log_every=max(1, steps // 10), eval_windows=1,
+                           warmup=max(1, min(100, steps // 10)), log_every=max(1, steps // 10),
+                           eval_windows=1,
                            save_every=100)
 
     def trained(self, name: str, make_model, data: str, steps: int, lr: float):
@@ -196,9 +199,11 @@ class PhaseRunner:
             model = make_model().to(self.device)
             self.log(f"[{name}] training {steps} steps on {data} "
                      f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
-            records = train(model, data, run, self.train_cfg(steps, lr), resume=True, tokenizer=self.tokenizer,
+            records = train(model, data, run, self.train_cfg(steps, lr), resume=True,
+                            tokenizer=self.tokenizer,
                             progress=self.progress)
-            info = {"steps": steps, "tokens": steps * self.cfg.batch_size * self.cfg.seq_len, "lr": lr, "data": data,
+            info = {"steps": steps, "tokens": steps * self.cfg.batch_size * self.cfg.seq_len, "lr": lr,
+                    "data": data,
                     "final_loss": records[-1]["loss"], "seconds": time.perf_counter() - t0,
                     "flops_per_token": flops_per_token(model.config, self.cfg.seq_len)}
             info["train_flops"] = 3 * info["flops_per_token"] * info["tokens"]
@@ -230,7 +235,8 @@ def router_use(model, cfg: DemoConfig, tokenizer) -> dict:
             for chunk in ids.split(cfg.batch_size):
                 logits = model(chunk.to(device)).router_logits
                 for kind, layers in logits.items():
-                    acc = sums.setdefault(kind, [[torch.zeros(E, dtype=torch.float64), 0.0, 0] for _ in layers])
+                    acc = sums.setdefault(kind, [[torch.zeros(E, dtype=torch.float64), 0.0, 0]
+                                                 for _ in layers])
                     for slot, logits_TE in zip(acc, layers):
                         p_TE = torch.softmax(logits_TE.double().cpu(), dim=-1)
                         slot[0] += p_TE.sum(0)
@@ -258,16 +264,19 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, device: str | None = No
     if files.check_output(out, "demo") == "ours" and settings.is_file():
         before = read_json(str(settings))
         if before != json.loads(json.dumps(dataclasses.asdict(cfg))):
-            raise ValueError(f"--out {str(out)!r} holds a demo run with other settings; choose another folder")
+            raise ValueError(f"--out {str(out)!r} holds a demo run with other settings; choose another "
+                             "folder")
     else:
         files.claim_folder(out, "demo", DEMO_ENTRIES)
     _write_json_atomic(settings, dataclasses.asdict(cfg))
     t_start = time.perf_counter()
     run = PhaseRunner(cfg, out, device, progress, log)
     tok = run.tokenizer
-    dense_cfg = DenseConfig(vocab_size=tok.get_vocab_size(), dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
+    dense_cfg = DenseConfig(vocab_size=tok.get_vocab_size(), dim=cfg.dim, n_layers=cfg.n_layers,
+                            n_heads=cfg.n_heads,
                             n_kv_heads=cfg.n_kv_heads, ffn_dim=cfg.ffn_dim, max_seq_len=cfg.seq_len,
-                            block="parallel", tie_embeddings=True, eos_token_id=tok.token_to_id("<|endoftext|>"))
+                            block="parallel", tie_embeddings=True,
+                            eos_token_id=tok.token_to_id("<|endoftext|>"))
 
     def new_seed():
         torch.manual_seed(cfg.seed)
@@ -280,7 +289,8 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, device: str | None = No
     experts = []
     for copy in branch(seed, list(cfg.expert_domains)):
         domain = copy.config.domain
-        experts.append(run.trained(f"experts/{domain}", lambda c=copy: c, expert_data(domain, cfg.general_fraction),
+        experts.append(run.trained(f"experts/{domain}", lambda c=copy: c,
+                                   expert_data(domain, cfg.general_fraction),
                                    cfg.expert_steps, cfg.expert_lr))
 
     ppl = {"seed": run.perplexity(seed, cfg.eval_windows)}
@@ -314,7 +324,8 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, device: str | None = No
     table = format_table(results, diag)
     write_text_atomic(out / "table.md", table)
     plot_perplexity(results, cfg.expert_domains, out / "perplexity.png")
-    plot_router_use(diag["router_use"], {n: _experts_names(load_config(str(inits[n]))) for n in diag["router_use"]},
+    names = {n: _experts_names(load_config(str(inits[n]))) for n in diag["router_use"]}
+    plot_router_use(diag["router_use"], names,
                     out / "router_use.png")
     log(table)
     log(f"wrote {out / 'results.json'}, table.md, perplexity.png, router_use.png, details.json "
@@ -394,9 +405,10 @@ def plot_router_use(router: dict, experts: dict[str, list[str]], path: Path) -> 
                     ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=6,
                             color="black" if v > 0.6 else "white")
             ax.set_yticks(range(len(domains)), domains, fontsize=8)
-            ax.set_xticks(range(L * E), [f"L{l}\n{e}" for l in range(L) for e in experts[name]], fontsize=6)
-            for l in range(1, L):
-                ax.axvline(l * E - 0.5, color="white", linewidth=2)
+            ax.set_xticks(range(L * E), [f"L{layer}\n{e}" for layer in range(L) for e in experts[name]],
+                          fontsize=6)
+            for layer in range(1, L):
+                ax.axvline(layer * E - 0.5, color="white", linewidth=2)
             entropy = sum(sum(use[d]["entropy"]) / L for d in domains) / len(domains)
             ax.set_title(f"{name}: {kind} router, mean probability per expert "
                          f"(mean normalised entropy {entropy:.2f})", fontsize=9)
@@ -408,15 +420,3 @@ def plot_router_use(router: dict, experts: dict[str, list[str]], path: Path) -> 
 
 def _save_figure(fig, path: Path) -> None:
     write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110))
-
-
-# --- command line -------------------------------------------------------------------------------
-
-def add_demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="a smaller model and fewer steps (about 2 minutes on 2 CPU cores)")
-    p.add_argument("--out", default="runs/demo", help="folder for every model, results.json, table.md and the plots")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-
-
-def run_demo_cli(args: argparse.Namespace) -> dict:
-    return run_demo(QUICK if args.quick else FULL, args.out, device=args.device, progress=sys.stderr.isatty())

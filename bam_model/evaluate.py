@@ -1,4 +1,4 @@
-"""Held-out perplexity and bits per byte per domain: ``bam eval``.
+"""Held-out perplexity and bits per byte per domain (``bam eval``; its handler is ``bam_model.cli.eval``).
 
 The held-out tokens of each source are cut into consecutive windows overlapping by one token
 (``data.eval_windows``), so each token after the first is scored once, given up to ``seq_len - 1``
@@ -8,19 +8,14 @@ separators count as zero bytes), which compares models with different tokenizers
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed
-from .files import write_text_atomic
 from .data import DOMAINS, Source, eval_windows, parse_data_spec, token_byte_lengths, tokens
 from .tokenizer import for_model
 
@@ -73,10 +68,12 @@ def evaluate(model: nn.Module, domains: str | Sequence[str | Source] = DOMAINS, 
             windows = eval_windows(tokens(source, split, tokenizer), seq_len, max_windows)
             batches = windows.split(batch_size)
             rounds = -(-len(batches) // ctx.world_size)
-            nll = torch.zeros((), dtype=torch.float64, device=device)  # summed on the device: no sync per batch
+            # Summed on the device: no synchronisation per batch.
+            nll = torch.zeros((), dtype=torch.float64, device=device)
             n_tok, n_bytes = 0, 0
-            for i in tqdm(range(ctx.rank, rounds * ctx.world_size, ctx.world_size), desc=f"eval {source.name}",
-                          unit="batch", disable=not (progress and ctx.is_main), leave=False):
+            mine = range(ctx.rank, rounds * ctx.world_size, ctx.world_size)
+            bar = progress and ctx.is_main
+            for i in tqdm(mine, desc=f"eval {source.name}", unit="batch", disable=not bar, leave=False):
                 chunk = batches[min(i, len(batches) - 1)]
                 ids = chunk.to(device)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -101,45 +98,4 @@ def evaluate(model: nn.Module, domains: str | Sequence[str | Source] = DOMAINS, 
     finally:
         model.train(was_training)
     results["avg"] = {k: sum(r[k] for r in results.values()) / len(results) for k in ("loss", "ppl", "bpb")}
-    return results
-
-
-def add_eval_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="model folder")
-    parser.add_argument("--data", default=",".join(DOMAINS),
-                        help="domains or paths, comma-separated (weights are ignored); default: every domain")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per scored window")
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    parser.add_argument("--max-windows", type=int, default=None, help="cap on held-out windows per domain")
-    parser.add_argument("--device", default=None,
-                        help="default: cuda when available, else cpu (under torchrun rank r takes cuda:LOCAL_RANK)")
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def run_eval(args: argparse.Namespace) -> dict:
-    """``bam eval``; under torchrun every rank loads the model and scores its share of the windows,
-    and rank 0 prints and writes the results."""
-    from . import from_pretrained
-
-    if args.json is not None and os.path.isdir(args.json):
-        raise ValueError(f"--json {args.json!r} is a folder; give a file path such as {os.path.join(args.json, 'eval.json')!r}")
-    owns_group = not torch.distributed.is_initialized()
-    ctx, device = distributed.init_from_env(args.device)
-    try:
-        model = from_pretrained(args.model, device=device)
-        results = evaluate(model, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-                           max_windows=args.max_windows, progress=not args.no_progress)
-    finally:
-        if owns_group:
-            distributed.shutdown()
-    if not ctx.is_main:
-        return results
-    print(f"{'domain':12s} {'ppl':>10s} {'bpb':>8s} {'tokens':>9s}")
-    for name, r in results.items():
-        print(f"{name:12s} {r['ppl']:10.3f} {r['bpb']:8.4f} {r.get('tokens', ''):>9}")
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(results, indent=2) + "\n")
     return results

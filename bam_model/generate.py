@@ -23,8 +23,8 @@ def load_model_and_tokenizer(path: str, tokenizer: str | None = None, dtype: tor
         check_fits(given, c)
         model.tokenizer = given
     if model.tokenizer is None:
-        raise ValueError(f"{path!r} holds no tokenizer.json and its vocabulary ({c.vocab_size} tokens) is not the "
-                         "bundled BPE's; pass the model's tokenizer.json with --tokenizer")
+        raise ValueError(f"{path!r} holds no tokenizer.json and its vocabulary ({c.vocab_size} tokens) is "
+                         "not the bundled BPE's; pass the model's tokenizer.json with --tokenizer")
     eos = c.eos_token_id
     if eos is None and any(model.tokenizer.token_to_id(t) is not None for t in data.DOCUMENT_END_TOKENS):
         eos = data.eos_token_id(model.tokenizer)
@@ -32,7 +32,8 @@ def load_model_and_tokenizer(path: str, tokenizer: str | None = None, dtype: tor
 
 
 def generate_text(model: CausalLM, tok: TextTokenizer, prompt: str, max_new_tokens: int = 64,
-                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, stats: dict | None = None) -> str:
+                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                  stats: dict | None = None) -> str:
     """The prompt and its continuation, decoded together (so that spacing is the tokenizer's), up to
     the end-of-text token. ``stats`` (a dict) receives ``new_tokens`` and ``seconds`` of the generation."""
     ids = tok.encode(prompt)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -21,6 +22,7 @@ from .checkpoint import build_model, is_gguf, load_dense
 from .config import METHODS, BamConfig
 from .model import DenseLM
 from .nn import MixtureOfAttention
+from .options import INT, NUMBER, TEXT, option, positive_int, validate
 
 ATTENTION_OPTIONS = ("expert-kv", "shared-kv")
 KV_INITS = ("mean", "seed")
@@ -34,6 +36,74 @@ FFN_ROUTINGS = {
 METHOD_DEFAULTS = {"bam": dict(top_k=1, ffn_routing="straight-through"),
                    "btx": dict(top_k=2, ffn_routing="renormalized"),
                    "sparse": dict(top_k=2, ffn_routing="renormalized")}
+# MixtureOfAttention.from_dense names the seed's K/V "first" (the first of the models it is given).
+_FROM_DENSE_KV_INIT = {"mean": "mean", "seed": "first"}
+
+
+def _list_of_str(v) -> bool:
+    return isinstance(v, list) and all(isinstance(d, str) for d in v)
+
+
+@dataclass
+class MixOptions:
+    """How ``upcycle`` builds a mixture: the keys of a ``bam mix`` recipe and its flags, but the
+    models' paths and the dtype (``cli.mix.MixRecipe`` adds those). None means the method's default."""
+    method: str = option("bam", help="how the mixture is built", kind=TEXT, choices=METHODS,
+                         what="bam, btx or sparse")
+    attention: str | None = option(None, help="bam only (default expert-kv)", kind=TEXT,
+                                   choices=ATTENTION_OPTIONS, what="expert-kv or shared-kv")
+    top_k: int | None = option(None, help="FFN router top-k (default 1 for bam, 2 otherwise)", kind=INT)
+    ffn_routing: str | None = option(
+        None, help="how the FFN router's top-k probabilities weight the experts: straight-through "
+        "(bam's default: renormalised, so mixing keeps the models' function, with the paper's router "
+        "gradient), renormalized (btx's and sparse's default, Mixtral's), or paper (the kept probabilities "
+        "as they are, as the BAM paper states)", kind=TEXT, choices=tuple(FFN_ROUTINGS),
+        what=" or ".join(FFN_ROUTINGS))
+    merge: str = option("mean", help="how norms, embeddings and head are merged", kind=TEXT, choices=MERGES,
+                        what="mean or fisher")
+    fisher_data: list[str] | None = option(
+        None, help="with --merge fisher: one data spec per model, seed first (default: each model's "
+        "domain from bam branch, the general mix for the seed)", nargs="+",
+        what="a list of data specs, one per model, seed first", accepts=_list_of_str)
+    kv_init: str = option("mean", help="shared K/V start", kind=TEXT, choices=KV_INITS, what="mean or seed")
+    router_seed: int = option(0, help="seed of the new routers' initialisation", kind=INT)
+    attention_top_k: int | None = option(None, help="bam: attention experts each token uses (default: all, "
+                                         "soft routing)", kind=INT)
+    num_experts: int | None = option(None, help="sparse only: copies of the seed's FFN (default: one "
+                                     "per model given)", kind=INT, check=positive_int)
+    load_balancing_alpha: float = option(0.01, help="weight of the FFN routers' load-balancing loss",
+                                         kind=NUMBER)
+    z_loss_beta: float = option(0.001, help="weight of the FFN routers' z-loss", kind=NUMBER)
+
+    def __post_init__(self):
+        validate(self)
+        if self.merge == "fisher" and self.method == "sparse":
+            raise ValueError("merge='fisher' applies to bam and btx; sparse upcycling copies the seed and "
+                             "merges nothing")
+        if self.merge == "mean" and self.fisher_data is not None:
+            raise ValueError("fishers and fisher_data apply to merge='fisher' only")
+        if self.method != "bam":
+            for name in ("attention", "attention_top_k"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} applies to method='bam' only; {self.method} keeps one "
+                                     "attention")
+        if self.num_experts is not None and self.method != "sparse":
+            raise ValueError(f"num_experts applies to method='sparse' only; {self.method} has one expert "
+                             "per model")
+
+    @property
+    def attention_kind(self) -> str:
+        """The mixture's ``BamConfig.attention``."""
+        if self.method != "bam":
+            return "dense"
+        return "expert-kv" if self.attention is None else self.attention
+
+    def routing(self) -> tuple[int | None, bool, bool]:
+        """The FFN router's top_k, normalize and straight_through (the method's defaults filled in)."""
+        defaults = METHOD_DEFAULTS[self.method]
+        top_k = defaults["top_k"] if self.top_k is None else self.top_k
+        normalize, straight_through = FFN_ROUTINGS[self.ffn_routing or defaults["ffn_routing"]]
+        return top_k, normalize, straight_through
 
 
 def _as_model(model, name: str) -> DenseLM:
@@ -47,7 +117,8 @@ def _as_model(model, name: str) -> DenseLM:
 def branch(seed, domains: list[str]) -> list[DenseLM]:
     """One independent copy of ``seed`` per domain, each with ``config.domain`` set to its name."""
     seed = _as_model(seed, "seed")
-    if not isinstance(domains, (list, tuple)) or not domains or not all(isinstance(d, str) and d for d in domains):
+    if not isinstance(domains, (list, tuple)) or not domains or not all(
+            isinstance(d, str) and d for d in domains):
         raise ValueError(f"domains must be a non-empty list of names, got {domains!r}")
     if len(set(domains)) != len(domains):
         raise ValueError(f"domains must be distinct, got {list(domains)}")
@@ -86,17 +157,14 @@ def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([t.double() for t in tensors]).mean(dim=0)
 
 
-def upcycle(seed, experts, method: str = "bam", attention: str | None = None, top_k: int | None = None,
-            merge: str = "mean", *, ffn_routing: str | None = None, kv_init: str = "mean",
-            attention_top_k: int | None = None, num_experts: int | None = None, router_seed: int = 0,
-            load_balancing_alpha: float = 0.01, z_loss_beta: float = 0.001,
-            dtype: torch.dtype | None = None, fishers: list[dict] | None = None,
-            fisher_data: list[str] | None = None, progress: bool = False):
+def upcycle(seed, experts, options: MixOptions | None = None, *, dtype: torch.dtype | None = None,
+            fishers: list[dict] | None = None, progress: bool = False, **settings):
     """Mix a dense ``seed`` and its trained copies ``experts`` into one ``BamLM``.
 
     seed, experts: ``DenseLM`` models or paths ``load_dense`` reads. The seed is expert 0, so
-    E = 1 + len(experts). method: "bam" | "btx" | "sparse" (the table above; sparse uses only the
-    seed, copied ``num_experts`` times, by default 1 + len(experts)).
+    E = 1 + len(experts). The settings are ``options`` (a ``MixOptions``) or its fields as keywords:
+    method: "bam" | "btx" | "sparse" (the table above; sparse uses only the seed, copied
+    ``num_experts`` times, by default 1 + len(experts)).
     attention (bam only): "expert-kv" (default) or "shared-kv", whose K/V start from the mean of the
     models' (``kv_init="mean"``) or the seed's (``"seed"``). top_k / ffn_routing: the FFN router,
     by default top-1 "straight-through" for bam (renormalised weights, so that mixing keeps the
@@ -110,109 +178,119 @@ def upcycle(seed, experts, method: str = "bam", attention: str | None = None, to
     The block kind (sequential or parallel) is the seed's. dtype: that of the result (the seed's
     by default); merging is done in float64. progress: bars for loading, Fisher and mixing.
     """
-    from tqdm.auto import tqdm
-
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if merge not in MERGES:
-        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
-    if merge == "mean" and (fishers is not None or fisher_data is not None):
+    if options is None:
+        options = MixOptions(**settings)
+    elif settings:
+        raise ValueError(f"give options or keyword settings, not both (got {sorted(settings)})")
+    if not isinstance(options, MixOptions):
+        raise ValueError(f"options must be a MixOptions, got {type(options).__name__}")
+    if options.merge == "mean" and fishers is not None:
         raise ValueError("fishers and fisher_data apply to merge='fisher' only")
-    if merge == "fisher" and method == "sparse":
-        raise ValueError("merge='fisher' applies to bam and btx; sparse upcycling copies the seed and merges nothing")
-    if method == "bam":
-        attention = "expert-kv" if attention is None else attention
-        if attention not in ATTENTION_OPTIONS:
-            raise ValueError(f"attention must be one of {ATTENTION_OPTIONS}, got {attention!r}")
-        if kv_init not in KV_INITS:
-            raise ValueError(f"kv_init must be one of {KV_INITS}, got {kv_init!r}")
-    else:
-        for name, value in (("attention", attention), ("attention_top_k", attention_top_k)):
-            if value is not None:
-                raise ValueError(f"{name} applies to method='bam' only; {method} keeps one attention")
-        attention = "dense"
     if not isinstance(experts, (list, tuple)):
         raise ValueError(f"experts must be a list of dense models or paths, got {type(experts).__name__}")
-    if num_experts is not None and method != "sparse":
-        raise ValueError(f"num_experts applies to method='sparse' only; {method} has one expert per model")
     seed = _as_model(seed, "seed")
-    if method == "sparse":
-        models = [seed]
-        E = 1 + len(experts) if num_experts is None else num_experts
-    else:
-        models = [seed] + [_as_model(m, f"experts[{i}]")
-                           for i, m in enumerate(tqdm(experts, desc="load experts", disable=not progress))]
-        E = len(models)
-        check_compatible(models, ["seed"] + [f"experts[{i}]" for i in range(len(experts))])
-    if not isinstance(E, int) or isinstance(E, bool) or E < 1:
-        raise ValueError(f"num_experts must be a positive int, got {E!r}")
-    defaults = METHOD_DEFAULTS[method]
-    top_k = defaults["top_k"] if top_k is None else top_k
-    ffn_routing = defaults["ffn_routing"] if ffn_routing is None else ffn_routing
-    if ffn_routing not in FFN_ROUTINGS:
-        raise ValueError(f"ffn_routing must be one of {tuple(FFN_ROUTINGS)}, got {ffn_routing!r}")
-    normalize, straight_through = FFN_ROUTINGS[ffn_routing]
-    dense_fields = {k: v for k, v in seed.config.__dict__.items() if k != "domain"}
-    config = BamConfig(**dense_fields, num_experts=E, top_k=top_k, normalize=normalize,
-                       straight_through=straight_through, attention=attention,
-                       attention_top_k=attention_top_k, load_balancing_alpha=load_balancing_alpha,
-                       z_loss_beta=z_loss_beta, method=method,
-                       expert_domains=[m.config.domain for m in models] if method != "sparse" else [])
-    dtype = seed.dtype if dtype is None else dtype
+    models = _models_to_mix(seed, experts, options.method, progress)
+    config = _mixture_config(seed, models, options, 1 + len(experts))
     states = [m.state_dict() for m in models]
-    if merge == "fisher":
-        from .fisher import fisher_average, model_fishers
-        fisher_states = model_fishers(models, fishers, fisher_data, progress=progress)
-
-    def average(key: str) -> torch.Tensor:
-        if merge == "fisher":
-            return fisher_average([s[key] for s in states], [f[key] for f in fisher_states])
-        return _mean([s[key] for s in states])
-
-    generator = torch.Generator().manual_seed(router_seed)
-
-    def shared(key: str) -> torch.Tensor:
-        return states[0][key] if method == "sparse" else average(key)
-
-    def router() -> torch.Tensor:
-        return torch.randn(E, config.dim, generator=generator, dtype=torch.float64) * 0.02
-
-    tensors = {}
-    for key in states[0]:
-        if not key.startswith("model.layers."):
-            if key == "lm_head.weight" and config.tie_embeddings:
-                continue
-            tensors[key] = shared(key)
-    for i in tqdm(range(config.n_layers), desc="mix layers", disable=not progress):
-        p = f"model.layers.{i}."
-        tensors[p + "input_layernorm.weight"] = shared(p + "input_layernorm.weight")
-        if config.block == "sequential":
-            tensors[p + "post_attention_layernorm.weight"] = shared(p + "post_attention_layernorm.weight")
-        attn = {proj: [s[f"{p}self_attn.{proj}.weight"] for s in states]
-                for proj in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        if method == "bam":
-            moa = MixtureOfAttention.from_dense(
-                attn["q_proj"], attn["k_proj"], attn["v_proj"], attn["o_proj"], config.n_heads, config.n_kv_heads,
-                shared_kv=attention == "shared-kv", kv_init="first" if kv_init == "seed" else "mean",
-                rope_theta=config.rope_theta)
-            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                tensors[f"{p}self_attn.{proj}.weight"] = getattr(moa, proj).weight.detach()
-            if attention == "shared-kv" and kv_init == "mean" and merge == "fisher":
-                for proj in ("k_proj", "v_proj"):
-                    tensors[f"{p}self_attn.{proj}.weight"] = average(f"{p}self_attn.{proj}.weight")
-            tensors[p + "self_attn.router.weight"] = router()
-        else:
-            for proj, weights in attn.items():
-                tensors[f"{p}self_attn.{proj}.weight"] = weights[0] if method == "sparse" else average(
-                    f"{p}self_attn.{proj}.weight")
-        ffn = [states[0]] * E if method == "sparse" else states
-        tensors[p + "mlp.gate.weight"] = router()
-        tensors[p + "mlp.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([s[p + "mlp.gate_proj.weight"], s[p + "mlp.up_proj.weight"]], dim=0) for s in ffn])
-        tensors[p + "mlp.experts.down_proj"] = torch.stack([s[p + "mlp.down_proj.weight"] for s in ffn])
-    moe = build_model(config, tensors, dtype=dtype, device=seed.device)
+    fisher_states = None
+    if options.merge == "fisher":
+        from .fisher import model_fishers
+        fisher_states = model_fishers(models, fishers, options.fisher_data, progress=progress)
+    tensors = _Mixer(config, options, states, fisher_states).tensors(progress)
+    moe = build_model(config, tensors, dtype=seed.dtype if dtype is None else dtype, device=seed.device)
     moe.tokenizer = _common_tokenizer(models)
     return moe
+
+
+def _models_to_mix(seed: DenseLM, experts, method: str, progress: bool) -> list[DenseLM]:
+    """The dense models whose weights the mixture takes: the seed alone for sparse upcycling, else
+    the seed and every expert (loaded, and checked to share the seed's architecture)."""
+    from tqdm.auto import tqdm
+
+    if method == "sparse":
+        return [seed]
+    models = [seed] + [_as_model(m, f"experts[{i}]")
+                       for i, m in enumerate(tqdm(experts, desc="load experts", disable=not progress))]
+    check_compatible(models, ["seed"] + [f"experts[{i}]" for i in range(len(experts))])
+    return models
+
+
+def _mixture_config(seed: DenseLM, models: list[DenseLM], options: MixOptions, given: int) -> BamConfig:
+    """The mixture's config: the seed's architecture, ``options``' routing and attention."""
+    sparse = options.method == "sparse"
+    E = (options.num_experts or given) if sparse else len(models)
+    top_k, normalize, straight_through = options.routing()
+    dense_fields = {k: v for k, v in seed.config.__dict__.items() if k != "domain"}
+    return BamConfig(**dense_fields, num_experts=E, top_k=top_k, normalize=normalize,
+                     straight_through=straight_through, attention=options.attention_kind,
+                     attention_top_k=options.attention_top_k,
+                     load_balancing_alpha=options.load_balancing_alpha, z_loss_beta=options.z_loss_beta,
+                     method=options.method,
+                     expert_domains=[] if sparse else [m.config.domain for m in models])
+
+
+class _Mixer:
+    """Builds the mixture's tensors from the dense models' ``states`` (seed first), layer by layer."""
+
+    def __init__(self, config: BamConfig, options: MixOptions, states: list[dict], fisher_states):
+        self.config, self.options, self.states, self.fisher_states = config, options, states, fisher_states
+        self.sparse = options.method == "sparse"
+        self.generator = torch.Generator().manual_seed(options.router_seed)
+
+    def average(self, key: str) -> torch.Tensor:
+        if self.fisher_states is not None:
+            from .fisher import fisher_average
+            return fisher_average([s[key] for s in self.states], [f[key] for f in self.fisher_states])
+        return _mean([s[key] for s in self.states])
+
+    def shared(self, key: str) -> torch.Tensor:
+        return self.states[0][key] if self.sparse else self.average(key)
+
+    def router(self) -> torch.Tensor:
+        return torch.randn(self.config.num_experts, self.config.dim, generator=self.generator,
+                           dtype=torch.float64) * 0.02
+
+    def tensors(self, progress: bool) -> dict[str, torch.Tensor]:
+        from tqdm.auto import tqdm
+
+        config, tensors = self.config, {}
+        for key in self.states[0]:
+            if not key.startswith("model.layers."):
+                if key == "lm_head.weight" and config.tie_embeddings:
+                    continue
+                tensors[key] = self.shared(key)
+        for i in tqdm(range(config.n_layers), desc="mix layers", disable=not progress):
+            p = f"model.layers.{i}."
+            sequential = config.block == "sequential"
+            norms = ["input_layernorm"] + (["post_attention_layernorm"] if sequential else [])
+            for norm in norms:
+                tensors[f"{p}{norm}.weight"] = self.shared(f"{p}{norm}.weight")
+            tensors.update(self.attention(p))
+            ffn = [self.states[0]] * config.num_experts if self.sparse else self.states
+            tensors[p + "mlp.gate.weight"] = self.router()
+            tensors[p + "mlp.experts.gate_up_proj"] = torch.stack(
+                [torch.cat([s[p + "mlp.gate_proj.weight"], s[p + "mlp.up_proj.weight"]], dim=0) for s in ffn])
+            tensors[p + "mlp.experts.down_proj"] = torch.stack([s[p + "mlp.down_proj.weight"] for s in ffn])
+        return tensors
+
+    def attention(self, p: str) -> dict[str, torch.Tensor]:
+        """The attention tensors of the layer whose keys start with ``p``."""
+        config, options = self.config, self.options
+        projs = ("q_proj", "k_proj", "v_proj", "o_proj")
+        if options.method != "bam":
+            return {f"{p}self_attn.{proj}.weight": self.shared(f"{p}self_attn.{proj}.weight")
+                    for proj in projs}
+        attn = {proj: [s[f"{p}self_attn.{proj}.weight"] for s in self.states] for proj in projs}
+        shared_kv = config.attention == "shared-kv"
+        moa = MixtureOfAttention.from_dense(
+            attn["q_proj"], attn["k_proj"], attn["v_proj"], attn["o_proj"], config.n_heads, config.n_kv_heads,
+            shared_kv=shared_kv, kv_init=_FROM_DENSE_KV_INIT[options.kv_init], rope_theta=config.rope_theta)
+        out = {f"{p}self_attn.{proj}.weight": getattr(moa, proj).weight.detach() for proj in projs}
+        if shared_kv and options.kv_init == "mean" and self.fisher_states is not None:
+            for proj in ("k_proj", "v_proj"):
+                out[f"{p}self_attn.{proj}.weight"] = self.average(f"{p}self_attn.{proj}.weight")
+        out[p + "self_attn.router.weight"] = self.router()
+        return out
 
 
 def _common_tokenizer(models: list[DenseLM]):
@@ -223,7 +301,7 @@ def _common_tokenizer(models: list[DenseLM]):
     for i, tok in carried[1:]:
         if not same(tok, carried[0][1]):
             first = "seed" if carried[0][0] == 0 else f"experts[{carried[0][0] - 1}]"
-            raise ValueError(f"experts[{i - 1}] carries another tokenizer than the {first}; models mixed together "
-                             "must share one")
+            raise ValueError(f"experts[{i - 1}] carries another tokenizer than the {first}; models mixed "
+                             "together must share one")
     return carried[0][1] if carried else None
 

@@ -14,8 +14,8 @@ from bam_model.cli import SUBCOMMANDS, main
 
 @pytest.fixture
 def seed_path(tmp_path):
-    cfg = DenseConfig(vocab_size=8192, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=64,
-                      tie_embeddings=True, eos_token_id=0)
+    cfg = DenseConfig(vocab_size=8192, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
+                      max_seq_len=64, tie_embeddings=True, eos_token_id=0)
     DenseLM(cfg).save_pretrained(str(tmp_path / "seed"))
     return str(tmp_path / "seed")
 
@@ -39,8 +39,8 @@ def test_branch_mix_generate(tmp_path, seed_path, capsys):
 
 
 def test_mix_from_yaml_copies_it_verbatim_and_exports_mixtral(tmp_path, seed_path):
-    text = f"# my recipe\nbase_model: {seed_path}\nexperts:\n  - source_model: {seed_path}\n  - {seed_path}\n" \
-           "method: btx\ndtype: bfloat16\n"
+    text = (f"# my recipe\nbase_model: {seed_path}\nexperts:\n  - source_model: {seed_path}\n"
+            f"  - {seed_path}\nmethod: btx\ndtype: bfloat16\n")
     (tmp_path / "r.yaml").write_text(text)
     assert main(["mix", "--config", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "mix.yaml").read_text() == text
@@ -58,8 +58,10 @@ def test_mix_from_yaml_copies_it_verbatim_and_exports_mixtral(tmp_path, seed_pat
     ({"base_model": "SEED", "merge": "median"}, "merge must be one of"),
     ({"base_model": "SEED", "top_k": "two"}, "'top_k' must be an int"),
     ({"base_model": "SEED", "dtype": "int8"}, "'dtype' must be"),
-    ({"base_model": "SEED", "experts": ["/no/such/model"]}, r"experts\[0\] path '/no/such/model' does not exist"),
-    ({"base_model": "SEED", "experts": [{"source_model": "SEED", "positive_prompts": ["x"]}]}, "positive_prompts"),
+    ({"base_model": "SEED", "experts": ["/no/such/model"]},
+     r"experts\[0\] path '/no/such/model' does not exist"),
+    ({"base_model": "SEED", "experts": [{"source_model": "SEED", "positive_prompts": ["x"]}]},
+     "positive_prompts"),
     ({"base_model": "SEED", "method": "btx", "attention": "shared-kv"}, "attention applies to method='bam'"),
     ({"base_model": "SEED", "experts": ["SEED"], "top_k": 3}, "top_k must be an int in"),
 ])
@@ -74,7 +76,8 @@ def test_bad_recipes_get_clear_errors_and_write_nothing(tmp_path, seed_path, cap
 
 def test_mix_refuses_config_and_flags_together(tmp_path, seed_path, capsys):
     (tmp_path / "r.yaml").write_text(f"base_model: {seed_path}\n")
-    assert main(["mix", "--config", str(tmp_path / "r.yaml"), "--method", "btx", "--out", str(tmp_path / "o")]) == 2
+    assert main(["mix", "--config", str(tmp_path / "r.yaml"), "--method", "btx", "--out",
+                 str(tmp_path / "o")]) == 2
     assert "not both" in capsys.readouterr().err
 
 
@@ -112,3 +115,33 @@ def test_every_subcommand_has_help(capsys):
         with pytest.raises(SystemExit) as exit_info:
             main([name, "--help"])
         assert exit_info.value.code == 0 and f"usage: bam {name}" in capsys.readouterr().out
+
+
+def test_flags_recipe_keys_defaults_and_checks_come_from_one_declaration(seed_path):
+    import argparse
+    import dataclasses
+
+    from bam_model.cli.mix import MixRecipe, add_mix_args, validate_recipe
+    from bam_model.cli.train import add_train_args
+    from bam_model.options import from_args, given
+    from bam_model.training import TrainConfig
+    from bam_model.upcycle import MixOptions
+
+    p = argparse.ArgumentParser()
+    add_train_args(p)
+    args = p.parse_args(["m", "--data", "code", "--steps", "3", "--out", "o"])
+    assert from_args(TrainConfig, args) == TrainConfig(steps=3)     # every flag's default is the field's
+    assert from_args(TrainConfig, p.parse_args(["m", "--data", "code", "--steps", "3", "--out", "o",
+                                                "--lr", "0.01"])).lr == 0.01
+    p = argparse.ArgumentParser()
+    add_mix_args(p)
+    recipe_keys = [f.name for f in dataclasses.fields(MixRecipe)]
+    assert set(recipe_keys) <= {a.dest for a in p._actions}          # every recipe key is a flag too
+    args = p.parse_args(["--base-model", seed_path, "--z-loss-beta", "0.5", "--out", "o"])
+    assert given(MixRecipe, args) == {"base_model": seed_path, "z_loss_beta": 0.5}
+    recipe = validate_recipe(given(MixRecipe, args))
+    assert (recipe.z_loss_beta, recipe.load_balancing_alpha, recipe.method) == (0.5, 0.01, "bam")
+    with pytest.raises(ValueError, match=r"kv_init must be one of \('mean', 'seed'\), got 'first'"):
+        MixOptions(kv_init="first")
+    with pytest.raises(ValueError, match="mix recipe key 'router_seed' must be an int, got 1.5"):
+        validate_recipe({"base_model": seed_path, "router_seed": 1.5})

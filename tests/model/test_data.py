@@ -95,7 +95,8 @@ def test_folder_and_file_sources_split_by_document(tmp_path):
     for i in range(12):
         sub = tmp_path / ("a" if i % 2 else "b")
         sub.mkdir(exist_ok=True)
-        (sub / f"doc{i}.txt").write_text(" ".join(map(str, rng.integers(0, 1000, 200 + 37 * i))) + f" END{i}\n")
+        words = map(str, rng.integers(0, 1000, 200 + 37 * i))
+        (sub / f"doc{i}.txt").write_text(" ".join(words) + f" END{i}\n")
     (tmp_path / ".hidden").write_text("never read\n")
     src = D.Source("folder", tmp_path)
     train, held = src.documents("train"), src.documents("heldout")
@@ -142,7 +143,7 @@ def test_stream_mixture_proportions_are_exact():
 
 
 def test_stream_state_save_and_restore():
-    make = lambda: D.BatchStream("math:0.3,drama:0.7", seq_len=40, batch_size=5, seed=7)  # noqa: E731
+    make = lambda: D.BatchStream("math:0.3,drama:0.7", seq_len=40, batch_size=5, seed=7)
     a = make()
     _batches(a, 3)
     state = json.loads(json.dumps(a.state_dict()))
@@ -188,7 +189,8 @@ def test_sharding_covers_each_sample_exactly_once(tmp_path, world_size):
     spec = f"{path}:0.5,scripture:0.5"
     B, steps = 6, 12     # enough to wrap the tiny source's epoch
     full = _batches(D.BatchStream(spec, seq_len=9, batch_size=B, seed=5), steps)
-    shards = [_batches(D.BatchStream(spec, seq_len=9, batch_size=B, seed=5, rank=r, world_size=world_size), steps)
+    shards = [_batches(D.BatchStream(spec, seq_len=9, batch_size=B, seed=5, rank=r, world_size=world_size),
+                       steps)
               for r in range(world_size)]
     for step in range(steps):
         merged = torch.empty_like(full[step].input_ids)

@@ -9,9 +9,10 @@ from bam_model import DenseConfig
 from bam_model.cli import build_parser
 from bam_model.config import BamConfig
 from bam_model.data import DOMAINS, parse_data_spec
-from bam_model.demo import (METHODS, QUICK, DemoConfig, expert_data, flops_per_token, mixture_data, run_demo)
+from bam_model.demo import METHODS, QUICK, DemoConfig, expert_data, flops_per_token, mixture_data, run_demo
 
-TINY = DemoConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=24, seq_len=16, batch_size=2, seed_steps=3,
+TINY = DemoConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=24, seq_len=16, batch_size=2,
+                  seed_steps=3,
                   expert_steps=2, mix_steps=3, eval_windows=1, diagnostic_windows=1)
 
 
@@ -77,12 +78,14 @@ def test_flops_per_token_counts_every_projection_by_hand():
     assert flops_per_token(ekv, T) == L * (E * attn + 6 * D * F + 2 * 2 * D * E) + 2 * D * V
     skv = BamConfig(**moe, top_k=1, attention="shared-kv")
     shared_kv = 2 * 2 * D * Hkv * Dh
-    assert flops_per_token(skv, T) == L * (E * (attn - shared_kv) + shared_kv + 6 * D * F + 2 * 2 * D * E) + 2 * D * V
+    assert flops_per_token(skv, T) == (L * (E * (attn - shared_kv) + shared_kv + 6 * D * F + 2 * 2 * D * E)
+                                       + 2 * D * V)
 
 
 def test_data_mixtures_follow_the_paper():
     code = dict((s.name, w) for s, w in parse_data_spec(expert_data("code", 0.1)))
-    assert code["code"] == pytest.approx(0.92) and code["drama"] == pytest.approx(0.02) and sum(code.values()) == pytest.approx(1)
+    assert code["code"] == pytest.approx(0.92) and code["drama"] == pytest.approx(0.02)
+    assert sum(code.values()) == pytest.approx(1)
     mix = dict((s.name, w) for s, w in parse_data_spec(mixture_data(("code", "math", "legal"))))
     assert mix["math"] == pytest.approx(0.25 + 0.25 / 5) and mix["scripture"] == pytest.approx(0.25 / 5)
 

@@ -43,7 +43,7 @@ def _bam_config(**kw):
 
 
 def _train_cfg(**kw):
-    from bam_model.train import TrainConfig
+    from bam_model.training import TrainConfig
     base = dict(steps=STEPS, batch_size=8, seq_len=24, lr=3e-3, warmup=1, log_every=1, eval_windows=3, seed=3)
     return TrainConfig(**{**base, **kw})
 
@@ -83,8 +83,10 @@ def _check_expert_parallel(rank: int) -> None:
         torch.testing.assert_close(y, y_ref[lo:lo + T[rank]])
         torch.testing.assert_close(x.grad, x_full.grad[lo:lo + T[rank]])
         n = E // WORLD
-        torch.testing.assert_close(ep.experts.gate_up_proj.grad, ref.experts.gate_up_proj.grad[rank * n:(rank + 1) * n])
-        torch.testing.assert_close(ep.experts.down_proj.grad, ref.experts.down_proj.grad[rank * n:(rank + 1) * n])
+        torch.testing.assert_close(ep.experts.gate_up_proj.grad,
+                                   ref.experts.gate_up_proj.grad[rank * n:(rank + 1) * n])
+        torch.testing.assert_close(ep.experts.down_proj.grad,
+                                   ref.experts.down_proj.grad[rank * n:(rank + 1) * n])
         gate_grad = ep.gate.weight.grad.clone()
         dist.all_reduce(gate_grad)            # each rank has its tokens' share of the router's gradient
         torch.testing.assert_close(gate_grad, ref.gate.weight.grad)
@@ -110,7 +112,7 @@ def _worker(out: Path) -> None:
     import bam_model
     from bam_model import distributed
     from bam_model.cli import main
-    from bam_model.train import train
+    from bam_model.training import train
 
     results = {}
 
@@ -129,11 +131,13 @@ def _worker(out: Path) -> None:
     rank = ctx.rank
     # The command line under torchrun, FSDP.
     data = (out / "data.txt").read_text()
-    args = ["train", str(out / "seed"), "--data", data, "--steps", str(STEPS), "--batch-size", "8", "--seq-len", "24",
-            "--lr", "3e-3", "--warmup", "1", "--log-every", "1", "--eval-windows", "3", "--seed", "3",
-            "--save-every", "2", "--keep-checkpoints", "2", "--no-progress", "--strategy", "fsdp", "--grad-accum", "2"]
+    args = ["train", str(out / "seed"), "--data", data, "--steps", str(STEPS), "--batch-size", "8",
+            "--seq-len", "24", "--lr", "3e-3", "--warmup", "1", "--log-every", "1", "--eval-windows", "3",
+            "--seed", "3", "--save-every", "2", "--keep-checkpoints", "2", "--no-progress",
+            "--strategy", "fsdp", "--grad-accum", "2"]
     record("fsdp", lambda: {"rc": main(args + ["--out", str(out / "fsdp")]),
-                            "records": [json.loads(s) for s in (out / "fsdp" / "metrics.jsonl").read_text().splitlines()]})
+                            "records": [json.loads(s)
+                                        for s in (out / "fsdp" / "metrics.jsonl").read_text().splitlines()]})
 
     def ep_module():
         _check_expert_parallel(rank)
@@ -158,7 +162,8 @@ def _worker(out: Path) -> None:
 
     # `bam eval` under torchrun: 5 windows per file in batches of 2 are 3 batches, 2 + 1 per rank.
     record("eval", lambda: {"rc": main(["eval", str(out / "seed"), "--data", data, "--seq-len", "24",
-                                        "--batch-size", "2", "--max-windows", "5", "--json", str(out / "eval.json")])})
+                                        "--batch-size", "2", "--max-windows", "5", "--json",
+                                        str(out / "eval.json")])})
     record("ep_module", ep_module)
     record("ddp", lambda: run("ddp", grad_accum=2))
     record("ddp_ep", lambda: run("ddp-ep", expert_parallel=True))
@@ -172,7 +177,7 @@ def _worker(out: Path) -> None:
 def multi(tmp_path_factory):
     """Single-process reference runs, and the 2-rank runs of ``_worker``."""
     import bam_model
-    from bam_model.train import train
+    from bam_model.training import train
 
     out = tmp_path_factory.mktemp("dist")
     torch.manual_seed(0)
@@ -201,7 +206,8 @@ def _scenario(multi, name):
     """Rank 0's result of a scenario, after checking that it ran without error on every rank."""
     results, log = multi[2], multi[3]
     for rank, res in enumerate(results):
-        assert name in res, f"scenario {name!r} did not run on rank {rank}; the workers' output:\n{log[-6000:]}"
+        assert name in res, (f"scenario {name!r} did not run on rank {rank}; the workers' output:\n"
+                             f"{log[-6000:]}")
         assert "error" not in res[name], f"rank {rank}: {res[name]['error']}"
     return results[0][name]
 
@@ -224,14 +230,16 @@ def test_two_ranks_match_one_process(multi, name):
     assert _losses(res["records"]) == pytest.approx(_losses(reference), rel=2e-5)
     # The global gradient norm too (expert gradients summed over ranks, then averaged; float32
     # norms of sharded and whole tensors differ by ~1e-4).
-    assert [r["grad_norm"] for r in res["records"]] == pytest.approx([r["grad_norm"] for r in reference], rel=3e-4)
+    assert [r["grad_norm"] for r in res["records"]] == pytest.approx([r["grad_norm"] for r in reference],
+                                                                     rel=3e-4)
     # Evaluation is shared out: 3 windows per domain in batches of 2 (ddp, fsdp: one batch per
     # rank) or of 4 (ddp_ep: rank 1 runs a padding pass for the experts' all-to-all).
     ours, theirs = res["records"][-1]["eval"], reference[-1]["eval"]
     assert ours["avg"]["loss"] == pytest.approx(theirs["avg"]["loss"], rel=1e-4)
     assert len(theirs) == 3  # two files and the average
     for domain in (name for name in theirs if name != "avg"):
-        assert (ours[domain]["tokens"], ours[domain]["bytes"]) == (theirs[domain]["tokens"], theirs[domain]["bytes"])
+        assert (ours[domain]["tokens"], ours[domain]["bytes"]) == (theirs[domain]["tokens"],
+                                                                   theirs[domain]["bytes"])
         assert ours[domain]["tokens"] == 3 * 23
     single = _final_weights(out / "single")
     folder = {"ddp": "ddp", "ddp_ep": "ddp-ep", "fsdp": "fsdp"}[name]
@@ -248,7 +256,8 @@ def test_eval_under_torchrun_shares_the_windows_and_matches_one_process(multi):
     out, *_, data = multi
     assert _scenario(multi, "eval")["rc"] == 0
     theirs = json.loads((out / "eval.json").read_text())
-    ours = evaluate(bam_model.from_pretrained(str(out / "seed")), data, seq_len=24, batch_size=2, max_windows=5)
+    ours = evaluate(bam_model.from_pretrained(str(out / "seed")), data, seq_len=24, batch_size=2,
+                    max_windows=5)
     assert set(theirs) == set(ours) and len(ours) == 3
     for name, res in ours.items():
         for key, value in res.items():
@@ -264,7 +273,7 @@ def test_expert_parallel_equals_single_process_outputs_and_gradients(multi):
 def test_fsdp_sharded_checkpoint_resumes_and_loads_into_one_process(multi):
     import bam_model
     from bam_model.data import BatchStream
-    from bam_model.train import load_checkpoint, make_optimizer
+    from bam_model.training import load_checkpoint, make_optimizer
 
     out, data = multi[0], multi[4]
     fsdp, resumed = _scenario(multi, "fsdp"), _scenario(multi, "fsdp_resume")
@@ -389,7 +398,7 @@ def test_sigkill_at_any_moment_then_resume_matches_uninterrupted_run(tmp_path):
 def test_damaged_checkpoints_are_refused_and_the_previous_one_is_used(tmp_path):
     import bam_model
     from bam_model.data import BatchStream
-    from bam_model.train import load_checkpoint, make_optimizer, train, verify_checkpoint
+    from bam_model.training import load_checkpoint, make_optimizer, train, verify_checkpoint
 
     def model():
         torch.manual_seed(0)
@@ -404,7 +413,8 @@ def test_damaged_checkpoints_are_refused_and_the_previous_one_is_used(tmp_path):
 
     weights = ck[6] / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])           # truncated
-    with pytest.raises(ValueError, match=r"model.safetensors is truncated or overwritten \(\d+ bytes, \d+ were"):
+    with pytest.raises(ValueError,
+                       match=r"model.safetensors is truncated or overwritten \(\d+ bytes, \d+ were"):
         verify_checkpoint(ck[6])
     m = model()
     with pytest.raises(ValueError, match="truncated"):
@@ -425,7 +435,8 @@ def test_damaged_checkpoints_are_refused_and_the_previous_one_is_used(tmp_path):
     ref_w, run_w = _final_weights(tmp_path / "full"), _final_weights(run)
     assert all(torch.equal(run_w[k], v) for k, v in ref_w.items())
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert names == ["refused-step-0000004", "refused-step-0000006", "step-0000002", "step-0000004", "step-0000006"]
+    assert names == ["refused-step-0000004", "refused-step-0000006", "step-0000002", "step-0000004",
+                     "step-0000006"]
 
     (run / "checkpoints" / "step-0000006" / "trainer.json").write_text("{not json")
     for s in (2, 4):

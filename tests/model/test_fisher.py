@@ -42,7 +42,8 @@ def test_fisher_of_a_bigram_model_matches_the_hand_computation():
     probs /= probs.sum(1, keepdims=True)
     grads = []
     for seq in ids.numpy():
-        # d/dW[a] of (1/(T-1)) sum_t CE(W[x_t], x_{t+1}) = (1/(T-1)) sum_{t: x_t = a} (softmax(W[a]) - e_{x_{t+1}})
+        # d/dW[a] of (1/(T-1)) sum_t CE(W[x_t], x_{t+1})
+        #   = (1/(T-1)) sum_{t: x_t = a} (softmax(W[a]) - e_{x_{t+1}})
         grad = np.zeros((V, V))
         for a, b in zip(seq[:-1], seq[1:]):
             grad[a] += probs[a] - np.eye(V)[b]
@@ -60,9 +61,11 @@ def test_fisher_of_a_bigram_model_matches_the_hand_computation():
 def test_equal_fishers_give_the_mean():
     thetas = [torch.randn(7, 33, dtype=torch.float64) for _ in range(3)]
     f = torch.rand(7, 33, dtype=torch.float64) * 1e-4
-    torch.testing.assert_close(fisher_average(thetas, [f, f, f]), torch.stack(thetas).mean(0), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(fisher_average(thetas, [f, f, f]), torch.stack(thetas).mean(0), rtol=1e-12,
+                               atol=1e-15)
     zero = torch.zeros(7, 33)
-    torch.testing.assert_close(fisher_average(thetas, [zero] * 3), torch.stack(thetas).mean(0), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(fisher_average(thetas, [zero] * 3), torch.stack(thetas).mean(0), rtol=1e-12,
+                               atol=1e-15)
 
 
 def test_a_zero_fisher_gets_no_weight_and_weights_follow_the_fisher():
@@ -107,7 +110,8 @@ def ones_like(model, value=1.0):
 
 
 @pytest.mark.parametrize("case", [dict(method="btx"), dict(method="bam", attention="shared-kv"),
-                                  dict(method="bam", attention="expert-kv")], ids=lambda c: "-".join(c.values()))
+                                  dict(method="bam", attention="expert-kv")],
+                                  ids=lambda c: "-".join(c.values()))
 def test_upcycle_with_equal_fishers_is_the_mean_merge(case):
     seed = tiny()
     experts = [perturbed(seed), perturbed(seed)]
@@ -150,7 +154,8 @@ def test_upcycle_refuses_bad_fisher_arguments():
     bad.pop("model.norm.weight")
     with pytest.raises(ValueError, match=r"fishers\[1\] has no entry for parameter 'model.norm.weight'"):
         upcycle(seed, experts, merge="fisher", fishers=[ones_like(seed), bad])
-    with pytest.raises(ValueError, match=r"Fisher of model 0 \(seed\).*carries no tokenizer and its vocabulary \(97"):
+    with pytest.raises(ValueError,
+                       match=r"Fisher of model 0 \(seed\).*carries no tokenizer and its vocabulary \(97"):
         upcycle(seed, experts, merge="fisher")
 
 
@@ -185,7 +190,8 @@ def test_model_fishers_default_to_each_models_domain():
 def test_bam_mix_merge_fisher_from_the_branch_domains(tmp_path, capsys):
     seed = tiny(vocab=8192, max_seq_len=256)
     seed.save_pretrained(str(tmp_path / "seed"))
-    assert bam_main(["branch", str(tmp_path / "seed"), "--domains", "code", "legal", "--out", str(tmp_path / "br")]) == 0
+    assert bam_main(["branch", str(tmp_path / "seed"), "--domains", "code", "legal", "--out",
+                     str(tmp_path / "br")]) == 0
     experts = [str(tmp_path / "br" / d) for d in ("code", "legal")]
     for path in experts:
         perturbed(from_pretrained(path)).save_pretrained(path)
@@ -199,10 +205,12 @@ def test_bam_mix_merge_fisher_from_the_branch_domains(tmp_path, capsys):
     mean = upcycle(models[0], models[1:], method="btx").state_dict()
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
-    assert not torch.allclose(got["model.embed_tokens.weight"], mean["model.embed_tokens.weight"], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(got["model.embed_tokens.weight"], mean["model.embed_tokens.weight"], rtol=1e-4,
+                              atol=1e-6)
     assert "merge: fisher" in (tmp_path / "fisher" / "mix.yaml").read_text()
 
-    flag = ["--merge", "fisher", "--fisher-data", "scripture", "math", "drama", "--out", str(tmp_path / "flag")]
+    flag = ["--merge", "fisher", "--fisher-data", "scripture", "math", "drama", "--out",
+            str(tmp_path / "flag")]
     assert bam_main(args + flag) == 0
     other = from_pretrained(str(tmp_path / "flag")).state_dict()
     fishers = [diagonal_fisher(m, d) for m, d in zip(models, ["scripture", "math", "drama"])]
@@ -211,7 +219,8 @@ def test_bam_mix_merge_fisher_from_the_branch_domains(tmp_path, capsys):
         torch.testing.assert_close(other[key], want[key], rtol=0, atol=0, msg=key)
     assert not torch.equal(other["model.norm.weight"], got["model.norm.weight"])
     assert "- scripture" in (tmp_path / "flag" / "mix.yaml").read_text()
-    assert bam_main(args + ["--merge", "fisher", "--fisher-data", "code", "--out", str(tmp_path / "bad")]) == 2
+    assert bam_main(args + ["--merge", "fisher", "--fisher-data", "code", "--out",
+                            str(tmp_path / "bad")]) == 2
     assert "fisher_data must be a list of 3" in capsys.readouterr().err
     assert bam_main(args + ["--fisher-data", "code", "math", "legal", "--out", str(tmp_path / "bad")]) == 2
     assert "merge='fisher' only" in capsys.readouterr().err

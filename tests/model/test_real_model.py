@@ -56,9 +56,10 @@ def test_eval_uses_the_models_own_tokenizer(capsys):
 def test_a_fresh_bam_mixture_keeps_the_seeds_perplexity_and_tokens(work, capsys):
     gguf = smollm2_gguf()
     assert main(["branch", gguf, "--domains", "code", "math", "--out", str(work / "br")]) == 0
-    assert (work / "br" / "code" / "tokenizer.json").is_file() and (work / "br" / "code" / "tokenizer_config.json").is_file()
-    assert main(["mix", "--base-model", gguf, "--experts", str(work / "br" / "code"), str(work / "br" / "math"),
-                 "--method", "bam", "--out", str(work / "mixed")]) == 0
+    assert (work / "br" / "code" / "tokenizer.json").is_file()
+    assert (work / "br" / "code" / "tokenizer_config.json").is_file()
+    assert main(["mix", "--base-model", gguf, "--experts", str(work / "br" / "code"),
+                 str(work / "br" / "math"), "--method", "bam", "--out", str(work / "mixed")]) == 0
     capsys.readouterr()
     seed_ppl, mixed_ppl = eval_ppl(gguf, capsys), eval_ppl(str(work / "mixed"), capsys)
     assert mixed_ppl == pytest.approx(seed_ppl, rel=1e-3)

@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from bam_model import data as D
-from bam_model.evaluate import add_eval_args, evaluate
-from bam_model.train import TrainConfig, add_train_args, lr_at, train
+from bam_model.cli.eval import add_eval_args
+from bam_model.cli.train import add_train_args
+from bam_model.evaluate import evaluate
+from bam_model.training import TrainConfig, lr_at, train
 
 V = 8192
 
@@ -78,7 +80,8 @@ def test_training_reduces_loss_and_writes_metrics(tmp_path):
     assert (tmp_path / "model" / "model.safetensors").is_file()
     [ckpt] = (tmp_path / "checkpoints").iterdir()
     assert ckpt.name == "step-0000040"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["model.safetensors", "trainer.json", "trainer.safetensors"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["model.safetensors", "trainer.json",
+                                                      "trainer.safetensors"]
     state = json.loads((ckpt / "trainer.json").read_text())
     assert state["step"] == 40 and state["data"]["position"] == 40 * 4
     tensors = load_file(str(ckpt / "trainer.safetensors"))
@@ -91,7 +94,8 @@ def test_same_seed_gives_bitwise_same_losses(tmp_path):
     b = train(_model(), "code:0.5,legal:0.5", tmp_path / "b", cfg, progress=False)
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
-    c = train(_model(), "code:0.5,legal:0.5", tmp_path / "c", _cfg(steps=8, grad_accum=2, seed=1), progress=False)
+    c = train(_model(), "code:0.5,legal:0.5", tmp_path / "c", _cfg(steps=8, grad_accum=2, seed=1),
+              progress=False)
     assert [r["loss"] for r in a] != [r["loss"] for r in c]
 
 
@@ -197,13 +201,15 @@ def test_command_line_arguments(tmp_path, capsys):
 
     cfg = bam_model.DenseConfig(vocab_size=V, dim=8, n_layers=1, n_heads=1, n_kv_heads=1, ffn_dim=8)
     bam_model.DenseLM(cfg).save_pretrained(str(tmp_path / "seed"))
-    assert main(["train", str(tmp_path / "seed"), "--data", "nope", "--steps", "1", "--out", str(tmp_path / "o")]) == 2
+    assert main(["train", str(tmp_path / "seed"), "--data", "nope", "--steps", "1", "--out",
+                 str(tmp_path / "o")]) == 2
     assert "unknown domain 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     p = argparse.ArgumentParser()
     add_train_args(p)
     a = p.parse_args(["m", "--data", "code", "--steps", "5", "--out", "o", "--resume", "--save-every", "2"])
-    assert (a.model, a.data, a.steps, a.out, a.resume, a.save_every, a.seq_len) == ("m", "code", 5, "o", True, 2, 256)
+    got = (a.model, a.data, a.steps, a.out, a.resume, a.save_every, a.seq_len)
+    assert got == ("m", "code", 5, "o", True, 2, 256)
     p = argparse.ArgumentParser()
     add_eval_args(p)
     a = p.parse_args(["m"])
@@ -212,8 +218,8 @@ def test_command_line_arguments(tmp_path, capsys):
 
 def test_bam_train_and_eval_commands_on_a_dense_model(tmp_path):
     import bam_model
-    from bam_model.evaluate import run_eval
-    from bam_model.train import run_train
+    from bam_model.cli.eval import run_eval
+    from bam_model.cli.train import run_train
 
     torch.manual_seed(0)
     cfg = bam_model.DenseConfig(vocab_size=V, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=48,
@@ -221,8 +227,9 @@ def test_bam_train_and_eval_commands_on_a_dense_model(tmp_path):
     bam_model.DenseLM(cfg).save_pretrained(str(tmp_path / "seed"))
     p = argparse.ArgumentParser()
     add_train_args(p)
-    argv = [str(tmp_path / "seed"), "--data", "code:0.5,math:0.5", "--steps", "6", "--out", str(tmp_path / "run"),
-            "--batch-size", "4", "--seq-len", "32", "--save-every", "3", "--eval-windows", "2", "--no-progress"]
+    argv = [str(tmp_path / "seed"), "--data", "code:0.5,math:0.5", "--steps", "6", "--out",
+            str(tmp_path / "run"), "--batch-size", "4", "--seq-len", "32", "--save-every", "3",
+            "--eval-windows", "2", "--no-progress"]
     full = run_train(p.parse_args(argv))
     assert [r["step"] for r in full] == [6] and set(full[-1]["eval"]) == {"code", "math", "avg"}
     # Resuming the finished run from its step-6 checkpoint changes nothing.
@@ -234,14 +241,17 @@ def test_bam_train_and_eval_commands_on_a_dense_model(tmp_path):
                                  "--seq-len", "32", "--json", str(tmp_path / "eval.json")]))
     assert json.loads((tmp_path / "eval.json").read_text()) == res
     model = bam_model.from_pretrained(str(tmp_path / "run" / "model"))
-    small = bam_model.DenseLM(bam_model.DenseConfig(vocab_size=100, dim=8, n_layers=1, n_heads=1, n_kv_heads=1, ffn_dim=8))
-    with pytest.raises(ValueError, match=r"carries no tokenizer and its vocabulary \(100 tokens\) is not the bundled"):
+    small = bam_model.DenseLM(bam_model.DenseConfig(vocab_size=100, dim=8, n_layers=1, n_heads=1,
+                                                    n_kv_heads=1, ffn_dim=8))
+    with pytest.raises(ValueError,
+                       match=r"carries no tokenizer and its vocabulary \(100 tokens\) is not the bundled"):
         train(small, "code", tmp_path / "small", _cfg(steps=1, warmup=0), progress=False)
     with pytest.raises(ValueError, match="the tokenizer has 8192 tokens but the model's vocabulary only 100"):
         train(small, "code", tmp_path / "small", _cfg(steps=1, warmup=0), progress=False,
               tokenizer=D.load_tokenizer())
     assert not (tmp_path / "small").exists()
-    assert res["legal"]["loss"] == pytest.approx(evaluate(model, ["legal"], seq_len=32, max_windows=2)["legal"]["loss"])
+    assert res["legal"]["loss"] == pytest.approx(evaluate(model, ["legal"], seq_len=32,
+                                                          max_windows=2)["legal"]["loss"])
 
 
 def test_final_model_dtype_and_what_a_run_folder_holds(tmp_path):
@@ -253,8 +263,8 @@ def test_final_model_dtype_and_what_a_run_folder_holds(tmp_path):
     cfg = bam_model.DenseConfig(vocab_size=V, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=48,
                                 tie_embeddings=True, eos_token_id=0)
     bam_model.DenseLM(cfg).save_pretrained(str(tmp_path / "seed"))
-    base = ["train", str(tmp_path / "seed"), "--data", "code", "--steps", "2", "--batch-size", "2", "--seq-len", "16",
-            "--eval-windows", "1", "--no-progress"]
+    base = ["train", str(tmp_path / "seed"), "--data", "code", "--steps", "2", "--batch-size", "2",
+            "--seq-len", "16", "--eval-windows", "1", "--no-progress"]
     assert main([*base, "--out", str(tmp_path / "f32")]) == 0
     assert main([*base, "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
     size = {k: (tmp_path / k / "model" / "model.safetensors").stat().st_size for k in ("f32", "bf16")}

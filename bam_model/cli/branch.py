@@ -1,0 +1,51 @@
+"""``bam branch``: copy a dense seed once per domain."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+from ..config import DTYPES
+from ..options import add_options, from_args, option
+
+DTYPE_CHOICES = tuple(sorted(DTYPES))
+
+
+@dataclass(kw_only=True)
+class BranchOptions:
+    seed: str = option(help="dense model: our folder, a Hugging Face Llama-family folder or a .gguf file",
+                       positional=True)
+    domains: list[str] = option(help="one copy per domain name", nargs="+")
+    out: str = option(help="folder that receives one checkpoint folder per domain")
+    dtype: str = option("float32", help="the copies' dtype", choices=DTYPE_CHOICES)
+
+    def __post_init__(self):
+        for d in self.domains:
+            if not d or os.sep in d or d in (".", "..") or d.startswith("."):
+                raise ValueError(f"--domains: {d!r} cannot name a folder")
+        if len(set(self.domains)) < len(self.domains):
+            raise ValueError(f"--domains names a domain twice: {self.domains}")
+
+
+def add_branch_args(p: argparse.ArgumentParser) -> None:
+    add_options(p, BranchOptions)
+
+
+def run_branch(args: argparse.Namespace) -> list[str]:
+    from ..checkpoint import load_dense
+    from ..files import check_output
+    from ..upcycle import branch
+
+    opts = from_args(BranchOptions, args)
+    if os.path.exists(opts.out) and not os.path.isdir(opts.out):
+        raise ValueError(f"--out {opts.out!r} is a file, not a folder; choose a folder path")
+    for d in opts.domains:  # every target is checked before anything is written
+        check_output(os.path.join(opts.out, d), "model", flag="--out", inputs=[("SEED", opts.seed)])
+    copies = branch(load_dense(opts.seed, DTYPES[opts.dtype]), list(opts.domains))
+    paths = []
+    for model in copies:  # each copy carries the seed's tokenizer into its folder
+        path = os.path.join(opts.out, model.config.domain)
+        model.save_pretrained(path)
+        paths.append(path)
+        print(f"wrote {path}")
+    return paths

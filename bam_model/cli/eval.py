@@ -1,0 +1,67 @@
+"""``bam eval``: held-out perplexity and bits per byte per domain (``bam_model.evaluate``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import distributed
+from ..data import DOMAINS
+from ..files import write_text_atomic
+from ..options import INT, add_options, from_args, option
+
+DEVICE_HELP = "default: cuda when available, else cpu (under torchrun rank r takes cuda:LOCAL_RANK)"
+
+
+@dataclass(kw_only=True)
+class EvalOptions:
+    model: str = option(help="model folder", positional=True)
+    data: str = option(",".join(DOMAINS), help="domains or paths, comma-separated (weights are ignored); "
+                       "default: every domain")
+    seq_len: int = option(256, help="tokens per scored window", kind=INT)
+    batch_size: int = option(8, help="windows per forward pass", kind=INT)
+    max_windows: int | None = option(None, help="cap on held-out windows per domain", kind=INT)
+    device: str | None = option(None, help=DEVICE_HELP)
+    json: str | None = option(None, help="also write the results to this JSON file")
+    no_progress: bool = option(False, help="no progress bar")
+
+    def __post_init__(self):
+        if self.json is not None and os.path.isdir(self.json):
+            raise ValueError(f"--json {self.json!r} is a folder; give a file path such as "
+                             f"{os.path.join(self.json, 'eval.json')!r}")
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, EvalOptions)
+
+
+def run_eval(args: argparse.Namespace) -> dict:
+    """``bam eval``; under torchrun every rank loads the model and scores its share of the windows,
+    and rank 0 prints and writes the results."""
+    from .. import from_pretrained
+    from ..evaluate import evaluate
+
+    opts = from_args(EvalOptions, args)
+    owns_group = not torch.distributed.is_initialized()
+    ctx, device = distributed.init_from_env(opts.device)
+    try:
+        model = from_pretrained(opts.model, device=device)
+        results = evaluate(model, opts.data, seq_len=opts.seq_len, batch_size=opts.batch_size,
+                           max_windows=opts.max_windows, progress=not opts.no_progress)
+    finally:
+        if owns_group:
+            distributed.shutdown()
+    if not ctx.is_main:
+        return results
+    print(f"{'domain':12s} {'ppl':>10s} {'bpb':>8s} {'tokens':>9s}")
+    for name, r in results.items():
+        print(f"{name:12s} {r['ppl']:10.3f} {r['bpb']:8.4f} {r.get('tokens', ''):>9}")
+    if opts.json:
+        path = Path(opts.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(results, indent=2) + "\n")
+    return results

@@ -1,0 +1,130 @@
+"""``bam mix``: a mixture from a seed and its trained copies, described by flags or a YAML recipe
+whose keys are the fields of ``MixRecipe`` (``bam_model.upcycle.MixOptions`` plus the models' paths
+and the dtype); the recipe is copied to ``OUT/mix.yaml``."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+
+from ..config import DTYPES
+from ..options import add_options, check_mapping, flag_name, from_args, given, option
+from ..upcycle import FFN_ROUTINGS, MixOptions
+
+
+@dataclass
+class MixInputs:
+    """The models a recipe mixes, and the mixture's dtype."""
+    base_model: str | None = option(None, help="the seed (it is expert 0)", what="a path",
+                                    accepts=lambda v: isinstance(v, str) and bool(v))
+    experts: list = option(help="the seed's trained copies", default_factory=list, nargs="*",
+                           what="a list of paths", accepts=lambda v: isinstance(v, list))
+    dtype: str = option("float32", help="the mixture's dtype", choices=tuple(sorted(DTYPES)),
+                        what=" or ".join(DTYPES), accepts=lambda v: isinstance(v, str) and v in DTYPES)
+
+
+@dataclass
+class MixRecipe(MixOptions, MixInputs):
+    """A ``bam mix`` recipe: its keys are the YAML keys and (as ``--key-name``) the flags."""
+
+    def options(self) -> MixOptions:
+        names = [f.name for f in dataclasses.fields(MixOptions)]
+        return MixOptions(**{k: getattr(self, k) for k in names})
+
+
+@dataclass(kw_only=True)
+class MixCommand:
+    config: str | None = option(None, help="YAML recipe (keys: " + ", ".join(
+        f.name for f in dataclasses.fields(MixRecipe)) + "); copied to OUT/mix.yaml")
+    out: str = option(help="output folder")
+    format: str = option("bam", help="mixtral: Hugging Face Mixtral layout (btx and sparse only)",
+                         choices=("bam", "mixtral"))
+
+
+def _expert_path(entry, i: int) -> str:
+    # mergekit-moe lists experts as {source_model: path, ...}; a bare path is accepted too.
+    if isinstance(entry, dict):
+        extra = sorted(set(entry) - {"source_model"})
+        if extra:
+            raise ValueError(f"experts[{i}] has key {extra[0]!r}; only source_model is understood")
+        entry = entry.get("source_model")
+    if not isinstance(entry, str) or not entry:
+        raise ValueError(f"experts[{i}] must be a path (or {{source_model: path}}), got {entry!r}")
+    return entry
+
+
+def validate_recipe(recipe: dict) -> MixRecipe:
+    """The recipe as a ``MixRecipe`` (defaults filled in), or a ValueError naming the first bad key."""
+    if not isinstance(recipe, dict):
+        raise ValueError(f"a mix recipe must be a mapping of keys to values, got {type(recipe).__name__}")
+    if "normalize" in recipe:
+        raise ValueError("mix recipe key 'normalize' is now ffn_routing: renormalized (normalize: true) or "
+                         "paper (normalize: false)")
+    recipe = check_mapping(MixRecipe, recipe, "mix recipe key")
+    if recipe.get("base_model") is None:
+        raise ValueError("the mix recipe needs base_model (the seed's path)")
+    recipe["experts"] = [_expert_path(e, i) for i, e in enumerate(recipe.get("experts", []))]
+    for i, path in enumerate([recipe["base_model"]] + recipe["experts"]):
+        if not os.path.exists(path):
+            name = "base_model" if i == 0 else f"experts[{i - 1}]"
+            raise ValueError(f"{name} path {path!r} does not exist")
+    return MixRecipe(**recipe)
+
+
+def add_mix_args(p: argparse.ArgumentParser) -> None:
+    add_options(p, MixCommand, only=("config",))
+    add_options(p, MixRecipe, defaults=False)
+    add_options(p, MixCommand, skip=("config",))
+
+
+def _read_recipe(args: argparse.Namespace) -> tuple[MixRecipe, str]:
+    """The recipe of ``--config`` or of the recipe flags, and the text of OUT/mix.yaml."""
+    import yaml
+
+    flags = given(MixRecipe, args)
+    if args.config is None:
+        recipe = validate_recipe(flags)
+        text = yaml.safe_dump({k: v for k, v in dataclasses.asdict(recipe).items() if v is not None},
+                              sort_keys=False)
+        return recipe, text
+    if flags:
+        flag = flag_name(next(iter(flags)))
+        raise ValueError(f"give either --config or recipe flags, not both (got {flag})")
+    if not os.path.isfile(args.config):
+        raise ValueError(f"--config file {args.config!r} does not exist")
+    with open(args.config) as f:
+        text = f.read()
+    try:
+        recipe = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {args.config!r} is not valid YAML: {e}") from None
+    return validate_recipe(recipe if recipe is not None else {}), text
+
+
+def run_mix(args: argparse.Namespace) -> str:
+    from ..checkpoint import export_mixtral
+    from ..files import check_output
+    from ..tokenizer import hf_tokenizer_files
+    from ..upcycle import upcycle
+
+    command = from_args(MixCommand, args)
+    recipe, text = _read_recipe(args)
+    inputs = [("base_model", recipe.base_model)]
+    inputs += [(f"experts[{i}]", e) for i, e in enumerate(recipe.experts)]
+    check_output(command.out, "model", inputs=inputs)
+    model = upcycle(recipe.base_model, recipe.experts, recipe.options(), dtype=DTYPES[recipe.dtype],
+                    progress=sys.stderr.isatty())
+    files = {"mix.yaml": text}
+    if command.format == "mixtral":
+        if model.tokenizer is not None:
+            files.update(hf_tokenizer_files(model.tokenizer.to_str(), model.config))
+        export_mixtral(model, command.out, extra_files=files)
+    else:
+        model.save_pretrained(command.out, extra_files=files)
+    c = model.config
+    routing = next(name for name, flags in FFN_ROUTINGS.items() if flags == (c.normalize, c.straight_through))
+    print(f"wrote {command.out}: {c.method}, {c.num_experts} experts, attention {c.attention}, "
+          f"FFN top-{c.top_k} {routing}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    return command.out

@@ -1,0 +1,75 @@
+"""``bam train``: the run's settings are ``TrainRun`` (model, data, run folder, devices) and
+``TrainConfig`` (the hyper-parameters, ``bam_model.training.config``); both give the flags."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import distributed
+from ..config import DTYPES
+from ..data import parse_data_spec
+from ..options import add_options, from_args, option
+from ..training import FINAL_MODEL, TrainConfig, data_inputs, open_run, train
+from .eval import DEVICE_HELP
+
+
+@dataclass(kw_only=True)
+class TrainRun:
+    model: str = option(help="model folder (from bam branch / mix / a previous bam train)", positional=True)
+    data: str = option(help="domain (code, math, legal, drama, scripture), mixture 'code:0.5,math:0.5', or "
+                       "text path")
+    out: str = option(help="run folder: metrics.jsonl, checkpoints/, model/")
+    resume: bool = option(False, help="continue the run in --out from its newest intact checkpoint, with the "
+                          "same settings (only --log-every, --eval-every, --eval-windows, --save-every and "
+                          "--keep-checkpoints may change); a fresh run when --out holds none")
+    overwrite: bool = option(False, help="start afresh in an --out that holds an earlier run, removing that "
+                             "run's files")
+    device: str | None = option(None, help=DEVICE_HELP)
+    strategy: str = option("ddp", help="under torchrun: ddp replicates the model on every rank, fsdp shards "
+                           "parameters, gradients and optimizer state over the ranks",
+                           choices=distributed.STRATEGIES)
+    expert_parallel: bool = option(False, help="under torchrun (ddp): spread each MoE layer's experts over "
+                                   "the ranks, tokens exchanged with all-to-all; the number of experts must "
+                                   "divide by the world size")
+    dtype: str | None = option(None, help="dtype of the final model/ (default: the training dtype, float32); "
+                               "bfloat16 halves its size. Checkpoints keep float32 weights and optimizer "
+                               "state, which resuming needs", choices=tuple(sorted(DTYPES)))
+    no_progress: bool = option(False, help="no progress bar")
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    what = ("model", "data", "out")
+    add_options(parser, TrainRun, only=what)
+    add_options(parser, TrainConfig)
+    add_options(parser, TrainRun, skip=what)
+
+
+def run_train(args: argparse.Namespace) -> list[dict]:
+    """``bam train``; under torchrun each rank runs this and joins the process group first."""
+    from .. import from_pretrained
+
+    cfg, opts = from_args(TrainConfig, args), from_args(TrainRun, args)
+    sources = [s for s, _ in parse_data_spec(opts.data)]
+    owns_group = not torch.distributed.is_initialized()
+    ctx, device = distributed.init_from_env(opts.device)
+    try:
+        # Every check of the run folder comes before the model is loaded.
+        with open_run(opts.out, cfg, opts.data, resume=opts.resume, overwrite=opts.overwrite,
+                      inputs=[("MODEL", opts.model), *data_inputs(sources)]) as run:
+            model = from_pretrained(opts.model, device=device)
+            records = train(model, opts.data, run, cfg, progress=not opts.no_progress,
+                            strategy=opts.strategy, expert_parallel=opts.expert_parallel,
+                            save_dtype=DTYPES[opts.dtype] if opts.dtype else None)
+    finally:
+        if owns_group:
+            distributed.shutdown()
+    if ctx.is_main:
+        last = records[-1]
+        final = Path(opts.out) / FINAL_MODEL
+        print(f"step {last['step']}: loss {last['loss']:.4f}; model written to {final}")
+        for name, res in last.get("eval", {}).items():
+            print(f"  {name:12s} ppl {res['ppl']:9.3f}  bpb {res['bpb']:.4f}")
+    return records

@@ -1,0 +1,78 @@
+"""A training run's hyper-parameters (``TrainConfig``, also the flags of ``bam train``), the
+learning-rate schedule and the optimizer."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..options import INT, NUMBER, int_at_least, number_in, option, validate
+
+AT_LEAST_0, AT_LEAST_1 = int_at_least(0), int_at_least(1)
+FRACTION = number_in(0, 1)
+NON_NEGATIVE = number_in(0, math.inf)
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one run. ``batch_size`` is sequences per optimizer step, split into
+    ``grad_accum`` micro-batches; ``warmup=None`` means ``min(100, steps // 10)``;
+    ``eval_every``/``save_every`` 0 mean at the end only; ``eval_windows`` caps the held-out
+    windows per source in periodic evaluation."""
+    steps: int = option(help="optimizer steps", kind=INT, check=AT_LEAST_1)
+    batch_size: int = option(16, help="sequences per optimizer step", kind=INT, check=AT_LEAST_1)
+    seq_len: int = option(256, help="tokens per training sequence", kind=INT, check=int_at_least(2))
+    lr: float = option(3e-4, help="peak learning rate", kind=NUMBER,
+                       check=number_in(0, math.inf, above_low=True))
+    min_lr_ratio: float = option(0.1, help="final lr / peak lr", kind=NUMBER, check=FRACTION)
+    warmup: int | None = option(None, help="warm-up steps (default min(100, steps/10))", kind=INT)
+    weight_decay: float = option(0.1, help="AdamW weight decay of matrices and embeddings", kind=NUMBER,
+                                 check=NON_NEGATIVE)
+    beta1: float = option(0.9, help="AdamW beta1", kind=NUMBER, check=FRACTION, cli=False)
+    beta2: float = option(0.95, help="AdamW beta2", kind=NUMBER, check=FRACTION, cli=False)
+    grad_clip: float = option(1.0, help="max gradient norm (0: off)", kind=NUMBER, check=NON_NEGATIVE)
+    grad_accum: int = option(1, help="micro-batches per step", kind=INT, check=AT_LEAST_1)
+    seed: int = option(0, help="seed of the data order and dropout", kind=INT, check=AT_LEAST_0)
+    log_every: int = option(10, help="steps between metrics records", kind=INT, check=AT_LEAST_1)
+    eval_every: int = option(0, help="0: at the end only", kind=INT, check=AT_LEAST_0)
+    eval_windows: int = option(32, help="held-out windows per source", kind=INT, check=AT_LEAST_1)
+    save_every: int = option(0, help="checkpoint period (0: at the end only)", kind=INT, check=AT_LEAST_0)
+    keep_checkpoints: int = option(1, help="checkpoints kept (each holds the model and its optimizer state "
+                                   "in float32)", kind=INT, check=AT_LEAST_1)
+
+    def __post_init__(self):
+        validate(self)
+        if self.warmup is not None and (not isinstance(self.warmup, int) or isinstance(self.warmup, bool)
+                                        or not 0 <= self.warmup <= self.steps):
+            raise ValueError(f"warmup must be None or an int in [0, steps={self.steps}], "
+                             f"got {self.warmup!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of "
+                             f"grad_accum={self.grad_accum}")
+
+    @property
+    def warmup_steps(self) -> int:
+        return min(100, self.steps // 10) if self.warmup is None else self.warmup
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine decay."""
+    warmup = cfg.warmup_steps
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, cfg.steps - warmup)
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; matrices and embeddings decay, vectors (norms, biases) do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))

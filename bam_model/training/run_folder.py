@@ -1,0 +1,187 @@
+"""The run folder of ``bam train``: checked, claimed (our manifest) and locked before any work,
+resumed from its newest intact checkpoint or cleared for a fresh run.
+
+A run folder ``out`` holds (written by rank 0; with FSDP each rank writes its own shards)::
+
+    metrics.jsonl                 one JSON object per logged step: step, loss, lr, tokens_per_s, ...
+    checkpoints/step-NNNNNNN/     see ``checkpointing``
+    model/                        the final model (``save_pretrained`` when the model has it)
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+from .. import distributed, files
+from ..config import read_json
+from ..files import STAGING_PREFIX
+from .checkpointing import (
+    CHECKPOINTS,
+    TRAINER_JSON,
+    checkpoint_dirs,
+    newest_intact,
+    ours_in_checkpoints,
+    remove_checkpoints,
+)
+from .config import TrainConfig
+
+METRICS = "metrics.jsonl"
+FINAL_MODEL = "model"
+# Flags that do not change what is trained (only what is logged, evaluated or kept): a resumed run
+# may change them; any other difference from the checkpoint's run is refused.
+RESUMABLE_CHANGES = ("log_every", "eval_every", "eval_windows", "save_every", "keep_checkpoints")
+
+
+def _clear_leftovers(out: Path) -> None:
+    """Delete what a killed run leaves behind: unfinished checkpoint, metrics and model temporaries
+    (only names we make)."""
+    root = out / CHECKPOINTS
+    leftovers = [p for p in root.iterdir() if p.name.startswith(".") and ours_in_checkpoints(p.name)] \
+        if root.is_dir() else []
+    leftovers += list(out.glob(f".{METRICS}.tmp-*")) + list(out.glob(f".{FINAL_MODEL}.tmp-*"))
+    leftovers += list(out.glob(f"{FINAL_MODEL}/{STAGING_PREFIX}*"))
+    for p in leftovers:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+
+def read_metrics(path: Path, upto_step: int) -> list[dict]:
+    """Records with step <= upto_step (a crash may have left later ones or a torn last line)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("step", math.inf) <= upto_step:
+            records.append(rec)
+    return records
+
+
+def data_inputs(sources) -> list[tuple[str, Path]]:
+    """The ``--data`` paths a run reads, for ``open_run``'s overlap check."""
+    return [("--data", s.path) for s in sources if s.path is not None]
+
+
+
+class RunFolder(contextlib.AbstractContextManager):
+    """A run folder opened for writing by ``open_run``: checked, claimed (our manifest) and locked
+    on rank 0 (a context manager: leaving it releases the lock). ``resume_step`` is the checkpoint
+    to continue from (-1: a fresh run)."""
+
+    def __init__(self, path: Path, resume_step: int, lock: files.FolderLock | None):
+        self.path, self.resume_step, self.lock = path, resume_step, lock
+
+    def close(self) -> None:
+        lock, self.lock = self.lock, None
+        if lock is not None:
+            lock.release()
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _has_run(out: Path) -> bool:
+    return ((out / METRICS).exists() or (out / FINAL_MODEL).exists()
+            or bool((out / CHECKPOINTS).is_dir() and any(ours_in_checkpoints(p.name)
+                                                         for p in (out / CHECKPOINTS).iterdir())))
+
+
+
+def _clear_run(out: Path) -> None:
+    """``--overwrite``: remove what an earlier run wrote (metrics, our checkpoint folders, the
+    final model's files); anything else in the folder stays."""
+    if (out / METRICS).is_file():
+        (out / METRICS).unlink()
+    remove_checkpoints(out)
+    if (out / FINAL_MODEL).is_dir():
+        files.clear_owned(out / FINAL_MODEL, keep_claim=True)
+
+
+def _check_resume(state: dict, path: Path, cfg: TrainConfig, data: str) -> None:
+    """Refuse to resume a checkpoint written with other settings, naming each differing flag (a
+    resumed run must continue exactly the recorded one)."""
+    if cfg.steps < state["step"]:
+        raise ValueError(f"--resume: the checkpoint {str(path)!r} is at step {state['step']}, "
+                         f"past --steps {cfg.steps}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    saved = TrainConfig(**{k: v for k, v in state["config"].items() if k in known})  # digest-checked
+    before, now = dataclasses.asdict(saved), dataclasses.asdict(cfg)
+    before["warmup"], now["warmup"] = saved.warmup_steps, cfg.warmup_steps
+    diffs = [f"--{k.replace('_', '-')} {now[k]!r} (the run has {before[k]!r})"
+             for k in now if k not in RESUMABLE_CHANGES and before[k] != now[k]]
+    saved_data = state["data"].get("data")
+    if saved_data != data:
+        diffs.insert(0, f"--data {data!r} (the run has {saved_data!r})")
+    if diffs:
+        raise ValueError(f"--resume: {'; '.join(diffs)}; resume with the run's own settings, or start a new "
+                         "run (another --out, or --overwrite)")
+
+
+def open_run(out: str | os.PathLike, cfg: TrainConfig, data: str, *, resume: bool = False,
+             overwrite: bool = False, inputs=()) -> RunFolder:
+    """Check, claim and lock the run folder ``out`` before any work (rank 0; every rank gets rank
+    0's outcome). A fresh run needs ``out`` absent, empty or a run of ours without content;
+    ``resume`` continues the newest intact checkpoint when there is one (after checking its
+    settings against ``cfg`` and ``data``); ``overwrite`` removes an earlier run's files first.
+    ``inputs`` ((name, path) pairs) may not overlap ``out``."""
+    if resume and overwrite:
+        raise ValueError("give --resume or --overwrite, not both")
+    out = Path(os.path.abspath(out))
+    ctx = distributed.current()
+    error, run = None, None
+    if ctx.is_main:
+        try:
+            run = _open_run_main(out, cfg, data, resume, overwrite, inputs)
+        except (ValueError, OSError) as e:
+            error = e
+    if distributed.broadcast_int(0 if error is None else 1):
+        if error is not None:
+            raise error
+        raise ValueError(f"rank 0 refused the run folder {str(out)!r} (its message says why)")
+    resume_step = distributed.broadcast_int(run.resume_step if run is not None else -1)
+    return run if run is not None else RunFolder(out, resume_step, None)
+
+
+def _open_run_main(out: Path, cfg: TrainConfig, data: str, resume: bool, overwrite: bool,
+                   inputs) -> RunFolder:
+    state = files.check_output(out, "run", inputs=inputs)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = files.lock_folder(out, "bam train")
+    try:
+        if state == "new":
+            files.claim_folder(out, "run", [METRICS, CHECKPOINTS, FINAL_MODEL, files.LOCK])
+        if (out / CHECKPOINTS).exists() and not (out / CHECKPOINTS).is_dir():
+            raise ValueError(f"{str(out / CHECKPOINTS)!r} is a file; the run keeps its checkpoints in a "
+                             "folder there")
+        files.check_output(out / FINAL_MODEL, "model", flag="the run's final model folder")
+        _clear_leftovers(out)
+        resume_step = -1
+        if _has_run(out):
+            if overwrite:
+                _clear_run(out)
+            elif resume:
+                resume_step = newest_intact(out)
+                if resume_step >= 0:  # _newest_intact verified it: its trainer.json is read, not hashed again
+                    path = out / CHECKPOINTS / f"step-{resume_step:07d}"
+                    _check_resume(read_json(str(path / TRAINER_JSON)), path, cfg, data)
+            else:
+                steps = [step for step, _ in checkpoint_dirs(out)]
+                at = f" (checkpoint at step {steps[-1]})" if steps else ""
+                raise ValueError(f"--out {str(out)!r} holds a training run{at}; pass --resume to continue "
+                                 "it or --overwrite to start afresh")
+        return RunFolder(out, resume_step, lock)
+    except BaseException:
+        lock.release()
+        raise
+
