@@ -19,7 +19,7 @@ import torch.nn as nn
 
 import bam_kernels as bk
 
-from .nn import MoE, MoEExperts, RouterLosses, route, route_logits
+from .layers import MoE, MoEExperts, RouterLosses, route, route_logits
 
 
 class _AllToAll(torch.autograd.Function):

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import BamConfig, DenseConfig
-from .nn import KVCache, MixtureOfAttention, MoE
+from .layers import KVCache, MixtureOfAttention, MoE
 from .rope import apply_rope, rope_for
 
 
@@ -264,7 +264,8 @@ class CausalLM(nn.Module, abc.ABC):
                         extra_files: dict[str, str | bytes] | None = None, dtype: torch.dtype | None = None) -> None:
         """Write ``config.json``, safetensors weights (in ``dtype``, by default their own), the
         tokenizer and ``extra_files`` (name -> contents) to the folder ``path``, atomically."""
-        from .checkpoint import save_pretrained
+        # Deferred: model.py imports no I/O at load time, and the formats import the model.
+        from .formats.bam import save_pretrained
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes, extra_files=extra_files, dtype=dtype)
 
 

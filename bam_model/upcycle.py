@@ -20,7 +20,7 @@ import torch
 from .checkpoint import build_model, is_gguf, load_dense
 from .config import METHODS, BamConfig
 from .model import DenseLM
-from .nn import MixtureOfAttention
+from .layers import MixtureOfAttention
 
 ATTENTION_OPTIONS = ("expert-kv", "shared-kv")
 KV_INITS = ("mean", "seed")

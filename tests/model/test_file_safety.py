@@ -16,6 +16,7 @@ import torch
 import bam_model
 from bam_model import DenseConfig, DenseLM, files
 from bam_model.cli import main
+from bam_model.formats import folder as formats_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-windows", "1", "--no-progress"]
@@ -338,7 +339,7 @@ def test_a_folder_that_cannot_be_written_is_one_line(tmp_path, seed, capsys, mon
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path / "m"))
     monkeypatch.setattr(files, "write_model_folder", denied)
-    monkeypatch.setattr(bam_model.checkpoint, "write_model_folder", denied)
+    monkeypatch.setattr(formats_folder, "write_model_folder", denied)
     assert main(["mix", "--base-model", str(seed), "--out", str(tmp_path / "m")]) == 2
     assert err_of(capsys).strip() == f"bam mix: error: Permission denied: '{tmp_path / 'm'}'"
 
