@@ -65,7 +65,8 @@ class MoEExperts(nn.Module):
     def __init__(self, num_experts: int, dim: int, ffn_dim: int, device=None, dtype=None):
         super().__init__()
         self.num_experts, self.dim, self.ffn_dim = num_experts, dim, ffn_dim
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * ffn_dim, dim, device=device, dtype=dtype))
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * ffn_dim, dim, device=device,
+                                                     dtype=dtype))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, ffn_dim, device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -184,12 +185,14 @@ class KVCache:
         if not 0 <= layer_idx < self.num_layers:
             raise ValueError(f"layer_idx must be in [0, {self.num_layers}), got {layer_idx}")
         if k_new.shape != v_new.shape:
-            raise ValueError(f"k_new and v_new must have one shape, got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
+            raise ValueError(f"k_new and v_new must have one shape, got {tuple(k_new.shape)} and "
+                             f"{tuple(v_new.shape)}")
         n, T = self._lengths[layer_idx], k_new.shape[1]
         k_buf = self._k[layer_idx]
         if k_buf is not None and (k_buf.shape[0] != k_new.shape[0] or k_buf.shape[2:] != k_new.shape[2:]):
             raise ValueError(f"k_new must have shape [B, T, *kv_heads, Dh] = [{k_buf.shape[0]}, T, "
-                             f"{', '.join(map(str, k_buf.shape[2:]))}] like the cache, got {tuple(k_new.shape)}")
+                             f"{', '.join(map(str, k_buf.shape[2:]))}] like the cache, "
+                             f"got {tuple(k_new.shape)}")
         if k_buf is None or n + T > k_buf.shape[1]:
             if self.max_length is not None and n + T > self.max_length:
                 raise ValueError(f"the cache holds max_length={self.max_length} tokens; {n} + {T} do not fit")
@@ -261,22 +264,23 @@ class MixtureOfAttention(nn.Module):
     @classmethod
     def from_dense(cls, q_weights, k_weights, v_weights, o_weights, n_heads: int, n_kv_heads: int,
                    shared_kv: bool = True, kv_init: str = "mean", rope_theta: float = 10000.0,
-                   top_k: int | None = None, layer_idx: int = 0) -> "MixtureOfAttention":
+                   top_k: int | None = None, layer_idx: int = 0) -> MixtureOfAttention:
         """One expert per dense attention: lists of E weights in nn.Linear layout, q [H*Dh, D],
         k and v [Hkv*Dh, D], o [D, H*Dh]. Shared K/V start from the experts' mean (``kv_init="mean"``)
         or the first expert's (``"first"``, the seed when it is listed first). The router is new."""
         E = len(q_weights)
         if E < 1 or not (len(k_weights) == len(v_weights) == len(o_weights) == E):
-            raise ValueError(f"q_weights, k_weights, v_weights and o_weights must be lists of one length >= 1, got "
-                             f"{len(q_weights)}, {len(k_weights)}, {len(v_weights)}, {len(o_weights)}")
+            raise ValueError("q_weights, k_weights, v_weights and o_weights must be lists of one length "
+                             f">= 1, got {len(q_weights)}, {len(k_weights)}, {len(v_weights)}, "
+                             f"{len(o_weights)}")
         if kv_init not in ("mean", "first"):
             raise ValueError(f"kv_init must be 'mean' or 'first', got {kv_init!r}")
         HDh, D = q_weights[0].shape
         if n_heads < 1 or HDh % n_heads:
             raise ValueError(f"q_weights[0] has {HDh} rows, not a multiple of n_heads={n_heads}")
         Dh = HDh // n_heads
-        expected = {"q_weights": (HDh, D), "k_weights": (n_kv_heads * Dh, D), "v_weights": (n_kv_heads * Dh, D),
-                    "o_weights": (D, HDh)}
+        expected = {"q_weights": (HDh, D), "k_weights": (n_kv_heads * Dh, D),
+                    "v_weights": (n_kv_heads * Dh, D), "o_weights": (D, HDh)}
         for name, weights in (("q_weights", q_weights), ("k_weights", k_weights), ("v_weights", v_weights),
                               ("o_weights", o_weights)):
             for i, w in enumerate(weights):
@@ -299,13 +303,15 @@ class MixtureOfAttention(nn.Module):
 
     def mix(self, router_logits: torch.Tensor) -> torch.Tensor:
         """Router weights [..., E] (float32 or wider) from router logits."""
-        probs = torch.softmax(router_logits.to(torch.promote_types(router_logits.dtype, torch.float32)), dim=-1)
+        wide = torch.promote_types(router_logits.dtype, torch.float32)
+        probs = torch.softmax(router_logits.to(wide), dim=-1)
         if self.top_k is None or self.top_k == self.num_experts:
             return probs
         w, idx = probs.topk(self.top_k, dim=-1)
         return torch.zeros_like(probs).scatter(-1, idx, w / w.sum(-1, keepdim=True))
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, position_ids: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                position_ids: torch.Tensor | None = None):
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape [B, T, dim={self.dim}], got {tuple(x.shape)}")
         B, T, _ = x.shape

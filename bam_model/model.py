@@ -64,7 +64,8 @@ class Attention(nn.Module):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, rope_theta: float,
                  layer_idx: int = 0):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim, self.rope_theta = n_heads, n_kv_heads, head_dim, rope_theta
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.rope_theta = rope_theta
         self.layer_idx = layer_idx
         self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
@@ -192,8 +193,9 @@ class CausalLM(nn.Module, abc.ABC):
         if input_ids.shape[1] > self.config.max_seq_len:
             raise ValueError(f"input_ids has {input_ids.shape[1]} tokens, more than max_seq_len="
                              f"{self.config.max_seq_len}")
-        if cache is not None and (not isinstance(cache, KVCache) or cache.num_layers != len(self.model.layers)):
-            raise ValueError(f"cache must be a KVCache of {len(self.model.layers)} layers (see new_cache), "
+        n_layers = len(self.model.layers)
+        if cache is not None and (not isinstance(cache, KVCache) or cache.num_layers != n_layers):
+            raise ValueError(f"cache must be a KVCache of {n_layers} layers (see new_cache), "
                              f"got {cache!r}")
         logits_BTV = self.lm_head(self.model.norm(self._hidden(input_ids, cache, position_ids)))
         aux_loss, router_logits = self._aux()
@@ -261,7 +263,8 @@ class CausalLM(nn.Module, abc.ABC):
         return torch.cat(out, dim=1)
 
     def save_pretrained(self, path: str, max_shard_bytes: int | None = None,
-                        extra_files: dict[str, str | bytes] | None = None, dtype: torch.dtype | None = None) -> None:
+                        extra_files: dict[str, str | bytes] | None = None,
+                        dtype: torch.dtype | None = None) -> None:
         """Write ``config.json``, safetensors weights (in ``dtype``, by default their own), the
         tokenizer and ``extra_files`` (name -> contents) to the folder ``path``, atomically."""
         # Deferred: model.py imports no I/O at load time, and the formats import the model.

@@ -17,7 +17,8 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0,
         raise ValueError(f"head_dim must be a positive even int, got {head_dim!r}")
     device = positions.device if device is None else device
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    inv_freq_F = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).to(work) / head_dim))
+    exponent_F = torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).to(work) / head_dim
+    inv_freq_F = 1.0 / (theta ** exponent_F)
     angles_TF = positions.to(device=device, dtype=work)[..., None] * inv_freq_F
     angles_TD = torch.cat((angles_TF, angles_TF), dim=-1)
     return angles_TD.cos().to(dtype), angles_TD.sin().to(dtype)
@@ -34,7 +35,8 @@ def rope_cos_sin_range(start: int, length: int, head_dim: int, theta: float = 10
     kernels per layer per token). Under torch.compile the angles are computed in the graph."""
     device = torch.device("cpu") if device is None else torch.device(device)
     if torch.compiler.is_compiling():
-        return rope_cos_sin(torch.arange(start, start + length, device=device), head_dim, theta, dtype, device)
+        positions = torch.arange(start, start + length, device=device)
+        return rope_cos_sin(positions, head_dim, theta, dtype, device)
     work = torch.float64 if dtype == torch.float64 else torch.float32
     key = (device, head_dim, float(theta), work)
     end = start + length

@@ -14,7 +14,8 @@ from .folder import CONFIG, folder_config, folder_tensors, write_folder
 
 
 def save_pretrained(model: CausalLM, path: str, max_shard_bytes: int | None = None,
-                    extra_files: dict[str, str | bytes] | None = None, dtype: torch.dtype | None = None) -> None:
+                    extra_files: dict[str, str | bytes] | None = None,
+                    dtype: torch.dtype | None = None) -> None:
     """Save ``model`` as our folder format (config.json + safetensors + its tokenizer), atomically;
     the weights in ``dtype`` (bfloat16 halves the size), by default in their own.
 

@@ -39,8 +39,8 @@ def export_llama(model: CausalLM, path: str, max_shard_bytes: int | None = None,
     if isinstance(config, BamConfig):
         raise ValueError("export_llama needs a dense model; a BTX or sparse mixture exports as Mixtral")
     if config.block != "sequential":
-        raise ValueError("Llama blocks are sequential; this model has block='parallel' (GPT-J style), which no "
-                         "Hugging Face Llama-family class computes. Keep it in bam's format")
+        raise ValueError("Llama blocks are sequential; this model has block='parallel' (GPT-J style), "
+                         "which no Hugging Face Llama-family class computes. Keep it in bam's format")
     hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **_hf_common(config, model.dtype),
           "attention_bias": False, "mlp_bias": False}
     write_folder(path, {**(extra_files or {}), CONFIG: json.dumps(hf, indent=2) + "\n"}, model_tensors(model),
@@ -68,7 +68,8 @@ def export_mixtral(model: CausalLM, path: str, max_shard_bytes: int | None = Non
     """
     config = model.config
     if not isinstance(config, BamConfig):
-        raise ValueError("export_mixtral needs a mixture (BamConfig); a dense model exports as Llama (export_llama)")
+        raise ValueError("export_mixtral needs a mixture (BamConfig); a dense model exports as Llama "
+                         "(export_llama)")
     if config.attention != "dense":
         raise ValueError(f"this mixture has attention experts (attention={config.attention!r}); Mixtral has "
                          "one attention per layer, so no Hugging Face class can hold it. Use save_pretrained")
@@ -100,4 +101,5 @@ def export_mixtral(model: CausalLM, path: str, max_shard_bytes: int | None = Non
                 tensors[f"{moe}.experts.{j}.w2.weight"] = t[j]
         else:
             raise ValueError(f"tensor {key!r} has no place in a Mixtral checkpoint")
-    write_folder(path, {**(extra_files or {}), CONFIG: json.dumps(hf, indent=2) + "\n"}, tensors, max_shard_bytes)
+    write_folder(path, {**(extra_files or {}), CONFIG: json.dumps(hf, indent=2) + "\n"}, tensors,
+                 max_shard_bytes)

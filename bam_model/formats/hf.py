@@ -60,7 +60,8 @@ def dense_config_from_hf(hf: dict, model_types: tuple = HF_MODEL_TYPES) -> Dense
     Mixtral one); refuses what we do not model, and values of the wrong type naming their key."""
     model_type = hf.get("model_type")
     if model_type not in model_types:
-        raise ValueError(f"Hugging Face model_type {model_type!r} is not supported; expected one of {model_types}")
+        raise ValueError(f"Hugging Face model_type {model_type!r} is not supported; "
+                         f"expected one of {model_types}")
     for key in ("attention_bias", "mlp_bias"):
         if _hf_value(hf, key, "true or false", False):
             raise ValueError(f"{key}=true is not supported (Llama-family models without biases only)")
@@ -141,12 +142,14 @@ def load_mixtral_folder(path: str, dtype: torch.dtype | None = torch.float32, de
         try:
             tensors[f"{p}.mlp.experts.gate_up_proj"] = torch.stack(
                 [torch.cat([per_expert.pop((p, "w1", j)), per_expert.pop((p, "w3", j))]) for j in range(E)])
-            tensors[f"{p}.mlp.experts.down_proj"] = torch.stack([per_expert.pop((p, "w2", j)) for j in range(E)])
+            tensors[f"{p}.mlp.experts.down_proj"] = torch.stack(
+                [per_expert.pop((p, "w2", j)) for j in range(E)])
         except KeyError as e:
             layer, w, j = e.args[0]
             raise ValueError(f"checkpoint is missing tensor "
                              f"'{layer}.block_sparse_moe.experts.{j}.{w}.weight'") from None
     if per_expert:
         layer, w, j = next(iter(per_expert))
-        raise ValueError(f"checkpoint has unexpected tensor '{layer}.block_sparse_moe.experts.{j}.{w}.weight'")
+        raise ValueError(f"checkpoint has unexpected tensor "
+                         f"'{layer}.block_sparse_moe.experts.{j}.{w}.weight'")
     return build_model(config, tensors, dtype, device)

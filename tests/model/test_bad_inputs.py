@@ -155,7 +155,8 @@ def test_an_unreadable_weights_file_is_named(ours, capsys, monkeypatch):
 
     weights = str(ours / "model.safetensors")
 
-    def denied(path, *args, **kwargs):  # as a user without read rights sees a 0600 file of another (root reads any)
+    # As a user without read rights sees a 0600 file of another (root reads any).
+    def denied(path, *args, **kwargs):
         if os.fspath(path) == weights:
             raise PermissionError(13, "Permission denied", weights)
         return builtins.open(path, *args, **kwargs)

@@ -37,7 +37,8 @@ def module_files(root: Path = ROOT) -> dict[str, Path]:
             rel = path.relative_to(root)
             if path.name == "conftest.py" or path.name.startswith("test_"):
                 continue
-            if not all((root / Path(*rel.parts[:i]) / "__init__.py").is_file() for i in range(1, len(rel.parts))):
+            folders = (root / Path(*rel.parts[:i]) for i in range(1, len(rel.parts)))
+            if not all((folder / "__init__.py").is_file() for folder in folders):
                 continue  # a script in a plain folder, not part of a package
             parts = rel.with_suffix("").parts
             modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path

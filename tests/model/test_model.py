@@ -286,7 +286,8 @@ def test_smollm2_gguf_matches_transformers(smollm2):
     ref_model.load_state_dict(hf_tensors, strict=False)
     ref_model.tie_weights()
     c = smollm2.config
-    assert (c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.rope_theta, c.tie_embeddings) == (30, 576, 9, 3, 1e5, True)
+    assert ((c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.rope_theta, c.tie_embeddings)
+            == (30, 576, 9, 3, 1e5, True))
     x = torch.randint(0, c.vocab_size, (1, 17))
     with torch.no_grad():
         torch.testing.assert_close(smollm2(x).logits, ref_model(x).logits, rtol=1e-4, atol=1e-4)
