@@ -8,6 +8,10 @@ bundled BPE when the vocabulary sizes agree. ``save_pretrained`` writes it back 
 ``branch``, ``upcycle`` and training pass it on, so ``train``, ``evaluate``, Fisher merging and
 ``generate`` tokenize every text the way the model was trained. The bundled BPE is used only for
 models built with it (``for_model``).
+
+This module holds the tokenizer objects and checks; reading one from a file is the formats' job:
+``formats.gguf.gguf_tokenizer`` for a GGUF file, ``formats.load.tokenizer_of_source`` for any
+source a model is loaded from.
 """
 from __future__ import annotations
 

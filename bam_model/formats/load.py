@@ -22,6 +22,7 @@ from .hf import load_hf_folder, load_mixtral_folder
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
+
 def from_pretrained(path: str, dtype: torch.dtype | None = None, device="cpu") -> CausalLM:
     """Load a dense or BAM model saved by ``save_pretrained`` (stored dtypes kept unless ``dtype``);
     a Hugging Face Mixtral folder (``load_mixtral_folder``), Llama-family folder or ``.gguf`` file
