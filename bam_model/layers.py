@@ -267,14 +267,16 @@ class MixtureOfAttention(nn.Module):
                    top_k: int | None = None, layer_idx: int = 0) -> MixtureOfAttention:
         """One expert per dense attention: lists of E weights in nn.Linear layout, q [H*Dh, D],
         k and v [Hkv*Dh, D], o [D, H*Dh]. Shared K/V start from the experts' mean (``kv_init="mean"``)
-        or the first expert's (``"first"``, the seed when it is listed first). The router is new."""
+        or the seed's (``"seed"``: the first expert, where upcycling lists the seed), the words of
+        ``upcycle`` and ``bam mix``. The router is new."""
         E = len(q_weights)
         if E < 1 or not (len(k_weights) == len(v_weights) == len(o_weights) == E):
             raise ValueError("q_weights, k_weights, v_weights and o_weights must be lists of one length "
                              f">= 1, got {len(q_weights)}, {len(k_weights)}, {len(v_weights)}, "
                              f"{len(o_weights)}")
-        if kv_init not in ("mean", "first"):
-            raise ValueError(f"kv_init must be 'mean' or 'first', got {kv_init!r}")
+        # "first" is the old spelling of "seed": upcycle.py passes it until it passes kv_init through.
+        if kv_init not in ("mean", "seed", "first"):
+            raise ValueError(f"kv_init must be 'mean' or 'seed', got {kv_init!r}")
         HDh, D = q_weights[0].shape
         if n_heads < 1 or HDh % n_heads:
             raise ValueError(f"q_weights[0] has {HDh} rows, not a multiple of n_heads={n_heads}")
