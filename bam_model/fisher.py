@@ -87,13 +87,13 @@ def fisher_average(tensors: list[torch.Tensor], fishers: list[torch.Tensor],
         for i, t in enumerate(group):
             if t.shape != shape:
                 raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, expected {tuple(shape)}")
-    F_ME = torch.stack([f.double().cpu() for f in fishers])
-    if not bool(torch.isfinite(F_ME).all()) or bool((F_ME < 0).any()):
+    fisher = torch.stack([f.double().cpu() for f in fishers])  # [models, *shape], as is theta
+    if not bool(torch.isfinite(fisher).all()) or bool((fisher < 0).any()):
         raise ValueError("fishers must be finite and >= 0")
-    theta_ME = torch.stack([t.double().cpu() for t in tensors])
-    scale = F_ME.mean()
-    F_ME = F_ME + (eps * scale if scale > 0 else 1.0)
-    return ((F_ME * theta_ME).sum(0) / F_ME.sum(0)).to(tensors[0].device)
+    theta = torch.stack([t.double().cpu() for t in tensors])
+    scale = fisher.mean()
+    fisher = fisher + (eps * scale if scale > 0 else 1.0)
+    return ((fisher * theta).sum(0) / fisher.sum(0)).to(tensors[0].device)
 
 
 def model_fishers(models: list[nn.Module], fishers: list[dict] | None = None,

@@ -1,5 +1,13 @@
 """Drop-in torch.nn modules built on bam_kernels: the MoE FFN (and, beside it, the attention
-experts). Modules know nothing of Triton: every op goes through the bam_kernels dispatcher."""
+experts). Modules know nothing of Triton: every op goes through the bam_kernels dispatcher.
+
+Shape suffixes in ``bam_model`` (``x_BTD`` is [batch, tokens, model dim]):
+B batch; T tokens (query positions); S keys; D model dim; F FFN (expert) hidden; E experts;
+K top-k slots; H query heads; G key/value heads; N query heads of all experts (E * H);
+Dh head dim; P rotary pairs (Dh / 2); V vocabulary; O and I a weight's out and in features.
+Expert parallelism adds W ranks, L local experts of a rank, M routed rows (T * K, in expert
+order) and R rows a rank receives.
+"""
 from __future__ import annotations
 
 import math
@@ -320,18 +328,18 @@ class MixtureOfAttention(nn.Module):
         E, H, Hkv, Dh = self.num_experts, self.n_heads, self.n_kv_heads, self.head_dim
         kv_heads = (Hkv,) if self.shared_kv else (E, Hkv)
         logits_BTE = route_logits(self.router, x)
-        q_BTND = self.q_proj(x).view(B, T, E * H, Dh)
-        k_BTGD = self.k_proj(x).view(B, T, -1, Dh)
-        v_BTGD = self.v_proj(x).view(B, T, *kv_heads, Dh)
+        q_BTNDh = self.q_proj(x).view(B, T, E * H, Dh)
+        k_BTGDh = self.k_proj(x).view(B, T, -1, Dh)
+        v_BTGDh = self.v_proj(x).view(B, T, *kv_heads, Dh)
         start = cache.length(self.layer_idx) if cache is not None else 0
-        cos, sin = rope_for(position_ids, start, T, Dh, self.rope_theta, q_BTND.dtype, x.device)
-        q_BTEHD = apply_rope(q_BTND, cos, sin).view(B, T, E, H, Dh)
-        k_BTGD = apply_rope(k_BTGD, cos, sin).view(B, T, *kv_heads, Dh)
+        cos, sin = rope_for(position_ids, start, T, Dh, self.rope_theta, q_BTNDh.dtype, x.device)
+        q_BTEHDh = apply_rope(q_BTNDh, cos, sin).view(B, T, E, H, Dh)
+        k_BTGDh = apply_rope(k_BTGDh, cos, sin).view(B, T, *kv_heads, Dh)
         if cache is not None:
-            k_BTGD, v_BTGD = cache.update(self.layer_idx, k_BTGD, v_BTGD)
-        o_BTEHD = bk.moa_attention(q_BTEHD, k_BTGD, v_BTGD, self.mix(logits_BTE), causal=True)
+            k_BTGDh, v_BTGDh = cache.update(self.layer_idx, k_BTGDh, v_BTGDh)
+        o_BTEHDh = bk.moa_attention(q_BTEHDh, k_BTGDh, v_BTGDh, self.mix(logits_BTE), causal=True)
         self.router_logits = logits_BTE.reshape(B * T, E)
-        return self.o_proj(o_BTEHD.reshape(B, T, E * H * Dh))
+        return self.o_proj(o_BTEHDh.reshape(B, T, E * H * Dh))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "

@@ -5,7 +5,8 @@ Parameter names follow Hugging Face's ``LlamaForCausalLM`` (``model.embed_tokens
 ``lm_head``), so Llama-family checkpoints map one to one. A BAM layer keeps the names:
 ``self_attn`` is a ``MixtureOfAttention`` (or a plain attention for BTX / sparse upcycling) and
 ``mlp`` a ``MoE`` whose keys are transformers' Mixtral ones (``mlp.gate.weight``,
-``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``).
+``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``). Shape suffixes (``x_BTD``) follow the
+legend at the top of ``bam_model.layers``.
 """
 from __future__ import annotations
 
@@ -77,17 +78,17 @@ class Attention(nn.Module):
         B, T, _ = x_BTD.shape
         past = cache.length(self.layer_idx) if cache is not None else 0
         cos, sin = rope_for(position_ids, past, T, self.head_dim, self.rope_theta, x_BTD.dtype, x_BTD.device)
-        q_BTHD = apply_rope(self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k_BTGD = apply_rope(self.k_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
-        v_BTGD = self.v_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
+        q_BTHDh = apply_rope(self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k_BTGDh = apply_rope(self.k_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v_BTGDh = self.v_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
         if cache is not None:
-            k_BTGD, v_BTGD = cache.update(self.layer_idx, k_BTGD, v_BTGD)
-        S = k_BTGD.shape[1]
-        o_BHTD = F.scaled_dot_product_attention(
-            q_BTHD.transpose(1, 2), k_BTGD.transpose(1, 2), v_BTGD.transpose(1, 2),
+            k_BTGDh, v_BTGDh = cache.update(self.layer_idx, k_BTGDh, v_BTGDh)
+        S = k_BTGDh.shape[1]
+        o_BHTDh = F.scaled_dot_product_attention(
+            q_BTHDh.transpose(1, 2), k_BTGDh.transpose(1, 2), v_BTGDh.transpose(1, 2),
             attn_mask=None if S == T else causal_mask(T, S, x_BTD.device), is_causal=S == T and T > 1,
             enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.o_proj(o_BHTD.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(o_BHTDh.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
