@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import bam_kernels as bk
 from bam_kernels import reference
-from bam_model.nn import MoE
+from bam_model.layers import MoE
 
 from . import cases
 from .common import agreement, check_close, guarded, rate, time_group

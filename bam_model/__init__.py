@@ -1,6 +1,6 @@
 """bam_model: dense and Branch-Attend-Mix models, upcycling, checkpoints, training."""
-from .checkpoint import export_mixtral, from_pretrained, load_dense, save_pretrained
 from .config import BamConfig, DenseConfig
+from .formats import export_mixtral, from_pretrained, load_dense, save_pretrained
 from .model import BamLM, CausalLM, CausalLMOutput, DenseLM
 from .upcycle import branch, upcycle
 

@@ -88,7 +88,8 @@ def init_from_env(device: str | None = None) -> tuple[Dist, torch.device]:
     ctx = current()
     if dev.type == "cuda" and ctx.world_size > 1:
         if dev.index is not None:
-            raise ValueError(f"device={device!r}: with several processes give 'cuda' (rank r takes cuda:LOCAL_RANK)")
+            raise ValueError(f"device={device!r}: with several processes give 'cuda' "
+                             "(rank r takes cuda:LOCAL_RANK)")
         dev = torch.device("cuda", ctx.local_rank)
     return ctx, dev
 
@@ -446,7 +447,8 @@ def read_sharded(path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]
     flat = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in meta.items()}
     with warnings.catch_warnings():         # "assuming the intent is to load in a single process": it is
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(flat, storage_reader=HuggingFaceStorageReader(str(os.path.join(path, SHARDED_DIR))), no_dist=True)
+        reader = HuggingFaceStorageReader(str(os.path.join(path, SHARDED_DIR)))
+        dcp.load(flat, storage_reader=reader, no_dist=True)
     model = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
     optim = {k: v for k, v in flat.items() if k.startswith("optimizer.")}
     return model, optim

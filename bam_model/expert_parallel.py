@@ -19,7 +19,7 @@ import torch.nn as nn
 
 import bam_kernels as bk
 
-from .nn import MoE, MoEExperts, RouterLosses, route, route_logits
+from .layers import MoE, MoEExperts, RouterLosses, route, route_logits
 
 
 class _AllToAll(torch.autograd.Function):
@@ -101,7 +101,8 @@ class ExpertParallelMoE(RouterLosses, nn.Module):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         E = moe.num_experts
         if E % world:
-            raise ValueError(f"num_experts={E} must be divisible by the world size {world} for expert parallelism")
+            raise ValueError(f"num_experts={E} must be divisible by the world size {world} "
+                             "for expert parallelism")
         self.group = group
         self.dim, self.ffn_dim, self.num_experts = moe.dim, moe.ffn_dim, E
         self.top_k, self.normalize, self.straight_through = moe.top_k, moe.normalize, moe.straight_through
@@ -110,7 +111,8 @@ class ExpertParallelMoE(RouterLosses, nn.Module):
         self.gate = moe.gate
         full = moe.experts
         with torch.device("meta"):
-            self.experts = MoEExperts(self.num_local_experts, self.dim, self.ffn_dim, dtype=full.gate_up_proj.dtype)
+            self.experts = MoEExperts(self.num_local_experts, self.dim, self.ffn_dim,
+                                      dtype=full.gate_up_proj.dtype)
         self.experts.gate_up_proj = nn.Parameter(shard_dim0(full.gate_up_proj.detach(), group).clone())
         self.experts.down_proj = nn.Parameter(shard_dim0(full.down_proj.detach(), group).clone())
 
@@ -154,13 +156,15 @@ class ExpertParallelMoE(RouterLosses, nn.Module):
                       dtype=self.experts.gate_up_proj.dtype, straight_through=self.straight_through)
         moe.gate = self.gate
         with torch.no_grad():
-            moe.experts.gate_up_proj = nn.Parameter(gather_dim0(self.experts.gate_up_proj.detach(), self.group))
+            gate_up = gather_dim0(self.experts.gate_up_proj.detach(), self.group)
+            moe.experts.gate_up_proj = nn.Parameter(gate_up)
             moe.experts.down_proj = nn.Parameter(gather_dim0(self.experts.down_proj.detach(), self.group))
         return moe
 
     def extra_repr(self) -> str:
+        first = self.rank * self.num_local_experts
         return (f"dim={self.dim}, ffn_dim={self.ffn_dim}, num_experts={self.num_experts}, "
-                f"local_experts={self.rank * self.num_local_experts}..{(self.rank + 1) * self.num_local_experts - 1}, "
+                f"local_experts={first}..{first + self.num_local_experts - 1}, "
                 f"top_k={self.top_k}, normalize={self.normalize}, straight_through={self.straight_through}")
 
 
@@ -178,7 +182,8 @@ def parallelize_experts(model: nn.Module, group=None) -> nn.Module:
     if isinstance(model, MoE):
         raise ValueError("model is a bare MoE; wrap it with ExpertParallelMoE(model) instead")
     if not _replace(model, MoE, lambda m: ExpertParallelMoE(m, group)):
-        raise ValueError(f"model ({type(model).__name__}) has no bam_model.nn.MoE layer to place across ranks")
+        raise ValueError(f"model ({type(model).__name__}) has no bam_model.nn.MoE layer to place "
+                         "across ranks")
     return model
 
 

@@ -298,7 +298,7 @@ def claim_folder(path, kind: str, entries: list[str]) -> None:
 
 # --- locks -----------------------------------------------------------------------------------------
 
-_held: dict[str, "FolderLock"] = {}
+_held: dict[str, FolderLock] = {}
 
 
 class FolderLock:
@@ -311,7 +311,7 @@ class FolderLock:
         self.fd: int | None = None
         self.depth = 0
 
-    def acquire(self, what: str = "bam") -> "FolderLock":
+    def acquire(self, what: str = "bam") -> FolderLock:
         key = str(self.folder)
         held = _held.get(key)
         if held is not None:

@@ -21,14 +21,16 @@ from .tokenizer import for_model
 GENERAL_MIX = ",".join(DOMAINS)      # the data of a model that names no domain (the seed)
 
 
-def fisher_sequences(data: str, *, num_sequences: int, seq_len: int, seed: int = 0, tokenizer=None) -> torch.Tensor:
+def fisher_sequences(data: str, *, num_sequences: int, seq_len: int, seed: int = 0,
+                     tokenizer=None) -> torch.Tensor:
     """[num_sequences, seq_len] int64 token ids drawn from the train split of the ``data`` spec."""
-    stream = BatchStream(data, "train", seq_len=seq_len, batch_size=num_sequences, seed=seed, tokenizer=tokenizer)
+    stream = BatchStream(data, "train", seq_len=seq_len, batch_size=num_sequences, seed=seed,
+                         tokenizer=tokenizer)
     return next(stream).input_ids
 
 
-def diagonal_fisher(model: nn.Module, data: str | torch.Tensor, *, num_sequences: int = 16, seq_len: int = 128,
-                    seed: int = 0, tokenizer=None) -> dict[str, torch.Tensor]:
+def diagonal_fisher(model: nn.Module, data: str | torch.Tensor, *, num_sequences: int = 16,
+                    seq_len: int = 128, seed: int = 0, tokenizer=None) -> dict[str, torch.Tensor]:
     """The empirical diagonal Fisher of ``model`` (its ``forward(input_ids, labels=...)`` returns
     ``.nll``, or ``.loss`` when it has no ``.nll``), one float32 CPU tensor per named parameter.
 
@@ -39,10 +41,12 @@ def diagonal_fisher(model: nn.Module, data: str | torch.Tensor, *, num_sequences
     """
     if isinstance(data, str):
         tokenizer = for_model(model, tokenizer)
-        ids_NT = fisher_sequences(data, num_sequences=num_sequences, seq_len=seq_len, seed=seed, tokenizer=tokenizer)
+        ids_NT = fisher_sequences(data, num_sequences=num_sequences, seq_len=seq_len, seed=seed,
+                                  tokenizer=tokenizer)
     elif isinstance(data, torch.Tensor):
         if data.dim() != 2 or data.is_floating_point() or data.shape[0] < 1 or data.shape[1] < 2:
-            raise ValueError(f"data must be integer token ids [N >= 1, T >= 2], got {data.dtype} {tuple(data.shape)}")
+            raise ValueError(f"data must be integer token ids [N >= 1, T >= 2], got {data.dtype} "
+                             f"{tuple(data.shape)}")
         ids_NT = data
     else:
         raise ValueError(f"data must be a data spec or a tensor of token ids, got {type(data).__name__}")
@@ -69,7 +73,8 @@ def diagonal_fisher(model: nn.Module, data: str | torch.Tensor, *, num_sequences
     return {name: (acc / ids_NT.shape[0]).cpu() for (name, _), acc in zip(named, sums)}
 
 
-def fisher_average(tensors: list[torch.Tensor], fishers: list[torch.Tensor], eps: float = 1e-6) -> torch.Tensor:
+def fisher_average(tensors: list[torch.Tensor], fishers: list[torch.Tensor],
+                   eps: float = 1e-6) -> torch.Tensor:
     """``sum_i (F_i + e) theta_i / sum_i (F_i + e)`` element-wise in float64, ``e = eps * mean(F)``
     (plain mean where every Fisher is zero). tensors, fishers: one per model, all one shape."""
     if not tensors or len(tensors) != len(fishers):
@@ -82,17 +87,18 @@ def fisher_average(tensors: list[torch.Tensor], fishers: list[torch.Tensor], eps
         for i, t in enumerate(group):
             if t.shape != shape:
                 raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, expected {tuple(shape)}")
-    F_ME = torch.stack([f.double().cpu() for f in fishers])
-    if not bool(torch.isfinite(F_ME).all()) or bool((F_ME < 0).any()):
+    fisher = torch.stack([f.double().cpu() for f in fishers])  # [models, *shape], as is theta
+    if not bool(torch.isfinite(fisher).all()) or bool((fisher < 0).any()):
         raise ValueError("fishers must be finite and >= 0")
-    theta_ME = torch.stack([t.double().cpu() for t in tensors])
-    scale = F_ME.mean()
-    F_ME = F_ME + (eps * scale if scale > 0 else 1.0)
-    return ((F_ME * theta_ME).sum(0) / F_ME.sum(0)).to(tensors[0].device)
+    theta = torch.stack([t.double().cpu() for t in tensors])
+    scale = fisher.mean()
+    fisher = fisher + (eps * scale if scale > 0 else 1.0)
+    return ((fisher * theta).sum(0) / fisher.sum(0)).to(tensors[0].device)
 
 
-def model_fishers(models: list[nn.Module], fishers: list[dict] | None = None, fisher_data: list[str] | None = None,
-                  progress: bool = False, **kwargs) -> list[dict[str, torch.Tensor]]:
+def model_fishers(models: list[nn.Module], fishers: list[dict] | None = None,
+                  fisher_data: list[str] | None = None, progress: bool = False,
+                  **kwargs) -> list[dict[str, torch.Tensor]]:
     """One Fisher per model: ``fishers`` as given (checked against the models), or computed by
     ``diagonal_fisher`` (``kwargs``) on ``fisher_data[i]``, by default each model's own
     ``config.domain`` and ``GENERAL_MIX`` for a model that names none (the seed)."""
@@ -100,10 +106,12 @@ def model_fishers(models: list[nn.Module], fishers: list[dict] | None = None, fi
         if fisher_data is not None:
             raise ValueError("give fishers or fisher_data, not both")
         if not isinstance(fishers, (list, tuple)) or len(fishers) != len(models):
-            raise ValueError(f"fishers must be a list of {len(models)} dicts (seed first), got {fishers!r:.80}")
+            raise ValueError(f"fishers must be a list of {len(models)} dicts (seed first), "
+                             f"got {fishers!r:.80}")
         for i, (f, m) in enumerate(zip(fishers, models)):
             if not isinstance(f, dict):
-                raise ValueError(f"fishers[{i}] must be a dict of parameter name -> tensor, got {type(f).__name__}")
+                raise ValueError(f"fishers[{i}] must be a dict of parameter name -> tensor, "
+                                 f"got {type(f).__name__}")
             for name, p in m.named_parameters():
                 if name not in f:
                     raise ValueError(f"fishers[{i}] has no entry for parameter {name!r}")
@@ -115,11 +123,13 @@ def model_fishers(models: list[nn.Module], fishers: list[dict] | None = None, fi
         fisher_data = [getattr(m.config, "domain", None) or GENERAL_MIX for m in models]
     if not isinstance(fisher_data, (list, tuple)) or len(fisher_data) != len(models) or not all(
             isinstance(d, (str, torch.Tensor)) for d in fisher_data):
-        raise ValueError(f"fisher_data must be a list of {len(models)} data specs (seed first), got {fisher_data!r}")
+        raise ValueError(f"fisher_data must be a list of {len(models)} data specs (seed first), "
+                         f"got {fisher_data!r}")
     from tqdm.auto import tqdm
 
     out = []
-    for i, (model, data) in enumerate(tqdm(list(zip(models, fisher_data)), desc="fisher", disable=not progress)):
+    pairs = tqdm(list(zip(models, fisher_data)), desc="fisher", disable=not progress)
+    for i, (model, data) in enumerate(pairs):
         try:
             out.append(diagonal_fisher(model, data, **kwargs))
         except ValueError as e:

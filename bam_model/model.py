@@ -5,7 +5,8 @@ Parameter names follow Hugging Face's ``LlamaForCausalLM`` (``model.embed_tokens
 ``lm_head``), so Llama-family checkpoints map one to one. A BAM layer keeps the names:
 ``self_attn`` is a ``MixtureOfAttention`` (or a plain attention for BTX / sparse upcycling) and
 ``mlp`` a ``MoE`` whose keys are transformers' Mixtral ones (``mlp.gate.weight``,
-``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``).
+``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``). Shape suffixes (``x_BTD``) follow the
+legend at the top of ``bam_model.layers``.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import BamConfig, DenseConfig
-from .nn import KVCache, MixtureOfAttention, MoE
+from .layers import KVCache, MixtureOfAttention, MoE
 from .rope import apply_rope, rope_for
 
 
@@ -64,7 +65,8 @@ class Attention(nn.Module):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, rope_theta: float,
                  layer_idx: int = 0):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim, self.rope_theta = n_heads, n_kv_heads, head_dim, rope_theta
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.rope_theta = rope_theta
         self.layer_idx = layer_idx
         self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
@@ -76,17 +78,17 @@ class Attention(nn.Module):
         B, T, _ = x_BTD.shape
         past = cache.length(self.layer_idx) if cache is not None else 0
         cos, sin = rope_for(position_ids, past, T, self.head_dim, self.rope_theta, x_BTD.dtype, x_BTD.device)
-        q_BTHD = apply_rope(self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k_BTGD = apply_rope(self.k_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
-        v_BTGD = self.v_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
+        q_BTHDh = apply_rope(self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k_BTGDh = apply_rope(self.k_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v_BTGDh = self.v_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
         if cache is not None:
-            k_BTGD, v_BTGD = cache.update(self.layer_idx, k_BTGD, v_BTGD)
-        S = k_BTGD.shape[1]
-        o_BHTD = F.scaled_dot_product_attention(
-            q_BTHD.transpose(1, 2), k_BTGD.transpose(1, 2), v_BTGD.transpose(1, 2),
+            k_BTGDh, v_BTGDh = cache.update(self.layer_idx, k_BTGDh, v_BTGDh)
+        S = k_BTGDh.shape[1]
+        o_BHTDh = F.scaled_dot_product_attention(
+            q_BTHDh.transpose(1, 2), k_BTGDh.transpose(1, 2), v_BTGDh.transpose(1, 2),
             attn_mask=None if S == T else causal_mask(T, S, x_BTD.device), is_causal=S == T and T > 1,
             enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.o_proj(o_BHTD.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(o_BHTDh.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -192,8 +194,9 @@ class CausalLM(nn.Module, abc.ABC):
         if input_ids.shape[1] > self.config.max_seq_len:
             raise ValueError(f"input_ids has {input_ids.shape[1]} tokens, more than max_seq_len="
                              f"{self.config.max_seq_len}")
-        if cache is not None and (not isinstance(cache, KVCache) or cache.num_layers != len(self.model.layers)):
-            raise ValueError(f"cache must be a KVCache of {len(self.model.layers)} layers (see new_cache), "
+        n_layers = len(self.model.layers)
+        if cache is not None and (not isinstance(cache, KVCache) or cache.num_layers != n_layers):
+            raise ValueError(f"cache must be a KVCache of {n_layers} layers (see new_cache), "
                              f"got {cache!r}")
         logits_BTV = self.lm_head(self.model.norm(self._hidden(input_ids, cache, position_ids)))
         aux_loss, router_logits = self._aux()
@@ -261,10 +264,12 @@ class CausalLM(nn.Module, abc.ABC):
         return torch.cat(out, dim=1)
 
     def save_pretrained(self, path: str, max_shard_bytes: int | None = None,
-                        extra_files: dict[str, str | bytes] | None = None, dtype: torch.dtype | None = None) -> None:
+                        extra_files: dict[str, str | bytes] | None = None,
+                        dtype: torch.dtype | None = None) -> None:
         """Write ``config.json``, safetensors weights (in ``dtype``, by default their own), the
         tokenizer and ``extra_files`` (name -> contents) to the folder ``path``, atomically."""
-        from .checkpoint import save_pretrained
+        # Deferred: model.py imports no I/O at load time, and the formats import the model.
+        from .formats.bam import save_pretrained
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes, extra_files=extra_files, dtype=dtype)
 
 

@@ -17,10 +17,11 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0,
         raise ValueError(f"head_dim must be a positive even int, got {head_dim!r}")
     device = positions.device if device is None else device
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    inv_freq_F = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).to(work) / head_dim))
-    angles_TF = positions.to(device=device, dtype=work)[..., None] * inv_freq_F
-    angles_TD = torch.cat((angles_TF, angles_TF), dim=-1)
-    return angles_TD.cos().to(dtype), angles_TD.sin().to(dtype)
+    exponent_P = torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).to(work) / head_dim
+    inv_freq_P = 1.0 / (theta ** exponent_P)
+    angles_TP = positions.to(device=device, dtype=work)[..., None] * inv_freq_P
+    angles_TDh = torch.cat((angles_TP, angles_TP), dim=-1)
+    return angles_TDh.cos().to(dtype), angles_TDh.sin().to(dtype)
 
 
 _TABLES: dict = {}
@@ -34,7 +35,8 @@ def rope_cos_sin_range(start: int, length: int, head_dim: int, theta: float = 10
     kernels per layer per token). Under torch.compile the angles are computed in the graph."""
     device = torch.device("cpu") if device is None else torch.device(device)
     if torch.compiler.is_compiling():
-        return rope_cos_sin(torch.arange(start, start + length, device=device), head_dim, theta, dtype, device)
+        positions = torch.arange(start, start + length, device=device)
+        return rope_cos_sin(positions, head_dim, theta, dtype, device)
     work = torch.float64 if dtype == torch.float64 else torch.float32
     key = (device, head_dim, float(theta), work)
     end = start + length
@@ -72,6 +74,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     if cos.shape != sin.shape or cos.shape[-1] != x.shape[-1] or cos.shape[-2] != x.shape[-3]:
         raise ValueError(f"cos and sin must be [..., T={x.shape[-3]}, Dh={x.shape[-1]}], "
                          f"got {tuple(cos.shape)} and {tuple(sin.shape)}")
-    cos_T1D = cos.to(x.dtype).unsqueeze(-2)
-    sin_T1D = sin.to(x.dtype).unsqueeze(-2)
-    return x * cos_T1D + rotate_half(x) * sin_T1D
+    cos_T1Dh = cos.to(x.dtype).unsqueeze(-2)
+    sin_T1Dh = sin.to(x.dtype).unsqueeze(-2)
+    return x * cos_T1Dh + rotate_half(x) * sin_T1Dh

@@ -8,18 +8,17 @@ bundled BPE when the vocabulary sizes agree. ``save_pretrained`` writes it back 
 ``branch``, ``upcycle`` and training pass it on, so ``train``, ``evaluate``, Fisher merging and
 ``generate`` tokenize every text the way the model was trained. The bundled BPE is used only for
 models built with it (``for_model``).
+
+This module holds the tokenizer objects and checks; reading one from a file is the formats' job:
+``formats.gguf.gguf_tokenizer`` for a GGUF file, ``formats.load.tokenizer_of_source`` for any
+source a model is loaded from.
 """
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from . import data
-
-if TYPE_CHECKING:
-    from tokenizers import Tokenizer
 
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -38,52 +37,6 @@ class TextTokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def gguf_tokenizer(source) -> TextTokenizer:
-    """The byte-level BPE stored in a GGUF file's ``tokenizer.ggml.*`` fields (path or ``gguf_reader``)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-
-    from .checkpoint import _gguf_path, gguf_reader
-
-    reader = gguf_reader(source)
-
-    def field(key, default=None):
-        f = reader.fields.get(key)
-        return default if f is None else f.contents()
-
-    kind = field("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' only); "
-                         "pass --tokenizer with a tokenizer.json")
-    tokens, merges = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.merges", [])
-    where = f"GGUF file {_gguf_path(reader)}"
-    if not (isinstance(tokens, list) and tokens and all(isinstance(t, str) for t in tokens)):
-        raise ValueError(f"{where}: tokenizer.ggml.tokens must be a list of strings")
-    if not (isinstance(merges, list) and all(isinstance(m, str) and " " in m for m in merges)):
-        raise ValueError(f"{where}: tokenizer.ggml.merges must be a list of 'left right' strings")
-    types = field("tokenizer.ggml.token_type", [1] * len(tokens))
-    try:
-        bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)},
-                         merges=[tuple(m.split(" ", 1)) for m in merges])
-    except Exception as e:
-        if type(e) is not Exception:  # tokenizers raises a bare Exception for a vocabulary it cannot use
-            raise
-        raise ValueError(f"{where}: its tokenizer is corrupt ({e})") from None
-    tok = Tokenizer(bpe)
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    # Control tokens (type 3) are matched whole in text, as llama.cpp does.
-    tok.add_special_tokens([AddedToken(t, special=True) for t, ty in zip(tokens, types) if ty == 3])
-    bos = field("tokenizer.ggml.bos_token_id")
-    if bos is not None and not (isinstance(bos, int) and 0 <= bos < len(tokens)):
-        raise ValueError(f"{where}: tokenizer.ggml.bos_token_id {bos!r} is not a token id")
-    if bos is not None and field("tokenizer.ggml.add_bos_token", False):
-        # As a post-processor, BOS travels with the tokenizer.json a mixture of this model carries.
-        tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A",
-                                                           pair=f"{tokens[bos]} $A $B",
-                                                           special_tokens=[(tokens[bos], bos)])
-    return TextTokenizer(tok, field("tokenizer.ggml.eos_token_id"))
-
-
 def hf_tokenizer_files(tokenizer_json: str, config, chat_template: str | None = None) -> dict[str, str]:
     """``tokenizer.json`` and a ``tokenizer_config.json`` for it: the special tokens are those the
     model's config names (``bos_token_id``, ``eos_token_id``), spelled as the tokenizer spells them."""
@@ -99,30 +52,6 @@ def hf_tokenizer_files(tokenizer_json: str, config, chat_template: str | None = 
     if chat_template:
         settings["chat_template"] = chat_template
     return {TOKENIZER_JSON: tokenizer_json, TOKENIZER_CONFIG: json.dumps(settings, indent=2) + "\n"}
-
-
-def of_source(source, config) -> "Tokenizer | None":
-    """The tokenizer a model loaded from ``source`` (a folder path, or a GGUF path or reader) was
-    trained with: the folder's ``tokenizer.json``, the GGUF file's vocabulary, or, for one of our
-    folders without one, the bundled BPE when the vocabulary sizes agree; None when there is none
-    (a Hugging Face folder without tokenizer files). Refused when it has more tokens than the model."""
-    from .checkpoint import folder_model_type, is_gguf
-    from .config import CONFIG_CLASSES
-
-    if is_gguf(source):
-        tok = gguf_tokenizer(source).tokenizer
-    else:
-        path = os.fspath(source)
-        own = os.path.join(path, TOKENIZER_JSON)
-        if os.path.isfile(own):
-            tok = data.read_tokenizer(own)
-        elif (folder_model_type(path) in CONFIG_CLASSES
-              and config.vocab_size == data.load_tokenizer().get_vocab_size()):
-            tok = data.load_tokenizer()
-        else:
-            return None
-    check_fits(tok, config)
-    return tok
 
 
 def check_fits(tokenizer, config) -> None:

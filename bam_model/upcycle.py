@@ -21,7 +21,7 @@ import torch
 from .checkpoint import build_model, is_gguf, load_dense
 from .config import METHODS, BamConfig
 from .model import DenseLM
-from .nn import MixtureOfAttention
+from .layers import MixtureOfAttention
 from .options import INT, NUMBER, TEXT, option, positive_int, validate
 
 ATTENTION_OPTIONS = ("expert-kv", "shared-kv")

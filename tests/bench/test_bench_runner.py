@@ -125,7 +125,7 @@ def test_transformers_peers_are_what_they_are_named():
     """The hf-grouped_mm peer runs torch._grouped_mm and hf-eager does not; a transformers release
     that ignored the implementation setting would be left out rather than timed under that name."""
     from bam_bench.moe import _runs_op, _transformers_block
-    from bam_model.nn import MoE
+    from bam_model.layers import MoE
     moe = MoE(64, 96, 4, top_k=2, normalize=True)
     grouped, eager = _transformers_block(moe, "grouped_mm"), _transformers_block(moe, "eager")
     assert grouped is not None and _runs_op(grouped, 64, "aten::_grouped_mm")

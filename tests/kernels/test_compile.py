@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import bam_kernels as bk
-from bam_model.nn import MoE
+from bam_model.layers import MoE
 
 
 def _moe_args(T=13, D=16, F=24, E=5, k=2):
@@ -77,7 +77,7 @@ def test_opcheck_moa_attention():
 
 @pytest.mark.parametrize("shared_kv", [True, False])
 def test_torch_compile_mixture_of_attention_one_graph(shared_kv):
-    from bam_model.nn import MixtureOfAttention
+    from bam_model.layers import MixtureOfAttention
     torch._dynamo.reset()
     moa = MixtureOfAttention(32, n_heads=4, n_kv_heads=2, num_experts=3, shared_kv=shared_kv)
     compiled = torch.compile(moa, fullgraph=True, backend="aot_eager")

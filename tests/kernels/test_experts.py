@@ -274,7 +274,7 @@ def test_moe_mlp_under_a_dispatch_mode_goes_through_the_op():
 def test_modules_run_on_the_meta_device(grad):
     """Shape-only runs (a model built on the meta device) reach the ops' fake kernels, with and
     without autograd."""
-    from bam_model.nn import MixtureOfAttention, MoE
+    from bam_model.layers import MixtureOfAttention, MoE
     moe = MoE(16, 24, 4, top_k=2, device="meta")
     moa = MixtureOfAttention(16, 4, 2, 3, shared_kv=False).to("meta")
     with torch.set_grad_enabled(grad):

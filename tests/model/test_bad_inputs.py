@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 import bam_model
-from bam_model import checkpoint
 from bam_model.cli import main
 from bam_model.config import BamConfig, DenseConfig, load_config
+from bam_model.formats import folder
 from bam_model.model import DenseLM
 from tests.support.real_models import smollm2_gguf
 
@@ -119,8 +119,8 @@ def test_an_index_without_a_weight_map_is_refused(ours, index, message):
 
 
 def test_a_tensor_in_two_shards_is_refused(ours):
-    tensors = checkpoint.read_safetensors_folder(str(ours))
-    checkpoint.write_folder(str(ours), {"config.json": (ours / "config.json").read_text()}, tensors,
+    tensors = folder.read_safetensors_folder(str(ours))
+    folder.write_folder(str(ours), {"config.json": (ours / "config.json").read_text()}, tensors,
                             max_shard_bytes=4000)
     first, second = sorted(p for p in os.listdir(ours) if p.startswith("model-"))[:2]
     save_file({"model.norm.weight": torch.ones(40)}, str(ours / second))
@@ -153,15 +153,14 @@ def test_missing_weights_a_weights_folder_and_unreadable_weights(ours, capsys):
 def test_an_unreadable_weights_file_is_named(ours, capsys, monkeypatch):
     import builtins
 
-    import bam_model.checkpoint
-
     weights = str(ours / "model.safetensors")
 
-    def denied(path, *args, **kwargs):  # as a user without read rights sees a 0600 file of another (root reads any)
+    # As a user without read rights sees a 0600 file of another (root reads any).
+    def denied(path, *args, **kwargs):
         if os.fspath(path) == weights:
             raise PermissionError(13, "Permission denied", weights)
         return builtins.open(path, *args, **kwargs)
-    monkeypatch.setattr(bam_model.checkpoint, "open", denied, raising=False)
+    monkeypatch.setattr(folder, "open", denied, raising=False)
     assert f"cannot read {weights}: Permission denied" in cli_error(["eval", ours], capsys)
 
 
@@ -294,7 +293,7 @@ def test_deeply_nested_tokenizer_json_is_a_clear_error(ours, tmp_path, capsys):
 def test_a_non_float_or_non_finite_tensor_is_named(kind, request, capsys, value, message):
     path = request.getfixturevalue(kind)
     weights = path / "model.safetensors"
-    tensors = checkpoint.read_safetensors_folder(str(path))
+    tensors = folder.read_safetensors_folder(str(path))
     name = "model.layers.1.mlp.down_proj.weight"
     if value == "int32":
         tensors[name] = tensors[name].to(torch.int32)

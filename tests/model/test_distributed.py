@@ -55,7 +55,7 @@ def _check_expert_parallel(rank: int) -> None:
     import torch.distributed as dist
 
     from bam_model.expert_parallel import ExpertParallelMoE, gather_experts, parallelize_experts
-    from bam_model.nn import MoE
+    from bam_model.layers import MoE
 
     for E, k, normalize, starve in ((4, 2, False, True), (2, 1, True, False), (6, 3, False, False)):
         torch.manual_seed(10 + E)
@@ -299,7 +299,7 @@ def test_fsdp_sharded_checkpoint_resumes_and_loads_into_one_process(multi):
 def test_distributed_options_without_a_process_group_are_refused():
     from bam_model import distributed
     from bam_model.expert_parallel import ExpertParallelMoE
-    from bam_model.nn import MoE
+    from bam_model.layers import MoE
 
     model = torch.nn.Linear(4, 4)
     assert distributed.prepare(model) is model

@@ -11,8 +11,8 @@ from bam_model.upcycle import upcycle
 
 
 def tiny(block="sequential"):
-    cfg = DenseConfig(vocab_size=8192, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=64,
-                      tie_embeddings=True, block=block, bos_token_id=None, eos_token_id=0)
+    cfg = DenseConfig(vocab_size=8192, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
+                      max_seq_len=64, tie_embeddings=True, block=block, bos_token_id=None, eos_token_id=0)
     model = DenseLM(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -38,9 +38,10 @@ def test_dense_exports_as_llama_with_its_tokenizer(tmp_path, capsys):
         torch.testing.assert_close(hf(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
     assert hf.generate(x, max_new_tokens=6, do_sample=False).tolist() == model.generate(x, 6).tolist()
     # bf16 halves the size
-    assert main(["export", str(tmp_path / "seed"), "--out", str(tmp_path / "hf16"), "--dtype", "bfloat16"]) == 0
+    assert main(["export", str(tmp_path / "seed"), "--out", str(tmp_path / "hf16"),
+                 "--dtype", "bfloat16"]) == 0
     assert json.loads((tmp_path / "hf16" / "config.json").read_text())["dtype"] == "bfloat16"
-    size = lambda p: (p / "model.safetensors").stat().st_size  # noqa: E731
+    size = lambda p: (p / "model.safetensors").stat().st_size
     assert size(tmp_path / "hf16") < 0.55 * size(tmp_path / "hf")
 
 

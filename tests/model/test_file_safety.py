@@ -16,6 +16,7 @@ import torch
 import bam_model
 from bam_model import DenseConfig, DenseLM, files
 from bam_model.cli import main
+from bam_model.formats import folder as formats_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-windows", "1", "--no-progress"]
@@ -30,8 +31,8 @@ def snapshot(folder: Path) -> dict:
 
 @pytest.fixture
 def seed(tmp_path):
-    cfg = DenseConfig(vocab_size=8192, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=24, max_seq_len=64,
-                      tie_embeddings=True, eos_token_id=0)
+    cfg = DenseConfig(vocab_size=8192, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=24,
+                      max_seq_len=64, tie_embeddings=True, eos_token_id=0)
     DenseLM(cfg).save_pretrained(str(tmp_path / "seed"))
     return tmp_path / "seed"
 
@@ -62,8 +63,8 @@ def test_mix_refuses_a_foreign_folder_holding_a_config_json(tmp_path, seed, proj
     assert main(["mix", "--base-model", str(seed), "--experts", str(seed), "--out", "."]) == 2
     assert "was not written by bam" in err_of(capsys)
     for fmt in ("bam", "mixtral"):
-        assert main(["mix", "--base-model", str(seed), "--experts", str(seed), "--method", "btx", "--format", fmt,
-                     "--out", str(project)]) == 2
+        assert main(["mix", "--base-model", str(seed), "--experts", str(seed), "--method", "btx",
+                     "--format", fmt, "--out", str(project)]) == 2
         assert "was not written by bam" in err_of(capsys)
     assert snapshot(project) == before
 
@@ -200,7 +201,8 @@ def test_overwrite_keeps_the_users_files_in_a_run_folder(tmp_path, seed, capsys)
     assert (out / "model" / "README.md").read_text() == "my card"
     assert (out / "plot.png").read_bytes() == b"\x89PNG"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["notes.txt", "step-0000003"]
-    assert main(["train", str(seed), "--data", "code", "--out", str(out), "--resume", "--overwrite", *TRAIN]) == 2
+    assert main(["train", str(seed), "--data", "code", "--out", str(out), "--resume", "--overwrite",
+                 *TRAIN]) == 2
     assert "not both" in err_of(capsys)
 
 
@@ -281,13 +283,15 @@ def test_resume_refuses_changed_settings_naming_each(tmp_path, seed, capsys):
     assert "is at step 4, past --steps 1" in err_of(capsys)
     assert snapshot(tmp_path) == before
     # Flags that change only what is logged, evaluated or kept may change.
-    assert main([*base, "--resume", "--log-every", "1", "--eval-windows", "2", "--keep-checkpoints", "2"]) == 0
+    assert main([*base, "--resume", "--log-every", "1", "--eval-windows", "2",
+                 "--keep-checkpoints", "2"]) == 0
 
 
 def test_an_edited_trainer_json_is_refused(tmp_path, seed, capsys):
     out = tmp_path / "run"
     base = ["train", str(seed), "--data", "code", "--out", str(out), "--batch-size", "2", "--seq-len", "16",
-            "--eval-windows", "1", "--no-progress", "--steps", "4", "--save-every", "2", "--keep-checkpoints", "2"]
+            "--eval-windows", "1", "--no-progress", "--steps", "4", "--save-every", "2",
+            "--keep-checkpoints", "2"]
     assert main(base) == 0
     trainer = out / "checkpoints" / "step-0000004" / "trainer.json"
     state = json.loads(trainer.read_text())
@@ -304,19 +308,20 @@ def test_an_edited_trainer_json_is_refused(tmp_path, seed, capsys):
 
 def test_command_line_failures_are_one_line(tmp_path, seed, capsys, monkeypatch):
     (tmp_path / "afile").write_text("x")
+    afile = str(tmp_path / "afile")
     cases = [
-        (["train", str(seed), "--data", "code", "--out", str(tmp_path / "afile"), *TRAIN], "is a file, not a folder"),
-        (["mix", "--base-model", str(seed), "--out", str(tmp_path / "afile")], "is a file, not a folder"),
-        (["branch", str(seed), "--domains", "a", "--out", str(tmp_path / "afile")], "is a file, not a folder"),
-        (["demo", "--quick", "--out", str(tmp_path / "afile")], "is a file, not a folder"),
+        (["train", str(seed), "--data", "code", "--out", afile, *TRAIN], "is a file, not a folder"),
+        (["mix", "--base-model", str(seed), "--out", afile], "is a file, not a folder"),
+        (["branch", str(seed), "--domains", "a", "--out", afile], "is a file, not a folder"),
+        (["demo", "--quick", "--out", afile], "is a file, not a folder"),
         (["eval", str(seed), "--data", "code", "--json", str(tmp_path)], "is a folder; give a file path"),
         (["generate", str(seed), "--prompt", "x", "--device", "gpu"], "--device 'gpu' is not a device name"),
         (["eval", str(seed), "--device", "tpu"], "--device 'tpu' is not"),
     ]
     if not torch.cuda.is_available():
         cases.append((["eval", str(seed), "--device", "cuda"], "PyTorch sees no CUDA GPU"))
-        cases.append((["train", str(seed), "--data", "code", "--out", str(tmp_path / "r"), "--device", "cuda", *TRAIN],
-                      "PyTorch sees no CUDA GPU"))
+        cases.append((["train", str(seed), "--data", "code", "--out", str(tmp_path / "r"),
+                       "--device", "cuda", *TRAIN], "PyTorch sees no CUDA GPU"))
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = err_of(capsys)
@@ -338,7 +343,7 @@ def test_a_folder_that_cannot_be_written_is_one_line(tmp_path, seed, capsys, mon
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path / "m"))
     monkeypatch.setattr(files, "write_model_folder", denied)
-    monkeypatch.setattr(bam_model.checkpoint, "write_model_folder", denied)
+    monkeypatch.setattr(formats_folder, "write_model_folder", denied)
     assert main(["mix", "--base-model", str(seed), "--out", str(tmp_path / "m")]) == 2
     assert err_of(capsys).strip() == f"bam mix: error: Permission denied: '{tmp_path / 'm'}'"
 
@@ -346,7 +351,8 @@ def test_a_folder_that_cannot_be_written_is_one_line(tmp_path, seed, capsys, mon
 def test_a_diverging_run_ends_with_one_line_naming_the_step(tmp_path, seed, capsys):
     torch.manual_seed(0)
     assert main(["train", str(seed), "--data", "code", "--out", str(tmp_path / "r"), "--lr", "1e12",
-                 "--steps", "30", "--batch-size", "2", "--seq-len", "16", "--no-progress", "--warmup", "0"]) == 2
+                 "--steps", "30", "--batch-size", "2", "--seq-len", "16", "--no-progress",
+                 "--warmup", "0"]) == 2
     err = err_of(capsys)
     assert "bam train: error: the loss is nan at step" in err and "try a lower --lr (now 1e+12)" in err
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import bam_kernels as bk
-from bam_model.nn import KVCache, MixtureOfAttention
+from bam_model.layers import KVCache, MixtureOfAttention
 from bam_model.rope import apply_rope, rope_cos_sin, rope_cos_sin_range
 
 
@@ -24,12 +24,14 @@ def dense_llama_attention(x_BTD, wq, wk, wv, wo, n_heads, n_kv_heads, theta=1000
 
 
 def _dense_weights(D, H, Hkv, Dh, dtype=torch.float64):
-    return (torch.randn(H * Dh, D, dtype=dtype) / D ** 0.5, torch.randn(Hkv * Dh, D, dtype=dtype) / D ** 0.5,
-            torch.randn(Hkv * Dh, D, dtype=dtype) / D ** 0.5, torch.randn(D, H * Dh, dtype=dtype) / (H * Dh) ** 0.5)
+    return (torch.randn(H * Dh, D, dtype=dtype) / D ** 0.5,
+            torch.randn(Hkv * Dh, D, dtype=dtype) / D ** 0.5,
+            torch.randn(Hkv * Dh, D, dtype=dtype) / D ** 0.5,
+            torch.randn(D, H * Dh, dtype=dtype) / (H * Dh) ** 0.5)
 
 
 @pytest.mark.parametrize("E,shared_kv,kv_init,top_k", [(1, True, "mean", None), (3, True, "mean", None),
-                                                      (3, True, "first", 2), (2, False, "mean", None),
+                                                      (3, True, "seed", 2), (2, False, "mean", None),
                                                       (4, False, "mean", 1)])
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_copies_of_one_dense_attention_equal_it_for_any_router(E, shared_kv, kv_init, top_k, backend):
@@ -60,7 +62,8 @@ def test_copies_equal_dense_on_triton_backend():
     for backend in ("torch", "triton"):
         with bk.use_backend(backend):
             y = moa(x)
-        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"backend {backend}: {m}")
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m, backend=backend: f"backend {backend}: {m}")
 
 
 @pytest.mark.parametrize("shared_kv", [True, False])
@@ -74,7 +77,8 @@ def test_distinct_experts_are_the_router_weighted_sum_of_dense_attentions(shared
     if shared_kv:
         ks = [torch.stack(ks).mean(0)] * E
         vs = [torch.stack(vs).mean(0)] * E
-    want = sum(g[..., e, None] * dense_llama_attention(x, qs[e], ks[e], vs[e], os_[e], H, Hkv) for e in range(E))
+    want = sum(g[..., e, None] * dense_llama_attention(x, qs[e], ks[e], vs[e], os_[e], H, Hkv)
+               for e in range(E))
     torch.testing.assert_close(moa(x), want)
 
 

@@ -8,8 +8,8 @@ import torch
 import transformers
 
 import bam_model
-from bam_model import checkpoint
 from bam_model.config import BamConfig, DenseConfig, config_from_dict, load_config
+from bam_model.formats import folder, gguf
 from bam_model.model import DenseLM, sample
 from tests.support.real_models import smollm2_gguf
 
@@ -215,7 +215,7 @@ def test_save_replaces_a_checkpoint_and_never_leaves_half_of_one(tmp_path, monke
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr(checkpoint, "save_file", crash)
+    monkeypatch.setattr(folder, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         first.save_pretrained(str(path))
     with pytest.raises(OSError, match="disk full"):
@@ -239,20 +239,20 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
         bam_model.load_dense(str(tmp_path))
     model = DenseLM(tiny_config())
     model.save_pretrained(str(tmp_path / "m"))
-    tensors = checkpoint.read_safetensors_folder(str(tmp_path / "m"))
+    tensors = folder.read_safetensors_folder(str(tmp_path / "m"))
     del tensors["model.layers.1.mlp.up_proj.weight"]
-    checkpoint.write_folder(str(tmp_path / "missing"), {"config.json": model.config.to_json()}, tensors)
+    folder.write_folder(str(tmp_path / "missing"), {"config.json": model.config.to_json()}, tensors)
     with pytest.raises(ValueError, match=r"missing tensor 'model.layers.1.mlp.up_proj.weight'"):
         bam_model.from_pretrained(str(tmp_path / "missing"))
     tensors["model.layers.1.mlp.up_proj.weight"] = torch.randn(72, 41)
-    checkpoint.write_folder(str(tmp_path / "shape"), {"config.json": model.config.to_json()}, tensors)
+    folder.write_folder(str(tmp_path / "shape"), {"config.json": model.config.to_json()}, tensors)
     with pytest.raises(ValueError, match=r"up_proj.weight' has shape \(72, 41\)"):
         bam_model.from_pretrained(str(tmp_path / "shape"))
     (tmp_path / "pickle").mkdir()
     (tmp_path / "pickle" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (tmp_path / "pickle" / "pytorch_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(ValueError, match="pickle"):
-        checkpoint.read_safetensors_folder(str(tmp_path / "pickle"))
+        folder.read_safetensors_folder(str(tmp_path / "pickle"))
     (tmp_path / "w.bin").write_bytes(b"\x00")
     with pytest.raises(ValueError, match="gguf"):
         bam_model.load_dense(str(tmp_path / "w.bin"))
@@ -270,7 +270,7 @@ def test_unpermute_inverts_llama_cpp_permute():
     w = torch.randn(n_heads * hd, d_in)
     # llama.cpp's convert_hf_to_gguf.py permute
     permuted = w.reshape(n_heads, 2, hd // 2, d_in).swapaxes(1, 2).reshape(w.shape)
-    assert torch.equal(checkpoint.unpermute_gguf_qk(permuted, n_heads), w)
+    assert torch.equal(gguf.unpermute_gguf_qk(permuted, n_heads), w)
 
 
 def test_smollm2_gguf_matches_transformers(smollm2):
@@ -286,7 +286,8 @@ def test_smollm2_gguf_matches_transformers(smollm2):
     ref_model.load_state_dict(hf_tensors, strict=False)
     ref_model.tie_weights()
     c = smollm2.config
-    assert (c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.rope_theta, c.tie_embeddings) == (30, 576, 9, 3, 1e5, True)
+    assert ((c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.rope_theta, c.tie_embeddings)
+            == (30, 576, 9, 3, 1e5, True))
     x = torch.randint(0, c.vocab_size, (1, 17))
     with torch.no_grad():
         torch.testing.assert_close(smollm2(x).logits, ref_model(x).logits, rtol=1e-4, atol=1e-4)

@@ -3,7 +3,7 @@ import torch
 
 import bam_kernels as bk
 from bam_kernels import reference
-from bam_model.nn import MoE, load_balancing_loss, router_z_loss
+from bam_model.layers import MoE, load_balancing_loss, router_z_loss
 
 
 def mixtral_block(dim, ffn_dim, num_experts, top_k):

@@ -6,7 +6,7 @@ import transformers
 
 import bam_model
 from bam_model import BamConfig, BamLM, DenseConfig, DenseLM
-from bam_model.nn import load_balancing_loss, router_z_loss
+from bam_model.layers import load_balancing_loss, router_z_loss
 from bam_model.upcycle import branch, upcycle
 
 

@@ -1,0 +1,202 @@
+"""Import of llama.cpp GGUF files of the ``llama`` architecture (Llama, Mistral, SmolLM), read with
+the ``gguf`` package: the metadata as a ``DenseConfig``, tensors dequantised to float32 under our
+names with q/k rows put back in Hugging Face's order, and the file's byte-level BPE tokenizer.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ..build import build_model, check_tensors
+from ..config import DenseConfig, about_file
+from ..model import DenseLM
+from ..tokenizer import TextTokenizer, check_fits
+from .folder import brief, check_values
+
+
+def gguf_path(reader) -> str:
+    return str(getattr(reader.data, "filename", "GGUF file"))
+
+
+def _gguf_field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        if default is None:
+            raise ValueError(f"GGUF file {gguf_path(reader)} has no {key!r}")
+        return default
+    return field.contents()
+
+
+def _gguf_number(reader, key: str, default=None, kind: type = int):
+    """A positive ``kind`` (int, or a finite float) field of the GGUF metadata."""
+    value = _gguf_field(reader, key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or not (
+            math.isfinite(value) and value > 0):
+        raise ValueError(f"GGUF file {gguf_path(reader)}: {key!r} must be a positive {kind.__name__}, "
+                         f"got {brief(value)}")
+    return value
+
+
+def unpermute_gguf_qk(w_OI: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation: within each head its rows are stored as interleaved
+    pairs; Hugging Face (rotate_half) keeps the two halves apart."""
+    out_dim = w_OI.shape[0]
+    return w_OI.reshape(n_heads, out_dim // n_heads // 2, 2, -1).transpose(1, 2).reshape(out_dim, -1)
+
+
+_GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GGUF_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+               "output.weight": "lm_head.weight"}
+
+
+def _gguf_name(name: str) -> str:
+    if name in _GGUF_NAMES:
+        return _GGUF_NAMES[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _GGUF_LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}"
+    raise ValueError(f"GGUF tensor {name!r} has no place in a Llama-family model")
+
+
+def gguf_reader(source):
+    """A ``gguf.GGUFReader`` for a path (reading the metadata takes seconds: share one reader for
+    the model and its tokenizer), or ``source`` itself when it is one already. A file that is not
+    GGUF, or is cut short or corrupt, is a ValueError naming it."""
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("reading GGUF files needs the gguf package: pip install 'bam-moe[hf]'") from None
+    if isinstance(source, gguf.GGUFReader):
+        return source
+    path = os.fspath(source)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    if magic != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file (it does not start with b'GGUF')")
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError) as e:  # what its parser raises on bytes cut short or wrong
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ValueError(f"GGUF file {path} is truncated or corrupt ({reason})") from None
+
+
+def load_gguf(source, dtype: torch.dtype | None = torch.float32, device="cpu") -> DenseLM:
+    """A llama.cpp GGUF file (path or ``gguf_reader``) of the ``llama`` architecture (Llama, Mistral,
+    SmolLM): tensors are dequantised to float32 and q/k rows put back in Hugging Face's order.
+    Their names and shapes are checked against the metadata before any is dequantised."""
+    reader = gguf_reader(source)
+    import gguf
+    where = gguf_path(reader)
+    arch = _gguf_field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"GGUF architecture {brief(arch)} is not supported; expected 'llama'")
+    n_heads = _gguf_number(reader, "llama.attention.head_count")
+    n_kv_heads = _gguf_number(reader, "llama.attention.head_count_kv", n_heads)
+    dim = _gguf_number(reader, "llama.embedding_length")
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names or reader.fields.get("llama.rope.scaling.type") is not None:
+        raise ValueError(f"GGUF file {where} uses RoPE scaling, which is not supported; only plain RoPE is")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = _gguf_number(reader, "llama.vocab_size", len(tokens.data) if tokens is not None else None)
+    fields = dict(
+        vocab_size=vocab, dim=dim, n_layers=_gguf_number(reader, "llama.block_count"), n_heads=n_heads,
+        n_kv_heads=n_kv_heads, ffn_dim=_gguf_number(reader, "llama.feed_forward_length"),
+        head_dim=_gguf_number(reader, "llama.attention.key_length", dim // n_heads),
+        rope_theta=_gguf_number(reader, "llama.rope.freq_base", 10000.0, float),
+        norm_eps=_gguf_number(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5, float),
+        max_seq_len=_gguf_number(reader, "llama.context_length", 2048),
+        tie_embeddings="output.weight" not in names)
+    for key in ("bos_token_id", "eos_token_id"):
+        field = reader.fields.get(f"tokenizer.ggml.{key}")
+        value = field.contents() if field is not None else None
+        in_vocab = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab
+        fields[key] = value if in_vocab else None
+    with about_file(where):
+        config = DenseConfig(**fields)
+    shapes = {_gguf_name(t.name): tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
+    check_tensors(config, shapes, f"{where} (llama.block_count)", "its tensor list")
+    tensors = {}
+    for t in reader.tensors:
+        name = _gguf_name(t.name)
+        try:
+            w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+        except NotImplementedError:
+            raise ValueError(f"{where}: tensor {t.name!r} is of type {t.tensor_type.name}, which the gguf "
+                             "package cannot dequantize") from None
+        w = w.reshape(shapes[name])  # GGUF lists dims innermost first
+        check_values(t.name, w, where)
+        if name.endswith("q_proj.weight"):
+            w = unpermute_gguf_qk(w, n_heads)
+        elif name.endswith("k_proj.weight"):
+            w = unpermute_gguf_qk(w, n_kv_heads)
+        tensors[name] = w
+    model = build_model(config, tensors, dtype, device)
+    model.tokenizer = gguf_tokenizer(reader).tokenizer
+    check_fits(model.tokenizer, config)
+    return model
+
+
+def is_gguf(source) -> bool:
+    """Whether ``source`` is a GGUF file: its path, or a reader of it from ``gguf_reader``."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.path.isfile(source) and os.fspath(source).endswith(".gguf")
+    return type(source).__name__ == "GGUFReader"
+
+
+def gguf_tokenizer(source) -> TextTokenizer:
+    """The byte-level BPE stored in a GGUF file's ``tokenizer.ggml.*`` fields (path or ``gguf_reader``)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    reader = gguf_reader(source)
+
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    kind = field("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' only); "
+                         "pass --tokenizer with a tokenizer.json")
+    tokens, merges = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.merges", [])
+    where = f"GGUF file {gguf_path(reader)}"
+    if not (isinstance(tokens, list) and tokens and all(isinstance(t, str) for t in tokens)):
+        raise ValueError(f"{where}: tokenizer.ggml.tokens must be a list of strings")
+    if not (isinstance(merges, list) and all(isinstance(m, str) and " " in m for m in merges)):
+        raise ValueError(f"{where}: tokenizer.ggml.merges must be a list of 'left right' strings")
+    types = field("tokenizer.ggml.token_type", [1] * len(tokens))
+    try:
+        bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                         merges=[tuple(m.split(" ", 1)) for m in merges])
+    except Exception as e:
+        if type(e) is not Exception:  # tokenizers raises a bare Exception for a vocabulary it cannot use
+            raise
+        raise ValueError(f"{where}: its tokenizer is corrupt ({e})") from None
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    # Control tokens (type 3) are matched whole in text, as llama.cpp does.
+    tok.add_special_tokens([AddedToken(t, special=True) for t, ty in zip(tokens, types) if ty == 3])
+    bos = field("tokenizer.ggml.bos_token_id")
+    if bos is not None and not (isinstance(bos, int) and 0 <= bos < len(tokens)):
+        raise ValueError(f"{where}: tokenizer.ggml.bos_token_id {bos!r} is not a token id")
+    if bos is not None and field("tokenizer.ggml.add_bos_token", False):
+        # As a post-processor, BOS travels with the tokenizer.json a mixture of this model carries.
+        tok.post_processor = processors.TemplateProcessing(single=f"{tokens[bos]} $A",
+                                                           pair=f"{tokens[bos]} $A $B",
+                                                           special_tokens=[(tokens[bos], bos)])
+    return TextTokenizer(tok, field("tokenizer.ggml.eos_token_id"))

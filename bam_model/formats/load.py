@@ -1,0 +1,108 @@
+"""The entry points that read any model bam reads, with the tokenizer it carries: ``load_dense``
+(our dense folder, a Hugging Face Llama-family folder, a ``.gguf`` file) and ``from_pretrained``
+(those and our mixtures, and Hugging Face Mixtral folders).
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import torch
+
+from .. import data
+from ..config import CONFIG_CLASSES, BamConfig, DenseConfig
+from ..files import check_complete
+from ..model import CausalLM, DenseLM
+from ..tokenizer import TOKENIZER_JSON, check_fits
+from .bam import load_bam_folder
+from .folder import CONFIG, folder_model_type
+from .gguf import gguf_tokenizer, is_gguf, load_gguf
+from .hf import load_hf_folder, load_mixtral_folder
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+
+def from_pretrained(path: str, dtype: torch.dtype | None = None, device="cpu") -> CausalLM:
+    """Load a dense or BAM model saved by ``save_pretrained`` (stored dtypes kept unless ``dtype``);
+    a Hugging Face Mixtral folder (``load_mixtral_folder``), Llama-family folder or ``.gguf`` file
+    (``load_dense``) is read in float32 unless ``dtype`` says otherwise. The model carries its
+    tokenizer as ``model.tokenizer`` (``bam_model.tokenizer``)."""
+    model = _from_pretrained(path, dtype, device)
+    return _with_tokenizer(model, path)
+
+
+def _with_tokenizer(model: CausalLM, source) -> CausalLM:
+    if model.tokenizer is None:
+        model.tokenizer = tokenizer_of_source(source, model.config)
+    return model
+
+
+def tokenizer_of_source(source, config) -> Tokenizer | None:
+    """The tokenizer a model loaded from ``source`` (a folder path, or a GGUF path or reader) was
+    trained with: the folder's ``tokenizer.json``, the GGUF file's vocabulary, or, for one of our
+    folders without one, the bundled BPE when the vocabulary sizes agree; None when there is none
+    (a Hugging Face folder without tokenizer files). Refused when it has more tokens than the model."""
+    if is_gguf(source):
+        tok = gguf_tokenizer(source).tokenizer
+    else:
+        path = os.fspath(source)
+        own = os.path.join(path, TOKENIZER_JSON)
+        if os.path.isfile(own):
+            tok = data.read_tokenizer(own)
+        elif (folder_model_type(path) in CONFIG_CLASSES
+              and config.vocab_size == data.load_tokenizer().get_vocab_size()):
+            tok = data.load_tokenizer()
+        else:
+            return None
+    check_fits(tok, config)
+    return tok
+
+
+def _from_pretrained(path: str, dtype: torch.dtype | None, device) -> CausalLM:
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be a checkpoint folder or .gguf file path, got {type(path).__name__}")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        check_complete(path)
+    cfg_path = os.path.join(path, CONFIG)
+    if os.path.isdir(path) and os.path.isfile(cfg_path):
+        model_type = folder_model_type(path)
+        if model_type in CONFIG_CLASSES:
+            return load_bam_folder(path, dtype, device)
+        if model_type == "mixtral":
+            return load_mixtral_folder(path, torch.float32 if dtype is None else dtype, device)
+    return load_dense(path, torch.float32 if dtype is None else dtype, device)
+
+
+def load_dense(path, dtype: torch.dtype | None = torch.float32, device="cpu") -> DenseLM:
+    """A dense model from our folder, a Hugging Face Llama-family folder, or a ``.gguf`` file (a
+    path, or a reader from ``gguf_reader``).
+
+    ``dtype`` (float32 by default; None keeps what the file stores) is applied to every tensor.
+    The model carries its tokenizer as ``model.tokenizer``.
+    """
+    return _with_tokenizer(_load_dense(path, dtype, device), path)
+
+
+def _load_dense(path, dtype: torch.dtype | None, device) -> DenseLM:
+    if is_gguf(path):
+        return load_gguf(path, dtype, device)
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be a folder or .gguf file path, got {type(path).__name__}")
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        raise ValueError(f"{path!r} is a file but not a .gguf; expected a checkpoint folder or a .gguf file")
+    if not os.path.isdir(path):
+        raise ValueError(f"{path!r} does not exist")
+    check_complete(path)
+    cfg_path = os.path.join(path, CONFIG)
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"{path!r} holds no {CONFIG}")
+    model_type = folder_model_type(path)
+    if model_type == DenseConfig.model_type:
+        return load_bam_folder(path, dtype, device)
+    if model_type in (BamConfig.model_type, "mixtral"):
+        raise ValueError(f"{path!r} holds a mixture (model_type {model_type!r}), not a dense model; "
+                         "use bam_model.from_pretrained")
+    return load_hf_folder(path, dtype, device)

@@ -1,0 +1,347 @@
+"""Drop-in torch.nn modules built on bam_kernels: the MoE FFN (and, beside it, the attention
+experts). Modules know nothing of Triton: every op goes through the bam_kernels dispatcher.
+
+Shape suffixes in ``bam_model`` (``x_BTD`` is [batch, tokens, model dim]):
+B batch; T tokens (query positions); S keys; D model dim; F FFN (expert) hidden; E experts;
+K top-k slots; H query heads; G key/value heads; N query heads of all experts (E * H);
+Dh head dim; P rotary pairs (Dh / 2); V vocabulary; O and I a weight's out and in features.
+Expert parallelism adds W ranks, L local experts of a rank, M routed rows (T * K, in expert
+order) and R rows a rank receives.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+import bam_kernels as bk
+
+from .rope import apply_rope, rope_for
+
+
+def load_balancing_loss(router_logits_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+    """Switch load-balancing loss ``E * sum_i f_i * P_i``.
+
+    f_i: fraction of the routed (token, slot) pairs sent to expert i (not differentiable);
+    P_i: mean router probability of expert i over the tokens.
+    """
+    E = router_logits_TE.shape[-1]
+    probs_TE = torch.softmax(router_logits_TE, dim=-1, dtype=torch.float32)
+    counts_E = torch.zeros(E, device=experts_TK.device, dtype=torch.int64)
+    counts_E.scatter_add_(0, experts_TK.reshape(-1), torch.ones_like(experts_TK.reshape(-1)))
+    f_E = counts_E.to(torch.float32) / max(experts_TK.numel(), 1)
+    return E * (f_E * probs_TE.mean(dim=0)).sum()
+
+
+def route_logits(router: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``router(x)``; inside an autocast region computed in float32 instead (selective precision,
+    as Switch and ST-MoE do: bf16 logits round enough to flip top-k choices and to destabilise the
+    softmax and the z-loss)."""
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return nn.functional.linear(x.float(), router.weight.float())
+    return router(x)
+
+
+def route(logits_TE: torch.Tensor, top_k: int, normalize: bool, straight_through: bool = False):
+    """Top-k routing weights [T, K] and expert ids [T, K] from router logits [T, E].
+
+    ``normalize=False``: the kept softmax probabilities (BAM's paper); ``normalize=True``: rescaled
+    to sum to 1 over the k (Mixtral, BTX). ``straight_through`` (with ``normalize``): the forward
+    weights are the renormalised ones, exactly, but the gradient is that of the plain probabilities,
+    so the router learns from the language-model loss as in the paper even at top-1 (where the
+    renormalised weight is the constant 1) while the mixture of identical experts keeps the dense
+    model's function."""
+    if not straight_through:
+        return bk.route_topk(logits_TE, top_k, normalize=normalize)
+    probs_TK, experts_TK = bk.route_topk(logits_TE, top_k, normalize=False)
+    kept_TK = probs_TK.detach()
+    return kept_TK / kept_TK.sum(dim=-1, keepdim=True) + (probs_TK - kept_TK), experts_TK
+
+
+def router_z_loss(router_logits_TE: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss ``mean_t (logsumexp_j logits_tj)^2``."""
+    return torch.logsumexp(router_logits_TE.float(), dim=-1).square().mean()
+
+
+class MoEExperts(nn.Module):
+    """E SwiGLU experts in Hugging Face's fused layout: gate_up_proj [E, 2F, D] (gate rows first),
+    down_proj [E, D, F]."""
+
+    def __init__(self, num_experts: int, dim: int, ffn_dim: int, device=None, dtype=None):
+        super().__init__()
+        self.num_experts, self.dim, self.ffn_dim = num_experts, dim, ffn_dim
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * ffn_dim, dim, device=device,
+                                                     dtype=dtype))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, ffn_dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Each expert initialised as nn.Linear would be (uniform, bound 1/sqrt(fan_in)).
+        nn.init.uniform_(self.gate_up_proj, -1 / math.sqrt(self.dim), 1 / math.sqrt(self.dim))
+        nn.init.uniform_(self.down_proj, -1 / math.sqrt(self.ffn_dim), 1 / math.sqrt(self.ffn_dim))
+
+    def forward(self, x_TD, weights_TK, experts_TK):
+        return bk.moe_mlp(x_TD, self.gate_up_proj, self.down_proj, weights_TK, experts_TK)
+
+
+class RouterLosses:
+    """``load_balancing_loss`` and ``z_loss`` of the last forward, computed when first read
+    (decoding never pays): a forward calls ``_set_routed(router logits, expert ids)``, which also
+    keeps the logits as ``router_logits``."""
+    router_logits: torch.Tensor | None = None
+    _routed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _set_routed(self, logits_TE: torch.Tensor, experts_TK: torch.Tensor) -> None:
+        self.router_logits = logits_TE
+        self._routed, self._losses = (logits_TE, experts_TK), {}
+
+    def _loss(self, name: str, fn) -> torch.Tensor | None:
+        if self._routed is None:
+            return None
+        if name not in self._losses:
+            self._losses[name] = fn()
+        return self._losses[name]
+
+    @property
+    def load_balancing_loss(self) -> torch.Tensor | None:
+        """``E * sum_i f_i P_i`` of the last forward."""
+        return self._loss("lb", lambda: load_balancing_loss(*self._routed))
+
+    @property
+    def z_loss(self) -> torch.Tensor | None:
+        """``mean_t logsumexp(logits_t)^2`` of the last forward."""
+        return self._loss("z", lambda: router_z_loss(self._routed[0]))
+
+
+class MoE(RouterLosses, nn.Module):
+    """Sparse mixture of SwiGLU experts with a top-k softmax router.
+
+    ``normalize=False`` keeps the top-k probabilities as they are (BAM's paper); ``normalize=True``
+    rescales them to sum to 1 (Mixtral, BTX); ``straight_through=True`` (with ``normalize``) keeps
+    the renormalised forward but gives the router the plain probabilities' gradient (``route``).
+    State-dict keys and shapes are those of
+    transformers' ``MixtralSparseMoeBlock``: ``gate.weight [E, D]``,
+    ``experts.gate_up_proj [E, 2F, D]``, ``experts.down_proj [E, D, F]``.
+
+    After each forward: ``router_logits`` [tokens, E], ``load_balancing_loss`` and ``z_loss``
+    (scalars, differentiable) for the model to collect.
+    """
+
+    def __init__(self, dim: int, ffn_dim: int, num_experts: int, top_k: int = 1, normalize: bool = False,
+                 device=None, dtype=None, *, straight_through: bool = False):
+        super().__init__()
+        for name, value in (("dim", dim), ("ffn_dim", ffn_dim), ("num_experts", num_experts)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
+        if straight_through and not normalize:
+            raise ValueError("straight_through=True needs normalize=True (it keeps the renormalised forward)")
+        self.dim, self.ffn_dim, self.num_experts = dim, ffn_dim, num_experts
+        self.top_k, self.normalize, self.straight_through = top_k, normalize, straight_through
+        self.gate = nn.Linear(dim, num_experts, bias=False, device=device, dtype=dtype)
+        self.experts = MoEExperts(num_experts, dim, ffn_dim, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x must have last dimension dim={self.dim}, got shape {tuple(x.shape)}")
+        x_TD = x.reshape(-1, self.dim)
+        logits_TE = route_logits(self.gate, x_TD)
+        weights_TK, experts_TK = route(logits_TE, self.top_k, self.normalize, self.straight_through)
+        y_TD = self.experts(x_TD, weights_TK, experts_TK)
+        self._set_routed(logits_TE, experts_TK)
+        return y_TD.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, ffn_dim={self.ffn_dim}, num_experts={self.num_experts}, "
+                f"top_k={self.top_k}, normalize={self.normalize}, straight_through={self.straight_through}")
+
+
+class KVCache:
+    """Keys and values of every attention layer, for decoding token by token.
+
+    Layer i holds k, v [B, S, *kv_heads, Dh] as its attention made them: [B, S, Hkv, Dh] for a dense
+    or shared-KV layer (so a shared-KV mixture caches exactly what the dense model does) and
+    [B, S, E, Hkv, Dh] for expert KV. Storage grows by doubling along S, or is allocated once when
+    ``max_length`` is given, so appending a token costs O(1) amortised.
+    """
+
+    def __init__(self, num_layers: int, max_length: int | None = None):
+        if not isinstance(num_layers, int) or num_layers < 1:
+            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        self.num_layers, self.max_length = num_layers, max_length
+        self._k: list[torch.Tensor | None] = [None] * num_layers
+        self._v: list[torch.Tensor | None] = [None] * num_layers
+        self._lengths = [0] * num_layers
+
+    def length(self, layer_idx: int = 0) -> int:
+        """Tokens cached so far in that layer: the position of the next token."""
+        return self._lengths[layer_idx]
+
+    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached (k, v) of a layer, each [B, length, *kv_heads, Dh]."""
+        n = self._lengths[layer_idx]
+        if self._k[layer_idx] is None:
+            raise ValueError(f"layer_idx {layer_idx} has nothing cached yet")
+        return self._k[layer_idx][:, :n], self._v[layer_idx][:, :n]
+
+    def update(self, layer_idx: int, k_new: torch.Tensor, v_new: torch.Tensor):
+        """Append k_new, v_new [B, T, *kv_heads, Dh]; return the whole (k, v) of the layer."""
+        if not 0 <= layer_idx < self.num_layers:
+            raise ValueError(f"layer_idx must be in [0, {self.num_layers}), got {layer_idx}")
+        if k_new.shape != v_new.shape:
+            raise ValueError(f"k_new and v_new must have one shape, got {tuple(k_new.shape)} and "
+                             f"{tuple(v_new.shape)}")
+        n, T = self._lengths[layer_idx], k_new.shape[1]
+        k_buf = self._k[layer_idx]
+        if k_buf is not None and (k_buf.shape[0] != k_new.shape[0] or k_buf.shape[2:] != k_new.shape[2:]):
+            raise ValueError(f"k_new must have shape [B, T, *kv_heads, Dh] = [{k_buf.shape[0]}, T, "
+                             f"{', '.join(map(str, k_buf.shape[2:]))}] like the cache, "
+                             f"got {tuple(k_new.shape)}")
+        if k_buf is None or n + T > k_buf.shape[1]:
+            if self.max_length is not None and n + T > self.max_length:
+                raise ValueError(f"the cache holds max_length={self.max_length} tokens; {n} + {T} do not fit")
+            capacity = self.max_length or max(2 * (n + T), 16)
+            shape = (k_new.shape[0], capacity, *k_new.shape[2:])
+            new_k = k_new.new_empty(shape)
+            new_v = v_new.new_empty(shape)
+            if n:
+                new_k[:, :n] = k_buf[:, :n]
+                new_v[:, :n] = self._v[layer_idx][:, :n]
+            self._k[layer_idx], self._v[layer_idx] = new_k, new_v
+        self._k[layer_idx][:, n:n + T] = k_new
+        self._v[layer_idx][:, n:n + T] = v_new
+        self._lengths[layer_idx] = n + T
+        return self.layer(layer_idx)
+
+    def reset(self) -> None:
+        self._k = [None] * self.num_layers
+        self._v = [None] * self.num_layers
+        self._lengths = [0] * self.num_layers
+
+
+class MixtureOfAttention(nn.Module):
+    """BAM's soft mixture of attention experts: ``y = sum_e g_e(x) * Attn_e(x)``, ``g = softmax(router(x))``.
+
+    Every expert has its own query and output projections, stacked so that each is one GEMM:
+    ``q_proj.weight [E*H*Dh, D]`` (expert-major rows), ``o_proj.weight [D, E*H*Dh]``. With
+    ``shared_kv`` one ``k_proj``/``v_proj`` [Hkv*Dh, D] serves every expert (the KV cache is a dense
+    layer's); otherwise each expert has its own, stacked expert-major into [E*Hkv*Dh, D].
+    ``router.weight [E, D]``; no biases. Queries and keys get RoPE (Hugging Face Llama's layout),
+    attention is causal. ``top_k`` (optional) keeps the k largest router weights renormalised to
+    sum to 1 (every expert is still computed; the others get weight 0).
+
+    forward(x [B, T, D], cache=None, position_ids=None) -> [B, T, D]. With a ``KVCache`` the new keys
+    and values are appended to layer ``layer_idx`` and positions continue from its length.
+    After each forward ``router_logits`` [B*T, E] is kept for the model to collect.
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, num_experts: int, shared_kv: bool = True,
+                 head_dim: int | None = None, rope_theta: float = 10000.0, top_k: int | None = None,
+                 layer_idx: int = 0, device=None, dtype=None):
+        super().__init__()
+        for name, value in (("dim", dim), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads),
+                            ("num_experts", num_experts)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
+        if head_dim is None:
+            if dim % n_heads:
+                raise ValueError(f"n_heads={n_heads} must divide dim={dim} when head_dim is not given")
+            head_dim = dim // n_heads
+        if not isinstance(head_dim, int) or head_dim < 2 or head_dim % 2:
+            raise ValueError(f"head_dim must be a positive even int (RoPE rotates pairs), got {head_dim!r}")
+        if top_k is not None and (not isinstance(top_k, int) or not 1 <= top_k <= num_experts):
+            raise ValueError(f"top_k must be None or an int in [1, num_experts={num_experts}], got {top_k!r}")
+        self.dim, self.n_heads, self.n_kv_heads, self.num_experts = dim, n_heads, n_kv_heads, num_experts
+        self.shared_kv, self.head_dim, self.rope_theta = shared_kv, head_dim, rope_theta
+        self.top_k, self.layer_idx = top_k, layer_idx
+        E, H, Hkv, Dh = num_experts, n_heads, n_kv_heads, head_dim
+        kv_out = Hkv * Dh if shared_kv else E * Hkv * Dh
+        self.q_proj = nn.Linear(dim, E * H * Dh, bias=False, device=device, dtype=dtype)
+        self.k_proj = nn.Linear(dim, kv_out, bias=False, device=device, dtype=dtype)
+        self.v_proj = nn.Linear(dim, kv_out, bias=False, device=device, dtype=dtype)
+        self.o_proj = nn.Linear(E * H * Dh, dim, bias=False, device=device, dtype=dtype)
+        self.router = nn.Linear(dim, E, bias=False, device=device, dtype=dtype)
+        self.router_logits = None
+
+    @classmethod
+    def from_dense(cls, q_weights, k_weights, v_weights, o_weights, n_heads: int, n_kv_heads: int,
+                   shared_kv: bool = True, kv_init: str = "mean", rope_theta: float = 10000.0,
+                   top_k: int | None = None, layer_idx: int = 0) -> MixtureOfAttention:
+        """One expert per dense attention: lists of E weights in nn.Linear layout, q [H*Dh, D],
+        k and v [Hkv*Dh, D], o [D, H*Dh]. Shared K/V start from the experts' mean (``kv_init="mean"``)
+        or the seed's (``"seed"``: the first expert, where upcycling lists the seed), the words of
+        ``upcycle`` and ``bam mix``. The router is new."""
+        E = len(q_weights)
+        if E < 1 or not (len(k_weights) == len(v_weights) == len(o_weights) == E):
+            raise ValueError("q_weights, k_weights, v_weights and o_weights must be lists of one length "
+                             f">= 1, got {len(q_weights)}, {len(k_weights)}, {len(v_weights)}, "
+                             f"{len(o_weights)}")
+        # "first" is the old spelling of "seed": upcycle.py passes it until it passes kv_init through.
+        if kv_init not in ("mean", "seed", "first"):
+            raise ValueError(f"kv_init must be 'mean' or 'seed', got {kv_init!r}")
+        HDh, D = q_weights[0].shape
+        if n_heads < 1 or HDh % n_heads:
+            raise ValueError(f"q_weights[0] has {HDh} rows, not a multiple of n_heads={n_heads}")
+        Dh = HDh // n_heads
+        expected = {"q_weights": (HDh, D), "k_weights": (n_kv_heads * Dh, D),
+                    "v_weights": (n_kv_heads * Dh, D), "o_weights": (D, HDh)}
+        for name, weights in (("q_weights", q_weights), ("k_weights", k_weights), ("v_weights", v_weights),
+                              ("o_weights", o_weights)):
+            for i, w in enumerate(weights):
+                if tuple(w.shape) != expected[name]:
+                    raise ValueError(f"{name}[{i}] must have shape {expected[name]}, got {tuple(w.shape)}")
+        w0 = q_weights[0]
+        module = cls(D, n_heads, n_kv_heads, E, shared_kv=shared_kv, head_dim=Dh, rope_theta=rope_theta,
+                     top_k=top_k, layer_idx=layer_idx, device=w0.device, dtype=w0.dtype)
+        with torch.no_grad():
+            module.q_proj.weight.copy_(torch.cat(list(q_weights), dim=0))
+            module.o_proj.weight.copy_(torch.cat(list(o_weights), dim=1))
+            for proj, weights in ((module.k_proj, k_weights), (module.v_proj, v_weights)):
+                if not shared_kv:
+                    proj.weight.copy_(torch.cat(list(weights), dim=0))
+                elif kv_init == "mean":
+                    proj.weight.copy_(torch.stack([w.double() for w in weights]).mean(0))
+                else:
+                    proj.weight.copy_(weights[0])
+        return module
+
+    def mix(self, router_logits: torch.Tensor) -> torch.Tensor:
+        """Router weights [..., E] (float32 or wider) from router logits."""
+        wide = torch.promote_types(router_logits.dtype, torch.float32)
+        probs = torch.softmax(router_logits.to(wide), dim=-1)
+        if self.top_k is None or self.top_k == self.num_experts:
+            return probs
+        w, idx = probs.topk(self.top_k, dim=-1)
+        return torch.zeros_like(probs).scatter(-1, idx, w / w.sum(-1, keepdim=True))
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
+                position_ids: torch.Tensor | None = None):
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape [B, T, dim={self.dim}], got {tuple(x.shape)}")
+        B, T, _ = x.shape
+        E, H, Hkv, Dh = self.num_experts, self.n_heads, self.n_kv_heads, self.head_dim
+        kv_heads = (Hkv,) if self.shared_kv else (E, Hkv)
+        logits_BTE = route_logits(self.router, x)
+        q_BTNDh = self.q_proj(x).view(B, T, E * H, Dh)
+        k_BTGDh = self.k_proj(x).view(B, T, -1, Dh)
+        v_BTGDh = self.v_proj(x).view(B, T, *kv_heads, Dh)
+        start = cache.length(self.layer_idx) if cache is not None else 0
+        cos, sin = rope_for(position_ids, start, T, Dh, self.rope_theta, q_BTNDh.dtype, x.device)
+        q_BTEHDh = apply_rope(q_BTNDh, cos, sin).view(B, T, E, H, Dh)
+        k_BTGDh = apply_rope(k_BTGDh, cos, sin).view(B, T, *kv_heads, Dh)
+        if cache is not None:
+            k_BTGDh, v_BTGDh = cache.update(self.layer_idx, k_BTGDh, v_BTGDh)
+        o_BTEHDh = bk.moa_attention(q_BTEHDh, k_BTGDh, v_BTGDh, self.mix(logits_BTE), causal=True)
+        self.router_logits = logits_BTE.reshape(B * T, E)
+        return self.o_proj(o_BTEHDh.reshape(B, T, E * H * Dh))
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, "
+                f"num_experts={self.num_experts}, shared_kv={self.shared_kv}, head_dim={self.head_dim}, "
+                f"top_k={self.top_k}")
