@@ -5,11 +5,9 @@ Both are plain dataclasses that validate themselves on construction and round-tr
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -191,58 +189,3 @@ def config_from_dict(d: dict) -> DenseConfig:
     if missing:
         raise ValueError(f"{model_type} config is missing required keys: {missing}")
     return cls(**body)
-
-
-def _refuse_constant(name: str):
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"{text} is out of range for a float")
-    return value
-
-
-def read_json(path: str) -> dict:
-    """The JSON object in the file ``path``. Anything else (an unreadable file, not UTF-8, not JSON,
-    NaN or Infinity, nesting too deep for Python's parser, an array or a number) is a ValueError
-    that names the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    try:
-        value = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
-    except RecursionError:
-        raise ValueError(f"{path} is nested too deeply to be read") from None
-    except ValueError as e:  # JSONDecodeError, the two refusals above, an int of over 4300 digits
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        kind = "null" if value is None else type(value).__name__
-        raise ValueError(f"{path} must hold a JSON object, got {kind}")
-    return value
-
-
-@contextlib.contextmanager
-def about_file(path: str):
-    """Prefix the ValueErrors raised inside with ``path``, the file whose contents they are about
-    (for checks that know a key, not the file it came from)."""
-    try:
-        yield
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-
-
-def load_config(path: str) -> DenseConfig:
-    """Read our ``config.json`` (a file, or a folder holding one)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    if not os.path.isfile(path):
-        raise ValueError(f"no config file at {path!r}")
-    d = read_json(path)
-    with about_file(path):
-        return config_from_dict(d)

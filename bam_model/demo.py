@@ -32,12 +32,13 @@ from pathlib import Path
 import torch
 
 from . import files
-from .checkpoint import from_pretrained
-from .config import BamConfig, DenseConfig, load_config, read_json
+from .config import BamConfig, DenseConfig
 from .data import DOMAINS, eval_windows, load_tokenizer, parse_data_spec, tokens
 from .distributed import resolve_device
 from .evaluate import evaluate
-from .files import write_atomic, write_text_atomic
+from .files import read_json, write_atomic, write_text_atomic
+from .formats import from_pretrained
+from .formats.folder import load_config
 from .model import DenseLM
 from .options import positive_float, positive_int
 from .training import FINAL_MODEL, TrainConfig, remove_checkpoints, train

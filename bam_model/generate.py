@@ -6,7 +6,7 @@ import time
 import torch
 
 from . import data
-from .checkpoint import from_pretrained, gguf_reader, is_gguf, load_gguf
+from .formats import from_pretrained, gguf_reader, is_gguf, load_gguf
 from .model import CausalLM
 from .tokenizer import TextTokenizer, check_fits
 

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import build_model, is_gguf, load_dense
+from .build import build_model
 from .config import METHODS, BamConfig
-from .model import DenseLM
+from .formats import is_gguf, load_dense
 from .layers import MixtureOfAttention
+from .model import DenseLM
 from .options import INT, NUMBER, TEXT, option, positive_int, validate
 
 ATTENTION_OPTIONS = ("expert-kv", "shared-kv")
@@ -36,8 +37,6 @@ FFN_ROUTINGS = {
 METHOD_DEFAULTS = {"bam": dict(top_k=1, ffn_routing="straight-through"),
                    "btx": dict(top_k=2, ffn_routing="renormalized"),
                    "sparse": dict(top_k=2, ffn_routing="renormalized")}
-# MixtureOfAttention.from_dense names the seed's K/V "first" (the first of the models it is given).
-_FROM_DENSE_KV_INIT = {"mean": "mean", "seed": "first"}
 
 
 def _list_of_str(v) -> bool:
@@ -284,7 +283,7 @@ class _Mixer:
         shared_kv = config.attention == "shared-kv"
         moa = MixtureOfAttention.from_dense(
             attn["q_proj"], attn["k_proj"], attn["v_proj"], attn["o_proj"], config.n_heads, config.n_kv_heads,
-            shared_kv=shared_kv, kv_init=_FROM_DENSE_KV_INIT[options.kv_init], rope_theta=config.rope_theta)
+            shared_kv=shared_kv, kv_init=options.kv_init, rope_theta=config.rope_theta)
         out = {f"{p}self_attn.{proj}.weight": getattr(moa, proj).weight.detach() for proj in projs}
         if shared_kv and options.kv_init == "mean" and self.fisher_states is not None:
             for proj in ("k_proj", "v_proj"):

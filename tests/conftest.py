@@ -3,8 +3,8 @@ import os
 # The Triton interpreter must be chosen before triton is first imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
@@ -12,7 +12,7 @@ torch.backends.cudnn.allow_tf32 = False
 # Every Triton launch under the interpreter is bounds-checked (tests/support/sanitizer.py); set
 # BAM_TEST_SANITIZE=0 to run without the checks.
 if os.environ.get("BAM_TEST_SANITIZE", "1") != "0" and os.environ["TRITON_INTERPRET"] not in ("", "0"):
-    from tests.support import sanitizer  # noqa: E402
+    from tests.support import sanitizer
 
     SANITIZED = sanitizer.install()
 else:
@@ -21,7 +21,7 @@ else:
 # The interpreter's bf16 dots are garbage (integer products of the bit patterns); this makes them
 # right, so bf16 runs on the CPU too (tests/support/interpreter_bf16.py).
 if os.environ["TRITON_INTERPRET"] not in ("", "0"):
-    from tests.support import interpreter_bf16  # noqa: E402
+    from tests.support import interpreter_bf16
 
     BF16_DOTS = interpreter_bf16.install()
 else:

@@ -32,8 +32,8 @@ def add_branch_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_branch(args: argparse.Namespace) -> list[str]:
-    from ..checkpoint import load_dense
     from ..files import check_output
+    from ..formats import load_dense
     from ..upcycle import branch
 
     opts = from_args(BranchOptions, args)

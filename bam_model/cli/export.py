@@ -28,8 +28,8 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> str:
-    from ..checkpoint import export_hf
     from ..files import check_output
+    from ..formats import export_hf
     from ..generate import load_model_and_tokenizer
     from ..tokenizer import hf_tokenizer_files
 

@@ -104,8 +104,8 @@ def _read_recipe(args: argparse.Namespace) -> tuple[MixRecipe, str]:
 
 
 def run_mix(args: argparse.Namespace) -> str:
-    from ..checkpoint import export_mixtral
     from ..files import check_output
+    from ..formats import export_mixtral
     from ..tokenizer import hf_tokenizer_files
     from ..upcycle import upcycle
 

@@ -15,8 +15,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..build import check_tensors
-from ..config import DenseConfig, about_file, read_json
-from ..files import write_model_folder
+from ..config import DenseConfig, config_from_dict
+from ..files import about_file, read_json, write_model_folder
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -200,3 +200,14 @@ def folder_model_type(path: str) -> str | None:
     if model_type is not None and not isinstance(model_type, str):
         raise ValueError(f"{cfg_path}: model_type must be a string, got {brief(model_type)}")
     return model_type
+
+
+def load_config(path: str) -> DenseConfig:
+    """Read our ``config.json`` (a file, or a folder holding one)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"no config file at {path!r}")
+    d = read_json(path)
+    with about_file(path):
+        return config_from_dict(d)

@@ -10,7 +10,8 @@ import os
 import torch
 
 from ..build import build_model, check_tensors
-from ..config import DenseConfig, about_file
+from ..config import DenseConfig
+from ..files import about_file
 from ..model import DenseLM
 from ..tokenizer import TextTokenizer, check_fits
 from .folder import brief, check_values

@@ -25,9 +25,8 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .. import distributed, files
-from ..config import read_json
 from ..data import BatchStream
-from ..files import file_record, fsync_dir, fsync_file, sha256, write_json_atomic
+from ..files import file_record, fsync_dir, fsync_file, read_json, sha256, write_json_atomic
 from .config import TrainConfig
 
 CHECKPOINTS = "checkpoints"

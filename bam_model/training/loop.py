@@ -28,9 +28,8 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .. import distributed, files
-from ..config import read_json
 from ..data import BatchStream, parse_data_spec
-from ..files import write_text_atomic
+from ..files import read_json, write_text_atomic
 from ..tokenizer import for_model
 from .checkpointing import CHECKPOINTS, MODEL_FILE, TRAINER_JSON, checkpoint_dirs, load_state, save_checkpoint
 from .config import TrainConfig, lr_at, make_optimizer
@@ -74,7 +73,7 @@ def save_final(model: nn.Module, path: Path, dtype: torch.dtype | None = None) -
     """Write the whole model to ``path`` from rank 0 (its weights in ``dtype``, by default their
     own); a collective under FSDP and expert parallelism (shards and expert slices are gathered to
     rank 0; ``model`` itself stays as it is)."""
-    from ..checkpoint import build_model
+    from ..build import build_model
     from ..model import CausalLM
 
     inner = distributed.unwrap(model)

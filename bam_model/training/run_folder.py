@@ -18,8 +18,7 @@ import shutil
 from pathlib import Path
 
 from .. import distributed, files
-from ..config import read_json
-from ..files import STAGING_PREFIX
+from ..files import STAGING_PREFIX, read_json
 from .checkpointing import (
     CHECKPOINTS,
     TRAINER_JSON,

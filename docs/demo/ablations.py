@@ -33,7 +33,7 @@ import torch
 
 import bam_kernels as bk
 from bam_model import from_pretrained
-from bam_model.config import load_config
+from bam_model.formats.folder import load_config
 from bam_model.data import DOMAINS
 from bam_model.demo import DemoConfig, PhaseRunner, compute_matched_steps, expert_domain_avg, mixture_data
 from bam_model.layers import MoE, route_logits

@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 
 import bam_model
 from bam_model.cli import main
-from bam_model.config import BamConfig, DenseConfig, load_config
+from bam_model.config import BamConfig, DenseConfig
 from bam_model.formats import folder
+from bam_model.formats.folder import load_config
 from bam_model.model import DenseLM
 from tests.support.real_models import smollm2_gguf
 

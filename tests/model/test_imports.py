@@ -22,12 +22,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("bam_kernels", "bam_model", "bam_bench", "benchmarks")
 # The I/O a model module must not load: file formats, the file system module, safetensors, gguf.
-IO_MODULES = ("bam_model.formats", "bam_model.checkpoint", "bam_model.files", "safetensors", "gguf")
+IO_MODULES = ("bam_model.formats", "bam_model.files", "safetensors", "gguf")
 
 
 def module_files(root: Path = ROOT) -> dict[str, Path]:
     """Dotted name -> file of every module of our packages (pytest files of ``benchmarks`` left out:
-    they are tests, collected by pytest, not modules anyone imports)."""
+    they are tests, collected by pytest, not modules anyone imports; ``__main__`` modules too: they
+    run a command when imported, which is what they are for)."""
     modules = {}
     for package in PACKAGES:
         base = root / package
@@ -35,7 +36,7 @@ def module_files(root: Path = ROOT) -> dict[str, Path]:
             continue
         for path in sorted(base.rglob("*.py")):
             rel = path.relative_to(root)
-            if path.name == "conftest.py" or path.name.startswith("test_"):
+            if path.name in ("conftest.py", "__main__.py") or path.name.startswith("test_"):
                 continue
             folders = (root / Path(*rel.parts[:i]) for i in range(1, len(rel.parts)))
             if not all((folder / "__init__.py").is_file() for folder in folders):

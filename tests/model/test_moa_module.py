@@ -48,6 +48,19 @@ def test_copies_of_one_dense_attention_equal_it_for_any_router(E, shared_kv, kv_
     assert moa.router_logits.shape == (B * T, E)
 
 
+def test_kv_init_seed_takes_the_first_experts_kv_and_first_is_its_old_spelling():
+    D, H, Hkv, Dh = 16, 4, 2, 4
+    experts = [_dense_weights(D, H, Hkv, Dh) for _ in range(3)]
+    q, k, v, o = (list(w) for w in zip(*experts))
+    seed = MixtureOfAttention.from_dense(q, k, v, o, H, Hkv, shared_kv=True, kv_init="seed")
+    assert torch.equal(seed.k_proj.weight, k[0]) and torch.equal(seed.v_proj.weight, v[0])
+    with pytest.warns(DeprecationWarning, match="spelled 'seed'"):
+        old = MixtureOfAttention.from_dense(q, k, v, o, H, Hkv, shared_kv=True, kv_init="first")
+    assert torch.equal(old.k_proj.weight, k[0])
+    with pytest.raises(ValueError, match="kv_init must be 'mean' or 'seed'"):
+        MixtureOfAttention.from_dense(q, k, v, o, H, Hkv, shared_kv=True, kv_init="last")
+
+
 def test_copies_equal_dense_on_triton_backend():
     D, H, Hkv, Dh, E, B, T = 16, 4, 1, 16, 2, 1, 7
     wq, wk, wv, wo = _dense_weights(D, H, Hkv, Dh, torch.float32)

@@ -8,8 +8,9 @@ import torch
 import transformers
 
 import bam_model
-from bam_model.config import BamConfig, DenseConfig, config_from_dict, load_config
+from bam_model.config import BamConfig, DenseConfig, config_from_dict
 from bam_model.formats import folder, gguf
+from bam_model.formats.folder import load_config
 from bam_model.model import DenseLM, sample
 from tests.support.real_models import smollm2_gguf
 

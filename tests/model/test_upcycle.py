@@ -6,6 +6,7 @@ import transformers
 
 import bam_model
 from bam_model import BamConfig, BamLM, DenseConfig, DenseLM
+from bam_model.formats import folder
 from bam_model.layers import load_balancing_loss, router_z_loss
 from bam_model.upcycle import branch, upcycle
 
@@ -313,10 +314,10 @@ def test_a_mixtral_written_by_transformers_loads_as_a_mixture(tmp_path):
         torch.testing.assert_close(ours(x).logits, hf(x).logits, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="from_pretrained"):
         bam_model.load_dense(str(tmp_path / "mx"))
-    tensors = bam_model.checkpoint.read_safetensors_folder(str(tmp_path / "mx"))
+    tensors = folder.read_safetensors_folder(str(tmp_path / "mx"))
     del tensors["model.layers.1.block_sparse_moe.experts.3.w3.weight"]
     config_json = (tmp_path / "mx" / "config.json").read_text()
-    bam_model.checkpoint.write_folder(str(tmp_path / "broken"), {"config.json": config_json}, tensors)
+    folder.write_folder(str(tmp_path / "broken"), {"config.json": config_json}, tensors)
     with pytest.raises(ValueError,
                        match=r"missing tensor 'model.layers.1.block_sparse_moe.experts.3.w3.weight'"):
         bam_model.from_pretrained(str(tmp_path / "broken"))
