@@ -1,0 +1,7 @@
+"""The Hugging Face code of bam's models (``configuration_bam.py``, ``modeling_bam.py``).
+
+Both files are copied into every model folder bam writes and named by its ``config.json``
+(``auto_map``), so ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` loads a
+bam model where bam is not installed. They import only torch and transformers (and bam_kernels when
+it is there), never this package.
+"""
