@@ -1,13 +1,17 @@
 """Model configurations: a dense Llama-family decoder and its BAM / BTX / sparse-upcycled mixture.
 
 Both are plain dataclasses that validate themselves on construction and round-trip through JSON
-(``to_dict`` / ``config_from_dict``; the ``model_type`` key says which class to build).
+(``to_dict`` / ``config_from_dict``; the ``model_type`` key says which class to build). On disk the
+keys are Hugging Face's where the setting is theirs (``hidden_size``, ``num_experts_per_tok``, ...;
+``HF_KEYS``), so that one ``config.json`` serves bam and transformers (``bam_model/remote``); the
+field names of bam 0.1 folders are still read.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -40,7 +44,8 @@ class DenseConfig:
 
     ``block="sequential"`` is Llama's ``h = x + Attn(n1(x)); y = h + FFN(n2(h))``;
     ``block="parallel"`` is GPT-J's ``y = x + Attn(n(x)) + FFN(n(x))`` with one norm.
-    ``head_dim=None`` means ``dim // n_heads``. ``domain`` names what a branched copy trains on.
+    ``head_dim=None`` means ``dim // n_heads`` (and is stored as that number). ``domain`` names what a
+    branched copy trains on.
     """
     vocab_size: int
     dim: int
@@ -67,6 +72,9 @@ class DenseConfig:
             if self.dim % self.n_heads:
                 raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; "
                                  "set head_dim explicitly")
+            # Stored as the number it stands for, as Hugging Face configs do: a config read back
+            # from a folder either wrote equals the one written.
+            self.head_dim = self.dim // self.n_heads
         else:
             positive_int("head_dim", self.head_dim)
         if self.dh % 2:
@@ -90,7 +98,9 @@ class DenseConfig:
         return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
 
     def to_dict(self) -> dict:
-        return {"model_type": self.model_type, **dataclasses.asdict(self)}
+        """The config as ``config.json`` holds it: Hugging Face's key names where they exist."""
+        return {"model_type": self.model_type,
+                **{HF_KEYS.get(k, k): v for k, v in dataclasses.asdict(self).items()}}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -169,9 +179,41 @@ class BamConfig(DenseConfig):
 
 CONFIG_CLASSES = {DenseConfig.model_type: DenseConfig, BamConfig.model_type: BamConfig}
 
+# Field -> the key config.json stores it under: Hugging Face's name for the same setting (Llama's,
+# Mixtral's). ``top_k`` in particular must not be a config key: it is a generation setting there.
+HF_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+           "n_kv_heads": "num_key_value_heads", "ffn_dim": "intermediate_size", "norm_eps": "rms_norm_eps",
+           "max_seq_len": "max_position_embeddings", "tie_embeddings": "tie_word_embeddings",
+           "num_experts": "num_local_experts", "top_k": "num_experts_per_tok", "normalize": "norm_topk_prob",
+           "load_balancing_alpha": "router_aux_loss_coef", "z_loss_beta": "router_z_loss_coef"}
+# Keys transformers writes or reads that carry nothing a bam config holds (the model classes, its
+# version, generation and output switches). "hidden_act" is checked: bam's experts are SwiGLU.
+HF_ONLY_KEYS = {"architectures", "auto_map", "transformers_version", "torch_dtype", "dtype", "use_cache",
+                "output_router_logits", "hidden_act", "pad_token_id", "_name_or_path"}
+
+
+def _field_names(d: dict, known: set) -> dict:
+    """``d`` with Hugging Face key names turned into field names (both spellings of one setting
+    is an error) and transformers' own keys dropped."""
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act must be 'silu' (bam models are SwiGLU), got {d['hidden_act']!r}")
+    body = {}
+    for key, value in d.items():
+        if key == "model_type" or key in HF_ONLY_KEYS:
+            continue
+        name = FIELD_OF_HF_KEY.get(key, key) if key not in known else key
+        if name in body:
+            raise ValueError(f"config has both {HF_KEYS[name]!r} and {name!r}, one setting twice")
+        body[name] = value
+    return body
+
+
+FIELD_OF_HF_KEY = {v: k for k, v in HF_KEYS.items()}
+
 
 def config_from_dict(d: dict) -> DenseConfig:
-    """Build the config a ``to_dict`` produced; unknown keys are an error, not silently dropped."""
+    """Build the config a ``to_dict`` produced (or a bam 0.1 ``config.json``, with field names);
+    unknown keys are an error, not silently dropped."""
     if not isinstance(d, dict):
         raise ValueError(f"config must be a dict, got {type(d).__name__}")
     model_type = d.get("model_type")
@@ -179,13 +221,22 @@ def config_from_dict(d: dict) -> DenseConfig:
         raise ValueError(f"config model_type must be one of {tuple(CONFIG_CLASSES)}, got {model_type!r}")
     cls = CONFIG_CLASSES[model_type]
     known = {f.name for f in dataclasses.fields(cls)}
-    body = {k: v for k, v in d.items() if k != "model_type"}
+    body = _field_names(d, known)
     unknown = sorted(set(body) - known)
     if unknown:
         raise ValueError(f"unknown {model_type} config keys: {unknown}")
-    missing = sorted(f.name for f in dataclasses.fields(cls)
+    # Messages name the keys as the file spells them: Hugging Face's, unless it is a bam 0.1 file.
+    old_format = any(name in d for name in HF_KEYS) and not any(key in d for key in FIELD_OF_HF_KEY)
+    spelled = {} if old_format else HF_KEYS
+    missing = sorted(spelled.get(f.name, f.name) for f in dataclasses.fields(cls)
                      if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                      and f.name not in body)
     if missing:
         raise ValueError(f"{model_type} config is missing required keys: {missing}")
-    return cls(**body)
+    try:
+        return cls(**body)
+    except ValueError as e:
+        message = str(e)
+        for name, key in spelled.items():
+            message = re.sub(rf"\b{name}\b", key, message)
+        raise ValueError(message) from None

@@ -74,7 +74,7 @@ def edit_json(path, **changes):
 @pytest.mark.parametrize("kind", ["ours", "hf"])
 def test_a_config_of_many_more_layers_than_the_weights_is_refused_at_once(kind, request, capsys):
     path = request.getfixturevalue(kind)
-    edit_json(path / "config.json", **{"n_layers" if kind == "ours" else "num_hidden_layers": 20000})
+    edit_json(path / "config.json", num_hidden_layers=20000)  # both spell it as Hugging Face does
     start = time.perf_counter()
     err = cli_error(["eval", path], capsys)
     assert time.perf_counter() - start < 1.0  # was 55 s and 1.3 GB: 20000 layers built on the meta device
@@ -86,7 +86,7 @@ def test_sizes_the_weights_do_not_have_are_refused(ours):
     message = r"'model.embed_tokens.weight' has shape \(101, 40\) in .*safetensors, expected \(10+, 40\)"
     with pytest.raises(ValueError, match=message):
         bam_model.from_pretrained(str(ours))
-    edit_json(ours / "config.json", vocab_size=101, dim=2 ** 33)  # q_proj would hold 2**66 values
+    edit_json(ours / "config.json", vocab_size=101, hidden_size=2 ** 33, head_dim=None)  # q_proj: 2**66 values
     with pytest.raises(ValueError, match="the config's sizes make a tensor too large to exist"):
         bam_model.from_pretrained(str(ours))
 
@@ -264,8 +264,8 @@ def test_a_config_json_that_is_not_an_object_is_named(kind_of_folder, request, c
 
 
 def test_our_config_keys_of_the_wrong_type_are_named_with_the_file(ours, capsys):
-    edit_json(ours / "config.json", n_layers=2.5)
-    message = f"{ours / 'config.json'}: n_layers must be a positive int, got 2.5"
+    edit_json(ours / "config.json", num_hidden_layers=2.5)
+    message = f"{ours / 'config.json'}: num_hidden_layers must be a positive int, got 2.5"
     assert message in cli_error(["eval", ours], capsys)
     with pytest.raises(ValueError, match=re.escape(message)):
         load_config(str(ours))

@@ -100,10 +100,12 @@ def test_rewriting_our_folder_replaces_only_our_files(tmp_path):
     (path / "NOTES.md").write_text("my notes")
     other = DenseLM(model.config)
     other.save_pretrained(str(path))                          # unsharded now: the old shards go
-    assert sorted(os.listdir(path)) == ["NOTES.md", "bam-manifest.json", "config.json", "model.safetensors"]
+    assert sorted(os.listdir(path)) == ["NOTES.md", "bam-manifest.json", "config.json", "configuration_bam.py",
+                                        "model.safetensors", "modeling_bam.py"]
     assert (path / "NOTES.md").read_text() == "my notes"
     manifest = json.loads((path / "bam-manifest.json").read_text())
-    assert manifest["complete"] is True and sorted(manifest["files"]) == ["config.json", "model.safetensors"]
+    assert manifest["complete"] is True and sorted(manifest["files"]) == ["config.json", "configuration_bam.py",
+                                                                     "model.safetensors", "modeling_bam.py"]
     assert manifest["files"]["model.safetensors"]["sha256"] == files.sha256(path / "model.safetensors")
     torch.testing.assert_close(bam_model.from_pretrained(str(path)).lm_head.weight, other.lm_head.weight)
 
@@ -134,7 +136,8 @@ def test_a_staging_folder_left_by_a_kill_does_not_block_the_next_write(tmp_path)
     (tmp_path / "m" / f"{files.STAGING_PREFIX}x1").mkdir(parents=True)   # killed before its manifest
     (tmp_path / "m" / f"{files.STAGING_PREFIX}x1" / "model.safetensors").write_bytes(b"half")
     model.save_pretrained(str(tmp_path / "m"))
-    assert sorted(os.listdir(tmp_path / "m")) == ["bam-manifest.json", "config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "m")) == ["bam-manifest.json", "config.json", "configuration_bam.py",
+                                                 "model.safetensors", "modeling_bam.py"]
 
 
 def test_an_empty_folder_is_written_into_and_a_file_is_refused(tmp_path):

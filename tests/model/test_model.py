@@ -1,5 +1,6 @@
 """Dense Llama-family model, configs and checkpoints: parity with transformers, KV cache, sampling,
 atomic and sharded safetensors folders, Hugging Face and GGUF import."""
+import dataclasses
 import json
 import os
 
@@ -69,11 +70,33 @@ def test_config_from_dict_refuses_unknown_and_missing_keys():
     d = tiny_config().to_dict()
     with pytest.raises(ValueError, match="colour"):
         config_from_dict({**d, "colour": "red"})
-    del d["dim"]
-    with pytest.raises(ValueError, match="dim"):
+    del d["hidden_size"]
+    with pytest.raises(ValueError, match="hidden_size"):
         config_from_dict(d)
     with pytest.raises(ValueError, match="model_type"):
         config_from_dict({**tiny_config().to_dict(), "model_type": "gpt2"})
+
+
+def test_config_json_uses_hugging_face_names_and_bam_0_1_files_still_load():
+    bam = BamConfig(**tiny_config().__dict__, num_experts=3, top_k=2)
+    d = bam.to_dict()
+    for key in ("hidden_size", "num_hidden_layers", "num_experts_per_tok", "num_local_experts",
+                "router_aux_loss_coef", "max_position_embeddings"):
+        assert key in d
+    assert "top_k" not in d and "dim" not in d  # top_k is a generation setting in transformers
+    old = {"model_type": "bam-moe", **dataclasses.asdict(bam)}  # what bam 0.1 wrote
+    assert config_from_dict(old) == bam == config_from_dict(d)
+    hf_extra = {"architectures": ["BamMoeForCausalLM"], "auto_map": {}, "transformers_version": "5.0",
+                "dtype": "float32", "use_cache": True, "hidden_act": "silu"}
+    assert config_from_dict({**d, **hf_extra}) == bam
+    with pytest.raises(ValueError, match="one setting twice"):
+        config_from_dict({**d, "dim": bam.dim})
+    with pytest.raises(ValueError, match="hidden_act must be 'silu'"):
+        config_from_dict({**d, "hidden_act": "gelu"})
+    with pytest.raises(ValueError, match="^num_experts_per_tok must be an int"):  # the file's own name
+        config_from_dict({**d, "num_experts_per_tok": 9})
+    with pytest.raises(ValueError, match="^top_k must be an int"):  # a bam 0.1 file: its names
+        config_from_dict({**old, "top_k": 9})
 
 
 # --- dense model -------------------------------------------------------------------------------
@@ -192,7 +215,8 @@ def test_save_and_load_round_trip_sharded(tmp_path, tie):
     model = randomize_norms(DenseLM(tiny_config(tie_embeddings=tie, domain="law")))
     model.save_pretrained(str(tmp_path / "one"))
     model.save_pretrained(str(tmp_path / "many"), max_shard_bytes=20_000)
-    assert sorted(os.listdir(tmp_path / "one")) == ["bam-manifest.json", "config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "one")) == ["bam-manifest.json", "config.json", "configuration_bam.py",
+                                                   "model.safetensors", "modeling_bam.py"]
     index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     x = ids(101)

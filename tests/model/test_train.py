@@ -272,7 +272,8 @@ def test_final_model_dtype_and_what_a_run_folder_holds(tmp_path):
     model = bam_model.from_pretrained(str(tmp_path / "bf16" / "model"))
     assert model.dtype == torch.bfloat16 and model.tokenizer is not None
     assert sorted(p.name for p in (tmp_path / "bf16" / "model").iterdir()) == [
-        "bam-manifest.json", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+        "bam-manifest.json", "config.json", "configuration_bam.py", "model.safetensors", "modeling_bam.py",
+        "tokenizer.json", "tokenizer_config.json"]
     ckpt = tmp_path / "bf16" / "checkpoints" / "step-0000002"
     assert {t.dtype for t in load_file(str(ckpt / "model.safetensors")).values()} == {torch.float32}
     assert any(k.startswith("optimizer.") for k in load_file(str(ckpt / "trainer.safetensors")))
