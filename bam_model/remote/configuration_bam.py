@@ -27,7 +27,8 @@ class BamDenseConfig(PretrainedConfig):
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(self, vocab_size: int = 32000, hidden_size: int = 512, intermediate_size: int = 1376,
-                 num_hidden_layers: int = 4, num_attention_heads: int = 8, num_key_value_heads: int | None = None,
+                 num_hidden_layers: int = 4, num_attention_heads: int = 8,
+                 num_key_value_heads: int | None = None,
                  head_dim: int | None = None, rope_theta: float = 10000.0, rms_norm_eps: float = 1e-5,
                  max_position_embeddings: int = 2048, tie_word_embeddings: bool = False,
                  block: str = "sequential", domain: str | None = None, hidden_act: str = "silu",
@@ -64,24 +65,29 @@ class BamMoeConfig(BamDenseConfig):
     attribute_map = {"num_experts": "num_local_experts"}
 
     def __init__(self, num_local_experts: int = 2, num_experts_per_tok: int = 1, norm_topk_prob: bool = False,
-                 straight_through: bool = False, attention: str = "expert-kv", attention_top_k: int | None = None,
+                 straight_through: bool = False, attention: str = "expert-kv",
+                 attention_top_k: int | None = None,
                  router_aux_loss_coef: float = 0.01, router_z_loss_coef: float = 0.001, method: str = "bam",
                  expert_domains: list | None = None, output_router_logits: bool = False, **kwargs):
         self.num_local_experts, self.num_experts_per_tok = num_local_experts, num_experts_per_tok
         self.norm_topk_prob, self.straight_through = norm_topk_prob, straight_through
         self.attention, self.attention_top_k = attention, attention_top_k
-        self.router_aux_loss_coef, self.router_z_loss_coef = float(router_aux_loss_coef), float(router_z_loss_coef)
+        self.router_aux_loss_coef = float(router_aux_loss_coef)
+        self.router_z_loss_coef = float(router_z_loss_coef)
         self.method = method
         self.expert_domains = list(expert_domains) if expert_domains else []
         self.output_router_logits = output_router_logits
         _positive_int("num_local_experts", num_local_experts)
         if not isinstance(num_experts_per_tok, int) or not 1 <= num_experts_per_tok <= num_local_experts:
-            raise ValueError(f"num_experts_per_tok must be an int in [1, num_local_experts={num_local_experts}], "
+            raise ValueError("num_experts_per_tok must be an int in [1, num_local_experts="
+                             f"{num_local_experts}], "
                              f"got {num_experts_per_tok!r}")
         if attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
         if attention_top_k is not None and not 1 <= attention_top_k <= num_local_experts:
-            raise ValueError(f"attention_top_k must be None or in [1, {num_local_experts}], got {attention_top_k!r}")
+            raise ValueError(f"attention_top_k must be None or in [1, {num_local_experts}], "
+                             f"got {attention_top_k!r}")
         if straight_through and not norm_topk_prob:
-            raise ValueError("straight_through=True needs norm_topk_prob=True (it keeps the renormalised forward)")
+            raise ValueError("straight_through=True needs norm_topk_prob=True "
+                             "(it keeps the renormalised forward)")
         super().__init__(**kwargs)

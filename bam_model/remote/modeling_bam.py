@@ -61,7 +61,7 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope(position_ids_BT: torch.Tensor, head_dim: int, theta: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope(position_ids_BT: torch.Tensor, head_dim: int, theta: float, dtype):
     """cos, sin [B, T, Dh] of Llama's rotary embedding (angles in float32, then cast)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids_BT.device,
                                              dtype=torch.int64).float() / head_dim))
@@ -128,7 +128,8 @@ class Attention(nn.Module):
 
     def __init__(self, config: BamDenseConfig, layer_idx: int):
         super().__init__()
-        D, H, Hkv, Dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        D, H, Hkv, Dh = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                         config.head_dim)
         self.H, self.Hkv, self.Dh, self.theta, self.layer_idx = H, Hkv, Dh, config.rope_theta, layer_idx
         self.q_proj = nn.Linear(D, H * Dh, bias=False)
         self.k_proj = nn.Linear(D, Hkv * Dh, bias=False)
@@ -153,10 +154,12 @@ class MixtureOfAttention(nn.Module):
 
     def __init__(self, config: BamMoeConfig, layer_idx: int):
         super().__init__()
-        D, H, Hkv, Dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        D, H, Hkv, Dh = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                         config.head_dim)
         E = config.num_local_experts
         self.E, self.H, self.Hkv, self.Dh, self.theta = E, H, Hkv, Dh, config.rope_theta
-        self.shared_kv, self.top_k, self.layer_idx = config.attention == "shared-kv", config.attention_top_k, layer_idx
+        self.shared_kv, self.top_k = config.attention == "shared-kv", config.attention_top_k
+        self.layer_idx = layer_idx
         kv_out = Hkv * Dh if self.shared_kv else E * Hkv * Dh
         self.q_proj = nn.Linear(D, E * H * Dh, bias=False)
         self.k_proj = nn.Linear(D, kv_out, bias=False)
@@ -185,8 +188,8 @@ class MixtureOfAttention(nn.Module):
         mix_BTE = self.mix(logits_BTE)
         bk = _kernels()
         if bk is not None and mask is None:  # the kernels' causal pattern; padding goes the PyTorch way
-            o = bk.moa_attention(q.view(B, T, E, H, Dh), k.view(B, S, *kv_heads, Dh), v.view(B, S, *kv_heads, Dh),
-                                 mix_BTE, causal=True)
+            o = bk.moa_attention(q.view(B, T, E, H, Dh), k.view(B, S, *kv_heads, Dh),
+                                 v.view(B, S, *kv_heads, Dh), mix_BTE, causal=True)
         else:
             if self.shared_kv:  # every expert reads the same Hkv heads
                 k, v = (t[:, :, None].expand(B, S, E, Hkv, Dh).reshape(B, S, E * Hkv, Dh) for t in (k, v))
@@ -284,9 +287,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if not self.parallel:
             self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        moe = config.model_type == BamMoeConfig.model_type  # the class may come from another copy of this file
+        # By name: the config's class may come from another copy of configuration_bam.py.
+        moe = config.model_type == BamMoeConfig.model_type
         attention_experts = moe and config.attention != "dense"
-        self.self_attn = MixtureOfAttention(config, layer_idx) if attention_experts else Attention(config, layer_idx)
+        attention = MixtureOfAttention if attention_experts else Attention
+        self.self_attn = attention(config, layer_idx)
         self.mlp = SparseMoE(config) if moe else MLP(config)
 
     def forward(self, x, position_ids, attention_mask, cache):
@@ -384,7 +389,9 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
         for layer in self.model.layers:
             x = layer(x, position_ids, attention_mask, cache)
         x = self.model.norm(x)
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) and logits_to_keep else slice(None)
+        keep = slice(None)
+        if isinstance(logits_to_keep, int) and logits_to_keep:
+            keep = slice(-logits_to_keep, None)
         logits = self.lm_head(x[:, keep])
         loss = aux_loss = None
         routed = [layer.mlp.last_routed for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)]
