@@ -86,7 +86,8 @@ def test_sizes_the_weights_do_not_have_are_refused(ours):
     message = r"'model.embed_tokens.weight' has shape \(101, 40\) in .*safetensors, expected \(10+, 40\)"
     with pytest.raises(ValueError, match=message):
         bam_model.from_pretrained(str(ours))
-    edit_json(ours / "config.json", vocab_size=101, hidden_size=2 ** 33, head_dim=None)  # q_proj: 2**66 values
+    # q_proj would hold 2**66 values
+    edit_json(ours / "config.json", vocab_size=101, hidden_size=2 ** 33, head_dim=None)
     with pytest.raises(ValueError, match="the config's sizes make a tensor too large to exist"):
         bam_model.from_pretrained(str(ours))
 

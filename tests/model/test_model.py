@@ -215,8 +215,8 @@ def test_save_and_load_round_trip_sharded(tmp_path, tie):
     model = randomize_norms(DenseLM(tiny_config(tie_embeddings=tie, domain="law")))
     model.save_pretrained(str(tmp_path / "one"))
     model.save_pretrained(str(tmp_path / "many"), max_shard_bytes=20_000)
-    assert sorted(os.listdir(tmp_path / "one")) == ["bam-manifest.json", "config.json", "configuration_bam.py",
-                                                   "model.safetensors", "modeling_bam.py"]
+    assert sorted(os.listdir(tmp_path / "one")) == [
+        "bam-manifest.json", "config.json", "configuration_bam.py", "model.safetensors", "modeling_bam.py"]
     index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
     x = ids(101)
