@@ -1,31 +1,24 @@
-"""Top-k routing and the routing plan (the (token, slot) pairs sorted by expert)."""
+"""``route_topk`` (softmax + top-k routing, with autograd, on every backend) and the routing plan
+(the (token, slot) pairs sorted by expert).
+
+Laid out like every op module: checks, the backend implementation, the custom op and its fake,
+the backward op and its fake, autograd registration, the public function. The CPU path is in
+``_torch/routing.py``, the Triton one in ``_triton/routing.py``.
+"""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from . import _checks, reference
 from ._dispatch import backend_for, call_directly
+from ._torch import routing as torch_path
 
 
-def _route_topk_torch(logits_TE, k, normalize):
-    probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
-    w_TK, idx_TK = torch.topk(probs_TE, k, dim=-1)
-    if normalize:
-        w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
-    return w_TK, idx_TK
-
-
-def _route_topk_bwd_torch(logits_TE, w_TK, idx_TK, dw_TK, normalize):
-    probs_TE = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
-    dw_TK = dw_TK.to(torch.float32)
-    if normalize:
-        # w_s = p_s / S with S the kept mass, so dL/dp_s = (dw_s - sum_r dw_r w_r) / S.
-        kept_T1 = probs_TE.gather(1, idx_TK).sum(1, keepdim=True)
-        dw_TK = (dw_TK - (dw_TK * w_TK).sum(1, keepdim=True)) / kept_T1
-    g_TE = torch.zeros_like(probs_TE).scatter_(1, idx_TK, dw_TK)
-    return (probs_TE * (g_TE - (probs_TE * g_TE).sum(1, keepdim=True))).to(logits_TE.dtype)
+def _checks_enabled() -> bool:
+    return os.environ.get("BAM_CHECK", "0") not in ("", "0")
 
 
 def _check_finite(logits, backend):
@@ -46,9 +39,9 @@ def _as_the_kernel_reads(logits):
 def _route_topk_impl(logits, k, normalize, backend):
     _check_finite(logits, backend)
     if backend == "triton":
-        from ._triton.routing import route_topk_fwd
-        return route_topk_fwd(logits, k, normalize)
-    return _route_topk_torch(logits, k, normalize)
+        from ._triton import routing as triton_path
+        return triton_path.forward(logits, k, normalize)
+    return torch_path.forward(logits, k, normalize)
 
 
 @torch.library.custom_op("bam::route_topk", mutates_args=())
@@ -66,9 +59,9 @@ def _(logits, k, normalize, backend):
 def _route_topk_backward_op(logits: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, dw: torch.Tensor,
                             normalize: bool, backend: str) -> torch.Tensor:
     if backend == "triton":
-        from ._triton.routing import route_topk_bwd
-        return route_topk_bwd(logits, w, idx, dw, normalize)
-    return _route_topk_bwd_torch(logits, w, idx, dw, normalize)
+        from ._triton import routing as triton_path
+        return triton_path.backward(logits, w, idx, dw, normalize)
+    return torch_path.backward(logits, w, idx, dw, normalize)
 
 
 @_route_topk_backward_op.register_fake
@@ -174,8 +167,3 @@ def check_expert_ids(experts: torch.Tensor, num_experts: int) -> None:
     with ``BAM_CHECK=1``."""
     if not experts.is_cuda or _checks_enabled():
         _checks.expert_ids("experts", experts, num_experts)
-
-
-def _checks_enabled() -> bool:
-    import os
-    return os.environ.get("BAM_CHECK", "0") not in ("", "0")

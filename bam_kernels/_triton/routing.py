@@ -30,16 +30,22 @@ def _softmax_rows(logits_ptr, T, E, stride_t, BLOCK_T: tl.constexpr, BLOCK_E: tl
 
 
 @triton.jit
-def _route_topk_fwd(logits_ptr, w_ptr, idx_ptr, T, E, stride_t,
-                    K: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+def _route_topk_fwd(
+    logits_ptr, w_ptr, idx_ptr,  # pointers
+    T, E,  # sizes
+    stride_t,  # strides
+    TOP_K: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,  # meta
+    BLOCK_K: tl.constexpr,
+):
+    """One program routes BLOCK_T tokens: softmax over their E logits, then the TOP_K largest
+    (weights and expert ids), optionally renormalised."""
     rows, cols, row_ok, mask, p = _softmax_rows(logits_ptr, T, E, stride_t, BLOCK_T, BLOCK_E)
     # Taken experts are marked -1 so a later pass cannot pick them again (p >= 0 otherwise).
     live = tl.where(mask, p, -1.0)
     slots = tl.arange(0, BLOCK_K)
     w = tl.zeros((BLOCK_T, BLOCK_K), tl.float32)
     idx = tl.zeros((BLOCK_T, BLOCK_K), tl.int32)
-    for s in tl.static_range(K):
+    for s in tl.static_range(TOP_K):
         best = tl.max(live, axis=1)
         # Lowest index among equal maxima, as a stable top-k would choose.
         arg = tl.min(tl.where(live == best[:, None], cols[None, :], BLOCK_E), axis=1)
@@ -48,29 +54,35 @@ def _route_topk_fwd(logits_ptr, w_ptr, idx_ptr, T, E, stride_t,
         live = tl.where(cols[None, :] == arg[:, None], -2.0, live)
     if NORMALIZE:
         w = w / tl.sum(w, axis=1)[:, None]
-    out = rows.to(tl.int64)[:, None] * K + slots[None, :]
-    out_mask = row_ok[:, None] & (slots[None, :] < K)
+    out = rows.to(tl.int64)[:, None] * TOP_K + slots[None, :]
+    out_mask = row_ok[:, None] & (slots[None, :] < TOP_K)
     tl.store(w_ptr + out, w, mask=out_mask)
     tl.store(idx_ptr + out, idx.to(tl.int64), mask=out_mask)
 
 
 @triton.jit
-def _route_topk_bwd(logits_ptr, w_ptr, idx_ptr, dw_ptr, dlogits_ptr, T, E, stride_t, stride_dt,
-                    K: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+def _route_topk_bwd(
+    logits_ptr, w_ptr, idx_ptr, dw_ptr, dlogits_ptr,  # pointers
+    T, E,  # sizes
+    stride_t, stride_dt,  # strides
+    TOP_K: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,  # meta
+):
+    """One program computes d(logits) of BLOCK_T tokens from d(weights) of their TOP_K slots,
+    recomputing the softmax."""
     rows, cols, row_ok, mask, p = _softmax_rows(logits_ptr, T, E, stride_t, BLOCK_T, BLOCK_E)
-    out = rows.to(tl.int64) * K
+    out = rows.to(tl.int64) * TOP_K
     # With renormalisation w_s = p_s / S, so dL/dp_s = (dw_s - sum_r dw_r w_r) / S.
     shift = tl.zeros((BLOCK_T,), tl.float32)
     total = tl.zeros((BLOCK_T,), tl.float32)
     if NORMALIZE:
-        for s in tl.static_range(K):
+        for s in tl.static_range(TOP_K):
             idx = tl.load(idx_ptr + out + s, mask=row_ok, other=0)
             dw = tl.load(dw_ptr + out + s, mask=row_ok, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + out + s, mask=row_ok, other=0.0)
             shift += dw * w
             total += tl.sum(tl.where(cols[None, :] == idx[:, None], p, 0.0), axis=1)
     g = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
-    for s in tl.static_range(K):
+    for s in tl.static_range(TOP_K):
         idx = tl.load(idx_ptr + out + s, mask=row_ok, other=0)
         dw = tl.load(dw_ptr + out + s, mask=row_ok, other=0.0).to(tl.float32)
         if NORMALIZE:
@@ -87,28 +99,28 @@ def _blocks(E: int):
     return block_t, block_e
 
 
-def route_topk_fwd(logits_TE: torch.Tensor, k: int, normalize: bool):
+def forward(logits_TE: torch.Tensor, k: int, normalize: bool):
     T, E = logits_TE.shape
     logits_TE = logits_TE if logits_TE.stride(1) == 1 else logits_TE.contiguous()
     w_TK = torch.empty(T, k, device=logits_TE.device, dtype=torch.float32)
     idx_TK = torch.empty(T, k, device=logits_TE.device, dtype=torch.int64)
     block_t, block_e = _blocks(E)
     if T > 0:
-        _route_topk_fwd[(triton.cdiv(T, block_t),)](logits_TE, w_TK, idx_TK, T, E, logits_TE.stride(0),
-                                                    K=k, NORMALIZE=normalize, BLOCK_T=block_t,
-                                                    BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(k))
+        _route_topk_fwd[(triton.cdiv(T, block_t),)](
+            logits_ptr=logits_TE, w_ptr=w_TK, idx_ptr=idx_TK, T=T, E=E, stride_t=logits_TE.stride(0),
+            TOP_K=k, NORMALIZE=normalize, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(k))
     return w_TK, idx_TK
 
 
-def route_topk_bwd(logits_TE, w_TK, idx_TK, dw_TK, normalize: bool):
+def backward(logits_TE, w_TK, idx_TK, dw_TK, normalize: bool):
     T, E = logits_TE.shape
     k = idx_TK.shape[1]
     logits_TE = logits_TE if logits_TE.stride(1) == 1 else logits_TE.contiguous()
     dlogits_TE = torch.empty_like(logits_TE)
     block_t, block_e = _blocks(E)
     if T > 0:
-        _route_topk_bwd[(triton.cdiv(T, block_t),)](logits_TE, w_TK, idx_TK, dw_TK.contiguous(), dlogits_TE,
-                                                    T, E, logits_TE.stride(0), dlogits_TE.stride(0),
-                                                    K=k, NORMALIZE=normalize, BLOCK_T=block_t,
-                                                    BLOCK_E=block_e)
+        _route_topk_bwd[(triton.cdiv(T, block_t),)](
+            logits_ptr=logits_TE, w_ptr=w_TK, idx_ptr=idx_TK, dw_ptr=dw_TK.contiguous(), dlogits_ptr=dlogits_TE,
+            T=T, E=E, stride_t=logits_TE.stride(0), stride_dt=dlogits_TE.stride(0),
+            TOP_K=k, NORMALIZE=normalize, BLOCK_T=block_t, BLOCK_E=block_e)
     return dlogits_TE

@@ -48,10 +48,10 @@ def test_torch_compile_moe_layer_one_graph():
 
 def test_backward_runs_on_the_forward_backend(monkeypatch):
     """A forward run under use_backend('triton') differentiates on triton even outside the block."""
-    import bam_kernels.experts as experts_module
+    from bam_kernels._triton import moe as triton_moe
     ran = []
-    real = experts_module._moe_bwd_triton
-    monkeypatch.setattr(experts_module, "_moe_bwd_triton", lambda *a: ran.append(True) or real(*a))
+    real = triton_moe.backward
+    monkeypatch.setattr(triton_moe, "backward", lambda *a: ran.append(True) or real(*a))
     x, gate_up, down, weights, experts = _moe_args()
     with bk.use_backend("triton"):
         y = bk.moe_mlp(x, gate_up, down, weights, experts)

@@ -141,7 +141,7 @@ def moe_backend(request, monkeypatch):
     """The backend name for bk.use_backend; "torch-per-expert" forces the per-expert torch path."""
     name = request.param
     if name == "torch-per-expert":
-        monkeypatch.setattr("bam_kernels.experts._PER_EXPERT_MIN_ROWS", 0)
+        monkeypatch.setattr("bam_kernels._torch.moe._PER_EXPERT_MIN_ROWS", 0)
         return "torch"
     return name
 
@@ -220,7 +220,7 @@ def relaid(t: torch.Tensor, layout: str) -> torch.Tensor:
 def test_moe_mlp_strided_inputs(moe_backend, layout, monkeypatch):
     """x, gate_up_proj, down_proj, weights and experts all as non-contiguous views: the output and
     every gradient are the reference's, with autograd (few slots take another torch path without)."""
-    from bam_kernels import experts
+    from bam_kernels._torch import grouped_gemm as experts
     monkeypatch.setattr(experts, "_native_gmm", {})  # a layout torch._grouped_mm refuses must not stick
     T, D, F = 21, 16, 24  # 16-byte rows: torch._grouped_mm is tried
     inputs = make_moe(T, D, F, 4, 2, duplicates=True)
@@ -341,7 +341,7 @@ def test_autotuning_trials_leave_no_stale_partial_sums(monkeypatch):
 @pytest.mark.parametrize("op", ["grouped_mm", "moe_mlp"])
 def test_torch_path_without_native_grouped_mm(monkeypatch, op):
     """The CPU path's per-expert loop, used where torch._grouped_mm is missing or refuses a dtype."""
-    from bam_kernels import experts
+    from bam_kernels._torch import grouped_gemm as experts
     refused = {("cpu", torch.float32, aligned): False for aligned in (True, False)}
     monkeypatch.setattr(experts, "_native_gmm", dict(refused))
     if op == "grouped_mm":
@@ -376,7 +376,7 @@ def test_torch_path_without_native_grouped_mm(monkeypatch, op):
 def test_a_refused_misaligned_call_does_not_turn_off_native_grouped_mm(monkeypatch):
     """torch._grouped_mm needs 16-byte strides: an odd-sized call falls back to the loop, and the
     aligned calls after it still use the native op."""
-    from bam_kernels import experts
+    from bam_kernels._torch import grouped_gemm as experts
     monkeypatch.setattr(experts, "_native_gmm", {})
     offs = torch.tensor([3, 9, 12], dtype=torch.int32)
     with bk.use_backend("torch"):

@@ -59,7 +59,7 @@ def _routing_matrix():
     for E, k in [(8, 2), (128, 8)]:
         block_t, block_e = rt._blocks(E)
         base = dict(T="i32", E="i32", stride_t="i32", logits_ptr="*bf16", w_ptr="*fp32", idx_ptr="*i64")
-        const = dict(K=k, NORMALIZE=True, BLOCK_T=block_t, BLOCK_E=block_e)
+        const = dict(TOP_K=k, NORMALIZE=True, BLOCK_T=block_t, BLOCK_E=block_e)
         yield (f"route_topk_fwd E={E} k={k}", rt._route_topk_fwd, base, dict(const, BLOCK_K=k), None, (), False)
         bwd = dict(base, dw_ptr="*fp32", dlogits_ptr="*bf16", stride_dt="i32")
         yield (f"route_topk_bwd E={E} k={k}", rt._route_topk_bwd, bwd, const, None, (), False)

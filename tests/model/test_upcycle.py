@@ -341,7 +341,7 @@ def test_bam_model_trains_under_autocast(attention, monkeypatch):
     """A training step inside bf16 autocast (what `bam train` does on CUDA) runs the experts and
     the attention in bf16 on fp32 parameters and the routers in fp32: same loss as float32 within
     bf16's precision, and fp32 gradients for every parameter."""
-    import bam_kernels.experts as experts
+    import bam_kernels.moe as experts
     seen = []
     real = experts._moe_mlp_impl
     monkeypatch.setattr(experts, "_moe_mlp_impl", lambda x, *a: seen.append(x.dtype) or real(x, *a))
