@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 import bam_kernels as bk
 from bam_kernels import reference
-from bam_kernels._torch.attention import stacked_heads as _stacked_heads, unstack_heads as _unstack_heads
+from bam_kernels._torch.attention import stacked_heads as _stacked_heads
+from bam_kernels._torch.attention import unstack_heads as _unstack_heads
 
 from . import cases
 from .common import agreement, attempt, check_close, guarded, rate, sync, time_group

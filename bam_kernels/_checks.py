@@ -25,7 +25,8 @@ def same_dtype(names_tensors: dict) -> None:
     first_name, first = items[0]
     for name, t in items[1:]:
         if t.dtype != first.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
+            raise ValueError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
+                             "they must match")
 
 
 def same_device(names_tensors: dict) -> None:
@@ -33,7 +34,8 @@ def same_device(names_tensors: dict) -> None:
     first_name, first = items[0]
     for name, t in items[1:]:
         if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; they must match")
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                             "they must match")
 
 
 def expert_ids(name: str, idx: torch.Tensor, num_experts: int) -> None:
@@ -50,5 +52,6 @@ def finite_rows(name: str, t: torch.Tensor) -> None:
     (-inf alone masks an entry out). It reads the values, so on CUDA it syncs."""
     bad_T = ~torch.isfinite(t.amax(1))
     if bool(bad_T.any()):
-        raise ValueError(f"{name} are not finite in row {int(bad_T.nonzero()[0])} ({int(bad_T.sum())} of {t.shape[0]} "
-                         f"rows): a row may not hold NaN or +inf, nor -inf throughout (-inf masks an entry out)")
+        raise ValueError(f"{name} are not finite in row {int(bad_T.nonzero()[0])} "
+                         f"({int(bad_T.sum())} of {t.shape[0]} rows): a row may not hold NaN or +inf, "
+                         f"nor -inf throughout (-inf masks an entry out)")

@@ -35,10 +35,11 @@ def _check_moa_attention(q, k, v, mix, causal, scale, kv_lens):
     Hkv = k.shape[-2]
     expected = "[B, S, E, Hkv, Dh]" if k.dim() == 5 else "[B, S, Hkv, Dh]"
     if k.shape[0] != B or k.shape[-1] != Dh or (k.dim() == 5 and k.shape[2] != E):
-        raise ValueError(f"k must have shape {expected} with B = {B}, "
-                         f"{'E = ' + str(E) + ', ' if k.dim() == 5 else ''}Dh = {Dh} from q, got {tuple(k.shape)}")
+        from_q = f"B = {B}, E = {E}, Dh = {Dh}" if k.dim() == 5 else f"B = {B}, Dh = {Dh}"
+        raise ValueError(f"k must have shape {expected} with {from_q} from q, got {tuple(k.shape)}")
     if Hkv < 1 or H % Hkv:
-        raise ValueError(f"k has Hkv = {Hkv} KV heads, which must divide the H = {H} query heads per expert of q")
+        raise ValueError(f"k has Hkv = {Hkv} KV heads, which must divide the H = {H} query heads per "
+                         f"expert of q")
     _checks.shape("mix", mix, (B, T, E), "[B, T, E] from q")
     _checks.same_dtype({"q": q, "k": k, "v": v})
     named = {"q": q, "k": k, "v": v, "mix": mix}
@@ -53,7 +54,8 @@ def _check_moa_attention(q, k, v, mix, causal, scale, kv_lens):
         if not kv_lens.is_cuda and B > 0:
             lo, hi = int(kv_lens.min()), int(kv_lens.max())
             if lo < 0 or hi > k.shape[1]:
-                raise ValueError(f"kv_lens must hold valid key counts in [0, S = {k.shape[1]}], got [{lo}, {hi}]")
+                raise ValueError(f"kv_lens must hold valid key counts in [0, S = {k.shape[1]}], "
+                                 f"got [{lo}, {hi}]")
     _checks.same_device(named)
 
 
@@ -114,11 +116,11 @@ def _moa_attention_grad(ctx, do, _do_unmixed, _dlse):
     if do is None:
         return (None,) * 8
     q, k, v, mix, kv_lens, o_unmixed, lse = ctx.saved_tensors
-    dq, dk, dv, dmix = torch.ops.bam.moa_attention_backward(do.contiguous(), q, k, v, mix, kv_lens, o_unmixed, lse,
-                                                             ctx.causal, ctx.scale)
+    dq, dk, dv, dmix = torch.ops.bam.moa_attention_backward(do.contiguous(), q, k, v, mix, kv_lens, o_unmixed,
+                                                             lse, ctx.causal, ctx.scale)
     need = ctx.needs_input_grad
-    return (dq if need[0] else None, dk if need[1] else None, dv if need[2] else None, dmix if need[3] else None,
-            None, None, None, None)
+    grads = tuple(g if needed else None for g, needed in zip((dq, dk, dv, dmix), need[:4]))
+    return grads + (None, None, None, None)
 
 
 torch.library.register_autograd("bam::moa_attention", _moa_attention_grad,
@@ -134,8 +136,9 @@ def moa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix: torch.
     float dtype. Returns [B, T, E, H, Dh] in q's dtype:
     ``o[b,t,e,h] = mix[b,t,e] * softmax(q[b,t,e,h] . k^T * scale + mask) v``, scale defaulting to
     ``Dh ** -0.5``. kv_lens [B] (integer, optional) counts the valid keys of each row; keys past it
-    are ignored whatever they hold (NaN, inf: a preallocated cache) and get zero gradients. Causal masking aligns the last query with the last valid key: query t sees key s
-    iff s <= t + kv_lens[b] - T. A query that sees no key gets zeros. Differentiable in q, k, v and
+    are ignored whatever they hold (NaN, inf: a preallocated cache) and get zero gradients. Causal
+    masking aligns the last query with the last valid key: query t sees key s iff
+    s <= t + kv_lens[b] - T. A query that sees no key gets zeros. Differentiable in q, k, v and
     mix; the Triton backward is deterministic. Inside an autocast region q, k and v run in its
     dtype, as scaled_dot_product_attention would. The Triton path is the custom op
     ``torch.ops.bam.moa_attention`` and the torch path plain torch ops, so torch.compile traces both.

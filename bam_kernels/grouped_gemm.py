@@ -29,7 +29,8 @@ def _check_grouped_mm(x, w, offs):
         if E > 1:
             bad[1:] |= offs[1:] < offs[:-1]
         if bool(bad.any()):
-            raise ValueError(f"offs must be non-decreasing row ends in [0, M={x.shape[0]}], got {offs.tolist()}")
+            raise ValueError(f"offs must be non-decreasing row ends in [0, M={x.shape[0]}], "
+                             f"got {offs.tolist()}")
 
 
 def _grouped_mm_impl(x, w, offs, backend: str):

@@ -22,12 +22,14 @@ def _check_moe_mlp(x, gate_up_proj, down_proj, weights, experts):
     T, D = x.shape
     E, F2, D2 = gate_up_proj.shape
     if F2 % 2:
-        raise ValueError(f"gate_up_proj must have shape [E, 2F, D] (gate rows, then up rows), got {tuple(gate_up_proj.shape)}")
+        raise ValueError(f"gate_up_proj must have shape [E, 2F, D] (gate rows, then up rows), "
+                         f"got {tuple(gate_up_proj.shape)}")
     Fh = F2 // 2
     _checks.shape("gate_up_proj", gate_up_proj, (E, 2 * Fh, D), "[E, 2F, D] with D = x.shape[1]")
     _checks.shape("down_proj", down_proj, (E, D, Fh), "[E, D, F] with E, F from gate_up_proj")
     if experts.shape[0] != T or experts.shape[1] < 1:
-        raise ValueError(f"experts must have shape [T, k] with T = x.shape[0] = {T} and k >= 1, got {tuple(experts.shape)}")
+        raise ValueError(f"experts must have shape [T, k] with T = x.shape[0] = {T} and k >= 1, "
+                         f"got {tuple(experts.shape)}")
     _checks.shape("weights", weights, tuple(experts.shape), "[T, k] like experts")
     _checks.same_dtype({"x": x, "gate_up_proj": gate_up_proj, "down_proj": down_proj})
     _checks.same_device({"x": x, "gate_up_proj": gate_up_proj, "down_proj": down_proj,
@@ -41,8 +43,9 @@ def _triton_path():
 
 def _moe_mlp_impl(x, gate_up_proj, down_proj, weights, experts, save_pre: bool, backend: str):
     if backend != "triton" and not save_pre and experts.numel() <= torch_path.FEW_SLOTS:
-        return torch_path.forward_few(x, gate_up_proj, down_proj, weights, experts), x.new_empty(0, gate_up_proj.shape[1]), \
-            x.new_empty(0, x.shape[1]), experts.new_empty(0, dtype=torch.int64), experts.new_empty(0, dtype=torch.int32)
+        y = torch_path.forward_few(x, gate_up_proj, down_proj, weights, experts)
+        return (y, x.new_empty(0, gate_up_proj.shape[1]), x.new_empty(0, x.shape[1]),
+                experts.new_empty(0, dtype=torch.int64), experts.new_empty(0, dtype=torch.int32))
     fwd = _triton_path().forward if backend == "triton" else torch_path.forward
     y, pre, y_rows, slots, offs = fwd(x, gate_up_proj, down_proj, weights, experts, save_pre)
     if not save_pre:  # only the backward reads these
@@ -56,7 +59,8 @@ def _moe_mlp_op(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Te
                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, then for the backward: the [gate | up] pre-activations and, on the torch path, the
     unweighted expert outputs, each empty unless ``save_pre``; sorted slots; expert offsets)."""
-    y, pre, y_rows, slots, offs = _moe_mlp_impl(x, gate_up_proj, down_proj, weights, experts, save_pre, backend)
+    y, pre, y_rows, slots, offs = _moe_mlp_impl(x, gate_up_proj, down_proj, weights, experts, save_pre,
+                                                backend)
     # Custom ops may not return views of one another's storage or of inputs.
     own = lambda t: t.clone() if t._base is not None else t
     return own(y), own(pre), own(y_rows), slots, offs
@@ -72,9 +76,10 @@ def _(x, gate_up_proj, down_proj, weights, experts, save_pre, backend):
 
 
 @torch.library.custom_op("bam::moe_mlp_backward", mutates_args=())
-def _moe_mlp_backward_op(dout: torch.Tensor, x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                         weights: torch.Tensor, pre: torch.Tensor, y_rows: torch.Tensor, slots: torch.Tensor,
-                         offs: torch.Tensor, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _moe_mlp_backward_op(dout: torch.Tensor, x: torch.Tensor, gate_up_proj: torch.Tensor,
+                         down_proj: torch.Tensor, weights: torch.Tensor, pre: torch.Tensor,
+                         y_rows: torch.Tensor, slots: torch.Tensor, offs: torch.Tensor,
+                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, d_gate_up_proj, d_down_proj, d_weights)."""
     bwd = _triton_path().backward if backend == "triton" else torch_path.backward
     dx, dgu, dd, dw = bwd(dout.contiguous(), x, gate_up_proj, down_proj, weights, pre, y_rows, slots, offs)

@@ -15,10 +15,10 @@ def route_topk(logits_TE: torch.Tensor, k: int, normalize: bool = False):
     Returns weights [T, k] (float32 or wider) and expert ids [T, k] int64, largest first.
     """
     probs_TE = torch.softmax(logits_TE.to(torch.promote_types(logits_TE.dtype, torch.float32)), dim=-1)
-    w_TK, idx_TK = torch.topk(probs_TE, k, dim=-1)
+    w_Tk, idx_Tk = torch.topk(probs_TE, k, dim=-1)
     if normalize:
-        w_TK = w_TK / w_TK.sum(dim=-1, keepdim=True)
-    return w_TK, idx_TK
+        w_Tk = w_Tk / w_Tk.sum(dim=-1, keepdim=True)
+    return w_Tk, idx_Tk
 
 
 def grouped_mm(x_MK: torch.Tensor, w_ENK: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
@@ -32,22 +32,22 @@ def grouped_mm(x_MK: torch.Tensor, w_ENK: torch.Tensor, offs_E: torch.Tensor) ->
     return y_MN
 
 
-def expert_mlp(x_ND: torch.Tensor, gate_up_2FD: torch.Tensor, down_DF: torch.Tensor) -> torch.Tensor:
+def expert_mlp(x_MD: torch.Tensor, gate_up_2FD: torch.Tensor, down_DF: torch.Tensor) -> torch.Tensor:
     """One SwiGLU expert: ``down @ (silu(gate @ x) * (up @ x))``, gate rows first in gate_up."""
-    gate_NF, up_NF = (x_ND @ gate_up_2FD.T).chunk(2, dim=-1)
-    return (F.silu(gate_NF) * up_NF) @ down_DF.T
+    gate_MF, up_MF = (x_MD @ gate_up_2FD.T).chunk(2, dim=-1)
+    return (F.silu(gate_MF) * up_MF) @ down_DF.T
 
 
-def moe_mlp(x_TD, gate_up_proj_E2FD, down_proj_EDF, weights_TK, experts_TK) -> torch.Tensor:
+def moe_mlp(x_TD, gate_up_proj_E2FD, down_proj_EDF, weights_Tk, experts_Tk) -> torch.Tensor:
     """Mixture of SwiGLU experts: ``y[t] = sum_s weights[t,s] * expert_{experts[t,s]}(x[t])``."""
     y_TD = torch.zeros_like(x_TD)
-    w_TK = weights_TK.to(x_TD.dtype)
+    w_Tk = weights_Tk.to(x_TD.dtype)
     for e in range(gate_up_proj_E2FD.shape[0]):
-        tok, slot = torch.nonzero(experts_TK == e, as_tuple=True)
+        tok, slot = torch.nonzero(experts_Tk == e, as_tuple=True)
         if tok.numel() == 0:
             continue
         out = expert_mlp(x_TD[tok], gate_up_proj_E2FD[e], down_proj_EDF[e])
-        y_TD = y_TD.index_add(0, tok, out * w_TK[tok, slot, None])
+        y_TD = y_TD.index_add(0, tok, out * w_Tk[tok, slot, None])
     return y_TD
 
 
@@ -74,7 +74,8 @@ def moa_attention(q_BTEHD, k, v, mix_BTE, causal: bool = True, scale: float | No
     scores_BEHTS = torch.einsum("btehd,bsehd->behts", q_BTEHD, k_BSEHD) * scale
     visible_BTS = keys_S[None, None, :] < kv_len_B[:, None, None]
     if causal:
-        visible_BTS = visible_BTS & (keys_S[None, None, :] <= queries_T[None, :, None] + (kv_len_B - T)[:, None, None])
+        last_BT1 = queries_T[None, :, None] + (kv_len_B - T)[:, None, None]  # the last key each query sees
+        visible_BTS = visible_BTS & (keys_S[None, None, :] <= last_BT1)
     visible_BTS = visible_BTS.expand(B, T, S)
     any_BT = visible_BTS.any(-1)
     # A query without keys takes a softmax over all of them (finite, so its backward is too), then 0.

@@ -45,7 +45,8 @@ def _route_topk_impl(logits, k, normalize, backend):
 
 
 @torch.library.custom_op("bam::route_topk", mutates_args=())
-def _route_topk_op(logits: torch.Tensor, k: int, normalize: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _route_topk_op(logits: torch.Tensor, k: int, normalize: bool,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     return _route_topk_impl(logits, k, normalize, backend)
 
 
@@ -113,8 +114,8 @@ def route_topk(logits: torch.Tensor, k: int, normalize: bool = False):
         logits = _as_the_kernel_reads(logits)
     if backend == "reference":
         _check_finite(logits, backend)
-        w_TK, idx_TK = reference.route_topk(logits, k, normalize)
-        return w_TK.to(torch.promote_types(w_TK.dtype, torch.float32)), idx_TK
+        w_Tk, idx_Tk = reference.route_topk(logits, k, normalize)
+        return w_Tk.to(torch.promote_types(w_Tk.dtype, torch.float32)), idx_Tk
     if call_directly(logits):
         return _route_topk_impl(logits, k, normalize, backend)
     return _route_topk_op(logits, k, normalize, backend)

@@ -15,20 +15,20 @@ def stacked_heads(q, k, v):
     S, Hkv = k.shape[1], k.shape[-2]
     q6 = q.reshape(B, T, E, Hkv, H // Hkv, Dh)
     if k.dim() == 5:
-        q_BNTD = q6.permute(0, 2, 3, 4, 1, 5).reshape(B, E * H, T, Dh)
+        q_BHqTD = q6.permute(0, 2, 3, 4, 1, 5).reshape(B, E * H, T, Dh)
         k_BGSD = k.permute(0, 2, 3, 1, 4).reshape(B, E * Hkv, S, Dh)
         v_BGSD = v.permute(0, 2, 3, 1, 4).reshape(B, E * Hkv, S, Dh)
     else:
-        q_BNTD = q6.permute(0, 3, 2, 4, 1, 5).reshape(B, E * H, T, Dh)
+        q_BHqTD = q6.permute(0, 3, 2, 4, 1, 5).reshape(B, E * H, T, Dh)
         k_BGSD, v_BGSD = k.transpose(1, 2), v.transpose(1, 2)
-    return q_BNTD, k_BGSD, v_BGSD
+    return q_BHqTD, k_BGSD, v_BGSD
 
 
-def unstack_heads(o_BNTD, q_shape, Hkv: int, expert_kv: bool):
+def unstack_heads(o_BHqTD, q_shape, Hkv: int, expert_kv: bool):
     B, T, E, H, Dh = q_shape
     if expert_kv:
-        return o_BNTD.view(B, E, Hkv, H // Hkv, T, Dh).permute(0, 4, 1, 2, 3, 5).reshape(B, T, E, H, Dh)
-    return o_BNTD.view(B, Hkv, E, H // Hkv, T, Dh).permute(0, 4, 2, 1, 3, 5).reshape(B, T, E, H, Dh)
+        return o_BHqTD.view(B, E, Hkv, H // Hkv, T, Dh).permute(0, 4, 1, 2, 3, 5).reshape(B, T, E, H, Dh)
+    return o_BHqTD.view(B, Hkv, E, H // Hkv, T, Dh).permute(0, 4, 2, 1, 3, 5).reshape(B, T, E, H, Dh)
 
 
 def forward(q, k, v, mix, causal, scale, kv_lens):
@@ -63,7 +63,7 @@ def _sdpa(q, k, v, mix, causal, scale, kv_len_B):
     E*H/Hkv matvecs."""
     B, T, E, H, Dh = q.shape
     S = k.shape[1]
-    q_BNTD, k_BGSD, v_BGSD = stacked_heads(q, k, v)
+    q_BHqTD, k_BGSD, v_BGSD = stacked_heads(q, k, v)
     mix_BTE = mix.to(q.dtype)
     mask_B1TS = None
     # One query per row with every key valid sees them all, causal or not: no mask to build.
@@ -73,7 +73,9 @@ def _sdpa(q, k, v, mix, causal, scale, kv_len_B):
         visible_BTS = keys_S[None, None, :] < kv_len_B[:, None, None]
         if causal:
             queries_T = torch.arange(T, device=q.device)
-            visible_BTS = visible_BTS & (keys_S[None, None, :] <= queries_T[None, :, None] + (kv_len_B - T)[:, None, None])
+            # the last key each query sees
+            last_BT1 = queries_T[None, :, None] + (kv_len_B - T)[:, None, None]
+            visible_BTS = visible_BTS & (keys_S[None, None, :] <= last_BT1)
         visible_BTS = visible_BTS.expand(B, T, S)
         any_BT = visible_BTS.any(-1)
         # A query without keys attends to all of them (finite) and its output is zeroed through the mix.
@@ -82,11 +84,11 @@ def _sdpa(q, k, v, mix, causal, scale, kv_len_B):
     if not causal or T == 1:
         G = k_BGSD.shape[1]
         mask = None if mask_B1TS is None else mask_B1TS[:, :, :1]
-        o_BGMD = F.scaled_dot_product_attention(q_BNTD.reshape(B, G, -1, Dh), k_BGSD, v_BGSD, attn_mask=mask,
+        o_BGMD = F.scaled_dot_product_attention(q_BHqTD.reshape(B, G, -1, Dh), k_BGSD, v_BGSD, attn_mask=mask,
                                                 scale=scale)
-        o_BNTD = o_BGMD.reshape(q_BNTD.shape)
+        o_BHqTD = o_BGMD.reshape(q_BHqTD.shape)
     else:
-        o_BNTD = F.scaled_dot_product_attention(q_BNTD, k_BGSD, v_BGSD, attn_mask=mask_B1TS,
+        o_BHqTD = F.scaled_dot_product_attention(q_BHqTD, k_BGSD, v_BGSD, attn_mask=mask_B1TS,
                                                 is_causal=mask_B1TS is None, scale=scale, enable_gqa=True)
-    o_BTEHD = unstack_heads(o_BNTD, q.shape, k.shape[-2], k.dim() == 5)
+    o_BTEHD = unstack_heads(o_BHqTD, q.shape, k.shape[-2], k.dim() == 5)
     return o_BTEHD * mix_BTE[..., None, None]

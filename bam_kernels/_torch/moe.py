@@ -35,17 +35,17 @@ def _per_expert(rows: int, num_experts: int) -> bool:
     return rows >= _PER_EXPERT_MIN_ROWS * num_experts
 
 
-def forward(x_TD, gate_up_E2FD, down_EDF, weights_TK, experts_TK, save_pre):
+def forward(x_TD, gate_up_E2FD, down_EDF, weights_Tk, experts_Tk, save_pre):
     """CPU path: gather, GEMM, SwiGLU, GEMM, weight, then the k slots of each token summed; either
     expert by expert with per-expert temporaries written straight to (token, slot) order, or over
     all rows at once with grouped matmuls (``_PER_EXPERT_MIN_ROWS``). Only what the backward needs
     (pre-activations, unweighted expert outputs, in expert order) is kept whole."""
     T, D = x_TD.shape
-    k = experts_TK.shape[1]
+    k = experts_Tk.shape[1]
     F2 = gate_up_E2FD.shape[1]
-    plan = routing_plan(experts_TK, gate_up_E2FD.shape[0])
+    plan = routing_plan(experts_Tk, gate_up_E2FD.shape[0])
     tok, slots, offs = plan.sorted_tokens, plan.sorted_slots, plan.offsets
-    w_M = weights_TK.reshape(-1)[slots].to(x_TD.dtype)
+    w_M = weights_Tk.reshape(-1)[slots].to(x_TD.dtype)
     if not _per_expert(T * k, gate_up_E2FD.shape[0]):
         pre_M2F = gmm(x_TD.index_select(0, tok), gate_up_E2FD.transpose(1, 2), offs)
         gate, up = pre_M2F.chunk(2, dim=1)
@@ -54,18 +54,19 @@ def forward(x_TD, gate_up_E2FD, down_EDF, weights_TK, experts_TK, save_pre):
     else:
         pre_M2F = zero_tail(x_TD.new_empty(T * k, F2), offs) if save_pre else None
         y_MD = zero_tail(x_TD.new_empty(T * k, D), offs) if save_pre else None
-        out_SD = x_TD.new_empty(T * k, D)  # slot order
+        out_TkD = x_TD.new_empty(T * k, D)  # slot order
         end = 0
         for e, lo, hi in segments(offs):
             pre = torch.mm(x_TD.index_select(0, tok[lo:hi]), gate_up_E2FD[e].T,
                            out=None if pre_M2F is None else pre_M2F[lo:hi])
             gate, up = pre.chunk(2, dim=1)
             y = torch.mm(F.silu(gate).mul_(up), down_EDF[e].T, out=None if y_MD is None else y_MD[lo:hi])
-            out_SD.index_copy_(0, slots[lo:hi], y * w_M[lo:hi, None] if save_pre else y.mul_(w_M[lo:hi, None]))
+            weighted = y * w_M[lo:hi, None] if save_pre else y.mul_(w_M[lo:hi, None])
+            out_TkD.index_copy_(0, slots[lo:hi], weighted)
             end = hi
         if end < T * k:  # unchecked out-of-range ids (forced torch path on CUDA): those slots give 0
-            out_SD.index_fill_(0, slots[end:], 0)
-        out_TD = out_SD.view(T, k, D).sum(1) if k > 1 else out_SD
+            out_TkD.index_fill_(0, slots[end:], 0)
+        out_TD = out_TkD.view(T, k, D).sum(1) if k > 1 else out_TkD
     if not save_pre:
         return out_TD, x_TD.new_empty(0, F2), x_TD.new_empty(0, D), slots, offs
     return out_TD, pre_M2F, y_MD, slots, offs
@@ -77,13 +78,13 @@ def forward(x_TD, gate_up_E2FD, down_EDF, weights_TK, experts_TK, save_pre):
 FEW_SLOTS = 64
 
 
-def forward_few(x_TD, gate_up_E2FD, down_EDF, weights_TK, experts_TK):
+def forward_few(x_TD, gate_up_E2FD, down_EDF, weights_Tk, experts_Tk):
     """Forward only, for a few (token, slot) pairs: grouped by expert in Python, one GEMM pair per
     expert used. Unchecked out-of-range ids (a forced torch path on CUDA) contribute nothing."""
     E = gate_up_E2FD.shape[0]
-    check_expert_ids(experts_TK, E)
+    check_expert_ids(experts_Tk, E)
     groups: dict = {}
-    for t, (ids, ws) in enumerate(zip(experts_TK.tolist(), weights_TK.tolist())):
+    for t, (ids, ws) in enumerate(zip(experts_Tk.tolist(), weights_Tk.tolist())):
         for e, w in zip(ids, ws):
             if 0 <= e < E:
                 tokens, weights = groups.setdefault(e, ([], []))
@@ -103,17 +104,17 @@ def forward_few(x_TD, gate_up_E2FD, down_EDF, weights_TK, experts_TK):
     return out_TD
 
 
-def backward(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F, y_MD, slots_M, offs_E):
+def backward(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_Tk, pre_M2F, y_MD, slots_M, offs_E):
     """Hand-written backward (autograd through ``w[e]`` would materialise a full-size zero
     gradient per expert), expert by expert or grouped as the forward chose. SwiGLU's activations
     are recomputed from the saved pre-activations; the saved unweighted expert outputs give
     d(weights) over D columns instead of F."""
     if _per_expert(pre_M2F.shape[0], gate_up_E2FD.shape[0]):
-        return _backward_per_expert(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F, y_MD,
+        return _backward_per_expert(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_Tk, pre_M2F, y_MD,
                                          slots_M, offs_E)
-    k = weights_TK.shape[1]
+    k = weights_Tk.shape[1]
     tok = slots_M // k
-    w_M = weights_TK.reshape(-1)[slots_M].to(x_TD.dtype)
+    w_M = weights_Tk.reshape(-1)[slots_M].to(x_TD.dtype)
     dy_MD = dout_TD.index_select(0, tok)
     Fh = pre_M2F.shape[1] // 2
     gate, up = pre_M2F.chunk(2, dim=1)
@@ -128,20 +129,20 @@ def backward(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F, y_MD, s
     d_gate_up = gmm(d_pre.T, x_TD.index_select(0, tok), offs_E)
     dx_TD = _unsort_sum(gmm(d_pre, gate_up_E2FD, offs_E), slots_M, x_TD.shape[0], k)
     # Flat and contiguous whatever the layout of weights (a transposed view has no flat view).
-    d_weights = torch.empty(weights_TK.numel(), device=weights_TK.device, dtype=weights_TK.dtype)
-    d_weights[slots_M] = dw_M.to(weights_TK.dtype)
-    return dx_TD, d_gate_up, d_down, d_weights.view(weights_TK.shape)
+    d_weights = torch.empty(weights_Tk.numel(), device=weights_Tk.device, dtype=weights_Tk.dtype)
+    d_weights[slots_M] = dw_M.to(weights_Tk.dtype)
+    return dx_TD, d_gate_up, d_down, d_weights.view(weights_Tk.shape)
 
 
-def _backward_per_expert(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_M2F, y_MD, slots_M, offs_E):
+def _backward_per_expert(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_Tk, pre_M2F, y_MD, slots_M, offs_E):
     """The backward expert by expert: the temporaries stay per-expert sized."""
     T, D = x_TD.shape
-    k = weights_TK.shape[1]
+    k = weights_Tk.shape[1]
     Fh = pre_M2F.shape[1] // 2
     tok = slots_M // k
-    w_M = weights_TK.reshape(-1)[slots_M].to(x_TD.dtype)
+    w_M = weights_Tk.reshape(-1)[slots_M].to(x_TD.dtype)
     d_gate_up, d_down = torch.empty_like(gate_up_E2FD), torch.empty_like(down_EDF)
-    dx_SD = x_TD.new_empty(T * k, D)  # slot order
+    dx_TkD = x_TD.new_empty(T * k, D)  # slot order
     dw_M = x_TD.new_zeros(T * k)
     end = 0
     for e, lo, hi in segments(offs_E, empty=True):
@@ -160,14 +161,14 @@ def _backward_per_expert(dout_TD, x_TD, gate_up_E2FD, down_EDF, weights_TK, pre_
         torch.mul(d_act, silu, out=d_pre[:, Fh:])
         torch.ops.aten.silu_backward.grad_input(d_act.mul_(up), gate, grad_input=d_pre[:, :Fh])
         torch.mm(d_pre.T, x_TD.index_select(0, tok[lo:hi]), out=d_gate_up[e])
-        dx_SD.index_copy_(0, slots_M[lo:hi], torch.mm(d_pre, gate_up_E2FD[e]))
+        dx_TkD.index_copy_(0, slots_M[lo:hi], torch.mm(d_pre, gate_up_E2FD[e]))
         end = hi
     if end < T * k:  # unchecked out-of-range ids (forced torch path on CUDA): no gradient through them
-        dx_SD.index_fill_(0, slots_M[end:], 0)
-    dx_TD = dx_SD.view(T, k, D).sum(1) if k > 1 else dx_SD
+        dx_TkD.index_fill_(0, slots_M[end:], 0)
+    dx_TD = dx_TkD.view(T, k, D).sum(1) if k > 1 else dx_TkD
     # Flat and contiguous whatever the layout of weights (a transposed view has no flat view).
-    d_weights = torch.empty(weights_TK.numel(), device=weights_TK.device, dtype=weights_TK.dtype)
-    d_weights[slots_M] = dw_M.to(weights_TK.dtype)
-    return dx_TD, d_gate_up, d_down, d_weights.view(weights_TK.shape)
+    d_weights = torch.empty(weights_Tk.numel(), device=weights_Tk.device, dtype=weights_Tk.dtype)
+    d_weights[slots_M] = dw_M.to(weights_Tk.dtype)
+    return dx_TD, d_gate_up, d_down, d_weights.view(weights_Tk.shape)
 
 

@@ -35,7 +35,8 @@ def _fwd_configs(fp32: bool = False):
         return [_cfg(16, 16, 4, 1)]
     if fp32:
         return [_cfg(16, 64, 8, 2), _cfg(16, 64, 4, 2)]
-    return [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2), _cfg(128, 32, 8, 3), _cfg(64, 64, 8, 2), _cfg(64, 32, 4, 3)]
+    return [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 2), _cfg(128, 32, 8, 3), _cfg(64, 64, 8, 2),
+            _cfg(64, 32, 4, 3)]
 
 
 def _decode_configs(fp32: bool = False):

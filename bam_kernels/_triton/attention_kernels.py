@@ -66,7 +66,8 @@ def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, s_lo, s_hi, kv_len, t, shift, s
             kT = tl.load(k_base + keys64[None, :] * stride_ks + offs_d[:, None],
                          mask=d_ok[:, None] & k_ok[None, :], other=0.0)
         else:
-            kT = tl.load(k_base + keys64[None, :] * stride_ks + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+            kT = tl.load(k_base + keys64[None, :] * stride_ks + offs_d[:, None], mask=d_ok[:, None],
+                         other=0.0)
         qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
         if MASKED:
             visible = k_ok[None, :]
@@ -141,10 +142,13 @@ def _fwd(
 
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q_rows = b64 * stride_qb + t.to(tl.int64) * stride_qt + e.to(tl.int64) * stride_qe + h.to(tl.int64) * stride_qh
+    q_rows = (b64 * stride_qb + t.to(tl.int64) * stride_qt + e.to(tl.int64) * stride_qe
+              + h.to(tl.int64) * stride_qh)
     q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = k_ptr + b64 * stride_kb + (g // Hkv).to(tl.int64) * stride_ke + (g % Hkv).to(tl.int64) * stride_kh
-    v_base = v_ptr + b64 * stride_vb + (g // Hkv).to(tl.int64) * stride_ve + (g % Hkv).to(tl.int64) * stride_vh
+    k_base = (k_ptr + b64 * stride_kb + (g // Hkv).to(tl.int64) * stride_ke
+              + (g % Hkv).to(tl.int64) * stride_kh)
+    v_base = (v_ptr + b64 * stride_vb + (g // Hkv).to(tl.int64) * stride_ve
+              + (g % Hkv).to(tl.int64) * stride_vh)
 
     # Keys [lo, full) are visible to every row of the tile; [full, hi) need the mask.
     lo = 0
@@ -214,18 +218,18 @@ def _combine(
         ws_rows = (sp * BG + pid_bg).to(tl.int64) * M_total + rows
         m = tl.maximum(m, tl.load(wsl_ptr + ws_rows, mask=row_ok, other=float("-inf")))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    l = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for sp in range(0, num_splits):
         ws_rows = (sp * BG + pid_bg).to(tl.int64) * M_total + rows
         w = tl.math.exp2(tl.load(wsl_ptr + ws_rows, mask=row_ok, other=float("-inf")) - m_safe)
         part = tl.load(wso_ptr + ws_rows[:, None] * HEAD_DIM + offs_d[None, :],
                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        l += w
+        total += w
         acc += w[:, None] * part
-    seen = l > 0
-    out_u = acc / tl.where(seen, l, 1.0)[:, None]
-    lse = tl.where(seen, m_safe + tl.math.log2(tl.where(seen, l, 1.0)), float("inf"))
+    seen = total > 0
+    out_u = acc / tl.where(seen, total, 1.0)[:, None]
+    lse = tl.where(seen, m_safe + tl.math.log2(tl.where(seen, total, 1.0)), float("inf"))
     _store_out(o_ptr, ou_ptr, lse_ptr, mix_ptr, out_u, lse, b.to(tl.int64), t, e, h, row_ok, offs_d, d_ok,
                T, E, H, stride_mb, stride_mt, stride_me, HEAD_DIM, SAVE)
 
@@ -254,7 +258,8 @@ def _load_rows_bwd(q_ptr, do_ptr, mix_ptr, lse_ptr, dp_ptr, b64, m0, g, T, E, H,
     rows, t, e, h = _rows(m0, g, Gq, R, Hkv, BLOCK_M)
     row_ok = rows < T * Gq
     mask = row_ok[:, None] & d_ok[None, :]
-    q_rows = b64 * stride_qb + t.to(tl.int64) * stride_qt + e.to(tl.int64) * stride_qe + h.to(tl.int64) * stride_qh
+    q_rows = (b64 * stride_qb + t.to(tl.int64) * stride_qt + e.to(tl.int64) * stride_qe
+              + h.to(tl.int64) * stride_qh)
     q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
     idx = _row_index(b64, t, e, h, T, E, H)
     mix = tl.load(mix_ptr + b64 * stride_mb + t.to(tl.int64) * stride_mt + e.to(tl.int64) * stride_me,
@@ -276,7 +281,8 @@ def _dkdv_rows(dk, dv, k, v, q_ptr, do_ptr, mix_ptr, lse_ptr, dp_ptr, b64, m_lo,
     for m0 in range(m_lo, m_hi, BLOCK_M):
         t, q, do, lse, delta = _load_rows_bwd(q_ptr, do_ptr, mix_ptr, lse_ptr, dp_ptr, b64, m0, g, T, E, H,
                                               Hkv, Gq, R, stride_qb, stride_qt, stride_qe, stride_qh,
-                                              stride_mb, stride_mt, stride_me, offs_d, d_ok, HEAD_DIM, BLOCK_M)
+                                              stride_mb, stride_mt, stride_me, offs_d, d_ok, HEAD_DIM,
+                                              BLOCK_M)
         qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         pT = tl.math.exp2(qkT - lse[None, :])
         if MASKED:
@@ -324,15 +330,18 @@ def _bwd_dkdv(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     kv_mask = (keys < kv_len)[:, None] & d_ok[None, :]
-    k_base = k_ptr + b64 * stride_kb + (g // Hkv).to(tl.int64) * stride_ke + (g % Hkv).to(tl.int64) * stride_kh
-    v_base = v_ptr + b64 * stride_vb + (g // Hkv).to(tl.int64) * stride_ve + (g % Hkv).to(tl.int64) * stride_vh
+    k_base = (k_ptr + b64 * stride_kb + (g // Hkv).to(tl.int64) * stride_ke
+              + (g % Hkv).to(tl.int64) * stride_kh)
+    v_base = (v_ptr + b64 * stride_vb + (g // Hkv).to(tl.int64) * stride_ve
+              + (g % Hkv).to(tl.int64) * stride_vh)
     k = tl.load(k_base + keys64[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_base + keys64[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
 
     # Rows [m_lo, m_mid) see part of the tile and need the mask; rows [m_mid, M_total) see all of it.
     if CAUSAL:
         m_lo = tl.maximum(n0 - shift, 0) * Gq // BLOCK_M * BLOCK_M
-        m_mid = (tl.minimum(tl.maximum(n0 + BLOCK_N - 1 - shift, 0) * Gq, M_total) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        m_end = tl.minimum(tl.maximum(n0 + BLOCK_N - 1 - shift, 0) * Gq, M_total)
+        m_mid = (m_end + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     else:
         m_lo = 0
         m_mid = 0
@@ -342,12 +351,14 @@ def _bwd_dkdv(
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    dk, dv = _dkdv_rows(dk, dv, k, v, q_ptr, do_ptr, mix_ptr, lse_ptr, dp_ptr, b64, m_lo, m_mid, g, keys, kv_len,
-                        shift, T, E, H, Hkv, Gq, R, qk_scale, stride_qb, stride_qt, stride_qe, stride_qh,
-                        stride_mb, stride_mt, stride_me, offs_d, d_ok, True, CAUSAL, HEAD_DIM, BLOCK_M, PRECISION)
-    dk, dv = _dkdv_rows(dk, dv, k, v, q_ptr, do_ptr, mix_ptr, lse_ptr, dp_ptr, b64, m_mid, M_total, g, keys, kv_len,
-                        shift, T, E, H, Hkv, Gq, R, qk_scale, stride_qb, stride_qt, stride_qe, stride_qh,
-                        stride_mb, stride_mt, stride_me, offs_d, d_ok, False, CAUSAL, HEAD_DIM, BLOCK_M, PRECISION)
+    dk, dv = _dkdv_rows(dk, dv, k, v, q_ptr, do_ptr, mix_ptr, lse_ptr, dp_ptr, b64, m_lo, m_mid, g, keys,
+                        kv_len, shift, T, E, H, Hkv, Gq, R, qk_scale,
+                        stride_qb, stride_qt, stride_qe, stride_qh, stride_mb, stride_mt, stride_me,
+                        offs_d, d_ok, True, CAUSAL, HEAD_DIM, BLOCK_M, PRECISION)
+    dk, dv = _dkdv_rows(dk, dv, k, v, q_ptr, do_ptr, mix_ptr, lse_ptr, dp_ptr, b64, m_mid, M_total, g, keys,
+                        kv_len, shift, T, E, H, Hkv, Gq, R, qk_scale,
+                        stride_qb, stride_qt, stride_qe, stride_qh, stride_mb, stride_mt, stride_me,
+                        offs_d, d_ok, False, CAUSAL, HEAD_DIM, BLOCK_M, PRECISION)
     out = ((b64 * S + keys64) * G + g)[:, None] * HEAD_DIM + offs_d[None, :]
     out_mask = (keys < S)[:, None] & d_ok[None, :]
     tl.store(dk_ptr + out, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=out_mask)
@@ -411,8 +422,10 @@ def _bwd_dq(
     t, q, do, lse, delta = _load_rows_bwd(q_ptr, do_ptr, mix_ptr, lse_ptr, dp_ptr, b64, m0, g, T, E, H, Hkv,
                                           Gq, R, stride_qb, stride_qt, stride_qe, stride_qh,
                                           stride_mb, stride_mt, stride_me, offs_d, d_ok, HEAD_DIM, BLOCK_M)
-    k_base = k_ptr + b64 * stride_kb + (g // Hkv).to(tl.int64) * stride_ke + (g % Hkv).to(tl.int64) * stride_kh
-    v_base = v_ptr + b64 * stride_vb + (g // Hkv).to(tl.int64) * stride_ve + (g % Hkv).to(tl.int64) * stride_vh
+    k_base = (k_ptr + b64 * stride_kb + (g // Hkv).to(tl.int64) * stride_ke
+              + (g % Hkv).to(tl.int64) * stride_kh)
+    v_base = (v_ptr + b64 * stride_vb + (g // Hkv).to(tl.int64) * stride_ve
+              + (g % Hkv).to(tl.int64) * stride_vh)
     hi = kv_len
     full = kv_len
     if CAUSAL:

@@ -26,10 +26,12 @@ def _gemm_configs(epilogue: int, fma: bool = False):
     if fma:
         if epilogue == PLAIN:
             return [cfg(128, 64, 32, 8, 3), cfg(64, 128, 32, 8, 3), cfg(64, 64, 32, 4, 3)]
-        return [cfg(64, 64, 32, 8 if epilogue == SWIGLU_FWD else 4, 3), cfg(64, 32, 32, 4, 3), cfg(32, 64, 32, 4, 3)]
+        return [cfg(64, 64, 32, 8 if epilogue == SWIGLU_FWD else 4, 3), cfg(64, 32, 32, 4, 3),
+                cfg(32, 64, 32, 4, 3)]
     if epilogue == SWIGLU_FWD:
         # Two fp32 accumulators (gate and up) per program: half the columns of the plain tiles.
-        return [cfg(128, 128, 64, 8, 3), cfg(128, 64, 64, 8, 4), cfg(128, 64, 64, 4, 3), cfg(64, 64, 64, 4, 4)]
+        return [cfg(128, 128, 64, 8, 3), cfg(128, 64, 64, 8, 4), cfg(128, 64, 64, 4, 3),
+                cfg(64, 64, 64, 4, 4)]
     if epilogue == SWIGLU_BWD:
         # The epilogue keeps gate, up and their sigmoid live beside the accumulator; 128-row tiles
         # take K in steps of 32, as with 64 the gathered A rows spill under triton 3.6.
@@ -41,7 +43,8 @@ def _gemm_configs(epilogue: int, fma: bool = False):
 def _wgrad_configs(fma: bool = False):
     if interpreting():
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_R": 16})]
-    cfg = lambda n, k, r, w, s: triton.Config({"BLOCK_N": n, "BLOCK_K": k, "BLOCK_R": r}, num_warps=w, num_stages=s)
+    cfg = lambda n, k, r, w, s: triton.Config({"BLOCK_N": n, "BLOCK_K": k, "BLOCK_R": r},
+                                              num_warps=w, num_stages=s)
     if fma:
         return [cfg(128, 64, 32, 8, 3), cfg(64, 128, 32, 8, 3), cfg(64, 64, 32, 4, 3), cfg(32, 64, 32, 4, 3)]
     return [cfg(128, 128, 64, 8, 3), cfg(128, 64, 64, 4, 4), cfg(64, 128, 64, 4, 4), cfg(64, 64, 64, 4, 3)]
@@ -62,8 +65,10 @@ def make_autotuners(configs=_gemm_configs, do_bench=autotune_bench) -> dict:
 
 
 group_gemm = make_autotuners()
-group_wgrad = {fma: triton.autotune(configs=_wgrad_configs(fma), key=["N", "K", "GATHER_A", "GATHER_B", "SWIGLU_B"],
-                                    do_bench=autotune_bench)(_group_wgrad) for fma in (False, True)}
+_WGRAD_KEY = ["N", "K", "GATHER_A", "GATHER_B", "SWIGLU_B"]
+group_wgrad = {fma: triton.autotune(configs=_wgrad_configs(fma), key=_WGRAD_KEY,
+                                    do_bench=autotune_bench)(_group_wgrad)
+               for fma in (False, True)}
 
 MIN_BLOCK_N = 32  # the narrowest column tile of any config: SWIGLU_BWD's ``part`` needs this many columns
 
@@ -98,7 +103,8 @@ def launch_gemm(a, w, offs, c, *, row_map=None, a_div: int = 1, gather_a: bool =
         stride_am=a.stride(0), stride_ak=a.stride(1),
         stride_we=w.stride(0), stride_wn=w.stride(1), stride_wk=w.stride(2),
         stride_cm=c.stride(0), stride_cn=c.stride(1),
-        stride_pm=pre.stride(0) if pre is not None else 0, stride_qm=part.stride(0) if part is not None else 0,
+        stride_pm=pre.stride(0) if pre is not None else 0,
+        stride_qm=part.stride(0) if part is not None else 0,
         A_DIV=a_div, GATHER_A=gather_a, SCATTER_C=scatter_c, SCALE=scale is not None,
         EPILOGUE=epilogue, STORE_PRE=pre is not None and epilogue == SWIGLU_FWD,
         PRECISION=dot_precision, BLOCK_G=triton.next_power_of_2(E + 2),

@@ -102,25 +102,26 @@ def _blocks(E: int):
 def forward(logits_TE: torch.Tensor, k: int, normalize: bool):
     T, E = logits_TE.shape
     logits_TE = logits_TE if logits_TE.stride(1) == 1 else logits_TE.contiguous()
-    w_TK = torch.empty(T, k, device=logits_TE.device, dtype=torch.float32)
-    idx_TK = torch.empty(T, k, device=logits_TE.device, dtype=torch.int64)
+    w_Tk = torch.empty(T, k, device=logits_TE.device, dtype=torch.float32)
+    idx_Tk = torch.empty(T, k, device=logits_TE.device, dtype=torch.int64)
     block_t, block_e = _blocks(E)
     if T > 0:
         _route_topk_fwd[(triton.cdiv(T, block_t),)](
-            logits_ptr=logits_TE, w_ptr=w_TK, idx_ptr=idx_TK, T=T, E=E, stride_t=logits_TE.stride(0),
+            logits_ptr=logits_TE, w_ptr=w_Tk, idx_ptr=idx_Tk, T=T, E=E, stride_t=logits_TE.stride(0),
             TOP_K=k, NORMALIZE=normalize, BLOCK_T=block_t, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(k))
-    return w_TK, idx_TK
+    return w_Tk, idx_Tk
 
 
-def backward(logits_TE, w_TK, idx_TK, dw_TK, normalize: bool):
+def backward(logits_TE, w_Tk, idx_Tk, dw_Tk, normalize: bool):
     T, E = logits_TE.shape
-    k = idx_TK.shape[1]
+    k = idx_Tk.shape[1]
     logits_TE = logits_TE if logits_TE.stride(1) == 1 else logits_TE.contiguous()
     dlogits_TE = torch.empty_like(logits_TE)
     block_t, block_e = _blocks(E)
     if T > 0:
         _route_topk_bwd[(triton.cdiv(T, block_t),)](
-            logits_ptr=logits_TE, w_ptr=w_TK, idx_ptr=idx_TK, dw_ptr=dw_TK.contiguous(), dlogits_ptr=dlogits_TE,
+            logits_ptr=logits_TE, w_ptr=w_Tk, idx_ptr=idx_Tk, dw_ptr=dw_Tk.contiguous(),
+            dlogits_ptr=dlogits_TE,
             T=T, E=E, stride_t=logits_TE.stride(0), stride_dt=dlogits_TE.stride(0),
             TOP_K=k, NORMALIZE=normalize, BLOCK_T=block_t, BLOCK_E=block_e)
     return dlogits_TE
