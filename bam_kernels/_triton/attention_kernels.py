@@ -122,7 +122,10 @@ def _fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program computes BLOCK_M packed rows (token, query head) of KV head g of batch row b:
-    their attention output over the keys (with SPLIT, over one chunk of them, as fp32 partials)."""
+    their attention output over the keys (with SPLIT, over one chunk of them, as fp32 partials).
+
+    Just over 80 lines, kept whole: the key-range bounds, the two tile loops and the epilogue are
+    one program's control flow (the loops and the epilogue are already helpers)."""
     # One flat grid (CUDA caps the 2nd and 3rd grid dimensions at 65535): row tiles vary fastest,
     # so the programs that read one KV head run together and share it in L2.
     M_total = T * Gq

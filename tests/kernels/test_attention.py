@@ -11,7 +11,10 @@ import torch.nn.functional as F
 import bam_kernels as bk
 from bam_kernels import reference
 from bam_kernels._triton import attention as kernels
-from tests.support import oracle
+from tests.support import gpu_tiles, oracle, sanitizer
+from tests.support.fenced import NAN, fenced, grad_leaf
+from tests.support.oracle import BF16, BF16_TOL, bf16_leaves, moa_matches_reference
+from tests.support.program_order import grads, run_twice
 
 BACKENDS = ["torch", "triton"]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
@@ -76,7 +79,8 @@ SLOW_CASES = [
 
 def _id(case):
     B, T, S, E, H, Hkv, Dh, causal, expert_kv, kv_lens = case
-    return (f"B{B}T{T}S{S}E{E}H{H}kv{Hkv}d{Dh}-{'causal' if causal else 'full'}-{'expert' if expert_kv else 'shared'}"
+    mask, kv = "causal" if causal else "full", "expert" if expert_kv else "shared"
+    return (f"B{B}T{T}S{S}E{E}H{H}kv{Hkv}d{Dh}-{mask}-{kv}"
             + ("-ragged" if kv_lens else ""))
 
 
@@ -158,7 +162,8 @@ def test_one_hot_mix_is_single_expert_attention(backend, expert_kv):
     for e in range(E):
         ke = k[:, :, e] if expert_kv else k
         ve = v[:, :, e] if expert_kv else v
-        att = F.scaled_dot_product_attention(q[:, :, e].transpose(1, 2), ke.transpose(1, 2), ve.transpose(1, 2),
+        att = F.scaled_dot_product_attention(q[:, :, e].transpose(1, 2), ke.transpose(1, 2),
+                                             ve.transpose(1, 2),
                                              attn_mask=mask, enable_gqa=True).transpose(1, 2)
         sel = chosen == e
         torch.testing.assert_close(o[:, :, e][sel], att[sel], rtol=1e-5, atol=1e-5)
@@ -336,7 +341,8 @@ PTX_SCRIPT = textwrap.dedent("""
 
     def aligned(fn):
         # As a launch specialises them: 16-byte aligned pointers, q/k/v strides (multiples of Dh).
-        return tuple(n for n in fn.arg_names if n.endswith("_ptr") or n.startswith(("stride_q", "stride_k", "stride_v")))
+        return tuple(n for n in fn.arg_names
+                     if n.endswith("_ptr") or n.startswith(("stride_q", "stride_k", "stride_v")))
 
     base = dict(HEAD_DIM=128, CAUSAL=True, HAS_KVLEN=True, PRECISION="tf32", BLOCK_D=128)
     jobs = [("fwd", A._fwd, dict(base, SPLIT=False, SAVE=True), A._fwd_configs()),
@@ -346,7 +352,8 @@ PTX_SCRIPT = textwrap.dedent("""
     for name, fn, const, cfgs in jobs:
         for c in cfgs:
             key = f"{name} {c.kwargs} w{c.num_warps} s{c.num_stages}"
-            k = compile_sm90(fn, types_of(fn), dict(const, **c.kwargs), c.num_warps, c.num_stages, aligned(fn))
+            k = compile_sm90(fn, types_of(fn), dict(const, **c.kwargs), c.num_warps, c.num_stages,
+                             aligned(fn))
             report[key] = (k, c.kwargs["BLOCK_M"] >= 64 or name == "dkdv")
     # float32 operands on their own tiles, without TF32 (FMA dots) and with it, head dims 64 and 128.
     fp32_jobs = [("fwd", A._fwd, dict(SPLIT=False, SAVE=True), A._fwd_configs(True)),
@@ -360,15 +367,18 @@ PTX_SCRIPT = textwrap.dedent("""
                     key = f"fp32 {precision} Dh={dh} {name} {c.kwargs} w{c.num_warps} s{c.num_stages}"
                     report[key] = (compile_sm90(fn, types_of(fn, "*fp32"), const, c.num_warps, c.num_stages,
                                                 aligned(fn)), False)
-    report["combine"] = (compile_sm90(A._combine, types_of(A._combine), dict(HEAD_DIM=128, SAVE=True, BLOCK_M=32,
-                                                                           BLOCK_D=128), 4, 1, aligned(A._combine)), False)
-    report["bwd_pre"] = (compile_sm90(A._bwd_pre, types_of(A._bwd_pre), dict(HEAD_DIM=128, BLOCK_R=64, BLOCK_D=128),
+    combine_const = dict(HEAD_DIM=128, SAVE=True, BLOCK_M=32, BLOCK_D=128)
+    report["combine"] = (compile_sm90(A._combine, types_of(A._combine), combine_const, 4, 1,
+                                      aligned(A._combine)), False)
+    report["bwd_pre"] = (compile_sm90(A._bwd_pre, types_of(A._bwd_pre),
+                                      dict(HEAD_DIM=128, BLOCK_R=64, BLOCK_D=128),
                                       4, 1, aligned(A._bwd_pre)), False)
     out = {}
     for key, (k, needs_wgmma) in report.items():
         r = ptxas_report(k)
-        out[key] = dict(wgmma="wgmma.mma_async" in k.asm["ptx"], needs_wgmma=needs_wgmma, shared=k.metadata.shared,
-                        limit=H100_SMEM_BYTES, spills=r["spill_stores"] + r["spill_loads"], registers=r["registers"])
+        out[key] = dict(wgmma="wgmma.mma_async" in k.asm["ptx"], needs_wgmma=needs_wgmma,
+                        shared=k.metadata.shared, limit=H100_SMEM_BYTES,
+                        spills=r["spill_stores"] + r["spill_loads"], registers=r["registers"])
     print(json.dumps(out))
 """)
 
@@ -381,7 +391,8 @@ def test_kernels_compile_for_hopper_with_wgmma_and_no_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    res = subprocess.run([sys.executable, "-c", PTX_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, "-c", PTX_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
     for name, r in report.items():
@@ -411,3 +422,123 @@ def test_autocast_runs_attention_in_its_dtype(backend, dtype):
     for name, a, b in zip("q k v mix".split(), grads, ref_grads):
         assert a.dtype == torch.float32, name
         assert rel(a, b) < 2e-2, name
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom op: opcheck and torch.compile
+
+
+def test_opcheck_moa_attention():
+    B, T, S, E, H, Hkv, Dh = 2, 5, 9, 2, 4, 2, 16
+    q = torch.randn(B, T, E, H, Dh, requires_grad=True)
+    k = torch.randn(B, S, Hkv, Dh, requires_grad=True)
+    v = torch.randn(B, S, Hkv, Dh, requires_grad=True)
+    mix = torch.softmax(torch.randn(B, T, E), -1).requires_grad_()
+    kv_lens = torch.tensor([9, 6], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.bam.moa_attention, (q, k, v, mix, kv_lens, True, Dh ** -0.5, True))
+    torch.library.opcheck(torch.ops.bam.moa_attention, (q, k, v, mix, None, False, 0.3, True))
+
+
+@pytest.mark.parametrize("shared_kv", [True, False])
+def test_torch_compile_mixture_of_attention_one_graph(shared_kv):
+    from bam_model.layers import MixtureOfAttention
+    torch._dynamo.reset()
+    moa = MixtureOfAttention(32, n_heads=4, n_kv_heads=2, num_experts=3, shared_kv=shared_kv)
+    compiled = torch.compile(moa, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 7, 32)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_eager = moa(x1)
+    y_eager.sum().backward()
+    y_comp = compiled(x2)
+    y_comp.sum().backward()
+    torch.testing.assert_close(y_comp, y_eager)
+    torch.testing.assert_close(x2.grad, x1.grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels in bf16 (tests/support/interpreter_bf16.py), NaN-fenced (tests/support/fenced.py),
+# in reversed program order (tests/support/program_order.py), with the GPU's tiles
+# (tests/support/gpu_tiles.py)
+
+
+@pytest.mark.parametrize("expert_kv", [False, True])
+@pytest.mark.parametrize("T,S,kv_lens,splits",
+                         [(33, 33, None, 1), (5, 70, [70, 23], 1), (1, 600, [600, 257], 3)])
+def test_moa_attention_bf16(expert_kv, T, S, kv_lens, splits, monkeypatch):
+    monkeypatch.setattr(kernels, "num_splits", lambda *a: splits)
+    B, E, H, Hkv, Dh = 2, 2, 4, 2, 16
+    kv_shape = (B, S, E, Hkv, Dh) if expert_kv else (B, S, Hkv, Dh)
+    q, k, v = bf16_leaves(torch.randn(B, T, E, H, Dh), torch.randn(kv_shape), torch.randn(kv_shape))
+    mix = torch.softmax(torch.randn(B, T, E), -1).requires_grad_()
+    do = torch.randn(B, T, E, H, Dh).to(BF16)
+    lens = None if kv_lens is None else torch.tensor(kv_lens)
+    o = moa_matches_reference([q, k, v, mix], (q, k, v, mix), lens, do, do, tol=BF16_TOL)
+    assert o.dtype == BF16
+
+
+@pytest.mark.parametrize("expert_kv", [False, True])
+@pytest.mark.parametrize("T,S,kv_lens,splits", [
+    (33, 33, None, 1),            # prefill, causal
+    (5, 70, [70, 23], 1),         # a few queries against a ragged cache
+    (1, 600, [600, 257], 3),      # decoding, split-KV path
+])
+def test_moa_attention_fenced(expert_kv, T, S, kv_lens, splits, monkeypatch):
+    monkeypatch.setattr(kernels, "num_splits", lambda *a: splits)
+    B, E, H, Hkv, Dh = 2, 2, 4, 2, 16
+    kv_shape = (B, S, E, Hkv, Dh) if expert_kv else (B, S, Hkv, Dh)
+    q, k, v = torch.randn(B, T, E, H, Dh), torch.randn(kv_shape), torch.randn(kv_shape)
+    mix = torch.softmax(torch.randn(B, T, E), -1)
+    do = torch.randn(B, T, E, H, Dh)
+    lens = None if kv_lens is None else torch.tensor(kv_lens)
+    if lens is not None:  # keys past a row's length: NaN too, as in a cache buffer
+        for b, n in enumerate(kv_lens):
+            k[b, n:], v[b, n:] = NAN, NAN
+    leaves = [grad_leaf(fenced(t)) for t in (q, k, v, mix)]
+    moa_matches_reference(leaves, (q, k, v, mix), lens, fenced(do), do)
+    for name, leaf in zip(("k", "v"), leaves[1:3]):
+        if lens is not None:  # keys past the length: zero gradient
+            for bb, n in enumerate(kv_lens):
+                assert torch.all(leaf.grad[bb, n:] == 0), name
+
+
+@pytest.mark.parametrize("expert_kv", [False, True])
+@pytest.mark.parametrize("T,S,kv_lens,splits", [(40, 40, None, 1), (1, 600, [600, 300], 3)])
+def test_moa_attention_in_any_program_order(reversed_programs, monkeypatch, expert_kv, T, S, kv_lens, splits):
+    monkeypatch.setattr(kernels, "num_splits", lambda *a: splits)
+    B, E, H, Hkv, Dh = 2, 2, 4, 2, 16
+    kv_shape = (B, S, E, Hkv, Dh) if expert_kv else (B, S, Hkv, Dh)
+    q, k, v = [torch.randn(s, requires_grad=True) for s in ((B, T, E, H, Dh), kv_shape, kv_shape)]
+    mix = torch.softmax(torch.randn(B, T, E), -1).requires_grad_()
+    lens = None if kv_lens is None else torch.tensor(kv_lens)
+
+    def fn():
+        with bk.use_backend("triton"):
+            return grads(bk.moa_attention(q, k, v, mix, kv_lens=lens), [q, k, v, mix])
+
+    run_twice(fn, reversed_programs)
+
+
+@pytest.mark.parametrize("fp32,i", gpu_tiles.ATTENTION_CASES)
+@pytest.mark.parametrize("expert_kv", [False, True])
+def test_moa_attention_with_gpu_tiles(fp32, i, expert_kv, monkeypatch):
+    fwd, dec, dkdv, dq = ([cfgs[i % len(cfgs)]] for cfgs in gpu_tiles.ATTENTION[fp32])
+    monkeypatch.setattr(kernels, "fwd", gpu_tiles.one_config_each(kernels._fwd, fwd, kernels._KEY))
+    monkeypatch.setattr(kernels, "fwd_decode", gpu_tiles.one_config_each(kernels._fwd, dec, kernels._KEY))
+    monkeypatch.setattr(kernels, "bwd_dkdv",
+                        gpu_tiles.one_config_each(kernels._bwd_dkdv, dkdv, kernels._BWD_KEY))
+    monkeypatch.setattr(kernels, "bwd_dq", gpu_tiles.one_config_each(kernels._bwd_dq, dq, kernels._BWD_KEY))
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)  # the GPU's merge and preamble blocks
+    B, E, H, Hkv, Dh = 2, 2, 4, 2, 64
+    # Prefill (the last query tile partial), a few queries against a ragged cache, and a decoding
+    # step whose keys are split over programs; smaller for the fp32 family's tiles of 16 and 32 rows.
+    cases = (((40, 40, None, 1), (5, 150, [150, 70], 1), (1, 600, [600, 257], 3)) if fp32 else
+             ((150, 150, None, 1), (5, 300, [300, 170], 1), (1, 700, [700, 257], 3)))
+    for T, S, kv_lens, splits in cases:
+        monkeypatch.setattr(kernels, "num_splits", lambda *a, n=splits: n)
+        kv_shape = (B, S, E, Hkv, Dh) if expert_kv else (B, S, Hkv, Dh)
+        q, k, v = torch.randn(B, T, E, H, Dh), torch.randn(kv_shape), torch.randn(kv_shape)
+        mix, do = torch.softmax(torch.randn(B, T, E), -1), torch.randn(B, T, E, H, Dh)
+        lens = None if kv_lens is None else torch.tensor(kv_lens)
+        with sanitizer.races():
+            moa_matches_reference(gpu_tiles.leaves(q, k, v, mix), (q, k, v, mix), lens, do, do,
+                                  label=f"T={T} S={S}")

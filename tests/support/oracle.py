@@ -6,13 +6,21 @@ import torch
 import bam_kernels as bk
 from bam_kernels import reference
 
+BF16 = torch.bfloat16
+BF16_TOL = 1e-2  # the convention's bf16 tolerance (relative), for the kernels' bf16 tests
+
+
+def bf16_leaves(*tensors):
+    return [t.to(BF16).requires_grad_() for t in tensors]
+
 
 def rel(out: torch.Tensor, ref: torch.Tensor, floor_rms: float = 0.0) -> float:
     """|out - ref| / |ref| in float64, after checking that ``out`` is finite. ``floor_rms`` keeps a
     reference near zero (dq with a single key) from blowing the ratio up: |ref| is taken as at least
     ``floor_rms`` per element, root-mean-square."""
     out, ref = out.double(), ref.double()
-    assert torch.isfinite(out).all(), "a NaN or inf reached the output (a load outside a tensor, or an unwritten element)"
+    assert torch.isfinite(out).all(), ("a NaN or inf reached the output (a load outside a tensor, or an "
+                                       "unwritten element)")
     floor = max(floor_rms * max(ref.numel(), 1) ** 0.5, 1e-30)
     return ((out - ref).norm() / ref.norm().clamp_min(floor)).item()
 
@@ -49,7 +57,8 @@ def grouped_mm_matches_reference(x, w, offs, dy_ours: torch.Tensor, dy: torch.Te
     return y
 
 
-def moa_matches_reference(leaves, values, kv_lens, do_ours: torch.Tensor, do: torch.Tensor, tol=1e-5, label=""):
+def moa_matches_reference(leaves, values, kv_lens, do_ours: torch.Tensor, do: torch.Tensor, tol=1e-5,
+                          label=""):
     """moa_attention (causal) on the triton backend, forward and backward, on ``leaves`` (q, k, v,
     mix: leaf tensors in any layout) against the reference on ``values`` (the same numbers; NaN in
     them, as past a cache's valid keys, read as 0). Returns our output."""

@@ -60,7 +60,7 @@ def _tensor_args(names, values):
     for name, value in zip(names, values):
         if isinstance(value, torch.Tensor):
             yield name, value
-        elif hasattr(value, "base") and isinstance(getattr(value, "base"), torch.Tensor):  # TensorWrapper
+        elif hasattr(value, "base") and isinstance(value.base, torch.Tensor):  # TensorWrapper
             yield name, value.base
 
 
@@ -90,8 +90,8 @@ def _check(kind: str, ptrs, mask, elem_bytes: int):
         return
     bad = int(addr[~ok][0])
     lo, hi, name = min(launch.spans, key=lambda s: min(abs(bad - s[0]), abs(bad - s[1])))
-    raise OutOfBounds(f"{launch.kernel}: {kind} of {int((~ok).sum())} lane(s) outside every tensor argument; the "
-                      f"first at element offset {(bad - lo) // elem_bytes} of `{name}`, whose span is "
+    raise OutOfBounds(f"{launch.kernel}: {kind} of {int((~ok).sum())} lane(s) outside every tensor argument; "
+                      f"the first at element offset {(bad - lo) // elem_bytes} of `{name}`, whose span is "
                       f"[0, {(hi - lo) // elem_bytes})")
 
 
@@ -128,8 +128,9 @@ def _check_races(launch: _Launch) -> None:
     cross = (stored[at] == l_addr) & (writer[at] != l_prog)
     if cross.any():
         i = int(np.argmax(cross))
-        raise Race(f"{launch.kernel}: program {l_prog[i]} loads {_where(launch, int(l_addr[i]))}, which program "
-                   f"{writer[at[i]]} stores to in the same launch ({int(cross.sum())} such loads)")
+        raise Race(f"{launch.kernel}: program {l_prog[i]} loads {_where(launch, int(l_addr[i]))}, "
+                   f"which program {writer[at[i]]} stores to in the same launch "
+                   f"({int(cross.sum())} such loads)")
 
 
 @contextlib.contextmanager

@@ -36,7 +36,8 @@ def test_masked_accesses_inside_the_tensors_pass():
 
 def test_a_store_one_past_the_end_is_caught():
     buf = torch.zeros(40)
-    with pytest.raises(Exception, match=r"_copy: store of 1 lane.*offset 37 of `dst_ptr`, whose span is \[0, 37\)"):
+    with pytest.raises(Exception,
+                       match=r"_copy: store of 1 lane.*offset 37 of `dst_ptr`, whose span is \[0, 37\)"):
         _run(torch.randn(37), buf[:37], store_extra=1)
     assert buf[37] == 0
 
@@ -80,8 +81,10 @@ def test_races_are_caught_between_programs_not_within_one():
     with sanitizer.races():
         _copy[(3,)](torch.randn(40), torch.empty(40), 40, 0, 0, 0, BLOCK=16, MASKED=True)  # no race
         _neighbour[(1,)](torch.empty(16), BLOCK=16)  # one program reads its own stores: no race
-        with pytest.raises(Exception, match=r"_last_writer: programs 0 and 1 both store to byte 0 of `out_ptr`"):
+        with pytest.raises(Exception,
+                           match=r"_last_writer: programs 0 and 1 both store to byte 0 of `out_ptr`"):
             _last_writer[(4,)](torch.zeros(1, dtype=torch.int32))
-        with pytest.raises(Exception, match=r"_neighbour: program 1 loads byte 0 of `buf_ptr`, which program 0"):
+        with pytest.raises(Exception,
+                           match=r"_neighbour: program 1 loads byte 0 of `buf_ptr`, which program 0"):
             _neighbour[(3,)](torch.empty(48), BLOCK=16)
     _last_writer[(4,)](torch.zeros(1, dtype=torch.int32))  # outside the block: not checked

@@ -1,3 +1,6 @@
+"""moe_mlp (with route_topk feeding it) on every backend against the float64 reference; the
+custom ops under opcheck and torch.compile; the Triton kernels under the harness's conditions:
+bf16 on the interpreter, NaN-fenced inputs, reversed program order, the GPU's tile configs."""
 import math
 
 import pytest
@@ -5,120 +8,22 @@ import torch
 
 import bam_kernels as bk
 from bam_kernels import reference
-from tests.support.oracle import rel
+from bam_kernels._triton import grouped_gemm as gg
+from bam_model.layers import MoE
+from tests.support import gpu_tiles, sanitizer
+from tests.support.fenced import fenced, grad_leaf
+from tests.support.inputs import make_moe, run_moe
+from tests.support.oracle import (
+    BF16,
+    BF16_TOL,
+    grouped_mm_matches_reference,
+    rel,
+    routed_moe_matches_reference,
+)
+from tests.support.program_order import grads, run_twice
 
 BACKENDS = ["torch", "triton"]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2}
-
-
-
-# ---------------------------------------------------------------------------------------------
-# grouped_mm
-
-
-def random_offsets(M, E, empty=(), tail=0):
-    """Cumulative row ends for E experts over M - tail rows, experts in ``empty`` getting none."""
-    live = [e for e in range(E) if e not in empty]
-    counts = torch.zeros(E, dtype=torch.int64)
-    if live:
-        picks = torch.randint(0, len(live), (M - tail,))
-        counts[live] = torch.bincount(picks, minlength=len(live))
-    return torch.cumsum(counts, 0).to(torch.int32)
-
-
-GMM_CASES = [  # M, K, N, E, empty experts, tail rows past offs[-1]
-    (1, 19, 37, 1, (), 0),
-    (7, 19, 37, 3, (1,), 0),
-    (33, 24, 13, 4, (0, 3), 5),
-    (257, 37, 29, 16, (2, 5, 11), 0),
-    (127, 16, 48, 5, (), 9),
-]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("M,K,N,E,empty,tail", GMM_CASES)
-def test_grouped_mm_matches_reference(poison, backend, dtype, M, K, N, E, empty, tail):
-    offs = random_offsets(M, E, empty, tail)
-    x = torch.randn(M, K).to(dtype).requires_grad_()
-    w = (torch.randn(E, N, K) / math.sqrt(K)).to(dtype).requires_grad_()
-    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    ref = reference.grouped_mm(x64, w64, offs)
-    with bk.use_backend(backend):
-        y = bk.grouped_mm(x, w, offs)
-    assert y.shape == (M, N) and y.dtype == dtype
-    assert rel(y, ref) < TOL[dtype]
-    if tail:
-        assert torch.all(y[-tail:] == 0)
-    dy = torch.randn(M, N, dtype=torch.float64)
-    ref.backward(dy)
-    y.backward(dy.to(dtype))
-    assert rel(x.grad, x64.grad) < TOL[dtype]
-    assert rel(w.grad, w64.grad) < TOL[dtype]
-    for e in empty:
-        assert torch.all(w.grad[e] == 0), f"expert {e} has no rows: its weight gradient must be exactly 0"
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_grouped_mm_transposed_weight_view(backend):
-    """A non-contiguous weight (a transposed view, as torch._grouped_mm's callers pass) works."""
-    offs = random_offsets(40, 3)
-    x = torch.randn(40, 20)
-    w = torch.randn(3, 20, 12).transpose(1, 2)  # [E, N=12, K=20], strided
-    with bk.use_backend(backend):
-        y = bk.grouped_mm(x, w, offs)
-    assert rel(y, reference.grouped_mm(x.double(), w.double(), offs)) < 1e-5
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_grouped_mm_backward_is_deterministic(backend):
-    offs = random_offsets(97, 6, empty=(2,))
-    x = torch.randn(97, 24, requires_grad=True)
-    w = torch.randn(6, 40, 24, requires_grad=True)
-    dy = torch.randn(97, 40)
-    grads = []
-    for _ in range(2):
-        x.grad = w.grad = None
-        with bk.use_backend(backend):
-            bk.grouped_mm(x, w, offs).backward(dy)
-        grads.append((x.grad.clone(), w.grad.clone()))
-    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
-
-
-def test_grouped_mm_bad_input():
-    x, w = torch.randn(10, 8), torch.randn(3, 5, 8)
-    with pytest.raises(ValueError, match="offs must be non-decreasing"):
-        bk.grouped_mm(x, w, torch.tensor([4, 2, 10], dtype=torch.int32))
-    with pytest.raises(ValueError, match="offs must be non-decreasing"):
-        bk.grouped_mm(x, w, torch.tensor([4, 6, 11], dtype=torch.int32))
-    with pytest.raises(ValueError, match=r"offs must have shape \[E\]"):
-        bk.grouped_mm(x, w, torch.tensor([4, 10], dtype=torch.int32))
-    with pytest.raises(ValueError, match=r"x must have shape \[M, K\]"):
-        bk.grouped_mm(torch.randn(10, 7), w, torch.tensor([4, 6, 10]))
-    with pytest.raises(ValueError, match="w has dtype"):
-        bk.grouped_mm(x, w.half(), torch.tensor([4, 6, 10]))
-    with pytest.raises(ValueError, match="offs must be an integer tensor"):
-        bk.grouped_mm(x, w, torch.tensor([4.0, 6.0, 10.0]))
-    with pytest.raises(ValueError, match="w must have 3 dimensions"):
-        bk.grouped_mm(x, w[0], torch.tensor([4, 6, 10]))
-
-
-# ---------------------------------------------------------------------------------------------
-# moe_mlp
-
-
-def make_moe(T, D, F, E, k, dtype=torch.float32, duplicates=False, empty=()):
-    live = torch.tensor([e for e in range(E) if e not in empty])
-    if duplicates:
-        experts = live[torch.randint(0, len(live), (T, k))]
-    else:
-        experts = torch.stack([live[torch.randperm(len(live))[:k]] for _ in range(T)]) if T else \
-            torch.empty(0, k, dtype=torch.int64)
-    x = torch.randn(T, D)
-    gate_up = torch.randn(E, 2 * F, D) / math.sqrt(D)
-    down = torch.randn(E, D, F) / math.sqrt(F)
-    weights = torch.rand(T, k) + 0.1
-    return [t.to(dtype) for t in (x, gate_up, down)] + [weights, experts]
 
 
 MOE_CASES = [  # T, D, F, E, k, duplicate ids, experts without tokens
@@ -144,11 +49,6 @@ def moe_backend(request, monkeypatch):
         monkeypatch.setattr("bam_kernels._torch.moe._PER_EXPERT_MIN_ROWS", 0)
         return "torch"
     return name
-
-
-def run_moe(backend, inputs):
-    with bk.use_backend(backend):
-        return bk.moe_mlp(*inputs)
 
 
 @pytest.mark.parametrize("moe_backend", MOE_BACKENDS, indirect=True)
@@ -242,7 +142,8 @@ def test_moe_mlp_strided_inputs(moe_backend, layout, monkeypatch):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("T,k,duplicates", [(1, 1, False), (1, 3, True), (2, 2, False), (4, 2, True), (3, 3, False),
+@pytest.mark.parametrize("T,k,duplicates", [(1, 1, False), (1, 3, True), (2, 2, False), (4, 2, True),
+                                            (3, 3, False),
                                             (16, 4, True), (65, 1, False)])
 def test_moe_mlp_decoding_sizes_without_grad(poison, backend, dtype, T, k, duplicates):
     """A few (token, slot) pairs (decoding), eager and without autograd: the torch path groups them
@@ -315,6 +216,7 @@ def test_autotuning_trials_leave_no_stale_partial_sums(monkeypatch):
     column per column tile, so a trial with narrower tiles writes columns the chosen config does
     not; the autotuner must clear them (and must not clear anything else)."""
     import triton
+
     from bam_kernels._triton import grouped_gemm as gg
 
     def configs(ep, fma):  # narrow tiles first, then the wide ones the fake timer picks
@@ -338,55 +240,6 @@ def test_autotuning_trials_leave_no_stale_partial_sums(monkeypatch):
         assert rel(a.grad, b.grad) < 1e-5, name
 
 
-@pytest.mark.parametrize("op", ["grouped_mm", "moe_mlp"])
-def test_torch_path_without_native_grouped_mm(monkeypatch, op):
-    """The CPU path's per-expert loop, used where torch._grouped_mm is missing or refuses a dtype."""
-    from bam_kernels._torch import grouped_gemm as experts
-    refused = {("cpu", torch.float32, aligned): False for aligned in (True, False)}
-    monkeypatch.setattr(experts, "_native_gmm", dict(refused))
-    if op == "grouped_mm":
-        offs = random_offsets(57, 5, empty=(1,), tail=4)
-        x = torch.randn(57, 19, requires_grad=True)
-        w = torch.randn(5, 23, 19, requires_grad=True)
-        x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-        with bk.use_backend("torch"):
-            y = bk.grouped_mm(x, w, offs)
-        ref = reference.grouped_mm(x64, w64, offs)
-        dy = torch.randn(57, 23, dtype=torch.float64)
-        y.backward(dy.float())
-        ref.backward(dy)
-        pairs = [(y, ref), (x.grad, x64.grad), (w.grad, w64.grad)]
-        assert torch.all(w.grad[1] == 0) and torch.all(y[-4:] == 0)
-    else:
-        inputs = make_moe(33, 19, 23, 6, 2, empty=(3,))
-        leaves = [t.requires_grad_() for t in inputs[:4]] + [inputs[4]]
-        leaves64 = [t.detach().double().requires_grad_() for t in inputs[:4]] + [inputs[4]]
-        y = run_moe("torch", leaves)
-        ref = reference.moe_mlp(*leaves64)
-        dy = torch.randn(33, 19, dtype=torch.float64)
-        y.backward(dy.float())
-        ref.backward(dy)
-        pairs = [(y, ref)] + [(a.grad, b.grad) for a, b in zip(leaves[:4], leaves64[:4])]
-    for a, b in pairs:
-        assert rel(a, b) < 1e-5
-    assert experts._native_gmm == refused
-
-
-@pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no torch._grouped_mm")
-def test_a_refused_misaligned_call_does_not_turn_off_native_grouped_mm(monkeypatch):
-    """torch._grouped_mm needs 16-byte strides: an odd-sized call falls back to the loop, and the
-    aligned calls after it still use the native op."""
-    from bam_kernels._torch import grouped_gemm as experts
-    monkeypatch.setattr(experts, "_native_gmm", {})
-    offs = torch.tensor([3, 9, 12], dtype=torch.int32)
-    with bk.use_backend("torch"):
-        odd = bk.grouped_mm(torch.randn(12, 19), torch.randn(3, 5, 19), offs)
-        even = bk.grouped_mm(torch.randn(12, 16), torch.randn(3, 8, 16), offs)
-    assert odd.shape == (12, 5) and even.shape == (12, 8)
-    assert experts._native_gmm.get(("cpu", torch.float32, False)) is False    # refused, remembered apart
-    assert experts._native_gmm.get(("cpu", torch.float32, True)) is True
-
-
 @pytest.mark.parametrize("backend,dtype", [("torch", torch.bfloat16), ("triton", torch.float16),
                                            ("triton", torch.bfloat16)])
 def test_moe_mlp_and_grouped_mm_under_autocast(backend, dtype):
@@ -404,9 +257,142 @@ def test_moe_mlp_and_grouped_mm_under_autocast(backend, dtype):
     ref_leaves = [t.detach().to(dtype).double().requires_grad_() for t in leaves[:3]]
     ref_leaves.append(weights.detach().double().requires_grad_())
     ref = reference.moe_mlp(*ref_leaves, experts)
-    ref_g = reference.grouped_mm(ref_leaves[0], ref_leaves[2].transpose(1, 2), torch.tensor([10, 10, 20, 33, 33]))
+    ref_g = reference.grouped_mm(ref_leaves[0], ref_leaves[2].transpose(1, 2),
+                                 torch.tensor([10, 10, 20, 33, 33]))
     torch.autograd.backward([ref, ref_g], [dy.to(dtype).double(), torch.ones_like(ref_g)])
     assert rel(y, ref) < 2e-2 and rel(g, ref_g) < 2e-2
     for name, a, b in zip(["x", "gate_up_proj", "down_proj", "weights"], leaves, ref_leaves):
         assert a.grad.dtype == torch.float32, name
         assert rel(a.grad, b.grad) < 2e-2, name
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: opcheck, torch.compile, the backward on the forward's backend
+
+
+def _moe_args(T=13, D=16, F=24, E=5, k=2):
+    x = torch.randn(T, D, requires_grad=True)
+    gate_up = (torch.randn(E, 2 * F, D) / 4).requires_grad_()
+    down = (torch.randn(E, D, F) / 5).requires_grad_()
+    weights = torch.rand(T, k, requires_grad=True)
+    experts = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    return x, gate_up, down, weights, experts
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(backend):
+    x, gate_up, down, weights, experts = _moe_args()
+    torch.library.opcheck(torch.ops.bam.moe_mlp, (x, gate_up, down, weights, experts, True, backend))
+    logits = torch.randn(9, 6, requires_grad=True)
+    torch.library.opcheck(torch.ops.bam.route_topk, (logits, 3, True, backend))
+    offs = torch.tensor([3, 3, 10, 17], dtype=torch.int32)
+    xg = torch.randn(17, 12, requires_grad=True)
+    wg = torch.randn(4, 20, 12, requires_grad=True)
+    torch.library.opcheck(torch.ops.bam.grouped_mm, (xg, wg, offs, backend))
+
+
+def test_torch_compile_moe_layer_one_graph():
+    torch._dynamo.reset()
+    moe = MoE(16, 24, num_experts=4, top_k=2)
+    compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 7, 16)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_eager = moe(x1)
+    y_eager.sum().backward()
+    grads_eager = [p.grad.clone() for p in moe.parameters()]
+    moe.zero_grad()
+    y_comp = compiled(x2)
+    y_comp.sum().backward()
+    torch.testing.assert_close(y_comp, y_eager)
+    torch.testing.assert_close(x2.grad, x1.grad)
+    for g, p in zip(grads_eager, moe.parameters()):
+        torch.testing.assert_close(p.grad, g)
+
+
+def test_backward_runs_on_the_forward_backend(monkeypatch):
+    """A forward run under use_backend('triton') differentiates on triton even outside the block."""
+    from bam_kernels._triton import moe as triton_moe
+    ran = []
+    real = triton_moe.backward
+    monkeypatch.setattr(triton_moe, "backward", lambda *a: ran.append(True) or real(*a))
+    x, gate_up, down, weights, experts = _moe_args()
+    with bk.use_backend("triton"):
+        y = bk.moe_mlp(x, gate_up, down, weights, experts)
+    node = y.grad_fn
+    assert node is not None
+    y.sum().backward()
+    assert ran, "the backward did not run on the triton backend"
+    x_ref = x.detach().double().requires_grad_()
+    bk.reference.moe_mlp(x_ref, gate_up.double(), down.double(), weights.double(), experts).sum().backward()
+    torch.testing.assert_close(x.grad.double(), x_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels in bf16 (tests/support/interpreter_bf16.py), NaN-fenced (tests/support/fenced.py),
+# in reversed program order (tests/support/program_order.py), with the GPU's tiles
+# (tests/support/gpu_tiles.py)
+
+
+@pytest.mark.parametrize("T,E,k", [(37, 5, 2), (70, 3, 1), (9, 4, 4)])
+def test_route_topk_and_moe_mlp_bf16(T, E, k):
+    D, Fh = 21, 27
+    # Distinct logits: bf16 has 8 bits of mantissa, and a tie would let the top-k pick either.
+    logits = (torch.randperm(T * E).view(T, E) / 8.0).to(BF16)
+    x, dy = torch.randn(T, D).to(BF16), torch.randn(T, D).to(BF16)
+    gate_up = (torch.randn(E, 2 * Fh, D) / math.sqrt(D)).to(BF16)
+    down = (torch.randn(E, D, Fh) / math.sqrt(Fh)).to(BF16)
+    values = (logits, x, gate_up, down)
+    leaves = [t.clone().requires_grad_() for t in values]
+    routed_moe_matches_reference(leaves, values, k, dy, dy, tol=BF16_TOL)
+
+
+@pytest.mark.parametrize("T,E,k", [(1, 4, 2), (37, 5, 2), (70, 3, 1)])
+def test_route_topk_and_moe_mlp_fenced(T, E, k):
+    D, Fh = 21, 27
+    logits = torch.randn(T, E)
+    x = torch.randn(T, D)
+    gate_up, down = torch.randn(E, 2 * Fh, D) / math.sqrt(D), torch.randn(E, D, Fh) / math.sqrt(Fh)
+    dy = torch.randn(T, D)
+    leaves = [grad_leaf(fenced(t)) for t in (logits, x, gate_up, down)]
+    routed_moe_matches_reference(leaves, (logits, x, gate_up, down), k, fenced(dy), dy)
+
+
+def test_route_topk_and_moe_mlp_in_any_program_order(reversed_programs):
+    T, D, Fh, E, k = 57, 21, 40, 5, 2
+    logits = torch.randn(T, E, requires_grad=True)
+    x = torch.randn(T, D, requires_grad=True)
+    gate_up = (torch.randn(E, 2 * Fh, D) / math.sqrt(D)).requires_grad_()
+    down = (torch.randn(E, D, Fh) / math.sqrt(Fh)).requires_grad_()
+
+    def fn():
+        with bk.use_backend("triton"):
+            w, idx = bk.route_topk(logits, k)
+            return grads(bk.moe_mlp(x, gate_up, down, w, idx), [logits, x, gate_up, down])
+
+    run_twice(fn, reversed_programs)
+
+
+@pytest.mark.parametrize("fma,i", gpu_tiles.GEMM_CASES)
+def test_moe_ops_with_gpu_tiles(fma, i, monkeypatch):
+    gemm, wgrad = gpu_tiles.GEMM[fma]
+    monkeypatch.setattr(gg, "group_gemm", gg.make_autotuners(lambda ep, _: [gemm[ep][i % len(gemm[ep])]]))
+    monkeypatch.setattr(gg, "group_wgrad", gpu_tiles.one_config_each(gg._group_wgrad, [wgrad[i % len(wgrad)]],
+                                                            ["N", "K", "GATHER_A", "GATHER_B", "SWIGLU_B"]))
+    # 300 (token, slot) rows over 4 experts, one of them empty: several 128-row tiles, partial
+    # tiles in every dimension (D 72, F 100 against 64- to 256-wide tiles).
+    T, D, Fh, E, k = 150, 72, 100, 4, 2
+    logits = torch.randn(T, E)
+    logits[:, 3] = -30.0
+    x, dy = torch.randn(T, D), torch.randn(T, D)
+    gate_up, down = torch.randn(E, 2 * Fh, D) / math.sqrt(D), torch.randn(E, D, Fh) / math.sqrt(Fh)
+    ours = gpu_tiles.leaves(logits, x, gate_up, down)
+    with sanitizer.races():
+        routed_moe_matches_reference(ours, (logits, x, gate_up, down), k, dy, dy)
+    assert torch.all(ours[2].grad[3] == 0) and torch.all(ours[3].grad[3] == 0)
+
+    M, K, N = 300, 72, 130
+    offs = torch.tensor([90, 90, 250, 290], dtype=torch.int32)  # an empty expert, 10 rows past the end
+    g = torch.randn(M, N)
+    with sanitizer.races():
+        x, w = gpu_tiles.leaves(torch.randn(M, K), torch.randn(E, N, K) / math.sqrt(K))
+        grouped_mm_matches_reference(x, w, offs, g, g)
