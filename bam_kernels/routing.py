@@ -17,6 +17,13 @@ from ._dispatch import backend_for, call_directly
 from ._torch import routing as torch_path
 
 
+def _check_route_topk(logits, k):
+    _checks.tensor("logits", logits, ndim=2, floating=True)
+    E = logits.shape[1]
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= E:
+        raise ValueError(f"k must be an int in [1, E={E}] (E = logits.shape[1]), got {k!r}")
+
+
 def _checks_enabled() -> bool:
     return os.environ.get("BAM_CHECK", "0") not in ("", "0")
 
@@ -105,10 +112,7 @@ def route_topk(logits: torch.Tensor, k: int, normalize: bool = False):
     float32 range, so +inf logits share the row's probability and a row of -inf (or NaN) is
     uniform (the kernel takes the lowest ids among ties).
     """
-    _checks.tensor("logits", logits, ndim=2, floating=True)
-    E = logits.shape[1]
-    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= E:
-        raise ValueError(f"k must be an int in [1, E={E}] (E = logits.shape[1]), got {k!r}")
+    _check_route_topk(logits, k)
     backend = backend_for(logits)
     if backend != "triton" and logits.is_cuda and not _checks_enabled():
         logits = _as_the_kernel_reads(logits)
