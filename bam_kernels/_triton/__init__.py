@@ -1,4 +1,6 @@
-"""Triton kernels, one file per kernel family. Imported only when the triton backend runs."""
+"""The Triton paths of the ops, imported only when the triton backend runs: ``<op>.py`` is an op's
+host code (``routing``, ``grouped_gemm``, ``moe``, ``attention``), ``<family>_kernels.py`` holds the
+kernels of a large family, ``common.py`` the helpers every host module shares."""
 from __future__ import annotations
 
 import contextlib
