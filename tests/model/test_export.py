@@ -8,17 +8,14 @@ import bam_model
 from bam_model import DenseConfig, DenseLM
 from bam_model.cli import main
 from bam_model.upcycle import upcycle
+from tests.support.models import randomize_norms
 
 
 def tiny(block="sequential"):
     cfg = DenseConfig(vocab_size=8192, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
                       max_seq_len=64, tie_embeddings=True, block=block, bos_token_id=None, eos_token_id=0)
     model = DenseLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model
+    return randomize_norms(model)
 
 
 def test_dense_exports_as_llama_with_its_tokenizer(tmp_path, capsys):

@@ -13,6 +13,7 @@ from bam_model.config import BamConfig, DenseConfig, config_from_dict
 from bam_model.formats import folder, gguf
 from bam_model.formats.folder import load_config
 from bam_model.model import DenseLM, sample
+from tests.support.models import randomize_norms
 from tests.support.real_models import smollm2_gguf
 
 
@@ -20,15 +21,6 @@ def tiny_config(**changes) -> DenseConfig:
     base = dict(vocab_size=101, dim=40, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=72,
                 rope_theta=5000.0, norm_eps=1e-6, max_seq_len=64)
     return DenseConfig(**{**base, **changes})
-
-
-def randomize_norms(model):
-    """Norm weights start at 1; make them random so a mix-up of norms shows."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model
 
 
 def ids(vocab, B=2, T=11):

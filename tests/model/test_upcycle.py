@@ -9,6 +9,7 @@ from bam_model import BamConfig, BamLM, DenseConfig, DenseLM
 from bam_model.formats import folder
 from bam_model.layers import load_balancing_loss, router_z_loss
 from bam_model.upcycle import branch, upcycle
+from tests.support.models import randomize_norms
 
 
 def tiny(block="sequential", tie=False, **changes) -> DenseLM:
@@ -16,11 +17,7 @@ def tiny(block="sequential", tie=False, **changes) -> DenseLM:
                       rope_theta=3000.0, norm_eps=1e-6, max_seq_len=48, block=block, tie_embeddings=tie,
                       **changes)
     model = DenseLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    return model
+    return randomize_norms(model)
 
 
 def hf_written_llama(tmp_path, name="llama", tie=False):
@@ -28,10 +25,7 @@ def hf_written_llama(tmp_path, name="llama", tie=False):
                                    num_attention_heads=6, num_key_value_heads=2, rope_theta=3000.0,
                                    rms_norm_eps=1e-6, max_position_embeddings=48, tie_word_embeddings=tie)
     hf = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for pname, p in hf.named_parameters():
-            if "norm" in pname:
-                p.uniform_(0.5, 1.5)
+    randomize_norms(hf)
     hf.save_pretrained(tmp_path / name)
     return str(tmp_path / name)
 
