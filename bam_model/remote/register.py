@@ -29,6 +29,10 @@ def register() -> None:
     for config, model in ((BamDenseConfig, BamForCausalLM), (BamMoeConfig, BamMoeForCausalLM)):
         AutoConfig.register(config.model_type, config, exist_ok=True)
         AutoModelForCausalLM.register(config, model, exist_ok=True)
+        # A folder transformers writes from these classes (model.save_pretrained after a fine-tune)
+        # gets the two files and the auto_map too, so it loads where bam is not installed.
+        config.register_for_auto_class()
+        model.register_for_auto_class("AutoModelForCausalLM")
     _DONE.append(True)
 
 
