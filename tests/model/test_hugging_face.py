@@ -80,6 +80,8 @@ def test_config_is_what_auto_config_and_bam_read(folders):
 def test_a_folder_saved_by_transformers_reads_back_in_bam(folders, tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(folders["bam-shared-kv-parallel"])
     hf.save_pretrained(tmp_path / "resaved")
+    for name in ("configuration_bam.py", "modeling_bam.py"):  # it loads where bam is not installed too
+        assert (tmp_path / "resaved" / name).is_file()
     ours = bam_model.from_pretrained(str(tmp_path / "resaved"))
     assert ours.config == bam_model.from_pretrained(str(folders["bam-shared-kv-parallel"])).config
 
