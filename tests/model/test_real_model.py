@@ -78,3 +78,31 @@ def test_a_trained_model_generates_with_its_own_tokenizer(work, capsys):
     assert (work / "run" / "model" / "tokenizer.json").is_file()
     text = greedy(str(work / "run" / "model"), capsys)
     assert text.startswith("def fibonacci(n):") and len(text) > len("def fibonacci(n):\n")
+
+
+def test_the_mixture_loads_in_transformers_with_bams_logits(work):
+    """The SmolLM2 mixture's own folder in AutoModelForCausalLM (the classes import bam_model
+    registers): the logits of bam_model.from_pretrained, and the same greedy tokens for a
+    left-padded batch as bam generates for each prompt alone."""
+    import bam_model
+
+    mixed = work / "mixed"
+    if not mixed.is_dir():
+        gguf = smollm2_gguf()
+        assert main(["mix", "--base-model", gguf, "--experts", gguf, "--out", str(mixed)]) == 0
+    ours = bam_model.from_pretrained(str(mixed))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(mixed).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(mixed, padding_side="left")
+    tok.pad_token = tok.eos_token
+    batch = tok(["def fibonacci(n):", "The LORD said unto Moses,"], return_tensors="pt", padding=True)
+    full = int(batch["attention_mask"].all(-1).nonzero()[0])  # the longer prompt: no padding
+    with torch.no_grad():
+        got = hf(**batch).logits[full]
+        want = ours(batch["input_ids"][full:full + 1]).logits[0]
+    assert ((got - want).norm() / want.norm()).item() < 1e-5
+    out = hf.generate(**batch, max_new_tokens=6, do_sample=False)
+    width = batch["input_ids"].shape[1]
+    for i, (row, mask) in enumerate(zip(batch["input_ids"], batch["attention_mask"])):
+        prompt = row[mask.bool()][None]
+        alone = ours.generate(prompt, max_new_tokens=6)[0, prompt.shape[1]:]
+        assert torch.equal(out[i, width:], alone), f"prompt {i}"
