@@ -33,7 +33,7 @@ except ImportError:
     _bk = None
 
 _WARNED = []
-# transformers 5 names the output's cache `cache`, 4.x `past_key_values`.
+# transformers 5 names the output's cache `cache`, earlier releases `past_key_values` (bam is tested on 5).
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast)} \
     else "past_key_values"
 
@@ -89,7 +89,7 @@ def key_mask(attention_mask: torch.Tensor | None, T: int, S: int, device) -> tor
     """Which keys each of T new queries may see among S keys (the last T are theirs), [B, 1, T, S]
     (True = attend): causal, query i sees keys j <= i + S - T, and only keys whose
     ``attention_mask`` [B, S] is 1. None when nothing is padded (plain causal attention)."""
-    if attention_mask is None or bool(attention_mask.all()):
+    if attention_mask is None:
         return None
     valid_BS = attention_mask[:, -S:].bool()
     causal_TS = torch.arange(S, device=device)[None, :] <= torch.arange(T, device=device)[:, None] + (S - T)
@@ -375,6 +375,13 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
         cache = past_key_values if cache is None else cache
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if cache is not None and not isinstance(cache, DynamicCache):
+            raise ValueError(f"{type(self).__name__} runs with transformers' DynamicCache (generate's default), "
+                             f"not {type(cache).__name__}: caches of a fixed length "
+                             "(cache_implementation='static') are not supported")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("attention_mask must be [batch, keys] with 1 for a real token, got shape "
+                             f"{tuple(attention_mask.shape)}")
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -386,8 +393,10 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -T:]
             else:
                 position_ids = torch.arange(past, past + T, device=x.device)[None].expand(B, T)
+        # The mask the layers see: None when nothing is padded (one host sync per forward, not per layer).
+        padding = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
         for layer in self.model.layers:
-            x = layer(x, position_ids, attention_mask, cache)
+            x = layer(x, position_ids, padding, cache)
         x = self.model.norm(x)
         keep = slice(None)
         if isinstance(logits_to_keep, int) and logits_to_keep:
@@ -396,7 +405,8 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
         loss = aux_loss = None
         routed = [layer.mlp.last_routed for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)]
         if routed and (labels is not None or output_router_logits or self.config.output_router_logits):
-            aux_loss = self._aux_loss(routed)
+            real = padding[:, -T:].reshape(-1).bool() if padding is not None else None
+            aux_loss = self._aux_loss(routed, real)
         if labels is not None:
             loss = self._nll(logits, labels, num_items_in_batch)
             if aux_loss is not None:
@@ -406,7 +416,11 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
             out["router_logits"] = tuple(r[0] for r in routed)
         return MoeCausalLMOutputWithPast(**out)
 
-    def _aux_loss(self, routed):
+    def _aux_loss(self, routed, real=None):
+        """The routers' weighted load-balancing and z-losses, over the real tokens only (``real``
+        [B*T] marks them; padding does not count, as in bam's training, which has none)."""
+        if real is not None:
+            routed = [(logits[real], idx[real]) for logits, idx in routed]
         c = self.config
         lb = sum(load_balancing_loss(logits, idx) for logits, idx in routed)
         z = sum(torch.logsumexp(logits.float(), dim=-1).square().mean() for logits, _ in routed)

@@ -227,3 +227,29 @@ def test_lm_eval_runs_the_offline_tasks(tmp_path):
                                                                         "scripture")]
     assert results["bam_continuation"]["acc,none"] == pytest.approx(sum(domains) / 5)  # 3 items each
     assert 0.0 <= results["bam_next_words"]["exact_match,none"] <= 1.0
+
+
+def test_caches_and_masks_it_does_not_serve_are_refused(folders):
+    hf = AutoModelForCausalLM.from_pretrained(folders["bam-expert-kv"]).eval()
+    ids = torch.randint(0, 97, (1, 6))
+    with pytest.raises(ValueError, match="DynamicCache"):
+        hf.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="static")
+    with pytest.raises(ValueError, match=r"attention_mask must be \[batch, keys\]"):
+        hf(input_ids=ids, attention_mask=torch.ones(1, 1, 6, 6, dtype=torch.bool))
+
+
+def test_router_losses_count_the_real_tokens_of_a_padded_batch(folders):
+    hf = AutoModelForCausalLM.from_pretrained(folders["bam-expert-kv"]).eval()
+    rows = [torch.randint(1, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (4, 9)]
+    routed = []
+    with torch.no_grad():
+        for row in rows:  # each row alone: what the losses of the batch must be made of
+            hf(input_ids=row[None], output_router_logits=True)
+            routed.append([layer.mlp.last_routed for layer in hf.model.layers])
+        want = hf._aux_loss([(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(*routed)])
+        batch = torch.zeros(2, 9, dtype=torch.long)
+        mask = torch.zeros_like(batch)
+        for i, row in enumerate(rows):
+            batch[i, 9 - len(row):], mask[i, 9 - len(row):] = row, 1
+        got = hf(input_ids=batch, attention_mask=mask, output_router_logits=True).aux_loss
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
