@@ -376,8 +376,8 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if cache is not None and not isinstance(cache, DynamicCache):
-            raise ValueError(f"{type(self).__name__} runs with transformers' DynamicCache (generate's default), "
-                             f"not {type(cache).__name__}: caches of a fixed length "
+            raise ValueError(f"{type(self).__name__} runs with transformers' DynamicCache (generate's "
+                             f"default), not {type(cache).__name__}: caches of a fixed length "
                              "(cache_implementation='static') are not supported")
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError("attention_mask must be [batch, keys] with 1 for a real token, got shape "
