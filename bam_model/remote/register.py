@@ -45,18 +45,26 @@ def _register_quietly() -> None:
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Finds transformers as Python would, and registers bam's classes once its module has run."""
+    """Finds transformers as Python would and registers bam's classes once its module has run. It
+    stays in ``sys.meta_path`` until then: a mere probe (``importlib.util.find_spec``) does not use
+    it up."""
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname != "transformers":
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
+        where = sys.meta_path.index(self)
+        sys.meta_path.remove(self)  # the other finders say where transformers is
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            sys.meta_path.insert(where, self)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         run = spec.loader.exec_module
 
         def exec_module(module):
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             run(module)
             _register_quietly()
 

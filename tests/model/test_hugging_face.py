@@ -253,3 +253,22 @@ def test_router_losses_count_the_real_tokens_of_a_padded_batch(folders):
             batch[i, 9 - len(row):], mask[i, 9 - len(row):] = row, 1
         got = hf(input_ids=batch, attention_mask=mask, output_router_logits=True).aux_loss
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_import_bam_model_registers_whatever_the_order():
+    code = textwrap.dedent("""
+        import importlib.util, sys
+        order = sys.argv[1]
+        if order == "transformers first":
+            import transformers
+        import bam_model
+        if order == "probe first":  # another library asking whether transformers is there
+            assert importlib.util.find_spec("transformers") is not None
+        assert "transformers" not in sys.modules or order == "transformers first"
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        assert "bam-moe" in CONFIG_MAPPING and "bam-dense" in CONFIG_MAPPING, order
+    """)
+    for order in ("transformers first", "probe first"):
+        out = subprocess.run([sys.executable, "-c", code, order], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, (order, out.stderr[-2000:])
