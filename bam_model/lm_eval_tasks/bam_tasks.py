@@ -12,6 +12,7 @@ PER_DOMAIN = 40       # items per domain: enough to rank models, quick on a CPU
 CONTEXT_CHARS = 320   # passage length before the continuation (cut back to a space)
 CHOICE_CHARS = 64     # continuation length (cut back to a space)
 CHOICES = 5
+LINE_CHARS = 60       # bam_next_words: the rest of the line, when it is at most this long
 
 
 def _texts(domain: str) -> list[str]:
@@ -26,8 +27,9 @@ def _cut(text: str, limit: int) -> str:
     return head[:space] if space > limit // 2 else head
 
 
-def _passages(domain: str, seed: int) -> list[tuple[str, str]]:
-    """(context, continuation) pairs, at most one per stretch of text, in a fixed random order."""
+def _passages(domain: str, seed: int) -> list[tuple[str, str, str]]:
+    """(context, continuation, rest of the line) triples, at most one per stretch of text, in a fixed
+    random order."""
     rng = random.Random(f"{domain}-{seed}")
     span = CONTEXT_CHARS + CHOICE_CHARS
     pairs = []
@@ -39,7 +41,8 @@ def _passages(domain: str, seed: int) -> list[tuple[str, str]]:
             rest = text[start + len(context):]
             continuation = _cut(rest, CHOICE_CHARS)
             if context.strip() and continuation.strip():
-                pairs.append((context, continuation))
+                line = rest.split("\n", 1)[0] if "\n" in rest else ""  # only a line that ends
+                pairs.append((context, continuation, line))
     rng.shuffle(pairs)
     return pairs
 
@@ -51,9 +54,9 @@ def continuation_docs(domain: str, seed: int = 0) -> list[dict]:
     pairs = _passages(domain, seed)
     rng = random.Random(f"choices-{domain}-{seed}")
     items = pairs[:PER_DOMAIN]
-    pool = [c for _, c in pairs[PER_DOMAIN:]] or [c for _, c in pairs]
+    pool = [c for _, c, _ in pairs[PER_DOMAIN:]] or [c for _, c, _ in pairs]
     docs = []
-    for i, (context, true) in enumerate(items):
+    for i, (context, true, _) in enumerate(items):
         others = [c for c in rng.sample(pool, min(len(pool), 3 * CHOICES)) if c != true][:CHOICES - 1]
         choices = others[:]
         label = rng.randrange(len(choices) + 1)
@@ -64,13 +67,14 @@ def continuation_docs(domain: str, seed: int = 0) -> list[dict]:
 
 
 def next_words_docs(seed: int = 0, per_domain: int = 8) -> list[dict]:
-    """generate_until items: ``context`` and the ``target`` words up to the end of its line."""
+    """generate_until items: ``context`` and the ``target``: the rest of its line in the source text
+    (passages whose line is empty or longer than ``LINE_CHARS`` are left out)."""
     docs = []
     for domain in DOMAINS:
-        for i, (context, continuation) in enumerate(_passages(domain, seed)[:per_domain]):
-            line = continuation.split("\n", 1)[0]
-            if line.strip():
-                docs.append({"id": f"{domain}-{i}", "domain": domain, "context": context, "target": line})
+        lines = [(c, line) for c, _, line in _passages(domain, seed)
+                 if line.strip() and len(line) <= LINE_CHARS]
+        for i, (context, line) in enumerate(lines[:per_domain]):
+            docs.append({"id": f"{domain}-{i}", "domain": domain, "context": context, "target": line})
     return docs
 
 
