@@ -222,8 +222,9 @@ def config_from_dict(d: dict) -> DenseConfig:
     cls = CONFIG_CLASSES[model_type]
     known = {f.name for f in dataclasses.fields(cls)}
     body = _field_names(d, known)
-    unknown = sorted(set(body) - known)
-    if unknown:
+    unknown = sorted(key for key in d if key not in HF_ONLY_KEYS and key != "model_type"
+                     and FIELD_OF_HF_KEY.get(key, key) not in known and key not in known)
+    if unknown:  # as the file spells them
         raise ValueError(f"unknown {model_type} config keys: {unknown}")
     # Messages name the keys as the file spells them: Hugging Face's, unless it is a bam 0.1 file.
     old_format = any(name in d for name in HF_KEYS) and not any(key in d for key in FIELD_OF_HF_KEY)
@@ -236,7 +237,9 @@ def config_from_dict(d: dict) -> DenseConfig:
     try:
         return cls(**body)
     except ValueError as e:
-        message = str(e)
+        # The settings the message names, spelled as in the file; the values it quotes (after
+        # "got") are the file's own and stay as they are.
+        names, got, value = str(e).partition(", got ")
         for name, key in spelled.items():
-            message = re.sub(rf"\b{name}\b", key, message)
-        raise ValueError(message) from None
+            names = re.sub(rf"\b{name}\b", key, names)
+        raise ValueError(names + got + value) from None

@@ -89,6 +89,10 @@ def test_config_json_uses_hugging_face_names_and_bam_0_1_files_still_load():
         config_from_dict({**d, "num_experts_per_tok": 9})
     with pytest.raises(ValueError, match="^top_k must be an int"):  # a bam 0.1 file: its names
         config_from_dict({**old, "top_k": 9})
+    with pytest.raises(ValueError, match="got 'dim'$"):  # a value is quoted as it is, not renamed
+        config_from_dict({**d, "block": "dim"})
+    with pytest.raises(ValueError, match=r"unknown bam-dense config keys: \['num_local_experts'\]"):
+        config_from_dict({**DenseConfig(**tiny_config().__dict__).to_dict(), "num_local_experts": 2})
 
 
 # --- dense model -------------------------------------------------------------------------------
