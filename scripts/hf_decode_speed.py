@@ -3,8 +3,10 @@
 token must not grow with the prefix the cache holds.
 
 The model: SmolLM2-135M (the GGUF that ``make install`` adds) upcycled without training into a BAM
-mixture of 2 experts with shared K/V (``bam mix``'s default recipe), in float32. Prints a markdown
-table and checks on the way that both generate the same greedy tokens.
+mixture of 3 experts (the seed and two copies of it) with shared K/V, in float32, kept in ``--out``.
+Neither side stops at an end-of-text token, so both decode the same number of tokens; on the way the
+script checks that they generate the same greedy tokens. The table and the numbers go to
+``--results`` as ``cpu-<machine>-hf-decode.{md,json}`` (one current set per machine).
 
     .venv/bin/python scripts/hf_decode_speed.py [--out runs/hf-decode] [--new-tokens 16]
 """
@@ -46,7 +48,8 @@ def per_token_ms(generate, prompt, new_tokens: int, repeats: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/hf-decode")
+    p.add_argument("--out", default="runs/hf-decode", help="where the model is written (and reused)")
+    p.add_argument("--results", default=str(Path(__file__).resolve().parents[1] / "benchmarks" / "results"))
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
@@ -60,6 +63,7 @@ def main() -> None:
 
     ours = bam_model.from_pretrained(str(folder)).eval()
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    hf.generation_config.eos_token_id = None  # as bam's generate without eos_token_id: no early stop
     torch.manual_seed(0)
     rows = []
     for prefix in (32, 1024):
@@ -70,8 +74,7 @@ def main() -> None:
             return ours.generate(ids, max_new_tokens=n)
 
         def hf_generate(ids, n, mask=mask):
-            return hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                               pad_token_id=0)
+            return hf.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
 
         with torch.no_grad():
             same = torch.equal(bam_generate(prompt, 8), hf_generate(prompt, 8))
@@ -86,8 +89,10 @@ def main() -> None:
              "|---:|---:|---:|---|"]
     lines += [f"| {r['prefix']} | {r['bam ms/token']:.1f} ms/token | {r['transformers ms/token']:.1f} "
               f"ms/token | {'yes' if r['greedy tokens equal'] else 'NO'} |" for r in rows]
-    write_text_atomic(out / "decode.md", "\n".join(lines) + "\n")
-    write_text_atomic(out / "decode.json", json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    stem = Path(args.results) / f"cpu-{platform.machine().lower().replace('_', '-')}-hf-decode"
+    write_text_atomic(stem.with_suffix(".md"), "\n".join(lines) + "\n")
+    summary = json.dumps({"machine": machine, "rows": rows}, indent=2)
+    write_text_atomic(stem.with_suffix(".json"), summary + "\n")
     print("\n".join(lines))
 
 
