@@ -164,7 +164,8 @@ def add_options(parser: argparse.ArgumentParser, cls, *, defaults: bool = True, 
         default = default_of(f)
         kwargs: dict[str, Any] = {"help": opt.help}
         if default is False:
-            kwargs["action"] = "store_true"
+            # Under defaults=False an absent switch stays None, so that given() tells it apart.
+            kwargs.update(action="store_const", const=True, default=False if defaults else None)
         else:
             kwargs.update(type=opt.parse, choices=opt.choices, nargs=opt.nargs)
             if default is dataclasses.MISSING or opt.required:

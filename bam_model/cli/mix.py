@@ -85,6 +85,8 @@ def _read_recipe(args: argparse.Namespace) -> tuple[MixRecipe, str]:
 
     flags = given(MixRecipe, args)
     if args.config is None:
+        if flags.get("base_model") is None:
+            raise ValueError("give --base-model (the seed) and --experts, or a recipe with --config")
         recipe = validate_recipe(flags)
         text = yaml.safe_dump({k: v for k, v in dataclasses.asdict(recipe).items() if v is not None},
                               sort_keys=False)

@@ -145,3 +145,31 @@ def test_flags_recipe_keys_defaults_and_checks_come_from_one_declaration(seed_pa
         MixOptions(kv_init="first")
     with pytest.raises(ValueError, match="mix recipe key 'router_seed' must be an int, got 1.5"):
         validate_recipe({"base_model": seed_path, "router_seed": 1.5})
+
+
+def test_mix_without_a_seed_names_the_flags(tmp_path, capsys):
+    assert main(["mix", "--out", str(tmp_path / "o")]) == 2
+    assert "give --base-model (the seed) and --experts, or a recipe with --config" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_switch_left_out_is_not_given():
+    """Under defaults=False (how bam mix tells recipe flags from a --config) an absent on/off flag
+    is not 'given', and a present one is True."""
+    import argparse
+    from dataclasses import dataclass
+
+    from bam_model.options import add_options, given, option
+
+    @dataclass
+    class Switches:
+        fast: bool = option(False, help="go fast")
+        name: str = option("x", help="a name")
+
+    p = argparse.ArgumentParser()
+    add_options(p, Switches, defaults=False)
+    assert given(Switches, p.parse_args([])) == {}
+    assert given(Switches, p.parse_args(["--fast"])) == {"fast": True}
+    p = argparse.ArgumentParser()
+    add_options(p, Switches)
+    assert p.parse_args([]).fast is False and p.parse_args(["--fast"]).fast is True
