@@ -61,11 +61,14 @@ def unsupported(experts: torch.nn.Module) -> str | None:
     if getattr(experts, "_is_expert_parallel", False):
         return f"{kind} is sharded for expert parallelism"
     from transformers.activations import SiLUActivation
-    from transformers.integrations.moe import _default_apply_gate
+    from transformers.integrations import moe as hf_moe
 
-    gate = getattr(type(experts), "_apply_gate", _default_apply_gate)
-    if gate is not _default_apply_gate:
-        return f"{kind} has its own gate function ({gate.__qualname__})"
+    # The decorator gives a class without a gate of its own transformers' default (act(gate) * up);
+    # a release that renamed it makes every gate look custom: refused, never miscomputed.
+    default_gate = getattr(hf_moe, "_default_apply_gate", None)
+    gate = getattr(type(experts), "_apply_gate", default_gate)
+    if gate is not default_gate:
+        return f"{kind} has its own gate function ({getattr(gate, '__qualname__', gate)})"
     act = getattr(experts, "act_fn", None)
     if not isinstance(act, (torch.nn.SiLU, SiLUActivation)):  # what hidden_act "silu" / "swish" build
         return f"{kind} uses the activation {type(act).__name__}, bam's experts are SiLU-gated"
@@ -91,7 +94,8 @@ def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_in
     hidden_states."""
     why = unsupported(self)
     if why is not None:
-        raise ValueError(f'experts_implementation="{NAME}": {why}, which bam\'s kernels do not serve; '
+        name = getattr(getattr(self, "config", None), "_experts_implementation", NAME)
+        raise ValueError(f'experts_implementation="{name}": {why}, which bam\'s kernels do not serve; '
                          'load the model with experts_implementation="grouped_mm" or "eager"')
     gate_up, down = _weights(self)
     out = moe_mlp(hidden_states, gate_up, down, top_k_weights, top_k_index)
