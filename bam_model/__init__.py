@@ -1,8 +1,8 @@
 """bam_model: dense and Branch-Attend-Mix models, upcycling, checkpoints, training."""
+from .auto_classes import register_on_import
 from .config import BamConfig, DenseConfig
 from .formats import export_mixtral, from_pretrained, load_dense, save_pretrained
 from .model import BamLM, CausalLM, CausalLMOutput, DenseLM
-from .remote.register import register_on_import
 from .upcycle import branch, upcycle
 
 # transformers' AutoConfig / AutoModelForCausalLM read bam folders without trust_remote_code once

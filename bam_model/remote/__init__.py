@@ -5,3 +5,8 @@ Both files are copied into every model folder bam writes and named by its ``conf
 bam model where bam is not installed. They import only torch and transformers (and bam_kernels when
 it is there), never this package.
 """
+
+# transformers first: importing it runs bam's registration (bam_model.auto_classes), which imports
+# these two files; were transformers first imported from inside one of them, that file would be
+# half-initialised when the registration asks for it.
+import transformers  # noqa: F401

@@ -14,8 +14,12 @@ BLOCKS = ("sequential", "parallel")
 ATTENTION_KINDS = ("expert-kv", "shared-kv", "dense")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _positive_int(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not _is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
@@ -78,13 +82,14 @@ class BamMoeConfig(BamDenseConfig):
         self.expert_domains = list(expert_domains) if expert_domains else []
         self.output_router_logits = output_router_logits
         _positive_int("num_local_experts", num_local_experts)
-        if not isinstance(num_experts_per_tok, int) or not 1 <= num_experts_per_tok <= num_local_experts:
+        if not _is_int(num_experts_per_tok) or not 1 <= num_experts_per_tok <= num_local_experts:
             raise ValueError("num_experts_per_tok must be an int in [1, num_local_experts="
                              f"{num_local_experts}], "
                              f"got {num_experts_per_tok!r}")
         if attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
-        if attention_top_k is not None and not 1 <= attention_top_k <= num_local_experts:
+        if attention_top_k is not None and not (_is_int(attention_top_k)
+                                                and 1 <= attention_top_k <= num_local_experts):
             raise ValueError(f"attention_top_k must be None or in [1, {num_local_experts}], "
                              f"got {attention_top_k!r}")
         if straight_through and not norm_topk_prob:

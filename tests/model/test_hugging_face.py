@@ -257,18 +257,21 @@ def test_router_losses_count_the_real_tokens_of_a_padded_batch(folders):
 
 def test_import_bam_model_registers_whatever_the_order():
     code = textwrap.dedent("""
-        import importlib.util, sys
+        import importlib.util, sys, warnings
+        warnings.simplefilter("error")  # a registration that failed would only warn
         order = sys.argv[1]
         if order == "transformers first":
             import transformers
+        if order == "remote code first":
+            import bam_model.remote.modeling_bam
         import bam_model
         if order == "probe first":  # another library asking whether transformers is there
             assert importlib.util.find_spec("transformers") is not None
-        assert "transformers" not in sys.modules or order == "transformers first"
+        assert "transformers" not in sys.modules or order != "probe first"
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
         assert "bam-moe" in CONFIG_MAPPING and "bam-dense" in CONFIG_MAPPING, order
     """)
-    for order in ("transformers first", "probe first"):
+    for order in ("transformers first", "probe first", "remote code first"):
         out = subprocess.run([sys.executable, "-c", code, order], capture_output=True, text=True, timeout=300,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert out.returncode == 0, (order, out.stderr[-2000:])

@@ -1,5 +1,4 @@
-"""Register bam's model classes with transformers' Auto classes (this file stays in the package;
-it is not copied into model folders).
+"""Register bam's model classes (``bam_model/remote``) with transformers' Auto classes.
 
 After ``register()``, ``AutoConfig`` and ``AutoModelForCausalLM`` build bam folders from the
 installed code, without ``trust_remote_code``. ``import bam_model`` calls ``register_on_import()``:
@@ -23,8 +22,8 @@ def register() -> None:
         return
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .configuration_bam import BamDenseConfig, BamMoeConfig
-    from .modeling_bam import BamForCausalLM, BamMoeForCausalLM
+    from .remote.configuration_bam import BamDenseConfig, BamMoeConfig
+    from .remote.modeling_bam import BamForCausalLM, BamMoeForCausalLM
 
     for config, model in ((BamDenseConfig, BamForCausalLM), (BamMoeConfig, BamMoeForCausalLM)):
         AutoConfig.register(config.model_type, config, exist_ok=True)
