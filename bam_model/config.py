@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import torch
 
 from .options import (
-    finite_float,  # noqa: F401  (kept importable from here; it lives in options)
     is_int,
     positive_float,
     positive_int,
@@ -94,8 +93,8 @@ class DenseConfig:
 
     @property
     def dh(self) -> int:
-        """The head dimension actually used."""
-        return self.head_dim if self.head_dim is not None else self.dim // self.n_heads
+        """The head dimension (``head_dim``, which construction sets when it is given as None)."""
+        return self.head_dim
 
     def to_dict(self) -> dict:
         """The config as ``config.json`` holds it: Hugging Face's key names where they exist."""

@@ -100,9 +100,9 @@ def test_grouped_mm_bad_input():
 @pytest.mark.parametrize("op", ["grouped_mm", "moe_mlp"])
 def test_torch_path_without_native_grouped_mm(monkeypatch, op):
     """The CPU path's per-expert loop, used where torch._grouped_mm is missing or refuses a dtype."""
-    from bam_kernels._torch import grouped_gemm as experts
+    from bam_kernels._torch import grouped_gemm as torch_gemm
     refused = {("cpu", torch.float32, aligned): False for aligned in (True, False)}
-    monkeypatch.setattr(experts, "_native_gmm", dict(refused))
+    monkeypatch.setattr(torch_gemm, "_native_gmm", dict(refused))
     if op == "grouped_mm":
         offs = random_offsets(57, 5, empty=(1,), tail=4)
         x = torch.randn(57, 19, requires_grad=True)
@@ -128,22 +128,22 @@ def test_torch_path_without_native_grouped_mm(monkeypatch, op):
         pairs = [(y, ref)] + [(a.grad, b.grad) for a, b in zip(leaves[:4], leaves64[:4])]
     for a, b in pairs:
         assert rel(a, b) < 1e-5
-    assert experts._native_gmm == refused
+    assert torch_gemm._native_gmm == refused
 
 
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="this torch has no torch._grouped_mm")
 def test_a_refused_misaligned_call_does_not_turn_off_native_grouped_mm(monkeypatch):
     """torch._grouped_mm needs 16-byte strides: an odd-sized call falls back to the loop, and the
     aligned calls after it still use the native op."""
-    from bam_kernels._torch import grouped_gemm as experts
-    monkeypatch.setattr(experts, "_native_gmm", {})
+    from bam_kernels._torch import grouped_gemm as torch_gemm
+    monkeypatch.setattr(torch_gemm, "_native_gmm", {})
     offs = torch.tensor([3, 9, 12], dtype=torch.int32)
     with bk.use_backend("torch"):
         odd = bk.grouped_mm(torch.randn(12, 19), torch.randn(3, 5, 19), offs)
         even = bk.grouped_mm(torch.randn(12, 16), torch.randn(3, 8, 16), offs)
     assert odd.shape == (12, 5) and even.shape == (12, 8)
-    assert experts._native_gmm.get(("cpu", torch.float32, False)) is False    # refused, remembered apart
-    assert experts._native_gmm.get(("cpu", torch.float32, True)) is True
+    assert torch_gemm._native_gmm.get(("cpu", torch.float32, False)) is False    # refused, remembered apart
+    assert torch_gemm._native_gmm.get(("cpu", torch.float32, True)) is True
 
 
 # ---------------------------------------------------------------------------------------------

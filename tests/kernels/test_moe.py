@@ -120,8 +120,8 @@ def relaid(t: torch.Tensor, layout: str) -> torch.Tensor:
 def test_moe_mlp_strided_inputs(moe_backend, layout, monkeypatch):
     """x, gate_up_proj, down_proj, weights and experts all as non-contiguous views: the output and
     every gradient are the reference's, with autograd (few slots take another torch path without)."""
-    from bam_kernels._torch import grouped_gemm as experts
-    monkeypatch.setattr(experts, "_native_gmm", {})  # a layout torch._grouped_mm refuses must not stick
+    from bam_kernels._torch import grouped_gemm as torch_gemm
+    monkeypatch.setattr(torch_gemm, "_native_gmm", {})  # a layout torch._grouped_mm refuses must not stick
     T, D, F = 21, 16, 24  # 16-byte rows: torch._grouped_mm is tried
     inputs = make_moe(T, D, F, 4, 2, duplicates=True)
     views = [relaid(t, layout) for t in inputs]
