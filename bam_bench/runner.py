@@ -22,7 +22,7 @@ import traceback
 
 import torch
 
-from bam_model._entry import require_model_extra
+from bam_model.entry import require_model_extra
 from bam_model.files import write_atomic, write_text_atomic
 
 SUITES = ("moe", "moa", "model")
