@@ -478,6 +478,7 @@ def test_bad_input_names_the_argument():
 
 
 PTX_SCRIPT = textwrap.dedent("""
+    import itertools
     import json
     from tests.support.sm90 import H100_SMEM_BYTES, compile_sm90, ptxas_report
     from bam_kernels._triton import attention as A
@@ -498,29 +499,32 @@ PTX_SCRIPT = textwrap.dedent("""
         return tuple(n for n in fn.arg_names
                      if n.endswith("_ptr") or n.startswith(("stride_q", "stride_k", "stride_v")))
 
-    base = dict(HEAD_DIM=128, CAUSAL=True, HAS_KVLEN=True, HAS_KVSTART=True, PRECISION="tf32", BLOCK_D=128)
+    base = dict(HEAD_DIM=128, CAUSAL=True, HAS_KVLEN=True, PRECISION="tf32", BLOCK_D=128)
     jobs = [("fwd", A._fwd, dict(base, SPLIT=False, SAVE=True), A._fwd_configs()),
             ("decode", A._fwd, dict(base, SPLIT=True, SAVE=True), A._decode_configs()),
             ("dkdv", A._bwd_dkdv, base, A._dkdv_configs()), ("dq", A._bwd_dq, base, A._dq_configs())]
     report = {}
-    for name, fn, const, cfgs in jobs:
-        for c in cfgs:
-            key = f"{name} {c.kwargs} w{c.num_warps} s{c.num_stages}"
-            k = compile_sm90(fn, types_of(fn), dict(const, **c.kwargs), c.num_warps, c.num_stages,
-                             aligned(fn))
-            report[key] = (k, c.kwargs["BLOCK_M"] >= 64 or name == "dkdv")
+    # Without left padding and with it (kv_start: a key loop that starts at a loaded value).
+    for has_start in (False, True):
+        for name, fn, const, cfgs in jobs:
+            for c in cfgs:
+                key = f"{name} kv_start={has_start} {c.kwargs} w{c.num_warps} s{c.num_stages}"
+                const_c = dict(const, **c.kwargs, HAS_KVSTART=has_start)
+                k = compile_sm90(fn, types_of(fn), const_c, c.num_warps, c.num_stages, aligned(fn))
+                report[key] = (k, c.kwargs["BLOCK_M"] >= 64 or name == "dkdv")
     # float32 operands on their own tiles, without TF32 (FMA dots) and with it, head dims 64 and 128.
     fp32_jobs = [("fwd", A._fwd, dict(SPLIT=False, SAVE=True), A._fwd_configs(True)),
                  ("decode", A._fwd, dict(SPLIT=True, SAVE=True), A._decode_configs(True)),
                  ("dkdv", A._bwd_dkdv, {}, A._dkdv_configs(True)), ("dq", A._bwd_dq, {}, A._dq_configs(True))]
-    for precision in ("ieee", "tf32"):
-        for dh in (64, 128):
-            for name, fn, extra, cfgs in fp32_jobs:
-                for c in cfgs:
-                    const = dict(base, **extra, **c.kwargs, HEAD_DIM=dh, BLOCK_D=dh, PRECISION=precision)
-                    key = f"fp32 {precision} Dh={dh} {name} {c.kwargs} w{c.num_warps} s{c.num_stages}"
-                    report[key] = (compile_sm90(fn, types_of(fn, "*fp32"), const, c.num_warps, c.num_stages,
-                                                aligned(fn)), False)
+    for has_start, precision, dh in itertools.product((False, True), ("ieee", "tf32"), (64, 128)):
+        for name, fn, extra, cfgs in fp32_jobs:
+            for c in cfgs:
+                const = dict(base, **extra, **c.kwargs, HEAD_DIM=dh, BLOCK_D=dh, PRECISION=precision,
+                             HAS_KVSTART=has_start)
+                key = (f"fp32 {precision} Dh={dh} kv_start={has_start} {name} {c.kwargs} w{c.num_warps} "
+                       f"s{c.num_stages}")
+                report[key] = (compile_sm90(fn, types_of(fn, "*fp32"), const, c.num_warps, c.num_stages,
+                                            aligned(fn)), False)
     combine_const = dict(HEAD_DIM=128, SAVE=True, BLOCK_M=32, BLOCK_D=128)
     report["combine"] = (compile_sm90(A._combine, types_of(A._combine), combine_const, 4, 1,
                                       aligned(A._combine)), False)
