@@ -342,6 +342,21 @@ def test_kv_start_fp16(backend):
                       dtype=torch.float16, tol=1e-2)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_torch_path_masked_kv_start(causal):
+    """The torch path's CUDA branch (padding zeroed, then masked: no host sync), run here on the
+    CPU through its ``_sdpa``, against the reference on the same inputs."""
+    from bam_kernels._torch import attention as torch_path
+    B, T, S, E, H, Hkv, Dh = 3, 5, 23, 2, 4, 2, 16
+    q, k, v, mix, lens = make_inputs(B, T, S, E, H, Hkv, Dh, False, torch.float32, [23, 17, 9])
+    start = torch.tensor([0, 6, 9])
+    k, v = padded(k, start, lens, 0.0), padded(v, start, lens, 0.0)
+    o = torch_path._sdpa(q, k, v, mix, causal, Dh ** -0.5, lens, start)
+    ref = reference.moa_attention(*(t.double() for t in (q, k, v, mix)), causal, None, lens, start)
+    assert rel(o, ref) < 1e-5
+    assert (o[2] == 0).all()
+
+
 @pytest.mark.parametrize("splits", [2, 3])
 def test_kv_start_split_kv_forward(splits, monkeypatch):
     """The split-KV path, forced: the chunks split each row's valid keys; a row whose valid keys fit
