@@ -20,7 +20,7 @@ from ._dispatch import autocast_to, backend_for, call_directly, needs_grad
 from ._torch import attention as torch_path
 
 
-def _check_moa_attention(q, k, v, mix, causal, scale, kv_lens):
+def _check_moa_attention(q, k, v, mix, causal, scale, kv_lens, kv_start=None):
     _checks.tensor("q", q, ndim=5, floating=True)
     _checks.tensor("k", k, floating=True)
     if k.dim() not in (4, 5):
@@ -56,17 +56,30 @@ def _check_moa_attention(q, k, v, mix, causal, scale, kv_lens):
             if lo < 0 or hi > k.shape[1]:
                 raise ValueError(f"kv_lens must hold valid key counts in [0, S = {k.shape[1]}], "
                                  f"got [{lo}, {hi}]")
+    if kv_start is not None:
+        _checks.tensor("kv_start", kv_start, ndim=1, floating=False)
+        _checks.shape("kv_start", kv_start, (B,), "[B] from q")
+        named["kv_start"] = kv_start
     _checks.same_device(named)
+    if kv_start is not None and not kv_start.is_cuda and B > 0:
+        # Each row's first valid key, at most its end: kv_lens[b] or S (read on the CPU only: no sync).
+        end_B = torch.full((B,), k.shape[1]) if kv_lens is None else kv_lens.to(torch.int64)
+        bad_B = (kv_start < 0) | (kv_start.to(torch.int64) > end_B)
+        if bool(bad_B.any()):
+            b = int(bad_B.nonzero()[0])
+            raise ValueError(f"kv_start must hold each row's first valid key in [0, kv_len] (kv_lens[b], or "
+                             f"S = {k.shape[1]}); row {b} has kv_start {int(kv_start[b])} and kv_len "
+                             f"{int(end_B[b])}")
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _moa_attention_impl(q, k, v, mix, kv_lens, causal: bool, scale: float, save: bool):
+def _moa_attention_impl(q, k, v, mix, kv_lens, kv_start, causal: bool, scale: float, save: bool):
     """The Triton forward: (o, o before the mix, log-sum-exp); the last two are empty unless ``save``."""
     from ._triton import attention as triton_path
-    o, o_unmixed, lse = triton_path.forward(q, k, v, mix, kv_lens, causal, scale, save)
+    o, o_unmixed, lse = triton_path.forward(q, k, v, mix, kv_lens, causal, scale, save, kv_start=kv_start)
     if not save:
         o_unmixed, lse = q.new_empty(0), q.new_empty(0, dtype=torch.float32)
     return o, o_unmixed, lse
@@ -74,14 +87,14 @@ def _moa_attention_impl(q, k, v, mix, kv_lens, causal: bool, scale: float, save:
 
 @torch.library.custom_op("bam::moa_attention", mutates_args=())
 def _moa_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix: torch.Tensor,
-                      kv_lens: torch.Tensor | None, causal: bool, scale: float,
+                      kv_lens: torch.Tensor | None, kv_start: torch.Tensor | None, causal: bool, scale: float,
                       save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(o, o before the mix, log-sum-exp); the last two are empty unless ``save``."""
-    return _moa_attention_impl(q, k, v, mix, kv_lens, causal, scale, save)
+    return _moa_attention_impl(q, k, v, mix, kv_lens, kv_start, causal, scale, save)
 
 
 @_moa_attention_op.register_fake
-def _(q, k, v, mix, kv_lens, causal, scale, save):
+def _(q, k, v, mix, kv_lens, kv_start, causal, scale, save):
     if not save:
         return torch.empty_like(q), q.new_empty(0), q.new_empty(0, dtype=torch.float32)
     return torch.empty_like(q), torch.empty_like(q), q.new_empty(q.shape[:4], dtype=torch.float32)
@@ -89,38 +102,39 @@ def _(q, k, v, mix, kv_lens, causal, scale, save):
 
 @torch.library.custom_op("bam::moa_attention_backward", mutates_args=())
 def _moa_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                               mix: torch.Tensor, kv_lens: torch.Tensor | None, o_unmixed: torch.Tensor,
-                               lse: torch.Tensor, causal: bool,
+                               mix: torch.Tensor, kv_lens: torch.Tensor | None, kv_start: torch.Tensor | None,
+                               o_unmixed: torch.Tensor, lse: torch.Tensor, causal: bool,
                                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dmix)."""
     from ._triton import attention as triton_path
-    dq, dk, dv, dp_BTEH = triton_path.backward(do, q, k, v, mix, kv_lens, o_unmixed, lse, causal, scale)
+    dq, dk, dv, dp_BTEH = triton_path.backward(do, q, k, v, mix, kv_lens, o_unmixed, lse, causal, scale,
+                                               kv_start=kv_start)
     return dq, dk, dv, dp_BTEH.sum(-1).to(mix.dtype)
 
 
 @_moa_attention_backward_op.register_fake
-def _(do, q, k, v, mix, kv_lens, o_unmixed, lse, causal, scale):
+def _(do, q, k, v, mix, kv_lens, kv_start, o_unmixed, lse, causal, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(mix)
 
 
 def _moa_attention_setup(ctx, inputs, output):
-    q, k, v, mix, kv_lens, ctx.causal, ctx.scale, _save = inputs
+    q, k, v, mix, kv_lens, kv_start, ctx.causal, ctx.scale, _save = inputs
     _o, o_unmixed, lse = output
     # The saved-for-backward outputs get no gradient: no zero tensors materialised for them.
     ctx.mark_non_differentiable(o_unmixed, lse)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(q, k, v, mix, kv_lens, o_unmixed, lse)
+    ctx.save_for_backward(q, k, v, mix, kv_lens, kv_start, o_unmixed, lse)
 
 
 def _moa_attention_grad(ctx, do, _do_unmixed, _dlse):
     if do is None:
-        return (None,) * 8
-    q, k, v, mix, kv_lens, o_unmixed, lse = ctx.saved_tensors
-    dq, dk, dv, dmix = torch.ops.bam.moa_attention_backward(do.contiguous(), q, k, v, mix, kv_lens, o_unmixed,
-                                                             lse, ctx.causal, ctx.scale)
+        return (None,) * 9
+    q, k, v, mix, kv_lens, kv_start, o_unmixed, lse = ctx.saved_tensors
+    dq, dk, dv, dmix = torch.ops.bam.moa_attention_backward(do.contiguous(), q, k, v, mix, kv_lens, kv_start,
+                                                             o_unmixed, lse, ctx.causal, ctx.scale)
     need = ctx.needs_input_grad
     grads = tuple(g if needed else None for g, needed in zip((dq, dk, dv, dmix), need[:4]))
-    return grads + (None, None, None, None)
+    return grads + (None,) * 5
 
 
 torch.library.register_autograd("bam::moa_attention", _moa_attention_grad,
@@ -128,7 +142,8 @@ torch.library.register_autograd("bam::moa_attention", _moa_attention_grad,
 
 
 def moa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix: torch.Tensor, causal: bool = True,
-                  scale: float | None = None, kv_lens: torch.Tensor | None = None) -> torch.Tensor:
+                  scale: float | None = None, kv_lens: torch.Tensor | None = None,
+                  kv_start: torch.Tensor | None = None) -> torch.Tensor:
     """Soft mixture of attention: every expert's heads attend, each output scaled by its router weight.
 
     q [B, T, E, H, Dh]; k, v [B, S, Hkv, Dh] (shared KV: head h of every expert reads KV head
@@ -138,25 +153,33 @@ def moa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix: torch.
     ``Dh ** -0.5``. kv_lens [B] (integer, optional) counts the valid keys of each row; keys past it
     are ignored whatever they hold (NaN, inf: a preallocated cache) and get zero gradients. Causal
     masking aligns the last query with the last valid key: query t sees key s iff
-    s <= t + kv_lens[b] - T. A query that sees no key gets zeros. Differentiable in q, k, v and
+    s <= t + kv_lens[b] - T. kv_start [B] (integer, optional, on q's device) is each row's first
+    valid key, for LEFT padding (Hugging Face batches prompts so): row b's valid keys are
+    ``kv_start[b] <= s < kv_len[b]`` (kv_len[b] = kv_lens[b], or S), 0 <= kv_start[b] <= kv_len[b]
+    (kv_start == kv_len: a row without keys). Keys below it are never read, on every backend,
+    forward and backward: their values reach no output, and they get zero gradients. Causal
+    alignment is unchanged (the last query with the last valid key); a query sees key s iff
+    kv_start[b] <= s <= t + kv_len[b] - T. A query that sees no key gets zeros. Differentiable in q, k, v and
     mix; the Triton backward is deterministic. Inside an autocast region q, k and v run in its
     dtype, as scaled_dot_product_attention would. The Triton path is the custom op
     ``torch.ops.bam.moa_attention`` and the torch path plain torch ops, so torch.compile traces both.
     """
     q, k, v = autocast_to(q, k, v)
-    _check_moa_attention(q, k, v, mix, causal, scale, kv_lens)
+    _check_moa_attention(q, k, v, mix, causal, scale, kv_lens, kv_start)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     backend = backend_for(q, k, v)
     if backend == "reference":
-        return reference.moa_attention(q, k, v, mix, causal, scale, kv_lens)
+        return reference.moa_attention(q, k, v, mix, causal, scale, kv_lens, kv_start)
     if backend == "torch" or q.numel() == 0 or k.shape[1] == 0:
-        return torch_path.forward(q, k, v, mix, causal, scale, kv_lens)
+        return torch_path.forward(q, k, v, mix, causal, scale, kv_lens, kv_start)
     from ._triton.attention import MAX_HEAD_DIM
     if q.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"q has head dim {q.shape[-1]}; the triton backend supports up to {MAX_HEAD_DIM}")
     if kv_lens is not None:
         kv_lens = kv_lens.to(device=q.device, dtype=torch.int32).contiguous()
+    if kv_start is not None:
+        kv_start = kv_start.to(device=q.device, dtype=torch.int32).contiguous()
     q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
-    if call_directly(q, k, v, mix, kv_lens):
-        return _moa_attention_impl(q, k, v, mix, kv_lens, causal, scale, False)[0]
-    return _moa_attention_op(q, k, v, mix, kv_lens, causal, scale, needs_grad(q, k, v, mix))[0]
+    if call_directly(q, k, v, mix, kv_lens, kv_start):
+        return _moa_attention_impl(q, k, v, mix, kv_lens, kv_start, causal, scale, False)[0]
+    return _moa_attention_op(q, k, v, mix, kv_lens, kv_start, causal, scale, needs_grad(q, k, v, mix))[0]

@@ -51,20 +51,26 @@ def moe_mlp(x_TD, gate_up_proj_E2FD, down_proj_EDF, weights_Tk, experts_Tk) -> t
     return y_TD
 
 
-def moa_attention(q_BTEHD, k, v, mix_BTE, causal: bool = True, scale: float | None = None, kv_lens_B=None):
+def moa_attention(q_BTEHD, k, v, mix_BTE, causal: bool = True, scale: float | None = None, kv_lens_B=None,
+                  kv_start_B=None):
     """Soft mixture of attention: ``o[b,t,e,h] = mix[b,t,e] * softmax(q k^T * scale + mask) v``.
 
     k, v [B,S,Hkv,Dh] (shared by the experts) or [B,S,E,Hkv,Dh] (one set per expert); head h reads
-    KV head ``h // (H // Hkv)``. Query t sees key s iff s < kv_lens[b] and, when causal,
-    s <= t + kv_lens[b] - T. A query that sees no key gets zeros.
+    KV head ``h // (H // Hkv)``. Query t sees key s iff kv_start[b] <= s < kv_lens[b] and, when
+    causal, s <= t + kv_lens[b] - T (kv_lens defaults to S, kv_start, the first valid key of a
+    left-padded row, to 0). A query that sees no key gets zeros.
     """
     B, T, E, H, Dh = q_BTEHD.shape
     S, Hkv = k.shape[1], k.shape[-2]
     kv_len_B = torch.full((B,), S) if kv_lens_B is None else kv_lens_B.cpu().clamp(0, S)
+    kv_start_B = (torch.zeros(B, dtype=torch.int64) if kv_start_B is None
+                  else torch.minimum(kv_start_B.cpu().to(torch.int64).clamp_min(0), kv_len_B))
     keys_S, queries_T = torch.arange(S), torch.arange(T)
-    # Keys past kv_lens may hold anything (NaN, inf: a preallocated cache). A mask alone would still
-    # multiply their zero probabilities by them, so they are zeroed, and their gradient is exactly 0.
-    valid_BS = (keys_S[None, :] < kv_len_B[:, None]).to(k.device).view(B, S, *[1] * (k.dim() - 2))
+    in_row_BS = (keys_S[None, :] >= kv_start_B[:, None]) & (keys_S[None, :] < kv_len_B[:, None])
+    # Keys outside [kv_start, kv_lens) may hold anything (NaN, inf: a preallocated cache, padding). A
+    # mask alone would still multiply their zero probabilities by them, so they are zeroed, and their
+    # gradient is exactly 0.
+    valid_BS = in_row_BS.to(k.device).view(B, S, *[1] * (k.dim() - 2))
     k, v = torch.where(valid_BS, k, 0), torch.where(valid_BS, v, 0)
     if k.dim() == 4:
         k, v = k[:, :, None].expand(B, S, E, Hkv, Dh), v[:, :, None].expand(B, S, E, Hkv, Dh)
@@ -72,7 +78,7 @@ def moa_attention(q_BTEHD, k, v, mix_BTE, causal: bool = True, scale: float | No
     v_BSEHD = v.repeat_interleave(H // Hkv, dim=3)
     scale = Dh ** -0.5 if scale is None else scale
     scores_BEHTS = torch.einsum("btehd,bsehd->behts", q_BTEHD, k_BSEHD) * scale
-    visible_BTS = keys_S[None, None, :] < kv_len_B[:, None, None]
+    visible_BTS = in_row_BS[:, None, :]
     if causal:
         last_BT1 = queries_T[None, :, None] + (kv_len_B - T)[:, None, None]  # the last key each query sees
         visible_BTS = visible_BTS & (keys_S[None, None, :] <= last_BT1)

@@ -31,33 +31,42 @@ def unstack_heads(o_BHqTD, q_shape, Hkv: int, expert_kv: bool):
     return o_BHqTD.view(B, Hkv, E, H // Hkv, T, Dh).permute(0, 4, 2, 1, 3, 5).reshape(B, T, E, H, Dh)
 
 
-def forward(q, k, v, mix, causal, scale, kv_lens):
-    """The torch path. Keys past kv_lens may hold anything (a preallocated cache: NaN, inf), and a
-    mask alone would still multiply their zero probabilities by them. On the CPU, where reading
-    the lengths costs no sync, each run of rows of one length attends over its valid keys only:
-    views, so nothing past kv_lens is read or copied, and a ragged batch takes the no-mask paths
-    (decoding 4 rows of 300 to 1024 keys: 0.55-0.6x the time of one masked call over the cache,
-    measured on 2 shared cores). On CUDA those keys are zeroed (a select: no host sync), then
-    masked."""
-    if kv_lens is None:
+def forward(q, k, v, mix, causal, scale, kv_lens, kv_start=None):
+    """The torch path. Keys past kv_lens or below kv_start (left padding) may hold anything (a
+    preallocated cache: NaN, inf), and a mask alone would still multiply their zero probabilities
+    by them. On the CPU, where reading the lengths costs no sync, each run of rows of one
+    (kv_start, length) attends over its valid keys only: views, so nothing outside them is read or
+    copied, and a ragged batch takes the no-mask paths (decoding 4 rows of 300 to 1024 keys:
+    0.55-0.6x the time of one masked call over the cache, measured on 2 shared cores). The causal
+    alignment (the last query with the last valid key) is that of the view, so no mask is needed
+    for kv_start either. On CUDA those keys are zeroed (a select: no host sync), then masked."""
+    if kv_lens is None and kv_start is None:
         return _sdpa(q, k, v, mix, causal, scale, None)
-    kv_len_B = kv_lens.to(device=q.device, dtype=torch.int64).clamp(0, k.shape[1])
+    S = k.shape[1]
+    kv_len_B = (torch.full((q.shape[0],), S, device=q.device) if kv_lens is None
+                else kv_lens.to(device=q.device, dtype=torch.int64).clamp(0, S))
+    kv_start_B = (torch.zeros_like(kv_len_B) if kv_start is None
+                  else torch.minimum(kv_start.to(device=q.device, dtype=torch.int64).clamp_min(0), kv_len_B))
     if q.is_cuda or q.shape[0] == 0:
-        valid_BS = torch.arange(k.shape[1], device=k.device) < kv_len_B[:, None]
+        keys_S = torch.arange(S, device=k.device)
+        valid_BS = (keys_S >= kv_start_B[:, None]) & (keys_S < kv_len_B[:, None])
         valid = valid_BS.view(*valid_BS.shape, *[1] * (k.dim() - 2))
-        return _sdpa(q, torch.where(valid, k, 0), torch.where(valid, v, 0), mix, causal, scale, kv_len_B)
-    runs = [(n, len(list(rows))) for n, rows in itertools.groupby(kv_len_B.tolist())]
+        return _sdpa(q, torch.where(valid, k, 0), torch.where(valid, v, 0), mix, causal, scale, kv_len_B,
+                     kv_start_B)
+    spans = list(zip(kv_start_B.tolist(), kv_len_B.tolist()))
+    runs = [(span, len(list(rows))) for span, rows in itertools.groupby(spans)]
     sizes = [size for _, size in runs]
     # split, not slices: its backward concatenates the runs' gradients (a slice's would
     # materialise a gradient of the whole input per run).
     chunks = zip(q.split(sizes), k.split(sizes), v.split(sizes), mix.split(sizes))
-    return torch.cat([_sdpa(q_r, k_r[:, :n], v_r[:, :n], mix_r, causal, scale, None)
-                      for (n, _), (q_r, k_r, v_r, mix_r) in zip(runs, chunks)])
+    return torch.cat([_sdpa(q_r, k_r[:, s:n], v_r[:, s:n], mix_r, causal, scale, None)
+                      for ((s, n), _), (q_r, k_r, v_r, mix_r) in zip(runs, chunks)])
 
 
-def _sdpa(q, k, v, mix, causal, scale, kv_len_B):
+def _sdpa(q, k, v, mix, causal, scale, kv_len_B, kv_start_B=None):
     """SDPA over the stacked heads, then the mix; kv_len_B [B] int64 (optional) masks the keys
-    past each row's length, which must hold finite values. When every query of a row sees the
+    past each row's length, kv_start_B [B] int64 (optional, with kv_len_B) those below each row's
+    first valid key; the masked keys must hold finite values. When every query of a row sees the
     same keys (decoding one token, or no causal mask) the query heads that share a KV head are
     packed into the rows of one attention over that KV head: one matrix product instead of
     E*H/Hkv matvecs."""
@@ -71,6 +80,8 @@ def _sdpa(q, k, v, mix, causal, scale, kv_len_B):
         keys_S = torch.arange(S, device=q.device)
         kv_len_B = torch.full((B,), S, device=q.device) if kv_len_B is None else kv_len_B
         visible_BTS = keys_S[None, None, :] < kv_len_B[:, None, None]
+        if kv_start_B is not None:
+            visible_BTS = visible_BTS & (keys_S[None, None, :] >= kv_start_B[:, None, None])
         if causal:
             queries_T = torch.arange(T, device=q.device)
             # the last key each query sees

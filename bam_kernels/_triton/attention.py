@@ -63,8 +63,8 @@ def _dq_configs(fp32: bool = False):
     return [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3)]
 
 
-_KEY = ["T_KEY", "S_KEY", "E", "Gq", "HEAD_DIM", "CAUSAL", "HAS_KVLEN", "SAVE"]
-_BWD_KEY = ["T_KEY", "S_KEY", "E", "Gq", "HEAD_DIM", "CAUSAL", "HAS_KVLEN"]
+_KEY = ["T_KEY", "S_KEY", "E", "Gq", "HEAD_DIM", "CAUSAL", "HAS_KVLEN", "HAS_KVSTART", "SAVE"]
+_BWD_KEY = ["T_KEY", "S_KEY", "E", "Gq", "HEAD_DIM", "CAUSAL", "HAS_KVLEN", "HAS_KVSTART"]
 
 
 def _autotuned(fn, configs, key) -> dict:
@@ -95,7 +95,7 @@ def num_splits(B: int, G: int, rows: int, S: int, device: torch.device) -> int:
     return max(1, min(want, S // SPLIT_GRANULE, 64))
 
 
-def _sizes(q, k, v, mix, kv_lens, causal: bool) -> dict:
+def _sizes(q, k, v, mix, kv_lens, kv_start, causal: bool) -> dict:
     """The launch arguments every kernel but ``_bwd_pre`` shares: sizes, strides, autotune keys and
     meta. Shared KV ([B, S, Hkv, Dh]) reads with an expert stride of 0."""
     B, T, E, H, Dh = q.shape
@@ -112,17 +112,20 @@ def _sizes(q, k, v, mix, kv_lens, causal: bool) -> dict:
                 stride_qb=q.stride(0), stride_qt=q.stride(1), stride_qe=q.stride(2), stride_qh=q.stride(3),
                 **kv_strides, stride_mb=mix.stride(0), stride_mt=mix.stride(1), stride_me=mix.stride(2),
                 T_KEY=size_bucket(T), S_KEY=size_bucket(k.shape[1]),
-                HEAD_DIM=Dh, CAUSAL=causal, HAS_KVLEN=kv_lens is not None, PRECISION=precision(q.dtype),
+                HEAD_DIM=Dh, CAUSAL=causal, HAS_KVLEN=kv_lens is not None,
+                HAS_KVSTART=kv_start is not None, PRECISION=precision(q.dtype),
                 BLOCK_D=max(16, triton.next_power_of_2(Dh)))
 
 
-def forward(q, k, v, mix, kv_lens, causal: bool, scale: float, save: bool, splits: int | None = None):
+def forward(q, k, v, mix, kv_lens, causal: bool, scale: float, save: bool, splits: int | None = None,
+            kv_start=None):
     """Returns (o, o_unmixed, lse); the last two only when ``save`` (else None).
 
     q [B,T,E,H,Dh], k/v [B,S,Hkv,Dh] or [B,S,E,Hkv,Dh] with unit stride on Dh; mix [B,T,E] any float
-    dtype and strides; kv_lens int32 [B] or None. ``splits`` overrides the key-chunk count.
+    dtype and strides; kv_lens and kv_start (each row's first valid key) int32 [B] or None.
+    ``splits`` overrides the key-chunk count; the chunks split each row's keys from its kv_start.
     """
-    a = _sizes(q, k, v, mix, kv_lens, causal)
+    a = _sizes(q, k, v, mix, kv_lens, kv_start, causal)
     B, T, S, G, Gq, Dh = a["B"], a["T"], a["S"], a["G"], a["Gq"], a["HEAD_DIM"]
     rows = T * Gq
     o = empty(q.shape, device=q.device, dtype=q.dtype)
@@ -135,8 +138,8 @@ def forward(q, k, v, mix, kv_lens, causal: bool, scale: float, save: bool, split
     if splits <= 1:
         grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * B * G,)
         tune[q.dtype == torch.float32][grid](
-            q_ptr=q, k_ptr=k, v_ptr=v, mix_ptr=mix, kvlen_ptr=at(kv_lens), o_ptr=o, ou_ptr=at(ou),
-            lse_ptr=at(lse), wso_ptr=at(None), wsl_ptr=at(None),
+            q_ptr=q, k_ptr=k, v_ptr=v, mix_ptr=mix, kvlen_ptr=at(kv_lens), kvstart_ptr=at(kv_start), o_ptr=o,
+            ou_ptr=at(ou), lse_ptr=at(lse), wso_ptr=at(None), wsl_ptr=at(None),
             chunk=S, qk_scale=scale * LOG2E, SPLIT=False, SAVE=save, **a)
         return o, ou, lse
     chunk = triton.cdiv(triton.cdiv(S, splits), SPLIT_GRANULE) * SPLIT_GRANULE
@@ -145,7 +148,8 @@ def forward(q, k, v, mix, kv_lens, causal: bool, scale: float, save: bool, split
     ws_lse = empty((splits, B * G, rows), device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * B * G * splits,)
     tune[q.dtype == torch.float32][grid](
-        q_ptr=q, k_ptr=k, v_ptr=v, mix_ptr=mix, kvlen_ptr=at(kv_lens), o_ptr=at(None), ou_ptr=at(None),
+        q_ptr=q, k_ptr=k, v_ptr=v, mix_ptr=mix, kvlen_ptr=at(kv_lens), kvstart_ptr=at(kv_start),
+        o_ptr=at(None), ou_ptr=at(None),
         lse_ptr=at(None), wso_ptr=ws_o, wsl_ptr=ws_lse,
         chunk=chunk, qk_scale=scale * LOG2E, SPLIT=True, SAVE=save, **a)
     block_m = 16 if interpreting() else 32
@@ -157,10 +161,10 @@ def forward(q, k, v, mix, kv_lens, causal: bool, scale: float, save: bool, split
     return o, ou, lse
 
 
-def backward(do, q, k, v, mix, kv_lens, ou, lse, causal: bool, scale: float):
+def backward(do, q, k, v, mix, kv_lens, ou, lse, causal: bool, scale: float, kv_start=None):
     """Returns (dq, dk, dv, dp) with dp [B,T,E,H] fp32 = rowsum(dO * O_unmixed), whose sum over H is
-    d(mix). dq is contiguous like q; dk, dv contiguous like k, v."""
-    a = _sizes(q, k, v, mix, kv_lens, causal)
+    d(mix). dq is contiguous like q; dk, dv contiguous like k, v (zeros outside [kv_start, kv_len))."""
+    a = _sizes(q, k, v, mix, kv_lens, kv_start, causal)
     B, T, S, G, Gq = a["B"], a["T"], a["S"], a["G"], a["Gq"]
     do = do.contiguous()
     n_rows = q.shape[0] * q.shape[1] * q.shape[2] * q.shape[3]
@@ -172,6 +176,7 @@ def backward(do, q, k, v, mix, kv_lens, ou, lse, causal: bool, scale: float):
     dk = empty(k.shape, device=k.device, dtype=k.dtype)
     dv = empty(v.shape, device=v.device, dtype=v.dtype)
     common = dict(q_ptr=q, k_ptr=k, v_ptr=v, mix_ptr=mix, kvlen_ptr=or_placeholder(kv_lens, q.device),
+                  kvstart_ptr=or_placeholder(kv_start, q.device),
                   do_ptr=do, lse_ptr=lse, dp_ptr=dp, sm_scale=scale, qk_scale=scale * LOG2E, **a)
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]) * B * G,)
     bwd_dkdv[q.dtype == torch.float32][grid](dk_ptr=dk, dv_ptr=dv, **common)

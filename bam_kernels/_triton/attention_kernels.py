@@ -18,7 +18,10 @@ Kernels:
   heads that share a KV head needs no atomics. ``_bwd_dq``: one program per row tile. Both are
   deterministic; neither holds a T x S matrix.
 
-Causal masking is aligned bottom-right: query t sees key s iff s < kv_len and s <= t + kv_len - T.
+Causal masking is aligned bottom-right: query t sees key s iff kv_start <= s < kv_len and
+s <= t + kv_len - T (kv_start: left padding, 0 by default). The key loops of the forward and of dQ
+start at kv_start itself (tiles are not aligned to multiples of BLOCK_N: a key's row is its own
+contiguous load), so no key below it is read; dK/dV programs own aligned key tiles and mask them.
 A query that sees no key outputs zeros (its saved log-sum-exp is +inf so that backward gives it P = 0).
 Offsets that scale with the tensor sizes are computed in int64.
 """
@@ -34,6 +37,16 @@ def _kv_len(kvlen_ptr, b, S, HAS_KVLEN: tl.constexpr):
         n = tl.minimum(tl.maximum(tl.load(kvlen_ptr + b).to(tl.int32), 0), S)
     else:
         n = S
+    return n
+
+
+@triton.jit
+def _kv_start(kvstart_ptr, b, kv_len, HAS_KVSTART: tl.constexpr):
+    """Row b's first valid key (left padding), clamped to [0, kv_len]; 0 without kv_start."""
+    if HAS_KVSTART:
+        n = tl.minimum(tl.maximum(tl.load(kvstart_ptr + b).to(tl.int32), 0), kv_len)
+    else:
+        n = 0
     return n
 
 
@@ -108,7 +121,7 @@ def _store_out(o_ptr, ou_ptr, lse_ptr, mix_ptr, out_u, lse, b64, t, e, h, row_ok
 @triton.jit
 def _fwd(
     # pointers
-    q_ptr, k_ptr, v_ptr, mix_ptr, kvlen_ptr, o_ptr, ou_ptr, lse_ptr, wso_ptr, wsl_ptr,
+    q_ptr, k_ptr, v_ptr, mix_ptr, kvlen_ptr, kvstart_ptr, o_ptr, ou_ptr, lse_ptr, wso_ptr, wsl_ptr,
     # sizes and scalars
     B, T, S, E, H, Hkv, G, Gq, R, chunk, qk_scale,
     # strides
@@ -117,7 +130,8 @@ def _fwd(
     # autotune keys (size buckets)
     T_KEY, S_KEY,
     # meta
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KVLEN: tl.constexpr, SPLIT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_KVSTART: tl.constexpr,
+    SPLIT: tl.constexpr,
     SAVE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -141,6 +155,7 @@ def _fwd(
     rows, t, e, h = _rows(m0, g, Gq, R, Hkv, BLOCK_M)
     row_ok = rows < M_total
     kv_len = _kv_len(kvlen_ptr, b, S, HAS_KVLEN)
+    kv_start = _kv_start(kvstart_ptr, b, kv_len, HAS_KVSTART)
     shift = kv_len - T
 
     offs_d = tl.arange(0, BLOCK_D)
@@ -153,8 +168,10 @@ def _fwd(
     v_base = (v_ptr + b64 * stride_vb + (g // Hkv).to(tl.int64) * stride_ve
               + (g % Hkv).to(tl.int64) * stride_vh)
 
-    # Keys [lo, full) are visible to every row of the tile; [full, hi) need the mask.
-    lo = 0
+    # Keys [lo, full) are visible to every row of the tile; [full, hi) need the mask. The tiles start
+    # at the row's first valid key (left padding: kv_start), so no key below it is read and none of
+    # them needs a mask; a chunk of the split forward is a chunk of the valid keys.
+    lo = kv_start
     hi = kv_len
     full = kv_len
     if CAUSAL:
@@ -163,7 +180,7 @@ def _fwd(
         hi = tl.minimum(hi, t_last + shift + 1)
         full = tl.minimum(hi, t_first + shift + 1)
     if SPLIT:
-        lo = split * chunk
+        lo = kv_start + split * chunk
         hi = tl.minimum(hi, lo + chunk)
         full = tl.minimum(full, hi)
     full = tl.maximum(full, lo)
@@ -276,7 +293,7 @@ def _load_rows_bwd(q_ptr, do_ptr, mix_ptr, lse_ptr, dp_ptr, b64, m0, g, T, E, H,
 
 
 @triton.jit
-def _dkdv_rows(dk, dv, k, v, q_ptr, do_ptr, mix_ptr, lse_ptr, dp_ptr, b64, m_lo, m_hi, g, keys, kv_len, shift,
+def _dkdv_rows(dk, dv, k, v, q_ptr, do_ptr, mix_ptr, lse_ptr, dp_ptr, b64, m_lo, m_hi, g, keys, key_ok, shift,
                T, E, H, Hkv, Gq, R, qk_scale, stride_qb, stride_qt, stride_qe, stride_qh,
                stride_mb, stride_mt, stride_me, offs_d, d_ok,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -289,7 +306,7 @@ def _dkdv_rows(dk, dv, k, v, q_ptr, do_ptr, mix_ptr, lse_ptr, dp_ptr, b64, m_lo,
         qkT = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         pT = tl.math.exp2(qkT - lse[None, :])
         if MASKED:
-            visible = (keys < kv_len)[:, None]
+            visible = key_ok[:, None]
             if CAUSAL:
                 visible = visible & (keys[:, None] <= t[None, :] + shift)
             pT = tl.where(visible, pT, 0.0)
@@ -303,7 +320,7 @@ def _dkdv_rows(dk, dv, k, v, q_ptr, do_ptr, mix_ptr, lse_ptr, dp_ptr, b64, m_lo,
 @triton.jit
 def _bwd_dkdv(
     # pointers
-    q_ptr, k_ptr, v_ptr, mix_ptr, kvlen_ptr, do_ptr, lse_ptr, dp_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, mix_ptr, kvlen_ptr, kvstart_ptr, do_ptr, lse_ptr, dp_ptr, dk_ptr, dv_ptr,
     # sizes and scalars
     B, T, S, E, H, Hkv, G, Gq, R, sm_scale, qk_scale,
     # strides
@@ -312,7 +329,8 @@ def _bwd_dkdv(
     # autotune keys (size buckets)
     T_KEY, S_KEY,
     # meta
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KVLEN: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_KVSTART: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program computes dK, dV of one key tile of KV head g of batch row b, written in the
@@ -326,13 +344,16 @@ def _bwd_dkdv(
     M_total = T * Gq
     M_pad = tl.cdiv(M_total, BLOCK_M) * BLOCK_M
     kv_len = _kv_len(kvlen_ptr, b, S, HAS_KVLEN)
+    kv_start = _kv_start(kvstart_ptr, b, kv_len, HAS_KVSTART)
     shift = kv_len - T
     n0 = pid_n * BLOCK_N
     keys = n0 + tl.arange(0, BLOCK_N)
     keys64 = keys.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    kv_mask = (keys < kv_len)[:, None] & d_ok[None, :]
+    # Keys below kv_start (left padding) and past kv_len are never read; their dK, dV are zeros.
+    key_ok = (keys >= kv_start) & (keys < kv_len)
+    kv_mask = key_ok[:, None] & d_ok[None, :]
     k_base = (k_ptr + b64 * stride_kb + (g // Hkv).to(tl.int64) * stride_ke
               + (g % Hkv).to(tl.int64) * stride_kh)
     v_base = (v_ptr + b64 * stride_vb + (g // Hkv).to(tl.int64) * stride_ve
@@ -341,25 +362,27 @@ def _bwd_dkdv(
     v = tl.load(v_base + keys64[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
 
     # Rows [m_lo, m_mid) see part of the tile and need the mask; rows [m_mid, M_total) see all of it.
+    # A tile without a valid key runs no rows; one that holds kv_start masks every row.
+    n_first = tl.maximum(n0, kv_start)
     if CAUSAL:
-        m_lo = tl.maximum(n0 - shift, 0) * Gq // BLOCK_M * BLOCK_M
+        m_lo = tl.maximum(n_first - shift, 0) * Gq // BLOCK_M * BLOCK_M
         m_end = tl.minimum(tl.maximum(n0 + BLOCK_N - 1 - shift, 0) * Gq, M_total)
         m_mid = (m_end + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     else:
         m_lo = 0
         m_mid = 0
-    m_mid = tl.where(n0 + BLOCK_N > kv_len, M_pad, m_mid)
-    m_lo = tl.where(n0 >= kv_len, M_pad, m_lo)
+    m_mid = tl.where((n0 + BLOCK_N > kv_len) | (n0 < kv_start), M_pad, m_mid)
+    m_lo = tl.where(n_first >= kv_len, M_pad, m_lo)
     m_mid = tl.maximum(m_mid, m_lo)
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dk, dv = _dkdv_rows(dk, dv, k, v, q_ptr, do_ptr, mix_ptr, lse_ptr, dp_ptr, b64, m_lo, m_mid, g, keys,
-                        kv_len, shift, T, E, H, Hkv, Gq, R, qk_scale,
+                        key_ok, shift, T, E, H, Hkv, Gq, R, qk_scale,
                         stride_qb, stride_qt, stride_qe, stride_qh, stride_mb, stride_mt, stride_me,
                         offs_d, d_ok, True, CAUSAL, HEAD_DIM, BLOCK_M, PRECISION)
     dk, dv = _dkdv_rows(dk, dv, k, v, q_ptr, do_ptr, mix_ptr, lse_ptr, dp_ptr, b64, m_mid, M_total, g, keys,
-                        kv_len, shift, T, E, H, Hkv, Gq, R, qk_scale,
+                        key_ok, shift, T, E, H, Hkv, Gq, R, qk_scale,
                         stride_qb, stride_qt, stride_qe, stride_qh, stride_mb, stride_mt, stride_me,
                         offs_d, d_ok, False, CAUSAL, HEAD_DIM, BLOCK_M, PRECISION)
     out = ((b64 * S + keys64) * G + g)[:, None] * HEAD_DIM + offs_d[None, :]
@@ -369,35 +392,52 @@ def _bwd_dkdv(
 
 
 @triton.jit
+def _dq_tile(dq, q, do, lse, delta, k_base, v_base, s0, kv_len, t, shift, stride_ks, stride_vs, qk_scale,
+             offs_d, d_ok, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """dQ += the contribution of the key tile s0.. (a key loop's body)."""
+    keys = s0 + tl.arange(0, BLOCK_N)
+    keys64 = keys.to(tl.int64)
+    if MASKED:
+        mask = d_ok[:, None] & (keys < kv_len)[None, :]
+    else:
+        mask = d_ok[:, None]
+    kT = tl.load(k_base + keys64[None, :] * stride_ks + offs_d[:, None], mask=mask, other=0.0)
+    vT = tl.load(v_base + keys64[None, :] * stride_vs + offs_d[:, None], mask=mask, other=0.0)
+    qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
+    p = tl.math.exp2(qk - lse[:, None])
+    if MASKED:
+        visible = (keys < kv_len)[None, :]
+        if CAUSAL:
+            visible = visible & (keys[None, :] <= t[:, None] + shift)
+        p = tl.where(visible, p, 0.0)
+    dp = tl.dot(do, vT, input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(q.dtype), tl.trans(kT), dq, input_precision=PRECISION)
+
+
+@triton.jit
 def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, s_lo, s_hi, kv_len, t, shift, stride_ks, stride_vs,
               qk_scale, offs_d, d_ok, MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr,
-              PRECISION: tl.constexpr):
-    for s0 in range(s_lo, s_hi, BLOCK_N):
-        keys = s0 + tl.arange(0, BLOCK_N)
-        keys64 = keys.to(tl.int64)
-        if MASKED:
-            mask = d_ok[:, None] & (keys < kv_len)[None, :]
-        else:
-            mask = d_ok[:, None]
-        kT = tl.load(k_base + keys64[None, :] * stride_ks + offs_d[:, None], mask=mask, other=0.0)
-        vT = tl.load(v_base + keys64[None, :] * stride_vs + offs_d[:, None], mask=mask, other=0.0)
-        qk = tl.dot(q, kT, input_precision=PRECISION) * qk_scale
-        p = tl.math.exp2(qk - lse[:, None])
-        if MASKED:
-            visible = (keys < kv_len)[None, :]
-            if CAUSAL:
-                visible = visible & (keys[None, :] <= t[:, None] + shift)
-            p = tl.where(visible, p, 0.0)
-        dp = tl.dot(do, vT, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(q.dtype), tl.trans(kT), dq, input_precision=PRECISION)
+              PRECISION: tl.constexpr, COUNTED: tl.constexpr):
+    # With kv_start (COUNTED) the loop counts tiles from 0: ``range(s_lo, s_hi, BLOCK_N)`` from a
+    # loaded s_lo made ptxas spill 16-32 bytes in two float32 configs (sm_90, tf32), and the counted
+    # loop without kv_start spilled 8 in another; each form is kept where it compiles without spills.
+    if COUNTED:
+        for i in range(0, tl.cdiv(s_hi - s_lo, BLOCK_N)):
+            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, s_lo + i * BLOCK_N, kv_len, t, shift,
+                          stride_ks, stride_vs, qk_scale, offs_d, d_ok, MASKED, CAUSAL, BLOCK_N, PRECISION)
+    else:
+        for s0 in range(s_lo, s_hi, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, s0, kv_len, t, shift, stride_ks, stride_vs,
+                          qk_scale, offs_d, d_ok, MASKED, CAUSAL, BLOCK_N, PRECISION)
     return dq
 
 
 @triton.jit
 def _bwd_dq(
     # pointers
-    q_ptr, k_ptr, v_ptr, mix_ptr, kvlen_ptr, do_ptr, lse_ptr, dp_ptr, dq_ptr,
+    q_ptr, k_ptr, v_ptr, mix_ptr, kvlen_ptr, kvstart_ptr, do_ptr, lse_ptr, dp_ptr, dq_ptr,
     # sizes and scalars
     B, T, S, E, H, Hkv, G, Gq, R, sm_scale, qk_scale,
     # strides
@@ -406,7 +446,8 @@ def _bwd_dq(
     # autotune keys (size buckets)
     T_KEY, S_KEY,
     # meta
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KVLEN: tl.constexpr, PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_KVSTART: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program computes dQ of one packed row tile of KV head g of batch row b, written in the
@@ -419,6 +460,7 @@ def _bwd_dq(
     b64 = b.to(tl.int64)
     m0 = pid_m * BLOCK_M
     kv_len = _kv_len(kvlen_ptr, b, S, HAS_KVLEN)
+    kv_start = _kv_start(kvstart_ptr, b, kv_len, HAS_KVSTART)
     shift = kv_len - T
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -436,12 +478,14 @@ def _bwd_dq(
         t_last = tl.minimum((m0 + BLOCK_M - 1) // Gq, T - 1)
         hi = tl.minimum(hi, t_last + shift + 1)
         full = tl.minimum(hi, t_first + shift + 1)
-    mid = tl.maximum(full, 0) // BLOCK_N * BLOCK_N
+    # As in the forward, the tiles start at the first valid key: none below it is read.
+    lo = kv_start
+    mid = lo + (tl.maximum(full, lo) - lo) // BLOCK_N * BLOCK_N
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, 0, mid, kv_len, t, shift, stride_ks, stride_vs,
-                   qk_scale, offs_d, d_ok, False, CAUSAL, BLOCK_N, PRECISION)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, lo, mid, kv_len, t, shift, stride_ks, stride_vs,
+                   qk_scale, offs_d, d_ok, False, CAUSAL, BLOCK_N, PRECISION, HAS_KVSTART)
     dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, mid, hi, kv_len, t, shift, stride_ks, stride_vs,
-                   qk_scale, offs_d, d_ok, True, CAUSAL, BLOCK_N, PRECISION)
+                   qk_scale, offs_d, d_ok, True, CAUSAL, BLOCK_N, PRECISION, HAS_KVSTART)
     rows, t, e, h = _rows(m0, g, Gq, R, Hkv, BLOCK_M)
     idx = _row_index(b64, t, e, h, T, E, H)
     mask = (rows < T * Gq)[:, None] & d_ok[None, :]

@@ -250,6 +250,155 @@ def test_keys_past_kv_lens_influence_nothing_fp16(backend, fill):
     assert (o[1, 0] == 0).all() and (grads[0][1, 0] == 0).all()  # query 0 of row 1 sees no key
 
 
+# ---------------------------------------------------------------------------------------------
+# Left padding: kv_start, each row's first valid key
+
+
+def left_padded(t, kv_start, value):
+    """A copy of ``t`` [B, S, ...] holding ``value`` at every key below kv_start[b]."""
+    t = t.clone()
+    for b, n in enumerate(kv_start.tolist()):
+        t[b, :n] = value
+    return t
+
+
+def padded(t, kv_start, kv_lens, value):
+    """``value`` outside each row's valid keys [kv_start[b], kv_lens[b]) (kv_lens None: to the end)."""
+    t = left_padded(t, kv_start, value)
+    return t if kv_lens is None else filled_past(t, kv_lens, value)
+
+
+def blind_queries(T, start, end, causal):
+    """The queries of a row with valid keys [start, end) that see none of them."""
+    t_T = torch.arange(T)
+    if causal:
+        return (t_T + end - T < start).nonzero().view(-1).tolist()
+    return list(range(T)) if end <= start else []
+
+
+# B, T, S, E, H, Hkv, Dh, causal, expert_kv, kv_lens, kv_start
+LEFT_CASES = [
+    (3, 5, 37, 2, 4, 2, 16, True, False, None, [0, 37, 11]),      # kv_start 0, a fully padded row
+    (3, 4, 19, 2, 2, 1, 64, True, True, [19, 12, 7], [3, 12, 0]),  # with kv_lens; kv_start == kv_len
+    (2, 6, 21, 2, 4, 2, 16, False, True, [9, 21], [4, 17]),
+    (2, 7, 33, 2, 3, 1, 16, False, False, None, [5, 0]),
+    (2, 9, 9, 2, 4, 2, 16, True, False, [9, 5], [3, 5]),           # prefill: early queries see nothing
+    (1, 17, 40, 4, 2, 1, 64, True, True, None, [9]),
+    (2, 1, 600, 4, 4, 2, 64, True, False, [515, 600], [100, 333]),  # decoding: the split-KV path
+    (2, 3, 300, 2, 2, 1, 16, True, True, None, [290, 17]),          # a few queries; split, one chunk
+]
+
+
+def _left_id(case):
+    return _id(case[:10]) + f"-start{case[10]}"
+
+
+def check_left_padded(backend, case, fill=GARBAGE, dtype=torch.float32, tol=1e-5):
+    """``backend`` with the padding (below kv_start, past kv_lens) filled with ``fill`` times random
+    values against the float64 reference on zero padding: the output and every gradient, the
+    padding's gradients exactly 0, a query that sees no key zeros forward and backward."""
+    B, T, S, E, H, Hkv, Dh, causal, expert_kv, kv_lens, kv_start = case
+    q, k, v, mix, kv_lens = make_inputs(B, T, S, E, H, Hkv, Dh, expert_kv, dtype, kv_lens)
+    kv_start = torch.tensor(kv_start)
+    # The reference on zero padding; ours on garbage padding (fill times random values).
+    k_pad, v_pad = padded(k, kv_start, kv_lens, 0.0), padded(v, kv_start, kv_lens, 0.0)
+    ends = [S] * B if kv_lens is None else kv_lens.tolist()
+    k_bad, v_bad = k_pad.clone(), v_pad.clone()
+    for b, (lo, hi) in enumerate(zip(kv_start.tolist(), ends)):
+        for t in (k_bad, v_bad):
+            t[b, :lo] = torch.randn_like(t[b, :lo]) * fill
+            t[b, hi:] = torch.randn_like(t[b, hi:]) * fill
+    do = torch.randn(B, T, E, H, Dh)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k_pad, v_pad, mix)]
+    o_ref = reference.moa_attention(*leaves, causal, None, kv_lens, kv_start)
+    g_ref = torch.autograd.grad(o_ref, leaves, do.double())
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k_bad, v_bad, mix)]
+    with bk.use_backend(backend):
+        o = bk.moa_attention(*leaves, causal=causal, kv_lens=kv_lens, kv_start=kv_start)
+    grads = torch.autograd.grad(o, leaves, do.to(o.dtype))
+    assert o.dtype == dtype and o.shape == (B, T, E, H, Dh)
+    for name, out, ref in zip(("out", "dq", "dk", "dv", "dmix"), (o, *grads), (o_ref, *g_ref)):
+        assert out.shape == ref.shape
+        err = rel(out, ref)
+        assert err < tol, f"{name}: relative error {err:.2e}"
+    for b, (lo, hi) in enumerate(zip(kv_start.tolist(), ends)):
+        for g in grads[1:3]:
+            assert (g[b, :lo] == 0).all() and (g[b, hi:] == 0).all()
+        for t in blind_queries(T, lo, hi, causal):
+            assert (o[b, t] == 0).all() and (grads[0][b, t] == 0).all() and (grads[3][b, t] == 0).all()
+    return o, grads
+
+
+@pytest.mark.parametrize("case", LEFT_CASES, ids=_left_id)
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_kv_start_matches_reference(backend, case):
+    """Left padding: keys below kv_start hold 100x garbage and change nothing, on every backend."""
+    check_left_padded(backend, case)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_kv_start_fp16(backend):
+    check_left_padded(backend, (2, 5, 37, 2, 4, 2, 16, True, True, [37, 30], [6, 29]), fill=100.0,
+                      dtype=torch.float16, tol=1e-2)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_torch_path_masked_kv_start(causal):
+    """The torch path's CUDA branch (padding zeroed, then masked: no host sync), run here on the
+    CPU through its ``_sdpa``, against the reference on the same inputs."""
+    from bam_kernels._torch import attention as torch_path
+    B, T, S, E, H, Hkv, Dh = 3, 5, 23, 2, 4, 2, 16
+    q, k, v, mix, lens = make_inputs(B, T, S, E, H, Hkv, Dh, False, torch.float32, [23, 17, 9])
+    start = torch.tensor([0, 6, 9])
+    k, v = padded(k, start, lens, 0.0), padded(v, start, lens, 0.0)
+    o = torch_path._sdpa(q, k, v, mix, causal, Dh ** -0.5, lens, start)
+    ref = reference.moa_attention(*(t.double() for t in (q, k, v, mix)), causal, None, lens, start)
+    assert rel(o, ref) < 1e-5
+    assert (o[2] == 0).all()
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_kv_start_split_kv_forward(splits, monkeypatch):
+    """The split-KV path, forced: the chunks split each row's valid keys; a row whose valid keys fit
+    one chunk, one that starts mid-chunk, a fully padded one."""
+    monkeypatch.setattr(kernels, "num_splits", lambda *a: splits)
+    check_left_padded("triton", (4, 2, 700, 2, 2, 1, 16, True, False, [700, 600, 520, 700],
+                                 [0, 299, 513, 700]))
+    q, k, v, mix, _ = make_inputs(2, 3, 520, 2, 2, 2, 16, True, torch.float32)
+    start = torch.tensor([5, 260], dtype=torch.int32)
+    o_split, _, lse_split = kernels.forward(q, k, v, mix, None, True, 0.25, True, splits, kv_start=start)
+    o_one, _, lse_one = kernels.forward(q, k, v, mix, None, True, 0.25, True, 1, kv_start=start)
+    torch.testing.assert_close(o_split, o_one)
+    torch.testing.assert_close(lse_split, lse_one)
+
+
+@pytest.mark.parametrize("expert_kv", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_left_padded_batch_equals_each_prompt_alone(backend, expert_kv):
+    """Prompts of different lengths left-padded into one batch (as Hugging Face batches them), then
+    decoded a few steps into a cache buffer with garbage past the end: each row is the prompt
+    computed alone, without padding."""
+    B, E, H, Hkv, Dh, steps, capacity = 3, 2, 4, 2, 16, 3, 20
+    prompts = [5, 1, 12]
+    P = max(prompts)
+    q, k, v, mix, _ = make_inputs(B, capacity, capacity, E, H, Hkv, Dh, expert_kv, torch.float32)
+    start = torch.tensor([P - p for p in prompts])
+    k, v = left_padded(k, start, GARBAGE), left_padded(v, start, -GARBAGE)
+    k[:, P + steps:], v[:, P + steps:] = float("nan"), float("nan")  # the cache past what is written
+    with bk.use_backend(backend):
+        alone = [bk.moa_attention(q[b:b + 1, s:P + steps], k[b:b + 1, s:P + steps], v[b:b + 1, s:P + steps],
+                                  mix[b:b + 1, s:P + steps])[0] for b, s in enumerate(start.tolist())]
+        prefill = bk.moa_attention(q[:, :P], k[:, :P], v[:, :P], mix[:, :P], kv_start=start)
+        for b, s in enumerate(start.tolist()):
+            torch.testing.assert_close(prefill[b, s:], alone[b][:P - s], rtol=1e-5, atol=1e-5)
+            assert (prefill[b, :s] == 0).all()  # padding queries see no key
+        for j in range(steps):
+            o = bk.moa_attention(q[:, P + j:P + j + 1], k, v, mix[:, P + j:P + j + 1],
+                                 kv_lens=torch.full((B,), P + j + 1), kv_start=start)
+            for b, s in enumerate(start.tolist()):
+                torch.testing.assert_close(o[b, 0], alone[b][P + j - s], rtol=1e-5, atol=1e-5)
+
+
 def test_split_kv_forward_and_its_backward(monkeypatch):
     """The split-KV path, forced: chunks past kv_lens are empty, a chunk ends mid-tile."""
     monkeypatch.setattr(kernels, "num_splits", lambda *a: 3)
@@ -319,11 +468,32 @@ def test_bad_input_names_the_argument():
         call(q, k, v, mix, kv_lens=torch.tensor([5, 2]))
     with pytest.raises(ValueError, match="causal must be a bool"):
         call(q, k, v, mix, causal=1)
+    with pytest.raises(ValueError, match="kv_start must have shape"):
+        call(q, k, v, mix, kv_start=torch.tensor([0]))
+    with pytest.raises(ValueError, match="kv_start must have 1 dimensions"):
+        call(q, k, v, mix, kv_start=torch.tensor([[0, 0]]))
+    with pytest.raises(ValueError, match="kv_start must be an integer"):
+        call(q, k, v, mix, kv_start=torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="kv_start must be an integer"):
+        call(q, k, v, mix, kv_start=torch.tensor([False, True]))
+    with pytest.raises(ValueError, match="kv_start is on meta"):
+        call(q, k, v, mix, kv_start=torch.zeros(2, dtype=torch.int64, device="meta"))
+    with pytest.raises(ValueError, match="kv_start must hold .*row 1 has kv_start -1"):
+        call(q, k, v, mix, kv_start=torch.tensor([0, -1]))
+    with pytest.raises(ValueError, match="kv_start must hold .*row 0 has kv_start 5 and kv_len 4"):
+        call(q, k, v, mix, kv_start=torch.tensor([5, 0]))
+    with pytest.raises(ValueError, match="kv_start must hold .*row 1 has kv_start 3 and kv_len 2"):
+        call(q, k, v, mix, kv_lens=torch.tensor([4, 2]), kv_start=torch.tensor([4, 3]))
+    # Empty rows are allowed: kv_start == kv_len (== S, or 0).
+    o = call(q, k, v, mix, kv_lens=torch.tensor([0, 2]), kv_start=torch.tensor([0, 2]))
+    assert (o == 0).all()
+    assert (call(q, k, v, mix, kv_start=torch.tensor([4, 4])) == 0).all()
     with pytest.raises(ValueError, match="scale must be"):
         call(q, k, v, mix, scale="0.1")
 
 
 PTX_SCRIPT = textwrap.dedent("""
+    import itertools
     import json
     from tests.support.sm90 import H100_SMEM_BYTES, compile_sm90, ptxas_report
     from bam_kernels._triton import attention as A
@@ -331,7 +501,7 @@ PTX_SCRIPT = textwrap.dedent("""
     def types_of(fn, dtype="*bf16"):
         types = {}
         for n in fn.arg_names:
-            if n == "kvlen_ptr":
+            if n in ("kvlen_ptr", "kvstart_ptr"):
                 types[n] = "*i32"
             elif n.endswith("_ptr"):
                 types[n] = "*fp32" if n in ("mix_ptr", "lse_ptr", "wso_ptr", "wsl_ptr", "dp_ptr") else dtype
@@ -349,24 +519,27 @@ PTX_SCRIPT = textwrap.dedent("""
             ("decode", A._fwd, dict(base, SPLIT=True, SAVE=True), A._decode_configs()),
             ("dkdv", A._bwd_dkdv, base, A._dkdv_configs()), ("dq", A._bwd_dq, base, A._dq_configs())]
     report = {}
-    for name, fn, const, cfgs in jobs:
-        for c in cfgs:
-            key = f"{name} {c.kwargs} w{c.num_warps} s{c.num_stages}"
-            k = compile_sm90(fn, types_of(fn), dict(const, **c.kwargs), c.num_warps, c.num_stages,
-                             aligned(fn))
-            report[key] = (k, c.kwargs["BLOCK_M"] >= 64 or name == "dkdv")
+    # Without left padding and with it (kv_start: a key loop that starts at a loaded value).
+    for has_start in (False, True):
+        for name, fn, const, cfgs in jobs:
+            for c in cfgs:
+                key = f"{name} kv_start={has_start} {c.kwargs} w{c.num_warps} s{c.num_stages}"
+                const_c = dict(const, **c.kwargs, HAS_KVSTART=has_start)
+                k = compile_sm90(fn, types_of(fn), const_c, c.num_warps, c.num_stages, aligned(fn))
+                report[key] = (k, c.kwargs["BLOCK_M"] >= 64 or name == "dkdv")
     # float32 operands on their own tiles, without TF32 (FMA dots) and with it, head dims 64 and 128.
     fp32_jobs = [("fwd", A._fwd, dict(SPLIT=False, SAVE=True), A._fwd_configs(True)),
                  ("decode", A._fwd, dict(SPLIT=True, SAVE=True), A._decode_configs(True)),
                  ("dkdv", A._bwd_dkdv, {}, A._dkdv_configs(True)), ("dq", A._bwd_dq, {}, A._dq_configs(True))]
-    for precision in ("ieee", "tf32"):
-        for dh in (64, 128):
-            for name, fn, extra, cfgs in fp32_jobs:
-                for c in cfgs:
-                    const = dict(base, **extra, **c.kwargs, HEAD_DIM=dh, BLOCK_D=dh, PRECISION=precision)
-                    key = f"fp32 {precision} Dh={dh} {name} {c.kwargs} w{c.num_warps} s{c.num_stages}"
-                    report[key] = (compile_sm90(fn, types_of(fn, "*fp32"), const, c.num_warps, c.num_stages,
-                                                aligned(fn)), False)
+    for has_start, precision, dh in itertools.product((False, True), ("ieee", "tf32"), (64, 128)):
+        for name, fn, extra, cfgs in fp32_jobs:
+            for c in cfgs:
+                const = dict(base, **extra, **c.kwargs, HEAD_DIM=dh, BLOCK_D=dh, PRECISION=precision,
+                             HAS_KVSTART=has_start)
+                key = (f"fp32 {precision} Dh={dh} kv_start={has_start} {name} {c.kwargs} w{c.num_warps} "
+                       f"s{c.num_stages}")
+                report[key] = (compile_sm90(fn, types_of(fn, "*fp32"), const, c.num_warps, c.num_stages,
+                                            aligned(fn)), False)
     combine_const = dict(HEAD_DIM=128, SAVE=True, BLOCK_M=32, BLOCK_D=128)
     report["combine"] = (compile_sm90(A._combine, types_of(A._combine), combine_const, 4, 1,
                                       aligned(A._combine)), False)
@@ -435,8 +608,11 @@ def test_opcheck_moa_attention():
     v = torch.randn(B, S, Hkv, Dh, requires_grad=True)
     mix = torch.softmax(torch.randn(B, T, E), -1).requires_grad_()
     kv_lens = torch.tensor([9, 6], dtype=torch.int32)
-    torch.library.opcheck(torch.ops.bam.moa_attention, (q, k, v, mix, kv_lens, True, Dh ** -0.5, True))
-    torch.library.opcheck(torch.ops.bam.moa_attention, (q, k, v, mix, None, False, 0.3, True))
+    kv_start = torch.tensor([2, 0], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.bam.moa_attention, (q, k, v, mix, kv_lens, None, True, Dh ** -0.5, True))
+    torch.library.opcheck(torch.ops.bam.moa_attention, (q, k, v, mix, None, None, False, 0.3, True))
+    torch.library.opcheck(torch.ops.bam.moa_attention, (q, k, v, mix, kv_lens, kv_start, True, 0.3, True))
+    torch.library.opcheck(torch.ops.bam.moa_attention, (q, k, v, mix, None, kv_start, False, 0.3, True))
 
 
 @pytest.mark.parametrize("shared_kv", [True, False])
@@ -542,3 +718,82 @@ def test_moa_attention_with_gpu_tiles(fp32, i, expert_kv, monkeypatch):
         with sanitizer.races():
             moa_matches_reference(gpu_tiles.leaves(q, k, v, mix), (q, k, v, mix), lens, do, do,
                                   label=f"T={T} S={S}")
+
+
+# Left padding (kv_start) under the same conditions: NaN-fenced with NaN padding, in reversed
+# program order, with the GPU's tiles.
+
+
+def nan_padded(t, kv_start, kv_lens):
+    """``t`` with NaN below kv_start[b] and past kv_lens[b]: padding that must never be read."""
+    return padded(t, torch.tensor(kv_start), None if kv_lens is None else torch.tensor(kv_lens), NAN)
+
+
+@pytest.mark.parametrize("expert_kv", [False, True])
+@pytest.mark.parametrize("T,S,kv_lens,kv_start,splits", [
+    (33, 33, None, [0, 13], 1),          # prefill, left padded: one row without padding
+    (5, 70, [70, 23], [31, 23], 1),      # a few queries; a row with kv_start == kv_len
+    (1, 600, [600, 400], [257, 0], 3),   # decoding, split-KV path
+])
+def test_moa_attention_left_padded_fenced(expert_kv, T, S, kv_lens, kv_start, splits, monkeypatch):
+    monkeypatch.setattr(kernels, "num_splits", lambda *a: splits)
+    B, E, H, Hkv, Dh = 2, 2, 4, 2, 16
+    kv_shape = (B, S, E, Hkv, Dh) if expert_kv else (B, S, Hkv, Dh)
+    q, k, v = torch.randn(B, T, E, H, Dh), torch.randn(kv_shape), torch.randn(kv_shape)
+    k, v = nan_padded(k, kv_start, kv_lens), nan_padded(v, kv_start, kv_lens)
+    mix = torch.softmax(torch.randn(B, T, E), -1)
+    do = torch.randn(B, T, E, H, Dh)
+    lens = None if kv_lens is None else torch.tensor(kv_lens)
+    leaves = [grad_leaf(fenced(t)) for t in (q, k, v, mix)]
+    moa_matches_reference(leaves, (q, k, v, mix), lens, fenced(do), do, kv_start=torch.tensor(kv_start))
+    ends = kv_lens or [S] * B
+    for name, leaf in zip(("k", "v"), leaves[1:3]):
+        for b, (lo, hi) in enumerate(zip(kv_start, ends)):
+            assert torch.all(leaf.grad[b, :lo] == 0) and torch.all(leaf.grad[b, hi:] == 0), name
+
+
+@pytest.mark.parametrize("expert_kv", [False, True])
+@pytest.mark.parametrize("T,S,kv_lens,kv_start,splits",
+                         [(40, 40, None, [0, 11], 1), (1, 600, [600, 300], [100, 300], 3)])
+def test_moa_attention_left_padded_in_any_program_order(reversed_programs, monkeypatch, expert_kv, T, S,
+                                                        kv_lens, kv_start, splits):
+    monkeypatch.setattr(kernels, "num_splits", lambda *a: splits)
+    B, E, H, Hkv, Dh = 2, 2, 4, 2, 16
+    kv_shape = (B, S, E, Hkv, Dh) if expert_kv else (B, S, Hkv, Dh)
+    q, k, v = [torch.randn(s, requires_grad=True) for s in ((B, T, E, H, Dh), kv_shape, kv_shape)]
+    mix = torch.softmax(torch.randn(B, T, E), -1).requires_grad_()
+    lens = None if kv_lens is None else torch.tensor(kv_lens)
+    start = torch.tensor(kv_start)
+
+    def fn():
+        with bk.use_backend("triton"):
+            return grads(bk.moa_attention(q, k, v, mix, kv_lens=lens, kv_start=start), [q, k, v, mix])
+
+    run_twice(fn, reversed_programs)
+
+
+@pytest.mark.parametrize("fp32,i", gpu_tiles.ATTENTION_CASES)
+@pytest.mark.parametrize("expert_kv", [False, True])
+def test_moa_attention_left_padded_with_gpu_tiles(fp32, i, expert_kv, monkeypatch):
+    fwd, dec, dkdv, dq = ([cfgs[i % len(cfgs)]] for cfgs in gpu_tiles.ATTENTION[fp32])
+    monkeypatch.setattr(kernels, "fwd", gpu_tiles.one_config_each(kernels._fwd, fwd, kernels._KEY))
+    monkeypatch.setattr(kernels, "fwd_decode", gpu_tiles.one_config_each(kernels._fwd, dec, kernels._KEY))
+    monkeypatch.setattr(kernels, "bwd_dkdv",
+                        gpu_tiles.one_config_each(kernels._bwd_dkdv, dkdv, kernels._BWD_KEY))
+    monkeypatch.setattr(kernels, "bwd_dq", gpu_tiles.one_config_each(kernels._bwd_dq, dq, kernels._BWD_KEY))
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)  # the GPU's merge and preamble blocks
+    B, E, H, Hkv, Dh = 2, 2, 4, 2, 64
+    # Left-padded prefill (kv_start mid-tile), and a decoding step whose valid keys are split over
+    # programs, with NaN padding; smaller for the fp32 family's tiles of 16 and 32 rows.
+    cases = (((40, 40, None, [0, 13], 1), (1, 600, [600, 400], [0, 257], 3)) if fp32 else
+             ((150, 150, None, [0, 70], 1), (1, 700, [700, 500], [0, 300], 3)))
+    for T, S, kv_lens, kv_start, splits in cases:
+        monkeypatch.setattr(kernels, "num_splits", lambda *a, n=splits: n)
+        kv_shape = (B, S, E, Hkv, Dh) if expert_kv else (B, S, Hkv, Dh)
+        q, k, v = torch.randn(B, T, E, H, Dh), torch.randn(kv_shape), torch.randn(kv_shape)
+        k, v = nan_padded(k, kv_start, kv_lens), nan_padded(v, kv_start, kv_lens)
+        mix, do = torch.softmax(torch.randn(B, T, E), -1), torch.randn(B, T, E, H, Dh)
+        lens = None if kv_lens is None else torch.tensor(kv_lens)
+        with sanitizer.races():
+            moa_matches_reference(gpu_tiles.leaves(q, k, v, mix), (q, k, v, mix), lens, do, do,
+                                  label=f"T={T} S={S}", kv_start=torch.tensor(kv_start))

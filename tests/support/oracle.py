@@ -58,15 +58,15 @@ def grouped_mm_matches_reference(x, w, offs, dy_ours: torch.Tensor, dy: torch.Te
 
 
 def moa_matches_reference(leaves, values, kv_lens, do_ours: torch.Tensor, do: torch.Tensor, tol=1e-5,
-                          label=""):
+                          label="", kv_start=None):
     """moa_attention (causal) on the triton backend, forward and backward, on ``leaves`` (q, k, v,
     mix: leaf tensors in any layout) against the reference on ``values`` (the same numbers; NaN in
-    them, as past a cache's valid keys, read as 0). Returns our output."""
+    them, as past a cache's valid keys or below kv_start, read as 0). Returns our output."""
     with bk.use_backend("triton"):
-        o = bk.moa_attention(*leaves, causal=True, kv_lens=kv_lens)
+        o = bk.moa_attention(*leaves, causal=True, kv_lens=kv_lens, kv_start=kv_start)
     o.backward(do_ours)
     refs = [torch.nan_to_num(t.detach().double(), nan=0.0).requires_grad_() for t in values]
-    ro = reference.moa_attention(*refs, True, None, kv_lens)
+    ro = reference.moa_attention(*refs, True, None, kv_lens, kv_start)
     ro.backward(do.double())
     assert rel(o, ro) < tol, label
     for name, a, b in zip(("q", "k", "v", "mix"), leaves, refs):
