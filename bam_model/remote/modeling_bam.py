@@ -16,6 +16,7 @@ weighted load-balancing and z-losses, as bam's training computes it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import warnings
 
 import torch
@@ -33,6 +34,8 @@ except ImportError:
     _bk = None
 
 _WARNED = []
+# bam_kernels releases before left padding (kv_start) run such batches on PyTorch's attention.
+_TAKES_KV_START = _bk is not None and "kv_start" in inspect.signature(_bk.moa_attention).parameters
 # transformers 5 names the output's cache `cache`, earlier releases `past_key_values` (bam is tested on 5).
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast)} \
     else "past_key_values"
@@ -97,6 +100,19 @@ def key_mask(attention_mask: torch.Tensor | None, T: int, S: int, device) -> tor
     # A query that sees no key at all (a padding position) attends to every key instead of to none,
     # so that no NaN is made; its output is padding and nothing reads it.
     return mask | ~mask.any(-1, keepdim=True)
+
+
+def left_padding_start(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Each row's first real key [B] (int32) when ``attention_mask`` [B, S] pads rows on the left
+    only (zeros, then ones), the form bam's kernels take; None for another mask or no kernels that
+    take it."""
+    if attention_mask is None or _bk is None or not _TAKES_KV_START:
+        return None
+    start = (attention_mask.long().cumsum(-1) == 0).sum(-1)
+    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    if not bool((attention_mask.bool() == (columns[None, :] >= start[:, None])).all()):
+        return None
+    return start.to(torch.int32)
 
 
 def attend(q_BTND, k_BSND, v_BSND, mask: torch.Tensor | None, n_kv_groups: int) -> torch.Tensor:
@@ -174,7 +190,7 @@ class MixtureOfAttention(nn.Module):
         w, idx = probs.topk(self.top_k, dim=-1)
         return torch.zeros_like(probs).scatter(-1, idx, w / w.sum(-1, keepdim=True))
 
-    def forward(self, x_BTD, position_ids_BT, attention_mask, cache):
+    def forward(self, x_BTD, position_ids_BT, attention_mask, cache, kv_start=None):
         B, T, _ = x_BTD.shape
         E, H, Hkv, Dh = self.E, self.H, self.Hkv, self.Dh
         kv_heads = (Hkv,) if self.shared_kv else (E, Hkv)
@@ -184,13 +200,15 @@ class MixtureOfAttention(nn.Module):
         k = apply_rope(self.k_proj(x_BTD).view(B, T, -1, Dh), cos, sin)
         k, v = cache_update(cache, self.layer_idx, k, self.v_proj(x_BTD).view(B, T, -1, Dh))
         S = k.shape[1]
-        mask = key_mask(attention_mask, T, S, x_BTD.device)
         mix_BTE = self.mix(logits_BTE)
         bk = _kernels()
-        if bk is not None and mask is None:  # the kernels' causal pattern; padding goes the PyTorch way
+        if bk is not None and (attention_mask is None or kv_start is not None):
+            # bam's kernels: causal, the padding of a left-padded batch given as each row's first key
+            padded = {} if kv_start is None else {"kv_start": kv_start - (attention_mask.shape[1] - S)}
             o = bk.moa_attention(q.view(B, T, E, H, Dh), k.view(B, S, *kv_heads, Dh),
-                                 v.view(B, S, *kv_heads, Dh), mix_BTE, causal=True)
-        else:
+                                 v.view(B, S, *kv_heads, Dh), mix_BTE, causal=True, **padded)
+        else:  # any other mask: PyTorch's attention
+            mask = key_mask(attention_mask, T, S, x_BTD.device)
             if self.shared_kv:  # every expert reads the same Hkv heads
                 k, v = (t[:, :, None].expand(B, S, E, Hkv, Dh).reshape(B, S, E * Hkv, Dh) for t in (k, v))
             o = attend(q, k, v, mask, H // Hkv).view(B, T, E, H, Dh)
@@ -294,9 +312,12 @@ class DecoderLayer(nn.Module):
         self.self_attn = attention(config, layer_idx)
         self.mlp = SparseMoE(config) if moe else MLP(config)
 
-    def forward(self, x, position_ids, attention_mask, cache):
+    def forward(self, x, position_ids, attention_mask, cache, kv_start=None):
         n = self.input_layernorm(x)
-        a = self.self_attn(n, position_ids, attention_mask, cache)
+        if isinstance(self.self_attn, MixtureOfAttention):
+            a = self.self_attn(n, position_ids, attention_mask, cache, kv_start)
+        else:
+            a = self.self_attn(n, position_ids, attention_mask, cache)
         if self.parallel:
             return x + a + self.mlp(n)
         h = x + a
@@ -395,8 +416,9 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
                 position_ids = torch.arange(past, past + T, device=x.device)[None].expand(B, T)
         # The mask the layers see: None when nothing is padded (one host sync per forward, not per layer).
         padding = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
+        kv_start = left_padding_start(padding)
         for layer in self.model.layers:
-            x = layer(x, position_ids, padding, cache)
+            x = layer(x, position_ids, padding, cache, kv_start)
         x = self.model.norm(x)
         keep = slice(None)
         if isinstance(logits_to_keep, int) and logits_to_keep:

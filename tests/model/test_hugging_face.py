@@ -275,3 +275,27 @@ def test_import_bam_model_registers_whatever_the_order():
         out = subprocess.run([sys.executable, "-c", code, order], capture_output=True, text=True, timeout=300,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert out.returncode == 0, (order, out.stderr[-2000:])
+
+
+def test_a_left_padded_batch_runs_on_bams_kernels(folders, monkeypatch):
+    """Left padding reaches bam's attention kernels as each row's first key (kv_start), prefill and
+    decode; any other mask goes to PyTorch's attention."""
+    import bam_kernels
+
+    starts = []
+    real = bam_kernels.moa_attention
+
+    def spy(*args, **kwargs):
+        starts.append(kwargs.get("kv_start"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bam_kernels, "moa_attention", spy)
+    hf = AutoModelForCausalLM.from_pretrained(folders["bam-expert-kv"]).eval()
+    batch = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    hf.generate(batch, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert starts and all(s is not None and s.tolist() == [2, 0] for s in starts)
+    starts.clear()
+    with torch.no_grad():  # a hole in the middle: not left padding
+        hf(input_ids=batch, attention_mask=torch.tensor([[1, 0, 1, 1, 1], [1, 1, 1, 1, 1]]))
+    assert starts == []
