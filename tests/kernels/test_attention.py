@@ -694,9 +694,9 @@ def test_moa_attention_in_any_program_order(reversed_programs, monkeypatch, expe
     run_twice(fn, reversed_programs)
 
 
-@pytest.mark.parametrize("fp32,i", gpu_tiles.ATTENTION_CASES)
-@pytest.mark.parametrize("expert_kv", [False, True])
-def test_moa_attention_with_gpu_tiles(fp32, i, expert_kv, monkeypatch):
+def _one_gpu_tile_each(fp32, i, monkeypatch):
+    """Every attention kernel autotuned over one of the GPU's tile configurations (the i-th), with
+    the GPU's merge and preamble blocks instead of the interpreter's."""
     fwd, dec, dkdv, dq = ([cfgs[i % len(cfgs)]] for cfgs in gpu_tiles.ATTENTION[fp32])
     monkeypatch.setattr(kernels, "fwd", gpu_tiles.one_config_each(kernels._fwd, fwd, kernels._KEY))
     monkeypatch.setattr(kernels, "fwd_decode", gpu_tiles.one_config_each(kernels._fwd, dec, kernels._KEY))
@@ -704,6 +704,12 @@ def test_moa_attention_with_gpu_tiles(fp32, i, expert_kv, monkeypatch):
                         gpu_tiles.one_config_each(kernels._bwd_dkdv, dkdv, kernels._BWD_KEY))
     monkeypatch.setattr(kernels, "bwd_dq", gpu_tiles.one_config_each(kernels._bwd_dq, dq, kernels._BWD_KEY))
     monkeypatch.setattr(kernels, "interpreting", lambda: False)  # the GPU's merge and preamble blocks
+
+
+@pytest.mark.parametrize("fp32,i", gpu_tiles.ATTENTION_CASES)
+@pytest.mark.parametrize("expert_kv", [False, True])
+def test_moa_attention_with_gpu_tiles(fp32, i, expert_kv, monkeypatch):
+    _one_gpu_tile_each(fp32, i, monkeypatch)
     B, E, H, Hkv, Dh = 2, 2, 4, 2, 64
     # Prefill (the last query tile partial), a few queries against a ragged cache, and a decoding
     # step whose keys are split over programs; smaller for the fp32 family's tiles of 16 and 32 rows.
@@ -775,13 +781,7 @@ def test_moa_attention_left_padded_in_any_program_order(reversed_programs, monke
 @pytest.mark.parametrize("fp32,i", gpu_tiles.ATTENTION_CASES)
 @pytest.mark.parametrize("expert_kv", [False, True])
 def test_moa_attention_left_padded_with_gpu_tiles(fp32, i, expert_kv, monkeypatch):
-    fwd, dec, dkdv, dq = ([cfgs[i % len(cfgs)]] for cfgs in gpu_tiles.ATTENTION[fp32])
-    monkeypatch.setattr(kernels, "fwd", gpu_tiles.one_config_each(kernels._fwd, fwd, kernels._KEY))
-    monkeypatch.setattr(kernels, "fwd_decode", gpu_tiles.one_config_each(kernels._fwd, dec, kernels._KEY))
-    monkeypatch.setattr(kernels, "bwd_dkdv",
-                        gpu_tiles.one_config_each(kernels._bwd_dkdv, dkdv, kernels._BWD_KEY))
-    monkeypatch.setattr(kernels, "bwd_dq", gpu_tiles.one_config_each(kernels._bwd_dq, dq, kernels._BWD_KEY))
-    monkeypatch.setattr(kernels, "interpreting", lambda: False)  # the GPU's merge and preamble blocks
+    _one_gpu_tile_each(fp32, i, monkeypatch)
     B, E, H, Hkv, Dh = 2, 2, 4, 2, 64
     # Left-padded prefill (kv_start mid-tile), and a decoding step whose valid keys are split over
     # programs, with NaN padding; smaller for the fp32 family's tiles of 16 and 32 rows.
