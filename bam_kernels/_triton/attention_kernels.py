@@ -51,6 +51,30 @@ def _kv_start(kvstart_ptr, b, kv_len, HAS_KVSTART: tl.constexpr):
 
 
 @triton.jit
+def _kv_bases(k_ptr, v_ptr, b64, g, Hkv, stride_kb, stride_ke, stride_kh, stride_vb, stride_ve, stride_vh):
+    """Where KV head ``g`` (expert g // Hkv, head g % Hkv; one expert when KV is shared) of batch
+    row ``b64`` starts in k and in v."""
+    e64 = (g // Hkv).to(tl.int64)
+    h64 = (g % Hkv).to(tl.int64)
+    return (k_ptr + b64 * stride_kb + e64 * stride_ke + h64 * stride_kh,
+            v_ptr + b64 * stride_vb + e64 * stride_ve + h64 * stride_vh)
+
+
+@triton.jit
+def _visible_keys(m0, Gq, T, shift, kv_len, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """(hi, full) for the tile of rows m0 .. m0 + BLOCK_M - 1: some row sees the keys below hi, every
+    row sees those below full (causal: query t sees keys up to t + shift, shift = kv_len - T)."""
+    hi = kv_len
+    full = kv_len
+    if CAUSAL:
+        t_first = m0 // Gq
+        t_last = tl.minimum((m0 + BLOCK_M - 1) // Gq, T - 1)
+        hi = tl.minimum(hi, t_last + shift + 1)
+        full = tl.minimum(hi, t_first + shift + 1)
+    return hi, full
+
+
+@triton.jit
 def _rows(m0, g, Gq, R, Hkv, BLOCK_M: tl.constexpr):
     """Packed rows m0.. of KV head g -> (rows, token t, expert e, head h)."""
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -163,22 +187,14 @@ def _fwd(
     q_rows = (b64 * stride_qb + t.to(tl.int64) * stride_qt + e.to(tl.int64) * stride_qe
               + h.to(tl.int64) * stride_qh)
     q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = (k_ptr + b64 * stride_kb + (g // Hkv).to(tl.int64) * stride_ke
-              + (g % Hkv).to(tl.int64) * stride_kh)
-    v_base = (v_ptr + b64 * stride_vb + (g // Hkv).to(tl.int64) * stride_ve
-              + (g % Hkv).to(tl.int64) * stride_vh)
+    k_base, v_base = _kv_bases(k_ptr, v_ptr, b64, g, Hkv, stride_kb, stride_ke, stride_kh, stride_vb,
+                               stride_ve, stride_vh)
 
     # Keys [lo, full) are visible to every row of the tile; [full, hi) need the mask. The tiles start
     # at the row's first valid key (left padding: kv_start), so no key below it is read and none of
     # them needs a mask; a chunk of the split forward is a chunk of the valid keys.
     lo = kv_start
-    hi = kv_len
-    full = kv_len
-    if CAUSAL:
-        t_first = m0 // Gq
-        t_last = tl.minimum((m0 + BLOCK_M - 1) // Gq, T - 1)
-        hi = tl.minimum(hi, t_last + shift + 1)
-        full = tl.minimum(hi, t_first + shift + 1)
+    hi, full = _visible_keys(m0, Gq, T, shift, kv_len, BLOCK_M, CAUSAL)
     if SPLIT:
         lo = kv_start + split * chunk
         hi = tl.minimum(hi, lo + chunk)
@@ -354,10 +370,8 @@ def _bwd_dkdv(
     # Keys below kv_start (left padding) and past kv_len are never read; their dK, dV are zeros.
     key_ok = (keys >= kv_start) & (keys < kv_len)
     kv_mask = key_ok[:, None] & d_ok[None, :]
-    k_base = (k_ptr + b64 * stride_kb + (g // Hkv).to(tl.int64) * stride_ke
-              + (g % Hkv).to(tl.int64) * stride_kh)
-    v_base = (v_ptr + b64 * stride_vb + (g // Hkv).to(tl.int64) * stride_ve
-              + (g % Hkv).to(tl.int64) * stride_vh)
+    k_base, v_base = _kv_bases(k_ptr, v_ptr, b64, g, Hkv, stride_kb, stride_ke, stride_kh, stride_vb,
+                               stride_ve, stride_vh)
     k = tl.load(k_base + keys64[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_base + keys64[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
 
@@ -467,17 +481,9 @@ def _bwd_dq(
     t, q, do, lse, delta = _load_rows_bwd(q_ptr, do_ptr, mix_ptr, lse_ptr, dp_ptr, b64, m0, g, T, E, H, Hkv,
                                           Gq, R, stride_qb, stride_qt, stride_qe, stride_qh,
                                           stride_mb, stride_mt, stride_me, offs_d, d_ok, HEAD_DIM, BLOCK_M)
-    k_base = (k_ptr + b64 * stride_kb + (g // Hkv).to(tl.int64) * stride_ke
-              + (g % Hkv).to(tl.int64) * stride_kh)
-    v_base = (v_ptr + b64 * stride_vb + (g // Hkv).to(tl.int64) * stride_ve
-              + (g % Hkv).to(tl.int64) * stride_vh)
-    hi = kv_len
-    full = kv_len
-    if CAUSAL:
-        t_first = m0 // Gq
-        t_last = tl.minimum((m0 + BLOCK_M - 1) // Gq, T - 1)
-        hi = tl.minimum(hi, t_last + shift + 1)
-        full = tl.minimum(hi, t_first + shift + 1)
+    k_base, v_base = _kv_bases(k_ptr, v_ptr, b64, g, Hkv, stride_kb, stride_ke, stride_kh, stride_vb,
+                               stride_ve, stride_vh)
+    hi, full = _visible_keys(m0, Gq, T, shift, kv_len, BLOCK_M, CAUSAL)
     # As in the forward, the tiles start at the first valid key: none below it is read.
     lo = kv_start
     mid = lo + (tl.maximum(full, lo) - lo) // BLOCK_N * BLOCK_N

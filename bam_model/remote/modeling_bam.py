@@ -152,13 +152,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(D, Hkv * Dh, bias=False)
         self.o_proj = nn.Linear(H * Dh, D, bias=False)
 
-    def forward(self, x_BTD, position_ids_BT, attention_mask, cache):
+    def forward(self, x_BTD, position_ids_BT, mask, cache, kv_start=None):
         B, T, _ = x_BTD.shape
         cos, sin = rope(position_ids_BT, self.Dh, self.theta, x_BTD.dtype)
         q = apply_rope(self.q_proj(x_BTD).view(B, T, self.H, self.Dh), cos, sin)
         k = apply_rope(self.k_proj(x_BTD).view(B, T, self.Hkv, self.Dh), cos, sin)
         k, v = cache_update(cache, self.layer_idx, k, self.v_proj(x_BTD).view(B, T, self.Hkv, self.Dh))
-        o = attend(q, k, v, key_mask(attention_mask, T, k.shape[1], x_BTD.device), self.H // self.Hkv)
+        o = attend(q, k, v, mask, self.H // self.Hkv)
         return self.o_proj(o.reshape(B, T, self.H * self.Dh))
 
 
@@ -190,7 +190,7 @@ class MixtureOfAttention(nn.Module):
         w, idx = probs.topk(self.top_k, dim=-1)
         return torch.zeros_like(probs).scatter(-1, idx, w / w.sum(-1, keepdim=True))
 
-    def forward(self, x_BTD, position_ids_BT, attention_mask, cache, kv_start=None):
+    def forward(self, x_BTD, position_ids_BT, mask, cache, kv_start=None):
         B, T, _ = x_BTD.shape
         E, H, Hkv, Dh = self.E, self.H, self.Hkv, self.Dh
         kv_heads = (Hkv,) if self.shared_kv else (E, Hkv)
@@ -202,13 +202,12 @@ class MixtureOfAttention(nn.Module):
         S = k.shape[1]
         mix_BTE = self.mix(logits_BTE)
         bk = _kernels()
-        if bk is not None and (attention_mask is None or kv_start is not None):
+        if bk is not None and (mask is None or kv_start is not None):
             # bam's kernels: causal, the padding of a left-padded batch given as each row's first key
-            padded = {} if kv_start is None else {"kv_start": kv_start - (attention_mask.shape[1] - S)}
+            padded = {} if kv_start is None else {"kv_start": kv_start}
             o = bk.moa_attention(q.view(B, T, E, H, Dh), k.view(B, S, *kv_heads, Dh),
                                  v.view(B, S, *kv_heads, Dh), mix_BTE, causal=True, **padded)
         else:  # any other mask: PyTorch's attention
-            mask = key_mask(attention_mask, T, S, x_BTD.device)
             if self.shared_kv:  # every expert reads the same Hkv heads
                 k, v = (t[:, :, None].expand(B, S, E, Hkv, Dh).reshape(B, S, E * Hkv, Dh) for t in (k, v))
             o = attend(q, k, v, mask, H // Hkv).view(B, T, E, H, Dh)
@@ -312,12 +311,9 @@ class DecoderLayer(nn.Module):
         self.self_attn = attention(config, layer_idx)
         self.mlp = SparseMoE(config) if moe else MLP(config)
 
-    def forward(self, x, position_ids, attention_mask, cache, kv_start=None):
+    def forward(self, x, position_ids, mask, cache, kv_start=None):
         n = self.input_layernorm(x)
-        if isinstance(self.self_attn, MixtureOfAttention):
-            a = self.self_attn(n, position_ids, attention_mask, cache, kv_start)
-        else:
-            a = self.self_attn(n, position_ids, attention_mask, cache)
+        a = self.self_attn(n, position_ids, mask, cache, kv_start)
         if self.parallel:
             return x + a + self.mlp(n)
         h = x + a
@@ -414,11 +410,14 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -T:]
             else:
                 position_ids = torch.arange(past, past + T, device=x.device)[None].expand(B, T)
-        # The mask the layers see: None when nothing is padded (one host sync per forward, not per layer).
+        # What the layers see, made once per forward: the [B, 1, T, S] mask over this step's keys (None
+        # when nothing is padded) and, for a left-padded batch, each row's first key for the kernels.
         padding = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
-        kv_start = left_padding_start(padding)
+        S = past + T
+        mask = key_mask(padding, T, S, x.device)
+        kv_start = left_padding_start(padding[:, -S:]) if padding is not None else None
         for layer in self.model.layers:
-            x = layer(x, position_ids, padding, cache, kv_start)
+            x = layer(x, position_ids, mask, cache, kv_start)
         x = self.model.norm(x)
         keep = slice(None)
         if isinstance(logits_to_keep, int) and logits_to_keep:

@@ -678,18 +678,23 @@ def test_moa_attention_fenced(expert_kv, T, S, kv_lens, splits, monkeypatch):
 
 
 @pytest.mark.parametrize("expert_kv", [False, True])
-@pytest.mark.parametrize("T,S,kv_lens,splits", [(40, 40, None, 1), (1, 600, [600, 300], 3)])
-def test_moa_attention_in_any_program_order(reversed_programs, monkeypatch, expert_kv, T, S, kv_lens, splits):
+@pytest.mark.parametrize("T,S,kv_lens,kv_start,splits",
+                         [(40, 40, None, None, 1), (1, 600, [600, 300], None, 3),
+                          (40, 40, None, [0, 11], 1), (1, 600, [600, 300], [100, 300], 3)])
+def test_moa_attention_in_any_program_order(reversed_programs, monkeypatch, expert_kv, T, S, kv_lens,
+                                            kv_start, splits):
+    """Whole prefill and split decode, with a ragged cache and with left padding (kv_start)."""
     monkeypatch.setattr(kernels, "num_splits", lambda *a: splits)
     B, E, H, Hkv, Dh = 2, 2, 4, 2, 16
     kv_shape = (B, S, E, Hkv, Dh) if expert_kv else (B, S, Hkv, Dh)
     q, k, v = [torch.randn(s, requires_grad=True) for s in ((B, T, E, H, Dh), kv_shape, kv_shape)]
     mix = torch.softmax(torch.randn(B, T, E), -1).requires_grad_()
     lens = None if kv_lens is None else torch.tensor(kv_lens)
+    start = None if kv_start is None else torch.tensor(kv_start)
 
     def fn():
         with bk.use_backend("triton"):
-            return grads(bk.moa_attention(q, k, v, mix, kv_lens=lens), [q, k, v, mix])
+            return grads(bk.moa_attention(q, k, v, mix, kv_lens=lens, kv_start=start), [q, k, v, mix])
 
     run_twice(fn, reversed_programs)
 
@@ -756,26 +761,6 @@ def test_moa_attention_left_padded_fenced(expert_kv, T, S, kv_lens, kv_start, sp
     for name, leaf in zip(("k", "v"), leaves[1:3]):
         for b, (lo, hi) in enumerate(zip(kv_start, ends)):
             assert torch.all(leaf.grad[b, :lo] == 0) and torch.all(leaf.grad[b, hi:] == 0), name
-
-
-@pytest.mark.parametrize("expert_kv", [False, True])
-@pytest.mark.parametrize("T,S,kv_lens,kv_start,splits",
-                         [(40, 40, None, [0, 11], 1), (1, 600, [600, 300], [100, 300], 3)])
-def test_moa_attention_left_padded_in_any_program_order(reversed_programs, monkeypatch, expert_kv, T, S,
-                                                        kv_lens, kv_start, splits):
-    monkeypatch.setattr(kernels, "num_splits", lambda *a: splits)
-    B, E, H, Hkv, Dh = 2, 2, 4, 2, 16
-    kv_shape = (B, S, E, Hkv, Dh) if expert_kv else (B, S, Hkv, Dh)
-    q, k, v = [torch.randn(s, requires_grad=True) for s in ((B, T, E, H, Dh), kv_shape, kv_shape)]
-    mix = torch.softmax(torch.randn(B, T, E), -1).requires_grad_()
-    lens = None if kv_lens is None else torch.tensor(kv_lens)
-    start = torch.tensor(kv_start)
-
-    def fn():
-        with bk.use_backend("triton"):
-            return grads(bk.moa_attention(q, k, v, mix, kv_lens=lens, kv_start=start), [q, k, v, mix])
-
-    run_twice(fn, reversed_programs)
 
 
 # Every tile configuration once, shared and expert KV alternating: where the padding starts does not
