@@ -27,6 +27,9 @@ import torch
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 DOMAINS = ("code", "math", "legal", "drama", "scripture")
 SPLITS = ("train", "heldout")
+# The two parts of a source's training documents that weight-mixup training takes its two kinds of
+# step from (``split_train``): "task" (the weights) and "mixup" (the mixing coefficients).
+TRAIN_PARTS = ("task", "mixup")
 EOS_TOKEN = "<|endoftext|>"
 # What ends a document, in the vocabularies of common tokenizers (GPT-2 and SmolLM, Llama 3,
 # SentencePiece models such as Llama 2 and Mistral, Gemma): the first one a tokenizer has is used.
@@ -120,6 +123,12 @@ class Source:
             return [_split_text(_read_text(files[0]), split)]
         return [_read_text(p) for p in _split_files(self.path, files)[split]]
 
+    def train_documents(self, part: str, fraction: float) -> list[str]:
+        """The training documents of ``part`` ("task" or "mixup") when ``fraction`` of them go to
+        "mixup" (``split_train``)."""
+        task, mixup = split_train(self.documents("train"), fraction)
+        return task if part == "task" else mixup
+
     def fingerprint(self) -> tuple:
         """Changes when the source's files change (for the token cache)."""
         if self.path is None:
@@ -166,6 +175,34 @@ def _split_files(root: Path, files: list[Path]) -> dict[str, list[Path]]:
     held_set = set(heldout)
     train = [p for p in files if p not in held_set]
     return {"train": train, "heldout": sorted(heldout)}
+
+
+def split_train(documents: list[str], fraction: float) -> tuple[list[str], list[str]]:
+    """(task, mixup): the training documents cut in two, about ``fraction`` of their characters in
+    "mixup". The cut depends only on the documents: they are ordered by the SHA-256 of their text
+    and the first ones (at least one, never all) go to "mixup" until they hold ``fraction``; a
+    lone document (a single text file) is cut at a line break, its last ``fraction`` to "mixup".
+    Both parts keep the documents' own order. ``fraction`` 0 gives every document to "task"."""
+    if not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 <= fraction < 1):
+        raise ValueError(f"fraction must be a number in [0, 1), got {fraction!r}")
+    if fraction == 0 or not documents:
+        return list(documents), []
+    if len(documents) == 1:
+        text = documents[0]
+        cut = int(len(text) * (1 - fraction))
+        line_end = text.rfind("\n", 0, cut)
+        cut = line_end + 1 if line_end > 0 else cut
+        return [text[:cut]], [text[cut:]]
+    order = sorted(range(len(documents)), key=lambda i: hashlib.sha256(documents[i].encode()).hexdigest())
+    total = sum(len(d) for d in documents)
+    taken, held = set(), 0
+    for i in order[:-1]:
+        taken.add(i)
+        held += len(documents[i])
+        if held >= fraction * total:
+            break
+    return ([d for i, d in enumerate(documents) if i not in taken],
+            [d for i, d in enumerate(documents) if i in taken])
 
 
 def parse_data_spec(spec: str) -> list[tuple[Source, float]]:
@@ -221,19 +258,33 @@ def _tokenizer_key(tokenizer) -> str:
     return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
 
 
-def tokens(source: Source, split: str, tokenizer=None) -> np.ndarray:
+def tokens(source: Source, split: str, tokenizer=None, part: tuple[str, float] | None = None) -> np.ndarray:
     """All documents of ``split`` as one token array (each document followed by EOS), cached in
-    memory per process. uint16 when the vocabulary allows, else int32."""
+    memory per process. uint16 when the vocabulary allows, else int32. ``part`` ("task" or
+    "mixup", fraction) takes that part of the training documents only (``split_train``)."""
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
-    key = (source.fingerprint(), split, _tokenizer_key(tokenizer))
+    _check_part(part, split)
+    key = (source.fingerprint(), split, part, _tokenizer_key(tokenizer))
     if key not in _TOKEN_CACHE:
         eos = eos_token_id(tokenizer)
-        encodings = tokenizer.encode_batch(source.documents(split), add_special_tokens=False)
+        docs = source.documents(split) if part is None else source.train_documents(*part)
+        encodings = tokenizer.encode_batch(docs, add_special_tokens=False)
         ids = [i for enc in encodings for i in (*enc.ids, eos)]
         dtype = np.uint16 if tokenizer.get_vocab_size() <= np.iinfo(np.uint16).max + 1 else np.int32
         _TOKEN_CACHE[key] = np.asarray(ids, dtype=dtype)
         _TOKEN_CACHE[key].flags.writeable = False
     return _TOKEN_CACHE[key]
+
+
+def _check_part(part, split: str) -> None:
+    if part is None:
+        return
+    if split != "train":
+        raise ValueError(f"part applies to the train split, got split={split!r}")
+    if not (isinstance(part, tuple) and len(part) == 2 and part[0] in TRAIN_PARTS):
+        raise ValueError(f"part must be None or (one of {TRAIN_PARTS}, fraction), got {part!r}")
+    if part[0] == "mixup" and part[1] == 0:
+        raise ValueError("part ('mixup', 0) is empty: give a fraction above 0")
 
 
 @dataclass
@@ -262,7 +313,7 @@ class BatchStream:
     """
 
     def __init__(self, data: str, split: str = "train", *, seq_len: int, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, tokenizer=None):
+                 rank: int = 0, world_size: int = 1, tokenizer=None, part: tuple[str, float] | None = None):
         _check_int("seq_len", seq_len, 2)
         _check_int("batch_size", batch_size, 1)
         _check_int("seed", seed, 0)
@@ -274,16 +325,19 @@ class BatchStream:
             raise ValueError(f"batch_size={batch_size} must be a multiple of world_size={world_size}")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.data, self.split = data, split
+        _check_part(part, split)
+        self.data, self.split, self.part = data, split, part
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
         spec = parse_data_spec(data)
         self.sources = [s for s, _ in spec]
         self.weights = [w for _, w in spec]
-        self.tokens = [tokens(s, split, tokenizer) for s in self.sources]
+        self.tokens = [tokens(s, split, tokenizer, part) for s in self.sources]
         for s, t in zip(self.sources, self.tokens):
             if len(t) < seq_len:
-                raise ValueError(f"data={data!r}: {s.name!r} has {len(t)} {split} tokens, fewer than "
+                what = (f"{split} tokens" if part is None else
+                        f"tokens in the {part[0]} part of its training documents (mixup split {part[1]:g})")
+                raise ValueError(f"data={data!r}: {s.name!r} has {len(t)} {what}, fewer than "
                                  f"seq_len={seq_len}")
         self.position = 0                           # samples drawn, all ranks together
         self.draws = [0] * len(self.sources)        # samples drawn from each source
@@ -330,8 +384,11 @@ class BatchStream:
                      source=torch.tensor(src, dtype=torch.int64))
 
     def _config(self) -> dict:
-        return {"data": self.data, "split": self.split, "seq_len": self.seq_len, "seed": self.seed,
-                "sources": [s.name for s in self.sources], "weights": self.weights}
+        config = {"data": self.data, "split": self.split, "seq_len": self.seq_len, "seed": self.seed,
+                  "sources": [s.name for s in self.sources], "weights": self.weights}
+        if self.part is not None:
+            config["part"] = list(self.part)
+        return config
 
     def state_dict(self) -> dict:
         """The stream's position as plain JSON-able values (the same on every rank)."""

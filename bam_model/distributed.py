@@ -164,7 +164,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def prepare(model: nn.Module, strategy: str = "ddp", expert_parallel: bool = False) -> nn.Module:
+def prepare(model: nn.Module, strategy: str = "ddp", expert_parallel: bool = False,
+            ignore: tuple[str, ...] = ()) -> nn.Module:
     """Make ``model`` ready to train on the current process group; returns the module to call.
 
     - ``"ddp"``: DistributedDataParallel; each rank holds the whole model, gradients are averaged.
@@ -173,6 +174,7 @@ def prepare(model: nn.Module, strategy: str = "ddp", expert_parallel: bool = Fal
     - ``expert_parallel``: first spread the MoE experts over the ranks (``expert_parallel.py``);
       DDP then leaves their gradients alone, and a hook divides them by the world size so that
       every gradient is the average over the ranks' losses. DDP only.
+    - ``ignore``: names of parameters DDP leaves alone (the trainer reduces their gradients itself).
 
     With one process and no process group, ``"ddp"`` returns ``model`` unchanged.
     """
@@ -192,12 +194,13 @@ def prepare(model: nn.Module, strategy: str = "ddp", expert_parallel: bool = Fal
         fully_shard(model)
         return model
     world = dist.get_world_size()
-    ignored = []
+    ignored = list(ignore)
     if expert_parallel:
         ep.parallelize_experts(model)
         for name, p in ep.expert_parameters(model).items():
             p.register_hook(lambda g: g / world)
             ignored.append(name)
+    if ignored:
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     device = next(model.parameters()).device
     return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)

@@ -13,6 +13,7 @@ from ..config import DTYPES
 from ..data import parse_data_spec
 from ..options import add_options, from_args, option
 from ..training import FINAL_MODEL, TrainConfig, data_inputs, open_run, train
+from ..training.mixup import ALPHA_JSON, ALPHA_PLOT
 from .eval import DEVICE_HELP
 
 
@@ -37,6 +38,8 @@ class TrainRun:
     dtype: str | None = option(None, help="dtype of the final model/ (default: the training dtype, float32); "
                                "bfloat16 halves its size. Checkpoints keep float32 weights and optimizer "
                                "state, which resuming needs", choices=tuple(sorted(DTYPES)))
+    mixup_base: str | None = option(None, help="with --mixup: the model folder whose weights are the frozen "
+                                    "W_base (default: MODEL's own); same weight names and shapes as MODEL")
     no_progress: bool = option(False, help="no progress bar")
 
 
@@ -52,17 +55,23 @@ def run_train(args: argparse.Namespace) -> list[dict]:
     from .. import from_pretrained
 
     cfg, opts = from_args(TrainConfig, args), from_args(TrainRun, args)
+    if opts.mixup_base is not None and not cfg.mixup:
+        raise ValueError("--mixup-base is the frozen base of weight-mixup training: add --mixup")
     sources = [s for s, _ in parse_data_spec(opts.data)]
+    inputs = [("MODEL", opts.model), *data_inputs(sources)]
+    if opts.mixup_base is not None:
+        inputs.append(("--mixup-base", opts.mixup_base))
     owns_group = not torch.distributed.is_initialized()
     ctx, device = distributed.init_from_env(opts.device)
     try:
         # Every check of the run folder comes before the model is loaded.
         with open_run(opts.out, cfg, opts.data, resume=opts.resume, overwrite=opts.overwrite,
-                      inputs=[("MODEL", opts.model), *data_inputs(sources)]) as run:
+                      inputs=inputs) as run:
             model = from_pretrained(opts.model, device=device)
+            base = from_pretrained(opts.mixup_base, device=device) if opts.mixup_base is not None else None
             records = train(model, opts.data, run, cfg, progress=not opts.no_progress,
                             strategy=opts.strategy, expert_parallel=opts.expert_parallel,
-                            save_dtype=DTYPES[opts.dtype] if opts.dtype else None)
+                            save_dtype=DTYPES[opts.dtype] if opts.dtype else None, mixup_base=base)
     finally:
         if owns_group:
             distributed.shutdown()
@@ -72,4 +81,7 @@ def run_train(args: argparse.Namespace) -> list[dict]:
         print(f"step {last['step']}: loss {last['loss']:.4f}; model written to {final}")
         for name, res in last.get("eval", {}).items():
             print(f"  {name:12s} ppl {res['ppl']:9.3f}  bpb {res['bpb']:.4f}")
+        if cfg.mixup:
+            print(f"  weight mixup: mean coefficient {last['alpha']:.3f} (the task weights' share of the "
+                  f"model); per weight in {Path(opts.out) / ALPHA_JSON} and {ALPHA_PLOT}")
     return records

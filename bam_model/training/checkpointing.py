@@ -4,8 +4,11 @@
 A checkpoint folder holds ``trainer.json`` (step, config, data position, optimizer groups, and the
 size and SHA-256 of every other file), ``trainer.safetensors`` (RNG of every rank; optimizer
 moments), ``model.safetensors``, or ``sharded/`` (FSDP: model and optimizer shards, one file per
-rank). It is written into a temporary folder and renamed into place, so a kill at any moment leaves
-either the old checkpoint or the new one, never half of one. Nothing is pickled.
+rank). A weight-mixup run's model tensors are ``model.<name>`` (the task weights) and ``logits.<i>``
+(the mixing coefficients'), its optimizer holds both, and ``trainer.json`` its ``mixup`` entry (the
+second data stream's position, the base's digest). It is written into a temporary folder and renamed
+into place, so a kill at any moment leaves either the old checkpoint or the new one, never half of
+one. Nothing is pickled.
 """
 from __future__ import annotations
 
@@ -70,8 +73,10 @@ def _trainer_digest(state: dict) -> str:
 
 
 def save_checkpoint(out: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer,
-                    stream: BatchStream, cfg: TrainConfig) -> Path:
+                    stream: BatchStream, cfg: TrainConfig, extra: dict | None = None) -> Path:
     """Write ``out/checkpoints/step-NNNNNNN`` atomically; keep the newest ``keep_checkpoints``.
+    ``extra`` (JSON-able) goes into ``trainer.json`` under its own keys (weight mixup: the second
+    data stream and the base's digest).
 
     Every rank calls this. Rank 0 writes the files (FSDP: every rank its own shards, through
     ``torch.distributed.checkpoint``), then ``trainer.json`` with the size and SHA-256 of each,
@@ -101,7 +106,7 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, opt: torch.optim.Opt
             fsync_file(f)
         state = {"step": step, "format": fmt, "world_size": ctx.world_size, "config": dataclasses.asdict(cfg),
                  "data": stream.state_dict(), "optimizer_param_groups": groups,
-                 "files": {f.relative_to(tmp).as_posix(): file_record(f) for f in written}}
+                 "files": {f.relative_to(tmp).as_posix(): file_record(f) for f in written}, **(extra or {})}
         state["digest"] = _trainer_digest(state)
         write_json_atomic(tmp / TRAINER_JSON, state)
         for d in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from ..options import INT, NUMBER, int_at_least, number_in, option, validate
+from .mixup import GRANULARITIES
 
 AT_LEAST_0, AT_LEAST_1 = int_at_least(0), int_at_least(1)
 FRACTION = number_in(0, 1)
@@ -41,6 +42,26 @@ class TrainConfig:
     save_every: int = option(0, help="checkpoint period (0: at the end only)", kind=INT, check=AT_LEAST_0)
     keep_checkpoints: int = option(1, help="checkpoints kept (each holds the model and its optimizer state "
                                    "in float32)", kind=INT, check=AT_LEAST_1)
+    mixup: bool = option(
+        False, help="train by attention-guided weight mixup: every weight is a * W_task + (1 - a) * W_base "
+        "with W_base frozen (the model's starting weights, or --mixup-base); W_task and the mixing "
+        "coefficients a train by turns on two parts of the training documents; model/ holds the mixed "
+        "weights")
+    mixup_granularity: str = option(
+        "row", help="with --mixup: one coefficient per weight element, per output row (a norm's gain: per "
+        "entry) or per tensor", choices=GRANULARITIES)
+    mixup_init: float = option(
+        0.5, help="with --mixup: starting value of every coefficient, in [0, 1] (0 and 1 only with "
+        "--mixup-lr 0)", kind=NUMBER, check=FRACTION)
+    mixup_lr: float = option(
+        1e-2, help="with --mixup: peak learning rate of the coefficients' logits (Adam, no weight decay, the "
+        "run's warm-up and decay); 0 holds them at --mixup-init", kind=NUMBER, check=NON_NEGATIVE)
+    mixup_split: float | None = option(
+        None, help="with --mixup: share of each source's training documents (by characters, chosen by a hash "
+        "of their text) the coefficients' steps read; the weights' steps read the rest (default 0.2; 0 with "
+        "--mixup-lr 0)", kind=NUMBER, check=number_in(0, 0.9))
+    mixup_every: int = option(1, help="with --mixup: weight steps per step of the coefficients", kind=INT,
+                              check=AT_LEAST_1)
 
     def __post_init__(self):
         validate(self)
@@ -51,6 +72,24 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of "
                              f"grad_accum={self.grad_accum}")
+        if self.mixup:
+            learned = self.mixup_lr > 0
+            if learned and self.mixup_init in (0, 1):
+                raise ValueError(f"mixup_init={self.mixup_init} holds the coefficients where the sigmoid has "
+                                 "no gradient; give an init inside (0, 1), or mixup_lr=0 to hold them there")
+            if learned and self.mixup_split == 0:
+                raise ValueError("mixup_split=0 leaves no documents for the coefficients' steps; give a "
+                                 "share above 0, or mixup_lr=0 to hold the coefficients")
+            if not learned and self.mixup_split:
+                raise ValueError(f"mixup_split={self.mixup_split} with mixup_lr=0: the coefficients are "
+                                 "held, so no documents need keeping for them; leave mixup_split out (or 0)")
+
+    @property
+    def mixup_fraction(self) -> float:
+        """The share of training documents the coefficients' steps read (0 when they are held)."""
+        if self.mixup_split is not None:
+            return self.mixup_split
+        return 0.2 if self.mixup_lr > 0 else 0.0
 
     @property
     def warmup_steps(self) -> int:
@@ -65,6 +104,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     progress = (step - warmup) / max(1, cfg.steps - warmup)
     min_lr = cfg.lr * cfg.min_lr_ratio
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def mixup_lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of the mixing coefficients at step ``step``: the run's schedule, peak ``mixup_lr``."""
+    return lr_at(step, cfg) * cfg.mixup_lr / cfg.lr
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

@@ -7,6 +7,10 @@ accumulation, bf16 autocast on CUDA. Under torchrun it trains data-parallel (DDP
 (FSDP2) or with the MoE experts spread over the ranks (``distributed.py``): each rank takes its
 share of every global batch, so the batch and the data order do not depend on the world size.
 
+``cfg.mixup`` trains by attention-guided weight mixup (``mixup.py``): each optimizer step is a step
+of the task weights on the task part of the training documents, then (every ``mixup_every`` steps)
+a step of the mixing coefficients on the other part; at the end ``model`` holds the mixed weights.
+
 ``resume=True`` continues from the newest intact checkpoint (``checkpointing``): one whose files
 are missing, truncated or corrupt is refused with a warning naming the problem, moved aside to
 ``checkpoints/refused-step-NNNNNNN``, and the one before it is used. A resumed run reproduces the
@@ -32,7 +36,8 @@ from ..data import BatchStream, parse_data_spec
 from ..files import read_json, write_text_atomic
 from ..tokenizer import for_model
 from .checkpointing import CHECKPOINTS, MODEL_FILE, TRAINER_JSON, checkpoint_dirs, load_state, save_checkpoint
-from .config import TrainConfig, lr_at, make_optimizer
+from .config import TrainConfig, lr_at, make_optimizer, mixup_lr_at
+from .mixup import WeightMixup, tensors_digest, trainable_weights, write_alpha_report
 from .run_folder import FINAL_MODEL, METRICS, RunFolder, data_inputs, open_run, read_metrics
 
 
@@ -98,7 +103,8 @@ def save_final(model: nn.Module, path: Path, dtype: torch.dtype | None = None) -
 def train(model: nn.Module, data: str, out: str | os.PathLike | RunFolder, cfg: TrainConfig, *,
           resume: bool = False, overwrite: bool = False, tokenizer=None, progress: bool = True,
           strategy: str = "ddp", expert_parallel: bool = False,
-          save_dtype: torch.dtype | None = None) -> list[dict]:
+          save_dtype: torch.dtype | None = None,
+          mixup_base: nn.Module | dict[str, torch.Tensor] | None = None) -> list[dict]:
     """Train ``model`` in place on the ``data`` spec; returns every metrics record of the run
     (those before a resumed checkpoint included), as written to ``out/metrics.jsonl``.
 
@@ -112,12 +118,24 @@ def train(model: nn.Module, data: str, out: str | os.PathLike | RunFolder, cfg: 
     ``out/model`` holds the weights in ``save_dtype`` (by default their own; checkpoints keep the
     training precision, which resuming needs).
 
+    With ``cfg.mixup`` the weights are mixed with ``mixup_base`` (a model with the same weights'
+    names and shapes, or a dict of its tensors; by default ``model``'s own weights as they are when
+    this is called: pass the same starting model to resume), single-process or DDP; ``model`` ends
+    holding the mixed weights, and ``out/mixup-alpha.json`` and ``.png`` show the coefficients
+    per weight.
+
     ``out`` is checked, claimed and locked first (``open_run``; or pass what ``open_run`` gave): a
     fresh run into a folder holding a run is refused unless ``resume`` (continue it, with the same
     settings) or ``overwrite`` (start afresh)."""
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     ctx = distributed.current()
+    if mixup_base is not None and not cfg.mixup:
+        raise ValueError("mixup_base (--mixup-base) is for weight-mixup training: add --mixup")
+    if cfg.mixup and (strategy != "ddp" or expert_parallel):
+        raise ValueError("--mixup trains in one process or under torchrun with --strategy ddp; "
+                         f"{'--expert-parallel' if expert_parallel else '--strategy fsdp'} would shard the "
+                         "weights the mixup keeps whole (its frozen base and coefficients)")
     if cfg.batch_size % (cfg.grad_accum * ctx.world_size):
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of grad_accum={cfg.grad_accum} "
                          f"x world size={ctx.world_size}")
@@ -126,13 +144,41 @@ def train(model: nn.Module, data: str, out: str | os.PathLike | RunFolder, cfg: 
     run = out if isinstance(out, RunFolder) else open_run(out, cfg, data, resume=resume, overwrite=overwrite,
                                                           inputs=data_inputs(sources))
     try:
-        stream = BatchStream(data, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                             rank=ctx.rank, world_size=ctx.world_size, tokenizer=tokenizer)
-        loop = _Loop(model, run, cfg, tokenizer, sources, stream, strategy, expert_parallel)
+        fraction = cfg.mixup_fraction if cfg.mixup else 0.0
+        streams = [BatchStream(data, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
+                               rank=ctx.rank, world_size=ctx.world_size, tokenizer=tokenizer,
+                               part=(part, fraction) if fraction else None)
+                   for part in (("task", "mixup") if fraction else ("task",))]
+        if cfg.mixup:
+            model = _Mixup.wrap(model, mixup_base, cfg)
+        loop = _Loop(model, run, cfg, tokenizer, sources, streams, strategy, expert_parallel)
         return loop.run(progress, save_dtype)
     finally:
         if run is not out:
             run.close()
+
+
+class _Mixup:
+    """How the loop builds and checks a weight-mixup run."""
+
+    @staticmethod
+    def wrap(model: nn.Module, base, cfg: TrainConfig) -> WeightMixup:
+        if isinstance(base, nn.Module):
+            base = {name: p.detach() for name, p in trainable_weights(base).items()}
+        return WeightMixup(model, base, granularity=cfg.mixup_granularity, init=cfg.mixup_init,
+                           learn_alpha=cfg.mixup_lr > 0)
+
+    @staticmethod
+    def digest(mixup: WeightMixup) -> str:
+        return tensors_digest(dict(zip(mixup.names, mixup.base))) if distributed.current().is_main else ""
+
+    @staticmethod
+    def check_resume(state: dict, path: Path, digest: str) -> None:
+        saved = state.get("mixup", {}).get("base_digest")
+        if distributed.current().is_main and saved != digest:
+            raise ValueError(f"--resume: the mixup base differs from the one the run in "
+                             f"{str(path.parent.parent)!r} started from (their SHA-256 digests differ); "
+                             "resume from the same MODEL and --mixup-base")
 
 
 @dataclass
@@ -148,25 +194,39 @@ class _Loop:
     metrics records; ``run`` takes the optimizer steps, logging, evaluating and checkpointing."""
 
     def __init__(self, model: nn.Module, run: RunFolder, cfg: TrainConfig, tokenizer, sources,
-                 stream: BatchStream, strategy: str, expert_parallel: bool):
+                 streams: list[BatchStream], strategy: str, expert_parallel: bool):
         self.ctx = distributed.current()
-        self.cfg, self.tokenizer, self.sources, self.stream = cfg, tokenizer, sources, stream
+        self.cfg, self.tokenizer, self.sources = cfg, tokenizer, sources
+        self.stream = streams[0]
+        self.mixup_stream = streams[1] if len(streams) > 1 else None
         self.out = run.path
         self.device = next(model.parameters()).device
-        self.wrapped = distributed.prepare(model, strategy, expert_parallel)
-        self.opt = make_optimizer(self.wrapped, cfg)
+        self.mixup = model if isinstance(model, WeightMixup) else None
+        logits = [f"logits.{i}" for i in range(len(self.mixup.logits))] if self.mixup is not None else []
+        self.wrapped = distributed.prepare(model, strategy, expert_parallel, ignore=tuple(logits))
+        self.opt = make_optimizer(self.mixup.model if self.mixup is not None else self.wrapped, cfg)
+        if self.mixup_stream is not None:
+            self.opt.add_param_group({"params": list(self.mixup.logits), "lr": cfg.mixup_lr,
+                                      "weight_decay": 0.0, "name": "mixup"})
+        self.base_digest = _Mixup.digest(self.mixup) if self.mixup is not None else None
         torch.manual_seed(cfg.seed + 1_000_003 * self.ctx.rank)       # rank 0 keeps the single-process stream
         self.step = 0
         if run.resume_step >= 0:
             path = self.out / CHECKPOINTS / f"step-{run.resume_step:07d}"
-            self.step = load_state(path, read_json(str(path / TRAINER_JSON)), self.wrapped, self.opt, stream)
+            state = read_json(str(path / TRAINER_JSON))
+            if self.mixup is not None:
+                _Mixup.check_resume(state, path, self.base_digest)
+            self.step = load_state(path, state, self.wrapped, self.opt, self.stream)
+            if self.mixup_stream is not None:
+                self.mixup_stream.load_state_dict(state["mixup"]["data"])
         self.records = read_metrics(self.out / METRICS, self.step) if self.step else []
         if self.ctx.is_main:
             write_text_atomic(self.out / METRICS, "".join(json.dumps(r) + "\n" for r in self.records))
         self.micro = cfg.batch_size // (cfg.grad_accum * self.ctx.world_size)
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
-        self.params = [p for g in self.opt.param_groups for p in g["params"]]
+        self.params = [p for g in self.opt.param_groups if g.get("name") != "mixup" for p in g["params"]]
         self.experts = distributed.expert_parameter_ids(self.wrapped)
+        self.mixup_loss: float | None = None
 
     def run(self, progress: bool, save_dtype: torch.dtype | None) -> list[dict]:
         from tqdm.auto import tqdm
@@ -198,37 +258,34 @@ class _Loop:
                 if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:
                     if metrics:
                         os.fsync(metrics.fileno())
-                    save_checkpoint(self.out, self.step, self.wrapped, self.opt, self.stream, cfg)
+                    save_checkpoint(self.out, self.step, self.wrapped, self.opt, self.stream, cfg,
+                                    self.checkpoint_extra())
                     t_last = time.perf_counter()
         bar.close()
-        save_final(self.wrapped, self.out / FINAL_MODEL, save_dtype)
+        final = self.wrapped
+        if self.mixup is not None:
+            if ctx.is_main:
+                write_alpha_report(self.mixup, self.out)
+            final = self.mixup.materialize()
+        save_final(final, self.out / FINAL_MODEL, save_dtype)
         distributed.barrier()
         return self.records
 
+    def checkpoint_extra(self) -> dict | None:
+        if self.mixup is None:
+            return None
+        extra = {"base_digest": self.base_digest}
+        if self.mixup_stream is not None:
+            extra["data"] = self.mixup_stream.state_dict()
+        return {"mixup": extra}
+
     def optimizer_step(self) -> _Step:
         """One optimizer step over ``grad_accum`` micro-batches of the next global batch."""
-        cfg, device = self.cfg, self.device
+        cfg = self.cfg
         lr = lr_at(self.step, cfg)
         for group in self.opt.param_groups:
-            group["lr"] = lr
-        batch = next(self.stream)
-        # Per-micro-batch values stay on the device: one synchronisation per step, not per micro-batch.
-        sums: dict[str, torch.Tensor] = {}
-        for i in range(cfg.grad_accum):
-            rows = slice(i * self.micro, (i + 1) * self.micro)
-            ids, labels = batch.input_ids[rows].to(device), batch.labels[rows].to(device)
-            with distributed.grad_sync(self.wrapped, i == cfg.grad_accum - 1):
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    result = self.wrapped(ids, labels=labels)
-                (result.loss / cfg.grad_accum).backward()
-            for name in ("loss", "nll", "aux_loss"):
-                value = getattr(result, name, None)
-                if value is not None:
-                    value = torch.as_tensor(value, device=device).detach().float()
-                    sums[name] = sums[name] + value if name in sums else value
-        names = list(sums)
-        values = distributed.all_reduce_mean(torch.stack([sums[n] for n in names]) / cfg.grad_accum)
-        means = dict(zip(names, values.tolist()))
+            group["lr"] = mixup_lr_at(self.step, cfg) if group.get("name") == "mixup" else lr
+        means = self.forward_backward(self.stream, sync=True)
         loss = means["loss"]
         if not math.isfinite(loss):
             kept = (f"the checkpoint of step {self.step} is kept" if checkpoint_dirs(self.out)
@@ -239,7 +296,53 @@ class _Loop:
                                                self.experts)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.mixup_stream is not None and (self.step + 1) % cfg.mixup_every == 0:
+            self.mixup_step()
         return _Step(lr, means, grad_norm)
+
+    def forward_backward(self, stream: BatchStream, sync: bool) -> dict[str, float]:
+        """Forward and backward over the ``grad_accum`` micro-batches of ``stream``'s next global
+        batch (gradients reduced over the ranks by DDP after the last one when ``sync``); returns
+        the mean loss terms over all ranks."""
+        cfg, device = self.cfg, self.device
+        batch = next(stream)
+        # Per-micro-batch values stay on the device: one synchronisation per step, not per micro-batch.
+        sums: dict[str, torch.Tensor] = {}
+        for i in range(cfg.grad_accum):
+            rows = slice(i * self.micro, (i + 1) * self.micro)
+            ids, labels = batch.input_ids[rows].to(device), batch.labels[rows].to(device)
+            with distributed.grad_sync(self.wrapped, sync and i == cfg.grad_accum - 1):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    result = self.wrapped(ids, labels=labels)
+                (result.loss / cfg.grad_accum).backward()
+            for name in ("loss", "nll", "aux_loss"):
+                value = getattr(result, name, None)
+                if value is not None:
+                    value = torch.as_tensor(value, device=device).detach().float()
+                    sums[name] = sums[name] + value if name in sums else value
+        names = list(sums)
+        values = distributed.all_reduce_mean(torch.stack([sums[n] for n in names]) / cfg.grad_accum)
+        return dict(zip(names, values.tolist()))
+
+    def mixup_step(self) -> None:
+        """One step of the mixing coefficients on the next batch of the mixup part, the task weights
+        held (DDP leaves the coefficients alone: their gradients are averaged here, in one message)."""
+        self.mixup.set_mode("mixup")
+        try:
+            means = self.forward_backward(self.mixup_stream, sync=False)
+        finally:
+            self.mixup.set_mode("task")
+        if not math.isfinite(means["loss"]):
+            raise LossNotFinite(f"the loss on the mixup part is {means['loss']} at step {self.step + 1}; try "
+                                f"a lower --mixup-lr (now {self.cfg.mixup_lr:g})")
+        grads = [p.grad for p in self.mixup.logits if p.grad is not None]
+        if self.ctx.world_size > 1 and grads:
+            flat = distributed.all_reduce_mean(torch.cat([g.flatten() for g in grads]))
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.mixup_loss = means["loss"]
 
     def record(self, done: _Step, steps: int, since: float, do_eval: bool) -> dict:
         """The metrics record of the step just taken (``steps`` steps taken since ``since``)."""
@@ -253,6 +356,13 @@ class _Loop:
                "tokens_per_s": steps * self.tokens_per_step / max(elapsed, 1e-9),
                "tokens": self.step * self.tokens_per_step}
         rec.update({name: done.means[name] for name in ("nll", "aux_loss") if name in done.means})
+        if self.mixup is not None:
+            summary = self.mixup.summary()
+            rec["alpha"] = summary.pop("all")["mean"]
+            if self.mixup_loss is not None:
+                rec["mixup_loss"] = self.mixup_loss
+            if do_eval:
+                rec["alpha_by_weight"] = {name: s["mean"] for name, s in summary.items()}
         if do_eval:
             wrapped = self.wrapped
             eval_model = wrapped if distributed.is_fsdp(wrapped) else distributed.unwrap(wrapped)

@@ -6,6 +6,7 @@ A run folder ``out`` holds (written by rank 0; with FSDP each rank writes its ow
     metrics.jsonl                 one JSON object per logged step: step, loss, lr, tokens_per_s, ...
     checkpoints/step-NNNNNNN/     see ``checkpointing``
     model/                        the final model (``save_pretrained`` when the model has it)
+    mixup-alpha.json, .png        weight mixup: the mixing coefficients per weight (``mixup``)
 """
 from __future__ import annotations
 
@@ -28,9 +29,11 @@ from .checkpointing import (
     remove_checkpoints,
 )
 from .config import TrainConfig
+from .mixup import ALPHA_JSON, ALPHA_PLOT
 
 METRICS = "metrics.jsonl"
 FINAL_MODEL = "model"
+REPORTS = (ALPHA_JSON, ALPHA_PLOT)
 # Flags that do not change what is trained (only what is logged, evaluated or kept): a resumed run
 # may change them; any other difference from the checkpoint's run is refused.
 RESUMABLE_CHANGES = ("log_every", "eval_every", "eval_windows", "save_every", "keep_checkpoints")
@@ -42,7 +45,7 @@ def _clear_leftovers(out: Path) -> None:
     root = out / CHECKPOINTS
     leftovers = [p for p in root.iterdir() if p.name.startswith(".") and ours_in_checkpoints(p.name)] \
         if root.is_dir() else []
-    leftovers += list(out.glob(f".{METRICS}.tmp-*")) + list(out.glob(f".{FINAL_MODEL}.tmp-*"))
+    leftovers += [p for name in (METRICS, FINAL_MODEL, *REPORTS) for p in out.glob(f".{name}.tmp-*")]
     leftovers += list(out.glob(f"{FINAL_MODEL}/{STAGING_PREFIX}*"))
     for p in leftovers:
         if p.is_dir():
@@ -100,8 +103,9 @@ def _has_run(out: Path) -> bool:
 def _clear_run(out: Path) -> None:
     """``--overwrite``: remove what an earlier run wrote (metrics, our checkpoint folders, the
     final model's files); anything else in the folder stays."""
-    if (out / METRICS).is_file():
-        (out / METRICS).unlink()
+    for name in (METRICS, *REPORTS):
+        if (out / name).is_file():
+            (out / name).unlink()
     remove_checkpoints(out)
     if (out / FINAL_MODEL).is_dir():
         files.clear_owned(out / FINAL_MODEL, keep_claim=True)
@@ -154,12 +158,12 @@ def open_run(out: str | os.PathLike, cfg: TrainConfig, data: str, *, resume: boo
 
 def _open_run_main(out: Path, cfg: TrainConfig, data: str, resume: bool, overwrite: bool,
                    inputs) -> RunFolder:
-    state = files.check_output(out, "run", inputs=inputs)
+    files.check_output(out, "run", inputs=inputs)
     out.mkdir(parents=True, exist_ok=True)
     lock = files.lock_folder(out, "bam train")
     try:
-        if state == "new":
-            files.claim_folder(out, "run", [METRICS, CHECKPOINTS, FINAL_MODEL, files.LOCK])
+        # (Re)claimed every time: a folder claimed by an older bam gets the names added since.
+        files.claim_folder(out, "run", [METRICS, CHECKPOINTS, FINAL_MODEL, *REPORTS, files.LOCK])
         if (out / CHECKPOINTS).exists() and not (out / CHECKPOINTS).is_dir():
             raise ValueError(f"{str(out / CHECKPOINTS)!r} is a file; the run keeps its checkpoints in a "
                              "folder there")
