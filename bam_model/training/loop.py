@@ -170,12 +170,13 @@ class _Mixup:
 
     @staticmethod
     def digest(mixup: WeightMixup) -> str:
-        return tensors_digest(dict(zip(mixup.names, mixup.base))) if distributed.current().is_main else ""
+        # Every rank hashes its own base, so that every rank refuses a wrong one (not rank 0 alone).
+        return tensors_digest(dict(zip(mixup.names, mixup.base)))
 
     @staticmethod
     def check_resume(state: dict, path: Path, digest: str) -> None:
         saved = state.get("mixup", {}).get("base_digest")
-        if distributed.current().is_main and saved != digest:
+        if saved != digest:
             raise ValueError(f"--resume: the mixup base differs from the one the run in "
                              f"{str(path.parent.parent)!r} started from (their SHA-256 digests differ); "
                              "resume from the same MODEL and --mixup-base")
