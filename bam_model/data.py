@@ -399,7 +399,9 @@ class BatchStream:
         """Continue from ``state``; raises ValueError if it was saved by a different stream."""
         if not isinstance(state, dict):
             raise ValueError(f"state must be a dict from BatchStream.state_dict, got {type(state).__name__}")
-        for key, value in self._config().items():
+        # "part" is checked even when this stream has none: a whole-split stream does not take the
+        # position of a part's stream.
+        for key, value in {"part": None, **self._config()}.items():
             if state.get(key) != value:
                 raise ValueError(f"state: {key}={state.get(key)!r} was saved, this stream has {value!r}")
         n = len(self.sources)

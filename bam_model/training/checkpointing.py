@@ -6,9 +6,9 @@ size and SHA-256 of every other file), ``trainer.safetensors`` (RNG of every ran
 moments), ``model.safetensors``, or ``sharded/`` (FSDP: model and optimizer shards, one file per
 rank). A weight-mixup run's model tensors are ``model.<name>`` (the task weights) and ``logits.<i>``
 (the mixing coefficients'), its optimizer holds both, and ``trainer.json`` its ``mixup`` entry (the
-second data stream's position, the base's digest). It is written into a temporary folder and renamed
-into place, so a kill at any moment leaves either the old checkpoint or the new one, never half of
-one. Nothing is pickled.
+second data stream's position, the base's digest, the loss of the coefficients' latest step). It is
+written into a temporary folder and renamed into place, so a kill at any moment leaves either the
+old checkpoint or the new one, never half of one. Nothing is pickled.
 """
 from __future__ import annotations
 

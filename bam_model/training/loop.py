@@ -212,6 +212,9 @@ class _Loop:
         self.base_digest = _Mixup.digest(self.mixup) if self.mixup is not None else None
         torch.manual_seed(cfg.seed + 1_000_003 * self.ctx.rank)       # rank 0 keeps the single-process stream
         self.step = 0
+        # The loss of the latest step of the coefficients (records carry it until the next one);
+        # checkpointed, so that a resumed run logs what the uninterrupted run logs.
+        self.mixup_loss: float | None = None
         if run.resume_step >= 0:
             path = self.out / CHECKPOINTS / f"step-{run.resume_step:07d}"
             state = read_json(str(path / TRAINER_JSON))
@@ -220,6 +223,7 @@ class _Loop:
             self.step = load_state(path, state, self.wrapped, self.opt, self.stream)
             if self.mixup_stream is not None:
                 self.mixup_stream.load_state_dict(state["mixup"]["data"])
+                self.mixup_loss = state["mixup"].get("loss")
         self.records = read_metrics(self.out / METRICS, self.step) if self.step else []
         if self.ctx.is_main:
             write_text_atomic(self.out / METRICS, "".join(json.dumps(r) + "\n" for r in self.records))
@@ -227,7 +231,6 @@ class _Loop:
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
         self.params = [p for g in self.opt.param_groups if g.get("name") != "mixup" for p in g["params"]]
         self.experts = distributed.expert_parameter_ids(self.wrapped)
-        self.mixup_loss: float | None = None
 
     def run(self, progress: bool, save_dtype: torch.dtype | None) -> list[dict]:
         from tqdm.auto import tqdm
@@ -278,6 +281,7 @@ class _Loop:
         extra = {"base_digest": self.base_digest}
         if self.mixup_stream is not None:
             extra["data"] = self.mixup_stream.state_dict()
+            extra["loss"] = self.mixup_loss
         return {"mixup": extra}
 
     def optimizer_step(self) -> _Step:

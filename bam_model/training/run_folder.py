@@ -162,8 +162,12 @@ def _open_run_main(out: Path, cfg: TrainConfig, data: str, resume: bool, overwri
     out.mkdir(parents=True, exist_ok=True)
     lock = files.lock_folder(out, "bam train")
     try:
-        # (Re)claimed every time: a folder claimed by an older bam gets the names added since.
-        files.claim_folder(out, "run", [METRICS, CHECKPOINTS, FINAL_MODEL, *REPORTS, files.LOCK])
+        # Claimed when new, and again when an older bam claimed it (it gets the names added since);
+        # otherwise left as it is, so that a refused command changes nothing.
+        entries = [METRICS, CHECKPOINTS, FINAL_MODEL, *REPORTS, files.LOCK]
+        manifest = files.read_manifest(out)
+        if manifest is None or not set(entries) <= set(manifest["files"]):
+            files.claim_folder(out, "run", entries)
         if (out / CHECKPOINTS).exists() and not (out / CHECKPOINTS).is_dir():
             raise ValueError(f"{str(out / CHECKPOINTS)!r} is a file; the run keeps its checkpoints in a "
                              "folder there")

@@ -42,6 +42,10 @@ def _bam_config(**kw):
     return bam_model.BamConfig(**{**base, **kw})
 
 
+# Weight mixup with learned coefficients: a step of them after every weight step.
+MIXUP = dict(mixup=True, mixup_lr=5e-2, mixup_every=1)
+
+
 def _train_cfg(**kw):
     from bam_model.training import TrainConfig
     base = dict(steps=STEPS, batch_size=8, seq_len=24, lr=3e-3, warmup=1, log_every=1, eval_windows=3, seed=3)
@@ -143,9 +147,9 @@ def _worker(out: Path) -> None:
         _check_expert_parallel(rank)
         return "ok"
 
-    def run(name, grad_accum=1, **kw):
+    def run(name, grad_accum=1, settings=None, **kw):
         model = bam_model.from_pretrained(str(out / "seed"))
-        cfg = _train_cfg(grad_accum=grad_accum)
+        cfg = _train_cfg(grad_accum=grad_accum, **(settings or {}))
         return {"records": train(model, data, out / name, cfg, progress=False, **kw)}
 
     def fsdp_resume():
@@ -167,6 +171,7 @@ def _worker(out: Path) -> None:
     record("ep_module", ep_module)
     record("ddp", lambda: run("ddp", grad_accum=2))
     record("ddp_ep", lambda: run("ddp-ep", expert_parallel=True))
+    record("ddp_mixup", lambda: run("ddp-mixup", grad_accum=2, settings=MIXUP))
     record("fsdp_resume", fsdp_resume)
     distributed.shutdown()
 
@@ -175,7 +180,7 @@ def _worker(out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def multi(tmp_path_factory):
-    """Single-process reference runs, and the 2-rank runs of ``_worker``."""
+    """Single-process reference runs (plain, and weight mixup), and the 2-rank runs of ``_worker``."""
     import bam_model
     from bam_model.training import train
 
@@ -192,6 +197,8 @@ def multi(tmp_path_factory):
     try:
         reference = train(bam_model.from_pretrained(str(out / "seed")), data, out / "single", _train_cfg(),
                           progress=False)
+        mixup_reference = train(bam_model.from_pretrained(str(out / "seed")), data, out / "single-mixup",
+                                _train_cfg(grad_accum=2, **MIXUP), progress=False)
         log, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:                  # torchrun and its workers, all of them
@@ -199,7 +206,7 @@ def multi(tmp_path_factory):
             proc.wait()
     results = [json.loads(p.read_text()) if p.is_file() else {}
                for p in (out / f"results-{r}.json" for r in range(WORLD))]
-    return out, reference, results, log, data
+    return out, reference, results, log, data, mixup_reference
 
 
 def _scenario(multi, name):
@@ -249,11 +256,30 @@ def test_two_ranks_match_one_process(multi, name):
         torch.testing.assert_close(theirs[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_two_ranks_match_one_process_with_weight_mixup(multi):
+    """DDP with learned mixing coefficients (2 micro-batches per rank): the weights' gradients are
+    reduced by DDP, the coefficients' by the trainer; both must be the single process's."""
+    out, reference = multi[0], multi[5]
+    res = _scenario(multi, "ddp_mixup")
+    assert [r["step"] for r in res["records"]] == list(range(1, STEPS + 1))
+    for key in ("loss", "mixup_loss", "alpha"):
+        assert [r[key] for r in res["records"]] == pytest.approx([r[key] for r in reference], rel=2e-5), key
+    assert len({r["alpha"] for r in reference}) == STEPS                     # the coefficients moved
+    # Rank 1 logged the same (its coefficients, averaged the same way, stayed rank 0's).
+    def clockless(records):
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
+    assert clockless(multi[2][1]["ddp_mixup"]["records"]) == clockless(res["records"])
+    single, theirs = _final_weights(out / "single-mixup"), _final_weights(out / "ddp-mixup")
+    assert set(theirs) == set(single)
+    for key, value in single.items():
+        torch.testing.assert_close(theirs[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
 def test_eval_under_torchrun_shares_the_windows_and_matches_one_process(multi):
     import bam_model
     from bam_model.evaluate import evaluate
 
-    out, *_, data = multi
+    out, data = multi[0], multi[4]
     assert _scenario(multi, "eval")["rc"] == 0
     theirs = json.loads((out / "eval.json").read_text())
     ours = evaluate(bam_model.from_pretrained(str(out / "seed")), data, seq_len=24, batch_size=2,

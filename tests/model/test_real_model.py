@@ -106,3 +106,14 @@ def test_the_mixture_loads_in_transformers_with_bams_logits(work):
         prompt = row[mask.bool()][None]
         alone = ours.generate(prompt, max_new_tokens=6)[0, prompt.shape[1]:]
         assert torch.equal(out[i, width:], alone), f"prompt {i}"
+
+
+def test_weight_mixup_training_on_the_gguf_gives_a_model_bam_eval_reads(work, capsys):
+    """bam train --mixup straight from the GGUF (its weights are the frozen base), one step, then
+    bam eval of the mixed model."""
+    assert main(["train", smollm2_gguf(), "--data", "code", "--steps", "1", "--batch-size", "2", "--seq-len",
+                 "32", "--eval-windows", "1", "--no-progress", "--mixup", "--out", str(work / "mixup")]) == 0
+    assert "weight mixup: mean coefficient" in capsys.readouterr().out
+    assert (work / "mixup" / "mixup-alpha.png").is_file()
+    ppl = eval_ppl(str(work / "mixup" / "model"), capsys)
+    assert math.isfinite(ppl) and ppl < 100      # half the seed's weights, half one step from them
