@@ -121,6 +121,7 @@ def _check_resume(state: dict, path: Path, cfg: TrainConfig, data: str) -> None:
     saved = TrainConfig(**{k: v for k, v in state["config"].items() if k in known})  # digest-checked
     before, now = dataclasses.asdict(saved), dataclasses.asdict(cfg)
     before["warmup"], now["warmup"] = saved.warmup_steps, cfg.warmup_steps
+    before["mixup_split"], now["mixup_split"] = saved.mixup_fraction, cfg.mixup_fraction   # None: its default
     diffs = [f"--{k.replace('_', '-')} {now[k]!r} (the run has {before[k]!r})"
              for k in now if k not in RESUMABLE_CHANGES and before[k] != now[k]]
     saved_data = state["data"].get("data")
