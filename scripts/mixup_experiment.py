@@ -203,7 +203,7 @@ def report(results: dict) -> str:
                   f"| - | seed (before) | {seed['legal']:.2f} | {seed['general']:.2f} | {seed['code']:.2f} | "
                   f"{seed['math']:.2f} | {seed['drama']:.2f} | {seed['scripture']:.2f} | | |"]
         for key, row in results["quality"].items():
-            size, mode = key.split("/")
+            size, mode = key.split("/", 1)
             p = row["ppl"]
             alpha = f"{row['alpha']:.3f}" if row["alpha"] is not None else ""
             lines.append(f"| {size} ({row['train_tokens']:,} tokens) | {mode} | {p['legal']:.2f} | "
@@ -221,7 +221,7 @@ def report(results: dict) -> str:
         lines += ["| model | training | s/step | peak RSS MB | after loading MB | training's own MB |",
                   "|---|---|---:|---:|---:|---:|"]
         for key, row in results["cost"].items():
-            name, mode = key.split("/")
+            name, mode = key.split("/", 1)
             lines.append(f"| {name} (B {row['batch']} x T {row['seq_len']}) | {mode} | {row['step_s']:.3f} | "
                          f"{row['peak_mb']:.0f} | {row['loaded_mb']:.0f} | "
                          f"{row['peak_mb'] - row['loaded_mb']:.0f} |")
@@ -247,7 +247,7 @@ def main() -> None:
     ap.add_argument("--parts", default="quality,mixture,cost")
     ap.add_argument("--steps", type=int, default=200, help="training steps of every low-resource run")
     ap.add_argument("--mix-steps", type=int, default=FULL.mix_steps)
-    ap.add_argument("--mixture-mode", default="mixup-row", choices=[m for m in MODES if m != "plain"])
+    ap.add_argument("--mixture-mode", default="mixup-tensor", choices=[m for m in MODES if m != "plain"])
     ap.add_argument("--windows", type=int, default=FULL.eval_windows, help="held-out windows per domain")
     args = ap.parse_args()
     out = Path(args.out)

@@ -48,7 +48,7 @@ class TrainConfig:
         "coefficients a train by turns on two parts of the training documents; model/ holds the mixed "
         "weights")
     mixup_granularity: str = option(
-        "row", help="with --mixup: one coefficient per weight element, per output row (a norm's gain: per "
+        "tensor", help="with --mixup: one coefficient per weight element, per output row (a norm's gain: per "
         "entry) or per tensor", choices=GRANULARITIES)
     mixup_init: float = option(
         0.5, help="with --mixup: starting value of every coefficient, in [0, 1] (0 and 1 only with "

@@ -83,7 +83,7 @@ class WeightMixup(nn.Module):
     ``W_task`` and the logits) and out of DDP's buffer broadcast."""
 
     def __init__(self, model: nn.Module, base: dict[str, torch.Tensor] | None = None, *,
-                 granularity: str = "row", init: float = 0.5, learn_alpha: bool = True):
+                 granularity: str = "tensor", init: float = 0.5, learn_alpha: bool = True):
         super().__init__()
         if not (isinstance(init, (int, float)) and not isinstance(init, bool) and 0 <= init <= 1):
             raise ValueError(f"init must be a number in [0, 1], got {init!r}")

@@ -358,7 +358,8 @@ def test_coefficients_held_at_zero_leave_the_seed(tmp_path):
 def test_a_learned_run_mixes_its_task_weights_with_the_seed(tmp_path):
     data = _text_data(tmp_path / "data")
     run = tmp_path / "run"
-    records = train(_model(), data, run, _cfg(**TINY, mixup=True, mixup_lr=0.2), progress=False)
+    records = train(_model(), data, run, _cfg(**TINY, mixup=True, mixup_lr=0.2, mixup_granularity="row"),
+                    progress=False)
     names = [n for n, _ in _model().named_parameters()]
     assert [r["step"] for r in records] == list(range(1, 7))
     assert all(math.isfinite(r["mixup_loss"]) and 0 < r["alpha"] < 1 for r in records)
@@ -396,7 +397,8 @@ def test_a_learned_run_mixes_its_task_weights_with_the_seed(tmp_path):
     # One step from init 0.5 (logits 0): Adam's first step moves each logit by the coefficients'
     # peak lr, its sign the gradient's (the norm's: their gradients are well above Adam's eps).
     one = tmp_path / "one"
-    train(_model(), data, one, _cfg(**{**TINY, "steps": 1}, warmup=0, mixup=True, mixup_lr=0.2),
+    train(_model(), data, one, _cfg(**{**TINY, "steps": 1}, warmup=0, mixup=True, mixup_lr=0.2,
+                                      mixup_granularity="row"),
           progress=False)
     tensors = load_file(str(one / "checkpoints" / "step-0000001" / "model.safetensors"))
     for i in (1, 2):                                                            # norm.weight, norm.bias
