@@ -133,6 +133,11 @@ def mixture(out: Path, seed_path: str, steps: int, mix_steps: int, mode: str, wi
     seed = bam_model.from_pretrained(seed_path)
     for kind in ("plain", mode):
         key = f"bam-expert-kv/{kind}-experts"
+        for domain in EXPERT_DOMAINS:              # the experts alone, each on every domain
+            model = out / "runs" / f"experts-{kind}" / domain / "model"
+            if f"{kind}/{domain}" not in results.get("experts", {}) and model.is_dir():
+                results.setdefault("experts", {})[f"{kind}/{domain}"] = scores(model, windows)
+                write_json_atomic(out / "results.json", results)
         if key in results.get("mixture", {}):
             continue
         experts = []
@@ -155,6 +160,9 @@ def mixture(out: Path, seed_path: str, steps: int, mix_steps: int, mode: str, wi
         train_run(seed_path, mixture_data(EXPERT_DOMAINS), run, cfg, model=mixed)
         results.setdefault("mixture", {})[key] = {"ppl": scores(run / "model", windows),
                                                   "expert_steps": steps, "mix_steps": mix_steps}
+        for domain in EXPERT_DOMAINS:
+            results.setdefault("experts", {})[f"{kind}/{domain}"] = scores(
+                out / "runs" / f"experts-{kind}" / domain / "model", windows)
         write_json_atomic(out / "results.json", results)
         print(f"{key}: {results['mixture'][key]['ppl']}", flush=True)
 
@@ -198,17 +206,18 @@ def report(results: dict) -> str:
     lines = [f"Machine: {results['machine']}", ""]
     if "quality" in results:
         seed = results["seed"]
-        lines += ["| data | training | legal ppl | general ppl | code | math | drama | scripture | s/step | "
-                  "mean a |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        # (Step times are in the cost table: these runs may share the machine with other work.)
+        lines += ["| data | training | legal ppl | general ppl | code | math | drama | scripture | mean a |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|",
                   f"| - | seed (before) | {seed['legal']:.2f} | {seed['general']:.2f} | {seed['code']:.2f} | "
-                  f"{seed['math']:.2f} | {seed['drama']:.2f} | {seed['scripture']:.2f} | | |"]
+                  f"{seed['math']:.2f} | {seed['drama']:.2f} | {seed['scripture']:.2f} | |"]
         for key, row in results["quality"].items():
             size, mode = key.split("/", 1)
             p = row["ppl"]
             alpha = f"{row['alpha']:.3f}" if row["alpha"] is not None else ""
             lines.append(f"| {size} ({row['train_tokens']:,} tokens) | {mode} | {p['legal']:.2f} | "
                          f"{p['general']:.2f} | {p['code']:.2f} | {p['math']:.2f} | {p['drama']:.2f} | "
-                         f"{p['scripture']:.2f} | {row['step_s']:.3f} | {alpha} |")
+                         f"{p['scripture']:.2f} | {alpha} |")
         lines.append("")
     if "mixture" in results:
         lines += ["| mixture | code | math | legal | drama | scripture | general |",
@@ -216,6 +225,13 @@ def report(results: dict) -> str:
         for key, row in results["mixture"].items():
             p = row["ppl"]
             lines.append(f"| {key} | " + " | ".join(f"{p[d]:.2f}" for d in (*D.DOMAINS, "general")) + " |")
+        lines.append("")
+    if "experts" in results:
+        lines += ["| expert (low-resource, ~50k tokens + 10% general) | own domain | general |",
+                  "|---|---:|---:|"]
+        for key, p in results["experts"].items():
+            kind, domain = key.split("/")
+            lines.append(f"| {domain}, {kind} | {p[domain]:.2f} | {p['general']:.2f} |")
         lines.append("")
     if "cost" in results:
         lines += ["| model | training | s/step | peak RSS MB | after loading MB | training's own MB |",
