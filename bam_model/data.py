@@ -153,54 +153,62 @@ def _read_text(path: Path) -> str:
         raise ValueError(f"data: {str(path)!r} is not UTF-8 text ({e})") from None
 
 
+def _cut_at_line(text: str, share: float) -> int:
+    """Where to cut ``text`` so that about ``share`` of it lies after the cut: at the start of a
+    line when one starts within 1% of the text (at least 1,000 characters) before that point, else
+    at the point itself, so that a text of few, long lines is not cut far from its share."""
+    cut = int(len(text) * (1 - share))
+    line_end = text.rfind("\n", max(0, cut - max(1000, len(text) // 100)), cut)
+    return line_end + 1 if line_end > 0 else cut
+
+
+def _first_by_hash(keys: list[str], sizes: list[int], share: float) -> set[int]:
+    """Indices of the items taken first in the order of the SHA-256 of their keys, until they hold
+    ``share`` of the total size: at least one, never all. Items with equal keys are taken together
+    (copies of one document end up on one side)."""
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(hashlib.sha256(key.encode()).hexdigest(), []).append(i)
+    total = sum(sizes)
+    taken, held = set(), 0
+    for digest in sorted(groups)[:-1]:
+        taken.update(groups[digest])
+        held += sum(sizes[i] for i in groups[digest])
+        if held >= share * total:
+            break
+    return taken
+
+
 def _split_text(text: str, split: str) -> str:
     """A lone file: the last ~10% (cut at a line break) is held out."""
-    cut = int(len(text) * (1 - HELDOUT_FRACTION))
-    line_end = text.rfind("\n", 0, cut)
-    cut = line_end + 1 if line_end > 0 else cut
+    cut = _cut_at_line(text, HELDOUT_FRACTION)
     return text[:cut] if split == "train" else text[cut:]
 
 
 def _split_files(root: Path, files: list[Path]) -> dict[str, list[Path]]:
     """Files ordered by the hash of their relative path; the first ones (at least one, until they
     hold ~10% of the bytes) are held out, as the bundled corpus is split by document."""
-    order = sorted(files, key=lambda p: hashlib.sha256(p.relative_to(root).as_posix().encode()).hexdigest())
-    total = sum(p.stat().st_size for p in files)
-    heldout, held = [], 0
-    for p in order[:-1]:
-        heldout.append(p)
-        held += p.stat().st_size
-        if held >= HELDOUT_FRACTION * total:
-            break
-    held_set = set(heldout)
-    train = [p for p in files if p not in held_set]
-    return {"train": train, "heldout": sorted(heldout)}
+    held = _first_by_hash([p.relative_to(root).as_posix() for p in files], [p.stat().st_size for p in files],
+                          HELDOUT_FRACTION)
+    return {"train": [p for i, p in enumerate(files) if i not in held],
+            "heldout": sorted(p for i, p in enumerate(files) if i in held)}
 
 
 def split_train(documents: list[str], fraction: float) -> tuple[list[str], list[str]]:
     """(task, mixup): the training documents cut in two, about ``fraction`` of their characters in
     "mixup". The cut depends only on the documents: they are ordered by the SHA-256 of their text
-    and the first ones (at least one, never all) go to "mixup" until they hold ``fraction``; a
-    lone document (a single text file) is cut at a line break, its last ``fraction`` to "mixup".
-    Both parts keep the documents' own order. ``fraction`` 0 gives every document to "task"."""
+    and the first ones (at least one, never all; copies of a document together) go to "mixup"
+    until they hold ``fraction``; a lone document (a single text file) is cut at a line break near
+    its last ``fraction``. Both parts keep the documents' own order. ``fraction`` 0 gives every
+    document to "task"."""
     if not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 <= fraction < 1):
         raise ValueError(f"fraction must be a number in [0, 1), got {fraction!r}")
     if fraction == 0 or not documents:
         return list(documents), []
     if len(documents) == 1:
-        text = documents[0]
-        cut = int(len(text) * (1 - fraction))
-        line_end = text.rfind("\n", 0, cut)
-        cut = line_end + 1 if line_end > 0 else cut
-        return [text[:cut]], [text[cut:]]
-    order = sorted(range(len(documents)), key=lambda i: hashlib.sha256(documents[i].encode()).hexdigest())
-    total = sum(len(d) for d in documents)
-    taken, held = set(), 0
-    for i in order[:-1]:
-        taken.add(i)
-        held += len(documents[i])
-        if held >= fraction * total:
-            break
+        cut = _cut_at_line(documents[0], fraction)
+        return [documents[0][:cut]], [documents[0][cut:]]
+    taken = _first_by_hash(documents, [len(d) for d in documents], fraction)
     return ([d for i, d in enumerate(documents) if i not in taken],
             [d for i, d in enumerate(documents) if i in taken])
 

@@ -13,7 +13,7 @@ from ..config import DTYPES
 from ..data import parse_data_spec
 from ..options import add_options, from_args, option
 from ..training import FINAL_MODEL, TrainConfig, data_inputs, open_run, train
-from ..training.mixup import ALPHA_JSON, ALPHA_PLOT
+from ..training.mixup import ALPHA_JSON, ALPHA_PLOT, trainable_weights
 from .eval import DEVICE_HELP
 
 
@@ -39,7 +39,8 @@ class TrainRun:
                                "bfloat16 halves its size. Checkpoints keep float32 weights and optimizer "
                                "state, which resuming needs", choices=tuple(sorted(DTYPES)))
     mixup_base: str | None = option(None, help="with --mixup: the model folder whose weights are the frozen "
-                                    "W_base (default: MODEL's own); same weight names and shapes as MODEL")
+                                    "W_base (default: MODEL's own); same weight names and shapes as MODEL. "
+                                    "W_task starts as MODEL: the run starts at a * MODEL + (1 - a) * BASE")
     no_progress: bool = option(False, help="no progress bar")
 
 
@@ -68,7 +69,10 @@ def run_train(args: argparse.Namespace) -> list[dict]:
         with open_run(opts.out, cfg, opts.data, resume=opts.resume, overwrite=opts.overwrite,
                       inputs=inputs) as run:
             model = from_pretrained(opts.model, device=device)
-            base = from_pretrained(opts.mixup_base, device=device) if opts.mixup_base is not None else None
+            base = None
+            if opts.mixup_base is not None:   # its weights alone: the module goes, nothing else is kept
+                base = {name: p.detach() for name, p in
+                        trainable_weights(from_pretrained(opts.mixup_base, device=device)).items()}
             records = train(model, opts.data, run, cfg, progress=not opts.no_progress,
                             strategy=opts.strategy, expert_parallel=opts.expert_parallel,
                             save_dtype=DTYPES[opts.dtype] if opts.dtype else None, mixup_base=base)

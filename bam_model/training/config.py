@@ -2,6 +2,7 @@
 learning-rate schedule and the optimizer."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -72,6 +73,13 @@ class TrainConfig:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of "
                              f"grad_accum={self.grad_accum}")
+        if not self.mixup:
+            # A weight-mixup setting in a plain run would do nothing, then bar resuming without it.
+            given = [f.name for f in dataclasses.fields(self)
+                     if f.name.startswith("mixup_") and getattr(self, f.name) != f.default]
+            if given:
+                raise ValueError(f"{given[0]}={getattr(self, given[0])!r} is a setting of weight-mixup "
+                                 "training: add mixup=True (--mixup), or leave it out")
         if self.mixup:
             learned = self.mixup_lr > 0
             if learned and self.mixup_init in (0, 1):

@@ -150,7 +150,9 @@ def train(model: nn.Module, data: str, out: str | os.PathLike | RunFolder, cfg: 
                                part=(part, fraction) if fraction else None)
                    for part in (("task", "mixup") if fraction else ("task",))]
         if cfg.mixup:
-            model = _Mixup.wrap(model, mixup_base, cfg)
+            model = _wrap_for_mixup(model, mixup_base, cfg)
+            if len(streams) > 1 and ctx.is_main:
+                _say_parts(streams, fraction)
         loop = _Loop(model, run, cfg, tokenizer, sources, streams, strategy, expert_parallel)
         return loop.run(progress, save_dtype)
     finally:
@@ -158,28 +160,29 @@ def train(model: nn.Module, data: str, out: str | os.PathLike | RunFolder, cfg: 
             run.close()
 
 
-class _Mixup:
-    """How the loop builds and checks a weight-mixup run."""
+def _wrap_for_mixup(model: nn.Module, base, cfg: TrainConfig) -> WeightMixup:
+    if isinstance(base, nn.Module):
+        base = {name: p.detach() for name, p in trainable_weights(base).items()}
+    return WeightMixup(model, base, granularity=cfg.mixup_granularity, init=cfg.mixup_init,
+                       learn_alpha=cfg.mixup_lr > 0)
 
-    @staticmethod
-    def wrap(model: nn.Module, base, cfg: TrainConfig) -> WeightMixup:
-        if isinstance(base, nn.Module):
-            base = {name: p.detach() for name, p in trainable_weights(base).items()}
-        return WeightMixup(model, base, granularity=cfg.mixup_granularity, init=cfg.mixup_init,
-                           learn_alpha=cfg.mixup_lr > 0)
 
-    @staticmethod
-    def digest(mixup: WeightMixup) -> str:
-        # Every rank hashes its own base, so that every rank refuses a wrong one (not rank 0 alone).
-        return tensors_digest(dict(zip(mixup.names, mixup.base)))
+def _check_mixup_base(state: dict, path: Path, digest: str) -> None:
+    """Refuse to resume a weight-mixup run with another base than its own (every rank hashes its
+    own base, so every rank refuses)."""
+    if state.get("mixup", {}).get("base_digest") != digest:
+        raise ValueError(f"--resume: the mixup base differs from the one the run in "
+                         f"{str(path.parent.parent)!r} started from (their SHA-256 digests differ); "
+                         "resume from the same MODEL and --mixup-base")
 
-    @staticmethod
-    def check_resume(state: dict, path: Path, digest: str) -> None:
-        saved = state.get("mixup", {}).get("base_digest")
-        if saved != digest:
-            raise ValueError(f"--resume: the mixup base differs from the one the run in "
-                             f"{str(path.parent.parent)!r} started from (their SHA-256 digests differ); "
-                             "resume from the same MODEL and --mixup-base")
+
+def _say_parts(streams: list[BatchStream], fraction: float) -> None:
+    """Tell how many tokens each part of a weight-mixup run's data holds (a document split can miss
+    its share when a source has few, long documents)."""
+    task, mixup = (sum(len(t) for t in s.tokens) for s in streams)
+    print(f"train: weight mixup: the weights train on {task:,} tokens, the coefficients on {mixup:,} "
+          f"({mixup / (task + mixup):.0%} of the training tokens; --mixup-split {fraction:g})",
+          file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -209,7 +212,8 @@ class _Loop:
         if self.mixup_stream is not None:
             self.opt.add_param_group({"params": list(self.mixup.logits), "lr": cfg.mixup_lr,
                                       "weight_decay": 0.0, "name": "mixup"})
-        self.base_digest = _Mixup.digest(self.mixup) if self.mixup is not None else None
+        self.base_digest = (tensors_digest(dict(zip(self.mixup.names, self.mixup.base)))
+                            if self.mixup is not None else None)
         torch.manual_seed(cfg.seed + 1_000_003 * self.ctx.rank)       # rank 0 keeps the single-process stream
         self.step = 0
         # The loss of the latest step of the coefficients (records carry it until the next one);
@@ -219,7 +223,7 @@ class _Loop:
             path = self.out / CHECKPOINTS / f"step-{run.resume_step:07d}"
             state = read_json(str(path / TRAINER_JSON))
             if self.mixup is not None:
-                _Mixup.check_resume(state, path, self.base_digest)
+                _check_mixup_base(state, path, self.base_digest)
             self.step = load_state(path, state, self.wrapped, self.opt, self.stream)
             if self.mixup_stream is not None:
                 self.mixup_stream.load_state_dict(state["mixup"]["data"])
@@ -293,10 +297,9 @@ class _Loop:
         means = self.forward_backward(self.stream, sync=True)
         loss = means["loss"]
         if not math.isfinite(loss):
-            kept = (f"the checkpoint of step {self.step} is kept" if checkpoint_dirs(self.out)
-                    else "no checkpoint was written")
-            raise LossNotFinite(f"the loss is {loss} at step {self.step + 1} ({kept}); try a lower --lr (now "
-                                f"{cfg.lr:g}), a longer --warmup or a lower --grad-clip, and check the data")
+            raise LossNotFinite(f"the loss is {loss} at step {self.step + 1} ({self.kept()}); try a lower "
+                                f"--lr (now {cfg.lr:g}), a longer --warmup or a lower --grad-clip, and check "
+                                "the data")
         grad_norm = distributed.clip_grad_norm(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf,
                                                self.experts)
         self.opt.step()
@@ -304,6 +307,11 @@ class _Loop:
         if self.mixup_stream is not None and (self.step + 1) % cfg.mixup_every == 0:
             self.mixup_step()
         return _Step(lr, means, grad_norm)
+
+    def kept(self) -> str:
+        """What a run that stops now leaves to resume from, in words."""
+        found = checkpoint_dirs(self.out)
+        return f"the checkpoint of step {found[-1][0]} is kept" if found else "no checkpoint was written"
 
     def forward_backward(self, stream: BatchStream, sync: bool) -> dict[str, float]:
         """Forward and backward over the ``grad_accum`` micro-batches of ``stream``'s next global
@@ -338,8 +346,9 @@ class _Loop:
         finally:
             self.mixup.set_mode("task")
         if not math.isfinite(means["loss"]):
-            raise LossNotFinite(f"the loss on the mixup part is {means['loss']} at step {self.step + 1}; try "
-                                f"a lower --mixup-lr (now {self.cfg.mixup_lr:g})")
+            raise LossNotFinite(f"the loss on the mixup part is {means['loss']} at step {self.step + 1}, "
+                                f"after that step's weight update ({self.kept()}); try a lower --mixup-lr "
+                                f"(now {self.cfg.mixup_lr:g})")
         grads = [p.grad for p in self.mixup.logits if p.grad is not None]
         if self.ctx.world_size > 1 and grads:
             flat = distributed.all_reduce_mean(torch.cat([g.flatten() for g in grads]))
@@ -347,7 +356,7 @@ class _Loop:
                 g.copy_(part.view_as(g))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        self.mixup_loss = means["loss"]
+        self.mixup_loss = means.get("nll", means["loss"])      # the router losses left out, if any
 
     def record(self, done: _Step, steps: int, since: float, do_eval: bool) -> dict:
         """The metrics record of the step just taken (``steps`` steps taken since ``since``)."""
@@ -362,12 +371,11 @@ class _Loop:
                "tokens": self.step * self.tokens_per_step}
         rec.update({name: done.means[name] for name in ("nll", "aux_loss") if name in done.means})
         if self.mixup is not None:
-            summary = self.mixup.summary()
-            rec["alpha"] = summary.pop("all")["mean"]
+            rec["alpha"] = self.mixup.mean_alpha()
             if self.mixup_loss is not None:
                 rec["mixup_loss"] = self.mixup_loss
             if do_eval:
-                rec["alpha_by_weight"] = {name: s["mean"] for name, s in summary.items()}
+                rec["alpha_by_weight"] = {name: a.mean().item() for name, a in self.mixup.alphas().items()}
         if do_eval:
             wrapped = self.wrapped
             eval_model = wrapped if distributed.is_fsdp(wrapped) else distributed.unwrap(wrapped)

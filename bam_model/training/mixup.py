@@ -29,9 +29,10 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from .. import files
+from ..data import TRAIN_PARTS
 
 GRANULARITIES = ("element", "row", "tensor")
-MODES = ("task", "mixup")
+MODES = TRAIN_PARTS      # which part of the training data a step reads names what it trains
 
 
 def alpha_shape(shape: torch.Size, granularity: str) -> tuple[int, ...]:
@@ -67,6 +68,14 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _mix(base: torch.Tensor, task: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``a * task + (1 - a) * base`` in one fused op, in float32 for weights of a narrower type (a
+    bf16 coefficient would move only in steps of 2**-8) and returned in the weights' own type."""
+    if task.dtype == a.dtype:
+        return torch.lerp(base, task, a)
+    return torch.lerp(base.float(), task.float(), a.float()).to(task.dtype)
+
+
 def trainable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     """The model's floating-point parameters that require grad, each once (a tied weight under its
     first name, as ``functional_call`` wants it)."""
@@ -74,13 +83,13 @@ def trainable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 class WeightMixup(nn.Module):
-    """``model`` trained by weight mixup against ``base`` (name -> tensor, the frozen weights; by
-    default a copy of the model's own). Its parameters are the model's (``W_task``, under
-    ``model.<name>``) and the logits of the mixing coefficients (``logits.<i>``, in the order of
-    ``names``). ``mode`` "task" holds the coefficients (gradients reach ``W_task`` only), "mixup"
-    holds ``W_task`` (gradients reach the logits only). ``learn_alpha=False`` freezes the
-    coefficients at ``init``. The frozen base is kept out of the state dict (checkpoints hold
-    ``W_task`` and the logits) and out of DDP's buffer broadcast."""
+    """``model`` trained by weight mixup against ``base`` (name -> tensor, the frozen weights, kept
+    as they are: do not change them; by default a copy of the model's own). Its parameters are the
+    model's (``W_task``, under ``model.<name>``) and the logits of the mixing coefficients
+    (``logits.<i>``, in the order of ``names``). ``mode`` "task" holds the coefficients (gradients
+    reach ``W_task`` only), "mixup" holds ``W_task`` (gradients reach the logits only).
+    ``learn_alpha=False`` freezes the coefficients at ``init``. The frozen base is kept out of the
+    state dict (checkpoints hold ``W_task`` and the logits) and out of DDP's buffer broadcast."""
 
     def __init__(self, model: nn.Module, base: dict[str, torch.Tensor] | None = None, *,
                  granularity: str = "tensor", init: float = 0.5, learn_alpha: bool = True):
@@ -94,7 +103,8 @@ class WeightMixup(nn.Module):
         weights = trainable_weights(model)
         if not weights:
             raise ValueError("model has no trainable floating-point parameters to mix")
-        if base is None:
+        own = base is None
+        if own:
             base = {name: p.detach() for name, p in weights.items()}
         missing = sorted(set(weights) - set(base))
         if missing:
@@ -104,14 +114,17 @@ class WeightMixup(nn.Module):
         self.granularity = granularity
         self.mode = "task"
         # Plain attributes, not buffers: not saved, not broadcast by DDP, moved only with the model's
-        # weights (``_apply``).
+        # weights (``_apply``). A given base is used as it is (not copied) unless it is the model's own
+        # storage or of another dtype or device: one copy of the base in memory, never more.
+        storages = {p.untyped_storage().data_ptr() for p in weights.values()}
         self.base: list[torch.Tensor] = []
         for name, p in weights.items():
             b = base[name]
             if tuple(b.shape) != tuple(p.shape):
                 raise ValueError(f"mixup base weight {name!r} has shape {tuple(b.shape)}, the model "
                                  f"{tuple(p.shape)}")
-            self.base.append(b.detach().to(device=p.device, dtype=p.dtype, copy=True))
+            aliased = own or b.untyped_storage().data_ptr() in storages
+            self.base.append(b.detach().to(device=p.device, dtype=p.dtype, copy=aliased))
         self.logits = nn.ParameterList(
             nn.Parameter(torch.full(alpha_shape(p.shape, granularity), logit(init), device=p.device,
                                     dtype=torch.float32), requires_grad=learn_alpha)
@@ -142,7 +155,7 @@ class WeightMixup(nn.Module):
                 a = a.detach()
             else:
                 task = task.detach()
-            out[name] = torch.lerp(b, task, a.to(task.dtype))
+            out[name] = _mix(b, task, a)
         return out
 
     def forward(self, *args, **kwargs):
@@ -152,24 +165,29 @@ class WeightMixup(nn.Module):
     def materialize(self) -> nn.Module:
         """Write the mixed weights into the model (in place; ``W_task`` is gone) and return it."""
         weights = trainable_weights(self.model)
-        mixed = {name: torch.lerp(b, weights[name], torch.sigmoid(lg).to(b.dtype))
+        mixed = {name: _mix(b, weights[name], torch.sigmoid(lg))
                  for name, b, lg in zip(self.names, self.base, self.logits)}
         for name, m in mixed.items():
             weights[name].copy_(m)
         return self.model
 
     @torch.no_grad()
-    def summary(self) -> dict[str, dict[str, float]]:
-        """name -> {"mean", "min", "max"} of that weight's coefficients, plus "all": their mean
-        weighted by the elements each stands for (the share of ``W_task`` in the model)."""
-        out, total, count = {}, 0.0, 0
+    def mean_alpha(self) -> float:
+        """The coefficients' mean, each weighted by the elements it covers: the share of ``W_task``
+        in the model (one synchronisation)."""
         weights = trainable_weights(self.model)
+        total = sum(torch.sigmoid(lg).float().mean() * weights[name].numel()
+                    for name, lg in zip(self.names, self.logits))
+        return float(total) / sum(weights[name].numel() for name in self.names)
+
+    @torch.no_grad()
+    def summary(self) -> dict[str, dict[str, float]]:
+        """name -> {"mean", "min", "max"} of that weight's coefficients, plus "all": ``mean_alpha``."""
+        out = {}
         for name, a in self.alphas().items():
-            out[name] = {"mean": a.mean().item(), "min": a.min().item(), "max": a.max().item()}
-            n = weights[name].numel()
-            total += a.mean().item() * n
-            count += n
-        out["all"] = {"mean": total / count}
+            mean, low, high = torch.stack([a.mean(), a.min(), a.max()]).tolist()
+            out[name] = {"mean": mean, "min": low, "max": high}
+        out["all"] = {"mean": self.mean_alpha()}
         return out
 
 
@@ -214,13 +232,16 @@ def plot_alpha(means: dict[str, float], path: Path, title: str) -> None:
         grid[-1, :len(other)] = list(other.values())
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * grid.shape[1], 1.2 + 0.28 * grid.shape[0]))
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    if grid.size <= 400:
-        for (y, x), v in np.ndenumerate(grid):
-            if not np.isnan(v):
-                ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=6,
-                        color="black" if v > 0.6 else "white")
+    other_names = list(other)
+    for (y, x), v in np.ndenumerate(grid):
+        if np.isnan(v):
+            continue
+        label = f"{other_names[x]}\n{v:.2f}" if other and y == grid.shape[0] - 1 else f"{v:.2f}"
+        if grid.size <= 400 or label != f"{v:.2f}":
+            ax.text(x, y, label, ha="center", va="center", fontsize=5 if "\n" in label else 6,
+                    color="black" if v > 0.6 else "white")
     ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right", fontsize=7)
-    labels = [f"layer {layer}" for layer in rows] + (["other: " + ", ".join(other)] if other else [])
+    labels = [f"layer {layer}" for layer in rows] + (["outside the layers"] if other else [])
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.03)

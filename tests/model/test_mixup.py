@@ -78,6 +78,21 @@ def test_split_train_cuts_a_lone_document_at_a_line_break():
         assert len(mixup) == pytest.approx(fraction * len(text), abs=20)      # a line is at most 16
     [task], [mixup] = D.split_train(["no line break at all"], 0.5)
     assert task + mixup == "no line break at all" and task and mixup
+    # A line break far before the share's point does not move the cut there (nor the held-out cut).
+    text = "Title line\n" + "word " * 20_000
+    [task], [mixup] = D.split_train([text], 0.2)
+    assert task + mixup == text and len(mixup) == pytest.approx(0.2 * len(text), abs=1)
+    assert len(D._split_text(text, "heldout")) == pytest.approx(0.1 * len(text), abs=1)
+
+
+def test_copies_of_a_document_stay_on_one_side():
+    docs = _documents()
+    boiler = "Terms and conditions apply.\n" * 40
+    with_copies = docs[:5] + [boiler] * 3 + docs[5:] + [boiler] * 3
+    for fraction in (0.05, 0.2, 0.5, 0.8):
+        task, mixup = D.split_train(with_copies, fraction)
+        assert (boiler in task) != (boiler in mixup)
+        assert task.count(boiler) + mixup.count(boiler) == 6
 
 
 def test_the_parts_of_a_bundled_domain_hold_its_training_tokens():
@@ -286,6 +301,49 @@ def test_materialize_writes_the_mix_into_the_model():
     assert torch.equal(model(ids).logits, before)
 
 
+def test_a_given_base_is_kept_once_and_the_models_own_is_copied():
+    model, other = _dense(0), _dense(1)
+    own = WeightMixup(model, granularity="row")
+    given = {n: p.detach() for n, p in _weights(other).items()}
+    theirs = WeightMixup(model, given, granularity="row")
+    aliased = WeightMixup(model, {n: p.detach() for n, p in _weights(model).items()}, granularity="row")
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    for i, name in enumerate(own.names):
+        assert own.base[i].untyped_storage().data_ptr() not in params       # a copy: W_task will move
+        assert aliased.base[i].untyped_storage().data_ptr() not in params   # the model's own: copied
+        assert theirs.base[i].data_ptr() == given[name].data_ptr()          # another model's: kept
+
+
+def test_weight_mixup_on_a_bam_mixture(tmp_path):
+    """BamLM (MoE experts, attention experts and routers on bam's kernels): held at one it trains
+    as plainly, bit for bit; in the coefficients' step every logit gets a gradient."""
+    config = bam_model.BamConfig(vocab_size=V, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=24,
+                                 tie_embeddings=True, num_experts=3, top_k=2, attention="expert-kv")
+
+    def model(seed=0):
+        torch.manual_seed(seed)
+        return bam_model.BamLM(config)
+    data = _text_data(tmp_path / "data", chars=8_000)
+    small = dict(TINY, steps=2, eval_every=0)
+    plain = train(model(), data, tmp_path / "plain", _cfg(**small), progress=False)
+    held = train(model(), data, tmp_path / "held", _cfg(**small, mixup=True, mixup_init=1, mixup_lr=0),
+                 progress=False)
+    assert _same(held) == [{**r, "alpha": 1.0} for r in _same(plain)]          # bitwise
+    ours, theirs = _final(tmp_path / "held"), _final(tmp_path / "plain")
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], v) for k, v in theirs.items())
+    # (Against another model: at a run's start W_task is the base, and the coefficients' gradient,
+    # the sum of the weights' gradient times W_task - W_base, is zero.)
+    other = model(1)
+    randomize_norms(other)                      # (norm gains start at one in both)
+    mix = WeightMixup(model(), {n: p.detach() for n, p in other.named_parameters()}, granularity="row")
+    mix.set_mode("mixup")
+    ids = torch.randint(0, V, (2, 12))
+    mix(ids, labels=ids).loss.backward()
+    assert all(lg.grad is not None and lg.grad.abs().sum() > 0 for lg in mix.logits)
+    assert any(n.endswith("experts.gate_up_proj") for n in mix.names)
+    assert all(p.grad is None for p in mix.model.parameters())
+
+
 def test_a_base_that_does_not_fit_is_refused_by_name():
     model = _dense(0, dtype=torch.float32)
     base = _weights(model)
@@ -436,10 +494,12 @@ def test_a_crashed_mixup_run_resumes_bitwise(tmp_path, monkeypatch):
                      (dict(mixup_lr=0.1), "--mixup-lr 0.1 .the run has 0.2."),
                      (dict(mixup_granularity="row"), "--mixup-granularity 'row'"),
                      (dict(mixup_split=0.3), "--mixup-split 0.3"),
-                     (dict(mixup_init=0.4), "--mixup-init 0.4"),
-                     (dict(mixup=False), "--mixup False")):
+                     (dict(mixup_init=0.4), "--mixup-init 0.4")):
         with pytest.raises(ValueError, match=f"--resume: {flag}"):
             train(_model(), data, run, TrainConfig(**{**vars(cfg), **kw}), resume=True, progress=False)
+    plain = TrainConfig(**{k: v for k, v in vars(cfg).items() if not k.startswith("mixup")})
+    with pytest.raises(ValueError, match="--resume: --mixup False"):
+        train(_model(), data, run, plain, resume=True, progress=False)
     assert {p: p.read_bytes() for p in sorted(run.rglob("*"))
             if p.is_file() and p.name != ".bam-lock"} == before
     # A run folder claimed by a bam before mixup (its manifest without the reports) is claimed
@@ -466,12 +526,14 @@ def test_a_crashed_mixup_run_resumes_bitwise(tmp_path, monkeypatch):
     (dict(mixup_lr=-0.01), "mixup_lr must be a number"),
     (dict(mixup_granularity="column"), "mixup_granularity must be one of"),
     (dict(mixup_every=0), "mixup_every must be an int >= 1"),
+    (dict(mixup=False, mixup_lr=0.5), "mixup_lr=0.5 is a setting of weight-mixup training: add mixup=True"),
+    (dict(mixup=False, mixup_granularity="row"), "mixup_granularity='row' is a setting of weight-mixup"),
 ])
 def test_bad_mixup_settings(kw, match):
     with pytest.raises(ValueError, match=match):
-        TrainConfig(steps=4, mixup=True, **kw)
-    TrainConfig(steps=4, mixup=True, **{**kw, "mixup_init": 0.5, "mixup_lr": 0.01, "mixup_split": 0.2,
-                                         "mixup_granularity": "row", "mixup_every": 1})
+        TrainConfig(steps=4, **{"mixup": True, **kw})
+    TrainConfig(steps=4, **{**kw, "mixup": True, "mixup_init": 0.5, "mixup_lr": 0.01, "mixup_split": 0.2,
+                            "mixup_granularity": "row", "mixup_every": 1})
 
 
 def test_mixup_with_sharding_or_a_base_without_mixup_is_refused(tmp_path):
@@ -502,7 +564,9 @@ def test_bam_train_mixup_command(tmp_path, capsys):
     assert main([*base, "--out", str(tmp_path / "run"), "--mixup", "--mixup-granularity", "element",
                  "--mixup-lr", "0.05", "--mixup-split", "0.3", "--mixup-every", "1",
                  "--mixup-init", "0.6"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert re.search(r"weight mixup: the weights train on [\d,]+ tokens, the coefficients on [\d,]+ "
+                     r"\(\d+% of the training tokens; --mixup-split 0.3\)", err)
     report = json.loads((tmp_path / "run" / "mixup-alpha.json").read_text())
     assert f"weight mixup: mean coefficient {report['weights']['all']['mean']:.3f}" in out
     assert report["granularity"] == "element"

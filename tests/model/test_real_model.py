@@ -108,7 +108,7 @@ def test_the_mixture_loads_in_transformers_with_bams_logits(work):
         assert torch.equal(out[i, width:], alone), f"prompt {i}"
 
 
-def test_weight_mixup_training_on_the_gguf_gives_a_model_bam_eval_reads(work, capsys):
+def test_weight_mixup_training_of_a_smollm2_copy_gives_a_model_bam_eval_reads(work, capsys):
     """bam train --mixup on a copy of SmolLM2 (its weights are the frozen base), one step, then
     bam eval of the mixed model."""
     if not (work / "br" / "code").is_dir():
