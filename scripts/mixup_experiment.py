@@ -49,7 +49,8 @@ MODES = {  # name -> TrainConfig fields
     "mixup-row": {"mixup": True, "mixup_granularity": "row"},
     "mixup-tensor": {"mixup": True, "mixup_granularity": "tensor"},
 }
-COST_MODES = {**MODES, "mixup-held": {"mixup": True, "mixup_init": 1.0, "mixup_lr": 0.0}}
+COST_MODES = {**MODES, "mixup-held": {"mixup": True, "mixup_init": 1.0, "mixup_lr": 0.0},
+              "mixup-tensor-every-4": {"mixup": True, "mixup_every": 4}}
 # A control: the coefficients start at 0.5, so a mixup run's weights first move about half as far per
 # step as plain training's; plain training at half the learning rate tells that apart from the method.
 CONTROLS = {"plain-lr/2": {"lr_scale": 0.5}}
@@ -89,9 +90,12 @@ def train_run(seed_path: str, data: str, out: Path, cfg: TrainConfig, model=None
 
 
 def step_seconds(records: list[dict], cfg: TrainConfig) -> float:
-    """Median wall time of one optimizer step (its mixup step included), first two steps left out."""
+    """Wall time of one optimizer step (its mixup step included), the first two steps left out: the
+    median, or with ``mixup_every`` > 1 the mean (over whole periods), as steps then differ."""
     per = [cfg.batch_size * cfg.seq_len / r["tokens_per_s"] for r in records
            if r["step"] > 2 and "eval" not in r]
+    if cfg.mixup and cfg.mixup_every > 1:
+        return statistics.mean(per[-(len(per) // cfg.mixup_every * cfg.mixup_every):])
     return statistics.median(per)
 
 
@@ -292,8 +296,8 @@ def main() -> None:
     if "mixture" in parts:
         mixture(out, seed_path, args.steps, args.mix_steps, args.mixture_mode, args.windows, results)
     if "cost" in parts:
-        cost(out, {"demo seed": (seed_path, 8, FULL.batch_size, FULL.seq_len),
-                   "SmolLM2-135M": (smollm2_gguf(), 6, 4, 256)}, results)
+        cost(out, {"demo seed": (seed_path, 10, FULL.batch_size, FULL.seq_len),
+                   "SmolLM2-135M": (smollm2_gguf(), 10, 4, 256)}, results)
     write_json_atomic(out / "results.json", results)
     write_text_atomic(out / "report.md", report(results))
     print(report(results))
