@@ -333,8 +333,7 @@ class BatchStream:
             raise ValueError(f"batch_size={batch_size} must be a multiple of world_size={world_size}")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        _check_part(part, split)
-        self.data, self.split, self.part = data, split, part
+        self.data, self.split, self.part = data, split, part          # part: checked by tokens()
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size = rank, world_size
         spec = parse_data_spec(data)

@@ -23,10 +23,12 @@ and ``report.md`` (the tables).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,6 +60,7 @@ SIZES = {"50k": 50_000, "200k": 200_000}
 EXPERT_DOMAINS = ("code", "math", "legal")
 
 
+@functools.cache          # once per process: rewriting the files would change their fingerprint
 def low_resource(domain: str, tokens_wanted: int, folder: Path) -> tuple[str, int]:
     """A folder of ``domain``'s first bundled training documents (one file each) whose training split
     (the folder's own 10% of files is held out) holds at least ``tokens_wanted`` tokens."""
@@ -193,7 +196,6 @@ def cost(out: Path, models: dict[str, tuple[str, int, int, int]], results: dict)
             cmd = [sys.executable, __file__, "--cost-child", path, mode, str(steps), str(batch), str(seq_len),
                    str(run)]
             if run.exists():
-                import shutil
                 shutil.rmtree(run)
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode:

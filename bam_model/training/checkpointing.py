@@ -75,8 +75,8 @@ def _trainer_digest(state: dict) -> str:
 def save_checkpoint(out: Path, step: int, model: nn.Module, opt: torch.optim.Optimizer,
                     stream: BatchStream, cfg: TrainConfig, extra: dict | None = None) -> Path:
     """Write ``out/checkpoints/step-NNNNNNN`` atomically; keep the newest ``keep_checkpoints``.
-    ``extra`` (JSON-able) goes into ``trainer.json`` under its own keys (weight mixup: the second
-    data stream and the base's digest).
+    ``extra`` (JSON-able) goes into ``trainer.json`` under its own keys (weight mixup: its
+    ``mixup`` entry).
 
     Every rank calls this. Rank 0 writes the files (FSDP: every rank its own shards, through
     ``torch.distributed.checkpoint``), then ``trainer.json`` with the size and SHA-256 of each,

@@ -80,7 +80,7 @@ class TrainConfig:
             if given:
                 raise ValueError(f"{given[0]}={getattr(self, given[0])!r} is a setting of weight-mixup "
                                  "training: add mixup=True (--mixup), or leave it out")
-        if self.mixup:
+        else:
             learned = self.mixup_lr > 0
             if learned and self.mixup_init in (0, 1):
                 raise ValueError(f"mixup_init={self.mixup_init} holds the coefficients where the sigmoid has "

@@ -165,9 +165,7 @@ class WeightMixup(nn.Module):
     def materialize(self) -> nn.Module:
         """Write the mixed weights into the model (in place; ``W_task`` is gone) and return it."""
         weights = trainable_weights(self.model)
-        mixed = {name: _mix(b, weights[name], torch.sigmoid(lg))
-                 for name, b, lg in zip(self.names, self.base, self.logits)}
-        for name, m in mixed.items():
+        for name, m in self.mixed().items():
             weights[name].copy_(m)
         return self.model
 
@@ -175,10 +173,8 @@ class WeightMixup(nn.Module):
     def mean_alpha(self) -> float:
         """The coefficients' mean, each weighted by the elements it covers: the share of ``W_task``
         in the model (one synchronisation)."""
-        weights = trainable_weights(self.model)
-        total = sum(torch.sigmoid(lg).float().mean() * weights[name].numel()
-                    for name, lg in zip(self.names, self.logits))
-        return float(total) / sum(weights[name].numel() for name in self.names)
+        total = sum(torch.sigmoid(lg).float().mean() * b.numel() for b, lg in zip(self.base, self.logits))
+        return float(total) / sum(b.numel() for b in self.base)
 
     @torch.no_grad()
     def summary(self) -> dict[str, dict[str, float]]:
