@@ -23,7 +23,7 @@ import traceback
 import torch
 
 from bam_model.entry import require_model_extra
-from bam_model.files import write_atomic, write_text_atomic
+from bam_model.files import check_output_file, write_atomic, write_text_atomic
 
 SUITES = ("moe", "moa", "model")
 
@@ -36,6 +36,25 @@ def default_out() -> str:
     if checkout and os.path.isdir(os.path.join(root, "benchmarks")):
         return os.path.join(root, "benchmarks", "results")
     return "bam-bench-results"
+
+
+def _is_results(value: dict) -> bool:
+    """Whether a JSON object is a results file of bam-bench (``Results``)."""
+    return {"environment", "checks", "rows", "errors"} <= set(value)
+
+
+def check_outputs(paths: dict[str, str], flag: str) -> None:
+    """Before any work: each suite's ``.json`` is new or a results file of ours, and its ``.md`` and
+    ``.png`` are new or lie beside such a ``.json`` (written with it); nothing else is replaced."""
+    for path in paths.values():
+        check_output_file(path, _is_results, flag=flag, what="a bam-bench results file")
+        if os.path.exists(path):
+            continue
+        for sibling in (path[:-len(".json")] + ext for ext in (".md", ".png")):
+            if os.path.lexists(sibling):
+                raise ValueError(f"{flag}: {sibling!r} exists and bam-bench did not write it (no results "
+                                 "file of bam-bench beside it); bam never replaces files it did not write: "
+                                 "choose another folder")
 
 
 def _available_suites():
@@ -314,7 +333,6 @@ def main(argv=None) -> int:
     env = environment(device)
     print(f"bam-bench on {env['device_name']} ({device}); torch {env['torch']}, triton {env['triton']}",
           flush=True)
-    os.makedirs(args.out, exist_ok=True)
     if args.json is not None:
         if len(suites) != 1:
             p.error("--json takes one suite")
@@ -322,6 +340,11 @@ def main(argv=None) -> int:
     else:
         stem = os.path.join(args.out, machine_tag(device, env["device_name"]))
         paths = {s: f"{stem}-{s}.json" for s in suites}
+    try:
+        check_outputs(paths, "--json" if args.json is not None else "--out")
+    except ValueError as err:
+        p.error(str(err))
+    os.makedirs(args.out, exist_ok=True)
     results = Results(env, paths)
     results.save()
     (_isolated if isolate else _in_process)(suites, device, args, results)

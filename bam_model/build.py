@@ -66,6 +66,30 @@ def check_tensors(config: DenseConfig, shapes: dict[str, tuple[int, ...]], confi
             raise ValueError(f"tensor {k!r} has shape {tuple(shapes[k])} in {weights_name}, expected {shape}")
 
 
+# The dtypes a model computes in: a weight stored in another (float8) is cast to one of them on load.
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def cast(name: str, t: torch.Tensor, dtype: torch.dtype | None, device=None) -> torch.Tensor:
+    """The tensor ``name`` in ``dtype`` (None: its own) on ``device`` (None: its own). Refused with a
+    ValueError naming the tensor: a dtype the model cannot compute in (float8 kept as stored), and a
+    cast to a narrower range that would turn finite values into Inf (float32 weights beyond float16's
+    largest value, 65504)."""
+    target = t.dtype if dtype is None else dtype
+    if target not in COMPUTE_DTYPES:
+        raise ValueError(f"tensor {name!r} is {str(target).removeprefix('torch.')}, which bam's models do "
+                         "not compute in; load it in float32, bfloat16 or float16 (--dtype)")
+    out = t.to(device=device if device is not None else t.device, dtype=target)
+    if target != t.dtype and torch.finfo(target).max < torch.finfo(t.dtype).max and out.numel():
+        lo, hi = torch.aminmax(out)    # one pass; the source was checked finite when it was read
+        if not (lo.isfinite() and hi.isfinite()):
+            largest = t.detach().abs().max().item()
+            raise ValueError(f"tensor {name!r} holds {largest:g}, beyond the largest "
+                             f"{str(target).removeprefix('torch.')} ({torch.finfo(target).max:g}): it would "
+                             "become Inf; use bfloat16 (float32's range at half the size) or float32")
+    return out
+
+
 def build_model(config: DenseConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
                 device="cpu") -> CausalLM:
     """Build the model for ``config`` and fill it with ``tensors``, checking every key and shape.
@@ -79,8 +103,7 @@ def build_model(config: DenseConfig, tensors: dict[str, torch.Tensor], dtype: to
     expected = model.state_dict()
     if config.tie_embeddings:
         expected.pop("lm_head.weight")
-    state = {k: tensors[k].to(device=device, dtype=dtype if dtype is not None else tensors[k].dtype)
-             for k in expected}
+    state = {k: cast(k, tensors[k], dtype, device) for k in expected}
     if config.tie_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, assign=True)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .files import short_repr
 from .options import (
     is_int,
     positive_float,
@@ -34,7 +35,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def _optional_token(name: str, value, vocab_size: int) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                               or not 0 <= value < vocab_size):
-        raise ValueError(f"{name} must be None or an int in [0, vocab_size={vocab_size}), got {value!r}")
+        raise ValueError(f"{name} must be None or an int in [0, vocab_size={vocab_size}), "
+                         f"got {short_repr(value)}")
 
 
 @dataclass
@@ -83,13 +85,13 @@ class DenseConfig:
         positive_float("rope_theta", self.rope_theta)
         positive_float("norm_eps", self.norm_eps)
         if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(f"tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+            raise ValueError(f"tie_embeddings must be a bool, got {short_repr(self.tie_embeddings)}")
         if self.block not in BLOCKS:
-            raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
+            raise ValueError(f"block must be one of {BLOCKS}, got {short_repr(self.block)}")
         _optional_token("bos_token_id", self.bos_token_id, self.vocab_size)
         _optional_token("eos_token_id", self.eos_token_id, self.vocab_size)
         if self.domain is not None and not isinstance(self.domain, str):
-            raise ValueError(f"domain must be None or a str, got {self.domain!r}")
+            raise ValueError(f"domain must be None or a str, got {short_repr(self.domain)}")
 
     @property
     def dh(self) -> int:
@@ -143,32 +145,32 @@ class BamConfig(DenseConfig):
         positive_int("num_experts", self.num_experts)
         if not is_int(self.top_k) or not 1 <= self.top_k <= self.num_experts:
             raise ValueError(f"top_k must be an int in [1, num_experts={self.num_experts}], "
-                             f"got {self.top_k!r}")
+                             f"got {short_repr(self.top_k)}")
         for name in ("normalize", "straight_through"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be a bool, got {short_repr(getattr(self, name))}")
         if self.straight_through and not self.normalize:
             raise ValueError("straight_through=True needs normalize=True (it keeps the renormalised forward)")
         if self.attention not in ATTENTION_KINDS:
-            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {short_repr(self.attention)}")
         if self.attention_top_k is not None:
             if self.attention == "dense":
                 raise ValueError("attention_top_k applies to attention experts; attention is 'dense'")
             if (not isinstance(self.attention_top_k, int) or isinstance(self.attention_top_k, bool)
                     or not 1 <= self.attention_top_k <= self.num_experts):
                 raise ValueError(f"attention_top_k must be None or an int in [1, num_experts="
-                                 f"{self.num_experts}], got {self.attention_top_k!r}")
+                                 f"{self.num_experts}], got {short_repr(self.attention_top_k)}")
         for name in ("load_balancing_alpha", "z_loss_beta"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
                     math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+                raise ValueError(f"{name} must be a finite number >= 0, got {short_repr(value)}")
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+            raise ValueError(f"method must be one of {METHODS}, got {short_repr(self.method)}")
         if not isinstance(self.expert_domains, list) or (
                 self.expert_domains and len(self.expert_domains) != self.num_experts):
             raise ValueError(f"expert_domains must be a list of num_experts={self.num_experts} names "
-                             f"(or empty), got {self.expert_domains!r}")
+                             f"(or empty), got {short_repr(self.expert_domains)}")
 
     def dense(self) -> DenseConfig:
         """The dense config of one expert (what a single dense model of this mixture looks like)."""
@@ -195,7 +197,8 @@ def _field_names(d: dict, known: set) -> dict:
     """``d`` with Hugging Face key names turned into field names (both spellings of one setting
     is an error) and transformers' own keys dropped."""
     if d.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act must be 'silu' (bam models are SwiGLU), got {d['hidden_act']!r}")
+        raise ValueError("hidden_act must be 'silu' (bam models are SwiGLU), "
+                         f"got {short_repr(d['hidden_act'])}")
     body = {}
     for key, value in d.items():
         if key == "model_type" or key in HF_ONLY_KEYS:
@@ -217,7 +220,8 @@ def config_from_dict(d: dict) -> DenseConfig:
         raise ValueError(f"config must be a dict, got {type(d).__name__}")
     model_type = d.get("model_type")
     if not isinstance(model_type, str) or model_type not in CONFIG_CLASSES:
-        raise ValueError(f"config model_type must be one of {tuple(CONFIG_CLASSES)}, got {model_type!r}")
+        raise ValueError(f"config model_type must be one of {tuple(CONFIG_CLASSES)}, "
+                         f"got {short_repr(model_type)}")
     cls = CONFIG_CLASSES[model_type]
     known = {f.name for f in dataclasses.fields(cls)}
     body = _field_names(d, known)

@@ -243,6 +243,9 @@ def parse_data_spec(spec: str) -> list[tuple[Source, float]]:
             raise ValueError(f"data={spec!r}: {name!r} appears twice")
         sources.append(source)
         weights.append(weight)
+    # Scaled by the largest first: weights as large as 1e308 would sum to infinity.
+    largest = max(weights)
+    weights = [w / largest for w in weights]
     total = sum(weights)
     return [(s, w / total) for s, w in zip(sources, weights)]
 
@@ -282,6 +285,17 @@ def tokens(source: Source, split: str, tokenizer=None, part: tuple[str, float] |
         _TOKEN_CACHE[key] = np.asarray(ids, dtype=dtype)
         _TOKEN_CACHE[key].flags.writeable = False
     return _TOKEN_CACHE[key]
+
+
+def source_digest(source: Source, tokenizer=None) -> str:
+    """SHA-256 of a source's tokens, both splits: changes when its documents or the tokenizer do (a
+    resumed run checks that its data is the data it began with)."""
+    h = hashlib.sha256()
+    for split in SPLITS:
+        t = tokens(source, split, tokenizer)
+        h.update(f"{split}|{t.dtype}|{len(t)}|".encode())
+        h.update(memoryview(t))
+    return h.hexdigest()
 
 
 def _check_part(part, split: str) -> None:

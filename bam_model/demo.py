@@ -261,15 +261,21 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, device: str | None = No
         raise ValueError(f"cfg must be a DemoConfig, got {type(cfg).__name__}")
     device = resolve_device(device)
     out = Path(out)
-    settings = out / "demo.json"
-    if files.check_output(out, "demo") == "ours" and settings.is_file():
-        before = read_json(str(settings))
-        if before != json.loads(json.dumps(dataclasses.asdict(cfg))):
-            raise ValueError(f"--out {str(out)!r} holds a demo run with other settings; choose another "
-                             "folder")
-    else:
-        files.claim_folder(out, "demo", DEMO_ENTRIES)
-    _write_json_atomic(settings, dataclasses.asdict(cfg))
+    with files.reserve_output(out, "demo", what="bam demo") as state:   # one demo writes a folder at once
+        settings = out / "demo.json"
+        if state == "ours" and settings.is_file():
+            before = read_json(str(settings))
+            if before != json.loads(json.dumps(dataclasses.asdict(cfg))):
+                raise ValueError(f"--out {str(out)!r} holds a demo run with other settings; choose another "
+                                 "folder")
+        else:
+            files.claim_folder(out, "demo", DEMO_ENTRIES)
+        _write_json_atomic(settings, dataclasses.asdict(cfg))
+        return _pipeline(cfg, out, device, progress, log)
+
+
+def _pipeline(cfg: DemoConfig, out: Path, device: torch.device, progress: bool, log) -> dict:
+    """The demo's phases into ``out`` (claimed and locked by ``run_demo``)."""
     t_start = time.perf_counter()
     run = PhaseRunner(cfg, out, device, progress, log)
     tok = run.tokenizer

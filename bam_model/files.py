@@ -8,9 +8,13 @@ Rules every writer of the package follows (see docs/reliability.md):
 - A folder is ours only when it holds ``bam-manifest.json``, written by us, which lists the entries
   we wrote. An existing folder is written into only when it is empty or ours; inside it only the
   entries the manifest lists are replaced or removed. Anything else is refused before work starts.
-- A training run folder is locked while a run writes it (``fcntl.flock``: released by the kernel
-  when the process dies, so ``kill -9`` never leaves a stale lock); a second writer fails at once
-  with a message naming the holder.
+- Every writer of a folder (a model, a run, a demo) locks it for the whole command (``fcntl.flock``
+  on ``.bam-lock`` inside it: released by the kernel when the process dies, so ``kill -9`` never
+  leaves a stale lock); a second writer fails at once with a message naming the holder. The lock
+  file is never opened through a link, and a folder that did not exist is created to hold it (and
+  removed again when the command fails before writing anything there).
+- An output *file* (``bam eval --json``) is ours when it holds our format marker; a file without
+  it is never replaced.
 """
 from __future__ import annotations
 
@@ -21,8 +25,11 @@ import hashlib
 import json
 import math
 import os
+import re
+import reprlib
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -33,6 +40,15 @@ MANIFEST_FORMAT = "bam-manifest"
 LOCK = ".bam-lock"
 KINDS = ("model", "run", "demo")
 STAGING_PREFIX = ".bam-staging-"
+# The names of the files a model folder of ours holds (``write_model_folder`` refuses any other):
+# with them, a user's file of such a name that our manifest does not list is found before any work.
+MODEL_FILE_NAMES = re.compile(
+    r"config\.json|generation_config\.json|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json"
+    r"|configuration_bam\.py|modeling_bam\.py|mix\.yaml"
+    r"|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+# Moved into a folder last, so that a reader that knows nothing of our manifest (transformers) finds
+# no model in a folder whose writing was interrupted.
+WRITTEN_LAST = "config.json"
 
 
 # --- small pieces ----------------------------------------------------------------------------------
@@ -149,114 +165,222 @@ def _manifest(kind: str, files: dict, complete: bool = True, **extra) -> dict:
 
 
 def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
+    while not os.path.lexists(path) and path != path.parent:
         path = path.parent
     return path
 
 
-def check_output(path, kind: str, *, flag: str = "--out", inputs=()) -> str:
-    """Check, before any work, that ``path`` may receive a folder of ``kind`` ("model", "run",
-    "demo"); returns its state: "new" (absent or empty), "ours" (holds our manifest of that kind).
+def short_repr(value) -> str:
+    """``repr(value)`` bounded in depth and length, for a message about a value a user gave (a YAML
+    alias bomb or a huge list must not build its whole repr)."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
 
-    Refused with a ValueError: a file; a non-empty folder without our manifest (or with one of
-    another kind); a path equal to, inside, or holding one of ``inputs`` (paths the command reads);
-    a folder we cannot write."""
-    path = Path(os.path.abspath(path))
+
+_SHORT = reprlib.Repr()   # attributes, not keywords: Python 3.11's Repr takes none
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxlong, _SHORT.maxother = 2, 80, 40, 80
+_SHORT.maxtuple = _SHORT.maxlist = _SHORT.maxarray = _SHORT.maxdict = _SHORT.maxset = 6
+_SHORT.maxfrozenset = _SHORT.maxdeque = 6
+
+
+def _check_inputs(path: Path, inputs, flag: str) -> None:
     for name, source in inputs:
         if source is None or not os.path.exists(source):
             continue
         if is_within(path, source):
             where = "is" if Path(path).resolve() == Path(source).resolve() else "is inside"
             raise ValueError(f"{flag} {str(path)!r} {where} the input {name} {os.fspath(source)!r}; "
-                             "writing there would overwrite what is read: choose another folder")
+                             "writing there would overwrite what is read: choose another path")
         if is_within(source, path):
             raise ValueError(f"{flag} {str(path)!r} holds the input {name} {os.fspath(source)!r}; "
                              "choose a folder of its own")
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{flag} {str(path)!r} is a file, not a folder; choose a folder path")
-    state = "new"
-    if path.is_dir() and any(not _leftover(p.name) for p in path.iterdir()):
-        manifest = read_manifest(path)
-        if manifest is None:
-            raise ValueError(f"{flag} {str(path)!r} is not empty and was not written by bam (it holds no "
-                             f"{MANIFEST}); bam never replaces files it did not write: choose a new folder")
-        if manifest["kind"] != kind:
-            raise ValueError(f"{flag} {str(path)!r} holds a bam {manifest['kind']} folder, not a {kind} "
-                             "folder; choose another folder")
-        state = "ours"
+
+
+def _check_writable(path: Path, flag: str) -> None:
+    if os.path.islink(path) and not path.exists():
+        raise ValueError(f"{flag} {str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does not "
+                         "exist; give a path that exists or none at all")
     existing = _nearest_existing(path)
+    if existing != path and not existing.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} cannot be made: {str(existing)!r} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {str(path)!r} cannot be written ({str(existing)!r} is not writable "
                          "for this user)")
-    return state
 
 
-def _leftover(name: str) -> bool:
-    """Our lock file, or a staging folder a killed write left (both ours by name, neither content)."""
-    return name == LOCK or name.startswith(STAGING_PREFIX)
+def check_output(path, kind: str, *, flag: str = "--out", inputs=()) -> str:
+    """Check, before any work, that ``path`` may receive a folder of ``kind`` ("model", "run",
+    "demo"); returns its state: "new" (absent or empty), "ours" (holds our manifest of that kind).
+
+    Refused with a ValueError: a file; a link to nothing; a non-empty folder without our manifest (or
+    with one of another kind); in a model folder of ours, a file bam writes there (``MODEL_FILE_NAMES``)
+    that the manifest does not list, or a folder of such a name; a path equal to, inside, or holding
+    one of ``inputs`` (paths the command reads); a folder we cannot write."""
+    path = Path(os.path.abspath(path))
+    _check_inputs(path, inputs, flag)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a file, not a folder; choose a folder path")
+    _check_writable(path, flag)
+    if not (path.is_dir() and any(not _leftover(p) for p in path.iterdir())):
+        return "new"
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise ValueError(f"{flag} {str(path)!r} is not empty and was not written by bam (it holds no "
+                         f"{MANIFEST}); bam never replaces files it did not write: choose a new folder")
+    if manifest["kind"] != kind:
+        raise ValueError(f"{flag} {str(path)!r} holds a bam {manifest['kind']} folder, not a {kind} "
+                         "folder; choose another folder")
+    if kind == "model":
+        for entry in sorted(path.iterdir()):
+            if MODEL_FILE_NAMES.fullmatch(entry.name):
+                _check_target(path, entry.name, manifest["files"], flag)
+    return "ours"
 
 
-def _chmod_new_folder(path) -> None:
-    os.chmod(path, 0o777 & ~umask())
+def _check_target(folder: Path, name: str, listed: dict, flag: str) -> None:
+    """Refuse to write the file ``name`` into our folder ``folder`` when a folder, or an entry the
+    manifest does not list (a user's own file), has that name."""
+    target = folder / name
+    if not os.path.lexists(target):
+        return
+    if target.is_dir() and not target.is_symlink():
+        raise ValueError(f"{flag} {str(folder)!r} holds a folder {name!r} where bam writes a file; move it "
+                         "away or choose another folder")
+    if name not in listed:
+        raise ValueError(f"{flag} {str(folder)!r} holds {name!r}, which bam did not write (its {MANIFEST} "
+                         "does not list it) and would replace; move it away or choose another folder")
+
+
+def _leftover(entry: Path) -> bool:
+    """What a folder may hold and still count as empty: our lock file, a staging folder or a
+    manifest's temporary a killed write left (ours by name and by kind)."""
+    if entry.name == LOCK:
+        return _is_our_lock(entry)
+    if entry.is_symlink():
+        return False
+    if entry.name.startswith(STAGING_PREFIX):
+        return entry.is_dir()
+    return entry.name.startswith(f".{MANIFEST}.tmp-") and entry.is_file()
+
+
+def _remove_leftover(entry: Path) -> None:
+    """Remove a leftover (``_leftover``) of a killed write; the lock file stays (its holder removes it)."""
+    if entry.name == LOCK:
+        return
+    if entry.is_dir():
+        shutil.rmtree(entry)
+    else:
+        entry.unlink()
+
+
+def make_folder(path: Path) -> list[Path]:
+    """Create ``path`` and any missing parents (modes as the umask gives); returns those created,
+    innermost last."""
+    missing = []
+    p = path
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    made = []
+    for p in reversed(missing):
+        try:
+            os.mkdir(p)
+        except FileExistsError:
+            continue
+        made.append(p)
+    return made
+
+
+def remove_if_unused(made: list[Path]) -> None:
+    """Remove the folders ``made`` (innermost last) again when they hold nothing but leftovers."""
+    for p in reversed(made):
+        try:
+            entries = list(p.iterdir())
+            if not all(_leftover(e) for e in entries):
+                return
+            for e in entries:
+                _remove_leftover(e)
+            p.rmdir()
+        except OSError:
+            return
+
+
+@contextlib.contextmanager
+def reserve_output(path, kind: str, *, flag: str = "--out", inputs=(), what: str = "bam"):
+    """Hold the output folder ``path`` for the block: checked (``check_output``) before any work,
+    created when absent, locked for this process (a second writer fails at once, naming this one),
+    then checked again under the lock; yields its state ("new" or "ours"). When the block fails, a
+    folder created here that holds nothing else is removed again (with the parents made for it).
+    Re-entrant: a writer inside the block (``write_model_folder``) shares the lock."""
+    path = Path(os.path.abspath(path))
+    check_output(path, kind, flag=flag, inputs=inputs)
+    made = make_folder(path)
+    try:
+        lock = lock_folder(path, what)
+    except BaseException:
+        remove_if_unused(made)
+        raise
+    try:
+        yield check_output(path, kind, flag=flag, inputs=inputs)
+    except BaseException:
+        if made:
+            lock.remove_file()
+            remove_if_unused(made)
+        raise
+    finally:
+        lock.release()
 
 
 def write_model_folder(path, write) -> None:
-    """Write a folder of kind "model": ``write(folder)`` puts the files (no subfolders) into an
-    empty staging folder; they become the content of ``path``, with a manifest listing them.
+    """Write a folder of kind "model": ``write(folder)`` puts the files (no subfolders; names that
+    ``MODEL_FILE_NAMES`` allows) into an empty staging folder; they become the content of ``path``,
+    with a manifest listing them.
 
-    - ``path`` absent: the staging folder, manifest included, is renamed into place (atomic).
-    - ``path`` an empty folder or one of ours: the manifest is first rewritten to list the old and
-      the new files as incomplete, the new files renamed in one by one, the old files the new set
-      does not hold removed, and the final manifest written last. A crash in between leaves a
-      folder that is still ours and that readers refuse as incomplete (``check_complete``).
-      Entries the manifest does not list (a user's notes) are never touched.
+    The folder is held (``reserve_output``: created when absent, locked) while it is written; the
+    staging folder lies inside it, so a killed write leaves nothing beside it, and the next write
+    removes what it left. Every name is checked against what the folder holds before anything is
+    moved (a user's file of that name, a folder where a file goes: refused, the folder untouched).
+    Then the manifest is written listing the old and the new files as incomplete, the new files
+    renamed in one by one (``config.json`` last), the old files the new set does not hold removed,
+    and the final manifest written last. A crash in between leaves a folder that is still ours and
+    that readers refuse as incomplete (``check_complete``); one before leaves the folder as it was.
+    Entries the manifest does not list (a user's notes) are never touched.
     """
     path = Path(os.path.abspath(path))
-    check_output(path, "model", flag="output path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    existing = path.is_dir()
-    if existing:
-        for stale in path.glob(f"{STAGING_PREFIX}*"):  # what a kill -9 during an earlier write left
-            shutil.rmtree(stale, ignore_errors=True)
-    stage = Path(tempfile.mkdtemp(dir=path if existing else path.parent,
-                                  prefix=STAGING_PREFIX if existing else f".{path.name}.tmp-"))
-    try:
-        write(stage)
-        names = sorted(p.name for p in stage.iterdir())
-        if MANIFEST in names:
-            raise ValueError(f"a model folder cannot hold a file named {MANIFEST}")
-        mode = 0o666 & ~umask()  # safetensors creates its files 0600, whatever the umask
-        for name in names:
-            if not (stage / name).is_file():
-                raise ValueError(f"a model folder holds files only; {name!r} is not one")
-            os.chmod(stage / name, mode)
-            fsync_file(stage / name)
-        files = {name: file_record(stage / name) for name in names}
-        if not existing:
-            manifest = json.dumps(_manifest("model", files), indent=1) + "\n"
-            (stage / MANIFEST).write_text(manifest, encoding="utf-8")
-            fsync_file(stage / MANIFEST)
-            _chmod_new_folder(stage)
-            fsync_dir(stage)
-            os.replace(stage, path)
-            fsync_dir(path.parent)
-            return
-        old = read_manifest(path) or {"files": {}}
-        union = {**old["files"], **files}
-        write_json_atomic(path / MANIFEST, _manifest("model", union, complete=False))
-        for name in names:
-            if (path / name).is_dir():
-                raise ValueError(f"output path {str(path)!r} holds a folder {name!r} where a file goes")
-            os.replace(stage / name, path / name)
-        for name in old["files"]:
-            if name not in files and (path / name).is_file():
-                os.remove(path / name)
-        fsync_dir(path)
-        write_json_atomic(path / MANIFEST, _manifest("model", files))
-        stage.rmdir()
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    with reserve_output(path, "model", flag="output path"):
+        for stale in list(path.iterdir()):   # what a kill -9 during an earlier write left (we hold the lock)
+            if _leftover(stale):
+                _remove_leftover(stale)
+        stage = Path(tempfile.mkdtemp(dir=path, prefix=STAGING_PREFIX))
+        try:
+            write(stage)
+            names = sorted(p.name for p in stage.iterdir())
+            mode = 0o666 & ~umask()  # safetensors creates its files 0600, whatever the umask
+            for name in names:
+                if not MODEL_FILE_NAMES.fullmatch(name):
+                    raise ValueError(f"a model folder holds the files MODEL_FILE_NAMES allows; {name!r} is "
+                                     "not one of them")
+                if (stage / name).is_symlink() or not (stage / name).is_file():
+                    raise ValueError(f"a model folder holds files only; {name!r} is not one")
+                os.chmod(stage / name, mode)
+                fsync_file(stage / name)
+            old = read_manifest(path)
+            listed = old["files"] if old is not None else {}
+            for name in names:
+                _check_target(path, name, listed, "output path")
+            files = {name: file_record(stage / name) for name in names}
+            write_json_atomic(path / MANIFEST, _manifest("model", {**listed, **files}, complete=False))
+            for name in sorted(names, key=lambda n: n == WRITTEN_LAST):
+                os.replace(stage / name, path / name)
+            for name in listed:
+                target = path / name
+                if name not in files and (target.is_symlink() or target.is_file()):
+                    target.unlink()
+            fsync_dir(path)
+            write_json_atomic(path / MANIFEST, _manifest("model", files))
+            fsync_dir(path)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 def check_complete(folder) -> None:
@@ -297,15 +421,82 @@ def claim_folder(path, kind: str, entries: list[str]) -> None:
     write_json_atomic(path / MANIFEST, _manifest(kind, dict.fromkeys(entries, {})))
 
 
+# --- output files ----------------------------------------------------------------------------------
+
+OUTPUT_FILE_MAX_BYTES = 64 << 20   # a results file of ours is far smaller: a larger one is not read
+
+
+def read_own_json(path, is_ours) -> dict | None:
+    """The JSON object of the file ``path`` when ``is_ours(object)`` says we wrote it, else None (also
+    for a link, a file that is not JSON, or one larger than any we write)."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > OUTPUT_FILE_MAX_BYTES:
+            return None
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) and is_ours(value) else None
+
+
+def check_output_file(path, is_ours, *, flag: str, what: str, inputs=()) -> None:
+    """Check, before any work, that the file ``path`` may receive a JSON file of ours: absent, or a
+    JSON object ``is_ours`` accepts (one we wrote: it is replaced). Refused with a ValueError naming
+    ``flag``: a folder, a link, any other file (``what`` names the kind of file we write), a path that
+    is, is inside or holds one of ``inputs``, a place we cannot write."""
+    path = Path(os.path.abspath(path))
+    if path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a folder; give a file path such as "
+                         f"{os.path.join(path, 'results.json')!r}")
+    _check_inputs(path, inputs, flag)
+    _check_writable(path, flag)
+    if os.path.lexists(path) and read_own_json(path, is_ours) is None:
+        raise ValueError(f"{flag} {str(path)!r} exists and is not {what} written by bam; bam never replaces "
+                         "files it did not write: choose another file name")
+
+
 # --- locks -----------------------------------------------------------------------------------------
 
 _held: dict[str, FolderLock] = {}
+LOCK_MAX_BYTES = 4096       # our holder line is a few hundred bytes
+
+
+def _holder_record(text: str) -> dict | None:
+    try:
+        h = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return h if isinstance(h, dict) and {"pid", "host", "command", "since"} <= set(h) else None
+
+
+def _is_our_lock(path: Path) -> bool:
+    """A plain file of one name (no link, no hard link to another file), empty or holding our holder
+    line: ours to lock, rewrite and remove."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > LOCK_MAX_BYTES:
+            return False
+        return st.st_size == 0 or _holder_record(path.read_text(encoding="utf-8")) is not None
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _check_lock_file(fd: int, path: Path) -> None:
+    st = os.fstat(fd)
+    text = os.pread(fd, LOCK_MAX_BYTES + 1, 0) if stat.S_ISREG(st.st_mode) else b""
+    if (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or len(text) > LOCK_MAX_BYTES
+            or (text and _holder_record(text.decode("utf-8", "replace")) is None)):
+        raise ValueError(f"{str(path)!r} is not bam's lock file (bam writes there only a plain file of its "
+                         "own); move it away or choose another folder")
 
 
 class FolderLock:
     """An exclusive ``flock`` on ``folder/.bam-lock``, with the holder's pid, host, command and start
     time written into the file so that a second writer can say who holds it. Re-entrant within a
-    process (the same folder locked twice gives the same lock)."""
+    process (the same folder locked twice gives the same lock). The file is never opened through a
+    link and never when it holds anything but our holder line; it is removed on release."""
+
+    ATTEMPTS = 5    # a holder that releases between our open and our flock removes the file: open anew
 
     def __init__(self, folder):
         self.folder = Path(os.path.abspath(folder))
@@ -319,29 +510,61 @@ class FolderLock:
             held.depth += 1
             return held
         path = self.folder / LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+        for _ in range(self.ATTEMPTS):
+            fd = self._open(path)
+            try:
+                _check_lock_file(fd, path)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                raise ValueError(f"{str(self.folder)!r} is in use by another process ({_holder(path)}); "
+                                 "wait for it to finish or choose another folder") from None
+            except BaseException:
+                os.close(fd)
                 raise
-            raise ValueError(f"{str(self.folder)!r} is in use by another process ({_holder(path)}); "
-                             "wait for it to finish or choose another folder") from None
+            if _same_file(fd, path):
+                break
+            os.close(fd)
+        else:
+            raise ValueError(f"{str(self.folder)!r} is being locked and released by other processes; "
+                             "try again")
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": what,
                   "argv": sys.argv, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        os.pwrite(fd, (json.dumps(holder) + "\n")[:LOCK_MAX_BYTES].encode(), 0)
         self.fd, self.depth = fd, 1
         _held[key] = self
         return self
+
+    @staticmethod
+    def _open(path: Path) -> int:
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666 & ~umask())
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise ValueError(f"{str(path)!r} is a symbolic link; bam never opens its lock file through a "
+                                 "link (it would write where the link points): remove it") from None
+            if e.errno == errno.ENOENT:
+                raise ValueError(f"{str(path.parent)!r} was removed by another process while this one "
+                                 "waited for it; run again") from None
+            raise
+
+    def remove_file(self) -> None:
+        """Remove the lock file while still holding it: a process waiting on it sees it gone and opens
+        a new one (or finds the folder gone)."""
+        with contextlib.suppress(OSError):
+            if self.fd is not None and _same_file(self.fd, self.folder / LOCK):
+                os.unlink(self.folder / LOCK)
 
     def release(self) -> None:
         self.depth -= 1
         if self.depth > 0 or self.fd is None:
             return
         _held.pop(str(self.folder), None)
-        os.close(self.fd)  # closing the descriptor drops the lock; the file stays (no unlink race)
+        self.remove_file()
+        os.close(self.fd)
         self.fd = None
 
     def __enter__(self):
@@ -351,12 +574,24 @@ class FolderLock:
         self.release()
 
 
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.lstat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def _holder(path: Path) -> str:
     try:
-        h = json.loads(path.read_text(encoding="utf-8"))
-        return f"{h['command']}, pid {h['pid']} on {h['host']}, since {h['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "holder unknown"
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            h = _holder_record(os.read(fd, LOCK_MAX_BYTES).decode("utf-8", "replace"))
+        finally:
+            os.close(fd)
+    except OSError:
+        h = None
+    return f"{h['command']}, pid {h['pid']} on {h['host']}, since {h['since']}" if h else "holder unknown"
 
 
 def lock_folder(folder, what: str = "bam") -> FolderLock:

@@ -36,6 +36,13 @@ def generate_text(model: CausalLM, tok: TextTokenizer, prompt: str, max_new_toke
                   stats: dict | None = None) -> str:
     """The prompt and its continuation, decoded together (so that spacing is the tokenizer's), up to
     the end-of-text token. ``stats`` (a dict) receives ``new_tokens`` and ``seconds`` of the generation."""
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"prompt is not valid Unicode text (a lone surrogate at character "
+                         f"{e.start})") from None
     ids = tok.encode(prompt)
     if not ids:
         raise ValueError("prompt is empty after tokenization")

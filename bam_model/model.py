@@ -278,11 +278,16 @@ def sample(logits_BV: torch.Tensor, temperature: float, top_p: float,
     """Next token ids [B]: greedy at temperature 0, else nucleus sampling at ``top_p``."""
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
-    probs_BV = torch.softmax(logits_BV / temperature, dim=-1)
+    # In float64, shifted by the row's largest logit: a tiny temperature (1e-300 is 0 in float32) then
+    # gives 0 / t = 0 for the top token and -inf for the others, never inf - inf = NaN.
+    logits_BV = logits_BV.double()
+    probs_BV = torch.softmax((logits_BV - logits_BV.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1:
         sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
-        # Keep a token while the mass before it is under top_p: the first token is always kept.
+        # Keep a token while the mass before it is under top_p, and the first token always (a top_p
+        # below float32's smallest value would otherwise keep none).
         keep_BV = (sorted_BV.cumsum(dim=-1) - sorted_BV) < top_p
+        keep_BV[:, 0] = True
         sorted_BV = sorted_BV * keep_BV
         probs_BV = torch.zeros_like(probs_BV).scatter(-1, order_BV, sorted_BV)
     return torch.multinomial(probs_BV, 1, generator=generator)[:, 0]

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .files import short_repr
+
 
 def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -55,18 +57,18 @@ Check = Callable[[str, Any], None]
 
 def positive_int(name: str, value) -> None:
     if not is_int(value) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise ValueError(f"{name} must be a positive int, got {short_repr(value)}")
 
 
 def positive_float(name: str, value) -> None:
     if not is_number(value) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+        raise ValueError(f"{name} must be a finite positive number, got {short_repr(value)}")
 
 
 def int_at_least(low: int) -> Check:
     def check(name: str, value) -> None:
         if not is_int(value) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+            raise ValueError(f"{name} must be an int >= {low}, got {short_repr(value)}")
     return check
 
 
@@ -75,7 +77,7 @@ def number_in(low: float, high: float, *, above_low: bool = False) -> Check:
     def check(name: str, value) -> None:
         if not is_number(value) or not low <= value <= high or (above_low and value == low):
             raise ValueError(f"{name} must be a number in [{low}, {high}]"
-                             f"{f' and > {low}' if above_low else ''}, got {value!r}")
+                             f"{f' and > {low}' if above_low else ''}, got {short_repr(value)}")
     return check
 
 
@@ -84,7 +86,7 @@ def one_of(choices) -> Check:
 
     def check(name: str, value) -> None:
         if not isinstance(value, (str, int)) or value not in choices:
-            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+            raise ValueError(f"{name} must be one of {choices}, got {short_repr(value)}")
     return check
 
 
@@ -200,7 +202,7 @@ def check_mapping(cls, mapping, label: str) -> dict:
         opt = known[key]
         if opt.accepts is not None and not (value is None and default_of(_field(cls, key)) is None) \
                 and not opt.accepts(value):
-            raise ValueError(f"{label} {key!r} must be {opt.what}, got {value!r}")
+            raise ValueError(f"{label} {key!r} must be {opt.what}, got {short_repr(value)}")
     return dict(mapping)
 
 

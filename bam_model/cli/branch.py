@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -32,20 +33,21 @@ def add_branch_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_branch(args: argparse.Namespace) -> list[str]:
-    from ..files import check_output
+    from ..files import check_output, reserve_output
     from ..formats import load_dense
     from ..upcycle import branch
 
     opts = from_args(BranchOptions, args)
     if os.path.exists(opts.out) and not os.path.isdir(opts.out):
         raise ValueError(f"--out {opts.out!r} is a file, not a folder; choose a folder path")
-    for d in opts.domains:  # every target is checked before anything is written
-        check_output(os.path.join(opts.out, d), "model", flag="--out", inputs=[("SEED", opts.seed)])
-    copies = branch(load_dense(opts.seed, DTYPES[opts.dtype]), list(opts.domains))
-    paths = []
-    for model in copies:  # each copy carries the seed's tokenizer into its folder
-        path = os.path.join(opts.out, model.config.domain)
-        model.save_pretrained(path)
-        paths.append(path)
-        print(f"wrote {path}")
-    return paths
+    targets = [os.path.join(opts.out, d) for d in opts.domains]
+    for path in targets:  # every target is checked before any is created or locked
+        check_output(path, "model", flag="--out", inputs=[("SEED", opts.seed)])
+    with contextlib.ExitStack() as held:
+        for path in targets:
+            held.enter_context(reserve_output(path, "model", inputs=[("SEED", opts.seed)], what="bam branch"))
+        copies = branch(load_dense(opts.seed, DTYPES[opts.dtype]), list(opts.domains))
+        for path, model in zip(targets, copies):  # each copy carries the seed's tokenizer into its folder
+            model.save_pretrained(path)
+            print(f"wrote {path}")
+    return targets

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import torch
 
 from .. import distributed
 from ..data import DOMAINS
-from ..files import write_text_atomic
+from ..files import check_output_file, write_text_atomic
 from ..options import INT, add_options, from_args, option
 
 DEVICE_HELP = "default: cuda when available, else cpu (under torchrun rank r takes cuda:LOCAL_RANK)"
@@ -26,13 +25,18 @@ class EvalOptions:
     batch_size: int = option(8, help="windows per forward pass", kind=INT)
     max_windows: int | None = option(None, help="cap on held-out windows per domain", kind=INT)
     device: str | None = option(None, help=DEVICE_HELP)
-    json: str | None = option(None, help="also write the results to this JSON file")
+    json: str | None = option(None, help="also write the results to this JSON file (a new file, or one an "
+                              "earlier bam eval wrote)")
     no_progress: bool = option(False, help="no progress bar")
 
-    def __post_init__(self):
-        if self.json is not None and os.path.isdir(self.json):
-            raise ValueError(f"--json {self.json!r} is a folder; give a file path such as "
-                             f"{os.path.join(self.json, 'eval.json')!r}")
+
+# The format marker of the JSON file ``--json`` writes: an existing file is replaced only when it
+# holds it (a results file of an earlier ``bam eval``).
+EVAL_FORMAT = "bam-eval"
+
+
+def _is_eval_file(value: dict) -> bool:
+    return value.get("format") == EVAL_FORMAT
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +50,9 @@ def run_eval(args: argparse.Namespace) -> dict:
     from ..evaluate import evaluate
 
     opts = from_args(EvalOptions, args)
+    if opts.json is not None:    # before any work: never a file bam did not write, never the model's
+        check_output_file(opts.json, _is_eval_file, flag="--json", what="a results file",
+                          inputs=[("MODEL", opts.model)])
     owns_group = not torch.distributed.is_initialized()
     ctx, device = distributed.init_from_env(opts.device)
     try:
@@ -63,5 +70,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     if opts.json:
         path = Path(opts.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(results, indent=2) + "\n")
+        record = {"format": EVAL_FORMAT, "model": opts.model, "data": opts.data, "seq_len": opts.seq_len,
+                  "max_windows": opts.max_windows, "results": results}
+        write_text_atomic(path, json.dumps(record, indent=2) + "\n")
     return results

@@ -28,16 +28,16 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> str:
-    from ..files import check_output
+    from ..files import reserve_output
     from ..formats import export_hf
     from ..generate import load_model_and_tokenizer
     from ..tokenizer import hf_tokenizer_files
 
     opts = from_args(ExportOptions, args)
-    check_output(opts.out, "model", inputs=[("MODEL", opts.model)])
-    dtype = DTYPES[opts.dtype] if opts.dtype else None
-    model, tok = load_model_and_tokenizer(opts.model, opts.tokenizer, dtype)
-    cls = export_hf(model, opts.out, extra_files=hf_tokenizer_files(tok.tokenizer.to_str(), model.config))
+    with reserve_output(opts.out, "model", inputs=[("MODEL", opts.model)], what="bam export"):
+        dtype = DTYPES[opts.dtype] if opts.dtype else None
+        model, tok = load_model_and_tokenizer(opts.model, opts.tokenizer, dtype)
+        cls = export_hf(model, opts.out, extra_files=hf_tokenizer_files(tok.tokenizer.to_str(), model.config))
     print(f"wrote {opts.out}: {cls}, {model.dtype}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
           "parameters, with its tokenizer")
     return opts.out

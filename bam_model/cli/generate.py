@@ -27,6 +27,14 @@ class GenerateOptions:
                            "is printed on a terminal)")
 
 
+    def __post_init__(self):
+        try:
+            self.prompt.encode("utf-8")
+        except UnicodeEncodeError as e:   # bytes that were not UTF-8 reach argv as lone surrogates
+            raise ValueError(f"--prompt is not UTF-8 text (an undecodable byte at character {e.start}); give "
+                             "the prompt in UTF-8") from None
+
+
 def add_generate_args(p: argparse.ArgumentParser) -> None:
     add_options(p, GenerateOptions)
 

@@ -10,8 +10,11 @@ import sys
 from dataclasses import dataclass
 
 from ..config import DTYPES
+from ..files import short_repr
 from ..options import add_options, check_mapping, flag_name, from_args, given, option
 from ..upcycle import FFN_ROUTINGS, MixOptions
+
+RECIPE_MAX_BYTES = 1 << 20
 
 
 @dataclass
@@ -51,7 +54,7 @@ def _expert_path(entry, i: int) -> str:
             raise ValueError(f"experts[{i}] has key {extra[0]!r}; only source_model is understood")
         entry = entry.get("source_model")
     if not isinstance(entry, str) or not entry:
-        raise ValueError(f"experts[{i}] must be a path (or {{source_model: path}}), got {entry!r}")
+        raise ValueError(f"experts[{i}] must be a path (or {{source_model: path}}), got {short_repr(entry)}")
     return entry
 
 
@@ -96,8 +99,16 @@ def _read_recipe(args: argparse.Namespace) -> tuple[MixRecipe, str]:
         raise ValueError(f"give either --config or recipe flags, not both (got {flag})")
     if not os.path.isfile(args.config):
         raise ValueError(f"--config file {args.config!r} does not exist")
-    with open(args.config) as f:
-        text = f.read()
+    size = os.path.getsize(args.config)
+    if size > RECIPE_MAX_BYTES:
+        raise ValueError(f"--config {args.config!r} holds {size:,} bytes; a mix recipe is a few hundred, and "
+                         f"files over {RECIPE_MAX_BYTES:,} are not read")
+    try:
+        with open(args.config, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--config {args.config!r} is not UTF-8 text ({e.reason} at byte "
+                         f"{e.start})") from None
     try:
         recipe = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -106,7 +117,7 @@ def _read_recipe(args: argparse.Namespace) -> tuple[MixRecipe, str]:
 
 
 def run_mix(args: argparse.Namespace) -> str:
-    from ..files import check_output
+    from ..files import reserve_output
     from ..formats import export_mixtral
     from ..tokenizer import hf_tokenizer_files
     from ..upcycle import upcycle
@@ -115,16 +126,16 @@ def run_mix(args: argparse.Namespace) -> str:
     recipe, text = _read_recipe(args)
     inputs = [("base_model", recipe.base_model)]
     inputs += [(f"experts[{i}]", e) for i, e in enumerate(recipe.experts)]
-    check_output(command.out, "model", inputs=inputs)
-    model = upcycle(recipe.base_model, recipe.experts, recipe.options(), dtype=DTYPES[recipe.dtype],
-                    progress=sys.stderr.isatty())
-    files = {"mix.yaml": text}
-    if command.format == "mixtral":
-        if model.tokenizer is not None:
-            files.update(hf_tokenizer_files(model.tokenizer.to_str(), model.config))
-        export_mixtral(model, command.out, extra_files=files)
-    else:
-        model.save_pretrained(command.out, extra_files=files)
+    with reserve_output(command.out, "model", inputs=inputs, what="bam mix"):
+        model = upcycle(recipe.base_model, recipe.experts, recipe.options(), dtype=DTYPES[recipe.dtype],
+                        progress=sys.stderr.isatty())
+        files = {"mix.yaml": text}
+        if command.format == "mixtral":
+            if model.tokenizer is not None:
+                files.update(hf_tokenizer_files(model.tokenizer.to_str(), model.config))
+            export_mixtral(model, command.out, extra_files=files)
+        else:
+            model.save_pretrained(command.out, extra_files=files)
     c = model.config
     routing = next(name for name, flags in FFN_ROUTINGS.items() if flags == (c.normalize, c.straight_through))
     print(f"wrote {command.out}: {c.method}, {c.num_experts} experts, attention {c.attention}, "

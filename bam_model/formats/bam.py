@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..build import build_model, model_tensors
+from ..build import build_model, cast, model_tensors
 from ..config import config_from_dict
 from ..model import CausalLM
 from ..tokenizer import hf_tokenizer_files
@@ -37,7 +37,7 @@ def save_pretrained(model: CausalLM, path: str, max_shard_bytes: int | None = No
              CONFIG: hf_config_json(model.config)}
     tensors = model_tensors(model)
     if dtype is not None:
-        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+        tensors = {k: cast(k, v, dtype) for k, v in tensors.items()}
     write_folder(path, files, tensors, max_shard_bytes)
 
 

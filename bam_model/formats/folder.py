@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from ..build import check_tensors
 from ..config import DenseConfig, config_from_dict
-from ..files import about_file, read_json, write_model_folder
+from ..files import about_file, read_json, short_repr, write_model_folder
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -68,10 +68,9 @@ def write_folder(path: str, files: dict[str, str | bytes], tensors: dict[str, to
     write_model_folder(path, write)
 
 
-def brief(value, limit: int = 60) -> str:
-    """``repr(value)``, cut to one short line for a message."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
+def brief(value) -> str:
+    """``repr(value)``, bounded to one short line for a message (``files.short_repr``)."""
+    return short_repr(value)
 
 
 def _weight_files(path: str) -> tuple[list[str], dict | None, str]:

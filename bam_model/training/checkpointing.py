@@ -211,6 +211,12 @@ def newest_intact(out: Path) -> int:
     return -1
 
 
+def refused_checkpoints(out: Path) -> list[str]:
+    """The names of the checkpoints ``newest_intact`` moved aside."""
+    root = out / CHECKPOINTS
+    return sorted(p.name for p in root.iterdir() if p.name.startswith(REFUSED)) if root.is_dir() else []
+
+
 def remove_checkpoints(out: str | os.PathLike) -> None:
     """Remove the checkpoints of a finished run (only those we wrote; ``checkpoints/`` itself goes
     when nothing else is left in it)."""

@@ -19,6 +19,7 @@ uninterrupted one bitwise on the CPU (on CUDA as far as its kernels are determin
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -32,13 +33,13 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 from .. import distributed, files
-from ..data import BatchStream, parse_data_spec
+from ..data import BatchStream, parse_data_spec, source_digest
 from ..files import read_json, write_text_atomic
 from ..tokenizer import for_model
 from .checkpointing import CHECKPOINTS, MODEL_FILE, TRAINER_JSON, checkpoint_dirs, load_state, save_checkpoint
 from .config import TrainConfig, lr_at, make_optimizer, mixup_lr_at
 from .mixup import WeightMixup, tensors_digest, trainable_weights, write_alpha_report
-from .run_folder import FINAL_MODEL, METRICS, RunFolder, data_inputs, open_run, read_metrics
+from .run_folder import FINAL_MODEL, METRICS, RunFolder, check_start, data_inputs, open_run, read_metrics
 
 
 class LossNotFinite(FloatingPointError):
@@ -78,7 +79,7 @@ def save_final(model: nn.Module, path: Path, dtype: torch.dtype | None = None) -
     """Write the whole model to ``path`` from rank 0 (its weights in ``dtype``, by default their
     own); a collective under FSDP and expert parallelism (shards and expert slices are gathered to
     rank 0; ``model`` itself stays as it is)."""
-    from ..build import build_model
+    from ..build import build_model, cast
     from ..model import CausalLM
 
     inner = distributed.unwrap(model)
@@ -96,7 +97,7 @@ def save_final(model: nn.Module, path: Path, dtype: torch.dtype | None = None) -
         whole.save_pretrained(str(path), dtype=dtype)
         return
     if dtype is not None:
-        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+        tensors = {k: cast(k, v, dtype) for k, v in tensors.items()}
     files.write_model_folder(path, lambda folder: save_file(tensors, str(folder / MODEL_FILE)))
 
 
@@ -144,6 +145,7 @@ def train(model: nn.Module, data: str, out: str | os.PathLike | RunFolder, cfg: 
     run = out if isinstance(out, RunFolder) else open_run(out, cfg, data, resume=resume, overwrite=overwrite,
                                                           inputs=data_inputs(sources))
     try:
+        start = _start_digests(model, tokenizer, sources)
         fraction = cfg.mixup_fraction if cfg.mixup else 0.0
         streams = [BatchStream(data, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
                                rank=ctx.rank, world_size=ctx.world_size, tokenizer=tokenizer,
@@ -153,11 +155,23 @@ def train(model: nn.Module, data: str, out: str | os.PathLike | RunFolder, cfg: 
             model = _wrap_for_mixup(model, mixup_base, cfg)
             if len(streams) > 1 and ctx.is_main:
                 _say_parts(streams, fraction)
-        loop = _Loop(model, run, cfg, tokenizer, sources, streams, strategy, expert_parallel)
+        loop = _Loop(model, run, cfg, tokenizer, sources, streams, strategy, expert_parallel, start)
         return loop.run(progress, save_dtype)
     finally:
         if run is not out:
             run.close()
+
+
+def _start_digests(model: nn.Module, tokenizer, sources) -> dict:
+    """What the run starts from, as SHA-256 digests that every checkpoint records and a resumed run
+    must match: the model (its tensors, config and tokenizer) and each data source (its tokens, both
+    splits: the documents and the tokenizer)."""
+    inner = distributed.unwrap(model)
+    h = hashlib.sha256(tensors_digest(dict(inner.state_dict())).encode())
+    config = getattr(inner, "config", None)
+    h.update(config.to_json().encode() if hasattr(config, "to_json") else b"")
+    h.update(tokenizer.to_str().encode())
+    return {"model": h.hexdigest(), "data": {s.name: source_digest(s, tokenizer) for s in sources}}
 
 
 def _wrap_for_mixup(model: nn.Module, base, cfg: TrainConfig) -> WeightMixup:
@@ -198,9 +212,9 @@ class _Loop:
     metrics records; ``run`` takes the optimizer steps, logging, evaluating and checkpointing."""
 
     def __init__(self, model: nn.Module, run: RunFolder, cfg: TrainConfig, tokenizer, sources,
-                 streams: list[BatchStream], strategy: str, expert_parallel: bool):
+                 streams: list[BatchStream], strategy: str, expert_parallel: bool, start: dict):
         self.ctx = distributed.current()
-        self.cfg, self.tokenizer, self.sources = cfg, tokenizer, sources
+        self.cfg, self.tokenizer, self.sources, self.start = cfg, tokenizer, sources, start
         self.stream = streams[0]
         self.mixup_stream = streams[1] if len(streams) > 1 else None
         self.out = run.path
@@ -222,6 +236,7 @@ class _Loop:
         if run.resume_step >= 0:
             path = self.out / CHECKPOINTS / f"step-{run.resume_step:07d}"
             state = read_json(str(path / TRAINER_JSON))
+            check_start(state, path, start)
             if self.mixup is not None:
                 _check_mixup_base(state, path, self.base_digest)
             self.step = load_state(path, state, self.wrapped, self.opt, self.stream)
@@ -275,18 +290,25 @@ class _Loop:
             if ctx.is_main:
                 write_alpha_report(self.mixup, self.out)
             final = self.mixup.materialize()
-        save_final(final, self.out / FINAL_MODEL, save_dtype)
+        try:
+            save_final(final, self.out / FINAL_MODEL, save_dtype)
+        except ValueError as e:
+            if save_dtype is None:
+                raise
+            raise ValueError(f"{e}. The run's last checkpoint (step {self.step}) keeps the float32 weights: "
+                             "write model/ from it by running the same command with --resume and another "
+                             "--dtype") from None
         distributed.barrier()
         return self.records
 
-    def checkpoint_extra(self) -> dict | None:
+    def checkpoint_extra(self) -> dict:
         if self.mixup is None:
-            return None
+            return {"start": self.start}
         extra = {"base_digest": self.base_digest}
         if self.mixup_stream is not None:
             extra["data"] = self.mixup_stream.state_dict()
             extra["loss"] = self.mixup_loss
-        return {"mixup": extra}
+        return {"start": self.start, "mixup": extra}
 
     def optimizer_step(self) -> _Step:
         """One optimizer step over ``grad_accum`` micro-batches of the next global batch."""

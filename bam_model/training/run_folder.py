@@ -19,13 +19,14 @@ import shutil
 from pathlib import Path
 
 from .. import distributed, files
-from ..files import STAGING_PREFIX, read_json
+from ..files import read_json
 from .checkpointing import (
     CHECKPOINTS,
     TRAINER_JSON,
     checkpoint_dirs,
     newest_intact,
     ours_in_checkpoints,
+    refused_checkpoints,
     remove_checkpoints,
 )
 from .config import TrainConfig
@@ -46,7 +47,6 @@ def _clear_leftovers(out: Path) -> None:
     leftovers = [p for p in root.iterdir() if p.name.startswith(".") and ours_in_checkpoints(p.name)] \
         if root.is_dir() else []
     leftovers += [p for name in (METRICS, FINAL_MODEL, *REPORTS) for p in out.glob(f".{name}.tmp-*")]
-    leftovers += list(out.glob(f"{FINAL_MODEL}/{STAGING_PREFIX}*"))
     for p in leftovers:
         if p.is_dir():
             shutil.rmtree(p)
@@ -94,7 +94,10 @@ class RunFolder(contextlib.AbstractContextManager):
 
 
 def _has_run(out: Path) -> bool:
-    return ((out / METRICS).exists() or (out / FINAL_MODEL).exists()
+    """Whether ``out`` holds what a run wrote: metrics records (an empty metrics file is what a run
+    refused before its first step leaves), checkpoints or a final model."""
+    metrics = out / METRICS
+    return ((metrics.is_file() and metrics.stat().st_size > 0) or (out / FINAL_MODEL).exists()
             or bool((out / CHECKPOINTS).is_dir() and any(ours_in_checkpoints(p.name)
                                                          for p in (out / CHECKPOINTS).iterdir())))
 
@@ -132,6 +135,27 @@ def _check_resume(state: dict, path: Path, cfg: TrainConfig, data: str) -> None:
                          "run (another --out, or --overwrite)")
 
 
+def check_start(state: dict, path: Path, start: dict) -> None:
+    """Refuse to resume the checkpoint ``path`` (its ``trainer.json`` is ``state``) from another model
+    or other data than its run started from (``start``: the digests ``train`` records)."""
+    run = str(path.parent.parent)
+    saved = state.get("start")
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume: the checkpoint {str(path)!r} does not record what its run started from "
+                         "(an older bam wrote it), so resuming cannot be checked; start a new run")
+    if saved.get("model") != start["model"]:
+        raise ValueError(f"--resume: MODEL is not the model the run in {run!r} started from (the SHA-256 of "
+                         "its weights, config and tokenizer differs); resume from the same MODEL, or start a "
+                         "new run (another --out, or --overwrite)")
+    before = saved.get("data") if isinstance(saved.get("data"), dict) else {}
+    changed = [name for name, digest in start["data"].items() if before.get(name) != digest]
+    if changed:
+        raise ValueError(f"--resume: the data of {', '.join(map(repr, changed))} changed since the run in "
+                         f"{run!r} began (the SHA-256 of its tokens differs), so the run would not continue "
+                         "the one it was; resume with the data as it was, or start a new run (another --out, "
+                         "or --overwrite)")
+
+
 def open_run(out: str | os.PathLike, cfg: TrainConfig, data: str, *, resume: bool = False,
              overwrite: bool = False, inputs=()) -> RunFolder:
     """Check, claim and lock the run folder ``out`` before any work (rank 0; every rank gets rank
@@ -160,9 +184,14 @@ def open_run(out: str | os.PathLike, cfg: TrainConfig, data: str, *, resume: boo
 def _open_run_main(out: Path, cfg: TrainConfig, data: str, resume: bool, overwrite: bool,
                    inputs) -> RunFolder:
     files.check_output(out, "run", inputs=inputs)
-    out.mkdir(parents=True, exist_ok=True)
-    lock = files.lock_folder(out, "bam train")
+    made = files.make_folder(out)
     try:
+        lock = files.lock_folder(out, "bam train")
+    except BaseException:
+        files.remove_if_unused(made)
+        raise
+    try:
+        files.check_output(out, "run", inputs=inputs)      # again, under the lock
         # Claimed when new, and again when an older bam claimed it (it gets the names added since);
         # otherwise left as it is, so that a refused command changes nothing.
         entries = [METRICS, CHECKPOINTS, FINAL_MODEL, *REPORTS, files.LOCK]
@@ -183,6 +212,9 @@ def _open_run_main(out: Path, cfg: TrainConfig, data: str, resume: bool, overwri
                 if resume_step >= 0:  # _newest_intact verified it: its trainer.json is read, not hashed again
                     path = out / CHECKPOINTS / f"step-{resume_step:07d}"
                     _check_resume(read_json(str(path / TRAINER_JSON)), path, cfg, data)
+                elif refused_checkpoints(out):
+                    raise ValueError(f"--resume: the run in {str(out)!r} has no intact checkpoint (refused: "
+                                     f"{', '.join(refused_checkpoints(out))}); start afresh with --overwrite")
             else:
                 steps = [step for step, _ in checkpoint_dirs(out)]
                 at = f" (checkpoint at step {steps[-1]})" if steps else ""
@@ -190,6 +222,11 @@ def _open_run_main(out: Path, cfg: TrainConfig, data: str, resume: bool, overwri
                                  "it or --overwrite to start afresh")
         return RunFolder(out, resume_step, lock)
     except BaseException:
+        if made:    # created by this call: the manifest too, so a refused command leaves nothing
+            with contextlib.suppress(OSError):
+                (out / files.MANIFEST).unlink()
+            lock.remove_file()
+            files.remove_if_unused(made)
         lock.release()
         raise
 

@@ -281,7 +281,7 @@ def test_eval_under_torchrun_shares_the_windows_and_matches_one_process(multi):
 
     out, data = multi[0], multi[4]
     assert _scenario(multi, "eval")["rc"] == 0
-    theirs = json.loads((out / "eval.json").read_text())
+    theirs = json.loads((out / "eval.json").read_text())["results"]
     ours = evaluate(bam_model.from_pretrained(str(out / "seed")), data, seq_len=24, batch_size=2,
                     max_windows=5)
     assert set(theirs) == set(ours) and len(ours) == 3

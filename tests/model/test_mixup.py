@@ -575,7 +575,7 @@ def test_bam_train_mixup_command(tmp_path, capsys):
     assert len(moved) == 11 and all(moved)
     assert main(["eval", str(tmp_path / "run" / "model"), "--data", data, "--max-windows", "1", "--seq-len",
                  "16", "--no-progress", "--json", str(tmp_path / "eval.json")]) == 0
-    res = json.loads((tmp_path / "eval.json").read_text())
+    res = json.loads((tmp_path / "eval.json").read_text())["results"]
     assert res["avg"]["ppl"] > 1 and math.isfinite(res["avg"]["ppl"])
 
     assert main([*base, "--out", str(tmp_path / "zero"), "--mixup", "--mixup-init", "0", "--mixup-lr", "0",

@@ -239,7 +239,8 @@ def test_bam_train_and_eval_commands_on_a_dense_model(tmp_path):
     add_eval_args(p)
     res = run_eval(p.parse_args([str(tmp_path / "run" / "model"), "--data", "legal", "--max-windows", "2",
                                  "--seq-len", "32", "--json", str(tmp_path / "eval.json")]))
-    assert json.loads((tmp_path / "eval.json").read_text()) == res
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert written["format"] == "bam-eval" and written["results"] == res and written["seq_len"] == 32
     model = bam_model.from_pretrained(str(tmp_path / "run" / "model"))
     small = bam_model.DenseLM(bam_model.DenseConfig(vocab_size=100, dim=8, n_layers=1, n_heads=1,
                                                     n_kv_heads=1, ffn_dim=8))
