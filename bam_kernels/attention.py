@@ -11,6 +11,7 @@ custom op around it would need a second, hand-written backward for no gain.
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -45,8 +46,9 @@ def _check_moa_attention(q, k, v, mix, causal, scale, kv_lens, kv_start=None):
     named = {"q": q, "k": k, "v": v, "mix": mix}
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be a bool, got {causal!r}")
-    if scale is not None and (not isinstance(scale, numbers.Real) or isinstance(scale, bool)):
-        raise ValueError(f"scale must be a float or None, got {scale!r}")
+    if scale is not None and (not isinstance(scale, numbers.Real) or isinstance(scale, bool)
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
     if kv_lens is not None:
         _checks.tensor("kv_lens", kv_lens, ndim=1, floating=False)
         _checks.shape("kv_lens", kv_lens, (B,), "[B] from q")

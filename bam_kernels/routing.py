@@ -157,6 +157,8 @@ def routing_plan(experts: torch.Tensor, num_experts: int) -> RoutingPlan:
     their slots contribute nothing.
     """
     _checks.tensor("experts", experts, ndim=2, floating=False)
+    if not isinstance(num_experts, int) or isinstance(num_experts, bool) or num_experts < 1:
+        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
     check_expert_ids(experts, num_experts)
     T, k = experts.shape
     flat = experts.reshape(-1).to(torch.int64)

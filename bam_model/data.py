@@ -143,6 +143,12 @@ def _text_files(path: Path) -> list[Path]:
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not files:
         raise ValueError(f"data: folder {str(path)!r} holds no files")
+    for p in files:
+        try:
+            str(p).encode("utf-8")
+        except UnicodeEncodeError:   # a name of bytes that are not UTF-8 (read as lone surrogates)
+            raise ValueError(f"data: {ascii(str(p))} has a file name that is not UTF-8; rename it or move it "
+                             "out of the folder") from None
     return files
 
 
@@ -257,6 +263,7 @@ def _source(name: str, spec: str) -> Source:
         path = Path(name).resolve()
         if not (path.is_file() or path.is_dir()):
             raise ValueError(f"data={spec!r}: {name!r} is neither a file nor a folder")
+        _text_files(path)      # its files are listed (and their names checked) before any work
         return Source(name, path)
     raise ValueError(f"data={spec!r}: unknown domain {name!r}; expected one of {', '.join(DOMAINS)}, "
                      "a mixture like 'code:0.5,math:0.5', or a path to a text file or folder")

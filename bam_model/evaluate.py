@@ -92,7 +92,8 @@ def evaluate(model: nn.Module, domains: str | Sequence[str | Source] = DOMAINS, 
             total_nll, n_tok, n_bytes = distributed.all_reduce_sum(sums).tolist()
             n_tok, n_bytes = int(n_tok), int(n_bytes)
             loss = total_nll / n_tok
-            results[source.name] = {"loss": loss, "ppl": math.exp(loss),
+            # exp overflows past a loss of ~709 nats (an untrained or diverged model): inf, not an error.
+            results[source.name] = {"loss": loss, "ppl": math.exp(loss) if loss < 700 else math.inf,
                                     "bpb": total_nll / math.log(2) / max(n_bytes, 1),
                                     "tokens": n_tok, "bytes": n_bytes}
     finally:

@@ -115,6 +115,21 @@ def write_atomic(path, write) -> None:
         raise
 
 
+def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file``, whose I/O failures (a full disk) become the ``OSError`` they
+    are (safetensors reports them as a ``SafetensorError`` carrying "os error N" in its text)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, os.fspath(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), os.fspath(path)) from None
+
+
 def write_text_atomic(path, text: str) -> None:
     """``write_atomic`` of a UTF-8 text."""
     def write(tmp):
@@ -125,6 +140,33 @@ def write_text_atomic(path, text: str) -> None:
 
 def write_json_atomic(path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+# --- room ----------------------------------------------------------------------------------------
+
+def physical_memory() -> int | None:
+    """Bytes of physical memory of this machine (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return None
+
+
+def gib(nbytes: float) -> str:
+    """A size in words: ``12.3 GiB``, ``540.0 KiB``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:,.1f} {unit}"
+    return f"{int(nbytes)} bytes"
+
+
+def check_free_space(path, nbytes: int, what: str) -> None:
+    """Refuse, before writing, ``nbytes`` of ``what`` into ``path`` (a folder, made or not) when its
+    file system has less room than that."""
+    free = shutil.disk_usage(_nearest_existing(Path(os.path.abspath(path)))).free
+    if nbytes > free:
+        raise ValueError(f"{what} takes {gib(nbytes)}, more than the {gib(free)} free on the disk of "
+                         f"{os.fspath(path)!r}; free some space or write elsewhere")
 
 
 # --- ownership -------------------------------------------------------------------------------------
@@ -200,7 +242,8 @@ def _check_writable(path: Path, flag: str) -> None:
     if os.path.islink(path) and not path.exists():
         raise ValueError(f"{flag} {str(path)!r} is a symbolic link to {os.readlink(path)!r}, which does not "
                          "exist; give a path that exists or none at all")
-    existing = _nearest_existing(path)
+    # A file is replaced by a rename: its folder must be writable, whatever the file's own mode.
+    existing = _nearest_existing(path if path.is_dir() or not os.path.lexists(path) else path.parent)
     if existing != path and not existing.is_dir():
         raise ValueError(f"{flag} {str(path)!r} cannot be made: {str(existing)!r} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -353,7 +396,12 @@ def write_model_folder(path, write) -> None:
                 _remove_leftover(stale)
         stage = Path(tempfile.mkdtemp(dir=path, prefix=STAGING_PREFIX))
         try:
-            write(stage)
+            try:
+                write(stage)
+            except OSError as e:   # a full disk, a quota: named by the folder, not our staging name
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise OSError(e.errno, e.strerror, str(path)) from None
             names = sorted(p.name for p in stage.iterdir())
             mode = 0o666 & ~umask()  # safetensors creates its files 0600, whatever the umask
             for name in names:

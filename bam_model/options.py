@@ -72,6 +72,19 @@ def int_at_least(low: int) -> Check:
     return check
 
 
+def int_in(low: int, high: int) -> Check:
+    """An int in ``[low, high]``."""
+    def check(name: str, value) -> None:
+        if not is_int(value) or not low <= value <= high:
+            raise ValueError(f"{name} must be an int in [{low}, {high}], got {short_repr(value)}")
+    return check
+
+
+# Random seeds: torch takes a signed 64-bit one, and a rank's seed adds to it (``training.loop``).
+SEED_MAX = 2**62
+seed_check = int_in(0, SEED_MAX)
+
+
 def number_in(low: float, high: float, *, above_low: bool = False) -> Check:
     """A number in ``[low, high]`` (``above_low``: and strictly above ``low``)."""
     def check(name: str, value) -> None:

@@ -13,19 +13,24 @@ The seed counts as an expert (expert 0). Routers start random from ``router_seed
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass
 
 import torch
 
-from .build import build_model
+from .build import build_model, expected_shapes
 from .config import METHODS, BamConfig
+from .files import gib, physical_memory
 from .formats import is_gguf, load_dense
 from .layers import MixtureOfAttention
 from .model import DenseLM
-from .options import INT, NUMBER, TEXT, option, positive_int, validate
+from .options import INT, NUMBER, TEXT, int_in, option, seed_check, validate
 
 ATTENTION_OPTIONS = ("expert-kv", "shared-kv")
+# More experts than any published mixture has (DeepSeek-V3 256, Kimi K2 384, Qwen3-Next 512): a larger
+# number is a typo, refused before a model of that size is built.
+MAX_EXPERTS = 1024
 KV_INITS = ("mean", "seed")
 MERGES = ("mean", "fisher")
 # How the FFN router's top-k probabilities become weights: name -> (normalize, straight_through).
@@ -65,11 +70,13 @@ class MixOptions:
         "domain from bam branch, the general mix for the seed)", nargs="+",
         what="a list of data specs, one per model, seed first", accepts=_list_of_str)
     kv_init: str = option("mean", help="shared K/V start", kind=TEXT, choices=KV_INITS, what="mean or seed")
-    router_seed: int = option(0, help="seed of the new routers' initialisation", kind=INT)
+    router_seed: int = option(0, help="seed of the new routers' initialisation (at most 2**62)", kind=INT,
+                              check=seed_check)
     attention_top_k: int | None = option(None, help="bam: attention experts each token uses (default: all, "
                                          "soft routing)", kind=INT)
-    num_experts: int | None = option(None, help="sparse only: copies of the seed's FFN (default: one "
-                                     "per model given)", kind=INT, check=positive_int)
+    num_experts: int | None = option(None, help=f"sparse only: copies of the seed's FFN (default: one "
+                                     f"per model given; at most {MAX_EXPERTS})", kind=INT,
+                                     check=int_in(1, MAX_EXPERTS))
     load_balancing_alpha: float = option(0.01, help="weight of the FFN routers' load-balancing loss",
                                          kind=NUMBER)
     z_loss_beta: float = option(0.001, help="weight of the FFN routers' z-loss", kind=NUMBER)
@@ -190,6 +197,7 @@ def upcycle(seed, experts, options: MixOptions | None = None, *, dtype: torch.dt
     seed = _as_model(seed, "seed")
     models = _models_to_mix(seed, experts, options.method, progress)
     config = _mixture_config(seed, models, options, 1 + len(experts))
+    _check_memory(config, seed.dtype if dtype is None else dtype)
     states = [m.state_dict() for m in models]
     fisher_states = None
     if options.merge == "fisher":
@@ -199,6 +207,16 @@ def upcycle(seed, experts, options: MixOptions | None = None, *, dtype: torch.dt
     moe = build_model(config, tensors, dtype=seed.dtype if dtype is None else dtype, device=seed.device)
     moe.tokenizer = _common_tokenizer(models)
     return moe
+
+
+def _check_memory(config: BamConfig, dtype: torch.dtype) -> None:
+    """Refuse, before it is built, a mixture whose weights alone outgrow this machine's memory."""
+    n = sum(math.prod(shape) for shape in expected_shapes(config).values())
+    need, have = n * dtype.itemsize, physical_memory()
+    if have is not None and need > have:
+        raise ValueError(f"the mixture has {n / 1e9:.2f}B parameters ({config.num_experts} experts), "
+                         f"{gib(need)} in {str(dtype).removeprefix('torch.')}, more than this machine's "
+                         f"{gib(have)} of memory; mix fewer experts")
 
 
 def _models_to_mix(seed: DenseLM, experts, method: str, progress: bool) -> list[DenseLM]:

@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass
 
 from ..config import DTYPES
-from ..options import INT, NUMBER, add_options, from_args, option
+from ..options import INT, NUMBER, add_options, from_args, option, seed_check, validate
 
 DTYPE_CHOICES = tuple(sorted(DTYPES))
 
@@ -19,7 +19,7 @@ class GenerateOptions:
     max_new_tokens: int = option(64, help="tokens to generate at most", kind=INT)
     temperature: float = option(0.0, help="0: greedy", kind=NUMBER)
     top_p: float = option(1.0, help="nucleus sampling mass", kind=NUMBER)
-    seed: int | None = option(None, help="sampling seed", kind=INT)
+    seed: int | None = option(None, help="sampling seed (at most 2**62)", kind=INT, check=seed_check)
     tokenizer: str | None = option(None, help="a tokenizer.json (default: the model's own)")
     dtype: str | None = option(None, help="default: as stored (float32 for HF/GGUF)", choices=DTYPE_CHOICES)
     device: str | None = option(None, help="default: cuda when available, else cpu")
@@ -28,6 +28,7 @@ class GenerateOptions:
 
 
     def __post_init__(self):
+        validate(self)
         try:
             self.prompt.encode("utf-8")
         except UnicodeEncodeError as e:   # bytes that were not UTF-8 reach argv as lone surrogates

@@ -11,6 +11,7 @@ import torch
 from .. import distributed
 from ..config import DTYPES
 from ..data import parse_data_spec
+from ..formats.load import context_length
 from ..options import add_options, from_args, option
 from ..training import FINAL_MODEL, TrainConfig, data_inputs, open_run, train
 from ..training.mixup import ALPHA_JSON, ALPHA_PLOT, trainable_weights
@@ -59,6 +60,10 @@ def run_train(args: argparse.Namespace) -> list[dict]:
     if opts.mixup_base is not None and not cfg.mixup:
         raise ValueError("--mixup-base is the frozen base of weight-mixup training: add --mixup")
     sources = [s for s, _ in parse_data_spec(opts.data)]
+    context = context_length(opts.model)      # checked before the run folder is made
+    if context is not None and cfg.seq_len > context:
+        raise ValueError(f"--seq-len {cfg.seq_len} is longer than MODEL's context ({context} tokens, its "
+                         f"max_seq_len); give --seq-len {context} or less")
     inputs = [("MODEL", opts.model), *data_inputs(sources)]
     if opts.mixup_base is not None:
         inputs.append(("--mixup-base", opts.mixup_base))

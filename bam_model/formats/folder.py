@@ -12,11 +12,10 @@ import os
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ..build import check_tensors
 from ..config import DenseConfig, config_from_dict
-from ..files import about_file, read_json, short_repr, write_model_folder
+from ..files import about_file, check_free_space, read_json, save_safetensors, short_repr, write_model_folder
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -46,6 +45,7 @@ def write_folder(path: str, files: dict[str, str | bytes], tensors: dict[str, to
     if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    check_free_space(path, sum(t.numel() * t.element_size() for t in tensors.values()), "the model's weights")
 
     def write(folder):
         for name, content in files.items():
@@ -54,12 +54,12 @@ def write_folder(path: str, files: dict[str, str | bytes], tensors: dict[str, to
         shards = _shards(tensors, max_shard_bytes)
         meta = {"format": "pt", **(metadata or {})}
         if len(shards) == 1:
-            save_file(shards[0], os.path.join(folder, WEIGHTS), metadata=meta)
+            save_safetensors(shards[0], os.path.join(folder, WEIGHTS), metadata=meta)
             return
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(folder, fname), metadata=meta)
+            save_safetensors(shard, os.path.join(folder, fname), metadata=meta)
             weight_map.update(dict.fromkeys(shard, fname))
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         with open(os.path.join(folder, INDEX), "w") as f:

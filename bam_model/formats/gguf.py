@@ -96,6 +96,11 @@ def gguf_reader(source):
         raise ValueError(f"GGUF file {path} is truncated or corrupt ({reason})") from None
 
 
+def gguf_context_length(source) -> int:
+    """The context length a GGUF file (path or reader) records (2048 when it records none)."""
+    return _gguf_number(gguf_reader(source), "llama.context_length", 2048)
+
+
 def load_gguf(source, dtype: torch.dtype | None = torch.float32, device="cpu") -> DenseLM:
     """A llama.cpp GGUF file (path or ``gguf_reader``) of the ``llama`` architecture (Llama, Mistral,
     SmolLM): tensors are dequantised to float32 and q/k rows put back in Hugging Face's order.

@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import data
-from ..config import CONFIG_CLASSES, BamConfig, DenseConfig
+from ..config import CONFIG_CLASSES, BamConfig, DenseConfig, config_from_dict
 from ..files import check_complete
 from ..model import CausalLM, DenseLM
 from ..tokenizer import TOKENIZER_JSON, check_fits
 from .bam import load_bam_folder
-from .folder import CONFIG, folder_model_type
-from .gguf import gguf_tokenizer, is_gguf, load_gguf
-from .hf import load_hf_folder, load_mixtral_folder
+from .folder import CONFIG, folder_config, folder_model_type
+from .gguf import gguf_context_length, gguf_tokenizer, is_gguf, load_gguf
+from .hf import dense_config_from_hf, load_hf_folder, load_mixtral_folder, mixtral_config
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -30,6 +30,21 @@ def from_pretrained(path: str, dtype: torch.dtype | None = None, device="cpu") -
     tokenizer as ``model.tokenizer`` (``bam_model.tokenizer``)."""
     model = _from_pretrained(path, dtype, device)
     return _with_tokenizer(model, path)
+
+
+def context_length(path) -> int | None:
+    """The longest input (``max_seq_len``) of the model at ``path``, from its config alone, before any
+    tensor is read (for checks before work); None where that cannot be read (loading the model then
+    says what is wrong)."""
+    try:
+        if is_gguf(path):
+            return gguf_context_length(path)
+        model_type = folder_model_type(os.fspath(path))
+        parse = config_from_dict if model_type in CONFIG_CLASSES else \
+            mixtral_config if model_type == "mixtral" else dense_config_from_hf
+        return folder_config(os.fspath(path), parse).max_seq_len
+    except (ValueError, OSError, TypeError):
+        return None
 
 
 def _with_tokenizer(model: CausalLM, source) -> CausalLM:

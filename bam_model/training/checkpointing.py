@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .. import distributed, files
 from ..data import BatchStream
-from ..files import file_record, fsync_dir, fsync_file, read_json, sha256, write_json_atomic
+from ..files import file_record, fsync_dir, fsync_file, read_json, save_safetensors, sha256, write_json_atomic
 from .config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
@@ -99,8 +99,8 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, opt: torch.optim.Opt
         fmt, trainer_tensors = "full", {**optim_tensors, **rng}
     if ctx.is_main:
         if model_tensors is not None:
-            save_file(model_tensors, str(tmp / MODEL_FILE))
-        save_file(trainer_tensors, str(tmp / TRAINER_FILE))
+            save_safetensors(model_tensors, tmp / MODEL_FILE)
+        save_safetensors(trainer_tensors, tmp / TRAINER_FILE)
         written = sorted(p for p in tmp.rglob("*") if p.is_file())
         for f in written:
             fsync_file(f)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..options import INT, NUMBER, int_at_least, number_in, option, validate
+from ..options import INT, NUMBER, int_at_least, number_in, option, seed_check, validate
 from .mixup import GRANULARITIES
 
 AT_LEAST_0, AT_LEAST_1 = int_at_least(0), int_at_least(1)
@@ -36,7 +36,8 @@ class TrainConfig:
     beta2: float = option(0.95, help="AdamW beta2", kind=NUMBER, check=FRACTION, cli=False)
     grad_clip: float = option(1.0, help="max gradient norm (0: off)", kind=NUMBER, check=NON_NEGATIVE)
     grad_accum: int = option(1, help="micro-batches per step", kind=INT, check=AT_LEAST_1)
-    seed: int = option(0, help="seed of the data order and dropout", kind=INT, check=AT_LEAST_0)
+    seed: int = option(0, help="seed of the data order and dropout (at most 2**62)", kind=INT,
+                       check=seed_check)
     log_every: int = option(10, help="steps between metrics records", kind=INT, check=AT_LEAST_1)
     eval_every: int = option(0, help="0: at the end only", kind=INT, check=AT_LEAST_0)
     eval_windows: int = option(32, help="held-out windows per source", kind=INT, check=AT_LEAST_1)

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
 from .. import distributed, files
 from ..data import BatchStream, parse_data_spec, source_digest
@@ -98,7 +97,7 @@ def save_final(model: nn.Module, path: Path, dtype: torch.dtype | None = None) -
         return
     if dtype is not None:
         tensors = {k: cast(k, v, dtype) for k, v in tensors.items()}
-    files.write_model_folder(path, lambda folder: save_file(tensors, str(folder / MODEL_FILE)))
+    files.write_model_folder(path, lambda folder: files.save_safetensors(tensors, folder / MODEL_FILE))
 
 
 def train(model: nn.Module, data: str, out: str | os.PathLike | RunFolder, cfg: TrainConfig, *,
@@ -142,6 +141,10 @@ def train(model: nn.Module, data: str, out: str | os.PathLike | RunFolder, cfg: 
                          f"x world size={ctx.world_size}")
     tokenizer = for_model(distributed.unwrap(model), tokenizer)
     sources = [s for s, _ in parse_data_spec(data)]
+    context = getattr(getattr(distributed.unwrap(model), "config", None), "max_seq_len", None)
+    if context is not None and cfg.seq_len > context:
+        raise ValueError(f"seq_len={cfg.seq_len} is longer than the model's context (max_seq_len={context})")
+    _check_memory(distributed.unwrap(model), cfg, strategy, ctx.world_size)
     run = out if isinstance(out, RunFolder) else open_run(out, cfg, data, resume=resume, overwrite=overwrite,
                                                           inputs=data_inputs(sources))
     try:
@@ -156,10 +159,34 @@ def train(model: nn.Module, data: str, out: str | os.PathLike | RunFolder, cfg: 
             if len(streams) > 1 and ctx.is_main:
                 _say_parts(streams, fraction)
         loop = _Loop(model, run, cfg, tokenizer, sources, streams, strategy, expert_parallel, start)
-        return loop.run(progress, save_dtype)
-    finally:
+        records = loop.run(progress, save_dtype)
+    except BaseException:
         if run is not out:
-            run.close()
+            run.close(failed=True)
+        raise
+    if run is not out:
+        run.close()
+    return records
+
+
+def _check_memory(model: nn.Module, cfg: TrainConfig, strategy: str, world_size: int) -> None:
+    """Refuse, before any work, a run whose every step needs more memory than the device has, by a
+    lower bound: float32 weights, gradients and AdamW moments (16 bytes a parameter; sharded under
+    FSDP), a micro-batch's logits and their gradient, and the rank's share of the batch's token ids."""
+    device = next(model.parameters()).device
+    n = sum(p.numel() for p in model.parameters())
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 0)
+    micro = cfg.batch_size // (cfg.grad_accum * world_size)
+    need = (16 * n // (world_size if strategy == "fsdp" else 1) + 8 * micro * cfg.seq_len * vocab
+            + 16 * (cfg.batch_size // world_size) * cfg.seq_len)
+    have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+            else files.physical_memory())
+    if have is not None and need > have:
+        where = f"memory of {device}" if device.type == "cuda" else "this machine's memory"
+        raise ValueError(f"a step of this run needs at least {files.gib(need)} ({n:,} parameters with their "
+                         f"gradients and AdamW state, and the logits of micro-batches of {micro:,} sequences "
+                         f"of {cfg.seq_len} tokens), more than the {files.gib(have)} of {where}; lower "
+                         "--batch-size or raise --grad-accum")
 
 
 def _start_digests(model: nn.Module, tokenizer, sources) -> dict:

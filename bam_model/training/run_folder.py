@@ -13,13 +13,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 from .. import distributed, files
-from ..files import read_json
+from ..files import read_json, short_repr
 from .checkpointing import (
     CHECKPOINTS,
     TRAINER_JSON,
@@ -56,16 +56,25 @@ def _clear_leftovers(out: Path) -> None:
 
 
 def read_metrics(path: Path, upto_step: int) -> list[dict]:
-    """Records with step <= upto_step (a crash may have left later ones or a torn last line)."""
+    """Records with step <= upto_step (a crash may have left later ones or a torn last line). A line
+    that is not a record of ours (not JSON, not an object with an int step) is dropped with a
+    warning naming it: the resumed run rewrites the file from the records it keeps."""
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    for n, line in enumerate(text.splitlines(), 1):
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
+            rec = None
+        step = rec.get("step") if isinstance(rec, dict) else None
+        if not (isinstance(step, int) and not isinstance(step, bool)):
+            if line.strip():
+                warnings.warn(f"{str(path)!r} line {n} is not a metrics record ({short_repr(line)}); dropped",
+                              stacklevel=2)
             continue
-        if rec.get("step", math.inf) <= upto_step:
+        if step <= upto_step:
             records.append(rec)
     return records
 
@@ -81,16 +90,26 @@ class RunFolder(contextlib.AbstractContextManager):
     on rank 0 (a context manager: leaving it releases the lock). ``resume_step`` is the checkpoint
     to continue from (-1: a fresh run)."""
 
-    def __init__(self, path: Path, resume_step: int, lock: files.FolderLock | None):
+    def __init__(self, path: Path, resume_step: int, lock: files.FolderLock | None, made=()):
         self.path, self.resume_step, self.lock = path, resume_step, lock
+        self.made = list(made)      # the folders open_run created (removed again by a run that fails first)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Release the lock; after a failure before the run wrote anything (a check after the model
+        was loaded), a folder ``open_run`` created is removed again."""
         lock, self.lock = self.lock, None
-        if lock is not None:
-            lock.release()
+        if lock is None:
+            return
+        if failed and self.made and not _has_run(self.path):
+            for name in (METRICS, files.MANIFEST):
+                with contextlib.suppress(OSError):
+                    (self.path / name).unlink()
+            lock.remove_file()
+            files.remove_if_unused(self.made)
+        lock.release()
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        self.close(failed=exc_type is not None)
 
 
 def _has_run(out: Path) -> bool:
@@ -220,7 +239,7 @@ def _open_run_main(out: Path, cfg: TrainConfig, data: str, resume: bool, overwri
                 at = f" (checkpoint at step {steps[-1]})" if steps else ""
                 raise ValueError(f"--out {str(out)!r} holds a training run{at}; pass --resume to continue "
                                  "it or --overwrite to start afresh")
-        return RunFolder(out, resume_step, lock)
+        return RunFolder(out, resume_step, lock, made)
     except BaseException:
         if made:    # created by this call: the manifest too, so a refused command leaves nothing
             with contextlib.suppress(OSError):
