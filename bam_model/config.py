@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .files import short_repr
 from .options import (
     is_int,
     positive_float,
     positive_int,
+    short_repr,
 )
 
 BLOCKS = ("sequential", "parallel")

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import re
-import reprlib
 import shutil
 import socket
 import stat
@@ -210,19 +209,6 @@ def _nearest_existing(path: Path) -> Path:
     while not os.path.lexists(path) and path != path.parent:
         path = path.parent
     return path
-
-
-def short_repr(value) -> str:
-    """``repr(value)`` bounded in depth and length, for a message about a value a user gave (a YAML
-    alias bomb or a huge list must not build its whole repr)."""
-    text = _SHORT.repr(value)
-    return text if len(text) <= 100 else text[:97] + "..."
-
-
-_SHORT = reprlib.Repr()   # attributes, not keywords: Python 3.11's Repr takes none
-_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxlong, _SHORT.maxother = 2, 80, 40, 80
-_SHORT.maxtuple = _SHORT.maxlist = _SHORT.maxarray = _SHORT.maxdict = _SHORT.maxset = 6
-_SHORT.maxfrozenset = _SHORT.maxdeque = 6
 
 
 def _check_inputs(path: Path, inputs, flag: str) -> None:

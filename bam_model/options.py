@@ -24,11 +24,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-from .files import short_repr
 
 
 def is_int(value) -> bool:
@@ -37,6 +36,19 @@ def is_int(value) -> bool:
 
 def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def short_repr(value) -> str:
+    """``repr(value)`` bounded in depth and length, for a message about a value a user gave (a YAML
+    alias bomb or a huge list must not build its whole repr)."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+_SHORT = reprlib.Repr()   # attributes, not keywords: Python 3.11's Repr takes none
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxlong, _SHORT.maxother = 2, 80, 40, 80
+_SHORT.maxtuple = _SHORT.maxlist = _SHORT.maxarray = _SHORT.maxdict = _SHORT.maxset = 6
+_SHORT.maxfrozenset = _SHORT.maxdeque = 6
 
 
 def finite_float(text: str) -> float:

@@ -10,8 +10,7 @@ import sys
 from dataclasses import dataclass
 
 from ..config import DTYPES
-from ..files import short_repr
-from ..options import add_options, check_mapping, flag_name, from_args, given, option
+from ..options import add_options, check_mapping, flag_name, from_args, given, option, short_repr
 from ..upcycle import FFN_ROUTINGS, MixOptions
 
 RECIPE_MAX_BYTES = 1 << 20

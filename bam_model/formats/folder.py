@@ -15,7 +15,8 @@ from safetensors import SafetensorError, safe_open
 
 from ..build import check_tensors
 from ..config import DenseConfig, config_from_dict
-from ..files import about_file, check_free_space, read_json, save_safetensors, short_repr, write_model_folder
+from ..files import about_file, check_free_space, read_json, save_safetensors, write_model_folder
+from ..options import short_repr
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"

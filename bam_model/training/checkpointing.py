@@ -1,8 +1,9 @@
 """Checkpoints of a training run: ``out/checkpoints/step-NNNNNNN/``, written atomically, verified
 (size and SHA-256 of every file) and restored.
 
-A checkpoint folder holds ``trainer.json`` (step, config, data position, optimizer groups, and the
-size and SHA-256 of every other file), ``trainer.safetensors`` (RNG of every rank; optimizer
+A checkpoint folder holds ``trainer.json`` (step, config, data position, optimizer groups, what the
+run started from (``start``: the SHA-256 of the model and of each data source, which a resume must
+match), and the size and SHA-256 of every other file), ``trainer.safetensors`` (RNG of every rank; optimizer
 moments), ``model.safetensors``, or ``sharded/`` (FSDP: model and optimizer shards, one file per
 rank). A weight-mixup run's model tensors are ``model.<name>`` (the task weights) and ``logits.<i>``
 (the mixing coefficients'), its optimizer holds both, and ``trainer.json`` its ``mixup`` entry (the

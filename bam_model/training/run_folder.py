@@ -19,7 +19,8 @@ import warnings
 from pathlib import Path
 
 from .. import distributed, files
-from ..files import read_json, short_repr
+from ..files import read_json
+from ..options import short_repr
 from .checkpointing import (
     CHECKPOINTS,
     TRAINER_JSON,

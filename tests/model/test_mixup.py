@@ -488,7 +488,7 @@ def test_a_crashed_mixup_run_resumes_bitwise(tmp_path, monkeypatch):
     other = {n: p.detach() + 0.01 for n, p in _model().named_parameters()}
     with pytest.raises(ValueError, match="the mixup base differs .* SHA-256 digests differ"):
         train(_model(), data, run, cfg, resume=True, progress=False, mixup_base=other)
-    with pytest.raises(ValueError, match="the mixup base differs"):
+    with pytest.raises(ValueError, match="MODEL is not the model the run in"):
         train(TinyLM(), data, run, cfg, resume=True, progress=False)          # another starting model
     for kw, flag in ((dict(mixup_every=1), "--mixup-every 1 .the run has 2."),
                      (dict(mixup_lr=0.1), "--mixup-lr 0.1 .the run has 0.2."),

@@ -236,7 +236,7 @@ def test_save_replaces_a_checkpoint_and_never_leaves_half_of_one(tmp_path, monke
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr(folder, "save_file", crash)
+    monkeypatch.setattr(folder, "save_safetensors", crash)
     with pytest.raises(OSError, match="disk full"):
         first.save_pretrained(str(path))
     with pytest.raises(OSError, match="disk full"):
