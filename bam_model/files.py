@@ -277,7 +277,7 @@ def _check_target(folder: Path, name: str, listed: dict, flag: str) -> None:
                          "away or choose another folder")
     if name not in listed:
         raise ValueError(f"{flag} {str(folder)!r} holds {name!r}, which bam did not write (its {MANIFEST} "
-                         "does not list it) and would replace; move it away or choose another folder")
+                         "does not list it) and may write there; move it away or choose another folder")
 
 
 def _leftover(entry: Path) -> bool:
@@ -320,15 +320,19 @@ def make_folder(path: Path) -> list[Path]:
     return made
 
 
-def remove_if_unused(made: list[Path]) -> None:
-    """Remove the folders ``made`` (innermost last) again when they hold nothing but leftovers."""
-    for p in reversed(made):
+def remove_if_unused(made: list[Path], locked: bool = False) -> None:
+    """Remove the folders ``made`` (innermost last) again when they are empty. ``locked``: the
+    caller holds the innermost one's lock, so what a killed write left there (``_leftover``) is
+    removed first; without it, and in the parents, nothing but empty folders is touched (another
+    writer may be at work there)."""
+    for i, p in enumerate(reversed(made)):
         try:
-            entries = list(p.iterdir())
-            if not all(_leftover(e) for e in entries):
-                return
-            for e in entries:
-                _remove_leftover(e)
+            if i == 0 and locked:
+                entries = list(p.iterdir())
+                if not all(_leftover(e) for e in entries):
+                    return
+                for e in entries:
+                    _remove_leftover(e)
             p.rmdir()
         except OSError:
             return
@@ -354,7 +358,7 @@ def reserve_output(path, kind: str, *, flag: str = "--out", inputs=(), what: str
     except BaseException:
         if made:
             lock.remove_file()
-            remove_if_unused(made)
+            remove_if_unused(made, locked=True)
         raise
     finally:
         lock.release()
@@ -515,10 +519,12 @@ def _is_our_lock(path: Path) -> bool:
         return False
 
 
-def _check_lock_file(fd: int, path: Path) -> None:
+def _check_lock_file(fd: int, path: Path, content: bool = True) -> None:
+    """Refuse a lock file that is not a plain file of one name, or (``content``) that holds anything
+    but our holder line."""
     st = os.fstat(fd)
-    text = os.pread(fd, LOCK_MAX_BYTES + 1, 0) if stat.S_ISREG(st.st_mode) else b""
-    if (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or len(text) > LOCK_MAX_BYTES
+    text = os.pread(fd, LOCK_MAX_BYTES + 1, 0) if content and stat.S_ISREG(st.st_mode) else b""
+    if (not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > LOCK_MAX_BYTES
             or (text and _holder_record(text.decode("utf-8", "replace")) is None)):
         raise ValueError(f"{str(path)!r} is not bam's lock file (bam writes there only a plain file of its "
                          "own); move it away or choose another folder")
@@ -547,8 +553,9 @@ class FolderLock:
         for _ in range(self.ATTEMPTS):
             fd = self._open(path)
             try:
-                _check_lock_file(fd, path)
+                _check_lock_file(fd, path, content=False)
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _check_lock_file(fd, path)     # its content is stable once we hold it
             except OSError as e:
                 os.close(fd)
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):

@@ -64,14 +64,16 @@ def read_metrics(path: Path, upto_step: int) -> list[dict]:
         return []
     records = []
     text = path.read_bytes().decode("utf-8", errors="replace")
-    for n, line in enumerate(text.splitlines(), 1):
+    lines = text.splitlines()
+    for n, line in enumerate(lines, 1):
         try:
             rec = json.loads(line)
         except (ValueError, RecursionError):
             rec = None
         step = rec.get("step") if isinstance(rec, dict) else None
         if not (isinstance(step, int) and not isinstance(step, bool)):
-            if line.strip():
+            torn = n == len(lines) and not text.endswith("\n")     # a kill in the middle of a write
+            if line.strip() and not torn:
                 warnings.warn(f"{str(path)!r} line {n} is not a metrics record ({short_repr(line)}); dropped",
                               stacklevel=2)
             continue
@@ -106,7 +108,7 @@ class RunFolder(contextlib.AbstractContextManager):
                 with contextlib.suppress(OSError):
                     (self.path / name).unlink()
             lock.remove_file()
-            files.remove_if_unused(self.made)
+            files.remove_if_unused(self.made, locked=True)
         lock.release()
 
     def __exit__(self, exc_type, *exc):
@@ -246,7 +248,7 @@ def _open_run_main(out: Path, cfg: TrainConfig, data: str, resume: bool, overwri
             with contextlib.suppress(OSError):
                 (out / files.MANIFEST).unlink()
             lock.remove_file()
-            files.remove_if_unused(made)
+            files.remove_if_unused(made, locked=True)
         lock.release()
         raise
 
