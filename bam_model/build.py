@@ -66,6 +66,10 @@ def check_tensors(config: DenseConfig, shapes: dict[str, tuple[int, ...]], confi
             raise ValueError(f"tensor {k!r} has shape {tuple(shapes[k])} in {weights_name}, expected {shape}")
 
 
+class DtypeRangeError(ValueError):
+    """A cast that would turn finite weights into Inf (float32 to float16 beyond 65504)."""
+
+
 # The dtypes a model computes in: a weight stored in another (float8) is cast to one of them on load.
 COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -84,7 +88,7 @@ def cast(name: str, t: torch.Tensor, dtype: torch.dtype | None, device=None) -> 
         lo, hi = torch.aminmax(out)    # one pass; the source was checked finite when it was read
         if not (lo.isfinite() and hi.isfinite()):
             largest = t.detach().abs().max().item()
-            raise ValueError(f"tensor {name!r} holds {largest:g}, beyond the largest "
+            raise DtypeRangeError(f"tensor {name!r} holds {largest:g}, beyond the largest "
                              f"{str(target).removeprefix('torch.')} ({torch.finfo(target).max:g}): it would "
                              "become Inf; use bfloat16 (float32's range at half the size) or float32")
     return out

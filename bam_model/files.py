@@ -39,11 +39,10 @@ MANIFEST_FORMAT = "bam-manifest"
 LOCK = ".bam-lock"
 KINDS = ("model", "run", "demo")
 STAGING_PREFIX = ".bam-staging-"
-# The names of the files a model folder of ours holds (``write_model_folder`` refuses any other):
-# with them, a user's file of such a name that our manifest does not list is found before any work.
+# The names of the files bam's commands write into a model folder: a user's file of such a name that
+# our manifest does not list is found before any work (``check_output``).
 MODEL_FILE_NAMES = re.compile(
-    r"config\.json|generation_config\.json|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json"
-    r"|configuration_bam\.py|modeling_bam\.py|mix\.yaml"
+    r"config\.json|tokenizer\.json|tokenizer_config\.json|configuration_bam\.py|modeling_bam\.py|mix\.yaml"
     r"|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 # Moved into a folder last, so that a reader that knows nothing of our manifest (transformers) finds
 # no model in a folder whose writing was interrupted.
@@ -320,19 +319,20 @@ def make_folder(path: Path) -> list[Path]:
     return made
 
 
-def remove_if_unused(made: list[Path], locked: bool = False) -> None:
-    """Remove the folders ``made`` (innermost last) again when they are empty. ``locked``: the
-    caller holds the innermost one's lock, so what a killed write left there (``_leftover``) is
-    removed first; without it, and in the parents, nothing but empty folders is touched (another
-    writer may be at work there)."""
+def remove_if_unused(made: list[Path], lock: FolderLock | None = None) -> None:
+    """Remove the folders ``made`` (innermost last) again when they are empty. With ``lock`` (the
+    innermost one's, held by the caller) what a killed write left there (``_leftover``) goes first,
+    then the lock file, then the folder; without it, and in the parents, nothing but empty folders
+    is touched (another writer may be at work there)."""
     for i, p in enumerate(reversed(made)):
         try:
-            if i == 0 and locked:
+            if i == 0 and lock is not None:
                 entries = list(p.iterdir())
                 if not all(_leftover(e) for e in entries):
                     return
                 for e in entries:
                     _remove_leftover(e)
+                lock.remove_file()
             p.rmdir()
         except OSError:
             return
@@ -357,8 +357,7 @@ def reserve_output(path, kind: str, *, flag: str = "--out", inputs=(), what: str
         yield check_output(path, kind, flag=flag, inputs=inputs)
     except BaseException:
         if made:
-            lock.remove_file()
-            remove_if_unused(made, locked=True)
+            remove_if_unused(made, lock)
         raise
     finally:
         lock.release()
@@ -395,9 +394,8 @@ def write_model_folder(path, write) -> None:
             names = sorted(p.name for p in stage.iterdir())
             mode = 0o666 & ~umask()  # safetensors creates its files 0600, whatever the umask
             for name in names:
-                if not MODEL_FILE_NAMES.fullmatch(name):
-                    raise ValueError(f"a model folder holds the files MODEL_FILE_NAMES allows; {name!r} is "
-                                     "not one of them")
+                if name == MANIFEST or _leftover(stage / name):
+                    raise ValueError(f"a model folder cannot hold a file named {name!r} (bam's own)")
                 if (stage / name).is_symlink() or not (stage / name).is_file():
                     raise ValueError(f"a model folder holds files only; {name!r} is not one")
                 os.chmod(stage / name, mode)
@@ -408,12 +406,15 @@ def write_model_folder(path, write) -> None:
                 _check_target(path, name, listed, "output path")
             files = {name: file_record(stage / name) for name in names}
             write_json_atomic(path / MANIFEST, _manifest("model", {**listed, **files}, complete=False))
-            for name in sorted(names, key=lambda n: n == WRITTEN_LAST):
-                os.replace(stage / name, path / name)
-            for name in listed:
+            for name in names:
+                if name != WRITTEN_LAST:
+                    os.replace(stage / name, path / name)
+            for name in listed:       # before config.json: never new config beside old weights
                 target = path / name
                 if name not in files and (target.is_symlink() or target.is_file()):
                     target.unlink()
+            if WRITTEN_LAST in names:
+                os.replace(stage / WRITTEN_LAST, path / WRITTEN_LAST)
             fsync_dir(path)
             write_json_atomic(path / MANIFEST, _manifest("model", files))
             fsync_dir(path)
@@ -553,9 +554,15 @@ class FolderLock:
         for _ in range(self.ATTEMPTS):
             fd = self._open(path)
             try:
+                if os.fstat(fd).st_nlink == 0:    # its holder removed it as we opened it: open anew
+                    os.close(fd)
+                    continue
                 _check_lock_file(fd, path, content=False)
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                _check_lock_file(fd, path)     # its content is stable once we hold it
+                if not _same_file(fd, path):      # released and removed before our flock: open anew
+                    os.close(fd)
+                    continue
+                _check_lock_file(fd, path)        # its content is stable once we hold it
             except OSError as e:
                 os.close(fd)
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
@@ -565,16 +572,17 @@ class FolderLock:
             except BaseException:
                 os.close(fd)
                 raise
-            if _same_file(fd, path):
-                break
-            os.close(fd)
+            break
         else:
             raise ValueError(f"{str(self.folder)!r} is being locked and released by other processes; "
                              "try again")
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": what,
-                  "argv": sys.argv, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        holder = {"pid": os.getpid(), "host": socket.gethostname()[:200], "command": what[:200],
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": [a[:200] for a in sys.argv[:8]]}
+        line = json.dumps(holder) + "\n"
+        if len(line.encode()) > LOCK_MAX_BYTES:   # whole or without argv: always a record we can read
+            line = json.dumps({k: v for k, v in holder.items() if k != "argv"}) + "\n"
         os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder) + "\n")[:LOCK_MAX_BYTES].encode(), 0)
+        os.pwrite(fd, line.encode(), 0)
         self.fd, self.depth = fd, 1
         _held[key] = self
         return self

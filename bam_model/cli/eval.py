@@ -36,7 +36,11 @@ EVAL_FORMAT = "bam-eval"
 
 
 def _is_eval_file(value: dict) -> bool:
-    return value.get("format") == EVAL_FORMAT
+    """Ours: a results file of this bam eval, or of an earlier one (domain -> results, with "avg")."""
+    if value.get("format") == EVAL_FORMAT:
+        return True
+    return "avg" in value and all(isinstance(r, dict) and {"loss", "ppl", "bpb"} <= set(r)
+                                  for r in value.values())
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:

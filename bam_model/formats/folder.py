@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..build import check_tensors
 from ..config import DenseConfig, config_from_dict
-from ..files import about_file, check_free_space, read_json, save_safetensors, write_model_folder
+from ..files import MANIFEST, about_file, check_free_space, read_json, save_safetensors, write_model_folder
 from ..options import short_repr
 
 WEIGHTS = "model.safetensors"
@@ -45,6 +45,10 @@ def write_folder(path: str, files: dict[str, str | bytes], tensors: dict[str, to
     max_shard_bytes = DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
     if not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
+    for name in files:      # before any work: a name of its own, not a path, not the manifest
+        if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or name == MANIFEST:
+            raise ValueError(f"a file of a model folder needs a plain name other than {MANIFEST}, "
+                             f"got {name!r}")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     check_free_space(path, sum(t.numel() * t.element_size() for t in tensors.values()), "the model's weights")
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from .. import distributed, files
+from ..build import DtypeRangeError
 from ..data import BatchStream, parse_data_spec, source_digest
 from ..files import read_json, write_text_atomic
 from ..tokenizer import for_model
@@ -144,7 +145,7 @@ def train(model: nn.Module, data: str, out: str | os.PathLike | RunFolder, cfg: 
     context = getattr(getattr(distributed.unwrap(model), "config", None), "max_seq_len", None)
     if context is not None and cfg.seq_len > context:
         raise ValueError(f"seq_len={cfg.seq_len} is longer than the model's context (max_seq_len={context})")
-    _check_memory(distributed.unwrap(model), cfg, strategy, ctx.world_size)
+    _check_memory(distributed.unwrap(model), cfg, strategy, expert_parallel, ctx.world_size)
     run = out if isinstance(out, RunFolder) else open_run(out, cfg, data, resume=resume, overwrite=overwrite,
                                                           inputs=data_inputs(sources))
     try:
@@ -169,24 +170,32 @@ def train(model: nn.Module, data: str, out: str | os.PathLike | RunFolder, cfg: 
     return records
 
 
-def _check_memory(model: nn.Module, cfg: TrainConfig, strategy: str, world_size: int) -> None:
+def _check_memory(model: nn.Module, cfg: TrainConfig, strategy: str, expert_parallel: bool,
+                  world_size: int) -> None:
     """Refuse, before any work, a run whose every step needs more memory than the device has, by a
-    lower bound: float32 weights, gradients and AdamW moments (16 bytes a parameter; sharded under
-    FSDP), a micro-batch's logits and their gradient, and the rank's share of the batch's token ids."""
+    lower bound: each weight this rank holds, and for a trainable one its gradient and two AdamW
+    moments (in its own dtype; FSDP shards them all, expert parallelism the experts), a
+    micro-batch's float32 logits and their gradient, and the rank's share of the batch's token ids."""
     device = next(model.parameters()).device
-    n = sum(p.numel() for p in model.parameters())
+    weights = 0
+    for name, p in model.named_parameters():
+        share = world_size if strategy == "fsdp" or (expert_parallel and ".experts." in name) else 1
+        weights += p.numel() * p.element_size() * (4 if p.requires_grad else 1) // share
     vocab = getattr(getattr(model, "config", None), "vocab_size", 0)
     micro = cfg.batch_size // (cfg.grad_accum * world_size)
-    need = (16 * n // (world_size if strategy == "fsdp" else 1) + 8 * micro * cfg.seq_len * vocab
-            + 16 * (cfg.batch_size // world_size) * cfg.seq_len)
+    batch = 8 * micro * cfg.seq_len * vocab + 16 * (cfg.batch_size // world_size) * cfg.seq_len
     have = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
             else files.physical_memory())
-    if have is not None and need > have:
-        where = f"memory of {device}" if device.type == "cuda" else "this machine's memory"
-        raise ValueError(f"a step of this run needs at least {files.gib(need)} ({n:,} parameters with their "
-                         f"gradients and AdamW state, and the logits of micro-batches of {micro:,} sequences "
-                         f"of {cfg.seq_len} tokens), more than the {files.gib(have)} of {where}; lower "
-                         "--batch-size or raise --grad-accum")
+    if have is None or weights + batch <= have:
+        return
+    where = f"memory of {device}" if device.type == "cuda" else "this machine's memory"
+    advice = ("lower --batch-size or raise --grad-accum" if batch >= weights else
+              "under torchrun, shard them with --strategy fsdp (or spread a mixture's experts with "
+              "--expert-parallel)")
+    raise ValueError(f"a step of this run needs at least {files.gib(weights + batch)} "
+                     f"({files.gib(weights)} for the weights with their gradients and AdamW state, "
+                     f"{files.gib(batch)} for micro-batches of {micro:,} sequences of {cfg.seq_len} tokens "
+                     f"and their logits), more than the {files.gib(have)} of {where}; {advice}")
 
 
 def _start_digests(model: nn.Module, tokenizer, sources) -> dict:
@@ -319,12 +328,10 @@ class _Loop:
             final = self.mixup.materialize()
         try:
             save_final(final, self.out / FINAL_MODEL, save_dtype)
-        except ValueError as e:
-            if save_dtype is None:
-                raise
-            raise ValueError(f"{e}. The run's last checkpoint (step {self.step}) keeps the float32 weights: "
-                             "write model/ from it by running the same command with --resume and another "
-                             "--dtype") from None
+        except DtypeRangeError as e:
+            raise DtypeRangeError(f"{e}. The run's last checkpoint (step {self.step}) keeps the float32 "
+                                  "weights: write model/ from it by running the same command with --resume "
+                                  "and another --dtype") from None
         distributed.barrier()
         return self.records
 

@@ -107,8 +107,7 @@ class RunFolder(contextlib.AbstractContextManager):
             for name in (METRICS, files.MANIFEST):
                 with contextlib.suppress(OSError):
                     (self.path / name).unlink()
-            lock.remove_file()
-            files.remove_if_unused(self.made, locked=True)
+            files.remove_if_unused(self.made, lock)
         lock.release()
 
     def __exit__(self, exc_type, *exc):
@@ -162,9 +161,11 @@ def check_start(state: dict, path: Path, start: dict) -> None:
     or other data than its run started from (``start``: the digests ``train`` records)."""
     run = str(path.parent.parent)
     saved = state.get("start")
-    if not isinstance(saved, dict):
-        raise ValueError(f"--resume: the checkpoint {str(path)!r} does not record what its run started from "
-                         "(an older bam wrote it), so resuming cannot be checked; start a new run")
+    if not isinstance(saved, dict):   # written by an older bam: resumed, and recorded from now on
+        warnings.warn(f"the checkpoint {str(path)!r} does not record what its run started from (an older bam "
+                      "wrote it): resuming without checking that MODEL and the data are the run's own",
+                      stacklevel=3)
+        return
     if saved.get("model") != start["model"]:
         raise ValueError(f"--resume: MODEL is not the model the run in {run!r} started from (the SHA-256 of "
                          "its weights, config and tokenizer differs); resume from the same MODEL, or start a "
@@ -247,8 +248,7 @@ def _open_run_main(out: Path, cfg: TrainConfig, data: str, resume: bool, overwri
         if made:    # created by this call: the manifest too, so a refused command leaves nothing
             with contextlib.suppress(OSError):
                 (out / files.MANIFEST).unlink()
-            lock.remove_file()
-            files.remove_if_unused(made, locked=True)
+            files.remove_if_unused(made, lock)
         lock.release()
         raise
 

@@ -68,7 +68,10 @@ def test_eval_json_never_replaces_a_file_bam_did_not_write(tmp_path, seed, capsy
     assert "exists and is not a results file written by bam" in one_line(capsys)
     assert (seed / "config.json").read_bytes() == config and mine.read_text() == '{"my": "notes"}'
     out = tmp_path / "res" / "eval.json"
-    for _ in range(2):                                        # new, then our own file: replaced
+    out.parent.mkdir()
+    out.write_text(json.dumps({"code": {"loss": 1.0, "ppl": 2.7, "bpb": 1.0, "tokens": 5},
+                               "avg": {"loss": 1.0, "ppl": 2.7, "bpb": 1.0}}))   # an earlier bam eval's
+    for _ in range(2):                                        # ours, then our own again: replaced
         assert main([*argv, "--json", str(out)]) == 0
         written = json.loads(out.read_text())
         assert written["format"] == "bam-eval" and set(written["results"]) == {"code", "avg"}
@@ -131,22 +134,57 @@ def test_a_second_writer_of_a_model_folder_fails_at_once_naming_the_first(tmp_pa
 
 
 def test_two_mix_processes_on_one_folder_leave_one_whole_mixture(tmp_path, seed):
-    """Two real ``bam mix`` into one --out, started together, twice (a new folder, then ours): each
-    ends with 0 or one line and exit 2 (in use), never a traceback; the folder holds one whole,
-    loadable mixture and no staging folder."""
+    """Two real ``bam mix`` processes on one --out, the second started while the first is at work
+    (its mixing slowed by a wrapper, so that they surely overlap), on a new folder and then on ours:
+    the second ends at once with one line naming the first; the first writes one whole mixture."""
+    slow = ("import importlib, sys, time\nfrom bam_model.cli import main\n"
+            "u = importlib.import_module('bam_model.upcycle')\n"
+            "real = u.upcycle\n"
+            "def upcycle(*a, **k):\n    print('mixing', flush=True); time.sleep(4); return real(*a, **k)\n"
+            "u.upcycle = upcycle\nsys.exit(main(sys.argv[1:]))\n")
     out = tmp_path / "mixed"
+    argv = ["mix", "--base-model", str(seed), "--experts", str(seed), "--out", str(out)]
     for _ in range(2):
-        procs = [subprocess.Popen([sys.executable, "-m", "bam_model.cli", "mix", "--base-model", str(seed),
-                                   "--experts", str(seed), "--router-seed", str(i), "--out", str(out)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-                 for i in range(2)]
-        results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
-        assert all(rc in (0, 2) and "Traceback" not in err for rc, err in results), results
-        assert any(rc == 0 for rc, _ in results), results
-        assert all("in use by another process" in err for rc, err in results if rc == 2), results
-        assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+        first = subprocess.Popen([sys.executable, "-c", slow, *argv], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=ENV)
+        assert first.stdout.readline().strip() == "mixing"           # it holds the folder's lock
+        second = subprocess.run([sys.executable, "-m", "bam_model.cli", *argv, "--router-seed", "1"],
+                                capture_output=True, text=True, env=ENV, timeout=300)
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+        assert f"is in use by another process (bam mix, pid {first.pid} on" in second.stderr, second.stderr
+        assert first.wait(timeout=300) == 0, first.stderr.read()
+        assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
         files.check_complete(out)
         assert bam_model.from_pretrained(str(out)).config.num_experts == 2
+
+
+def test_a_lock_released_while_it_is_taken_and_a_long_command_line(tmp_path, monkeypatch):
+    """The holder removes its lock file between another's open and flock: the other opens anew and
+    gets the lock. A holder line is whole (valid JSON) whatever the command line's length, so a
+    lock file left by a kill -9 is still one of ours."""
+    first = files.lock_folder(tmp_path, "first")
+    files._held.clear()                                 # the first stands for another process
+    real_open = files.FolderLock._open
+
+    def racing_open(path):
+        fd = real_open(path)
+        monkeypatch.setattr(files.FolderLock, "_open", staticmethod(real_open))
+        first.remove_file()
+        os.close(first.fd)
+        first.fd = None
+        return fd
+    monkeypatch.setattr(files.FolderLock, "_open", staticmethod(racing_open))
+    second = files.lock_folder(tmp_path, "second")
+    assert json.loads((tmp_path / files.LOCK).read_text())["command"] == "second"
+    second.release()
+    monkeypatch.setattr(sys, "argv", ["bam", "x" * 5000, *["y" * 300] * 40])
+    lock = files.lock_folder(tmp_path, "bam mix")
+    files._held.clear()                                 # as a kill -9 leaves it: the file stays
+    os.close(lock.fd)
+    text = (tmp_path / files.LOCK).read_text()
+    assert len(text.encode()) <= files.LOCK_MAX_BYTES and json.loads(text)["command"] == "bam mix"
+    assert files.check_output(tmp_path, "model") == "new"
+    files.lock_folder(tmp_path).release()
 
 
 def test_two_demos_into_one_folder_the_second_fails_at_once(tmp_path, capsys):
@@ -212,6 +250,14 @@ def test_resume_refuses_changed_data_another_model_and_twice_no_checkpoint(tmp_p
     assert main([*base, "--resume"]) == 2
     assert f"the data of {str(text)!r} changed since the run" in one_line(capsys)
     assert snapshot(out) == before
+    # A checkpoint of an older bam (no record of the start) resumes, with a warning.
+    from bam_model.training.checkpointing import _trainer_digest
+    text.write_text("the first words of a corpus, " * 400)
+    trainer = out / "checkpoints" / "step-0000002" / "trainer.json"
+    state = {k: v for k, v in json.loads(trainer.read_text()).items() if k not in ("start", "digest")}
+    trainer.write_text(json.dumps({**state, "digest": _trainer_digest(state)}))
+    with pytest.warns(UserWarning, match="does not record what its run started from"):
+        assert main([*base, "--resume"]) == 0
     # No intact checkpoint: the first --resume says so; so does the second (not a silent step 0).
     ckpt = out / "checkpoints" / "step-0000002" / "model.safetensors"
     ckpt.write_bytes(ckpt.read_bytes()[:100])
@@ -255,7 +301,7 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, seed, capsys):
     assert "mix recipe key 'kv_init' must be" in one_line(capsys)
 
 
-def test_sizes_beyond_the_machine_are_refused_before_work(tmp_path, seed, capsys):
+def test_sizes_beyond_the_machine_are_refused_before_work(tmp_path, seed, capsys, monkeypatch):
     assert main(["train", str(seed), "--data", "code", "--out", str(tmp_path / "r"), "--steps", "1",
                  "--batch-size", "100000000", "--seq-len", "16", "--no-progress"]) == 2
     assert "lower --batch-size or raise --grad-accum" in one_line(capsys)
@@ -263,6 +309,17 @@ def test_sizes_beyond_the_machine_are_refused_before_work(tmp_path, seed, capsys
     assert main(["mix", "--config", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "m")]) == 2
     assert "num_experts must be an int in [1, 1024], got 100000" in one_line(capsys)
     assert sorted(os.listdir(tmp_path)) == ["r.yaml", "seed"]
+    from bam_model.training import TrainConfig, loop
+    moe = bam_model.upcycle(seed, [seed, seed], method="sparse")
+    weights = sum(p.numel() * p.element_size() for p in moe.parameters())
+    experts = sum(p.numel() * p.element_size() for n, p in moe.named_parameters() if ".experts." in n)
+    cfg = TrainConfig(steps=1, batch_size=2, seq_len=16)
+    batch = 8 * 1 * 16 * 8192 + 16 * 1 * 16              # a micro-batch's logits and the rank's token ids
+    monkeypatch.setattr(files, "physical_memory", lambda: 4 * weights - experts + batch)
+    with pytest.raises(ValueError, match="shard them with --strategy fsdp"):
+        loop._check_memory(moe, cfg, "ddp", False, 2)
+    loop._check_memory(moe, cfg, "ddp", True, 2)              # each rank holds half the experts
+    loop._check_memory(moe, cfg, "fsdp", False, 2)
     with pytest.raises(ValueError, match="more than the .* free on the disk"):
         files.check_free_space(tmp_path, shutil.disk_usage(tmp_path).free + 2**30, "the weights")
 
