@@ -56,6 +56,9 @@ def evaluate(model: nn.Module, domains: str | Sequence[str | Source] = DOMAINS, 
 
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    context = getattr(getattr(distributed.unwrap(model), "config", None), "max_seq_len", None)
+    if context is not None and isinstance(seq_len, int) and seq_len > context:
+        raise ValueError(f"seq_len={seq_len} is longer than the model's context (max_seq_len={context})")
     tokenizer = for_model(distributed.unwrap(model), tokenizer)
     byte_len = torch.from_numpy(token_byte_lengths(tokenizer))
     device = next(model.parameters()).device

@@ -11,8 +11,10 @@ import torch
 from .. import distributed
 from ..data import DOMAINS
 from ..files import check_output_file, write_text_atomic
-from ..options import INT, add_options, from_args, option
+from ..formats.load import context_length
+from ..options import INT, add_options, from_args, int_at_least, option, positive_int, validate
 
+DEFAULT_SEQ_LEN = 256
 DEVICE_HELP = "default: cuda when available, else cpu (under torchrun rank r takes cuda:LOCAL_RANK)"
 
 
@@ -21,13 +23,19 @@ class EvalOptions:
     model: str = option(help="model folder", positional=True)
     data: str = option(",".join(DOMAINS), help="domains or paths, comma-separated (weights are ignored); "
                        "default: every domain")
-    seq_len: int = option(256, help="tokens per scored window", kind=INT)
-    batch_size: int = option(8, help="windows per forward pass", kind=INT)
-    max_windows: int | None = option(None, help="cap on held-out windows per domain", kind=INT)
+    seq_len: int | None = option(None, help=f"tokens per scored window (default {DEFAULT_SEQ_LEN}, or the "
+                                 "model's context when it is shorter; at most the model's context)", kind=INT,
+                                 check=int_at_least(2))
+    batch_size: int = option(8, help="windows per forward pass", kind=INT, check=positive_int)
+    max_windows: int | None = option(None, help="cap on held-out windows per domain", kind=INT,
+                                     check=positive_int)
     device: str | None = option(None, help=DEVICE_HELP)
     json: str | None = option(None, help="also write the results to this JSON file (a new file, or one an "
                               "earlier bam eval wrote)")
     no_progress: bool = option(False, help="no progress bar")
+
+    def __post_init__(self):
+        validate(self)
 
 
 # The format marker of the JSON file ``--json`` writes: an existing file is replaced only when it
@@ -54,6 +62,12 @@ def run_eval(args: argparse.Namespace) -> dict:
     from ..evaluate import evaluate
 
     opts = from_args(EvalOptions, args)
+    context = context_length(opts.model)      # from the config alone: checked before any work
+    if opts.seq_len is None:
+        opts.seq_len = DEFAULT_SEQ_LEN if context is None else min(DEFAULT_SEQ_LEN, context)
+    elif context is not None and opts.seq_len > context:
+        raise ValueError(f"--seq-len {opts.seq_len} is longer than MODEL's context ({context} tokens, its "
+                         f"max_seq_len); give --seq-len {context} or less")
     if opts.json is not None:    # before any work: never a file bam did not write, never the model's
         check_output_file(opts.json, _is_eval_file, flag="--json", what="a results file",
                           inputs=[("MODEL", opts.model)])

@@ -42,7 +42,8 @@ class TrainRun:
     mixup_base: str | None = option(None, help="with --mixup: the model folder whose weights are the frozen "
                                     "W_base (default: MODEL's own); same weight names and shapes as MODEL. "
                                     "W_task starts as MODEL: the run starts at a * MODEL + (1 - a) * BASE")
-    no_progress: bool = option(False, help="no progress bar")
+    no_progress: bool = option(False, help="no progress bar: a line for the first step and for every logged "
+                               "step instead (as where stderr is not a terminal)")
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
@@ -78,7 +79,7 @@ def run_train(args: argparse.Namespace) -> list[dict]:
             if opts.mixup_base is not None:   # its weights alone: the module goes, nothing else is kept
                 base = {name: p.detach() for name, p in
                         trainable_weights(from_pretrained(opts.mixup_base, device=device)).items()}
-            records = train(model, opts.data, run, cfg, progress=not opts.no_progress,
+            records = train(model, opts.data, run, cfg, progress="lines" if opts.no_progress else True,
                             strategy=opts.strategy, expert_parallel=opts.expert_parallel,
                             save_dtype=DTYPES[opts.dtype] if opts.dtype else None, mixup_base=base)
     finally:

@@ -102,7 +102,7 @@ def save_final(model: nn.Module, path: Path, dtype: torch.dtype | None = None) -
 
 
 def train(model: nn.Module, data: str, out: str | os.PathLike | RunFolder, cfg: TrainConfig, *,
-          resume: bool = False, overwrite: bool = False, tokenizer=None, progress: bool = True,
+          resume: bool = False, overwrite: bool = False, tokenizer=None, progress: bool | str = True,
           strategy: str = "ddp", expert_parallel: bool = False,
           save_dtype: torch.dtype | None = None,
           mixup_base: nn.Module | dict[str, torch.Tensor] | None = None) -> list[dict]:
@@ -124,6 +124,10 @@ def train(model: nn.Module, data: str, out: str | os.PathLike | RunFolder, cfg: 
     this is called: pass the same starting model to resume), single-process or DDP; ``model`` ends
     holding the mixed weights, and ``out/mixup-alpha.json`` and ``.png`` show the coefficients
     per weight.
+
+    ``progress``: True shows a progress bar on a terminal and, where stderr is not one (a log
+    file), a line per logged step and one for the first step at once; "lines" always the lines;
+    False neither.
 
     ``out`` is checked, claimed and locked first (``open_run``; or pass what ``open_run`` gave): a
     fresh run into a folder holding a run is refused unless ``resume`` (continue it, with the same
@@ -287,15 +291,18 @@ class _Loop:
         self.params = [p for g in self.opt.param_groups if g.get("name") != "mixup" for p in g["params"]]
         self.experts = distributed.expert_parameter_ids(self.wrapped)
 
-    def run(self, progress: bool, save_dtype: torch.dtype | None) -> list[dict]:
+    def run(self, progress: bool | str, save_dtype: torch.dtype | None) -> list[dict]:
         from tqdm.auto import tqdm
 
         cfg, ctx = self.cfg, self.ctx
         self.wrapped.train()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (progress and ctx.is_main), desc="train",
-                   unit="step")
+        on_terminal = sys.stderr.isatty()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step",
+                   disable=not (progress is True and on_terminal and ctx.is_main))
+        lines = ctx.is_main and (progress == "lines" or (progress is True and not on_terminal))
         eta = Estimate(self.step, cfg.steps, self.tokens_per_step, self.device, enabled=ctx.is_main)
         t_last, steps_since = time.perf_counter(), 0
+        t_start, first = t_last, self.step + 1
         metrics_file = (open(self.out / METRICS, "a", encoding="utf-8") if ctx.is_main
                         else contextlib.nullcontext())
         with metrics_file as metrics:
@@ -309,11 +316,16 @@ class _Loop:
                 if self.step % cfg.log_every == 0 or do_eval or self.step == cfg.steps:
                     rec = self.record(done, steps_since, t_last, do_eval)
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                    if lines:
+                        self.say(rec["loss"], rec["tokens_per_s"], t_start, first)
                     if metrics:
                         metrics.write(json.dumps(rec) + "\n")
                         metrics.flush()
                     self.records.append(rec)
                     t_last, steps_since = time.perf_counter(), 0
+                elif lines and self.step == first:      # the first step at once, whatever --log-every
+                    rate = self.tokens_per_step / (time.perf_counter() - t_last)
+                    self.say(done.means["loss"], rate, t_start, first)
                 if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.steps:
                     if metrics:
                         os.fsync(metrics.fileno())
@@ -334,6 +346,13 @@ class _Loop:
                                   "and another --dtype") from None
         distributed.barrier()
         return self.records
+
+    def say(self, loss: float, tokens_per_s: float, t_start: float, first: int) -> None:
+        """One line for a step, where no progress bar shows (a log file, ``--no-progress``)."""
+        elapsed = time.perf_counter() - t_start
+        left = elapsed / (self.step - first + 1) * (self.cfg.steps - self.step)
+        print(f"train: step {self.step}/{self.cfg.steps}: loss {loss:.4f}, {tokens_per_s:,.0f} tokens/s, "
+              f"{_duration(elapsed)} elapsed, about {_duration(left)} left", file=sys.stderr, flush=True)
 
     def checkpoint_extra(self) -> dict:
         if self.mixup is None:

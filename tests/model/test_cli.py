@@ -173,3 +173,31 @@ def test_a_switch_left_out_is_not_given():
     p = argparse.ArgumentParser()
     add_options(p, Switches)
     assert p.parse_args([]).fast is False and p.parse_args(["--fast"]).fast is True
+
+
+def test_eval_window_defaults_to_the_models_context_and_a_longer_one_is_refused_first(tmp_path, seed_path,
+                                                                                      capsys):
+    """A model whose context (64) is shorter than the default window (256) is scored on windows of
+    its context; an explicit longer --seq-len is refused in one line before the model is loaded."""
+    out = tmp_path / "e.json"
+    assert main(["eval", seed_path, "--data", "code", "--max-windows", "2", "--no-progress", "--json",
+                 str(out)]) == 0
+    record = yaml.safe_load(out.read_text())
+    assert record["seq_len"] == 64 and record["results"]["code"]["tokens"] == 2 * 63
+    capsys.readouterr()
+    assert main(["eval", seed_path, "--data", "code", "--seq-len", "65", "--no-progress"]) == 2
+    from bam_model.evaluate import evaluate
+    with pytest.raises(ValueError, match=r"seq_len=65 is longer than the model's context \(max_seq_len=64\)"):
+        evaluate(bam_model.from_pretrained(seed_path), "code", seq_len=65)
+    said = capsys.readouterr()
+    assert said.out == "" and said.err == ("bam eval: error: --seq-len 65 is longer than MODEL's context (64 "
+                                           "tokens, its max_seq_len); give --seq-len 64 or less\n")
+
+
+def test_train_without_a_bar_says_the_first_step_at_once_and_each_logged_one(tmp_path, seed_path, capsys):
+    assert main(["train", seed_path, "--data", "code", "--out", str(tmp_path / "run"), "--steps", "5",
+                 "--log-every", "2", "--batch-size", "2", "--seq-len", "16", "--eval-windows", "1",
+                 "--no-progress"]) == 0
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: step ")]
+    assert [re.match(r"train: step (\d+)/5: loss [\d.]+, [\d,]+ tokens/s, .* elapsed, about .* left$", line)
+            .group(1) for line in said] == ["1", "2", "4", "5"]
