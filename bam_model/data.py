@@ -1,7 +1,10 @@
 """Data: the bundled corpus and tokenizer, ``--data`` specs, and a resumable, shardable batch stream.
 
 A ``--data`` spec is a bundled domain (``code``), a mixture (``code:0.25,math:0.75``; weights are
-normalised) or a path to a UTF-8 text file or a folder of them; mixture parts may be paths too.
+normalised) or a path to a file or a folder of them; mixture parts may be paths too. Files are read
+by ``readers``: a text file is one document, a JSON Lines, JSON or Parquet file one document per
+record (its ``text``). A lone file's documents are held out by a hash of their text (a lone text
+document: its last ~10%); a folder's files are held out whole, by a hash of their path.
 
 Every source is tokenized once per process (documents joined by ``<|endoftext|>``) and cut into
 windows of ``seq_len`` tokens that overlap by one token, so that with the model's own shift
@@ -23,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .readers import read_documents
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 DOMAINS = ("code", "math", "legal", "drama", "scripture")
@@ -119,9 +124,15 @@ class Source:
             with gzip.open(CORPUS_DIR / f"{self.name}.{split}.jsonl.gz", "rt", encoding="utf-8") as f:
                 return [json.loads(line)["text"] for line in f]
         files = _text_files(self.path)
-        if len(files) == 1:
-            return [_split_text(_read_text(files[0]), split)]
-        return [_read_text(p) for p in _split_files(self.path, files)[split]]
+        if len(files) > 1:
+            return [doc for p in _split_files(self.path, files)[split] for doc in read_documents(p)]
+        docs = list(read_documents(files[0]))
+        if not docs:
+            raise ValueError(f"data: {str(files[0])!r} holds no document (every record's text is empty)")
+        if len(docs) == 1:      # a text file, or a lone record: its last ~10% is held out
+            return [_split_text(docs[0], split)]
+        held = _first_by_hash(docs, [len(d) for d in docs], HELDOUT_FRACTION)
+        return [d for i, d in enumerate(docs) if (i in held) == (split == "heldout")]
 
     def train_documents(self, part: str, fraction: float) -> list[str]:
         """The training documents of ``part`` ("task" or "mixup") when ``fraction`` of them go to
@@ -150,13 +161,6 @@ def _text_files(path: Path) -> list[Path]:
             raise ValueError(f"data: {ascii(str(p))} has a file name that is not UTF-8; rename it or move it "
                              "out of the folder") from None
     return files
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"data: {str(path)!r} is not UTF-8 text ({e})") from None
 
 
 def _cut_at_line(text: str, share: float) -> int:

@@ -222,3 +222,36 @@ def test_eval_windows_score_each_token_once():
     assert D.eval_windows(tok, 10, max_windows=3).shape == (3, 10)
     with pytest.raises(ValueError, match="seq_len=200 is longer"):
         D.eval_windows(tok, 200)
+
+
+def test_record_files_are_read_by_their_text_field_and_split_by_document(tmp_path):
+    """A JSON Lines file (gzip here) is its records' texts, not its raw JSON: a lone file is held
+    out by a hash of each record's text; in a folder, record and text files are held out whole."""
+    records = [{"text": f"document {i}: " + "word " * (20 + i), "meta": i} for i in range(40)]
+    path = tmp_path / "corpus.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+    [(src, _)] = D.parse_data_spec(str(path))
+    train, held = src.documents("train"), src.documents("heldout")
+    assert sorted(train + held) == sorted(r["text"] for r in records) and held and train
+    assert train == [r["text"] for r in records if r["text"] in train]          # in file order
+    tok = D.load_tokenizer()
+    eos = D.eos_token_id(tok)
+    expected = [i for d in train for i in (*tok.encode(d, add_special_tokens=False).ids, eos)]
+    assert D.tokens(src, "train", tok).tolist() == expected
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for j in range(5):
+        with open(folder / f"part{j}.jsonl", "w") as f:
+            f.write("".join(json.dumps({"text": f"part {j} record {i} " + "x " * 30}) + "\n"
+                            for i in range(3)))
+    (folder / "notes.md").write_text("a text file is one document\n")
+    src = D.Source("folder", folder)
+    train, held = src.documents("train"), src.documents("heldout")
+    assert len(train) + len(held) == 16 and held and train and not set(train) & set(held)
+    assert "a text file is one document\n" in train + held
+
+    (folder / "part9.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
+    with pytest.raises(ValueError, match=r"part9.jsonl' line 2 has no 'text' field"):
+        [d for split in ("train", "heldout") for d in D.Source("folder", folder).documents(split)]
