@@ -143,6 +143,9 @@ class CausalLM(nn.Module, abc.ABC):
     # branch, upcycle and training, written by save_pretrained); None for a model built from a
     # config alone. Not a parameter: an object the model carries.
     tokenizer = None
+    # The chat template (Jinja) that came with the tokenizer (a GGUF's, a Hugging Face folder's), carried
+    # like it and written into tokenizer_config.json, so an instruct model keeps its chat format.
+    chat_template: str | None = None
 
     def __init__(self, config: DenseConfig):
         super().__init__()

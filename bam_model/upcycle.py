@@ -206,6 +206,7 @@ def upcycle(seed, experts, options: MixOptions | None = None, *, dtype: torch.dt
     tensors = _Mixer(config, options, states, fisher_states).tensors(progress)
     moe = build_model(config, tensors, dtype=seed.dtype if dtype is None else dtype, device=seed.device)
     moe.tokenizer = _common_tokenizer(models)
+    moe.chat_template = seed.chat_template
     return moe
 
 

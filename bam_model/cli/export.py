@@ -37,7 +37,8 @@ def run_export(args: argparse.Namespace) -> str:
     with reserve_output(opts.out, "model", inputs=[("MODEL", opts.model)], what="bam export"):
         dtype = DTYPES[opts.dtype] if opts.dtype else None
         model, tok = load_model_and_tokenizer(opts.model, opts.tokenizer, dtype)
-        cls = export_hf(model, opts.out, extra_files=hf_tokenizer_files(tok.tokenizer.to_str(), model.config))
+        tokenizer_files = hf_tokenizer_files(tok.tokenizer.to_str(), model.config, model.chat_template)
+        cls = export_hf(model, opts.out, extra_files=tokenizer_files)
     print(f"wrote {opts.out}: {cls}, {model.dtype}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
           "parameters, with its tokenizer")
     return opts.out

@@ -131,7 +131,7 @@ def run_mix(args: argparse.Namespace) -> str:
         files = {"mix.yaml": text}
         if command.format == "mixtral":
             if model.tokenizer is not None:
-                files.update(hf_tokenizer_files(model.tokenizer.to_str(), model.config))
+                files.update(hf_tokenizer_files(model.tokenizer.to_str(), model.config, model.chat_template))
             export_mixtral(model, command.out, extra_files=files)
         else:
             model.save_pretrained(command.out, extra_files=files)

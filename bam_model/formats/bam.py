@@ -63,7 +63,9 @@ def hf_config_json(config) -> str:
 
 def _tokenizer_files(model: CausalLM) -> dict[str, str]:
     """The tokenizer the model carries, as files for its folder (none when it carries none)."""
-    return hf_tokenizer_files(model.tokenizer.to_str(), model.config) if model.tokenizer is not None else {}
+    if model.tokenizer is None:
+        return {}
+    return hf_tokenizer_files(model.tokenizer.to_str(), model.config, model.chat_template)
 
 
 def load_bam_folder(path: str, dtype: torch.dtype | None, device) -> CausalLM:

@@ -154,7 +154,15 @@ def load_gguf(source, dtype: torch.dtype | None = torch.float32, device="cpu") -
     model = build_model(config, tensors, dtype, device)
     model.tokenizer = gguf_tokenizer(reader).tokenizer
     check_fits(model.tokenizer, config)
+    model.chat_template = gguf_chat_template(reader)
     return model
+
+
+def gguf_chat_template(source) -> str | None:
+    """The chat template a GGUF file (path or reader) records, or None."""
+    field = gguf_reader(source).fields.get("tokenizer.chat_template")
+    template = field.contents() if field is not None else None
+    return template if isinstance(template, str) and template else None
 
 
 def is_gguf(source) -> bool:

@@ -11,9 +11,9 @@ import torch
 
 from .. import data
 from ..config import CONFIG_CLASSES, BamConfig, DenseConfig, config_from_dict
-from ..files import check_complete
+from ..files import check_complete, read_json
 from ..model import CausalLM, DenseLM
-from ..tokenizer import TOKENIZER_JSON, check_fits
+from ..tokenizer import CHAT_TEMPLATE_JINJA, TOKENIZER_CONFIG, TOKENIZER_JSON, check_fits
 from .bam import load_bam_folder
 from .folder import CONFIG, folder_config, folder_model_type
 from .gguf import gguf_context_length, gguf_tokenizer, is_gguf, load_gguf
@@ -50,7 +50,26 @@ def context_length(path) -> int | None:
 def _with_tokenizer(model: CausalLM, source) -> CausalLM:
     if model.tokenizer is None:
         model.tokenizer = tokenizer_of_source(source, model.config)
+    if model.chat_template is None and model.tokenizer is not None and not is_gguf(source):
+        model.chat_template = chat_template_of_folder(os.fspath(source))
     return model
+
+
+def chat_template_of_folder(path: str) -> str | None:
+    """The chat template of a model folder: ``chat_template.jinja`` (transformers 5 writes it), else
+    the ``chat_template`` string of ``tokenizer_config.json``; None when there is neither."""
+    jinja = os.path.join(path, CHAT_TEMPLATE_JINJA)
+    if os.path.isfile(jinja):
+        try:
+            with open(jinja, encoding="utf-8") as f:
+                return f.read() or None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{jinja} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    config = os.path.join(path, TOKENIZER_CONFIG)
+    if not os.path.isfile(config):
+        return None
+    template = read_json(config).get("chat_template")
+    return template if isinstance(template, str) and template else None
 
 
 def tokenizer_of_source(source, config) -> Tokenizer | None:

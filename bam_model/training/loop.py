@@ -93,7 +93,7 @@ def save_final(model: nn.Module, path: Path, dtype: torch.dtype | None = None) -
         return
     if isinstance(inner, CausalLM):
         whole = build_model(inner.config, tensors)
-        whole.tokenizer = inner.tokenizer
+        whole.tokenizer, whole.chat_template = inner.tokenizer, inner.chat_template
         whole.save_pretrained(str(path), dtype=dtype)
         return
     if dtype is not None:

@@ -201,3 +201,17 @@ def test_train_without_a_bar_says_the_first_step_at_once_and_each_logged_one(tmp
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: step ")]
     assert [re.match(r"train: step (\d+)/5: loss [\d.]+, [\d,]+ tokens/s, .* elapsed, about .* left$", line)
             .group(1) for line in said] == ["1", "2", "4", "5"]
+
+
+def test_a_folders_chat_template_travels_into_every_folder_bam_writes(tmp_path, seed_path):
+    """A chat template beside a model (``chat_template.jinja``, as transformers 5 writes it, before the
+    ``chat_template`` of tokenizer_config.json) is carried through branch and mix into their folders."""
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    (tmp_path / "seed" / "chat_template.jinja").write_text(template)
+    assert bam_model.load_dense(seed_path).chat_template == template
+    assert main(["branch", seed_path, "--domains", "a", "--out", str(tmp_path / "br")]) == 0
+    assert main(["mix", "--base-model", str(tmp_path / "br" / "a"), "--experts", str(tmp_path / "br" / "a"),
+                 "--out", str(tmp_path / "mixed")]) == 0
+    for folder in (tmp_path / "br" / "a", tmp_path / "mixed"):
+        assert yaml.safe_load((folder / "tokenizer_config.json").read_text())["chat_template"] == template
+        assert bam_model.from_pretrained(str(folder)).chat_template == template

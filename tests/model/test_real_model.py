@@ -2,6 +2,7 @@
 tokenizes with its own tokenizer, a fresh BAM mixture of the seed keeps the seed's function, and a
 trained model generates without being told its tokenizer. A few windows and one training step keep it
 within the CI budget."""
+import json
 import math
 import os
 
@@ -76,6 +77,11 @@ def test_a_trained_model_generates_with_its_own_tokenizer(work, capsys):
     loss = float(out.split("loss ")[1].split(";")[0])
     assert loss < 5          # SmolLM2's own ids: about 1 to 3 nats; the bundled BPE's ids gave 9.4
     assert (work / "run" / "model" / "tokenizer.json").is_file()
+    # The GGUF's chat template went through branch and train into the trained model's folder.
+    from bam_model.formats.gguf import gguf_chat_template
+    written = json.loads((work / "run" / "model" / "tokenizer_config.json").read_text())
+    template = gguf_chat_template(smollm2_gguf())
+    assert written["chat_template"] == template and "<|im_start|>" in template
     text = greedy(str(work / "run" / "model"), capsys)
     assert text.startswith("def fibonacci(n):") and len(text) > len("def fibonacci(n):\n")
 
@@ -93,6 +99,10 @@ def test_the_mixture_loads_in_transformers_with_bams_logits(work):
     ours = bam_model.from_pretrained(str(mixed))
     hf = transformers.AutoModelForCausalLM.from_pretrained(mixed).eval()
     tok = transformers.AutoTokenizer.from_pretrained(mixed, padding_side="left")
+    chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert chat.startswith("<|im_start|>system\n") and chat.endswith("<|im_start|>user\nHi<|im_end|>\n"
+                                                                     "<|im_start|>assistant\n")
     tok.pad_token = tok.eos_token
     batch = tok(["def fibonacci(n):", "The LORD said unto Moses,"], return_tensors="pt", padding=True)
     full = int(batch["attention_mask"].all(-1).nonzero()[0])  # the longer prompt: no padding
