@@ -39,6 +39,9 @@ MANIFEST_FORMAT = "bam-manifest"
 LOCK = ".bam-lock"
 KINDS = ("model", "run", "demo")
 STAGING_PREFIX = ".bam-staging-"
+# Written into every staging folder as it is made: a folder of that prefix is ours to remove only when
+# it holds this marker (or nothing), never by its name alone.
+STAGING_MARKER = ".bam-staging"
 # The names of the files bam's commands write into a model folder: a user's file of such a name that
 # our manifest does not list is found before any work (``check_output``).
 MODEL_FILE_NAMES = re.compile(
@@ -171,8 +174,12 @@ def check_free_space(path, nbytes: int, what: str) -> None:
 
 def read_manifest(folder) -> dict | None:
     """The manifest of a folder we wrote, or None when there is none (or it is not ours)."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
+    return _manifest_in(Path(folder) / MANIFEST)
+
+
+def _manifest_in(path: Path) -> dict | None:
+    """The manifest the file ``path`` holds, or None when it holds none of ours."""
+    if path.is_symlink() or not path.is_file():
         return None
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -280,15 +287,16 @@ def _check_target(folder: Path, name: str, listed: dict, flag: str) -> None:
 
 
 def _leftover(entry: Path) -> bool:
-    """What a folder may hold and still count as empty: our lock file, a staging folder or a
-    manifest's temporary a killed write left (ours by name and by kind)."""
-    if entry.name == LOCK:
-        return _is_our_lock(entry)
+    """What a folder may hold and still count as empty, each ours by its name and its content: our
+    lock file, a staging folder a killed write left (holding our marker, or nothing), a temporary
+    of our manifest."""
     if entry.is_symlink():
         return False
-    if entry.name.startswith(STAGING_PREFIX):
-        return entry.is_dir()
-    return entry.name.startswith(f".{MANIFEST}.tmp-") and entry.is_file()
+    if entry.name == LOCK:
+        return _is_our_lock(entry)
+    if entry.name.startswith(STAGING_PREFIX) and entry.is_dir():
+        return (entry / STAGING_MARKER).is_file() or not any(entry.iterdir())
+    return entry.name.startswith(f".{MANIFEST}.tmp-") and _manifest_in(entry) is not None
 
 
 def _remove_leftover(entry: Path) -> None:
@@ -384,6 +392,7 @@ def write_model_folder(path, write) -> None:
             if _leftover(stale):
                 _remove_leftover(stale)
         stage = Path(tempfile.mkdtemp(dir=path, prefix=STAGING_PREFIX))
+        (stage / STAGING_MARKER).touch()
         try:
             try:
                 write(stage)
@@ -391,10 +400,10 @@ def write_model_folder(path, write) -> None:
                 if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                     raise
                 raise OSError(e.errno, e.strerror, str(path)) from None
-            names = sorted(p.name for p in stage.iterdir())
+            names = sorted(p.name for p in stage.iterdir() if p.name != STAGING_MARKER)
             mode = 0o666 & ~umask()  # safetensors creates its files 0600, whatever the umask
             for name in names:
-                if name == MANIFEST or _leftover(stage / name):
+                if name in (MANIFEST, LOCK) or name.startswith(STAGING_PREFIX):
                     raise ValueError(f"a model folder cannot hold a file named {name!r} (bam's own)")
                 if (stage / name).is_symlink() or not (stage / name).is_file():
                     raise ValueError(f"a model folder holds files only; {name!r} is not one")

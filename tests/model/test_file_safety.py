@@ -132,11 +132,20 @@ def test_an_interrupted_rewrite_is_refused_on_load_and_written_again(tmp_path, m
 
 def test_a_staging_folder_left_by_a_kill_does_not_block_the_next_write(tmp_path):
     model = DenseLM(DenseConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=24))
-    (tmp_path / "m" / f"{files.STAGING_PREFIX}x1").mkdir(parents=True)   # killed before its manifest
-    (tmp_path / "m" / f"{files.STAGING_PREFIX}x1" / "model.safetensors").write_bytes(b"half")
+    stage = tmp_path / "m" / f"{files.STAGING_PREFIX}x1"      # killed before its manifest
+    stage.mkdir(parents=True)
+    (stage / files.STAGING_MARKER).touch()
+    (stage / "model.safetensors").write_bytes(b"half")
     model.save_pretrained(str(tmp_path / "m"))
     assert sorted(os.listdir(tmp_path / "m")) == ["bam-manifest.json", "config.json", "configuration_bam.py",
                                                  "model.safetensors", "modeling_bam.py"]
+    # A folder of that name without our marker is not ours by its name alone: never removed.
+    mine = tmp_path / "u" / f"{files.STAGING_PREFIX}notes"
+    mine.mkdir(parents=True)
+    (mine / "draft.txt").write_text("mine")
+    with pytest.raises(ValueError, match="was not written by bam"):
+        model.save_pretrained(str(tmp_path / "u"))
+    assert (mine / "draft.txt").read_text() == "mine"
 
 
 def test_an_empty_folder_is_written_into_and_a_file_is_refused(tmp_path):
