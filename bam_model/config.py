@@ -32,6 +32,18 @@ METHODS = ("bam", "btx", "sparse")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_seq_len(seq_len: int, context: int | None, flag: str | None = None) -> None:
+    """Refuse windows of ``seq_len`` tokens longer than a model's ``context`` (its max_seq_len; None:
+    unknown, not checked). ``flag``: the command-line flag to name (MODEL's context, read from its
+    config before any work), else the API's argument."""
+    if context is None or seq_len <= context:
+        return
+    if flag is not None:
+        raise ValueError(f"{flag} {seq_len} is longer than MODEL's context ({context} tokens, its "
+                         f"max_seq_len); give {flag} {context} or less")
+    raise ValueError(f"seq_len={seq_len} is longer than the model's context (max_seq_len={context})")
+
+
 def _optional_token(name: str, value, vocab_size: int) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                               or not 0 <= value < vocab_size):

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import distributed
+from .config import check_seq_len
 from .data import DOMAINS, Source, eval_windows, parse_data_spec, token_byte_lengths, tokens
 from .tokenizer import for_model
 
@@ -56,10 +57,10 @@ def evaluate(model: nn.Module, domains: str | Sequence[str | Source] = DOMAINS, 
 
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    context = getattr(getattr(distributed.unwrap(model), "config", None), "max_seq_len", None)
-    if context is not None and isinstance(seq_len, int) and seq_len > context:
-        raise ValueError(f"seq_len={seq_len} is longer than the model's context (max_seq_len={context})")
-    tokenizer = for_model(distributed.unwrap(model), tokenizer)
+    inner = distributed.unwrap(model)
+    if isinstance(seq_len, int):      # its type and least value: eval_windows
+        check_seq_len(seq_len, getattr(getattr(inner, "config", None), "max_seq_len", None))
+    tokenizer = for_model(inner, tokenizer)
     byte_len = torch.from_numpy(token_byte_lengths(tokenizer))
     device = next(model.parameters()).device
     ctx = distributed.current()

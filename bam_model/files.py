@@ -519,14 +519,18 @@ def _holder_record(text: str) -> dict | None:
 
 def _is_our_lock(path: Path) -> bool:
     """A plain file of one name (no link, no hard link to another file), empty or holding our holder
-    line: ours to lock, rewrite and remove."""
+    line (``_check_lock_file``): ours to lock, rewrite and remove."""
     try:
-        st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > LOCK_MAX_BYTES:
-            return False
-        return st.st_size == 0 or _holder_record(path.read_text(encoding="utf-8")) is not None
-    except (OSError, UnicodeDecodeError):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
         return False
+    try:
+        _check_lock_file(fd, path)
+        return True
+    except (ValueError, OSError):
+        return False
+    finally:
+        os.close(fd)
 
 
 def _check_lock_file(fd: int, path: Path, content: bool = True) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed
+from ..config import check_seq_len
 from ..data import DOMAINS
 from ..files import check_output_file, write_text_atomic
 from ..formats.load import context_length
@@ -65,9 +66,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     context = context_length(opts.model)      # from the config alone: checked before any work
     if opts.seq_len is None:
         opts.seq_len = DEFAULT_SEQ_LEN if context is None else min(DEFAULT_SEQ_LEN, context)
-    elif context is not None and opts.seq_len > context:
-        raise ValueError(f"--seq-len {opts.seq_len} is longer than MODEL's context ({context} tokens, its "
-                         f"max_seq_len); give --seq-len {context} or less")
+    check_seq_len(opts.seq_len, context, "--seq-len")
     if opts.json is not None:    # before any work: never a file bam did not write, never the model's
         check_output_file(opts.json, _is_eval_file, flag="--json", what="a results file",
                           inputs=[("MODEL", opts.model)])

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed
-from ..config import DTYPES
+from ..config import DTYPES, check_seq_len
 from ..data import parse_data_spec
 from ..formats.load import context_length
 from ..options import add_options, from_args, option
@@ -61,10 +61,7 @@ def run_train(args: argparse.Namespace) -> list[dict]:
     if opts.mixup_base is not None and not cfg.mixup:
         raise ValueError("--mixup-base is the frozen base of weight-mixup training: add --mixup")
     sources = [s for s, _ in parse_data_spec(opts.data)]
-    context = context_length(opts.model)      # checked before the run folder is made
-    if context is not None and cfg.seq_len > context:
-        raise ValueError(f"--seq-len {cfg.seq_len} is longer than MODEL's context ({context} tokens, its "
-                         f"max_seq_len); give --seq-len {context} or less")
+    check_seq_len(cfg.seq_len, context_length(opts.model), "--seq-len")   # before the run folder is made
     inputs = [("MODEL", opts.model), *data_inputs(sources)]
     if opts.mixup_base is not None:
         inputs.append(("--mixup-base", opts.mixup_base))

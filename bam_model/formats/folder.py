@@ -73,11 +73,6 @@ def write_folder(path: str, files: dict[str, str | bytes], tensors: dict[str, to
     write_model_folder(path, write)
 
 
-def brief(value) -> str:
-    """``repr(value)``, bounded to one short line for a message (``files.short_repr``)."""
-    return short_repr(value)
-
-
 def _weight_files(path: str) -> tuple[list[str], dict | None, str]:
     """(shard file names, the index's weight_map or None, the path to name the weights by in
     messages) of the checkpoint folder ``path``. An index naming a shard by an absolute path or
@@ -91,7 +86,7 @@ def _weight_files(path: str) -> tuple[list[str], dict | None, str]:
         for key, fname in weight_map.items():
             if not isinstance(fname, str) or not fname:
                 raise ValueError(f"{index}: weight_map[{key!r}] must be a shard file name, "
-                                 f"got {brief(fname)}")
+                                 f"got {short_repr(fname)}")
             if os.path.isabs(fname) or os.path.normpath(fname).split(os.sep)[0] == os.pardir:
                 raise ValueError(f"{index}: weight_map[{key!r}] = {fname!r} lies outside the "
                                  "checkpoint folder")
@@ -202,7 +197,7 @@ def folder_model_type(path: str) -> str | None:
     cfg_path = os.path.join(path, CONFIG)
     model_type = read_json(cfg_path).get("model_type")
     if model_type is not None and not isinstance(model_type, str):
-        raise ValueError(f"{cfg_path}: model_type must be a string, got {brief(model_type)}")
+        raise ValueError(f"{cfg_path}: model_type must be a string, got {short_repr(model_type)}")
     return model_type
 
 

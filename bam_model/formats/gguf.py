@@ -13,8 +13,9 @@ from ..build import build_model, check_tensors
 from ..config import DenseConfig
 from ..files import about_file
 from ..model import DenseLM
+from ..options import short_repr
 from ..tokenizer import TextTokenizer, check_fits
-from .folder import brief, check_values
+from .folder import check_values
 
 
 def gguf_path(reader) -> str:
@@ -36,7 +37,7 @@ def _gguf_number(reader, key: str, default=None, kind: type = int):
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or not (
             math.isfinite(value) and value > 0):
         raise ValueError(f"GGUF file {gguf_path(reader)}: {key!r} must be a positive {kind.__name__}, "
-                         f"got {brief(value)}")
+                         f"got {short_repr(value)}")
     return value
 
 
@@ -110,7 +111,7 @@ def load_gguf(source, dtype: torch.dtype | None = torch.float32, device="cpu") -
     where = gguf_path(reader)
     arch = _gguf_field(reader, "general.architecture")
     if arch != "llama":
-        raise ValueError(f"GGUF architecture {brief(arch)} is not supported; expected 'llama'")
+        raise ValueError(f"GGUF architecture {short_repr(arch)} is not supported; expected 'llama'")
     n_heads = _gguf_number(reader, "llama.attention.head_count")
     n_kv_heads = _gguf_number(reader, "llama.attention.head_count_kv", n_heads)
     dim = _gguf_number(reader, "llama.embedding_length")

@@ -11,7 +11,8 @@ import torch
 from ..build import build_model, check_layer_count
 from ..config import BamConfig, DenseConfig
 from ..model import CausalLM, DenseLM
-from .folder import brief, folder_config, folder_tensors
+from ..options import short_repr
+from .folder import folder_config, folder_tensors
 
 HF_MODEL_TYPES = ("llama", "mistral")
 _REQUIRED = object()
@@ -36,7 +37,7 @@ def _hf_value(hf: dict, key: str, kind: str, default=_REQUIRED):
             raise ValueError(f"key {key!r} is missing; expected {kind}")
         return default
     if not _HF_KINDS[kind](value):
-        raise ValueError(f"key {key!r} must be {kind}, got {brief(value)}")
+        raise ValueError(f"key {key!r} must be {kind}, got {short_repr(value)}")
     return value
 
 
@@ -45,7 +46,8 @@ def _rope_theta(hf: dict) -> float:
     scaling = hf.get("rope_scaling")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if scaling is not None or rope_type != "default":
-        raise ValueError(f"RoPE scaling ({brief(scaling or params)}) is not supported; only plain RoPE is")
+        raise ValueError(f"RoPE scaling ({short_repr(scaling or params)}) is not supported; only plain RoPE "
+                         "is")
     if "rope_theta" in params:
         return _hf_value(params, "rope_theta", "a finite positive number")
     return _hf_value(hf, "rope_theta", "a finite positive number", 10000.0)

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from .. import distributed, files
 from ..build import DtypeRangeError
+from ..config import check_seq_len
 from ..data import BatchStream, parse_data_spec, source_digest
 from ..files import read_json, write_text_atomic
 from ..tokenizer import for_model
@@ -144,12 +145,11 @@ def train(model: nn.Module, data: str, out: str | os.PathLike | RunFolder, cfg: 
     if cfg.batch_size % (cfg.grad_accum * ctx.world_size):
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of grad_accum={cfg.grad_accum} "
                          f"x world size={ctx.world_size}")
-    tokenizer = for_model(distributed.unwrap(model), tokenizer)
+    inner = distributed.unwrap(model)
+    tokenizer = for_model(inner, tokenizer)
     sources = [s for s, _ in parse_data_spec(data)]
-    context = getattr(getattr(distributed.unwrap(model), "config", None), "max_seq_len", None)
-    if context is not None and cfg.seq_len > context:
-        raise ValueError(f"seq_len={cfg.seq_len} is longer than the model's context (max_seq_len={context})")
-    _check_memory(distributed.unwrap(model), cfg, strategy, expert_parallel, ctx.world_size)
+    check_seq_len(cfg.seq_len, getattr(getattr(inner, "config", None), "max_seq_len", None))
+    _check_memory(inner, cfg, strategy, expert_parallel, ctx.world_size)
     run = out if isinstance(out, RunFolder) else open_run(out, cfg, data, resume=resume, overwrite=overwrite,
                                                           inputs=data_inputs(sources))
     try:

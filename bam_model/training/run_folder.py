@@ -245,10 +245,6 @@ def _open_run_main(out: Path, cfg: TrainConfig, data: str, resume: bool, overwri
                                  "it or --overwrite to start afresh")
         return RunFolder(out, resume_step, lock, made)
     except BaseException:
-        if made:    # created by this call: the manifest too, so a refused command leaves nothing
-            with contextlib.suppress(OSError):
-                (out / files.MANIFEST).unlink()
-            files.remove_if_unused(made, lock)
-        lock.release()
+        RunFolder(out, -1, lock, made).close(failed=True)    # a folder made here goes again
         raise
 

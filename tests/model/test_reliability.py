@@ -322,6 +322,10 @@ def test_sizes_beyond_the_machine_are_refused_before_work(tmp_path, seed, capsys
         loop._check_memory(moe, cfg, "ddp", False, 2)
     loop._check_memory(moe, cfg, "ddp", True, 2)              # each rank holds half the experts
     loop._check_memory(moe, cfg, "fsdp", False, 2)
+    import importlib
+    monkeypatch.setattr(importlib.import_module("bam_model.upcycle"), "physical_memory", lambda: weights // 2)
+    with pytest.raises(ValueError, match=r"the mixture has .* \(16 experts\), .* more than this machine's"):
+        bam_model.upcycle(seed, [seed], method="sparse", num_experts=16)
     with pytest.raises(ValueError, match="more than the .* free on the disk"):
         files.check_free_space(tmp_path, shutil.disk_usage(tmp_path).free + 2**30, "the weights")
 
