@@ -1,15 +1,16 @@
 """Data: the bundled corpus and tokenizer, ``--data`` specs, and a resumable, shardable batch stream.
 
 A ``--data`` spec is a bundled domain (``code``), a mixture (``code:0.25,math:0.75``; weights are
-normalised) or a path to a file or a folder of them; mixture parts may be paths too. Files are read
-by ``readers``: a text file is one document, a JSON Lines, JSON or Parquet file one document per
-record (its ``text``). A lone file's documents are held out by a hash of their text (a lone text
-document: its last ~10%); a folder's files are held out whole, by a hash of their path.
+normalised) or a path: a folder of prepared data (``bam prepare``), or a file or folder of files
+(read by ``readers``: a text file is one document, a JSON Lines, JSON or Parquet file one document
+per record, its ``text``); mixture parts may be paths too. How documents are held out:
+``prepare``'s module doc.
 
-Every source is tokenized once per process (documents joined by ``<|endoftext|>``) and cut into
-windows of ``seq_len`` tokens that overlap by one token, so that with the model's own shift
-(labels are the input ids, as in Hugging Face) every token after the first is predicted exactly
-once per pass. ``BatchStream`` draws windows in a seeded order that depends only on the seed,
+Every source is tokenized once, into prepared data (``prepare``; a bundled domain or a raw path
+into the cache, once per corpus and tokenizer), and mapped from there: documents joined by the
+end-of-document token, cut into windows of ``seq_len`` tokens that overlap by one token, so that
+with the model's own shift (labels are the input ids, as in Hugging Face) every token after the
+first is predicted exactly once per pass. ``BatchStream`` draws windows in a seeded order that depends only on the seed,
 the spec, ``seq_len`` and how many samples were drawn before, so it can be saved
 (``state_dict``, plain JSON) and restored exactly, and split across ranks without loss or overlap.
 """
@@ -27,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .readers import read_documents
+from . import prepare
+from .prepare import Input, PreparedData, _first_by_hash, _line_cut, _newline_tokens
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 DOMAINS = ("code", "math", "legal", "drama", "scripture")
@@ -39,7 +41,7 @@ EOS_TOKEN = "<|endoftext|>"
 # What ends a document, in the vocabularies of common tokenizers (GPT-2 and SmolLM, Llama 3,
 # SentencePiece models such as Llama 2 and Mistral, Gemma): the first one a tokenizer has is used.
 DOCUMENT_END_TOKENS = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>")
-HELDOUT_FRACTION = 0.1
+HELDOUT_FRACTION = prepare.HELDOUT_FRACTION
 
 
 def read_tokenizer(path: str | os.PathLike):
@@ -112,55 +114,43 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Source:
-    """One data source: a bundled domain (``path is None``) or a text file or folder."""
+    """One data source: a bundled domain (``path is None``), a folder of prepared data
+    (``bam prepare``), or a file or folder of files to read (``readers``)."""
     name: str
     path: Path | None = None
 
-    def documents(self, split: str) -> list[str]:
-        """The documents of ``split`` ("train" or "heldout"), in a fixed order."""
+    def documents(self, split: str, tokenizer=None) -> list[str]:
+        """The texts of ``split`` ("train" or "heldout"), in a fixed order: a bundled domain's as
+        stored; a path's decoded from its prepared tokens (with ``tokenizer``, default the bundled
+        BPE), one per document, the end-of-document token left out."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if self.path is not None:
+            tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
+            data = self.prepared(tokenizer)
+            toks, ends = data.tokens(split), data.doc_ends(split).astype(np.int64)
+            eos = eos_token_id(tokenizer)
+            out = []
+            for a, b in zip(np.concatenate([[0], ends[:-1]]), ends):
+                ids = toks[a:b].tolist()
+                ids = ids[:-1] if ids and ids[-1] == eos else ids
+                out.append(tokenizer.decode(ids, skip_special_tokens=False))
+            return out
+        with gzip.open(CORPUS_DIR / f"{self.name}.{split}.jsonl.gz", "rt", encoding="utf-8") as f:
+            return [json.loads(line)["text"] for line in f]
+
+    def prepared(self, tokenizer) -> PreparedData:
+        """The source's tokens with ``tokenizer``: a prepared folder, opened (its tokenizer must be
+        this one); a bundled domain or a path, prepared once into the cache (``prepare.cached``)."""
         if self.path is None:
-            with gzip.open(CORPUS_DIR / f"{self.name}.{split}.jsonl.gz", "rt", encoding="utf-8") as f:
-                return [json.loads(line)["text"] for line in f]
-        files = _text_files(self.path)
-        if len(files) > 1:
-            return [doc for p in _split_files(self.path, files)[split] for doc in read_documents(p)]
-        docs = list(read_documents(files[0]))
-        if not docs:
-            raise ValueError(f"data: {str(files[0])!r} holds no document (every record's text is empty)")
-        if len(docs) == 1:      # a text file, or a lone record: its last ~10% is held out
-            return [_split_text(docs[0], split)]
-        held = _first_by_hash(docs, [len(d) for d in docs], HELDOUT_FRACTION)
-        return [d for i, d in enumerate(docs) if (i in held) == (split == "heldout")]
-
-    def train_documents(self, part: str, fraction: float) -> list[str]:
-        """The training documents of ``part`` ("task" or "mixup") when ``fraction`` of them go to
-        "mixup" (``split_train``)."""
-        task, mixup = split_train(self.documents("train"), fraction)
-        return task if part == "task" else mixup
-
-    def fingerprint(self) -> tuple:
-        """Changes when the source's files change (for the token cache)."""
-        if self.path is None:
-            return (self.name,)
-        return tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in _text_files(self.path))
-
-
-def _text_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    if not files:
-        raise ValueError(f"data: folder {str(path)!r} holds no files")
-    for p in files:
-        try:
-            str(p).encode("utf-8")
-        except UnicodeEncodeError:   # a name of bytes that are not UTF-8 (read as lone surrogates)
-            raise ValueError(f"data: {ascii(str(p))} has a file name that is not UTF-8; rename it or move it "
-                             "out of the folder") from None
-    return files
+            inputs = [Input(CORPUS_DIR / f"{self.name}.{split}.jsonl.gz", f"{self.name}.{split}", split)
+                      for split in SPLITS]
+            return prepare.cached(inputs, tokenizer, what=f"the bundled domain {self.name!r}")
+        if prepare.is_prepared(self.path):
+            data = prepare.open_prepared(self.path)
+            data.check_tokenizer(tokenizer)
+            return data
+        return prepare.cached(prepare.list_inputs([self.path]), tokenizer, what=repr(self.name))
 
 
 def _cut_at_line(text: str, share: float) -> int:
@@ -172,60 +162,35 @@ def _cut_at_line(text: str, share: float) -> int:
     return line_end + 1 if line_end > 0 else cut
 
 
-def _first_by_hash(keys: list[str], sizes: list[int], share: float) -> set[int]:
-    """Indices of the items taken first in the order of the SHA-256 of their keys, until they hold
-    ``share`` of the total size: at least one, never all. Items with equal keys are taken together
-    (copies of one document end up on one side)."""
-    groups: dict[str, list[int]] = {}
-    for i, key in enumerate(keys):
-        groups.setdefault(hashlib.sha256(key.encode()).hexdigest(), []).append(i)
-    total = sum(sizes)
-    taken, held = set(), 0
-    for digest in sorted(groups)[:-1]:
-        taken.update(groups[digest])
-        held += sum(sizes[i] for i in groups[digest])
-        if held >= share * total:
-            break
-    return taken
+def _doc_key(doc) -> str:
+    if isinstance(doc, str):
+        return doc
+    return hashlib.sha256(np.ascontiguousarray(doc).tobytes()).hexdigest()
 
 
-def _split_text(text: str, split: str) -> str:
-    """A lone file: the last ~10% (cut at a line break) is held out."""
-    cut = _cut_at_line(text, HELDOUT_FRACTION)
-    return text[:cut] if split == "train" else text[cut:]
-
-
-def _split_files(root: Path, files: list[Path]) -> dict[str, list[Path]]:
-    """Files ordered by the hash of their relative path; the first ones (at least one, until they
-    hold ~10% of the bytes) are held out, as the bundled corpus is split by document."""
-    held = _first_by_hash([p.relative_to(root).as_posix() for p in files], [p.stat().st_size for p in files],
-                          HELDOUT_FRACTION)
-    return {"train": [p for i, p in enumerate(files) if i not in held],
-            "heldout": sorted(p for i, p in enumerate(files) if i in held)}
-
-
-def split_train(documents: list[str], fraction: float) -> tuple[list[str], list[str]]:
-    """(task, mixup): the training documents cut in two, about ``fraction`` of their characters in
-    "mixup". The cut depends only on the documents: they are ordered by the SHA-256 of their text
-    and the first ones (at least one, never all; copies of a document together) go to "mixup"
-    until they hold ``fraction``; a lone document (a single text file) is cut at a line break near
-    its last ``fraction``. Both parts keep the documents' own order. ``fraction`` 0 gives every
-    document to "task"."""
+def split_train(documents: list, fraction: float, cut=None) -> tuple[list, list]:
+    """(task, mixup): the training documents (texts, or token arrays) cut in two, about
+    ``fraction`` of their size in "mixup". The cut depends only on the documents: they are ordered
+    by the SHA-256 of their content and the first ones (at least one, never all; copies of a
+    document together) go to "mixup" until they hold ``fraction``; a lone document is cut by
+    ``cut(document, fraction)`` (for a text: at a line break near its last ``fraction``). Both
+    parts keep the documents' own order. ``fraction`` 0 gives every document to "task"."""
     if not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 <= fraction < 1):
         raise ValueError(f"fraction must be a number in [0, 1), got {fraction!r}")
-    if fraction == 0 or not documents:
+    if fraction == 0 or not len(documents):
         return list(documents), []
     if len(documents) == 1:
-        cut = _cut_at_line(documents[0], fraction)
-        return [documents[0][:cut]], [documents[0][cut:]]
-    taken = _first_by_hash(documents, [len(d) for d in documents], fraction)
+        at = (cut or _cut_at_line)(documents[0], fraction)
+        return [documents[0][:at]], [documents[0][at:]]
+    taken = _first_by_hash([_doc_key(d) for d in documents], [len(d) for d in documents], fraction)
     return ([d for i, d in enumerate(documents) if i not in taken],
             [d for i, d in enumerate(documents) if i in taken])
 
 
 def parse_data_spec(spec: str) -> list[tuple[Source, float]]:
     """``"code"``, ``"code:0.25,math:0.75"``, ``"code,math"`` (equal weights) or a path ->
-    [(source, weight)] with weights summing to 1."""
+    [(source, weight)] with weights summing to 1. A path is a folder of prepared data, or a file or
+    folder of files to read."""
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"data must be a domain, a mixture or a path, got {spec!r}")
     spec = spec.strip()
@@ -267,46 +232,45 @@ def _source(name: str, spec: str) -> Source:
         path = Path(name).resolve()
         if not (path.is_file() or path.is_dir()):
             raise ValueError(f"data={spec!r}: {name!r} is neither a file nor a folder")
-        _text_files(path)      # its files are listed (and their names checked) before any work
+        if not prepare.is_prepared(path):
+            prepare.list_inputs([path])      # its files are listed (and their names checked) before any work
         return Source(name, path)
     raise ValueError(f"data={spec!r}: unknown domain {name!r}; expected one of {', '.join(DOMAINS)}, "
-                     "a mixture like 'code:0.5,math:0.5', or a path to a text file or folder")
+                     "a mixture like 'code:0.5,math:0.5', or a path (prepared data, or a file or folder)")
 
 
-_TOKEN_CACHE: dict[tuple, np.ndarray] = {}
-
-
-def _tokenizer_key(tokenizer) -> str:
-    return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+_PARTS: dict[tuple, np.ndarray] = {}
 
 
 def tokens(source: Source, split: str, tokenizer=None, part: tuple[str, float] | None = None) -> np.ndarray:
-    """All documents of ``split`` as one token array (each document followed by EOS), cached in
-    memory per process. uint16 when the vocabulary allows, else int32. ``part`` ("task" or
-    "mixup", fraction) takes that part of the training documents only (``split_train``)."""
+    """All documents of ``split`` as one token array (each document followed by EOS), mapped from
+    the source's prepared data (``Source.prepared``): uint16 when the vocabulary allows, else
+    uint32. ``part`` ("task" or "mixup", fraction) takes that part of the training documents only
+    (``split_train``, by document; held in memory)."""
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
     _check_part(part, split)
-    key = (source.fingerprint(), split, part, _tokenizer_key(tokenizer))
-    if key not in _TOKEN_CACHE:
-        eos = eos_token_id(tokenizer)
-        docs = source.documents(split) if part is None else source.train_documents(*part)
-        encodings = tokenizer.encode_batch(docs, add_special_tokens=False)
-        ids = [i for enc in encodings for i in (*enc.ids, eos)]
-        dtype = np.uint16 if tokenizer.get_vocab_size() <= np.iinfo(np.uint16).max + 1 else np.int32
-        _TOKEN_CACHE[key] = np.asarray(ids, dtype=dtype)
-        _TOKEN_CACHE[key].flags.writeable = False
-    return _TOKEN_CACHE[key]
+    data = source.prepared(tokenizer)
+    if part is None:
+        return data.tokens(split)
+    key = (str(data.path), data.digest, part)
+    if key not in _PARTS:
+        toks, ends = data.tokens("train"), data.doc_ends("train").astype(np.int64)
+        starts = np.concatenate([[0], ends[:-1]])
+        docs = [toks[a:b] for a, b in zip(starts, ends)]
+        newline = _newline_tokens(tokenizer)
+        task, mixup = split_train(docs, part[1],
+                                  cut=lambda d, share: _line_cut(np.asarray(d), newline, share))
+        chosen = task if part[0] == "task" else mixup
+        arr = np.concatenate(chosen) if chosen else np.empty(0, dtype=toks.dtype)
+        arr.flags.writeable = False
+        _PARTS[key] = arr
+    return _PARTS[key]
 
 
 def source_digest(source: Source, tokenizer=None) -> str:
-    """SHA-256 of a source's tokens, both splits: changes when its documents or the tokenizer do (a
-    resumed run checks that its data is the data it began with)."""
-    h = hashlib.sha256()
-    for split in SPLITS:
-        t = tokens(source, split, tokenizer)
-        h.update(f"{split}|{t.dtype}|{len(t)}|".encode())
-        h.update(memoryview(t))
-    return h.hexdigest()
+    """SHA-256 of a source's tokens, both splits (from the prepared data's index): changes when its
+    documents or the tokenizer do (a resumed run checks that its data is the data it began with)."""
+    return source.prepared(tokenizer if tokenizer is not None else load_tokenizer()).digest
 
 
 def _check_part(part, split: str) -> None:

@@ -37,7 +37,7 @@ from pathlib import Path
 MANIFEST = "bam-manifest.json"
 MANIFEST_FORMAT = "bam-manifest"
 LOCK = ".bam-lock"
-KINDS = ("model", "run", "demo")
+KINDS = ("model", "run", "demo", "data")
 STAGING_PREFIX = ".bam-staging-"
 # Written into every staging folder as it is made: a folder of that prefix is ours to remove only when
 # it holds this marker (or nothing), never by its name alone.
@@ -47,9 +47,14 @@ STAGING_MARKER = ".bam-staging"
 MODEL_FILE_NAMES = re.compile(
     r"config\.json|tokenizer\.json|tokenizer_config\.json|configuration_bam\.py|modeling_bam\.py|mix\.yaml"
     r"|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+# The names of the files ``bam prepare`` writes into a prepared-data folder (bam_model/prepare.py).
+DATA_FILE_NAMES = re.compile(r"bam-data\.json|(train|heldout)\.(tokens|docs)")
 # Moved into a folder last, so that a reader that knows nothing of our manifest (transformers) finds
 # no model in a folder whose writing was interrupted.
 WRITTEN_LAST = "config.json"
+# Per kind of folder written whole (``write_folder``): the names its files may have, and the file
+# that makes it loadable, moved in last.
+FOLDER_FILES = {"model": (MODEL_FILE_NAMES, WRITTEN_LAST), "data": (DATA_FILE_NAMES, "bam-data.json")}
 
 
 # --- small pieces ----------------------------------------------------------------------------------
@@ -265,9 +270,9 @@ def check_output(path, kind: str, *, flag: str = "--out", inputs=()) -> str:
     if manifest["kind"] != kind:
         raise ValueError(f"{flag} {str(path)!r} holds a bam {manifest['kind']} folder, not a {kind} "
                          "folder; choose another folder")
-    if kind == "model":
+    if kind in FOLDER_FILES:
         for entry in sorted(path.iterdir()):
-            if MODEL_FILE_NAMES.fullmatch(entry.name):
+            if FOLDER_FILES[kind][0].fullmatch(entry.name):
                 _check_target(path, entry.name, manifest["files"], flag)
     return "ours"
 
@@ -372,22 +377,30 @@ def reserve_output(path, kind: str, *, flag: str = "--out", inputs=(), what: str
 
 
 def write_model_folder(path, write) -> None:
-    """Write a folder of kind "model": ``write(folder)`` puts the files (no subfolders; names that
-    ``MODEL_FILE_NAMES`` allows) into an empty staging folder; they become the content of ``path``,
-    with a manifest listing them.
+    """``write_folder`` of a model folder."""
+    write_folder(path, write, "model")
+
+
+def write_folder(path, write, kind: str, *, flag: str = "output path", records: dict | None = None) -> None:
+    """Write a folder of ``kind`` ("model" or "data"): ``write(folder)`` puts the files (no
+    subfolders; names that ``FOLDER_FILES[kind]`` allows) into an empty staging folder; they become
+    the content of ``path``, with a manifest listing them.
 
     The folder is held (``reserve_output``: created when absent, locked) while it is written; the
     staging folder lies inside it, so a killed write leaves nothing beside it, and the next write
     removes what it left. Every name is checked against what the folder holds before anything is
     moved (a user's file of that name, a folder where a file goes: refused, the folder untouched).
     Then the manifest is written listing the old and the new files as incomplete, the new files
-    renamed in one by one (``config.json`` last), the old files the new set does not hold removed,
-    and the final manifest written last. A crash in between leaves a folder that is still ours and
+    renamed in one by one (the file that makes the folder loadable, ``config.json`` or
+    ``bam-data.json``, last), the old files the new set does not hold removed, and the final
+    manifest written last. A crash in between leaves a folder that is still ours and
     that readers refuse as incomplete (``check_complete``); one before leaves the folder as it was.
-    Entries the manifest does not list (a user's notes) are never touched.
+    Entries the manifest does not list (a user's notes) are never touched. ``records``: the
+    manifest's records (``file_record``) of files whose hashes the writer already has.
     """
+    names_allowed, last = FOLDER_FILES[kind]
     path = Path(os.path.abspath(path))
-    with reserve_output(path, "model", flag="output path"):
+    with reserve_output(path, kind, flag=flag):
         for stale in list(path.iterdir()):   # what a kill -9 during an earlier write left (we hold the lock)
             if _leftover(stale):
                 _remove_leftover(stale)
@@ -404,28 +417,30 @@ def write_model_folder(path, write) -> None:
             mode = 0o666 & ~umask()  # safetensors creates its files 0600, whatever the umask
             for name in names:
                 if name in (MANIFEST, LOCK) or name.startswith(STAGING_PREFIX):
-                    raise ValueError(f"a model folder cannot hold a file named {name!r} (bam's own)")
+                    raise ValueError(f"a {kind} folder cannot hold a file named {name!r} (bam's own)")
+                if kind != "model" and not names_allowed.fullmatch(name):   # a model's: checked by name below
+                    raise ValueError(f"a {kind} folder holds no file named {name!r}")
                 if (stage / name).is_symlink() or not (stage / name).is_file():
-                    raise ValueError(f"a model folder holds files only; {name!r} is not one")
+                    raise ValueError(f"a {kind} folder holds files only; {name!r} is not one")
                 os.chmod(stage / name, mode)
                 fsync_file(stage / name)
             old = read_manifest(path)
             listed = old["files"] if old is not None else {}
             for name in names:
-                _check_target(path, name, listed, "output path")
-            files = {name: file_record(stage / name) for name in names}
-            write_json_atomic(path / MANIFEST, _manifest("model", {**listed, **files}, complete=False))
+                _check_target(path, name, listed, flag)
+            files = {name: (records or {}).get(name) or file_record(stage / name) for name in names}
+            write_json_atomic(path / MANIFEST, _manifest(kind, {**listed, **files}, complete=False))
             for name in names:
-                if name != WRITTEN_LAST:
+                if name != last:
                     os.replace(stage / name, path / name)
-            for name in listed:       # before config.json: never new config beside old weights
+            for name in listed:       # before the last file: never a new config beside old weights
                 target = path / name
                 if name not in files and (target.is_symlink() or target.is_file()):
                     target.unlink()
-            if WRITTEN_LAST in names:
-                os.replace(stage / WRITTEN_LAST, path / WRITTEN_LAST)
+            if last in names:
+                os.replace(stage / last, path / last)
             fsync_dir(path)
-            write_json_atomic(path / MANIFEST, _manifest("model", files))
+            write_json_atomic(path / MANIFEST, _manifest(kind, files))
             fsync_dir(path)
         finally:
             shutil.rmtree(stage, ignore_errors=True)

@@ -186,7 +186,7 @@ def add_options(parser: argparse.ArgumentParser, cls, *, defaults: bool = True, 
         if not opt.cli or f.name in skip or (only is not None and f.name not in only):
             continue
         if opt.positional:
-            parser.add_argument(f.name, help=opt.help)
+            parser.add_argument(f.name, help=opt.help, **({"nargs": opt.nargs} if opt.nargs else {}))
             continue
         default = default_of(f)
         kwargs: dict[str, Any] = {"help": opt.help}

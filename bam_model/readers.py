@@ -1,7 +1,8 @@
 """Documents from the files a user trains on, one at a time: text files, JSON Lines and JSON
 (either optionally gzip-compressed) and Parquet.
 
-- A text file (any name not below) is one document, read as UTF-8.
+- A text file (any name not below; gzip-compressed when it ends in ``.gz``) is one document, read
+  as UTF-8 (``text_pieces`` reads it in pieces).
 - ``.jsonl`` / ``.jsonl.gz``: one JSON object per line, the document its ``text_field`` (blank lines
   skipped); ``.json`` / ``.json.gz``: a JSON array of such objects.
 - ``.parquet``: the column ``text_field``, read a row group at a time by pyarrow (installed with
@@ -50,12 +51,51 @@ def read_documents(path: str | os.PathLike, text_field: str = TEXT_FIELD) -> Ite
         yield from _parquet_documents(path, text_field)
 
 
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
+TEXT_PIECE = 256 << 10
+
+
+def text_pieces(path: str | os.PathLike, piece: int = TEXT_PIECE) -> Iterator[tuple[str, bool, int]]:
+    """A text file (gzip-compressed when its name ends in ``.gz``), the one document it is, in pieces
+    of about ``piece`` bytes cut after a line break (a line longer than that is cut at a character
+    boundary): ``(text, is the last piece, bytes of the file read for it)``. Memory holds one piece.
+    Bytes that are not UTF-8 are a ValueError naming the file and the offset."""
+    path = Path(path)
+    offset, carry = 0, b""
+    try:
+        with _open_text(path) as f:
+            while True:
+                block = f.read(piece)
+                data = carry + block
+                if not block:
+                    if data or offset:     # the end of a document begun (an empty file holds none)
+                        yield _decode(data, path, offset), True, len(data)
+                    return
+                cut = data.rfind(b"\n") + 1
+                if cut == 0 and len(data) >= 4 * piece:          # one long line: cut at a character start
+                    cut = len(data) - 3
+                    while cut > 1 and (data[cut] & 0xC0) == 0x80:   # a continuation byte: not a start
+                        cut -= 1
+                if cut == 0:
+                    carry = data
+                    continue
+                text = _decode(data[:cut], path, offset)
+                offset += cut
+                carry = data[cut:]
+                yield text, False, cut
+    except (gzip.BadGzipFile, EOFError) as e:
+        raise ValueError(f"data: {str(path)!r} is not a complete gzip file ({e})") from None
+
+
+def _decode(data: bytes, path: Path, offset: int) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"data: {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+        raise ValueError(f"data: {str(path)!r} is not UTF-8 text (byte {offset + e.start}: "
+                         f"{e.reason})") from None
+
+
+def _read_text(path: Path) -> str:
+    return "".join(text for text, _, _ in text_pieces(path))
 
 
 def _open_text(path: Path):

@@ -3,8 +3,18 @@ import os
 # The Triton interpreter must be chosen before triton is first imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import atexit
+import shutil
+import tempfile
+
 import pytest
 import torch
+
+# Prepared data (the bundled corpus, raw --data paths) goes to a cache of this test session, shared
+# by the commands the tests start, removed at the end: the user's own cache is never touched.
+if not os.environ.get("BAM_DATA_CACHE"):
+    os.environ["BAM_DATA_CACHE"] = tempfile.mkdtemp(prefix="bam-test-data-")
+    atexit.register(shutil.rmtree, os.environ["BAM_DATA_CACHE"], True)
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False

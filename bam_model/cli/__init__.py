@@ -1,5 +1,6 @@
 """bam: upcycle dense transformer checkpoints into Branch-Attend-Mix mixtures.
 
+    bam prepare my-corpus/ --tokenizer SEED --out prepared/code
     bam branch SEED --domains code math legal --out branches/
     bam train branches/code --data code:0.9,drama:0.1 --steps 2000 --out runs/code
     bam mix --base-model SEED --experts runs/code/model runs/math/model --out mixed/
@@ -10,7 +11,7 @@
 
 Each subcommand has its own --help.
 """
-# One module per command (branch, train, mix, eval, generate, export, demo), each with its options
+# One module per command (prepare, branch, train, mix, eval, generate, export, demo), each with its options
 # dataclass, ``add_<command>_args`` (derived from it, see ``bam_model.options``) and ``run_<command>``.
 from __future__ import annotations
 
@@ -24,9 +25,12 @@ from .eval import add_eval_args, run_eval
 from .export import add_export_args, run_export
 from .generate import add_generate_args, run_generate
 from .mix import add_mix_args, run_mix
+from .prepare import add_prepare_args, run_prepare
 from .train import add_train_args, run_train
 
 SUBCOMMANDS = [  # (name, help, add_args, run)
+    ("prepare", "tokenize text, JSON Lines, JSON or Parquet files once, for train and eval", add_prepare_args,
+     run_prepare),
     ("branch", "copy a dense seed once per domain", add_branch_args, run_branch),
     ("train", "train a model on a domain, a mixture or text files", add_train_args, run_train),
     ("mix", "build a mixture (bam, btx, sparse) from a seed and its trained copies", add_mix_args, run_mix),

@@ -10,6 +10,7 @@ import random
 import re
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -82,7 +83,6 @@ def test_split_train_cuts_a_lone_document_at_a_line_break():
     text = "Title line\n" + "word " * 20_000
     [task], [mixup] = D.split_train([text], 0.2)
     assert task + mixup == text and len(mixup) == pytest.approx(0.2 * len(text), abs=1)
-    assert len(D._split_text(text, "heldout")) == pytest.approx(0.1 * len(text), abs=1)
 
 
 def test_copies_of_a_document_stay_on_one_side():
@@ -98,15 +98,20 @@ def test_copies_of_a_document_stay_on_one_side():
 def test_the_parts_of_a_bundled_domain_hold_its_training_tokens():
     tok = D.load_tokenizer()
     src = D.Source("drama")
-    docs = src.documents("train")
-    task, mixup = src.train_documents("task", 0.2), src.train_documents("mixup", 0.2)
-    assert (task, mixup) == D.split_train(docs, 0.2) and len(docs) > 2
     whole = D.tokens(src, "train", tok)
+    ends = src.prepared(tok).doc_ends("train").astype(np.int64)
+    docs = np.split(np.asarray(whole), ends[:-1])
+    assert len(docs) == len(src.documents("train")) > 2
+    task, mixup = D.split_train(docs, 0.2)
     parts = [D.tokens(src, "train", tok, part=(p, 0.2)) for p in ("task", "mixup")]
+    assert np.array_equal(parts[0], np.concatenate(task)) and np.array_equal(parts[1], np.concatenate(mixup))
     assert len(parts[0]) + len(parts[1]) == len(whole)
     eos = D.eos_token_id(tok)
     assert [int((p == eos).sum()) for p in parts] == [len(task), len(mixup)]
     assert 0.1 < len(parts[1]) / len(whole) < 0.3
+    # Whole documents: each text of the mixup part is one of the domain's training documents.
+    texts = set(src.documents("train"))
+    assert all(tok.decode(d[:-1].tolist()) in texts for d in mixup)
     with pytest.raises(ValueError, match=r"part \('mixup', 0\) is empty"):
         D.tokens(src, "train", tok, part=("mixup", 0))
     with pytest.raises(ValueError, match="part applies to the train split"):
@@ -120,11 +125,13 @@ def test_a_stream_of_the_mixup_part_reads_only_that_part(tmp_path):
     break; every window of the mixup part's stream holds lines of the last quarter only."""
     f = tmp_path / "lines.txt"
     f.write_text("".join(f"line {i:05d}\n" for i in range(2000)))
+    tok = D.load_tokenizer()
     [train_text] = D.Source("lines", f).documents("train")
-    [_], [mixup_text] = D.split_train([train_text], 0.25)
+    assert train_text.endswith("\n") and 1750 < train_text.count("\n") < 1850
+    mixup_text = tok.decode(D.tokens(D.Source("lines", f), "train", tok, part=("mixup", 0.25)).tolist())
+    assert mixup_text.startswith("line ") and train_text.endswith(mixup_text)
     first = int(mixup_text[5:10])
     assert 1000 < first < 1500
-    tok = D.load_tokenizer()
     kw = dict(seq_len=20, batch_size=8, seed=1, tokenizer=tok)
     stream = D.BatchStream(str(f), part=("mixup", 0.25), **kw)
     seen = set()

@@ -34,7 +34,7 @@ def snapshot(folder: Path) -> dict:
 def one_line(capsys) -> str:
     """The error a command printed: one line (the steps a run said before it aside)."""
     err = "".join(line for line in capsys.readouterr().err.splitlines(keepends=True)
-                  if not line.startswith("train: step "))
+                  if not line.startswith(("train: step ", "data: preparing ")))
     assert "Traceback" not in err and err.count("\n") == 1, err
     return err
 

@@ -1,0 +1,82 @@
+"""``bam prepare``: tokenize a corpus once into a folder of prepared data (``bam_model.prepare``)
+that ``bam train --data DIR`` and ``bam eval --data DIR`` map without reading it whole."""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass
+
+from ..options import INT, NUMBER, TEXT, add_options, from_args, number_in, option, positive_int, validate
+
+
+@dataclass(kw_only=True)
+class PrepareOptions:
+    sources: list[str] = option(help="files or folders to read: text files (.txt, .md, any other name; "
+                                ".gz too) one document each; .jsonl, .json (.gz too) and .parquet one "
+                                "document per record", positional=True, nargs="+")
+    tokenizer: str = option(help="the model whose tokenizer is used (a model folder with its "
+                            "tokenizer.json, a .gguf), or a tokenizer.json")
+    out: str = option(help="output folder (new, empty, or prepared data bam wrote, which is replaced)")
+    text_field: str = option("text", help="the field of a record (or column of a Parquet file) that holds "
+                             "its text", kind=TEXT)
+    heldout: float = option(0.1, help="share of the documents held out for evaluation", kind=NUMBER,
+                            check=number_in(0, 0.5, above_low=True))
+    workers: int | None = option(None, help="tokenizer threads (default: every core)", kind=INT,
+                                 check=positive_int)
+    no_progress: bool = option(False, help="no progress bar")
+
+    def __post_init__(self):
+        validate(self)
+
+
+def add_prepare_args(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, PrepareOptions)
+
+
+def read_tokenizer_of(path: str):
+    """The tokenizer of ``path``: a tokenizer.json file, a GGUF file's vocabulary, or a model folder's
+    tokenizer.json."""
+    from ..data import read_tokenizer
+    from ..formats.gguf import gguf_tokenizer, is_gguf
+
+    if not os.path.exists(path):
+        raise ValueError(f"--tokenizer {path!r} does not exist")
+    if os.path.isdir(path):
+        from ..config import CONFIG_CLASSES, config_from_dict
+        from ..formats.folder import folder_config, folder_model_type
+        from ..formats.load import tokenizer_of_source
+
+        own = os.path.join(path, "tokenizer.json")
+        tok = None
+        if os.path.isfile(own):
+            tok = read_tokenizer(own)
+        elif folder_model_type(path) in CONFIG_CLASSES:     # one of ours written without one: the bundled BPE
+            tok = tokenizer_of_source(path, folder_config(path, config_from_dict))
+        if tok is None:
+            raise ValueError(f"--tokenizer {path!r} holds no tokenizer.json; give a model folder that has "
+                             "one, a .gguf, or a tokenizer.json")
+        return tok
+    if is_gguf(path):
+        return gguf_tokenizer(path).tokenizer
+    return read_tokenizer(path)
+
+
+def run_prepare(args: argparse.Namespace) -> str:
+    from .. import files, prepare
+
+    opts = from_args(PrepareOptions, args)
+    if opts.workers is not None:     # read when the tokenizer's thread pool starts, at its first batch
+        os.environ["RAYON_NUM_THREADS"] = str(opts.workers)
+    inputs = prepare.list_inputs(opts.sources)
+    files.check_output(opts.out, "data", inputs=[("SOURCE", i.path) for i in inputs])
+    tokenizer = read_tokenizer_of(opts.tokenizer)
+    started = time.perf_counter()
+    data = prepare.prepare(None, tokenizer, opts.out, text_field=opts.text_field, heldout=opts.heldout,
+                           progress=False if opts.no_progress else None, tokenizer_from=opts.tokenizer,
+                           inputs=inputs)
+    seconds = time.perf_counter() - started
+    size = sum(i.path.stat().st_size for i in inputs)
+    print(f"prepared {opts.out}: {prepare.describe(data.index)} from {files.gib(size)} in {seconds:.1f} s "
+          f"({size / 1e6 / max(seconds, 1e-9):.1f} MB/s)")
+    return opts.out

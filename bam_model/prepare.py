@@ -1,0 +1,633 @@
+"""Prepared data: a corpus tokenized once into flat token files that training and evaluation map.
+
+A prepared-data folder (``bam prepare SOURCE... --tokenizer MODEL --out DIR``) holds, per split
+("train", "heldout"):
+
+- ``{split}.tokens``: every document's token ids followed by the end-of-document token, one flat
+  little-endian array (``uint16`` when the vocabulary has at most 65,536 tokens, else ``uint32``),
+  as nanoGPT's ``train.bin`` and Megatron-LM's ``.bin`` keep them;
+- ``{split}.docs``: ``uint64``, where each document ends in ``{split}.tokens`` (cumulative, the EOS
+  included), as Megatron-LM's ``.idx`` keeps them;
+
+and ``bam-data.json``, the index: the tokenizer (its SHA-256, vocabulary size, end-of-document id),
+the sources (each file's path, size and SHA-256), per split the token and document counts and each
+file's size, SHA-256 and modification time. ``bam-manifest.json`` (kind "data") makes the folder
+ours; the folder is written under the ownership rules of docs/reliability.md (staged inside the
+target, ``bam-data.json`` moved in last, so a killed prepare leaves nothing that loads).
+
+Reading (``PreparedData``) maps the files (``numpy.memmap``): start-up time and memory do not grow
+with the corpus. Every open checks the files' sizes against the index (a truncated copy is refused
+at once) and, for a file whose modification time differs from the one recorded, its SHA-256 (an
+edit after preparing is refused; a copy that kept no times, ``cp`` without ``-p``, is hashed once
+per process).
+
+The held-out split is chosen by document, from the documents alone (the same corpus always splits
+the same way): a text file is one document, and text files are held out whole, the first in the
+order of the SHA-256 of their relative path until they hold ``heldout`` of the text files' bytes
+(at least one, never all); a record (a JSON Lines, JSON or Parquet record) is held out when the
+SHA-256 of its text falls in the first ``heldout`` of the hash range (copies of a document land
+together). If one split is left empty, the last document of the other moves to it; a corpus of one
+document is cut near ``1 - heldout`` of its tokens, after a line break.
+
+Raw ``--data`` paths and the bundled corpus go through the same code into a cache folder
+(``cache_root``), keyed by the files' paths, sizes and modification times and the tokenizer.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import itertools
+import json
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import files
+from .readers import file_format, read_documents, text_pieces
+
+INDEX = "bam-data.json"
+DATA_FORMAT = "bam-data"
+DATA_VERSION = 1
+SPLITS = ("train", "heldout")
+HELDOUT_FRACTION = 0.1
+CACHE_ENV = "BAM_DATA_CACHE"
+# Text given to one encode_batch call (documents are never split across calls; a long text file
+# comes in pieces of TEXT_PIECE bytes, cut after a line break).
+BATCH_BYTES = 8 << 20
+BATCH_DOCS = 8192
+INDEX_MAX_BYTES = 64 << 20
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """SHA-256 of what a tokenizer does (its tokenizer.json without the padding and truncation
+    settings, keys sorted): two tokenizers with equal digests give the same ids for every text."""
+    spec = json.loads(tokenizer.to_str())
+    for key in ("padding", "truncation"):
+        spec.pop(key, None)
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def cache_root() -> Path:
+    """Where raw ``--data`` paths and the bundled corpus are prepared: ``$BAM_DATA_CACHE``, else
+    ``$XDG_CACHE_HOME/bam/data``, else ``~/.cache/bam/data``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bam" / "data"
+
+
+# --- inputs ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Input:
+    """One file to read: ``key`` names it in the corpus (its path relative to the source given, for
+    the held-out choice of text files); ``split`` is given for files that are already split (the
+    bundled corpus), else None (chosen by document)."""
+    path: Path
+    key: str
+    split: str | None = None
+
+
+def list_inputs(sources: Iterable[str | os.PathLike]) -> list[Input]:
+    """The files of ``sources`` (files, or folders read recursively without hidden entries), in
+    order; a ValueError for a path that does not exist, an empty folder, a name that is not UTF-8."""
+    inputs: list[Input] = []
+    for source in sources:
+        path = Path(os.path.abspath(source))
+        if path.is_file():
+            inputs.append(Input(path, path.name))
+            continue
+        if not path.is_dir():
+            problem = "does not exist" if not os.path.lexists(path) else "is neither a file nor a folder"
+            raise ValueError(f"data: {str(source)!r} {problem}")
+        found = sorted(p for p in path.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        if not found:
+            raise ValueError(f"data: folder {str(source)!r} holds no files")
+        for p in found:
+            try:
+                str(p).encode("utf-8")
+            except UnicodeEncodeError:   # a name of bytes that are not UTF-8 (read as lone surrogates)
+                raise ValueError(f"data: {ascii(str(p))} has a file name that is not UTF-8; rename it or "
+                                 "move it out of the folder") from None
+            inputs.append(Input(p, f"{path.name}/{p.relative_to(path).as_posix()}"))
+    if not inputs:
+        raise ValueError("data: no source given")
+    return inputs
+
+
+def _first_by_hash(keys: list[str], sizes: list[int], share: float) -> set[int]:
+    """Indices of the items taken first in the order of the SHA-256 of their keys, until they hold
+    ``share`` of the total size: at least one, never all (equal keys are taken together)."""
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(hashlib.sha256(key.encode()).hexdigest(), []).append(i)
+    total = sum(sizes)
+    taken, held = set(), 0
+    for digest in sorted(groups)[:-1]:
+        taken.update(groups[digest])
+        held += sum(sizes[i] for i in groups[digest])
+        if held >= share * total:
+            break
+    return taken
+
+
+def _held_by_hash(text: str, share: float) -> bool:
+    """A record is held out when its text's SHA-256 lies in the first ``share`` of the hash range."""
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") < share * 2**64
+
+
+def _pieces(inputs: list[Input], text_field: str, share: float) -> Iterator[tuple[str, str, bool, int]]:
+    """(text, split, ends a document, bytes of input consumed) for every piece of every document."""
+    texts = [i for i, inp in enumerate(inputs) if inp.split is None and file_format(inp.path) == "text"]
+    held_texts = {texts[j] for j in _first_by_hash([inputs[i].key for i in texts],
+                                                     [inputs[i].path.stat().st_size for i in texts], share)}
+    for i, inp in enumerate(inputs):
+        if file_format(inp.path) == "text":
+            split = inp.split or ("heldout" if i in held_texts else "train")
+            for text, last, used in text_pieces(inp.path):
+                yield text, split, last, used
+            continue
+        size = inp.path.stat().st_size
+        seen = 0
+        for text in read_documents(inp.path, text_field):
+            split = inp.split or ("heldout" if _held_by_hash(text, share) else "train")
+            used = min(len(text.encode("utf-8", "surrogatepass")), size - seen)
+            seen += used
+            yield text, split, True, used
+        if size > seen:
+            yield "", "train", False, size - seen      # the rest of the file's bytes, for the progress bar
+
+
+def _batches(pieces: Iterator) -> Iterator[list]:
+    batch, size = [], 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece[0])
+        if size >= BATCH_BYTES or len(batch) >= BATCH_DOCS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+@contextlib.contextmanager
+def _read_ahead(batches: Iterator[list], depth: int = 2):
+    """``batches``, read in a thread of its own (JSON and Parquet decoding overlap the tokenizer,
+    which releases the GIL); its exceptions are raised in the consumer. Leaving the block stops the
+    thread."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done, stop = object(), threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for b in batches:
+                if not put(b):
+                    return
+            put(done)
+        except BaseException as e:  # handed to the consumer
+            put(e)
+
+    def consume():
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    t = threading.Thread(target=work, name="bam-prepare-read", daemon=True)
+    t.start()
+    try:
+        yield consume()
+    finally:
+        stop.set()
+        t.join()
+
+
+# --- writing ---------------------------------------------------------------------------------------
+
+class _SplitWriter:
+    def __init__(self, folder: Path, split: str, dtype: np.dtype):
+        self.split, self.dtype = split, dtype
+        self.tokens_path, self.docs_path = folder / f"{split}.tokens", folder / f"{split}.docs"
+        self.tokens_file = open(self.tokens_path, "wb")
+        self.docs_file = open(self.docs_path, "wb")
+        self.n_tokens = 0
+        self.n_docs = 0
+        self.open_doc = 0          # tokens of the document being written (not ended yet)
+
+    def write(self, ids: np.ndarray, ends: np.ndarray) -> None:
+        """``ids``: tokens (EOS included where a document ends); ``ends``: offsets into ``ids``
+        where documents end."""
+        self.tokens_file.write(ids.tobytes())
+        if len(ends):
+            self.docs_file.write((self.n_tokens + ends).astype("<u8").tobytes())
+            self.n_docs += len(ends)
+            self.open_doc = len(ids) - int(ends[-1])
+        else:
+            self.open_doc += len(ids)
+        self.n_tokens += len(ids)
+
+    def close(self) -> None:
+        self.tokens_file.close()
+        self.docs_file.close()
+
+    def doc_ends(self) -> np.ndarray:
+        return np.fromfile(self.docs_path, dtype="<u8")
+
+
+def _move_tail(src: _SplitWriter, dst: _SplitWriter, start: int) -> None:
+    """Move ``src``'s tokens from ``start`` to its end (whole documents' worth, or the tail of its
+    last) to the end of ``dst``, as one document. Both are closed."""
+    itemsize = src.dtype.itemsize
+    with open(src.tokens_path, "rb") as f, open(dst.tokens_path, "ab") as out:
+        f.seek(start * itemsize)
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            out.write(chunk)
+    moved = src.n_tokens - start
+    os.truncate(src.tokens_path, start * itemsize)
+    ends = src.doc_ends()
+    kept = ends[ends <= start]
+    if not len(kept) or kept[-1] != start:        # a document cut in two: its head ends at the cut
+        kept = np.append(kept, np.uint64(start))
+    kept.astype("<u8").tofile(src.docs_path)
+    with open(dst.docs_path, "ab") as f:
+        f.write(np.asarray([dst.n_tokens + moved], dtype="<u8").tobytes())
+    src.n_tokens, src.n_docs = start, len(kept)
+    dst.n_tokens, dst.n_docs = dst.n_tokens + moved, dst.n_docs + 1
+
+
+def _line_cut(tokens: np.ndarray, ends_line: np.ndarray, share: float) -> int:
+    """Where to cut one document's ``tokens`` so that about ``share`` lies after the cut: just after
+    a token that ends a line, when one lies within 1% of the document (at least 1,000 tokens) before
+    that point, else at the point itself."""
+    n = len(tokens)
+    cut = min(max(1, int(n * (1 - share))), n - 1)
+    lo = max(1, cut - max(1000, n // 100))
+    window = np.asarray(tokens[lo:cut])
+    hits = np.nonzero(ends_line[window])[0] if len(window) else []
+    return lo + int(hits[-1]) + 1 if len(hits) else cut
+
+
+def _newline_tokens(tokenizer) -> np.ndarray:
+    """[V] bool: which tokens end with a line break when decoded."""
+    vocab = tokenizer.get_vocab_size()
+    out = np.zeros(vocab, dtype=bool)
+    for token, idx in tokenizer.get_vocab().items():
+        if token.endswith(("\n", "\u010a", "<0x0A>")):   # plain, byte-level BPE (Ċ), SentencePiece bytes
+            out[idx] = True
+    return out
+
+
+def _balance(writers: dict[str, _SplitWriter], tokenizer, share: float) -> None:
+    """Leave neither split empty (see the module doc)."""
+    train, held = writers["train"], writers["heldout"]
+    if train.n_docs and held.n_docs:
+        return
+    full, empty = (train, held) if train.n_docs else (held, train)
+    if full.n_docs > 1:
+        _move_tail(full, empty, int(full.doc_ends()[-2]))
+        return
+    # One document: cut after a line break, the part of ``share`` (or, for a lone held-out
+    # document, of 1 - share) moving to the empty split; the EOS stays at the end of the tail.
+    if full.n_tokens < 3:
+        raise ValueError(f"data: the corpus holds {full.n_tokens - 1} token(s), too few to split into "
+                         "training and held-out text")
+    tokens = np.memmap(full.tokens_path, dtype=full.dtype, mode="r")
+    cut = _line_cut(tokens[:-1], _newline_tokens(tokenizer), share if full is train else 1 - share)
+    del tokens
+    _move_tail(full, empty, cut)
+
+
+def _progress(total: int | None, enabled):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="prepare",
+                disable=(None if enabled is None else not enabled), dynamic_ncols=True, smoothing=0.1)
+
+
+def _encode(tokenizer, texts: list[str]):
+    fast = getattr(tokenizer, "encode_batch_fast", None)   # no character offsets: what we keep is the ids
+    return (fast or tokenizer.encode_batch)(texts, add_special_tokens=False)
+
+
+def write_prepared(folder: Path, inputs: list[Input], tokenizer, *, text_field: str = "text",
+                   heldout: float = HELDOUT_FRACTION, progress=None,
+                   tokenizer_from: str | None = None) -> dict:
+    """Tokenize ``inputs`` into the (staging) folder ``folder``; returns the index (also written
+    there as ``bam-data.json``)."""
+    from .data import eos_token_id
+
+    eos = eos_token_id(tokenizer)
+    vocab = tokenizer.get_vocab_size()
+    dtype = token_dtype(vocab)
+    plain = all(file_format(i.path) in ("text", "jsonl", "json") and not i.path.name.lower().endswith(".gz")
+                for i in inputs)
+    total_bytes = sum(i.path.stat().st_size for i in inputs)
+    writers = {s: _SplitWriter(folder, s, dtype) for s in SPLITS}
+    n_text = 0
+    started = time.perf_counter()
+    bar = _progress(total_bytes if plain else None, progress)
+    tokens_done = 0
+    try:
+        with _read_ahead(_batches(_pieces(inputs, text_field, heldout))) as batches:
+            for batch in batches:
+                keep = [p for p in batch if p[0] or p[2]]
+                encodings = _encode(tokenizer, [p[0] for p in keep])
+                for split in SPLITS:
+                    mine = [(enc, last) for enc, (_, s, last, _) in zip(encodings, keep) if s == split]
+                    if not mine:
+                        continue
+                    lists = [enc.ids + [eos] if last else enc.ids for enc, last in mine]
+                    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+                    ids = np.fromiter(itertools.chain.from_iterable(lists), dtype=dtype,
+                                      count=int(lengths.sum()))
+                    ends = np.cumsum(lengths)[[last for _, last in mine]]
+                    writers[split].write(ids, ends)
+                    tokens_done += len(ids)
+                used = sum(p[3] for p in batch)
+                n_text += sum(len(p[0].encode("utf-8", "surrogatepass")) for p in batch)
+                bar.update(used)
+                rate = tokens_done / max(time.perf_counter() - started, 1e-9)
+                bar.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
+    finally:
+        bar.close()
+        for w in writers.values():
+            w.close()
+    for w in writers.values():
+        if w.open_doc:     # a text file's last piece always ends its document: never left open
+            raise AssertionError(f"{w.split}: a document was left open")
+    if writers["train"].n_docs + writers["heldout"].n_docs == 0:
+        raise ValueError("data: the corpus holds no document (every file and record is empty)")
+    _balance(writers, tokenizer, heldout)
+    seconds = time.perf_counter() - started
+    index = {
+        "format": DATA_FORMAT, "version": DATA_VERSION,
+        "tokenizer": {"sha256": tokenizer_digest(tokenizer), "vocab_size": vocab, "eos_id": eos,
+                      "from": tokenizer_from},
+        "dtype": dtype.name, "text_field": text_field, "heldout": heldout,
+        "sources": [{"path": str(i.path), "key": i.key, "bytes": i.path.stat().st_size,
+                     "sha256": files.sha256(i.path), **({"split": i.split} if i.split else {})}
+                    for i in inputs],
+        "text_bytes": n_text, "seconds": round(seconds, 3),
+        "splits": {},
+    }
+    for split, w in writers.items():
+        records = {p.name: {**files.file_record(p), "mtime_ns": p.stat().st_mtime_ns}
+                   for p in (w.tokens_path, w.docs_path)}
+        index["splits"][split] = {"tokens": w.n_tokens, "documents": w.n_docs, "files": records}
+    files.write_json_atomic(folder / INDEX, index)
+    return index
+
+
+def prepare(sources, tokenizer, out, *, text_field: str = "text", heldout: float = HELDOUT_FRACTION,
+            progress=None, tokenizer_from: str | None = None, inputs: list[Input] | None = None,
+            flag: str = "--out") -> PreparedData:
+    """Prepare the files of ``sources`` (paths) with ``tokenizer`` into the folder ``out`` (new, or
+    prepared data of ours, which is replaced); returns it opened. ``heldout``: the share held out,
+    in (0, 1). ``progress``: True, False or None (a bar when stderr is a terminal)."""
+    if not isinstance(text_field, str) or not text_field:
+        raise ValueError(f"text_field must be a non-empty string, got {text_field!r}")
+    if isinstance(heldout, bool) or not isinstance(heldout, (int, float)) or not 0 < heldout < 1:
+        raise ValueError(f"heldout must be a number in (0, 1), got {heldout!r}")
+    inputs = inputs if inputs is not None else list_inputs(sources)
+    out = Path(os.path.abspath(out))
+    files.check_output(out, "data", flag=flag, inputs=[("SOURCE", i.path) for i in inputs])
+
+    def write(stage: Path) -> None:
+        write_prepared(stage, inputs, tokenizer, text_field=text_field, heldout=heldout, progress=progress,
+                       tokenizer_from=tokenizer_from)
+
+    files.write_folder(out, write, "data", flag=flag)
+    # The files were moved, not rewritten: their records (sizes, hashes, times) still hold.
+    return PreparedData(out, verify=False)
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+def is_prepared(path) -> bool:
+    """Whether ``path`` is a folder of prepared data: it holds ``bam-data.json``, or it is ours as
+    one (our manifest of kind "data", or a staging folder a killed ``bam prepare`` left), in which
+    case opening it says what it lacks."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    if (path / INDEX).is_file():
+        return True
+    manifest = files.read_manifest(path)
+    if manifest is not None:
+        return manifest["kind"] == "data"
+    return any(e.name.startswith(files.STAGING_PREFIX) and files._leftover(e) for e in path.iterdir())
+
+
+_VERIFIED: set[tuple] = set()
+
+
+class PreparedData:
+    """An opened prepared-data folder: ``tokens(split)`` and ``doc_ends(split)`` map its files."""
+
+    def __init__(self, path, verify: bool = True):
+        self.path = Path(os.path.abspath(path))
+        where = str(self.path)
+        files.check_complete(self.path)
+        index_path = self.path / INDEX
+        if not index_path.is_file():
+            raise ValueError(f"data: {where!r} holds no prepared data (no {INDEX}: a bam prepare into it did "
+                             "not finish?); prepare it again with bam prepare")
+        if index_path.stat().st_size > INDEX_MAX_BYTES:
+            raise ValueError(f"data: {str(index_path)!r} is larger than an index of bam's")
+        index = files.read_json(str(index_path))
+        self.index = index = _check_index(index, str(index_path))
+        self.dtype = np.dtype(index["dtype"])
+        self._maps: dict[tuple[str, str], np.ndarray] = {}
+        for split in SPLITS:
+            for name, record in index["splits"][split]["files"].items():
+                self._check_file(self.path / name, record, verify)
+
+    def _check_file(self, path: Path, record: dict, verify: bool) -> None:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise ValueError(f"data: {str(path)!r} is missing; prepare the data again") from None
+        if st.st_size != record["bytes"]:
+            raise ValueError(f"data: {str(path)!r} has {st.st_size:,} bytes, but {INDEX} says "
+                             f"{record['bytes']:,} (cut short or changed after preparing); prepare the data "
+                             "again")
+        key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        if verify and st.st_mtime_ns != record.get("mtime_ns") and key not in _VERIFIED:
+            if files.sha256(path) != record["sha256"]:
+                raise ValueError(f"data: {str(path)!r} was changed after preparing (its SHA-256 is not the "
+                                 f"one {INDEX} records); prepare the data again")
+            _VERIFIED.add(key)
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 over the token and document files of both splits (what a run records it started from)."""
+        h = hashlib.sha256(f"{self.dtype.name}|".encode())
+        for split in SPLITS:
+            for name, record in sorted(self.index["splits"][split]["files"].items()):
+                h.update(f"{name}:{record['bytes']}:{record['sha256']}|".encode())
+        return h.hexdigest()
+
+    def _map(self, split: str, kind: str, dtype) -> np.ndarray:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        key = (split, kind)
+        if key not in self._maps:
+            path = self.path / f"{split}.{kind}"
+            if path.stat().st_size == 0:
+                arr = np.empty(0, dtype=dtype)
+            else:
+                arr = np.memmap(path, dtype=dtype, mode="r")
+            self._maps[key] = arr
+        return self._maps[key]
+
+    def tokens(self, split: str) -> np.ndarray:
+        """The split's tokens, mapped read-only (each document followed by the end-of-document id)."""
+        return self._map(split, "tokens", self.dtype.newbyteorder("<"))
+
+    def doc_ends(self, split: str) -> np.ndarray:
+        """[documents] uint64: where each document of the split ends in ``tokens(split)``."""
+        return self._map(split, "docs", np.dtype("<u8"))
+
+    def check_tokenizer(self, tokenizer) -> None:
+        """Refuse a tokenizer other than the one the data was prepared with, naming both."""
+        want = self.index["tokenizer"]
+        if tokenizer_digest(tokenizer) != want["sha256"]:
+            origin = f" of {want['from']}" if want.get("from") else ""
+            have = f"{tokenizer.get_vocab_size():,} tokens, SHA-256 {tokenizer_digest(tokenizer)[:12]}"
+            raise ValueError(f"data: {str(self.path)!r} was prepared with the tokenizer{origin} "
+                             f"({want['vocab_size']:,} tokens, SHA-256 {want['sha256'][:12]}), not this "
+                             f"model's ({have}); prepare it again with bam prepare --tokenizer MODEL")
+
+
+def _check_index(index: dict, where: str) -> dict:
+    def bad(what: str):
+        raise ValueError(f"data: {where} is not an index of bam's prepared data ({what}); prepare the data "
+                         "again")
+
+    if index.get("format") != DATA_FORMAT:
+        bad(f"its format is {index.get('format')!r}, not {DATA_FORMAT!r}")
+    if index.get("version") != DATA_VERSION:
+        bad(f"version {index.get('version')!r}; this bam reads version {DATA_VERSION}")
+    if index.get("dtype") not in ("uint16", "uint32"):
+        bad(f"dtype {index.get('dtype')!r}")
+    tok = index.get("tokenizer")
+    if not (isinstance(tok, dict) and isinstance(tok.get("sha256"), str)
+            and isinstance(tok.get("vocab_size"), int) and isinstance(tok.get("eos_id"), int)):
+        bad("no tokenizer record")
+    splits = index.get("splits")
+    if not isinstance(splits, dict):
+        bad("no splits")
+    for split in SPLITS:
+        s = splits.get(split)
+        if not (isinstance(s, dict) and isinstance(s.get("tokens"), int)
+                and isinstance(s.get("documents"), int) and isinstance(s.get("files"), dict)
+                and set(s["files"]) == {f"{split}.tokens", f"{split}.docs"}
+                and all(isinstance(r, dict) and isinstance(r.get("bytes"), int)
+                        and isinstance(r.get("sha256"), str) for r in s["files"].values())):
+            bad(f"split {split!r} is not described")
+        itemsize = np.dtype(index["dtype"]).itemsize
+        if (s["files"][f"{split}.tokens"]["bytes"] != s["tokens"] * itemsize
+                or s["files"][f"{split}.docs"]["bytes"] != s["documents"] * 8):
+            bad(f"split {split!r}: its counts and file sizes disagree")
+    return index
+
+
+# --- the cache -------------------------------------------------------------------------------------
+
+_OPEN: dict[tuple, PreparedData] = {}
+
+
+def cached(inputs: list[Input], tokenizer, *, text_field: str = "text", what: str = "data",
+           progress=None) -> PreparedData:
+    """``inputs`` prepared with ``tokenizer`` in the cache (``cache_root``): prepared once, then
+    opened. The key: each file's path, size and modification time, the tokenizer and the options.
+    Processes preparing one key wait for each other (the first prepares, the rest open it)."""
+    stats = []
+    for i in inputs:
+        st = i.path.stat()
+        stats.append((str(i.path), i.key, i.split, st.st_size, st.st_mtime_ns))
+    key_text = json.dumps({"version": DATA_VERSION, "tokenizer": tokenizer_digest(tokenizer),
+                           "text_field": text_field, "heldout": HELDOUT_FRACTION, "inputs": stats},
+                          sort_keys=True)
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:32]
+    if (key,) in _OPEN:
+        return _OPEN[(key,)]
+    root = cache_root()
+    folder = root / key
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"data: cannot make the data cache {str(root)!r} ({e.strerror}); set {CACHE_ENV} "
+                         "to a writable folder") from None
+    with _wait_lock(root / f"{key}.lock"):
+        opened = None
+        if is_prepared(folder):
+            with contextlib.suppress(ValueError):
+                opened = PreparedData(folder)
+        if opened is None:
+            print(f"data: preparing {what} once, into the cache {str(folder)!r}", file=sys.stderr)
+            opened = prepare(None, tokenizer, folder, text_field=text_field, progress=progress, inputs=inputs,
+                             flag="data cache")
+    _OPEN[(key,)] = opened
+    return opened
+
+
+@contextlib.contextmanager
+def _wait_lock(path: Path):
+    """An exclusive ``flock`` on ``path`` (created), waited for: processes preparing one cache entry
+    take turns."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666 & ~files.umask())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def open_prepared(path) -> PreparedData:
+    """A prepared-data folder, opened once per process."""
+    path = os.path.abspath(path)
+    try:
+        st = os.stat(os.path.join(path, INDEX))
+    except FileNotFoundError:
+        return PreparedData(path)       # says what the folder lacks
+    key = (path, st.st_mtime_ns, st.st_size)
+    if key not in _OPEN:
+        _OPEN[key] = PreparedData(path)
+    return _OPEN[key]
+
+
+def describe(index: dict) -> str:
+    t, h = index["splits"]["train"], index["splits"]["heldout"]
+    return (f"{t['documents'] + h['documents']:,} documents, {t['tokens'] + h['tokens']:,} tokens "
+            f"({t['tokens']:,} train, {h['tokens']:,} held out, {index['dtype']})")
+
+
+__all__ = ["INDEX", "PreparedData", "cache_root", "cached", "describe", "is_prepared", "list_inputs",
+           "open_prepared", "prepare", "tokenizer_digest"]
