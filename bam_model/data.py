@@ -10,9 +10,10 @@ Every source is tokenized once, into prepared data (``prepare``; a bundled domai
 into the cache, once per corpus and tokenizer), and mapped from there: documents joined by the
 end-of-document token, cut into windows of ``seq_len`` tokens that overlap by one token, so that
 with the model's own shift (labels are the input ids, as in Hugging Face) every token after the
-first is predicted exactly once per pass. ``BatchStream`` draws windows in a seeded order that depends only on the seed,
-the spec, ``seq_len`` and how many samples were drawn before, so it can be saved
-(``state_dict``, plain JSON) and restored exactly, and split across ranks without loss or overlap.
+first is predicted exactly once per pass. ``BatchStream`` draws windows in a seeded order that
+depends only on the seed, the spec, ``seq_len`` and how many samples were drawn before, so it can
+be saved (``state_dict``, plain JSON) and restored exactly, and split across ranks without loss or
+overlap.
 """
 from __future__ import annotations
 
