@@ -265,7 +265,7 @@ def test_a_killed_prepare_leaves_nothing_that_loads_and_the_next_one_finishes(tm
     assert files.check_output(out, "data") == "new"           # what it left counts as nothing
     r = subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    names = ["bam-data.json", "bam-manifest.json", *(f"{s}.{k}" for s in P.SPLITS for k in ("tokens", "docs"))]
+    names = [P.INDEX, "bam-manifest.json", *(f"{s}.{k}" for s in P.SPLITS for k in ("tokens", "docs"))]
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
     assert len(P.PreparedData(out).tokens("train")) > 100_000
 
