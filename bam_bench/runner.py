@@ -25,7 +25,7 @@ import torch
 from bam_model.entry import require_model_extra
 from bam_model.files import check_output_file, write_atomic, write_text_atomic
 
-SUITES = ("moe", "moa", "model")
+SUITES = ("moe", "moa", "model", "data")
 
 
 def default_out() -> str:
@@ -116,7 +116,11 @@ def markdown(result: dict) -> str:
             base = first.setdefault(r["case"], r["ms"])
             rate = (f"{r['tflops']:.2f} TFLOP/s" if "tflops" in r else
                     f"{r['gbps']:.1f} GB/s" if "gbps" in r else
-                    f"{r['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in r else "")
+                    f"{r['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in r else
+                    f"{r['mbps']:.2f} MB/s" if "mbps" in r else "")
+            if "rss_mib" in r:
+                rss = f"peak RSS {r['rss_mib']:,.0f} MiB"
+                rate = f"{rate}, {rss}" if rate else rss
             provider = f"{r['provider']} (agrees: {r['agreement']})" if "agreement" in r else r["provider"]
             lines.append(f"| {r['case']} | {provider} | {r['ms']:.3f} | "
                          f"{r.get('p20_ms', r['ms']):.3f}-{r.get('p80_ms', r['ms']):.3f} | {rate} | "
