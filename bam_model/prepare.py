@@ -100,6 +100,48 @@ class Input:
     split: str | None = None
 
 
+# A Hugging Face ``datasets`` folder (``Dataset.save_to_disk``) holds these beside its Arrow files;
+# one of a ``DatasetDict`` holds DATASET_DICT and a folder per split.
+DATASET_FILES = ("state.json", "dataset_info.json")
+DATASET_DICT = "dataset_dict.json"
+# A DatasetDict's splits that bam holds out as they are (any other split is split by document).
+HELDOUT_SPLITS = ("validation", "valid", "test", "heldout")
+
+
+def _dataset_arrow_files(folder: Path) -> list[Path]:
+    """The Arrow files of a ``datasets`` folder, in its own order (``state.json``'s data files)."""
+    state = files.read_json(str(folder / "state.json"))
+    names = [d.get("filename") for d in state.get("_data_files", []) if isinstance(d, dict)]
+    if not names or not all(isinstance(n, str) and files._plain_name(n) for n in names):
+        raise ValueError(f"data: {str(folder)!r} looks like a datasets folder, but its state.json lists no "
+                         "data files")
+    return [folder / n for n in names]
+
+
+def _folder_files(path: Path) -> list[tuple[Path, str | None]]:
+    """(file, split or None) of a folder, recursively, hidden entries left out; a ``datasets``
+    folder gives its Arrow files (a DatasetDict's "train" split as train, its validation or test
+    split as held out)."""
+    if (path / DATASET_DICT).is_file():
+        splits = files.read_json(str(path / DATASET_DICT)).get("splits")
+        if not (isinstance(splits, list) and all(isinstance(s, str) and files._plain_name(s) for s in splits)):
+            raise ValueError(f"data: {str(path / DATASET_DICT)!r} lists no splits")
+        given = "train" in splits and any(s in HELDOUT_SPLITS for s in splits)
+        return [(f, ("train" if s == "train" else "heldout" if s in HELDOUT_SPLITS else None) if given else None)
+                for s in splits for f in _dataset_arrow_files(path / s)]
+    if all((path / n).is_file() for n in DATASET_FILES):
+        return [(f, None) for f in _dataset_arrow_files(path)]
+    out = []
+    for entry in sorted(path.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir() and not entry.is_symlink():     # as rglob: links to folders are not followed
+            out += _folder_files(entry)
+        elif entry.is_file():
+            out.append((entry, None))
+    return out
+
+
 def list_inputs(sources: Iterable[str | os.PathLike]) -> list[Input]:
     """The files of ``sources`` (files, or folders read recursively without hidden entries), in
     order; a ValueError for a path that does not exist, an empty folder, a name that is not UTF-8."""
@@ -112,17 +154,16 @@ def list_inputs(sources: Iterable[str | os.PathLike]) -> list[Input]:
         if not path.is_dir():
             problem = "does not exist" if not os.path.lexists(path) else "is neither a file nor a folder"
             raise ValueError(f"data: {str(source)!r} {problem}")
-        found = sorted(p for p in path.rglob("*") if p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        found = _folder_files(path)
         if not found:
             raise ValueError(f"data: folder {str(source)!r} holds no files")
-        for p in found:
+        for p, split in found:
             try:
                 str(p).encode("utf-8")
             except UnicodeEncodeError:   # a name of bytes that are not UTF-8 (read as lone surrogates)
                 raise ValueError(f"data: {ascii(str(p))} has a file name that is not UTF-8; rename it or "
                                  "move it out of the folder") from None
-            inputs.append(Input(p, f"{path.name}/{p.relative_to(path).as_posix()}"))
+            inputs.append(Input(p, f"{path.name}/{p.relative_to(path).as_posix()}", split))
     if not inputs:
         raise ValueError("data: no source given")
     return inputs

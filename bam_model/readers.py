@@ -1,12 +1,13 @@
 """Documents from the files a user trains on, one at a time: text files, JSON Lines and JSON
-(either optionally gzip-compressed) and Parquet.
+(each optionally compressed: ``.gz``, or ``.zst`` with the zstandard package), Parquet and Arrow.
 
-- A text file (any name not below; gzip-compressed when it ends in ``.gz``) is one document, read
-  as UTF-8 (``text_pieces`` reads it in pieces).
-- ``.jsonl`` / ``.jsonl.gz``: one JSON object per line, the document its ``text_field`` (blank lines
-  skipped); ``.json`` / ``.json.gz``: a JSON array of such objects.
-- ``.parquet``: the column ``text_field``, read a row group at a time by pyarrow (installed with
-  the ``data`` extra: ``pip install 'bam-moe[data]'``).
+- A text file (any name not below) is one document, read as UTF-8 (``text_pieces`` reads it in
+  pieces).
+- ``.jsonl``: one JSON object per line, the document its ``text_field`` (blank lines skipped);
+  ``.json``: a JSON array of such objects.
+- ``.parquet``: the column ``text_field``, read a row group at a time; ``.arrow`` (the files of a
+  Hugging Face ``datasets`` folder): a record batch at a time. Both by pyarrow (installed, with
+  zstandard, by the ``data`` extra: ``pip install 'bam-moe[data]'``).
 
 Records whose text is empty are skipped. Anything else is a ValueError naming the file and the line
 or row: a line that is not JSON or not an object, a record without the field or whose field is not
@@ -15,6 +16,7 @@ a string, bytes that are not UTF-8 (with their offset), a Parquet file without t
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -22,18 +24,20 @@ from pathlib import Path
 
 from .options import short_repr
 
-RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 TEXT_FIELD = "text"
+COMPRESSIONS = (".gz", ".zst")
+FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
 
 
 def file_format(path: str | os.PathLike) -> str:
-    """"jsonl", "json", "parquet" or "text", by the file's name."""
+    """"jsonl", "json", "parquet", "arrow" or "text", by the file's name (``.gz`` and ``.zst``
+    compression of jsonl, json and text files aside)."""
     name = os.fspath(path).lower()
-    for suffix, kind in ((".jsonl", "jsonl"), (".jsonl.gz", "jsonl"), (".json", "json"), (".json.gz", "json"),
-                         (".parquet", "parquet")):
-        if name.endswith(suffix):
-            return kind
-    return "text"
+    for ext in COMPRESSIONS:
+        if name.endswith(ext):
+            name = name[:-len(ext)]
+            return {".jsonl": "jsonl", ".json": "json"}.get(os.path.splitext(name)[1], "text")
+    return FORMATS.get(os.path.splitext(name)[1], "text")
 
 
 def read_documents(path: str | os.PathLike, text_field: str = TEXT_FIELD) -> Iterator[str]:
@@ -47,6 +51,8 @@ def read_documents(path: str | os.PathLike, text_field: str = TEXT_FIELD) -> Ite
         yield from _jsonl_documents(path, text_field)
     elif kind == "json":
         yield from _json_documents(path, text_field)
+    elif kind == "arrow":
+        yield from _arrow_documents(path, text_field)
     else:
         yield from _parquet_documents(path, text_field)
 
@@ -82,8 +88,8 @@ def text_pieces(path: str | os.PathLike, piece: int = TEXT_PIECE) -> Iterator[tu
                 offset += cut
                 carry = data[cut:]
                 yield text, False, cut
-    except (gzip.BadGzipFile, EOFError) as e:
-        raise ValueError(f"data: {str(path)!r} is not a complete gzip file ({e})") from None
+    except (gzip.BadGzipFile, EOFError, *_zstd_errors()) as e:
+        raise ValueError(f"data: {str(path)!r} is not a complete {_compression(path)} file ({e})") from None
 
 
 def _decode(data: bytes, path: Path, offset: int) -> str:
@@ -99,7 +105,111 @@ def _read_text(path: Path) -> str:
 
 
 def _open_text(path: Path):
-    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+    """The file's bytes, decompressed by its name (``.gz``: gzip; ``.zst``: Zstandard, which needs
+    the zstandard package, installed with the data extra)."""
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if name.endswith(".zst"):
+        try:
+            import zstandard
+        except ImportError:
+            raise ValueError(f"data: reading {str(path)!r} needs zstandard: pip install 'bam-moe[data]' (or "
+                             "zstandard)") from None
+        return io.BufferedReader(_ZstdStream(open(path, "rb"), zstandard), buffer_size=1 << 20)
+    return open(path, "rb")
+
+
+class _ZstdStream(io.RawIOBase):
+    """A Zstandard file's content, decompressed as it is read; a file that ends inside a frame is an
+    EOFError (as gzip's), not a silently shorter text."""
+
+    def __init__(self, raw, zstandard):
+        self.raw, self.zstandard = raw, zstandard
+        self.dobj = zstandard.ZstdDecompressor().decompressobj()
+        self.pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            chunk = self.raw.read(1 << 20)
+            if not chunk:
+                if not self.dobj.eof:
+                    raise EOFError("the file ended before the end of its Zstandard frame")
+                return 0
+            out = []
+            while chunk:
+                if self.dobj.eof:       # a next frame: files of concatenated frames are common
+                    self.dobj = self.zstandard.ZstdDecompressor().decompressobj()
+                out.append(self.dobj.decompress(chunk))
+                chunk = self.dobj.unused_data if self.dobj.eof else b""
+            self.pending = b"".join(out)
+        n = min(len(buffer), len(self.pending))
+        buffer[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def _zstd_errors() -> tuple:
+    try:
+        import zstandard
+    except ImportError:
+        return ()
+    return (zstandard.ZstdError,)
+
+
+def _compression(path: Path) -> str:
+    return "Zstandard" if path.name.lower().endswith(".zst") else "gzip"
+
+
+def _records_of_batches(batches, path: Path, text_field: str) -> Iterator[str]:
+    row = 0
+    for batch in batches:
+        for text in batch.column(0).to_pylist():
+            if not isinstance(text, str) and text is not None:
+                raise ValueError(f"data: {str(path)!r} row {row}: {text_field!r} must be a string, got "
+                                 f"{short_repr(text)}")
+            row += 1
+            if text:
+                yield text
+
+
+def _arrow_documents(path: Path, text_field: str) -> Iterator[str]:
+    """An Arrow IPC file, as Hugging Face ``datasets`` writes them (``save_to_disk``: the stream
+    format; the file format is read too), a record batch at a time."""
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise ValueError(f"data: reading {str(path)!r} needs pyarrow: pip install 'bam-moe[data]' (or "
+                         "pyarrow)") from None
+    with pa.memory_map(str(path)) as source:
+        try:
+            reader = pa.ipc.open_stream(source)
+        except pa.ArrowInvalid:
+            source.seek(0)
+            try:
+                reader = pa.ipc.open_file(source)
+            except pa.ArrowInvalid as e:
+                raise ValueError(f"data: {str(path)!r} is not an Arrow file ({str(e)[:200]})") from None
+        names = reader.schema.names
+        if text_field not in names:
+            raise ValueError(f"data: {str(path)!r} has no column {text_field!r} (its columns: "
+                             f"{', '.join(map(repr, names[:8]))})")
+        column = names.index(text_field)
+        if isinstance(reader, pa.ipc.RecordBatchFileReader):
+            batches = (reader.get_batch(i).select([column]) for i in range(reader.num_record_batches))
+        else:
+            batches = (b.select([column]) for b in reader)
+        try:
+            yield from _records_of_batches(batches, path, text_field)
+        except pa.ArrowInvalid as e:
+            raise ValueError(f"data: {str(path)!r} is not a complete Arrow file ({str(e)[:200]})") from None
 
 
 def _document(record, text_field: str, where: str) -> str:
@@ -133,16 +243,16 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
                 text = _document(record, text_field, where)
                 if text:
                     yield text
-    except (gzip.BadGzipFile, EOFError) as e:
-        raise ValueError(f"data: {str(path)!r} is not a complete gzip file ({e})") from None
+    except (gzip.BadGzipFile, EOFError, *_zstd_errors()) as e:
+        raise ValueError(f"data: {str(path)!r} is not a complete {_compression(path)} file ({e})") from None
 
 
 def _json_documents(path: Path, text_field: str) -> Iterator[str]:
     try:
         with _open_text(path) as f:
             raw = f.read()
-    except (gzip.BadGzipFile, EOFError) as e:
-        raise ValueError(f"data: {str(path)!r} is not a complete gzip file ({e})") from None
+    except (gzip.BadGzipFile, EOFError, *_zstd_errors()) as e:
+        raise ValueError(f"data: {str(path)!r} is not a complete {_compression(path)} file ({e})") from None
     try:
         records = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -172,12 +282,4 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
     if text_field not in columns:
         raise ValueError(f"data: {str(path)!r} has no column {text_field!r} (its columns: "
                          f"{', '.join(map(repr, columns[:8]))})")
-    row = 0
-    for batch in parquet.iter_batches(columns=[text_field]):
-        for text in batch.column(0).to_pylist():
-            if not isinstance(text, str) and text is not None:
-                raise ValueError(f"data: {str(path)!r} row {row}: {text_field!r} must be a string, got "
-                                 f"{short_repr(text)}")
-            row += 1
-            if text:
-                yield text
+    yield from _records_of_batches(parquet.iter_batches(columns=[text_field]), path, text_field)

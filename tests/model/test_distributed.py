@@ -25,14 +25,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _small_data(folder: Path) -> str:
-    """A two-file mixture cut from the bundled corpus (tokenized in a fraction of the time the
-    whole domains take, which every process start would pay)."""
+    """A two-part mixture cut from the bundled corpus: a folder of prepared data (``bam prepare``)
+    and a text file, which the ranks prepare into the cache together (one prepares, the other
+    waits and opens it)."""
     from bam_model import data as D
+    from bam_model import prepare as P
 
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("code", "math"):
         (folder / f"{name}.txt").write_text("\n".join(D.Source(name).documents("train"))[:40_000])
-    return f"{folder / 'code.txt'}:0.5,{folder / 'math.txt'}:0.5"
+    P.prepare([folder / "code.txt"], D.load_tokenizer(), folder / "code-prepared", progress=False)
+    return f"{folder / 'code-prepared'}:0.5,{folder / 'math.txt'}:0.5"
 
 
 def _bam_config(**kw):

@@ -78,6 +78,35 @@ def test_every_record_format_gives_the_documents_tokens_split_by_document(tmp_pa
     assert all((d in held) == (held.count(d) == 2) for d in docs[:10])
 
 
+def test_datasets_folders_and_zstandard_files(tmp_path, tok, docs):
+    """A ``datasets`` folder (``save_to_disk``) reads its Arrow files; a DatasetDict keeps its train
+    and validation splits; .jsonl.zst reads as .jsonl."""
+    import datasets
+    import zstandard
+
+    datasets.Dataset.from_dict({"text": docs, "n": list(range(len(docs)))}).save_to_disk(tmp_path / "ds")
+    data = P.prepare([tmp_path / "ds"], tok, tmp_path / "out-ds", progress=False)
+    assert sorted(decoded(data, "train", tok) + decoded(data, "heldout", tok)) == sorted(docs)
+    assert [s["key"].split("/")[-1] for s in data.index["sources"]] == ["data-00000-of-00001.arrow"]
+    splits = {"train": docs[:60], "validation": docs[60:]}
+    datasets.DatasetDict({name: datasets.Dataset.from_dict({"body": texts}) for name, texts in splits.items()}
+                         ).save_to_disk(tmp_path / "dd")
+    data = P.prepare([tmp_path / "dd"], tok, tmp_path / "out-dd", text_field="body", progress=False)
+    assert decoded(data, "train", tok) == docs[:60] and decoded(data, "heldout", tok) == docs[60:]
+    raw = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
+    half = raw.index(b"\n", len(raw) // 2) + 1        # two frames, one after the other (as zstd -c a b)
+    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw[:half])
+                                           + zstandard.ZstdCompressor().compress(raw[half:]))
+    (tmp_path / "c.jsonl").write_bytes(raw)
+    zst = P.prepare([tmp_path / "c.jsonl.zst"], tok, tmp_path / "out-zst", progress=False)
+    plain = P.prepare([tmp_path / "c.jsonl"], tok, tmp_path / "out-plain", progress=False)
+    assert zst.digest == plain.digest
+    (tmp_path / "cut.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw)[:-50])
+    with pytest.raises(ValueError, match="is not a complete Zstandard file"):
+        P.prepare([tmp_path / "cut.jsonl.zst"], tok, tmp_path / "out-cut", progress=False)
+    assert not (tmp_path / "out-cut").exists()
+
+
 def test_text_files_one_document_each_long_ones_read_in_pieces(tmp_path, tok, docs, monkeypatch):
     """A text file is one document, read in pieces (here of 4 KiB) cut after line breaks, .gz too;
     text files are held out whole. A lone text file is cut near 90% after a line break."""
