@@ -124,11 +124,15 @@ def _folder_files(path: Path) -> list[tuple[Path, str | None]]:
     split as held out)."""
     if (path / DATASET_DICT).is_file():
         splits = files.read_json(str(path / DATASET_DICT)).get("splits")
-        if not (isinstance(splits, list) and all(isinstance(s, str) and files._plain_name(s) for s in splits)):
+        if not (isinstance(splits, list) and all(isinstance(s, str) and files._plain_name(s)
+                                                 for s in splits)):
             raise ValueError(f"data: {str(path / DATASET_DICT)!r} lists no splits")
         given = "train" in splits and any(s in HELDOUT_SPLITS for s in splits)
-        return [(f, ("train" if s == "train" else "heldout" if s in HELDOUT_SPLITS else None) if given else None)
-                for s in splits for f in _dataset_arrow_files(path / s)]
+
+        def ours(split: str) -> str | None:
+            return None if not given else "train" if split == "train" else \
+                "heldout" if split in HELDOUT_SPLITS else None
+        return [(f, ours(s)) for s in splits for f in _dataset_arrow_files(path / s)]
     if all((path / n).is_file() for n in DATASET_FILES):
         return [(f, None) for f in _dataset_arrow_files(path)]
     out = []
