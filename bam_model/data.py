@@ -240,7 +240,7 @@ def _source(name: str, spec: str) -> Source:
                      "a mixture like 'code:0.5,math:0.5', or a path (prepared data, or a file or folder)")
 
 
-_PARTS: dict[tuple, np.ndarray] = {}
+_PARTS: dict[tuple, tuple[np.ndarray, np.ndarray | None]] = {}
 
 
 def tokens(source: Source, split: str, tokenizer=None, part: tuple[str, float] | None = None) -> np.ndarray:
@@ -248,23 +248,44 @@ def tokens(source: Source, split: str, tokenizer=None, part: tuple[str, float] |
     the source's prepared data (``Source.prepared``): uint16 when the vocabulary allows, else
     uint32. ``part`` ("task" or "mixup", fraction) takes that part of the training documents only
     (``split_train``, by document; held in memory)."""
+    return _split_arrays(source, split, tokenizer, part)[0]
+
+
+def loss_mask(source: Source, split: str, tokenizer=None, part: tuple[str, float] | None = None
+              ) -> np.ndarray | None:
+    """[tokens] uint8 beside ``tokens(...)``: 1 where a token is in the loss (a conversation's
+    assistant turns, every token of other documents); None when every token is."""
+    return _split_arrays(source, split, tokenizer, part)[1]
+
+
+def _split_arrays(source: Source, split: str, tokenizer, part) -> tuple[np.ndarray, np.ndarray | None]:
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
     _check_part(part, split)
     data = source.prepared(tokenizer)
     if part is None:
-        return data.tokens(split)
+        return data.tokens(split), data.mask(split)
     key = (str(data.path), data.digest, part)
     if key not in _PARTS:
         toks, ends = data.tokens("train"), data.doc_ends("train").astype(np.int64)
+        mask = data.mask("train")
         starts = np.concatenate([[0], ends[:-1]])
         docs = [toks[a:b] for a, b in zip(starts, ends)]
+        index = {id(d): (a, b) for d, a, b in zip(docs, starts, ends)}
         newline = _newline_tokens(tokenizer)
         task, mixup = split_train(docs, part[1],
                                   cut=lambda d, share: _line_cut(np.asarray(d), newline, share))
         chosen = task if part[0] == "task" else mixup
         arr = np.concatenate(chosen) if chosen else np.empty(0, dtype=toks.dtype)
         arr.flags.writeable = False
-        _PARTS[key] = arr
+        part_mask = None
+        if mask is not None:
+            if len(docs) == 1:     # a lone document, cut in two
+                cut = len(task[0])
+                part_mask = np.array(mask[:cut] if part[0] == "task" else mask[cut:])
+            else:
+                part_mask = np.concatenate([mask[slice(*index[id(d)])] for d in chosen])
+            part_mask.flags.writeable = False
+        _PARTS[key] = arr, part_mask
     return _PARTS[key]
 
 
@@ -330,6 +351,7 @@ class BatchStream:
         self.sources = [s for s, _ in spec]
         self.weights = [w for _, w in spec]
         self.tokens = [tokens(s, split, tokenizer, part) for s in self.sources]
+        self.masks = [loss_mask(s, split, tokenizer, part) for s in self.sources]
         for s, t in zip(self.sources, self.tokens):
             if len(t) < seq_len:
                 what = (f"{split} tokens" if part is None else
@@ -370,15 +392,20 @@ class BatchStream:
         return self
 
     def __next__(self) -> Batch:
-        rows, src = [], []
+        rows, masks, src = [], [], []
         for row in range(self.batch_size):
             s, start = self._draw()
             if row % self.world_size == self.rank:
                 rows.append(self.tokens[s][start:start + self.seq_len])
+                mask = self.masks[s]
+                masks.append(mask[start:start + self.seq_len] if mask is not None else None)
                 src.append(s)
         input_ids = torch.from_numpy(np.stack(rows).astype(np.int64))
-        return Batch(input_ids=input_ids, labels=input_ids.clone(),
-                     source=torch.tensor(src, dtype=torch.int64))
+        labels = input_ids.clone()
+        if any(m is not None for m in masks):      # conversations: only the assistant's tokens are targets
+            keep = np.stack([m if m is not None else np.ones(self.seq_len, np.uint8) for m in masks])
+            labels[torch.from_numpy(keep == 0)] = -100
+        return Batch(input_ids=input_ids, labels=labels, source=torch.tensor(src, dtype=torch.int64))
 
     def _config(self) -> dict:
         config = {"data": self.data, "split": self.split, "seq_len": self.seq_len, "seed": self.seed,
@@ -414,6 +441,17 @@ class BatchStream:
             if self.index[s] >= len(self._epoch_starts(s)):
                 raise ValueError(f"state: index {self.index[s]} is past the end of epoch {self.epoch[s]} "
                                  f"of {self.sources[s].name!r}")
+
+
+def eval_labels(windows: torch.Tensor, mask: np.ndarray | None, seq_len: int) -> torch.Tensor:
+    """The labels of ``eval_windows(tok, seq_len, ...)``: the windows, with -100 where ``mask`` (the
+    source's ``loss_mask``) leaves a token out of the loss."""
+    labels = windows.clone()
+    if mask is not None:
+        n = len(windows)
+        idx = np.arange(n)[:, None] * (seq_len - 1) + np.arange(seq_len)[None, :]
+        labels[torch.from_numpy(mask[idx] == 0)] = -100
+    return labels
 
 
 def eval_windows(tok: np.ndarray, seq_len: int, max_windows: int | None = None) -> torch.Tensor:

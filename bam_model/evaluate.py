@@ -17,7 +17,16 @@ import torch.nn.functional as F
 
 from . import distributed
 from .config import check_seq_len
-from .data import DOMAINS, Source, eval_windows, parse_data_spec, token_byte_lengths, tokens
+from .data import (
+    DOMAINS,
+    Source,
+    eval_labels,
+    eval_windows,
+    loss_mask,
+    parse_data_spec,
+    token_byte_lengths,
+    tokens,
+)
 from .tokenizer import for_model
 
 
@@ -70,6 +79,7 @@ def evaluate(model: nn.Module, domains: str | Sequence[str | Source] = DOMAINS, 
     try:
         for source in _sources(domains):
             windows = eval_windows(tokens(source, split, tokenizer), seq_len, max_windows)
+            labels = eval_labels(windows, loss_mask(source, split, tokenizer), seq_len).split(batch_size)
             batches = windows.split(batch_size)
             rounds = -(-len(batches) // ctx.world_size)
             # Summed on the device: no synchronisation per batch.
@@ -79,6 +89,7 @@ def evaluate(model: nn.Module, domains: str | Sequence[str | Source] = DOMAINS, 
             bar = progress and ctx.is_main
             for i in tqdm(mine, desc=f"eval {source.name}", unit="batch", disable=not bar, leave=False):
                 chunk = batches[min(i, len(batches) - 1)]
+                targets = labels[min(i, len(batches) - 1)][:, 1:]
                 ids = chunk.to(device)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     logits = model(ids).logits
@@ -86,15 +97,19 @@ def evaluate(model: nn.Module, domains: str | Sequence[str | Source] = DOMAINS, 
                     continue  # the padding pass: collectives inside the model pair up across ranks
                 # Shifted targets (the last position ignored) rather than sliced logits: no
                 # logits-sized copy.
-                targets = F.pad(ids[:, 1:], (0, 1), value=-100)
-                nll += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                shifted = F.pad(targets.to(device), (0, 1), value=-100)
+                nll += F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=-100,
                                        reduction="sum")
-                n_tok += chunk[:, 1:].numel()
-                n_bytes += int(byte_len[chunk[:, 1:]].sum())
+                scored = targets != -100     # all but a conversation's prompt turns
+                n_tok += int(scored.sum())
+                n_bytes += int(byte_len[chunk[:, 1:]][scored].sum())
             sums = torch.stack([nll.cpu(), torch.tensor(float(n_tok), dtype=torch.float64),
                                 torch.tensor(float(n_bytes), dtype=torch.float64)])
             total_nll, n_tok, n_bytes = distributed.all_reduce_sum(sums).tolist()
             n_tok, n_bytes = int(n_tok), int(n_bytes)
+            if n_tok == 0:
+                raise ValueError(f"{source.name}: the scored windows hold no token in the loss (the held-out "
+                                 "conversations' assistant turns lie beyond them); score more windows")
             loss = total_nll / n_tok
             # exp overflows past a loss of ~709 nats (an untrained or diverged model): inf, not an error.
             results[source.name] = {"loss": loss, "ppl": math.exp(loss) if loss < 700 else math.inf,

@@ -48,7 +48,7 @@ MODEL_FILE_NAMES = re.compile(
     r"config\.json|tokenizer\.json|tokenizer_config\.json|configuration_bam\.py|modeling_bam\.py|mix\.yaml"
     r"|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 # The names of the files ``bam prepare`` writes into a prepared-data folder (bam_model/prepare.py).
-DATA_FILE_NAMES = re.compile(r"bam-data\.json|(train|heldout)\.(tokens|docs)")
+DATA_FILE_NAMES = re.compile(r"bam-data\.json|(train|heldout)\.(tokens|docs|mask)")
 # Moved into a folder last, so that a reader that knows nothing of our manifest (transformers) finds
 # no model in a folder whose writing was interrupted.
 WRITTEN_LAST = "config.json"

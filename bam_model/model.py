@@ -209,7 +209,10 @@ class CausalLM(nn.Module, abc.ABC):
             # right: slicing [B, T, V] logits costs a copy and, in the backward, a zero-filled
             # logits-sized gradient; the mean is over the same positions.
             targets_BT = F.pad(labels[:, 1:], (0, 1), value=-100)
-            nll = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100)
+            # The mean over the targets, 0 (with zero gradients) for a batch without any (a window of
+            # a conversation's prompt alone), not NaN.
+            nll = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100,
+                                  reduction="sum") / (targets_BT != -100).sum().clamp_min(1)
             loss = nll if aux_loss is None else nll + aux_loss
         return CausalLMOutput(logits=logits_BTV, loss=loss, nll=nll, aux_loss=aux_loss,
                               router_logits=router_logits)

@@ -8,6 +8,8 @@ A prepared-data folder (``bam prepare SOURCE... --tokenizer MODEL --out DIR``) h
   as nanoGPT's ``train.bin`` and Megatron-LM's ``.bin`` keep them;
 - ``{split}.docs``: ``uint64``, where each document ends in ``{split}.tokens`` (cumulative, the EOS
   included), as Megatron-LM's ``.idx`` keeps them;
+- ``{split}.mask`` (only when the corpus holds conversations): ``uint8`` per token, 1 where it is in
+  the loss (a conversation's assistant turns, and every token of other documents);
 
 and ``bam-data.json``, the index: the tokenizer (its SHA-256, vocabulary size, end-of-document id),
 the sources (each file's path, size and SHA-256), per split the token and document counts and each
@@ -51,6 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from . import files
+from .chat import ChatTemplate, assistant_spans, token_mask
 from .readers import file_format, read_documents, text_pieces
 
 INDEX = "bam-data.json"
@@ -195,8 +198,10 @@ def _held_by_hash(text: str, share: float) -> bool:
     return int.from_bytes(digest[:8], "big") < share * 2**64
 
 
-def _pieces(inputs: list[Input], text_field: str, share: float) -> Iterator[tuple[str, str, bool, int]]:
-    """(text, split, ends a document, bytes of input consumed) for every piece of every document."""
+def _pieces(inputs: list[Input], text_field: str, share: float, chat: ChatTemplate | None
+            ) -> Iterator[tuple[str, str, bool, int, list | None]]:
+    """(text, split, ends a document, bytes of input consumed, assistant spans of a conversation or
+    None) for every piece of every document."""
     texts = [i for i, inp in enumerate(inputs) if inp.split is None and file_format(inp.path) == "text"]
     held_texts = {texts[j] for j in _first_by_hash([inputs[i].key for i in texts],
                                                      [inputs[i].path.stat().st_size for i in texts], share)}
@@ -204,17 +209,25 @@ def _pieces(inputs: list[Input], text_field: str, share: float) -> Iterator[tupl
         if file_format(inp.path) == "text":
             split = inp.split or ("heldout" if i in held_texts else "train")
             for text, last, used in text_pieces(inp.path):
-                yield text, split, last, used
+                yield text, split, last, used, None
             continue
         size = inp.path.stat().st_size
         seen = 0
-        for text in read_documents(inp.path, text_field):
-            split = inp.split or ("heldout" if _held_by_hash(text, share) else "train")
-            used = min(len(text.encode("utf-8", "surrogatepass")), size - seen)
+        for n, doc in enumerate(read_documents(inp.path, text_field)):
+            spans = None
+            if isinstance(doc, list):           # a conversation
+                where = f"{str(inp.path)!r} record {n}"
+                if chat is None:
+                    raise ValueError(f"data: {where} is a conversation ('messages'), which is rendered with "
+                                     "the model's chat template: prepare the data with bam prepare "
+                                     "--tokenizer MODEL, MODEL having a chat template")
+                doc, spans = assistant_spans(chat, doc, where)
+            split = inp.split or ("heldout" if _held_by_hash(doc, share) else "train")
+            used = min(len(doc.encode("utf-8", "surrogatepass")), size - seen)
             seen += used
-            yield text, split, True, used
-        if size > seen:
-            yield "", "train", False, size - seen      # the rest of the file's bytes, for the progress bar
+            yield doc, split, True, used, spans
+        if size > seen:   # the rest of the file's bytes, for the progress bar
+            yield "", "train", False, size - seen, None
 
 
 def _batches(pieces: Iterator) -> Iterator[list]:
@@ -276,19 +289,34 @@ def _read_ahead(batches: Iterator[list], depth: int = 2):
 # --- writing ---------------------------------------------------------------------------------------
 
 class _SplitWriter:
+    """The token, document and (once a conversation came) loss-mask files of one split."""
+
     def __init__(self, folder: Path, split: str, dtype: np.dtype):
         self.split, self.dtype = split, dtype
         self.tokens_path, self.docs_path = folder / f"{split}.tokens", folder / f"{split}.docs"
+        self.mask_path = folder / f"{split}.mask"
         self.tokens_file = open(self.tokens_path, "wb")
         self.docs_file = open(self.docs_path, "wb")
+        self.mask_file = None
         self.n_tokens = 0
         self.n_docs = 0
         self.open_doc = 0          # tokens of the document being written (not ended yet)
 
-    def write(self, ids: np.ndarray, ends: np.ndarray) -> None:
+    def start_mask(self) -> None:
+        """Begin the loss mask: every token so far is in the loss."""
+        if self.mask_file is None:
+            self.mask_file = open(self.mask_path, "wb")
+            for start in range(0, self.n_tokens, 1 << 24):
+                self.mask_file.write(b"\x01" * min(1 << 24, self.n_tokens - start))
+
+    def write(self, ids: np.ndarray, ends: np.ndarray, mask: np.ndarray | None = None) -> None:
         """``ids``: tokens (EOS included where a document ends); ``ends``: offsets into ``ids``
-        where documents end."""
+        where documents end; ``mask``: uint8, 1 where the token is in the loss (None: all are)."""
         self.tokens_file.write(ids.tobytes())
+        if mask is not None:
+            self.start_mask()
+        if self.mask_file is not None:
+            self.mask_file.write(mask.tobytes() if mask is not None else b"\x01" * len(ids))
         if len(ends):
             self.docs_file.write((self.n_tokens + ends).astype("<u8").tobytes())
             self.n_docs += len(ends)
@@ -298,23 +326,34 @@ class _SplitWriter:
         self.n_tokens += len(ids)
 
     def close(self) -> None:
-        self.tokens_file.close()
-        self.docs_file.close()
+        for f in (self.tokens_file, self.docs_file, self.mask_file):
+            if f is not None:
+                f.close()
 
     def doc_ends(self) -> np.ndarray:
         return np.fromfile(self.docs_path, dtype="<u8")
 
+    def paths(self) -> list[Path]:
+        return [self.tokens_path, self.docs_path] + ([self.mask_path] if self.mask_file is not None else [])
+
+
+def _append(src: Path, dst: Path, offset: int) -> None:
+    with open(src, "rb") as f, open(dst, "ab") as out:
+        f.seek(offset)
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            out.write(chunk)
+
 
 def _move_tail(src: _SplitWriter, dst: _SplitWriter, start: int) -> None:
     """Move ``src``'s tokens from ``start`` to its end (whole documents' worth, or the tail of its
-    last) to the end of ``dst``, as one document. Both are closed."""
+    last) to the end of ``dst``, as one document. Both are closed, with masks or both without."""
     itemsize = src.dtype.itemsize
-    with open(src.tokens_path, "rb") as f, open(dst.tokens_path, "ab") as out:
-        f.seek(start * itemsize)
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            out.write(chunk)
-    moved = src.n_tokens - start
+    _append(src.tokens_path, dst.tokens_path, start * itemsize)
     os.truncate(src.tokens_path, start * itemsize)
+    if src.mask_file is not None:
+        _append(src.mask_path, dst.mask_path, start)
+        os.truncate(src.mask_path, start)
+    moved = src.n_tokens - start
     ends = src.doc_ends()
     kept = ends[ends <= start]
     if not len(kept) or kept[-1] != start:        # a document cut in two: its head ends at the cut
@@ -380,9 +419,24 @@ def _encode(tokenizer, texts: list[str]):
     return (fast or tokenizer.encode_batch)(texts, add_special_tokens=False)
 
 
+def _encode_pieces(tokenizer, pieces: list) -> list:
+    """The encodings of ``pieces``' texts; a conversation's with character offsets (its mask needs
+    them), the rest without."""
+    chats = [i for i, p in enumerate(pieces) if p[4] is not None]
+    if not chats:
+        return _encode(tokenizer, [p[0] for p in pieces])
+    out = [None] * len(pieces)
+    plain = [i for i, p in enumerate(pieces) if p[4] is None]
+    for i, enc in zip(plain, _encode(tokenizer, [pieces[i][0] for i in plain]) if plain else []):
+        out[i] = enc
+    for i, enc in zip(chats, tokenizer.encode_batch([pieces[i][0] for i in chats], add_special_tokens=False)):
+        out[i] = enc
+    return out
+
+
 def write_prepared(folder: Path, inputs: list[Input], tokenizer, *, text_field: str = "text",
-                   heldout: float = HELDOUT_FRACTION, progress=None,
-                   tokenizer_from: str | None = None) -> dict:
+                   heldout: float = HELDOUT_FRACTION, progress=None, tokenizer_from: str | None = None,
+                   chat: ChatTemplate | None = None) -> dict:
     """Tokenize ``inputs`` into the (staging) folder ``folder``; returns the index (also written
     there as ``bam-data.json``)."""
     from .data import eos_token_id
@@ -399,20 +453,25 @@ def write_prepared(folder: Path, inputs: list[Input], tokenizer, *, text_field: 
     bar = _progress(total_bytes if plain else None, progress)
     tokens_done = 0
     try:
-        with _read_ahead(_batches(_pieces(inputs, text_field, heldout))) as batches:
+        with _read_ahead(_batches(_pieces(inputs, text_field, heldout, chat))) as batches:
             for batch in batches:
                 keep = [p for p in batch if p[0] or p[2]]
-                encodings = _encode(tokenizer, [p[0] for p in keep])
+                encodings = _encode_pieces(tokenizer, keep)
                 for split in SPLITS:
-                    mine = [(enc, last) for enc, (_, s, last, _) in zip(encodings, keep) if s == split]
+                    mine = [(enc, p) for enc, p in zip(encodings, keep) if p[1] == split]
                     if not mine:
                         continue
-                    lists = [enc.ids + [eos] if last else enc.ids for enc, last in mine]
+                    lists = [enc.ids + [eos] if p[2] else enc.ids for enc, p in mine]
                     lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
                     ids = np.fromiter(itertools.chain.from_iterable(lists), dtype=dtype,
                                       count=int(lengths.sum()))
-                    ends = np.cumsum(lengths)[[last for _, last in mine]]
-                    writers[split].write(ids, ends)
+                    ends = np.cumsum(lengths)[[p[2] for _, p in mine]]
+                    mask = None
+                    if any(p[4] is not None for _, p in mine):   # conversations: the assistant's tokens
+                        mask = np.concatenate([
+                            np.append(token_mask(enc.offsets, p[4]), np.uint8(0))[:n] if p[4] is not None
+                            else np.ones(n, dtype=np.uint8) for (enc, p), n in zip(mine, lengths)])
+                    writers[split].write(ids, ends, mask)
                     tokens_done += len(ids)
                 used = sum(p[3] for p in batch)
                 n_text += sum(len(p[0].encode("utf-8", "surrogatepass")) for p in batch)
@@ -426,6 +485,11 @@ def write_prepared(folder: Path, inputs: list[Input], tokenizer, *, text_field: 
     for w in writers.values():
         if w.open_doc:     # a text file's last piece always ends its document: never left open
             raise AssertionError(f"{w.split}: a document was left open")
+    if any(w.mask_file is not None for w in writers.values()):
+        for w in writers.values():       # both splits have a mask, or neither
+            if w.mask_file is None:
+                w.start_mask()
+                w.mask_file.close()
     if writers["train"].n_docs + writers["heldout"].n_docs == 0:
         raise ValueError("data: the corpus holds no document (every file and record is empty)")
     _balance(writers, tokenizer, heldout)
@@ -435,6 +499,9 @@ def write_prepared(folder: Path, inputs: list[Input], tokenizer, *, text_field: 
         "tokenizer": {"sha256": tokenizer_digest(tokenizer), "vocab_size": vocab, "eos_id": eos,
                       "from": tokenizer_from},
         "dtype": dtype.name, "text_field": text_field, "heldout": heldout,
+        "chat": None if chat is None else {
+            "template_sha256": hashlib.sha256(chat.template.encode()).hexdigest(),
+            "masked": writers["train"].mask_file is not None},
         "sources": [{"path": str(i.path), "key": i.key, "bytes": i.path.stat().st_size,
                      "sha256": files.sha256(i.path), **({"split": i.split} if i.split else {})}
                     for i in inputs],
@@ -442,8 +509,7 @@ def write_prepared(folder: Path, inputs: list[Input], tokenizer, *, text_field: 
         "splits": {},
     }
     for split, w in writers.items():
-        records = {p.name: {**files.file_record(p), "mtime_ns": p.stat().st_mtime_ns}
-                   for p in (w.tokens_path, w.docs_path)}
+        records = {p.name: {**files.file_record(p), "mtime_ns": p.stat().st_mtime_ns} for p in w.paths()}
         index["splits"][split] = {"tokens": w.n_tokens, "documents": w.n_docs, "files": records}
     files.write_json_atomic(folder / INDEX, index)
     return index
@@ -451,10 +517,12 @@ def write_prepared(folder: Path, inputs: list[Input], tokenizer, *, text_field: 
 
 def prepare(sources, tokenizer, out, *, text_field: str = "text", heldout: float = HELDOUT_FRACTION,
             progress=None, tokenizer_from: str | None = None, inputs: list[Input] | None = None,
-            flag: str = "--out") -> PreparedData:
+            flag: str = "--out", chat: ChatTemplate | None = None) -> PreparedData:
     """Prepare the files of ``sources`` (paths) with ``tokenizer`` into the folder ``out`` (new, or
     prepared data of ours, which is replaced); returns it opened. ``heldout``: the share held out,
-    in (0, 1). ``progress``: True, False or None (a bar when stderr is a terminal)."""
+    in (0, 1). ``progress``: True, False or None (a bar when stderr is a terminal). ``chat``: the
+    model's chat template, which renders conversation records (``messages``); their tokens are in
+    the loss only where the assistant speaks (``{split}.mask``)."""
     if not isinstance(text_field, str) or not text_field:
         raise ValueError(f"text_field must be a non-empty string, got {text_field!r}")
     if isinstance(heldout, bool) or not isinstance(heldout, (int, float)) or not 0 < heldout < 1:
@@ -465,7 +533,7 @@ def prepare(sources, tokenizer, out, *, text_field: str = "text", heldout: float
 
     def write(stage: Path) -> None:
         write_prepared(stage, inputs, tokenizer, text_field=text_field, heldout=heldout, progress=progress,
-                       tokenizer_from=tokenizer_from)
+                       tokenizer_from=tokenizer_from, chat=chat)
 
     files.write_folder(out, write, "data", flag=flag)
     # The files were moved, not rewritten: their records (sizes, hashes, times) still hold.
@@ -555,6 +623,13 @@ class PreparedData:
         """The split's tokens, mapped read-only (each document followed by the end-of-document id)."""
         return self._map(split, "tokens", self.dtype.newbyteorder("<"))
 
+    def mask(self, split: str) -> np.ndarray | None:
+        """[tokens] uint8: 1 where the token is in the loss (conversations: the assistant's turns), or
+        None when every token is."""
+        if f"{split}.mask" not in self.index["splits"][split]["files"]:
+            return None
+        return self._map(split, "mask", np.dtype(np.uint8))
+
     def doc_ends(self, split: str) -> np.ndarray:
         """[documents] uint64: where each document of the split ends in ``tokens(split)``."""
         return self._map(split, "docs", np.dtype("<u8"))
@@ -592,13 +667,14 @@ def _check_index(index: dict, where: str) -> dict:
         s = splits.get(split)
         if not (isinstance(s, dict) and isinstance(s.get("tokens"), int)
                 and isinstance(s.get("documents"), int) and isinstance(s.get("files"), dict)
-                and set(s["files"]) == {f"{split}.tokens", f"{split}.docs"}
+                and set(s["files"]) - {f"{split}.mask"} == {f"{split}.tokens", f"{split}.docs"}
                 and all(isinstance(r, dict) and isinstance(r.get("bytes"), int)
                         and isinstance(r.get("sha256"), str) for r in s["files"].values())):
             bad(f"split {split!r} is not described")
         itemsize = np.dtype(index["dtype"]).itemsize
         if (s["files"][f"{split}.tokens"]["bytes"] != s["tokens"] * itemsize
-                or s["files"][f"{split}.docs"]["bytes"] != s["documents"] * 8):
+                or s["files"][f"{split}.docs"]["bytes"] != s["documents"] * 8
+                or s["files"].get(f"{split}.mask", {"bytes": s["tokens"]})["bytes"] != s["tokens"]):
             bad(f"split {split!r}: its counts and file sizes disagree")
     return index
 

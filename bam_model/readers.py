@@ -9,9 +9,11 @@
   Hugging Face ``datasets`` folder): a record batch at a time. Both by pyarrow (installed, with
   zstandard, by the ``data`` extra: ``pip install 'bam-moe[data]'``).
 
-Records whose text is empty are skipped. Anything else is a ValueError naming the file and the line
-or row: a line that is not JSON or not an object, a record without the field or whose field is not
-a string, bytes that are not UTF-8 (with their offset), a Parquet file without the column.
+A record without the text field that holds ``messages`` (a list of ``{"role", "content"}``) is a
+conversation, yielded as that list (``chat`` renders it). Records whose text is empty are skipped.
+Anything else is a ValueError naming the file and the line or row: a line that is not JSON or not an
+object, a record without the field or whose field is not a string, bytes that are not UTF-8 (with
+their offset), a Parquet file without the column.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from .chat import ROLES_FIELD as MESSAGES
+from .chat import check_messages
 from .options import short_repr
 
 TEXT_FIELD = "text"
@@ -168,10 +172,25 @@ def _compression(path: Path) -> str:
     return "Zstandard" if path.name.lower().endswith(".zst") else "gzip"
 
 
-def _records_of_batches(batches, path: Path, text_field: str) -> Iterator[str]:
+def _column(names: list[str], path: Path, text_field: str) -> str:
+    """The column to read: ``text_field``, else ``messages`` (conversations)."""
+    if text_field in names:
+        return text_field
+    if MESSAGES in names:
+        return MESSAGES
+    raise ValueError(f"data: {str(path)!r} has no column {text_field!r} (its columns: "
+                     f"{', '.join(map(repr, names[:8]))})")
+
+
+def _records_of_batches(batches, path: Path, text_field: str) -> Iterator[str | list]:
     row = 0
     for batch in batches:
         for text in batch.column(0).to_pylist():
+            if text_field == MESSAGES:
+                row += 1
+                if text is not None:
+                    yield check_messages(text, f"{str(path)!r} row {row - 1}")
+                continue
             if not isinstance(text, str) and text is not None:
                 raise ValueError(f"data: {str(path)!r} row {row}: {text_field!r} must be a string, got "
                                  f"{short_repr(text)}")
@@ -198,23 +217,23 @@ def _arrow_documents(path: Path, text_field: str) -> Iterator[str]:
             except pa.ArrowInvalid as e:
                 raise ValueError(f"data: {str(path)!r} is not an Arrow file ({str(e)[:200]})") from None
         names = reader.schema.names
-        if text_field not in names:
-            raise ValueError(f"data: {str(path)!r} has no column {text_field!r} (its columns: "
-                             f"{', '.join(map(repr, names[:8]))})")
-        column = names.index(text_field)
+        field = _column(names, path, text_field)
+        column = names.index(field)
         if isinstance(reader, pa.ipc.RecordBatchFileReader):
             batches = (reader.get_batch(i).select([column]) for i in range(reader.num_record_batches))
         else:
             batches = (b.select([column]) for b in reader)
         try:
-            yield from _records_of_batches(batches, path, text_field)
+            yield from _records_of_batches(batches, path, field)
         except pa.ArrowInvalid as e:
             raise ValueError(f"data: {str(path)!r} is not a complete Arrow file ({str(e)[:200]})") from None
 
 
-def _document(record, text_field: str, where: str) -> str:
+def _document(record, text_field: str, where: str) -> str | list:
     if not isinstance(record, dict):
         raise ValueError(f"data: {where} is not a JSON object, got {short_repr(record)}")
+    if text_field not in record and MESSAGES in record:      # a conversation
+        return check_messages(record[MESSAGES], where)
     if text_field not in record:
         keys = ", ".join(map(repr, list(record)[:8])) or "none"
         raise ValueError(f"data: {where} has no {text_field!r} field (its keys: {keys})")
@@ -278,8 +297,5 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
         parquet = pq.ParquetFile(path)
     except Exception as e:   # pyarrow's ArrowInvalid and kin: the file is not Parquet, or cut short
         raise ValueError(f"data: {str(path)!r} is not a readable Parquet file ({str(e)[:200]})") from None
-    columns = parquet.schema_arrow.names
-    if text_field not in columns:
-        raise ValueError(f"data: {str(path)!r} has no column {text_field!r} (its columns: "
-                         f"{', '.join(map(repr, columns[:8]))})")
-    yield from _records_of_batches(parquet.iter_batches(columns=[text_field]), path, text_field)
+    field = _column(parquet.schema_arrow.names, path, text_field)
+    yield from _records_of_batches(parquet.iter_batches(columns=[field]), path, field)

@@ -15,7 +15,9 @@ DTYPE_CHOICES = tuple(sorted(DTYPES))
 class GenerateOptions:
     model: str = option(help="our folder (dense or mixture), a Hugging Face Llama-family folder or a .gguf",
                         positional=True)
-    prompt: str = option(help="the text to continue")
+    prompt: str = option(help="the text to continue (with --chat: the user's message to answer)")
+    chat: bool = option(False, help="render the prompt as a user's message with the model's chat template "
+                        "and print the model's answer")
     max_new_tokens: int = option(64, help="tokens to generate at most", kind=INT)
     temperature: float = option(0.0, help="0: greedy", kind=NUMBER)
     top_p: float = option(1.0, help="nucleus sampling mass", kind=NUMBER)
@@ -50,7 +52,7 @@ def run_generate(args: argparse.Namespace) -> str:
                                           DTYPES[opts.dtype] if opts.dtype else None, device)
     stats = {}
     text = generate_text(model.eval(), tok, opts.prompt, opts.max_new_tokens, opts.temperature, opts.top_p,
-                         opts.seed, stats=stats)
+                         opts.seed, stats=stats, chat=opts.chat)
     print(text)
     if sys.stderr.isatty() or opts.verbose:
         print(f"generate: {stats['new_tokens']} tokens in {stats['seconds']:.2f} s "

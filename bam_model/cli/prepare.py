@@ -62,6 +62,42 @@ def read_tokenizer_of(path: str):
     return read_tokenizer(path)
 
 
+def read_chat_of(path: str, tokenizer):
+    """The chat template of the model at ``path`` (a folder's chat_template.jinja or
+    tokenizer_config.json, a GGUF file's), with its special tokens, or None."""
+    from ..chat import ChatTemplate
+    from ..formats.gguf import gguf_reader, is_gguf
+    from ..formats.load import chat_template_of_folder
+
+    def spelled(token) -> str:
+        if isinstance(token, dict):
+            token = token.get("content")
+        return token if isinstance(token, str) else ""
+
+    if os.path.isdir(path):
+        template = chat_template_of_folder(path)
+        settings = {}
+        config = os.path.join(path, "tokenizer_config.json")
+        if os.path.isfile(config):
+            from ..files import read_json
+            settings = read_json(config)
+        bos, eos = spelled(settings.get("bos_token")), spelled(settings.get("eos_token"))
+    elif is_gguf(path):
+        from ..formats.gguf import gguf_chat_template
+
+        template = gguf_chat_template(path)
+        fields = gguf_reader(path).fields
+
+        def token(key: str) -> str:
+            field = fields.get(key)
+            value = field.contents() if field is not None else None
+            return (tokenizer.id_to_token(value) or "") if isinstance(value, int) else ""
+        bos, eos = token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id")
+    else:
+        return None
+    return ChatTemplate(template, bos, eos) if template else None
+
+
 def run_prepare(args: argparse.Namespace) -> str:
     from .. import files, prepare
 
@@ -71,12 +107,20 @@ def run_prepare(args: argparse.Namespace) -> str:
     inputs = prepare.list_inputs(opts.sources)
     files.check_output(opts.out, "data", inputs=[("SOURCE", i.path) for i in inputs])
     tokenizer = read_tokenizer_of(opts.tokenizer)
+    chat = read_chat_of(opts.tokenizer, tokenizer)
     started = time.perf_counter()
     data = prepare.prepare(None, tokenizer, opts.out, text_field=opts.text_field, heldout=opts.heldout,
                            progress=False if opts.no_progress else None, tokenizer_from=opts.tokenizer,
-                           inputs=inputs)
+                           inputs=inputs, chat=chat)
     seconds = time.perf_counter() - started
     size = sum(i.path.stat().st_size for i in inputs)
-    print(f"prepared {opts.out}: {prepare.describe(data.index)} from {files.gib(size)} in {seconds:.1f} s "
-          f"({size / 1e6 / max(seconds, 1e-9):.1f} MB/s)")
+    rate = f" ({size / 1e6 / seconds:.1f} MB/s)" if size >= 10**6 and seconds > 0 else ""
+    print(f"prepared {opts.out}: {prepare.describe(data.index)} from {files.gib(size)} in {seconds:.1f} "
+          f"s{rate}")
+    mask = data.mask("train")
+    if mask is not None:
+        share = float(mask.sum()) / max(len(mask), 1)
+        print(f"  conversations rendered with the chat template of {opts.tokenizer}: {share:.0%} of the "
+              "training tokens are in the loss (the assistant's turns, and the documents that are not "
+              "conversations)")
     return opts.out
