@@ -213,10 +213,10 @@ def _pieces(inputs: list[Input], text_field: str, share: float, chat: ChatTempla
             continue
         size = inp.path.stat().st_size
         seen = 0
-        for n, doc in enumerate(read_documents(inp.path, text_field)):
+        for doc in read_documents(inp.path, text_field):
             spans = None
-            if isinstance(doc, list):           # a conversation
-                where = f"{str(inp.path)!r} record {n}"
+            if isinstance(doc, list):           # a conversation (readers.Conversation)
+                where = doc.where
                 if chat is None:
                     raise ValueError(f"data: {where} is a conversation ('messages'), which is rendered with "
                                      "the model's chat template: prepare the data with bam prepare "

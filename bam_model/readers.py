@@ -160,6 +160,14 @@ class _ZstdStream(io.RawIOBase):
         super().close()
 
 
+class Conversation(list):
+    """A record's messages, with where the record is (file and line or row) for messages about it."""
+
+    def __init__(self, messages: list, where: str):
+        super().__init__(messages)
+        self.where = where
+
+
 def _zstd_errors() -> tuple:
     try:
         import zstandard
@@ -187,9 +195,10 @@ def _records_of_batches(batches, path: Path, text_field: str) -> Iterator[str | 
     for batch in batches:
         for text in batch.column(0).to_pylist():
             if text_field == MESSAGES:
+                where = f"{str(path)!r} row {row}"
                 row += 1
                 if text is not None:
-                    yield check_messages(text, f"{str(path)!r} row {row - 1}")
+                    yield Conversation(check_messages(text, where), where)
                 continue
             if not isinstance(text, str) and text is not None:
                 raise ValueError(f"data: {str(path)!r} row {row}: {text_field!r} must be a string, got "
@@ -233,7 +242,7 @@ def _document(record, text_field: str, where: str) -> str | list:
     if not isinstance(record, dict):
         raise ValueError(f"data: {where} is not a JSON object, got {short_repr(record)}")
     if text_field not in record and MESSAGES in record:      # a conversation
-        return check_messages(record[MESSAGES], where)
+        return Conversation(check_messages(record[MESSAGES], where), where)
     if text_field not in record:
         keys = ", ".join(map(repr, list(record)[:8])) or "none"
         raise ValueError(f"data: {where} has no {text_field!r} field (its keys: {keys})")

@@ -333,3 +333,75 @@ def test_resume_on_prepared_data_repeats_the_uninterrupted_run(tmp_path, tok, do
     for b in batches[:10]:
         rows = [next(s).input_ids for s in ranks]
         assert torch.equal(torch.stack([rows[0], rows[1]], 1).flatten(0, 1), b.input_ids)
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _chat_model(folder: Path, template: str = CHATML) -> Path:
+    cfg = DenseConfig(vocab_size=8192, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=24,
+                      max_seq_len=64, tie_embeddings=True, eos_token_id=0)
+    DenseLM(cfg).save_pretrained(str(folder))
+    (folder / "chat_template.jinja").write_text(template)
+    return folder
+
+
+def test_conversations_are_rendered_and_trained_on_the_assistant_turns_only(tmp_path, tok, capsys):
+    talks = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Count to {i}."},
+              {"role": "assistant", "content": " ".join(map(str, range(1, i + 1)))},
+              {"role": "user", "content": "Thanks."}, {"role": "assistant", "content": f"Welcome, {i}."}]
+             for i in range(2, 30)]
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps({"messages": t}) + "\n" for t in talks)
+                   + "".join(json.dumps({"text": f"A plain note, number {i}."}) + "\n" for i in range(5)))
+    model = _chat_model(tmp_path / "model")
+    out = tmp_path / "out"
+    assert main(["prepare", str(src), "--tokenizer", str(model), "--out", str(out), "--no-progress"]) == 0
+    assert "of the training tokens are in the loss" in capsys.readouterr().out
+    data = P.PreparedData(out)
+    assert data.index["chat"]["masked"] is True
+    eos = D.eos_token_id(tok)
+    said = set()
+    for split in P.SPLITS:
+        toks, mask, ends = data.tokens(split), data.mask(split), data.doc_ends(split).astype(np.int64)
+        assert len(mask) == len(toks)
+        for a, b in zip(np.concatenate([[0], ends[:-1]]), ends):
+            ids, keep = toks[a:b].tolist(), mask[a:b].tolist()
+            if tok.decode(ids[:-1]).startswith("<|im_start|>"):
+                assert keep[-1] == 0 and ids[-1] == eos          # the joining EOS is no target
+                said.add(tok.decode([t for t, k in zip(ids, keep) if k]))
+            else:
+                assert all(keep)                                 # a plain document: every token
+    want = {"".join(f"{m['content']}<|im_end|>\n" for m in t if m["role"] == "assistant") for t in talks}
+    assert said == want
+    # The stream's labels leave out exactly the tokens outside the loss; a step trains on them.
+    stream = D.BatchStream(str(out), seq_len=32, batch_size=8, seed=0, tokenizer=tok)
+    batch = next(stream)
+    masked = batch.labels == -100
+    assert masked.any() and (~masked).any()
+    assert torch.equal(batch.labels[~masked], batch.input_ids[~masked])
+    run = ["--steps", "1", "--batch-size", "2", "--seq-len", "32", "--eval-windows", "2", "--no-progress"]
+    assert main(["train", str(model), "--data", str(out), "--out", str(tmp_path / "run"), *run]) == 0
+    # A raw file of conversations needs the model's template: bam prepare.
+    with pytest.raises(ValueError, match="is a conversation .* prepare the data with bam prepare"):
+        D.tokens(D.Source("chat", src), "train", tok)
+
+
+def test_conversations_a_template_cannot_cut_and_chat_without_a_template_are_refused(tmp_path, capsys):
+    src = tmp_path / "chat.jsonl"
+    talk = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."}]
+    src.write_text(json.dumps({"messages": talk}) + "\n" + json.dumps({"messages": "not a list"}) + "\n")
+    # A template that writes the last turn differently: the assistant's tokens cannot be found.
+    odd = _chat_model(tmp_path / "odd", "{% for m in messages %}{% if loop.last %}LAST {% endif %}"
+                                        "{{ m['content'] }}\n{% endfor %}")
+    argv = ["prepare", str(src), "--no-progress", "--out"]
+    assert main([*argv, str(tmp_path / "o1"), "--tokenizer", str(odd)]) == 2
+    assert "line 1: the chat template renders turn 1 differently" in capsys.readouterr().err
+    model = _chat_model(tmp_path / "model")
+    assert main([*argv, str(tmp_path / "o2"), "--tokenizer", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert "line 2: 'messages' must be a non-empty list of messages, got 'not a list'" in err
+    (model / "chat_template.jinja").unlink()
+    assert main(["generate", str(model), "--chat", "--prompt", "Hi"]) == 2
+    assert "the model has no chat template" in capsys.readouterr().err
