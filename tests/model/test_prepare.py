@@ -174,7 +174,7 @@ def test_a_prepared_folder_trains_evaluates_and_mixes_with_the_bundled_domains(t
     assert main(["prepare", str(src), "--tokenizer", str(model), "--out", str(tmp_path / "mine"),
                  "--no-progress"]) == 0
     said = capsys.readouterr().out
-    assert said.startswith(f"prepared {tmp_path / 'mine'}: 80 documents") and "MB/s" in said
+    assert said.startswith(f"prepared {tmp_path / 'mine'}: 80 documents") and " KiB in " in said
     mine = str(tmp_path / "mine")
     run = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-windows", "1", "--no-progress"]
     out = str(tmp_path / "run")
