@@ -715,8 +715,46 @@ def cached(inputs: list[Input], tokenizer, *, text_field: str = "text", what: st
             print(f"data: preparing {what} once, into the cache {str(folder)!r}", file=sys.stderr)
             opened = prepare(None, tokenizer, folder, text_field=text_field, progress=progress, inputs=inputs,
                              flag="data cache")
+            _remove_stale(root, key, opened.index)
     _OPEN[(key,)] = opened
     return opened
+
+
+def _remove_stale(root: Path, key: str, index: dict) -> None:
+    """Remove the cache entries that ``index``'s entry replaces: of the same files (by path), the
+    same tokenizer and options, prepared before those files changed. An entry another process
+    holds (its lock taken) is left for later."""
+    def same(other: dict) -> bool:
+        return ([s["path"] for s in other.get("sources", [])] == [s["path"] for s in index["sources"]]
+                and other.get("tokenizer", {}).get("sha256") == index["tokenizer"]["sha256"]
+                and other.get("text_field") == index["text_field"])
+
+    for entry in root.iterdir():
+        if entry.name == key or not entry.is_dir() or entry.is_symlink() or not (entry / INDEX).is_file():
+            continue
+        manifest = files.read_manifest(entry)
+        try:
+            stale = (manifest is not None and manifest["kind"] == "data"
+                     and same(files.read_json(str(entry / INDEX))))
+        except ValueError:
+            continue
+        if not stale:
+            continue
+        lock = root / f"{entry.name}.lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666 & ~files.umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        try:
+            files.clear_owned(entry)
+            with contextlib.suppress(OSError):
+                entry.rmdir()
+            with contextlib.suppress(OSError):
+                lock.unlink()
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager

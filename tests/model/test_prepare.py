@@ -162,6 +162,11 @@ def test_raw_paths_are_prepared_once_into_the_cache_keyed_by_the_files(tmp_path,
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[1:]))
     changed = D.Source("c", src).prepared(tok)
     assert changed.path != first.path and changed.digest != first.digest
+    assert not first.path.exists()                 # the entry of the file as it was: removed
+    other = D.read_tokenizer(D.CORPUS_DIR / "tokenizer.json")
+    other.add_tokens(["<|mine|>"])
+    D.Source("c", src).prepared(other)
+    assert changed.path.exists()                   # another tokenizer's entry is another entry
 
 
 def test_a_prepared_folder_trains_evaluates_and_mixes_with_the_bundled_domains(tmp_path, tok, docs, capsys):
