@@ -181,6 +181,8 @@ def test_a_prepared_folder_trains_evaluates_and_mixes_with_the_bundled_domains(t
     said = capsys.readouterr().out
     assert said.startswith(f"prepared {tmp_path / 'mine'}: 80 documents") and " KiB in " in said
     mine = str(tmp_path / "mine")
+    assert main(["prepare", mine, "--tokenizer", str(model), "--out", str(tmp_path / "again")]) == 2
+    assert "is prepared data (bam prepare wrote it), not a source to read" in capsys.readouterr().err
     run = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-windows", "1", "--no-progress"]
     out = str(tmp_path / "run")
     assert main(["train", str(model), "--data", f"{mine}:0.7,code:0.3", "--out", out, *run]) == 0
