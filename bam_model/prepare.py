@@ -139,8 +139,8 @@ def _folder_files(path: Path) -> list[tuple[Path, str | None]]:
     if all((path / n).is_file() for n in DATASET_FILES):
         return [(f, None) for f in _dataset_arrow_files(path)]
     if is_prepared(path):
-        raise ValueError(f"data: {str(path)!r} is prepared data (bam prepare wrote it), not a source to read: "
-                         "give it to --data as it is, or prepare the files it was prepared from")
+        raise ValueError(f"data: {str(path)!r} is prepared data (bam prepare wrote it), not a source to "
+                         "read: give it to --data as it is, or prepare the files it was prepared from")
     out = []
     for entry in sorted(path.iterdir()):
         if entry.name.startswith("."):
