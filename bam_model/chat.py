@@ -64,27 +64,29 @@ def check_messages(messages, where: str) -> list[dict]:
     return messages
 
 
-def render(chat: ChatTemplate, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The conversation as the template writes it."""
+def render(chat: ChatTemplate, messages: list[dict], add_generation_prompt: bool = False,
+           where: str | None = None) -> str:
+    """The conversation as the template writes it; ``where`` names the conversation in errors."""
     from jinja2 import TemplateError
 
     try:
         return _compiled(chat.template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                bos_token=chat.bos_token, eos_token=chat.eos_token)
     except TemplateError as e:
-        raise ValueError(f"the chat template failed on a conversation: {e}") from None
+        about = f"data: {where}: " if where else ""
+        raise ValueError(f"{about}the chat template failed on this conversation: {e}") from None
 
 
 def assistant_spans(chat: ChatTemplate, messages: list[dict], where: str
                     ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant turns."""
-    text = render(chat, messages)
+    text = render(chat, messages, where=where)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = render(chat, messages[:i], add_generation_prompt=True)
-        through = render(chat, messages[:i + 1])
+        before = render(chat, messages[:i], add_generation_prompt=True, where=where)
+        through = render(chat, messages[:i + 1], where=where)
         if not (text.startswith(before) and text.startswith(through) and len(before) <= len(through)):
             raise ValueError(f"data: {where}: the chat template renders turn {i} differently once later "
                              "turns follow, so the assistant's tokens cannot be told apart; give such data "

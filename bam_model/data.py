@@ -142,7 +142,14 @@ class Source:
 
     def prepared(self, tokenizer) -> PreparedData:
         """The source's tokens with ``tokenizer``: a prepared folder, opened (its tokenizer must be
-        this one); a bundled domain or a path, prepared once into the cache (``prepare.cached``)."""
+        this one); a bundled domain or a path, prepared once into the cache (``prepare.cached``).
+        Resolved once per process: a file that changes while a run goes on does not change its data."""
+        key = (self, prepare.tokenizer_digest(tokenizer))
+        if key not in _RESOLVED:
+            _RESOLVED[key] = self._prepared(tokenizer)
+        return _RESOLVED[key]
+
+    def _prepared(self, tokenizer) -> PreparedData:
         if self.path is None:
             inputs = [Input(CORPUS_DIR / f"{self.name}.{split}.jsonl.gz", f"{self.name}.{split}", split)
                       for split in SPLITS]
@@ -152,6 +159,9 @@ class Source:
             data.check_tokenizer(tokenizer)
             return data
         return prepare.cached(prepare.list_inputs([self.path]), tokenizer, what=repr(self.name))
+
+
+_RESOLVED: dict[tuple, PreparedData] = {}
 
 
 def _cut_at_line(text: str, share: float) -> int:
@@ -352,6 +362,7 @@ class BatchStream:
         self.weights = [w for _, w in spec]
         self.tokens = [tokens(s, split, tokenizer, part) for s in self.sources]
         self.masks = [loss_mask(s, split, tokenizer, part) for s in self.sources]
+        self.vocab_size = (tokenizer if tokenizer is not None else load_tokenizer()).get_vocab_size()
         for s, t in zip(self.sources, self.tokens):
             if len(t) < seq_len:
                 what = (f"{split} tokens" if part is None else
@@ -401,6 +412,10 @@ class BatchStream:
                 masks.append(mask[start:start + self.seq_len] if mask is not None else None)
                 src.append(s)
         input_ids = torch.from_numpy(np.stack(rows).astype(np.int64))
+        if int(input_ids.max()) >= self.vocab_size:    # prepared files changed behind their index
+            s = src[int(input_ids.max(1).values.argmax())]
+            raise ValueError(f"data: {self.sources[s].name!r} holds token id {int(input_ids.max())}, beyond "
+                             f"the tokenizer's {self.vocab_size:,} tokens; prepare it again")
         labels = input_ids.clone()
         if any(m is not None for m in masks):      # conversations: only the assistant's tokens are targets
             keep = np.stack([m if m is not None else np.ones(self.seq_len, np.uint8) for m in masks])
@@ -443,26 +458,52 @@ class BatchStream:
                                  f"of {self.sources[s].name!r}")
 
 
-def eval_labels(windows: torch.Tensor, mask: np.ndarray | None, seq_len: int) -> torch.Tensor:
-    """The labels of ``eval_windows(tok, seq_len, ...)``: the windows, with -100 where ``mask`` (the
-    source's ``loss_mask``) leaves a token out of the loss."""
-    labels = windows.clone()
+def eval_window_count(n_tokens: int, seq_len: int, max_windows: int | None = None) -> int:
+    """How many windows ``eval_windows`` cuts from ``n_tokens`` tokens (at most ``max_windows``)."""
+    _check_int("seq_len", seq_len, 2)
+    n = (n_tokens - 1) // (seq_len - 1)
+    if max_windows is not None:
+        _check_int("max_windows", max_windows, 1)
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"seq_len={seq_len} is longer than the {n_tokens} tokens to evaluate")
+    return n
+
+
+def scored_windows(n_tokens: int, mask: np.ndarray | None, seq_len: int, max_windows: int | None = None
+                   ) -> np.ndarray:
+    """The indices of the windows of ``eval_windows`` that are scored: all of them (at most
+    ``max_windows``); with a loss ``mask`` (conversations), those holding a target after their first
+    token, the first ``max_windows`` of them."""
+    if mask is None:
+        return np.arange(eval_window_count(n_tokens, seq_len, max_windows))
+    n = eval_window_count(n_tokens, seq_len)
+    step = seq_len - 1
+    # A window w scores tokens w*step + 1 .. w*step + step: whether any is a target, from a running sum.
+    ends = np.concatenate([[0], np.cumsum(np.asarray(mask[:n * step + 1], dtype=np.int64))])
+    starts = np.arange(n) * step
+    has = ends[starts + step + 1] - ends[starts + 1] > 0
+    chosen = np.nonzero(has)[0]
+    if not len(chosen):
+        raise ValueError("no held-out window holds a token in the loss (the conversations' assistant turns)")
+    return chosen[:max_windows] if max_windows is not None else chosen
+
+
+def eval_rows(tok: np.ndarray, mask: np.ndarray | None, windows: np.ndarray, seq_len: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The windows ``windows`` (indices) of ``eval_windows(tok, seq_len)`` [len, seq_len] int64, and
+    their labels: the same, with -100 where ``mask`` (the source's ``loss_mask``) leaves a token out
+    of the loss. Read from ``tok`` (a memory map) a batch at a time."""
+    idx = np.asarray(windows)[:, None] * (seq_len - 1) + np.arange(seq_len)[None, :]
+    ids = torch.from_numpy(np.asarray(tok[idx]).astype(np.int64))
+    labels = ids.clone()
     if mask is not None:
-        n = len(windows)
-        idx = np.arange(n)[:, None] * (seq_len - 1) + np.arange(seq_len)[None, :]
-        labels[torch.from_numpy(mask[idx] == 0)] = -100
-    return labels
+        labels[torch.from_numpy(np.asarray(mask[idx]) == 0)] = -100
+    return ids, labels
 
 
 def eval_windows(tok: np.ndarray, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
     """[N, seq_len] int64: consecutive windows from the start of ``tok``, overlapping by one token,
     so that every token after the first (up to the last full window) is predicted exactly once."""
-    _check_int("seq_len", seq_len, 2)
-    n = (len(tok) - 1) // (seq_len - 1)
-    if max_windows is not None:
-        _check_int("max_windows", max_windows, 1)
-        n = min(n, max_windows)
-    if n == 0:
-        raise ValueError(f"seq_len={seq_len} is longer than the {len(tok)} tokens to evaluate")
-    idx = np.arange(n)[:, None] * (seq_len - 1) + np.arange(seq_len)[None, :]
-    return torch.from_numpy(tok[idx].astype(np.int64))
+    n = eval_window_count(len(tok), seq_len, max_windows)
+    return eval_rows(tok, None, np.arange(n), seq_len)[0]

@@ -20,10 +20,10 @@ from .config import check_seq_len
 from .data import (
     DOMAINS,
     Source,
-    eval_labels,
-    eval_windows,
+    eval_rows,
     loss_mask,
     parse_data_spec,
+    scored_windows,
     token_byte_lengths,
     tokens,
 )
@@ -78,22 +78,26 @@ def evaluate(model: nn.Module, domains: str | Sequence[str | Source] = DOMAINS, 
     results = {}
     try:
         for source in _sources(domains):
-            windows = eval_windows(tokens(source, split, tokenizer), seq_len, max_windows)
-            labels = eval_labels(windows, loss_mask(source, split, tokenizer), seq_len).split(batch_size)
-            batches = windows.split(batch_size)
-            rounds = -(-len(batches) // ctx.world_size)
+            tok, mask = tokens(source, split, tokenizer), loss_mask(source, split, tokenizer)
+            try:
+                windows = scored_windows(len(tok), mask, seq_len, max_windows)
+            except ValueError as e:
+                raise ValueError(f"{source.name}: {e}") from None
+            n_batches = -(-len(windows) // batch_size)
+            rounds = -(-n_batches // ctx.world_size)
             # Summed on the device: no synchronisation per batch.
             nll = torch.zeros((), dtype=torch.float64, device=device)
             n_tok, n_bytes = 0, 0
             mine = range(ctx.rank, rounds * ctx.world_size, ctx.world_size)
             bar = progress and ctx.is_main
             for i in tqdm(mine, desc=f"eval {source.name}", unit="batch", disable=not bar, leave=False):
-                chunk = batches[min(i, len(batches) - 1)]
-                targets = labels[min(i, len(batches) - 1)][:, 1:]
+                b = min(i, n_batches - 1)     # windows are read from the memory map a batch at a time
+                chunk, targets = eval_rows(tok, mask, windows[b * batch_size:(b + 1) * batch_size], seq_len)
+                targets = targets[:, 1:]
                 ids = chunk.to(device)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     logits = model(ids).logits
-                if i >= len(batches):
+                if i >= n_batches:
                     continue  # the padding pass: collectives inside the model pair up across ranks
                 # Shifted targets (the last position ignored) rather than sliced logits: no
                 # logits-sized copy.
@@ -107,9 +111,6 @@ def evaluate(model: nn.Module, domains: str | Sequence[str | Source] = DOMAINS, 
                                 torch.tensor(float(n_bytes), dtype=torch.float64)])
             total_nll, n_tok, n_bytes = distributed.all_reduce_sum(sums).tolist()
             n_tok, n_bytes = int(n_tok), int(n_bytes)
-            if n_tok == 0:
-                raise ValueError(f"{source.name}: the scored windows hold no token in the loss (the held-out "
-                                 "conversations' assistant turns lie beyond them); score more windows")
             loss = total_nll / n_tok
             # exp overflows past a loss of ~709 nats (an untrained or diverged model): inf, not an error.
             results[source.name] = {"loss": loss, "ppl": math.exp(loss) if loss < 700 else math.inf,

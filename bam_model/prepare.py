@@ -66,13 +66,27 @@ CACHE_ENV = "BAM_DATA_CACHE"
 # comes in pieces of TEXT_PIECE bytes, cut after a line break).
 BATCH_BYTES = 8 << 20
 BATCH_DOCS = 8192
-INDEX_MAX_BYTES = 64 << 20
+INDEX_MAX_BYTES = 1 << 30   # about 200 bytes a source file: millions of files
+
+
+_DIGESTS: dict[int, tuple] = {}
 
 
 def tokenizer_digest(tokenizer) -> str:
     """SHA-256 of what a tokenizer does (its tokenizer.json without the padding and truncation
-    settings, keys sorted): two tokenizers with equal digests give the same ids for every text."""
-    spec = json.loads(tokenizer.to_str())
+    settings, keys sorted): two tokenizers with equal digests give the same ids for every text.
+    Remembered per tokenizer object while its content stays the same."""
+    text = tokenizer.to_str()
+    seen = _DIGESTS.get(id(tokenizer))
+    if seen is not None and seen[0] is tokenizer and seen[1] == len(text) and seen[2] == hash(text):
+        return seen[3]
+    digest = _digest_of(text)
+    _DIGESTS[id(tokenizer)] = (tokenizer, len(text), hash(text), digest)
+    return digest
+
+
+def _digest_of(text: str) -> str:
+    spec = json.loads(text)
     for key in ("padding", "truncation"):
         spec.pop(key, None)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
@@ -107,35 +121,51 @@ class Input:
 # one of a ``DatasetDict`` holds DATASET_DICT and a folder per split.
 DATASET_FILES = ("state.json", "dataset_info.json")
 DATASET_DICT = "dataset_dict.json"
-# A DatasetDict's splits that bam holds out as they are (any other split is split by document).
-HELDOUT_SPLITS = ("validation", "valid", "test", "heldout")
+# A DatasetDict's splits, by the start of their names: those that train and those held out as they
+# are ("train_sft", "test_sft", "validation", ...).
+TRAIN_SPLITS = ("train",)
+HELDOUT_SPLITS = ("valid", "test", "eval", "dev", "heldout")
+
+
+def _split_kind(name: str) -> str | None:
+    low = name.lower()
+    return "train" if low.startswith(TRAIN_SPLITS) else "heldout" if low.startswith(HELDOUT_SPLITS) else None
 
 
 def _dataset_arrow_files(folder: Path) -> list[Path]:
     """The Arrow files of a ``datasets`` folder, in its own order (``state.json``'s data files)."""
     state = files.read_json(str(folder / "state.json"))
-    names = [d.get("filename") for d in state.get("_data_files", []) if isinstance(d, dict)]
+    listed = state.get("_data_files")
+    names = [d.get("filename") for d in listed if isinstance(d, dict)] if isinstance(listed, list) else []
     if not names or not all(isinstance(n, str) and files._plain_name(n) for n in names):
         raise ValueError(f"data: {str(folder)!r} looks like a datasets folder, but its state.json lists no "
                          "data files")
+    for n in names:
+        if not (folder / n).is_file():
+            raise ValueError(f"data: {str(folder / n)!r}, listed in {str(folder / 'state.json')!r}, is "
+                             "missing")
     return [folder / n for n in names]
 
 
 def _folder_files(path: Path) -> list[tuple[Path, str | None]]:
     """(file, split or None) of a folder, recursively, hidden entries left out; a ``datasets``
-    folder gives its Arrow files (a DatasetDict's "train" split as train, its validation or test
-    split as held out)."""
+    folder gives its Arrow files. A DatasetDict with training splits ("train...") and held-out ones
+    ("valid...", "test...", "eval...", "dev...") keeps them; one of training splits only is split by
+    document; a split of another name is refused (give the split folders to read instead)."""
     if (path / DATASET_DICT).is_file():
         splits = files.read_json(str(path / DATASET_DICT)).get("splits")
-        if not (isinstance(splits, list) and all(isinstance(s, str) and files._plain_name(s)
-                                                 for s in splits)):
+        if not (isinstance(splits, list) and splits and all(isinstance(s, str) and files._plain_name(s)
+                                                            for s in splits)):
             raise ValueError(f"data: {str(path / DATASET_DICT)!r} lists no splits")
-        given = "train" in splits and any(s in HELDOUT_SPLITS for s in splits)
-
-        def ours(split: str) -> str | None:
-            return None if not given else "train" if split == "train" else \
-                "heldout" if split in HELDOUT_SPLITS else None
-        return [(f, ours(s)) for s in splits for f in _dataset_arrow_files(path / s)]
+        kinds = {s: _split_kind(s) for s in splits}
+        unknown = [s for s, k in kinds.items() if k is None]
+        if unknown:
+            raise ValueError(f"data: the DatasetDict {str(path)!r} has the split(s) "
+                             f"{', '.join(map(repr, unknown))}, neither training (train...) nor held out "
+                             "(valid..., test..., eval..., dev...): give the split folders to read instead, "
+                             f"e.g. {str(path / splits[0])!r}")
+        given = set(kinds.values()) == {"train", "heldout"}
+        return [(f, kinds[s] if given else None) for s in splits for f in _dataset_arrow_files(path / s)]
     if all((path / n).is_file() for n in DATASET_FILES):
         return [(f, None) for f in _dataset_arrow_files(path)]
     if is_prepared(path):
@@ -206,8 +236,12 @@ def _pieces(inputs: list[Input], text_field: str, share: float, chat: ChatTempla
     """(text, split, ends a document, bytes of input consumed, assistant spans of a conversation or
     None) for every piece of every document."""
     texts = [i for i, inp in enumerate(inputs) if inp.split is None and file_format(inp.path) == "text"]
-    held_texts = {texts[j] for j in _first_by_hash([inputs[i].key for i in texts],
-                                                     [inputs[i].path.stat().st_size for i in texts], share)}
+    sizes = [inputs[i].path.stat().st_size for i in texts]
+    # A text file larger than twice the held-out share of them all is never held out whole (it would
+    # leave little to train on); if no file is held out, ``_balance`` cuts the last one.
+    small = [j for j, size in enumerate(sizes) if size <= 2 * share * sum(sizes)]
+    held_texts = {texts[small[j]] for j in _first_by_hash([inputs[texts[j]].key for j in small],
+                                                            [sizes[j] for j in small], share)}
     for i, inp in enumerate(inputs):
         if file_format(inp.path) == "text":
             split = inp.split or ("heldout" if i in held_texts else "train")
@@ -396,17 +430,22 @@ def _balance(writers: dict[str, _SplitWriter], tokenizer, share: float) -> None:
     if train.n_docs and held.n_docs:
         return
     full, empty = (train, held) if train.n_docs else (held, train)
-    if full.n_docs > 1:
-        _move_tail(full, empty, int(full.doc_ends()[-2]))
+    want = share if full is train else 1 - share        # the share of the tokens the empty split takes
+    ends = full.doc_ends()
+    last = int(ends[-2]) if len(ends) > 1 else 0        # where the last document starts
+    if len(ends) > 1 and full.n_tokens - last <= 2 * want * full.n_tokens:
+        _move_tail(full, empty, last)                   # the last document, whole
         return
-    # One document: cut after a line break, the part of ``share`` (or, for a lone held-out
-    # document, of 1 - share) moving to the empty split; the EOS stays at the end of the tail.
-    if full.n_tokens < 3:
+    # One document, or a last one too large to move whole: cut it after a line break so that about
+    # ``want`` of all the tokens move; the EOS stays at the end of the tail.
+    if full.n_tokens - last < 3:
         raise ValueError(f"data: the corpus holds {full.n_tokens - 1} token(s), too few to split into "
                          "training and held-out text")
     tokens = np.memmap(full.tokens_path, dtype=full.dtype, mode="r")
-    cut = _line_cut(tokens[:-1], _newline_tokens(tokenizer), share if full is train else 1 - share)
-    del tokens
+    doc = tokens[last:-1]
+    moved = min(want * full.n_tokens / len(doc), 0.99)
+    cut = last + _line_cut(doc, _newline_tokens(tokenizer), moved)
+    del tokens, doc
     _move_tail(full, empty, cut)
 
 
@@ -534,11 +573,16 @@ def prepare(sources, tokenizer, out, *, text_field: str = "text", heldout: float
     out = Path(os.path.abspath(out))
     files.check_output(out, "data", flag=flag, inputs=[("SOURCE", i.path) for i in inputs])
 
-    def write(stage: Path) -> None:
-        write_prepared(stage, inputs, tokenizer, text_field=text_field, heldout=heldout, progress=progress,
-                       tokenizer_from=tokenizer_from, chat=chat)
+    records = {}
 
-    files.write_folder(out, write, "data", flag=flag)
+    def write(stage: Path) -> None:
+        index = write_prepared(stage, inputs, tokenizer, text_field=text_field, heldout=heldout,
+                               progress=progress, tokenizer_from=tokenizer_from, chat=chat)
+        for split in SPLITS:      # hashed once: the manifest takes the index's records
+            for name, r in index["splits"][split]["files"].items():
+                records[name] = {"bytes": r["bytes"], "sha256": r["sha256"]}
+
+    files.write_folder(out, write, "data", flag=flag, records=records)
     # The files were moved, not rewritten: their records (sizes, hashes, times) still hold.
     return PreparedData(out, verify=False)
 
@@ -579,10 +623,16 @@ class PreparedData:
         index = files.read_json(str(index_path))
         self.index = index = _check_index(index, str(index_path))
         self.dtype = np.dtype(index["dtype"])
+        # Every file is checked and mapped now: a folder prepared again while this process runs (the
+        # files renamed over) does not change what it reads.
         self._maps: dict[tuple[str, str], np.ndarray] = {}
+        kinds = {"tokens": self.dtype.newbyteorder("<"), "docs": np.dtype("<u8"), "mask": np.dtype(np.uint8)}
         for split in SPLITS:
             for name, record in index["splits"][split]["files"].items():
                 self._check_file(self.path / name, record, verify)
+                kind = name.split(".", 1)[1]
+                self._maps[(split, kind)] = (np.memmap(self.path / name, dtype=kinds[kind], mode="r")
+                                             if record["bytes"] else np.empty(0, dtype=kinds[kind]))
 
     def _check_file(self, path: Path, record: dict, verify: bool) -> None:
         try:
@@ -609,18 +659,10 @@ class PreparedData:
                 h.update(f"{name}:{record['bytes']}:{record['sha256']}|".encode())
         return h.hexdigest()
 
-    def _map(self, split: str, kind: str, dtype) -> np.ndarray:
+    def _map(self, split: str, kind: str, dtype=None) -> np.ndarray:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        key = (split, kind)
-        if key not in self._maps:
-            path = self.path / f"{split}.{kind}"
-            if path.stat().st_size == 0:
-                arr = np.empty(0, dtype=dtype)
-            else:
-                arr = np.memmap(path, dtype=dtype, mode="r")
-            self._maps[key] = arr
-        return self._maps[key]
+        return self._maps[(split, kind)]
 
     def tokens(self, split: str) -> np.ndarray:
         """The split's tokens, mapped read-only (each document followed by the end-of-document id)."""
@@ -657,21 +699,24 @@ def _check_index(index: dict, where: str) -> dict:
         bad(f"its format is {index.get('format')!r}, not {DATA_FORMAT!r}")
     if index.get("version") != DATA_VERSION:
         bad(f"version {index.get('version')!r}; this bam reads version {DATA_VERSION}")
-    if index.get("dtype") not in ("uint16", "uint32"):
-        bad(f"dtype {index.get('dtype')!r}")
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
     tok = index.get("tokenizer")
-    if not (isinstance(tok, dict) and isinstance(tok.get("sha256"), str)
-            and isinstance(tok.get("vocab_size"), int) and isinstance(tok.get("eos_id"), int)):
+    if not (isinstance(tok, dict) and isinstance(tok.get("sha256"), str) and count(tok.get("vocab_size"))
+            and count(tok.get("eos_id")) and tok["eos_id"] < tok["vocab_size"]):
         bad("no tokenizer record")
+    if index.get("dtype") != token_dtype(tok["vocab_size"]).name:
+        bad(f"dtype {index.get('dtype')!r} for a vocabulary of {tok['vocab_size']} tokens")
     splits = index.get("splits")
     if not isinstance(splits, dict):
         bad("no splits")
     for split in SPLITS:
         s = splits.get(split)
-        if not (isinstance(s, dict) and isinstance(s.get("tokens"), int)
-                and isinstance(s.get("documents"), int) and isinstance(s.get("files"), dict)
+        if not (isinstance(s, dict) and count(s.get("tokens")) and count(s.get("documents"))
+                and isinstance(s.get("files"), dict)
                 and set(s["files"]) - {f"{split}.mask"} == {f"{split}.tokens", f"{split}.docs"}
-                and all(isinstance(r, dict) and isinstance(r.get("bytes"), int)
+                and all(isinstance(r, dict) and count(r.get("bytes"))
                         and isinstance(r.get("sha256"), str) for r in s["files"].values())):
             bad(f"split {split!r} is not described")
         itemsize = np.dtype(index["dtype"]).itemsize
@@ -728,9 +773,13 @@ def _remove_stale(root: Path, key: str, index: dict) -> None:
     same tokenizer and options, prepared before those files changed. An entry another process
     holds (its lock taken) is left for later."""
     def same(other: dict) -> bool:
-        return ([s["path"] for s in other.get("sources", [])] == [s["path"] for s in index["sources"]]
-                and other.get("tokenizer", {}).get("sha256") == index["tokenizer"]["sha256"]
-                and other.get("text_field") == index["text_field"])
+        try:
+            return (other.get("format") == DATA_FORMAT
+                    and [s["path"] for s in other["sources"]] == [s["path"] for s in index["sources"]]
+                    and other["tokenizer"]["sha256"] == index["tokenizer"]["sha256"]
+                    and other.get("text_field") == index["text_field"])
+        except (KeyError, TypeError, AttributeError):    # an index of another layout: not ours to judge
+            return False
 
     for entry in root.iterdir():
         if entry.name == key or not entry.is_dir() or entry.is_symlink() or not (entry / INDEX).is_file():

@@ -61,36 +61,54 @@ def read_documents(path: str | os.PathLike, text_field: str = TEXT_FIELD) -> Ite
         yield from _parquet_documents(path, text_field)
 
 
-TEXT_PIECE = 256 << 10
+# A text file is tokenized whole up to this size; a larger one in pieces of about this size, cut
+# where the tokenizer's pre-tokenization does not join across the cut (see ``text_pieces``).
+TEXT_PIECE = 8 << 20
+_SPACE = frozenset(b" \t\n\r\x0b\x0c")
 
 
-def text_pieces(path: str | os.PathLike, piece: int = TEXT_PIECE) -> Iterator[tuple[str, bool, int]]:
-    """A text file (gzip-compressed when its name ends in ``.gz``), the one document it is, in pieces
-    of about ``piece`` bytes cut after a line break (a line longer than that is cut at a character
-    boundary): ``(text, is the last piece, bytes of the file read for it)``. Memory holds one piece.
-    Bytes that are not UTF-8 are a ValueError naming the file and the offset."""
+def _safe_cut(data: bytes) -> int:
+    """Where to cut ``data``: just after the last line break that has a non-space byte on both sides
+    (byte-level BPE and similar pre-tokenizers split there anyway, so the pieces' tokens are the
+    whole text's); else after the last line break; else at the last character start; 0: nowhere."""
+    i = data.rfind(b"\n", 0, len(data) - 1)
+    while i > 0:
+        if data[i - 1] not in _SPACE and data[i + 1] not in _SPACE:
+            return i + 1
+        i = data.rfind(b"\n", 0, i)
+    return data.rfind(b"\n") + 1
+
+
+def text_pieces(path: str | os.PathLike, piece: int | None = None) -> Iterator[tuple[str, bool, int]]:
+    """A text file (compressed when its name ends in ``.gz`` or ``.zst``), the one document it is:
+    whole when it holds less than twice ``piece`` bytes (``TEXT_PIECE``: 16 MiB), else in pieces of
+    one to two ``piece`` cut by ``_safe_cut`` (a line longer than four pieces at a character start):
+    ``(text, is the last piece, bytes of the file read for it)``. Memory holds one piece. Bytes that
+    are not UTF-8 are a ValueError naming the file and the offset."""
     path = Path(path)
-    offset, carry = 0, b""
+    piece = piece or TEXT_PIECE
+    offset, data = 0, b""
     try:
         with _open_text(path) as f:
             while True:
                 block = f.read(piece)
-                data = carry + block
+                data += block
                 if not block:
                     if data or offset:     # the end of a document begun (an empty file holds none)
                         yield _decode(data, path, offset), True, len(data)
                     return
-                cut = data.rfind(b"\n") + 1
-                if cut == 0 and len(data) >= 4 * piece:          # one long line: cut at a character start
-                    cut = len(data) - 3
+                if len(data) < 2 * piece:   # read on: the rest may fit the last piece
+                    continue
+                cut = _safe_cut(data[:len(data) - piece // 2])   # the cut leaves the next piece a start
+                if cut == 0:
+                    if len(data) < 4 * piece:
+                        continue
+                    cut = len(data) - 3                   # one long line: cut at a character start
                     while cut > 1 and (data[cut] & 0xC0) == 0x80:   # a continuation byte: not a start
                         cut -= 1
-                if cut == 0:
-                    carry = data
-                    continue
                 text = _decode(data[:cut], path, offset)
                 offset += cut
-                carry = data[cut:]
+                data = data[cut:]
                 yield text, False, cut
     except (gzip.BadGzipFile, EOFError, *_zstd_errors()) as e:
         raise ValueError(f"data: {str(path)!r} is not a complete {_compression(path)} file ({e})") from None
@@ -128,17 +146,21 @@ class _ZstdStream(io.RawIOBase):
     """A Zstandard file's content, decompressed as it is read; a file that ends inside a frame is an
     EOFError (as gzip's), not a silently shorter text."""
 
+    # Compressed bytes fed at a time: what one call returns stays small (text compresses 3-10x; a
+    # block of one repeated byte, up to ~32,000x: 128 MiB at most).
+    FEED = 4096
+
     def __init__(self, raw, zstandard):
         self.raw, self.zstandard = raw, zstandard
         self.dobj = zstandard.ZstdDecompressor().decompressobj()
-        self.pending = b""
+        self.pending, self.at = b"", 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        while not self.pending:
-            chunk = self.raw.read(1 << 20)
+        while self.at == len(self.pending):
+            chunk = self.raw.read(self.FEED)
             if not chunk:
                 if not self.dobj.eof:
                     raise EOFError("the file ended before the end of its Zstandard frame")
@@ -149,10 +171,10 @@ class _ZstdStream(io.RawIOBase):
                     self.dobj = self.zstandard.ZstdDecompressor().decompressobj()
                 out.append(self.dobj.decompress(chunk))
                 chunk = self.dobj.unused_data if self.dobj.eof else b""
-            self.pending = b"".join(out)
-        n = min(len(buffer), len(self.pending))
-        buffer[:n] = self.pending[:n]
-        self.pending = self.pending[n:]
+            self.pending, self.at = b"".join(out), 0
+        n = min(len(buffer), len(self.pending) - self.at)
+        buffer[:n] = memoryview(self.pending)[self.at:self.at + n]
+        self.at += n
         return n
 
     def close(self) -> None:
@@ -219,11 +241,11 @@ def _arrow_documents(path: Path, text_field: str) -> Iterator[str]:
     with pa.memory_map(str(path)) as source:
         try:
             reader = pa.ipc.open_stream(source)
-        except pa.ArrowInvalid:
+        except (pa.ArrowInvalid, OSError):
             source.seek(0)
             try:
                 reader = pa.ipc.open_file(source)
-            except pa.ArrowInvalid as e:
+            except (pa.ArrowInvalid, OSError) as e:
                 raise ValueError(f"data: {str(path)!r} is not an Arrow file ({str(e)[:200]})") from None
         names = reader.schema.names
         field = _column(names, path, text_field)
@@ -234,7 +256,7 @@ def _arrow_documents(path: Path, text_field: str) -> Iterator[str]:
             batches = (b.select([column]) for b in reader)
         try:
             yield from _records_of_batches(batches, path, field)
-        except pa.ArrowInvalid as e:
+        except (pa.ArrowInvalid, OSError) as e:   # a file cut short: pyarrow says so as an OSError
             raise ValueError(f"data: {str(path)!r} is not a complete Arrow file ({str(e)[:200]})") from None
 
 

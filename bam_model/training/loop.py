@@ -394,6 +394,12 @@ class _Loop:
         the mean loss terms over all ranks."""
         cfg, device = self.cfg, self.device
         batch = next(stream)
+        # Each micro-batch's NLL counts by its share of the global batch's targets (as transformers'
+        # num_items_in_batch does): where labels are masked (conversations) micro-batches hold
+        # different numbers of targets, and a plain mean per micro-batch would weigh a token by how
+        # its micro-batch was filled. Unmasked, every share is 1 / grad_accum, as before.
+        targets = (batch.labels[:, 1:] != -100).sum(1).to(torch.float64)
+        total = float(distributed.all_reduce_sum(targets.sum().reshape(1))[0])
         # Per-micro-batch values stay on the device: one synchronisation per step, not per micro-batch.
         sums: dict[str, torch.Tensor] = {}
         for i in range(cfg.grad_accum):
@@ -402,7 +408,14 @@ class _Loop:
             with distributed.grad_sync(self.wrapped, sync and i == cfg.grad_accum - 1):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     result = self.wrapped(ids, labels=labels)
-                (result.loss / cfg.grad_accum).backward()
+                nll = getattr(result, "nll", None)
+                if nll is None:
+                    objective = result.loss / cfg.grad_accum
+                else:   # gradients are averaged over the ranks: a rank's share counts world_size times
+                    share = float(targets[rows].sum()) * self.ctx.world_size / total if total else 0.0
+                    aux = getattr(result, "aux_loss", None)
+                    objective = nll * share + (aux / cfg.grad_accum if aux is not None else 0)
+                objective.backward()
             for name in ("loss", "nll", "aux_loss"):
                 value = getattr(result, name, None)
                 if value is not None:

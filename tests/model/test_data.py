@@ -253,5 +253,6 @@ def test_record_files_are_read_by_their_text_field_and_split_by_document(tmp_pat
     assert "a text file is one document\n" in train + held
 
     (folder / "part9.jsonl").write_text('{"text": "fine"}\n{"body": "no text"}\n')
+    D._RESOLVED.clear()            # a source is resolved once per process: as a new run
     with pytest.raises(ValueError, match=r"part9.jsonl' line 2 has no 'text' field"):
         [d for split in ("train", "heldout") for d in D.Source("folder", folder).documents(split)]

@@ -157,9 +157,12 @@ def test_raw_paths_are_prepared_once_into_the_cache_keyed_by_the_files(tmp_path,
     first = D.Source("c", src).prepared(tok)
     assert "data: preparing 'c' once, into the cache" in capsys.readouterr().err
     P._OPEN.clear()
+    D._RESOLVED.clear()                                 # as a new process
     again = D.Source("c", src).prepared(tok)
     assert again.path == first.path and capsys.readouterr().err == ""         # opened, not prepared
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[1:]))
+    assert D.Source("c", src).prepared(tok) is again    # a run goes on with the data it began with
+    D._RESOLVED.clear()
     changed = D.Source("c", src).prepared(tok)
     assert changed.path != first.path and changed.digest != first.digest
     assert not first.path.exists()                 # the entry of the file as it was: removed
@@ -412,3 +415,103 @@ def test_conversations_a_template_cannot_cut_and_chat_without_a_template_are_ref
     (model / "chat_template.jinja").unlink()
     assert main(["generate", str(model), "--chat", "--prompt", "Hi"]) == 2
     assert "the model has no chat template" in capsys.readouterr().err
+
+
+def test_review_cases_of_the_sources(tmp_path, tok, docs, monkeypatch, capsys):
+    """A long text file in pieces gives the whole document's tokens (cut where the pre-tokenizer
+    splits anyway); a large text file is not held out whole; a cut Arrow file, a listed data file
+    that is missing, a DatasetDict split of an unknown name and a chat template that raises are one
+    line each; train_sft / test_sft splits are kept."""
+    import datasets
+
+    from bam_model import readers
+
+    monkeypatch.setattr(readers, "TEXT_PIECE", 4096)
+    text = "".join(f"line {i:05d}:" + " word" * (i % 7) + ("  \n" if i % 5 == 0 else "\n")
+                   for i in range(3000))
+    (tmp_path / "long.txt").write_text(text)
+    data = P.prepare([tmp_path / "long.txt"], tok, tmp_path / "o-long", progress=False)
+    both = np.concatenate([data.tokens("train"), data.tokens("heldout")]).tolist()
+    assert both[:-1] == tok.encode(text, add_special_tokens=False).ids
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "data.txt").write_text(text)
+    (folder / "README.md").write_text("What this folder holds.\n")
+    data = P.prepare([folder], tok, tmp_path / "o-texts", progress=False)
+    n = len(data.tokens("train")) + len(data.tokens("heldout"))
+    assert 0.05 < len(data.tokens("heldout")) / n < 0.2            # never the large file whole
+
+    ds = datasets.Dataset.from_dict({"text": docs[:20]})
+    ds.save_to_disk(tmp_path / "ds")
+    arrow = next((tmp_path / "ds").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:len(arrow.read_bytes()) // 2])
+    argv = ["prepare", "--tokenizer", str(D.CORPUS_DIR / "tokenizer.json"), "--no-progress", "--out"]
+    assert main([*argv, str(tmp_path / "o1"), str(tmp_path / "ds")]) == 2
+    assert "is not a complete Arrow file" in capsys.readouterr().err
+    arrow.unlink()
+    assert main([*argv, str(tmp_path / "o2"), str(tmp_path / "ds")]) == 2
+    assert "state.json', is missing" in capsys.readouterr().err
+    splits = {"train_sft": docs[:30], "test_sft": docs[30:40]}
+    dd = datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in splits.items()})
+    dd.save_to_disk(tmp_path / "dd")
+    counts = P.prepare([tmp_path / "dd"], tok, tmp_path / "o3", progress=False).index["splits"]
+    assert counts["heldout"]["documents"] == 10 and counts["train"]["documents"] == 30
+    datasets.DatasetDict({"train": ds, "unsupervised": ds}).save_to_disk(tmp_path / "dd2")
+    assert main([*argv, str(tmp_path / "o4"), str(tmp_path / "dd2")]) == 2
+    assert "has the split(s) 'unsupervised'" in capsys.readouterr().err
+    model = _chat_model(tmp_path / "strict", "{% for m in messages %}{% if m['role'] == 'system' %}"
+                        "{{ raise_exception('no system turns') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": [{"role": "system", "content": "x"}]}) + "\n")
+    assert main(["prepare", str(tmp_path / "c.jsonl"), "--tokenizer", str(model), "--out",
+                 str(tmp_path / "o5"), "--no-progress"]) == 2
+    assert "c.jsonl' line 1: the chat template failed on this conversation: no system turns" in \
+        capsys.readouterr().err
+
+
+def test_review_cases_of_reading(tmp_path, tok, docs):
+    """A folder prepared again while open does not change what the open one reads; an index whose
+    dtype does not fit its vocabulary is refused; a cache entry of another layout does not stop the
+    clean-up of stale entries."""
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    data = P.prepare([src], tok, tmp_path / "out", progress=False)
+    before = np.array(data.tokens("heldout"))
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("something else entirely", "and more")))
+    P.prepare([src], tok, tmp_path / "out", progress=False)
+    assert np.array_equal(data.tokens("heldout"), before)
+    index = json.loads((tmp_path / "out" / P.INDEX).read_text())
+    index["dtype"] = "uint32"
+    (tmp_path / "out" / P.INDEX).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="dtype 'uint32' for a vocabulary of 8192 tokens"):
+        P.PreparedData(tmp_path / "out")
+    root = P.cache_root()
+    odd = root / ("0" * 32)
+    odd.mkdir(parents=True, exist_ok=True)
+    files.claim_folder(odd, "data", [P.INDEX])
+    (odd / P.INDEX).write_text(json.dumps({"format": "bam-data", "tokenizer": "not a record", "sources": 3}))
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:20]))
+    D.Source("d", tmp_path / "d.jsonl").prepared(tok)        # its stale-entry clean-up passes the odd one
+    assert odd.exists()
+
+
+def test_a_masked_batch_trains_the_same_with_any_grad_accum(tmp_path, tok, capsys):
+    """With conversations' masked labels, one step over a batch gives the same weights whether it
+    runs as one micro-batch or four: every target token counts once, whatever micro-batch it is in."""
+    talks = [[{"role": "user", "content": f"Say {i} " + "please " * (i % 9)},
+              {"role": "assistant", "content": "ok " * (1 + i % 5)}] for i in range(60)]
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps({"messages": t}) + "\n" for t in talks))
+    model = _chat_model(tmp_path / "model")
+    out = tmp_path / "data"
+    assert main(["prepare", str(src), "--tokenizer", str(model), "--out", str(out), "--no-progress"]) == 0
+    weights = []
+    for accum in (1, 4):
+        run = tmp_path / f"run{accum}"
+        argv = ["train", str(model), "--data", str(out), "--out", str(run), "--steps", "1", "--batch-size",
+                "8", "--grad-accum", str(accum), "--seq-len", "24", "--eval-windows", "1", "--no-progress",
+                "--lr", "1e-2", "--warmup", "1"]
+        assert main(argv) == 0, capsys.readouterr().err
+        from safetensors.torch import load_file
+        weights.append(load_file(str(run / "model" / "model.safetensors")))
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-3, atol=1e-5)
