@@ -44,12 +44,18 @@ from .options import positive_float, positive_int
 from .training import FINAL_MODEL, TrainConfig, remove_checkpoints, train
 from .upcycle import branch, upcycle
 
-METHODS = ("seed", "btx", "sparse", "bam-expert-kv", "bam-shared-kv", "bam-expert-kv-cm", "bam-shared-kv-cm")
+METHODS = ("seed", "btx", "sparse", "bam-expert-kv", "bam-shared-kv", "bam-expert-kv-cm", "bam-shared-kv-cm",
+           "btx-top2")
+# The paper trains every mixture with top-1 FFN routing "unless otherwise stated": BTX, sparse
+# upcycling and BAM share bam's top-1 routing (renormalised forward, the paper's router gradient);
+# BTX at top-2 (the BTX paper's own routing, twice the active FFN) is an extra row.
+TOP1 = dict(top_k=1, ffn_routing="straight-through")
 MIXTURES = {  # name -> upcycle arguments
-    "btx": dict(method="btx"),
-    "sparse": dict(method="sparse"),
-    "bam-expert-kv": dict(method="bam", attention="expert-kv"),
-    "bam-shared-kv": dict(method="bam", attention="shared-kv"),
+    "btx": dict(method="btx", **TOP1),
+    "sparse": dict(method="sparse", **TOP1),
+    "bam-expert-kv": dict(method="bam", attention="expert-kv", **TOP1),
+    "bam-shared-kv": dict(method="bam", attention="shared-kv", **TOP1),
+    "btx-top2": dict(method="btx", top_k=2, ffn_routing="renormalized"),
 }
 # What a demo folder holds (its manifest lists these; the phase folders are runs and models of their own).
 DEMO_ENTRIES = ["demo.json", "results.json", "details.json", "table.md", "perplexity.png", "router_use.png",
@@ -80,10 +86,11 @@ class DemoConfig:
     eval_windows: int | None = 64
     diagnostic_windows: int = 8
     seed: int = 0
+    seeds: int = 3
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "seq_len", "batch_size",
-                     "seed_steps", "expert_steps", "mix_steps", "diagnostic_windows"):
+                     "seed_steps", "expert_steps", "mix_steps", "diagnostic_windows", "seeds"):
             positive_int(name, getattr(self, name))
         if self.eval_windows is not None and (not isinstance(self.eval_windows, int)
                                               or self.eval_windows < 1):
@@ -105,7 +112,7 @@ FULL = DemoConfig()
 QUICK = DemoConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, seq_len=64, batch_size=16,
                    seed_steps=250, expert_steps=100, mix_steps=80, seed_lr=3e-3, expert_lr=1.5e-3,
                    mix_lr=1.5e-3,
-                   eval_windows=32, diagnostic_windows=4)
+                   eval_windows=32, diagnostic_windows=4, seeds=1)
 
 
 # --- data and cost ------------------------------------------------------------------------------
@@ -180,15 +187,17 @@ class PhaseRunner:
         self.tokenizer = load_tokenizer()
         self.details: dict = {"config": dataclasses.asdict(cfg), "device": str(device), "phases": {}}
 
-    def train_cfg(self, steps: int, lr: float) -> TrainConfig:
+    def train_cfg(self, steps: int, lr: float, seed: int | None = None) -> TrainConfig:
         c = self.cfg
-        return TrainConfig(steps=steps, batch_size=c.batch_size, seq_len=c.seq_len, lr=lr, seed=c.seed,
+        return TrainConfig(steps=steps, batch_size=c.batch_size, seq_len=c.seq_len, lr=lr,
+                           seed=c.seed if seed is None else seed,
                            warmup=max(1, min(100, steps // 10)), log_every=max(1, steps // 10),
                            eval_windows=1,
                            save_every=100)
 
-    def trained(self, name: str, make_model, data: str, steps: int, lr: float):
-        """Train ``make_model()`` on ``data`` in ``out/name`` (or load what a previous run finished)."""
+    def trained(self, name: str, make_model, data: str, steps: int, lr: float, seed: int | None = None):
+        """Train ``make_model()`` on ``data`` in ``out/name`` (or load what a previous run finished);
+        ``seed`` (default the demo's) orders the data."""
         run = self.out / name
         final = run / FINAL_MODEL
         t0 = time.perf_counter()
@@ -200,11 +209,11 @@ class PhaseRunner:
             model = make_model().to(self.device)
             self.log(f"[{name}] training {steps} steps on {data} "
                      f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
-            records = train(model, data, run, self.train_cfg(steps, lr), resume=True,
+            records = train(model, data, run, self.train_cfg(steps, lr, seed), resume=True,
                             tokenizer=self.tokenizer,
                             progress=self.progress)
             info = {"steps": steps, "tokens": steps * self.cfg.batch_size * self.cfg.seq_len, "lr": lr,
-                    "data": data,
+                    "data": data, "seed": self.cfg.seed if seed is None else seed,
                     "final_loss": records[-1]["loss"], "seconds": time.perf_counter() - t0,
                     "flops_per_token": flops_per_token(model.config, self.cfg.seq_len)}
             info["train_flops"] = 3 * info["flops_per_token"] * info["tokens"]
@@ -300,38 +309,47 @@ def _pipeline(cfg: DemoConfig, out: Path, device: torch.device, progress: bool, 
                                    expert_data(domain, cfg.general_fraction),
                                    cfg.expert_steps, cfg.expert_lr))
 
-    ppl = {"seed": run.perplexity(seed, cfg.eval_windows)}
+    runs = {"seed": [run.perplexity(seed, cfg.eval_windows)]}
     diag = run.details
     diag["expert_ppl"] = {m.config.domain: run.perplexity(m, cfg.eval_windows) for m in experts}
     diag["init_ppl"], diag["router_use"] = {}, {}
     data = mixture_data(cfg.expert_domains)
     inits = {}
-    for name, kwargs in MIXTURES.items():
-        init_path = out / "mix" / name / "init"
-        if not (init_path / "config.json").is_file():
-            upcycle(seed, experts, router_seed=cfg.seed, **kwargs).save_pretrained(str(init_path))
-        inits[name] = init_path
-        model = from_pretrained(str(init_path), device=device)
-        diag["init_ppl"][name] = run.perplexity(model, cfg.eval_windows)
-        model = run.trained(f"mix/{name}/train", lambda m=model: m, data, cfg.mix_steps, cfg.mix_lr)
-        ppl[name] = run.perplexity(model, cfg.eval_windows)
-        if name.startswith("bam"):
-            diag["router_use"][name] = router_use(model, cfg, tok)
-    btx = load_config(str(inits["btx"]))
-    for name, base in COMPUTE_MATCHED.items():
-        model = from_pretrained(str(inits[base]), device=device)
-        steps = compute_matched_steps(cfg.mix_steps, btx, model.config, cfg.seq_len)
-        model = run.trained(f"mix/{name}/train", lambda m=model: m, data, steps, cfg.mix_lr)
-        ppl[name] = run.perplexity(model, cfg.eval_windows)
+    # Every mixture once per seed: its router initialisation and its data order; the seed model and
+    # the experts are the same for all.
+    for k in range(cfg.seeds):
+        mix_seed = cfg.seed + k
+        for name, kwargs in MIXTURES.items():
+            init_path = out / "mix" / name / f"seed-{k}" / "init"
+            if not (init_path / "config.json").is_file():
+                upcycle(seed, experts, router_seed=mix_seed, **kwargs).save_pretrained(str(init_path))
+            inits[name, k] = init_path
+            model = from_pretrained(str(init_path), device=device)
+            diag["init_ppl"].setdefault(name, []).append(run.perplexity(model, cfg.eval_windows))
+            model = run.trained(f"mix/{name}/seed-{k}/train", lambda m=model: m, data, cfg.mix_steps,
+                                cfg.mix_lr, seed=mix_seed)
+            runs.setdefault(name, []).append(run.perplexity(model, cfg.eval_windows))
+            if name.startswith("bam") and k == 0:
+                diag["router_use"][name] = router_use(model, cfg, tok)
+        btx = load_config(str(inits["btx", k]))
+        for name, base in COMPUTE_MATCHED.items():
+            model = from_pretrained(str(inits[base, k]), device=device)
+            steps = compute_matched_steps(cfg.mix_steps, btx, model.config, cfg.seq_len)
+            model = run.trained(f"mix/{name}/seed-{k}/train", lambda m=model: m, data, steps, cfg.mix_lr,
+                                seed=mix_seed)
+            runs.setdefault(name, []).append(run.perplexity(model, cfg.eval_windows))
     diag["seconds"] = time.perf_counter() - t_start
 
-    results = {"perplexity": {m: ppl[m] for m in METHODS}}
+    settings = {name: mixture_settings(load_config(str(inits[COMPUTE_MATCHED.get(name, name), 0])),
+                                       diag["phases"][f"mix/{name}/seed-0/train"]["steps"])
+                for name in METHODS if name != "seed"}
+    results = summarize(runs, settings)
     _write_json_atomic(out / "results.json", results)
     _write_json_atomic(out / "details.json", diag)
     table = format_table(results, diag)
     write_text_atomic(out / "table.md", table)
     plot_perplexity(results, cfg.expert_domains, out / "perplexity.png")
-    names = {n: _experts_names(load_config(str(inits[n]))) for n in diag["router_use"]}
+    names = {n: _experts_names(load_config(str(inits[n, 0]))) for n in diag["router_use"]}
     plot_router_use(diag["router_use"], names,
                     out / "router_use.png")
     log(table)
@@ -342,6 +360,23 @@ def _pipeline(cfg: DemoConfig, out: Path, device: torch.device, progress: bool, 
 
 # --- reporting ----------------------------------------------------------------------------------
 
+def mixture_settings(config: BamConfig, steps: int) -> dict:
+    """What a mixture row is: method, attention, FFN top-k and routing, experts, training steps."""
+    routing = ("straight-through" if config.straight_through else
+               "renormalized" if config.normalize else "paper")
+    return {"method": config.method, "attention": config.attention, "experts": config.num_experts,
+            "ffn_top_k": config.top_k, "ffn_routing": routing, "steps": steps}
+
+
+def summarize(runs: dict[str, list[dict]], settings: dict[str, dict]) -> dict:
+    """results.json: per method the mean perplexity per domain over its seeds (``perplexity``),
+    every seed's (``runs``), the lowest and highest (``spread``) and what each mixture is
+    (``mixtures``)."""
+    mean = {m: {d: sum(r[d] for r in rs) / len(rs) for d in rs[0]} for m, rs in runs.items()}
+    spread = {m: {d: [min(r[d] for r in rs), max(r[d] for r in rs)] for d in rs[0]} for m, rs in runs.items()}
+    return {"perplexity": {m: mean[m] for m in METHODS}, "runs": {m: runs[m] for m in METHODS},
+            "spread": {m: spread[m] for m in METHODS}, "mixtures": settings}
+
 def expert_domain_avg(row: dict, expert_domains) -> float:
     """Mean perplexity over the expert domains (where the mixtures' experts differ)."""
     return sum(row[d] for d in expert_domains) / len(expert_domains)
@@ -349,18 +384,32 @@ def expert_domain_avg(row: dict, expert_domains) -> float:
 
 def format_table(results: dict, details: dict) -> str:
     """A markdown table like the paper's Table 1: perplexity per domain (lower is better), the mean
-    over all domains ("avg") and over the expert domains, with each model's training steps, tokens
-    and training FLOPs."""
-    ppl = results["perplexity"]
+    over all domains ("avg") and over the expert domains, with each model's FFN top-k, training
+    steps, tokens and training FLOPs. With several seeds a cell is the mean over them with the lowest
+    and highest in brackets."""
+    ppl, runs = results["perplexity"], results["runs"]
     experts = details["config"]["expert_domains"]
     cols = [d for d in ppl["seed"] if d != "avg"] + ["avg"]
-    phase = {"seed": "seed", **{m: f"mix/{m}/train" for m in METHODS if m != "seed"}}
-    head = ("| method | " + " | ".join(cols) + f" | avg {'/'.join(experts)} | steps | tokens | train FLOPs |")
-    lines = [head, "|" + "---|" * (len(cols) + 5)]
+    phase = {"seed": "seed", **{m: f"mix/{m}/seed-0/train" for m in METHODS if m != "seed"}}
+
+    def cell(m: str, values: list[float]) -> str:
+        mean = sum(values) / len(values)
+        return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ({min(values):.2f}-{max(values):.2f})"
+
+    head = ("| method | FFN top-k | " + " | ".join(cols) + f" | avg {'/'.join(experts)} | steps | tokens "
+            "| train FLOPs |")
+    lines = [head, "|" + "---|" * (len(cols) + 6)]
     for m in METHODS:
         info = details["phases"][phase[m]]
-        cells = " | ".join(f"{ppl[m][c]:.2f}" for c in cols) + f" | {expert_domain_avg(ppl[m], experts):.2f}"
-        lines.append(f"| {m} | {cells} | {info['steps']} | {info['tokens']:,} | {info['train_flops']:.3g} |")
+        k = results["mixtures"][m]["ffn_top_k"] if m in results["mixtures"] else "-"
+        cells = " | ".join(cell(m, [r[c] for r in runs[m]]) for c in cols)
+        cells += " | " + cell(m, [expert_domain_avg(r, experts) for r in runs[m]])
+        lines.append(f"| {m} | {k} | {cells} | {info['steps']} | {info['tokens']:,} | "
+                     f"{info['train_flops']:.3g} |")
+    seeds = len(runs["btx"])
+    if seeds > 1:
+        lines.append(f"\nEach mixture trained with {seeds} seeds (router initialisation and data order) "
+                     "from the same seed model and experts: mean (lowest-highest).")
     return "\n".join(lines) + "\n"
 
 

@@ -5,13 +5,16 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from ..options import add_options, from_args, option
+from ..options import INT, add_options, from_args, option, positive_int
 
 
 @dataclass(kw_only=True)
 class DemoOptions:
     quick: bool = option(False, help="a smaller model and fewer steps (about 2 minutes on 2 CPU cores)")
     out: str = option("runs/demo", help="folder for every model, results.json, table.md and the plots")
+    seeds: int | None = option(None, help="train every mixture this many times, each with its own router "
+                               "initialisation and data order, from the same seed model and experts "
+                               "(default: 3; 1 with --quick)", kind=INT, check=positive_int)
     device: str | None = option(None, help="default: cuda when available, else cpu")
 
 
@@ -20,7 +23,12 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_demo_cli(args: argparse.Namespace) -> dict:
+    import dataclasses
+
     from ..demo import FULL, QUICK, run_demo
 
     opts = from_args(DemoOptions, args)
-    return run_demo(QUICK if opts.quick else FULL, opts.out, device=opts.device, progress=sys.stderr.isatty())
+    cfg = QUICK if opts.quick else FULL
+    if opts.seeds is not None:
+        cfg = dataclasses.replace(cfg, seeds=opts.seeds)
+    return run_demo(cfg, opts.out, device=opts.device, progress=sys.stderr.isatty())

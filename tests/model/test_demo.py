@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from bam_model import DenseConfig
 from bam_model.cli import build_parser
@@ -13,7 +14,7 @@ from bam_model.demo import METHODS, QUICK, DemoConfig, expert_data, flops_per_to
 
 TINY = DemoConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=24, seq_len=16, batch_size=2,
                   seed_steps=3,
-                  expert_steps=2, mix_steps=3, eval_windows=1, diagnostic_windows=1)
+                  expert_steps=2, mix_steps=3, eval_windows=1, diagnostic_windows=1, seeds=2)
 
 
 def test_every_phase_of_a_tiny_demo(tmp_path):
@@ -21,12 +22,25 @@ def test_every_phase_of_a_tiny_demo(tmp_path):
     lines = []
     results = run_demo(TINY, out, device="cpu", log=lines.append)
     on_disk = json.loads((out / "results.json").read_text())
-    assert on_disk == results and list(on_disk) == ["perplexity"]
+    assert on_disk == results and list(on_disk) == ["perplexity", "runs", "spread", "mixtures"]
     assert list(on_disk["perplexity"]) == list(METHODS)
     for method, row in on_disk["perplexity"].items():
         assert list(row) == [*DOMAINS, "avg"], method
         assert all(math.isfinite(v) and v > 1 for v in row.values()), (method, row)
         assert row["avg"] == pytest.approx(sum(row[d] for d in DOMAINS) / len(DOMAINS))
+        runs = on_disk["runs"][method]
+        assert len(runs) == (1 if method == "seed" else TINY.seeds)
+        for d in row:     # the mean over the seeds, between the lowest and the highest
+            assert row[d] == pytest.approx(sum(r[d] for r in runs) / len(runs))
+            assert on_disk["spread"][method][d] == [min(r[d] for r in runs), max(r[d] for r in runs)]
+    mixtures = on_disk["mixtures"]
+    # The paper's settings: BTX, sparse upcycling and BAM at the same top-1 FFN routing; BTX at top-2
+    # (its own paper's routing) is a row of its own.
+    for name in ("btx", "sparse", "bam-expert-kv", "bam-shared-kv", "bam-expert-kv-cm", "bam-shared-kv-cm"):
+        assert (mixtures[name]["ffn_top_k"], mixtures[name]["ffn_routing"]) == (1, "straight-through"), name
+    assert (mixtures["btx-top2"]["ffn_top_k"], mixtures["btx-top2"]["ffn_routing"]) == (2, "renormalized")
+    assert [mixtures[m]["attention"] for m in ("btx", "bam-expert-kv", "bam-shared-kv")] == \
+        ["dense", "expert-kv", "shared-kv"]
     for png in ("perplexity.png", "router_use.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "table.md").read_text()
@@ -38,13 +52,27 @@ def test_every_phase_of_a_tiny_demo(tmp_path):
         assert (out / "experts" / domain / "model" / "config.json").is_file()
         assert not (out / "experts" / domain / "checkpoints").exists()      # dropped once a phase is done
         assert phases[f"experts/{domain}"]["data"] == expert_data(domain, TINY.general_fraction)
-    btx = phases["mix/btx/train"]
+    btx = phases["mix/btx/seed-0/train"]
+    assert btx["flops_per_token"] < phases["mix/btx-top2/seed-0/train"]["flops_per_token"]
     for cm in ("bam-expert-kv-cm", "bam-shared-kv-cm"):
-        run = phases[f"mix/{cm}/train"]
-        per_step = run["train_flops"] / run["steps"]
-        # compute-matched: the most steps whose training FLOPs stay within BTX's
-        assert run["train_flops"] <= btx["train_flops"] < run["train_flops"] + per_step
-        assert run["steps"] < btx["steps"] and run["flops_per_token"] > btx["flops_per_token"]
+        for k in range(TINY.seeds):
+            run = phases[f"mix/{cm}/seed-{k}/train"]
+            per_step = run["train_flops"] / run["steps"]
+            # compute-matched to top-1 BTX: the most steps whose training FLOPs stay within BTX's
+            assert run["train_flops"] <= btx["train_flops"] < run["train_flops"] + per_step
+            assert run["steps"] < btx["steps"] and run["flops_per_token"] > btx["flops_per_token"]
+            assert run["steps"] == mixtures[cm]["steps"]
+    # Seeds: one seed model and one set of experts; per seed, its own router initialisation and
+    # data order.
+    assert sorted(p.name for p in (out / "mix" / "bam-expert-kv").iterdir()) == ["seed-0", "seed-1"]
+    orders = [phases[f"mix/bam-expert-kv/seed-{k}/train"]["seed"] for k in range(2)]
+    assert orders == [TINY.seed, TINY.seed + 1]
+    from safetensors.torch import load_file
+    inits = [load_file(str(out / "mix" / "bam-expert-kv" / f"seed-{k}" / "init" / "model.safetensors"))
+             for k in range(2)]
+    routers = [n for n in inits[0] if "gate.weight" in n or "router" in n]
+    assert routers and all(not torch.equal(inits[0][n], inits[1][n]) for n in routers)
+    assert all(torch.equal(inits[0][n], inits[1][n]) for n in inits[0] if n not in routers)
     for name in ("bam-expert-kv", "bam-shared-kv"):
         for kind in ("ffn", "attention"):
             use = details["router_use"][name][kind]
