@@ -4,12 +4,16 @@
 2. Branch it into one copy per expert domain (code, math, legal) and train each on its domain
    mixed with 10% general data.
 3. Mix seed + experts (E = 4) with BAM expert-KV, BAM shared-KV, BTX and sparse upcycling
-   (``upcycle``, mean merging), and train every mixture on the same data: 25% of each expert
-   domain and 25% general (data-matched). The BAM mixtures are trained once more with the training
-   FLOPs of BTX (compute-matched, ``-cm``): fewer steps, since their attention experts cost more per
-   token (``flops_per_token``).
+   (``upcycle``, mean merging), all with the same top-1 FFN routing (the paper's setting), and
+   train every mixture on the same data: 25% of each expert domain and 25% general (data-matched).
+   The BAM mixtures are trained once more with the training FLOPs of BTX (compute-matched, ``-cm``):
+   fewer steps, since their attention experts cost more per token (``flops_per_token``). BTX with
+   its own paper's top-2 routing is an extra row (``btx-top2``). Every mixture is trained
+   ``seeds`` times, each with its own router initialisation and data order, from the same seed
+   model and experts.
 4. Evaluate every model's held-out perplexity per domain, print the table, and write into ``out``:
-   ``results.json`` (``{"perplexity": {method: {domain: ppl, "avg": ppl}}}``), ``table.md``,
+   ``results.json`` (``summarize``: the mean per method and domain, every seed's run, the spread and
+   what each mixture is), ``table.md``,
    ``perplexity.png``, ``router_use.png`` (mean router probability of each expert per domain and
    layer, FFN and attention routers of both BAM mixtures) and ``details.json`` (steps, tokens, FLOPs,
    perplexity right after mixing, the experts' own perplexities, router statistics, timings).
