@@ -143,7 +143,8 @@ class Source:
     def prepared(self, tokenizer) -> PreparedData:
         """The source's tokens with ``tokenizer``: a prepared folder, opened (its tokenizer must be
         this one); a bundled domain or a path, prepared once into the cache (``prepare.cached``).
-        Resolved once per process: a file that changes while a run goes on does not change its data."""
+        Resolved once per run (a bam command; ``forget_sources`` starts anew): a file that changes
+        while a run goes on does not change its data."""
         key = (self, prepare.tokenizer_digest(tokenizer))
         if key not in _RESOLVED:
             _RESOLVED[key] = self._prepared(tokenizer)
@@ -162,6 +163,11 @@ class Source:
 
 
 _RESOLVED: dict[tuple, PreparedData] = {}
+
+
+def forget_sources() -> None:
+    """Resolve every source afresh from now on (each ``bam`` command starts so: a command is a run)."""
+    _RESOLVED.clear()
 
 
 def _cut_at_line(text: str, share: float) -> int:

@@ -71,8 +71,11 @@ USER_OS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.ED
 
 
 def main(argv=None) -> int:
+    from ..data import forget_sources
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    forget_sources()      # a command is a run: its sources resolve once, when it starts
     try:
         args.run(args)
     except (ValueError, FloatingPointError) as e:
