@@ -175,6 +175,7 @@ def run(device: str, quick: bool):
             yield {"case": f"prepare {_size(nbytes)} jsonl, {threads} threads",
                    "provider": "bam prepare (whole command)", "ms": r["wall"] * 1e3,
                    "mbps": nbytes / MB / r["wall"], "rss_mib": r["rss_mib"]}
+            os.sync()   # the prepared files on disk: their writeback is not timed as the run's start-up
             r = _run([*bam, "train", str(model), "--data", str(prepared), "--out", str(root / f"run{n}"),
                       *train], env, until="train: step 1/")
             yield {"case": f"first step, {_size(nbytes)} corpus",
