@@ -76,10 +76,12 @@ ROUTING_NAMES = {(False, False): "paper", (True, True): "straight-through"}
 
 
 def in_demo(demo: Path) -> dict[str, str]:
-    """Variant name -> the demo mixture that is that variant (trained by the demo at router seed 0):
-    BTX, and BAM expert-KV with whichever FFN routing the demo ran (its default when it ran)."""
-    c = load_config(str(demo / "mix" / "bam-expert-kv" / "init"))
-    return {"btx": "btx", f"bam-expert-kv top-1 {ROUTING_NAMES[(c.normalize, c.straight_through)]}": "bam-expert-kv"}
+    """Variant name -> the demo mixture that is that variant (trained by the demo at its first seed):
+    BTX with its own top-2 routing (the demo's ``btx-top2``), and BAM expert-KV with whichever FFN
+    routing the demo ran (its default when it ran)."""
+    c = load_config(str(demo / "mix" / "bam-expert-kv" / "seed-0" / "init"))
+    return {"btx": "btx-top2",
+            f"bam-expert-kv top-1 {ROUTING_NAMES[(c.normalize, c.straight_through)]}": "bam-expert-kv"}
 
 
 def main(argv=None) -> None:
@@ -98,19 +100,20 @@ def main(argv=None) -> None:
     seed = from_pretrained(str(demo / "seed" / "model"), device=device)
     experts = [from_pretrained(str(demo / "experts" / d / "model"), device=device) for d in cfg.expert_domains]
     data = mixture_data(cfg.expert_domains)
-    btx = load_config(str(demo / "mix" / "btx" / "init"))
+    btx = load_config(str(demo / "mix" / "btx-top2" / "seed-0" / "init"))   # this script's BTX: top-2
     jobs = [(name, kw, r, steps) for name, (kw, seeds) in VARIANTS.items() for r in seeds]
     kw = VARIANTS[COMPUTE_MATCHED][0]
     cm_steps = compute_matched_steps(steps, btx, upcycle(seed, experts, **kw).config, cfg.seq_len)
     jobs.append((COMPUTE_MATCHED + ", compute-matched", kw, 0, cm_steps))
     demo_runs = in_demo(demo)
-    results = json.loads((demo / "results.json").read_text(encoding="utf-8"))["perplexity"]
+    runs = json.loads((demo / "results.json").read_text(encoding="utf-8"))["runs"]
+    results = {m: seeds[0] for m, seeds in runs.items()}     # the demo's first seed
     details = json.loads((demo / "details.json").read_text(encoding="utf-8"))
     rows = []
     for name, kwargs, router_seed, n in jobs:
         if name in demo_runs and router_seed == cfg.seed and n == cfg.mix_steps:
             rows.append({"variant": name, "router_seed": router_seed, "steps": n,
-                         "init_avg": details["init_ppl"][demo_runs[name]]["avg"],
+                         "init_avg": details["init_ppl"][demo_runs[name]][0]["avg"],
                          "perplexity": results[demo_runs[name]]})
             continue
         model = upcycle(seed, experts, router_seed=router_seed, **kwargs)
