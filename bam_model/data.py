@@ -264,17 +264,19 @@ def tokens(source: Source, split: str, tokenizer=None, part: tuple[str, float] |
     the source's prepared data (``Source.prepared``): uint16 when the vocabulary allows, else
     uint32. ``part`` ("task" or "mixup", fraction) takes that part of the training documents only
     (``split_train``, by document; held in memory)."""
-    return _split_arrays(source, split, tokenizer, part)[0]
+    return token_arrays(source, split, tokenizer, part)[0]
 
 
 def loss_mask(source: Source, split: str, tokenizer=None, part: tuple[str, float] | None = None
               ) -> np.ndarray | None:
     """[tokens] uint8 beside ``tokens(...)``: 1 where a token is in the loss (a conversation's
     assistant turns, every token of other documents); None when every token is."""
-    return _split_arrays(source, split, tokenizer, part)[1]
+    return token_arrays(source, split, tokenizer, part)[1]
 
 
-def _split_arrays(source: Source, split: str, tokenizer, part) -> tuple[np.ndarray, np.ndarray | None]:
+def token_arrays(source: Source, split: str, tokenizer=None, part: tuple[str, float] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(tokens(...), loss_mask(...))``, the source resolved once."""
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
     _check_part(part, split)
     data = source.prepared(tokenizer)
@@ -366,8 +368,8 @@ class BatchStream:
         spec = parse_data_spec(data)
         self.sources = [s for s, _ in spec]
         self.weights = [w for _, w in spec]
-        self.tokens = [tokens(s, split, tokenizer, part) for s in self.sources]
-        self.masks = [loss_mask(s, split, tokenizer, part) for s in self.sources]
+        self.tokens, self.masks = (list(a) for a in
+                                   zip(*(token_arrays(s, split, tokenizer, part) for s in self.sources)))
         self.vocab_size = (tokenizer if tokenizer is not None else load_tokenizer()).get_vocab_size()
         for s, t in zip(self.sources, self.tokens):
             if len(t) < seq_len:

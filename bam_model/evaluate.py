@@ -21,11 +21,10 @@ from .data import (
     DOMAINS,
     Source,
     eval_rows,
-    loss_mask,
     parse_data_spec,
     scored_windows,
+    token_arrays,
     token_byte_lengths,
-    tokens,
 )
 from .tokenizer import for_model
 
@@ -78,7 +77,7 @@ def evaluate(model: nn.Module, domains: str | Sequence[str | Source] = DOMAINS, 
     results = {}
     try:
         for source in _sources(domains):
-            tok, mask = tokens(source, split, tokenizer), loss_mask(source, split, tokenizer)
+            tok, mask = token_arrays(source, split, tokenizer)
             try:
                 windows = scored_windows(len(tok), mask, seq_len, max_windows)
             except ValueError as e:

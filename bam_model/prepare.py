@@ -659,25 +659,25 @@ class PreparedData:
                 h.update(f"{name}:{record['bytes']}:{record['sha256']}|".encode())
         return h.hexdigest()
 
-    def _map(self, split: str, kind: str, dtype=None) -> np.ndarray:
+    def _map(self, split: str, kind: str) -> np.ndarray:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         return self._maps[(split, kind)]
 
     def tokens(self, split: str) -> np.ndarray:
         """The split's tokens, mapped read-only (each document followed by the end-of-document id)."""
-        return self._map(split, "tokens", self.dtype.newbyteorder("<"))
+        return self._map(split, "tokens")
 
     def mask(self, split: str) -> np.ndarray | None:
         """[tokens] uint8: 1 where the token is in the loss (conversations: the assistant's turns), or
         None when every token is."""
         if f"{split}.mask" not in self.index["splits"][split]["files"]:
             return None
-        return self._map(split, "mask", np.dtype(np.uint8))
+        return self._map(split, "mask")
 
     def doc_ends(self, split: str) -> np.ndarray:
         """[documents] uint64: where each document of the split ends in ``tokens(split)``."""
-        return self._map(split, "docs", np.dtype("<u8"))
+        return self._map(split, "docs")
 
     def check_tokenizer(self, tokenizer) -> None:
         """Refuse a tokenizer other than the one the data was prepared with, naming both."""
@@ -793,7 +793,7 @@ def _remove_stale(root: Path, key: str, index: dict) -> None:
         if not stale:
             continue
         lock = root / f"{entry.name}.lock"
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666 & ~files.umask())
+        fd = _open_lock(lock)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -809,11 +809,16 @@ def _remove_stale(root: Path, key: str, index: dict) -> None:
             os.close(fd)
 
 
+def _open_lock(path: Path) -> int:
+    """The lock file beside a cache entry (created; never opened through a link)."""
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666 & ~files.umask())
+
+
 @contextlib.contextmanager
 def _wait_lock(path: Path):
     """An exclusive ``flock`` on ``path`` (created), waited for: processes preparing one cache entry
     take turns."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666 & ~files.umask())
+    fd = _open_lock(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
