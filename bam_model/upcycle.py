@@ -74,9 +74,10 @@ class MixOptions:
                               check=seed_check)
     attention_top_k: int | None = option(None, help="bam: attention experts each token uses (default: all, "
                                          "soft routing)", kind=INT)
-    num_experts: int | None = option(None, help=f"sparse only: copies of the seed's FFN (default: one "
-                                     f"per model given; at most {MAX_EXPERTS})", kind=INT,
-                                     check=int_in(1, MAX_EXPERTS))
+    num_experts: int | None = option(None, help=f"sparse: copies of the seed's FFN (default: one per model "
+                                     f"given); btx: at least one per model, the experts beyond them copies "
+                                     f"of the seed's FFN (a parameter-matched BTX); at most {MAX_EXPERTS}",
+                                     kind=INT, check=int_in(1, MAX_EXPERTS))
     load_balancing_alpha: float = option(0.01, help="weight of the FFN routers' load-balancing loss",
                                          kind=NUMBER)
     z_loss_beta: float = option(0.001, help="weight of the FFN routers' z-loss", kind=NUMBER)
@@ -93,9 +94,9 @@ class MixOptions:
                 if getattr(self, name) is not None:
                     raise ValueError(f"{name} applies to method='bam' only; {self.method} keeps one "
                                      "attention")
-        if self.num_experts is not None and self.method != "sparse":
-            raise ValueError(f"num_experts applies to method='sparse' only; {self.method} has one expert "
-                             "per model")
+        if self.num_experts is not None and self.method == "bam":
+            raise ValueError("num_experts applies to method='sparse' and 'btx'; bam has one expert (FFN and "
+                             "attention) per model")
 
     @property
     def attention_kind(self) -> str:
@@ -170,7 +171,8 @@ def upcycle(seed, experts, options: MixOptions | None = None, *, dtype: torch.dt
     seed, experts: ``DenseLM`` models or paths ``load_dense`` reads. The seed is expert 0, so
     E = 1 + len(experts). The settings are ``options`` (a ``MixOptions``) or its fields as keywords:
     method: "bam" | "btx" | "sparse" (the table above; sparse uses only the seed, copied
-    ``num_experts`` times, by default 1 + len(experts)).
+    ``num_experts`` times, by default 1 + len(experts); btx with ``num_experts`` above 1 + len(experts)
+    adds copies of the seed's FFN as the extra experts, the BAM paper's parameter-matched BTX).
     attention (bam only): "expert-kv" (default) or "shared-kv", whose K/V start from the mean of the
     models' (``kv_init="mean"``) or the seed's (``"seed"``). top_k / ffn_routing: the FFN router,
     by default top-1 "straight-through" for bam (renormalised weights, so that mixing keeps the
@@ -236,7 +238,10 @@ def _models_to_mix(seed: DenseLM, experts, method: str, progress: bool) -> list[
 def _mixture_config(seed: DenseLM, models: list[DenseLM], options: MixOptions, given: int) -> BamConfig:
     """The mixture's config: the seed's architecture, ``options``' routing and attention."""
     sparse = options.method == "sparse"
-    E = (options.num_experts or given) if sparse else len(models)
+    E = len(models) if options.num_experts is None and not sparse else options.num_experts or given
+    if E < len(models):
+        raise ValueError(f"num_experts={E} is fewer than the {len(models)} models to mix (the seed and "
+                         f"{len(models) - 1} experts); btx takes one FFN expert from each")
     top_k, normalize, straight_through = options.routing()
     dense_fields = {k: v for k, v in seed.config.__dict__.items() if k != "domain"}
     return BamConfig(**dense_fields, num_experts=E, top_k=top_k, normalize=normalize,
@@ -244,7 +249,8 @@ def _mixture_config(seed: DenseLM, models: list[DenseLM], options: MixOptions, g
                      attention_top_k=options.attention_top_k,
                      load_balancing_alpha=options.load_balancing_alpha, z_loss_beta=options.z_loss_beta,
                      method=options.method,
-                     expert_domains=[] if sparse else [m.config.domain for m in models])
+                     expert_domains=[] if sparse else
+                     [m.config.domain for m in models] + [None] * (E - len(models)))
 
 
 class _Mixer:
@@ -284,7 +290,9 @@ class _Mixer:
             for norm in norms:
                 tensors[f"{p}{norm}.weight"] = self.shared(f"{p}{norm}.weight")
             tensors.update(self.attention(p))
-            ffn = [self.states[0]] * config.num_experts if self.sparse else self.states
+            # Sparse upcycling copies the seed's FFN into every expert; a BTX with more experts than
+            # models fills the rest with copies of the seed's (the seed is expert 0).
+            ffn = self.states + [self.states[0]] * (config.num_experts - len(self.states))
             tensors[p + "mlp.gate.weight"] = self.router()
             tensors[p + "mlp.experts.gate_up_proj"] = torch.stack(
                 [torch.cat([s[p + "mlp.gate_proj.weight"], s[p + "mlp.up_proj.weight"]], dim=0) for s in ffn])

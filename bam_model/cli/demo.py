@@ -15,6 +15,10 @@ class DemoOptions:
     seeds: int | None = option(None, help="train every mixture this many times, each with its own router "
                                "initialisation and data order, from the same seed model and experts "
                                "(default: 3; 1 with --quick)", kind=INT, check=positive_int)
+    ablations: bool = option(False, help="also the paper's ablations, on the same seed and experts: "
+                             "parameter-matched BTX, attention routing top-1 and top-2 against soft, the "
+                             "seed trained on the mixtures' data, and the inference cost (FLOPs, KV cache, "
+                             "ms per generated token); after a finished run only the new models are trained")
     device: str | None = option(None, help="default: cuda when available, else cpu")
 
 
@@ -31,4 +35,4 @@ def run_demo_cli(args: argparse.Namespace) -> dict:
     cfg = QUICK if opts.quick else FULL
     if opts.seeds is not None:
         cfg = dataclasses.replace(cfg, seeds=opts.seeds)
-    return run_demo(cfg, opts.out, device=opts.device, progress=sys.stderr.isatty())
+    return run_demo(cfg, opts.out, device=opts.device, progress=sys.stderr.isatty(), ablations=opts.ablations)

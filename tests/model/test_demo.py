@@ -5,12 +5,23 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from bam_model import DenseConfig
 from bam_model.cli import build_parser
 from bam_model.config import BamConfig
 from bam_model.data import DOMAINS, parse_data_spec
-from bam_model.demo import METHODS, QUICK, DemoConfig, expert_data, flops_per_token, mixture_data, run_demo
+from bam_model.demo import (
+    METHODS,
+    QUICK,
+    DemoConfig,
+    expert_data,
+    flops_per_token,
+    mixture_data,
+    run_demo,
+    total_parameters,
+)
+from bam_model.formats.folder import load_config
 
 TINY = DemoConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=24, seq_len=16, batch_size=2,
                   seed_steps=3,
@@ -67,7 +78,6 @@ def test_every_phase_of_a_tiny_demo(tmp_path):
     assert sorted(p.name for p in (out / "mix" / "bam-expert-kv").iterdir()) == ["seed-0", "seed-1"]
     orders = [phases[f"mix/bam-expert-kv/seed-{k}/train"]["seed"] for k in range(2)]
     assert orders == [TINY.seed, TINY.seed + 1]
-    from safetensors.torch import load_file
     inits = [load_file(str(out / "mix" / "bam-expert-kv" / f"seed-{k}" / "init" / "model.safetensors"))
              for k in range(2)]
     routers = [n for n in inits[0] if "gate.weight" in n or "router" in n]
@@ -82,15 +92,74 @@ def test_every_phase_of_a_tiny_demo(tmp_path):
                 assert all(sum(p) == pytest.approx(1) and len(p) == 4 for p in use[d]["mean_prob"])
                 assert all(0 <= h <= 1 + 1e-9 for h in use[d]["entropy"])
 
-    again = run_demo(TINY, out, device="cpu", log=lines.append)       # reuses every trained model
-    assert again == results
-    assert any("reusing" in line for line in lines)
+    lines.clear()
+    again = run_demo(TINY, out, device="cpu", log=lines.append, ablations=True)
+    assert again == results                     # the main table's models reused, not trained again
+    trained = [line for line in lines if "training" in line]
+    assert trained and all(line.startswith(tuple(f"[mix/{n}" for n in ABLATION_ROWS)) for line in trained), \
+        trained
+    check_ablations(out, json.loads((out / "ablations.json").read_text()))
     with pytest.raises(ValueError, match="other settings"):
         run_demo(DemoConfig(**{**TINY.__dict__, "seed": 1}), out, device="cpu", log=lines.append)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "file.txt").write_text("x")
     with pytest.raises(ValueError, match="not written by bam"):
         run_demo(TINY, tmp_path / "other", device="cpu", log=lines.append)
+
+
+ABLATION_ROWS = ("btx-", "bam-expert-kv-attn-top", "seed-continued")
+
+
+def check_ablations(out, ablations):
+    """The ablation rows build what their names say, and ablations.json holds every seed's runs."""
+    seed = load_config(str(out / "seed" / "model"))
+    E = 1 + len(TINY.expert_domains)
+    bam = load_config(str(out / "mix" / "bam-expert-kv" / "seed-0" / "init"))
+    groups = ablations["groups"]
+    matched = groups["Parameter-matched BTX (the paper's Tables 4-5)"]
+    assert matched[0] == "btx" and matched[-1] == "bam-expert-kv" and len(matched) == 4
+    n = int(matched[1].split("-")[1].removesuffix("e"))
+    k = int(matched[2].rsplit("top", 1)[1])
+    assert matched[1:3] == [f"btx-{n}e-top1", f"btx-{n}e-top{k}"] and n > E and 2 <= k <= n
+
+    def params(n_experts):
+        return total_parameters(BamConfig(**{**seed.__dict__, "domain": None}, num_experts=n_experts, top_k=1,
+                                          normalize=True, attention="dense", method="btx"))
+    # n experts brings BTX closest to BAM expert-KV's parameter count
+    assert all(abs(params(n) - total_parameters(bam)) <= abs(params(m) - total_parameters(bam))
+               for m in range(E, 3 * n))
+    init = out / "mix" / f"btx-{n}e-top1" / "seed-0" / "init"
+    c = load_config(str(init))
+    assert (c.method, c.num_experts, c.top_k, c.attention) == ("btx", n, 1, "dense")
+    assert c.expert_domains == [None, *TINY.expert_domains] + [None] * (n - E)
+    assert load_config(str(out / "mix" / f"btx-{n}e-top{k}" / "seed-0" / "init")).top_k == k
+    weights = load_file(str(init / "model.safetensors"))
+    seed_w = load_file(str(out / "seed" / "model" / "model.safetensors"))
+    for e in range(E, n):     # the extra experts are the seed's FFN
+        assert torch.equal(weights["model.layers.0.mlp.experts.down_proj"][e],
+                           seed_w["model.layers.0.mlp.down_proj.weight"])
+    routing = groups["Attention routing (the paper's Table 6)"]
+    assert routing == ["btx", "bam-expert-kv-attn-top1", "bam-expert-kv-attn-top2", "bam-expert-kv"]
+    for top in (1, 2):
+        c = load_config(str(out / "mix" / f"bam-expert-kv-attn-top{top}" / "seed-0" / "init"))
+        assert (c.attention, c.attention_top_k, c.num_experts, c.top_k) == ("expert-kv", top, E, 1)
+    assert ablations["mixtures"]["bam-expert-kv"]["attention_top_k"] is None
+    for name in {n for rows in groups.values() for n in rows}:
+        assert len(ablations["runs"][name]) == (1 if name == "seed" else TINY.seeds), name
+        assert ablations["mixtures"][name]["parameters"] > 0
+    continued = ablations["mixtures"]["seed-continued"]
+    assert (continued["method"], continued["steps"]) == ("dense", TINY.mix_steps)
+    assert list(ablations["cost"]) == ["seed", "btx", "bam-expert-kv", "bam-shared-kv"]
+    cost = ablations["cost"]
+    assert all(math.isfinite(c["decode_ms_per_token"]) and c["decode_ms_per_token"] > 0
+               for c in cost.values())
+    kv = [cost[m]["kv_cache_bytes_per_token"] for m in ("seed", "btx", "bam-shared-kv", "bam-expert-kv")]
+    assert kv[0] == kv[1] == kv[2] and kv[3] == E * kv[0]
+    assert cost["bam-expert-kv"]["flops_per_token"] > cost["bam-shared-kv"]["flops_per_token"] > \
+        cost["btx"]["flops_per_token"]
+    text = (out / "ablations.md").read_text()
+    assert all(f"| {name} |" in text for rows in groups.values() for name in rows)
+    assert "Wall time of each part" in text
 
 
 def test_flops_per_token_counts_every_projection_by_hand():

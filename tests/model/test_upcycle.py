@@ -217,6 +217,26 @@ def test_branch_copies_are_independent():
     assert torch.equal(law.lm_head.weight, seed.lm_head.weight)
 
 
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_btx_with_more_experts_than_models_adds_copies_of_the_seeds_ffn(top_k):
+    seed, a, b = tiny(), tiny(), tiny()
+    a.config, b.config = a.config.replace(domain="code"), b.config.replace(domain="law")
+    moe = upcycle(seed, [a, b], method="btx", num_experts=5, top_k=top_k, ffn_routing="straight-through")
+    assert (moe.config.num_experts, moe.config.top_k) == (5, top_k)
+    assert moe.config.expert_domains == [None, "code", "law", None, None]
+    sd, states = moe.state_dict(), [m.state_dict() for m in (seed, a, b, seed, seed)]
+    for i in range(2):
+        p = f"model.layers.{i}."
+        for e, state in enumerate(states):
+            torch.testing.assert_close(sd[p + "mlp.experts.down_proj"][e], state[p + "mlp.down_proj.weight"])
+    same = upcycle(seed, [seed, seed], method="btx", num_experts=5, top_k=top_k)
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(same(x).logits, seed(x).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="num_experts=2 is fewer than the 3 models"):
+        upcycle(seed, [a, b], method="btx", num_experts=2)
+
+
 def test_sparse_upcycling_needs_only_the_seed():
     moe = upcycle(tiny(), [], method="sparse", num_experts=4)
     assert moe.config.num_experts == 4 and moe.config.top_k == 2
