@@ -37,6 +37,11 @@ if os.environ["TRITON_INTERPRET"] not in ("", "0"):
 else:
     BF16_DOTS = False
 
+# As the bam command does: freed blocks kept for reuse instead of unmapped and faulted in again.
+from bam_model.entry import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -16,11 +16,10 @@ Each subcommand has its own --help.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import errno
-import os
 import sys
 
+from ..entry import keep_freed_memory
 from .branch import add_branch_args, run_branch
 from .demo import add_demo_args, run_demo_cli
 from .eval import add_eval_args, run_eval
@@ -70,33 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
 # OS errors a user can foresee and mend (rights, a read-only or full disk): one line, not a traceback.
 USER_OS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
                   errno.EISDIR, errno.ENAMETOOLONG)
-
-
-# glibc's malloc serves a block above its mmap threshold (at most 32 MiB however it adapts) with a fresh
-# mapping and unmaps it when freed, so a CPU training step that allocates and frees logits-sized tensors
-# faults their pages in again every step: on the demo's quick model (16 x 64 tokens, 8,192-token
-# vocabulary; an AMD EPYC VM, 2 cores) 34,000 page faults and 72 ms of system time a step, 97 ms a step in
-# all, 54 ms with freed blocks up to this size kept for reuse. Memory freed stays with the process (up
-# to this much at the top of the heap); a tensor larger than this still gets its own mapping.
-KEEP_FREED_BYTES = 256 << 20
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep freed blocks up to ``KEEP_FREED_BYTES`` for reuse (see above). Left
-    alone where the C library is not glibc or the user set ``MALLOC_MMAP_THRESHOLD_`` or
-    ``MALLOC_TRIM_THRESHOLD_``; returns whether it was set."""
-    if not sys.platform.startswith("linux") or any(
-            v in os.environ for v in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        if not hasattr(libc, "gnu_get_libc_version"):  # musl and others: their own allocator
-            return False
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, KEEP_FREED_BYTES)
-                    and libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
-    except (OSError, AttributeError):
-        return False
 
 
 def main(argv=None) -> int:

@@ -180,8 +180,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, device: str | None = No
             if before != json.loads(json.dumps(dataclasses.asdict(cfg))):
                 raise ValueError(f"--out {str(out)!r} holds a demo run with other settings; choose another "
                                  "folder")
-        else:
-            files.claim_folder(out, "demo", DEMO_ENTRIES)
+        files.claim_folder(out, "demo", DEMO_ENTRIES)   # (again: a run of an earlier bam wrote fewer files)
         _write_json_atomic(settings, dataclasses.asdict(cfg))
         return _Pipeline(cfg, out, device, progress, log).run(ablations)
 

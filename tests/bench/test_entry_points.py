@@ -1,4 +1,5 @@
 """The console scripts: where pyproject.toml points them, and what they say without the model extra."""
+import ctypes
 import importlib
 import os
 import subprocess
@@ -80,3 +81,25 @@ def test_the_packages_import_without_the_model_extra():
             "print(tuple(bk.moe_mlp(x, torch.randn(4, 12, 8), torch.randn(4, 8, 6), w, idx).shape))\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout == "(5, 8)\n", proc.stdout + proc.stderr
+
+
+def test_the_commands_keep_freed_memory_for_reuse():
+    """On glibc the bam command raises malloc's mmap and trim thresholds (a freed logits-sized block
+    is reused, not unmapped and faulted in again); a user's own MALLOC_* setting is left alone."""
+    code = ("import resource, torch\nfrom bam_model.entry import keep_freed_memory\n"
+            "print(keep_freed_memory())\n"
+            "for _ in range(3): torch.empty(64 << 20, dtype=torch.uint8).fill_(1)\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "for _ in range(20): torch.empty(64 << 20, dtype=torch.uint8).fill_(1)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    if not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "gnu_get_libc_version"):
+        pytest.skip("glibc's malloc only")
+    kept = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert kept.returncode == 0, kept.stderr
+    said, faults = kept.stdout.split()
+    assert said == "True" and int(faults) < 20 * (64 << 20) // 4096 // 10, kept.stdout  # 20 x 16k pages
+    mine = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**env, "MALLOC_MMAP_THRESHOLD_": "131072"})
+    said, faults = mine.stdout.split()
+    assert said == "False" and int(faults) >= 20 * (64 << 20) // 4096 // 2, mine.stdout
