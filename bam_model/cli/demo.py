@@ -10,7 +10,7 @@ from ..options import INT, add_options, from_args, option, positive_int
 
 @dataclass(kw_only=True)
 class DemoOptions:
-    quick: bool = option(False, help="a smaller model and fewer steps (about 2 minutes on 2 CPU cores)")
+    quick: bool = option(False, help="a smaller model, fewer steps, one seed (about a minute on 2 CPU cores)")
     out: str = option("runs/demo", help="folder for every model, results.json, table.md and the plots")
     seeds: int | None = option(None, help="train every mixture this many times, each with its own router "
                                "initialisation and data order, from the same seed model and experts "

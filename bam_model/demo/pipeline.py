@@ -313,7 +313,7 @@ class _Pipeline:
                                           if n.startswith(f"mix/{abl.CONTINUED}/"))
             parts["inference cost"] = cost_seconds
         trained_now = sum(v["seconds"] for v in phases.values() if not v.get("reused"))
-        parts["evaluation, mixing and writing"] = time.perf_counter() - t_start - trained_now
+        parts["evaluation, mixing and writing"] = time.perf_counter() - t_start - trained_now - cost_seconds
         return parts
 
     def report(self, results: dict) -> None:
