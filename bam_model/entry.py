@@ -37,19 +37,23 @@ def require_model_extra(prog: str, needs=tuple(MODEL_EXTRA)) -> None:
 
 
 # glibc's malloc serves a block above its mmap threshold (at most 32 MiB however it adapts) with a fresh
-# mapping and unmaps it when freed, so a CPU training step that allocates and frees logits-sized tensors
-# faults their pages in again every step: on the demo's quick model (16 x 64 tokens, 8,192-token
-# vocabulary; an AMD EPYC VM, 2 cores) 34,000 page faults and 72 ms of system time a step, 97 ms a step in
-# all, 54 ms with freed blocks up to this size kept for reuse. Memory freed stays with the process (up
-# to this much at the top of the heap); a tensor larger than this still gets its own mapping.
+# mapping and unmaps it when freed, and gives the top of its heap back to the system once more than its
+# trim threshold is free there; a CPU training step, which allocates and frees logits-sized tensors,
+# then faults the same pages in again every step. Measured on an AMD EPYC VM, 2 cores: the demo's quick
+# model (16 x 64 tokens, 8,192-token vocabulary) 97 ms a step with 34,000 page faults, 54 ms with
+# freed blocks kept; its full BAM expert-KV mixture (16 x 128 tokens) 425 ms by default, 503 ms with
+# the trim threshold at 256 MiB (the step frees more than that at once), 371 ms with it at the most
+# mallopt takes. Memory freed stays with the process for reuse (its heap keeps its peak); a single
+# tensor above KEEP_FREED_BYTES still gets its own mapping.
 KEEP_FREED_BYTES = 256 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MALLOPT_MAX = 2 ** 31 - 1
 
 
 def keep_freed_memory() -> bool:
-    """Have glibc's malloc keep freed blocks up to ``KEEP_FREED_BYTES`` for reuse (see above). Left
-    alone where the C library is not glibc or the user set ``MALLOC_MMAP_THRESHOLD_`` or
-    ``MALLOC_TRIM_THRESHOLD_``; returns whether it was set."""
+    """Have glibc's malloc keep freed memory for reuse (see above): blocks up to ``KEEP_FREED_BYTES``
+    from its heap, and the heap's free top up to 2 GiB. Left alone where the C library is not glibc or
+    the user set ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_``; returns whether it was set."""
     if not sys.platform.startswith("linux") or any(
             v in os.environ for v in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
         return False
@@ -58,7 +62,7 @@ def keep_freed_memory() -> bool:
         if not hasattr(libc, "gnu_get_libc_version"):  # musl and others: their own allocator
             return False
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, KEEP_FREED_BYTES)
-                    and libc.mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
+                    and libc.mallopt(_M_TRIM_THRESHOLD, _MALLOPT_MAX))
     except (OSError, AttributeError):
         return False
 

@@ -5,7 +5,8 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from ..options import INT, add_options, from_args, option, positive_int
+from ..options import INT, TEXT, add_options, from_args, option, positive_int
+from ..upcycle import FFN_ROUTINGS
 
 
 @dataclass(kw_only=True)
@@ -19,6 +20,9 @@ class DemoOptions:
                              "parameter-matched BTX, attention routing top-1 and top-2 against soft, the "
                              "seed trained on the mixtures' data, and the inference cost (FLOPs, KV cache, "
                              "ms per generated token); after a finished run only the new models are trained")
+    ffn_routing: str = option("straight-through", help="FFN routing of every top-1 mixture (bam mix's "
+                              "--ffn-routing): paper gives the paper's own, the kept probability as it is",
+                              kind=TEXT, choices=tuple(FFN_ROUTINGS), what=" or ".join(FFN_ROUTINGS))
     device: str | None = option(None, help="default: cuda when available, else cpu")
 
 
@@ -35,4 +39,5 @@ def run_demo_cli(args: argparse.Namespace) -> dict:
     cfg = QUICK if opts.quick else FULL
     if opts.seeds is not None:
         cfg = dataclasses.replace(cfg, seeds=opts.seeds)
+    cfg = dataclasses.replace(cfg, ffn_routing=opts.ffn_routing)
     return run_demo(cfg, opts.out, device=opts.device, progress=sys.stderr.isatty(), ablations=opts.ablations)

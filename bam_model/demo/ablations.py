@@ -20,7 +20,7 @@ import torch
 
 from ..config import BamConfig, DenseConfig
 from ..data import eval_windows, parse_data_spec, tokens
-from .config import TOP1
+from .config import DemoConfig, top1
 from .cost import (
     active_matched_top_k,
     active_parameters,
@@ -31,10 +31,7 @@ from .cost import (
     total_parameters,
 )
 
-ATTENTION_ROUTING = {
-    "bam-expert-kv-attn-top1": dict(method="bam", attention="expert-kv", attention_top_k=1, **TOP1),
-    "bam-expert-kv-attn-top2": dict(method="bam", attention="expert-kv", attention_top_k=2, **TOP1),
-}
+ATTENTION_ROUTING = ("bam-expert-kv-attn-top1", "bam-expert-kv-attn-top2")
 CONTINUED = "seed-continued"
 COST_MODELS = ("seed", "btx", "bam-expert-kv", "bam-shared-kv")
 DECODE_PROMPT_TOKENS, DECODE_ROUNDS = 16, 5   # the prompt: at most a quarter of the window
@@ -47,23 +44,26 @@ def bam_expert_kv_config(seed: DenseConfig, models: int) -> BamConfig:
                      attention="expert-kv")
 
 
-def parameter_matched(seed: DenseConfig, models: int) -> dict[str, dict]:
-    """The parameter-matched BTX mixtures: name -> upcycle arguments."""
+def parameter_matched(cfg: DemoConfig, seed: DenseConfig, models: int) -> dict[str, dict]:
+    """The parameter-matched BTX mixtures: name -> upcycle arguments (top-k above 1 renormalised, as
+    the main table's BTX at top-2)."""
     bam = bam_expert_kv_config(seed, models)
     n = parameter_matched_experts(seed, models, bam)
     k = active_matched_top_k(seed, n, bam)
-    return {f"btx-{n}e-top1": dict(method="btx", num_experts=n, **TOP1),
+    return {f"btx-{n}e-top1": dict(method="btx", num_experts=n, **top1(cfg)),
             f"btx-{n}e-top{k}": dict(method="btx", num_experts=n, top_k=k, ffn_routing="renormalized")}
 
 
-def ablation_mixtures(seed: DenseConfig, models: int) -> dict[str, dict]:
+def ablation_mixtures(cfg: DemoConfig, seed: DenseConfig, models: int) -> dict[str, dict]:
     """Every mixture the ablations train: name -> upcycle arguments."""
-    return {**parameter_matched(seed, models), **ATTENTION_ROUTING}
+    attention = {name: dict(method="bam", attention="expert-kv", attention_top_k=k, **top1(cfg))
+                 for k, name in enumerate(ATTENTION_ROUTING, start=1)}
+    return {**parameter_matched(cfg, seed, models), **attention}
 
 
-def groups(seed: DenseConfig, models: int) -> dict[str, list[str]]:
+def groups(cfg: DemoConfig, seed: DenseConfig, models: int) -> dict[str, list[str]]:
     """Each ablation's title and the rows it compares (main-table rows among them)."""
-    matched = list(parameter_matched(seed, models))
+    matched = list(parameter_matched(cfg, seed, models))
     return {"Parameter-matched BTX (the paper's Tables 4-5)": ["btx", *matched, "bam-expert-kv"],
             "Attention routing (the paper's Table 6)": ["btx", *ATTENTION_ROUTING, "bam-expert-kv"],
             "The seed trained on the mixtures' data (forgetting)": ["seed", CONTINUED, "sparse", "btx",

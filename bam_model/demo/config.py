@@ -7,20 +7,10 @@ from dataclasses import dataclass
 from ..config import DenseConfig
 from ..data import DOMAINS
 from ..options import positive_float, positive_int
+from ..upcycle import FFN_ROUTINGS
 
 METHODS = ("seed", "btx", "sparse", "bam-expert-kv", "bam-shared-kv", "bam-expert-kv-cm", "bam-shared-kv-cm",
            "btx-top2")
-# The paper trains every mixture with top-1 FFN routing "unless otherwise stated": BTX, sparse
-# upcycling and BAM share bam's top-1 routing (renormalised forward, the paper's router gradient);
-# BTX at top-2 (the BTX paper's own routing, twice the active FFN) is an extra row.
-TOP1 = dict(top_k=1, ffn_routing="straight-through")
-MIXTURES = {  # name -> upcycle arguments
-    "btx": dict(method="btx", **TOP1),
-    "sparse": dict(method="sparse", **TOP1),
-    "bam-expert-kv": dict(method="bam", attention="expert-kv", **TOP1),
-    "bam-shared-kv": dict(method="bam", attention="shared-kv", **TOP1),
-    "btx-top2": dict(method="btx", top_k=2, ffn_routing="renormalized"),
-}
 # Trained with the training FLOPs of top-1 BTX: name -> the mixture it is a shorter run of.
 COMPUTE_MATCHED = {"bam-expert-kv-cm": "bam-expert-kv", "bam-shared-kv-cm": "bam-shared-kv"}
 
@@ -30,7 +20,8 @@ class DemoConfig:
     """Sizes and schedules of one demo run. Steps are optimizer steps of ``batch_size`` sequences
     of ``seq_len`` tokens; ``eval_windows`` held-out windows per domain are scored (all of them
     when None); ``general_fraction`` of each expert's data is the general mix; every mixture is
-    trained ``seeds`` times (router initialisation and data order ``seed``, ``seed + 1``, ...)."""
+    trained ``seeds`` times (router initialisation and data order ``seed``, ``seed + 1``, ...);
+    ``ffn_routing`` is the FFN routing of every top-1 mixture (``upcycle``'s)."""
     dim: int = 128
     n_layers: int = 4
     n_heads: int = 4
@@ -50,6 +41,7 @@ class DemoConfig:
     diagnostic_windows: int = 8
     seed: int = 0
     seeds: int = 3
+    ffn_routing: str = "straight-through"
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "seq_len", "batch_size",
@@ -67,6 +59,8 @@ class DemoConfig:
                 self.expert_domains) <= set(DOMAINS):
             raise ValueError(f"expert_domains must be distinct bundled domains {DOMAINS}, "
                              f"got {self.expert_domains!r}")
+        if self.ffn_routing not in FFN_ROUTINGS:
+            raise ValueError(f"ffn_routing must be one of {tuple(FFN_ROUTINGS)}, got {self.ffn_routing!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
 
@@ -75,6 +69,26 @@ class DemoConfig:
         return DenseConfig(vocab_size=vocab_size, dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
                            n_kv_heads=self.n_kv_heads, ffn_dim=self.ffn_dim, max_seq_len=self.seq_len,
                            block="parallel", tie_embeddings=True, eos_token_id=eos_token_id)
+
+
+# The paper trains every mixture with top-1 FFN routing "unless otherwise stated": BTX, sparse
+# upcycling and BAM share one top-1 routing (``DemoConfig.ffn_routing``: bam's default, the renormalised
+# forward with the paper's router gradient, or the paper's own); BTX at top-2 (the BTX paper's own
+# routing, twice the active FFN) is an extra row.
+
+
+def top1(cfg: DemoConfig) -> dict:
+    """upcycle's FFN routing arguments of the demo's top-1 mixtures."""
+    return dict(top_k=1, ffn_routing=cfg.ffn_routing)
+
+
+def mixtures(cfg: DemoConfig) -> dict[str, dict]:
+    """The main table's mixtures: name -> upcycle arguments."""
+    return {"btx": dict(method="btx", **top1(cfg)),
+            "sparse": dict(method="sparse", **top1(cfg)),
+            "bam-expert-kv": dict(method="bam", attention="expert-kv", **top1(cfg)),
+            "bam-shared-kv": dict(method="bam", attention="shared-kv", **top1(cfg)),
+            "btx-top2": dict(method="btx", top_k=2, ffn_routing="renormalized")}
 
 
 FULL = DemoConfig()

@@ -52,13 +52,13 @@ from . import ablations as abl
 from .config import (
     COMPUTE_MATCHED,
     METHODS,
-    MIXTURES,
     DemoConfig,
     expert_data,
     general_weights,
     mixture_data,
     mixture_spec,
 )
+from .config import mixtures as main_mixtures
 from .cost import compute_matched_steps, flops_per_token
 from .report import (
     format_ablations,
@@ -200,8 +200,8 @@ class _Pipeline:
         cfg, out, details, log = self.cfg, self.out, self.details, self.log
         t_start = time.perf_counter()
         seed, experts = self.seed_and_experts()
-        mixtures = dict(MIXTURES)
-        extra = abl.ablation_mixtures(seed.config, 1 + len(experts)) if ablations else {}
+        mixtures = main_mixtures(cfg)
+        extra = abl.ablation_mixtures(cfg, seed.config, 1 + len(experts)) if ablations else {}
         for k in range(cfg.seeds):
             for name, kwargs in {**mixtures, **extra}.items():
                 make = lambda kw=kwargs, r=cfg.seed + k: upcycle(seed, experts, router_seed=r, **kw)
@@ -286,7 +286,7 @@ class _Pipeline:
     def ablations(self, seed, settings: dict) -> dict:
         """ablations.json: each ablation's rows (``summarize``'s fields for them), and the inference cost
         of the seed, BTX and both BAM mixtures (their first seed's trained models)."""
-        groups = abl.groups(seed.config, 1 + len(self.cfg.expert_domains))
+        groups = abl.groups(self.cfg, seed.config, 1 + len(self.cfg.expert_domains))
         names = list(dict.fromkeys(n for rows in groups.values() for n in rows))
         result = summarize(self.runs, settings, names)
         result["groups"] = groups
@@ -301,7 +301,7 @@ class _Pipeline:
         """Training time of each part (as its runs took, also where this run reused them), the cost
         measurement, and everything else this run did (evaluation, mixing, writing)."""
         phases = self.details["phases"]
-        main = [*MIXTURES, *COMPUTE_MATCHED]
+        main = METHODS[1:]
         parts = {"seed": phases["seed"]["seconds"],
                  "experts": sum(phases[f"experts/{d}"]["seconds"] for d in self.cfg.expert_domains),
                  "main-table mixtures": sum(v["seconds"] for n, v in phases.items()

@@ -18,9 +18,11 @@ from bam_model.demo import (
     expert_data,
     flops_per_token,
     mixture_data,
+    mixtures,
     run_demo,
     total_parameters,
 )
+from bam_model.demo.ablations import ablation_mixtures
 from bam_model.formats.folder import load_config
 
 TINY = DemoConfig(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=24, seq_len=16, batch_size=2,
@@ -190,9 +192,19 @@ def test_data_mixtures_follow_the_paper():
 def test_demo_command_line_and_config_checks():
     args = build_parser().parse_args(["demo", "--quick", "--out", "somewhere"])
     assert args.quick and args.out == "somewhere" and args.command == "demo"
+    assert build_parser().parse_args(["demo", "--ffn-routing", "paper"]).ffn_routing == "paper"
+    # --ffn-routing paper: every top-1 mixture, main table and ablations, with the paper's routing;
+    # BTX at top-k > 1 keeps its own renormalised routing.
+    paper = DemoConfig(ffn_routing="paper")
+    seed = DenseConfig(vocab_size=100, dim=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=24)
+    for rows in (mixtures(paper), ablation_mixtures(paper, seed, 4)):
+        for name, kwargs in rows.items():
+            want = "paper" if kwargs.get("top_k") == 1 else "renormalized"
+            assert kwargs["ffn_routing"] == want, name
+    assert mixtures(DemoConfig())["btx"]["ffn_routing"] == "straight-through"
     assert QUICK.seed_steps < DemoConfig().seed_steps
     for bad, word in ((dict(dim=0), "dim"), (dict(expert_domains=("code", "poetry")), "expert_domains"),
                       (dict(general_fraction=1.0), "general_fraction"), (dict(mix_lr=0), "mix_lr"),
-                      (dict(eval_windows=0), "eval_windows")):
+                      (dict(eval_windows=0), "eval_windows"), (dict(ffn_routing="top-1"), "ffn_routing")):
         with pytest.raises(ValueError, match=word):
             DemoConfig(**bad)
