@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 
 import torch
+from torch.utils.benchmark import Timer
 
 
 def sync(device: str) -> None:
@@ -56,7 +57,7 @@ def time_group(steps: dict, device: str, quick: bool = False) -> dict:
         except Exception as err:  # recorded in the results
             out[name] = _error(err, device)
     if device.startswith("cuda"):
-        import triton.testing
+        import triton.testing  # noqa: PLC0415 (triton: CUDA runs only)
         for name, fn in live.items():
             try:
                 q = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
@@ -65,7 +66,6 @@ def time_group(steps: dict, device: str, quick: bool = False) -> dict:
             except Exception as err:
                 out[name] = _error(err, device)
         return {name: out[name] for name in steps}
-    from torch.utils.benchmark import Timer
     budget_s = 0.3 if quick else 1.0  # per provider
     timers, per_call = {}, {}
     for name, fn in live.items():

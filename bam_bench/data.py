@@ -24,6 +24,13 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+
+from bam_model import DenseConfig, DenseLM
+from bam_model import data as D
+from bam_model import prepare as P
+from bam_model.prepare import BATCH_BYTES
+
 MB = 10**6
 FULL = {"throughput": 100 * MB, "start": (10 * MB, 1000 * MB)}
 QUICK = {"throughput": 10 * MB, "start": (10 * MB, 50 * MB)}
@@ -35,8 +42,6 @@ def _size(n: int) -> str:
 
 def _write_corpus(path: Path, size: int) -> int:
     """JSON Lines of the bundled documents, copy after copy, until ``size`` bytes; returns the bytes."""
-    from bam_model import data as D
-
     docs = [d for name in D.DOMAINS for d in D.Source(name).documents("train")]
     written, copy = 0, 0
     with open(path, "w", encoding="utf-8") as f:
@@ -94,9 +99,6 @@ def _run(argv: list[str], env: dict, until: str | None = None) -> dict:
 
 def check(device: str):
     """A small prepared corpus holds exactly the tokenizer's tokens of its documents."""
-    from bam_model import data as D
-    from bam_model import prepare as P
-
     tok = D.load_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "c.jsonl"
@@ -112,17 +114,11 @@ def check(device: str):
 
 
 def _split_docs(tokens, ends):
-    import numpy as np
-
     starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
     return [tokens[a:b].tolist() for a, b in zip(starts, ends.astype(np.int64))]
 
 
 def run(device: str, quick: bool):
-    from bam_model import DenseConfig, DenseLM
-    from bam_model import data as D
-    from bam_model.prepare import BATCH_BYTES
-
     sizes = QUICK if quick else FULL
     threads = os.cpu_count() or 1
     root = Path(tempfile.mkdtemp(prefix="bam-bench-data-", dir=os.environ.get("BAM_BENCH_TMP")))

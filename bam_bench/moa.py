@@ -45,7 +45,7 @@ def _sdpa(q, k, v, mix, causal):
 
 
 def _flash(q, k, v, mix, causal):
-    from flash_attn import flash_attn_func
+    from flash_attn import flash_attn_func  # noqa: PLC0415 (flash-attn: optional)
     q_BNTD, k_BGSD, v_BGSD = _stacked_heads(q, k, v)
     o = flash_attn_func(q_BNTD.transpose(1, 2), k_BGSD.transpose(1, 2), v_BGSD.transpose(1, 2), causal=causal)
     o = _unstack_heads(o.transpose(1, 2), q.shape, k.shape[-2], k.dim() == 5)
@@ -59,7 +59,7 @@ def providers(device: str):
            "sdpa+mix": _sdpa}
     if device.startswith("cuda"):
         try:
-            import flash_attn  # noqa: F401
+            import flash_attn  # noqa: F401, PLC0415 (probes whether flash-attn is installed)
             out["flash+mix"] = _flash
         except ImportError:
             pass

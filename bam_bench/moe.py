@@ -35,7 +35,7 @@ HF_IMPLEMENTATIONS = (("hf-eager", "eager"), ("hf-grouped_mm", "grouped_mm"), ("
 def _register_bam() -> bool:
     """Whether transformers can run experts_implementation="bam" (registering it)."""
     try:
-        from bam_kernels import integrations
+        from bam_kernels import integrations  # noqa: PLC0415 (transformers: optional)
         integrations.register_transformers()
     except ImportError:
         return False
@@ -44,8 +44,8 @@ def _register_bam() -> bool:
 
 def _transformers_block(moe: MoE, implementation: str):
     try:
-        from transformers import MixtralConfig
-        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+        from transformers import MixtralConfig  # noqa: PLC0415 (transformers: optional)
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: PLC0415 (transformers: optional)
     except ImportError:
         return None
     if implementation == "bam" and not _register_bam():
@@ -232,7 +232,7 @@ def _mixtral_models(c: cases.MoECase, device: str, dtype) -> dict:
     """A small transformers Mixtral with ``c``'s experts (2 layers), one copy per experts
     implementation: ``{provider: model}``; {} without transformers."""
     try:
-        from transformers import MixtralConfig, MixtralForCausalLM
+        from transformers import MixtralConfig, MixtralForCausalLM  # noqa: PLC0415 (transformers: optional)
     except ImportError:
         return {}
     cfg = MixtralConfig(vocab_size=cases.MODEL_VOCAB, hidden_size=c.D, intermediate_size=c.F,

@@ -22,6 +22,7 @@ import traceback
 
 import torch
 
+import bam_kernels
 from bam_model.entry import require_model_extra
 from bam_model.files import check_output_file, write_atomic, write_text_atomic
 
@@ -80,12 +81,11 @@ def machine_tag(device: str, name: str | None = None) -> str:
 
 
 def environment(device: str) -> dict:
-    import bam_kernels
     env = {"device": device, "device_name": device_name(device), "torch": torch.__version__,
            "bam": bam_kernels.__version__, "python": platform.python_version(),
            "threads": torch.get_num_threads()}
     try:
-        import triton
+        import triton  # noqa: PLC0415 (optional on CPU-only installs)
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
@@ -144,9 +144,9 @@ def plot(rows: list[dict], path: str) -> bool:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
         return False
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (start-up: only the chart needs it)
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (start-up: only the chart needs it)
     cases = list(dict.fromkeys(f"{r['suite']}:{r['case']}" for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(cases) * len(providers)), 4.5))
@@ -210,7 +210,7 @@ def _checking(device: str):
     GPU loan, and the test suite already runs every config under the interpreter."""
     if not device.startswith("cuda"):
         return contextlib.nullcontext()
-    from bam_kernels._triton import first_config_only
+    from bam_kernels._triton import first_config_only  # noqa: PLC0415 (triton: optional)
     return first_config_only()
 
 

@@ -39,7 +39,7 @@ def interpreting() -> bool:
 
 def triton_available() -> bool:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401, PLC0415 (probes whether triton is installed)
     except ImportError:
         return False
     return True

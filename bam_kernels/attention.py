@@ -80,7 +80,7 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
 
 def _moa_attention_impl(q, k, v, mix, kv_lens, kv_start, causal: bool, scale: float, save: bool):
     """The Triton forward: (o, o before the mix, log-sum-exp); the last two are empty unless ``save``."""
-    from ._triton import attention as triton_path
+    from ._triton import attention as triton_path  # noqa: PLC0415 (the Triton path on first use: triton loads only where a kernel runs)
     o, o_unmixed, lse = triton_path.forward(q, k, v, mix, kv_lens, causal, scale, save, kv_start=kv_start)
     if not save:
         o_unmixed, lse = q.new_empty(0), q.new_empty(0, dtype=torch.float32)
@@ -108,7 +108,7 @@ def _moa_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tenso
                                o_unmixed: torch.Tensor, lse: torch.Tensor, causal: bool,
                                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dmix)."""
-    from ._triton import attention as triton_path
+    from ._triton import attention as triton_path  # noqa: PLC0415 (the Triton path on first use: triton loads only where a kernel runs)
     dq, dk, dv, dp_BTEH = triton_path.backward(do, q, k, v, mix, kv_lens, o_unmixed, lse, causal, scale,
                                                kv_start=kv_start)
     return dq, dk, dv, dp_BTEH.sum(-1).to(mix.dtype)
@@ -174,7 +174,7 @@ def moa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix: torch.
         return reference.moa_attention(q, k, v, mix, causal, scale, kv_lens, kv_start)
     if backend == "torch" or q.numel() == 0 or k.shape[1] == 0:
         return torch_path.forward(q, k, v, mix, causal, scale, kv_lens, kv_start)
-    from ._triton.attention import MAX_HEAD_DIM
+    from ._triton.attention import MAX_HEAD_DIM  # noqa: PLC0415 (the Triton path on first use: triton loads only where a kernel runs)
     if q.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"q has head dim {q.shape[-1]}; the triton backend supports up to {MAX_HEAD_DIM}")
     if kv_lens is not None:

@@ -35,7 +35,7 @@ def _check_grouped_mm(x, w, offs):
 
 def _grouped_mm_impl(x, w, offs, backend: str):
     if backend == "triton":
-        from ._triton import grouped_gemm as triton_path
+        from ._triton import grouped_gemm as triton_path  # noqa: PLC0415 (the Triton path on first use: triton loads only where a kernel runs)
         return triton_path.grouped_mm_forward(x, w, offs)
     return torch_path.forward(x, w, offs)
 
@@ -55,7 +55,7 @@ def _grouped_mm_backward_op(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, 
                             need_dx: bool, need_dw: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dw); a gradient not asked for comes back as an empty tensor."""
     if backend == "triton":
-        from ._triton import grouped_gemm as triton_path
+        from ._triton import grouped_gemm as triton_path  # noqa: PLC0415 (the Triton path on first use: triton loads only where a kernel runs)
         return triton_path.grouped_mm_backward(dy, x, w, offs, need_dx, need_dw)
     return torch_path.backward(dy, x, w, offs, need_dx, need_dw)
 

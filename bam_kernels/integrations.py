@@ -39,7 +39,7 @@ def register_transformers(name: str = NAME) -> None:
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty string, got {name!r}")
     try:
-        from transformers.integrations.moe import ExpertsInterface
+        from transformers.integrations.moe import ExpertsInterface  # noqa: PLC0415 (transformers: optional)
     except ImportError as e:  # transformers missing, or older than the experts interface (5.0)
         raise ImportError("register_transformers needs transformers >= 5.0 with "
                           "transformers.integrations.moe.ExpertsInterface; "
@@ -60,8 +60,8 @@ def unsupported(experts: torch.nn.Module) -> str | None:
         return f"{kind} normalises each expert's output"
     if getattr(experts, "_is_expert_parallel", False):
         return f"{kind} is sharded for expert parallelism"
-    from transformers.activations import SiLUActivation
-    from transformers.integrations import moe as hf_moe
+    from transformers.activations import SiLUActivation  # noqa: PLC0415 (transformers: optional)
+    from transformers.integrations import moe as hf_moe  # noqa: PLC0415 (transformers: optional)
 
     # The decorator gives a class without a gate of its own transformers' default (act(gate) * up);
     # a release that renamed it makes every gate look custom: refused, never miscomputed.

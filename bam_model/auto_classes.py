@@ -20,10 +20,10 @@ def register() -> None:
     """Register ``bam-dense`` and ``bam-moe`` with transformers (once; later calls do nothing)."""
     if _DONE:
         return
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415 (transformers: optional; bam registers with it once it is imported)
 
-    from .remote.configuration_bam import BamDenseConfig, BamMoeConfig
-    from .remote.modeling_bam import BamForCausalLM, BamMoeForCausalLM
+    from .remote.configuration_bam import BamDenseConfig, BamMoeConfig  # noqa: PLC0415 (transformers: optional; bam registers with it once it is imported)
+    from .remote.modeling_bam import BamForCausalLM, BamMoeForCausalLM  # noqa: PLC0415 (transformers: optional; bam registers with it once it is imported)
 
     for config, model in ((BamDenseConfig, BamForCausalLM), (BamMoeConfig, BamMoeForCausalLM)):
         AutoConfig.register(config.model_type, config, exist_ok=True)

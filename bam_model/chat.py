@@ -14,10 +14,13 @@ reasoning of earlier turns) cannot be cut that way, and is refused with the reco
 """
 from __future__ import annotations
 
+import datetime
 import functools
 from dataclasses import dataclass
 
 import numpy as np
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .options import short_repr
 
@@ -34,14 +37,10 @@ class ChatTemplate:
 
 @functools.lru_cache(maxsize=8)
 def _compiled(template: str):
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     def raise_exception(message):
         raise TemplateError(message)
 
     def strftime_now(fmt):
-        import datetime
         return datetime.datetime.now().strftime(fmt)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -67,7 +66,6 @@ def check_messages(messages, where: str) -> list[dict]:
 def render(chat: ChatTemplate, messages: list[dict], add_generation_prompt: bool = False,
            where: str | None = None) -> str:
     """The conversation as the template writes it; ``where`` names the conversation in errors."""
-    from jinja2 import TemplateError
 
     try:
         return _compiled(chat.template).render(messages=messages, add_generation_prompt=add_generation_prompt,

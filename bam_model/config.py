@@ -3,8 +3,7 @@
 Both are plain dataclasses that validate themselves on construction and round-trip through JSON
 (``to_dict`` / ``config_from_dict``; the ``model_type`` key says which class to build). On disk the
 keys are Hugging Face's where the setting is theirs (``hidden_size``, ``num_experts_per_tok``, ...;
-``HF_KEYS``), so that one ``config.json`` serves bam and transformers (``bam_model/remote``); the
-field names of bam 0.1 folders are still read.
+``HF_KEYS``), so that one ``config.json`` serves bam and transformers (``bam_model/remote``).
 """
 from __future__ import annotations
 
@@ -205,29 +204,21 @@ HF_ONLY_KEYS = {"architectures", "auto_map", "transformers_version", "torch_dtyp
                 "output_router_logits", "hidden_act", "pad_token_id", "_name_or_path"}
 
 
-def _field_names(d: dict, known: set) -> dict:
-    """``d`` with Hugging Face key names turned into field names (both spellings of one setting
-    is an error) and transformers' own keys dropped."""
-    if d.get("hidden_act", "silu") != "silu":
-        raise ValueError("hidden_act must be 'silu' (bam models are SwiGLU), "
-                         f"got {short_repr(d['hidden_act'])}")
-    body = {}
-    for key, value in d.items():
-        if key == "model_type" or key in HF_ONLY_KEYS:
-            continue
-        name = FIELD_OF_HF_KEY.get(key, key) if key not in known else key
-        if name in body:
-            raise ValueError(f"config has both {HF_KEYS[name]!r} and {name!r}, one setting twice")
-        body[name] = value
-    return body
-
-
 FIELD_OF_HF_KEY = {v: k for k, v in HF_KEYS.items()}
 
 
+def _field_names(d: dict) -> dict:
+    """``d`` with Hugging Face key names turned into field names and transformers' own keys dropped."""
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError("hidden_act must be 'silu' (bam models are SwiGLU), "
+                         f"got {short_repr(d['hidden_act'])}")
+    return {FIELD_OF_HF_KEY.get(key, key): value for key, value in d.items()
+            if key != "model_type" and key not in HF_ONLY_KEYS}
+
+
 def config_from_dict(d: dict) -> DenseConfig:
-    """Build the config a ``to_dict`` produced (or a bam 0.1 ``config.json``, with field names);
-    unknown keys are an error, not silently dropped."""
+    """Build the config a ``to_dict`` produced; unknown keys (a field under its own name where the
+    file spells it as Hugging Face does, too) are an error, not silently dropped."""
     if not isinstance(d, dict):
         raise ValueError(f"config must be a dict, got {type(d).__name__}")
     model_type = d.get("model_type")
@@ -236,15 +227,12 @@ def config_from_dict(d: dict) -> DenseConfig:
                          f"got {short_repr(model_type)}")
     cls = CONFIG_CLASSES[model_type]
     known = {f.name for f in dataclasses.fields(cls)}
-    body = _field_names(d, known)
     unknown = sorted(key for key in d if key not in HF_ONLY_KEYS and key != "model_type"
-                     and FIELD_OF_HF_KEY.get(key, key) not in known and key not in known)
+                     and (key in HF_KEYS or FIELD_OF_HF_KEY.get(key, key) not in known))
     if unknown:  # as the file spells them
         raise ValueError(f"unknown {model_type} config keys: {unknown}")
-    # Messages name the keys as the file spells them: Hugging Face's, unless it is a bam 0.1 file.
-    old_format = any(name in d for name in HF_KEYS) and not any(key in d for key in FIELD_OF_HF_KEY)
-    spelled = {} if old_format else HF_KEYS
-    missing = sorted(spelled.get(f.name, f.name) for f in dataclasses.fields(cls)
+    body = _field_names(d)
+    missing = sorted(HF_KEYS.get(f.name, f.name) for f in dataclasses.fields(cls)
                      if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                      and f.name not in body)
     if missing:
@@ -255,6 +243,6 @@ def config_from_dict(d: dict) -> DenseConfig:
         # The settings the message names, spelled as in the file; the values it quotes (after
         # "got") are the file's own and stay as they are.
         names, got, value = str(e).partition(", got ")
-        for name, key in spelled.items():
+        for name, key in HF_KEYS.items():
             names = re.sub(rf"\b{name}\b", key, names)
         raise ValueError(names + got + value) from None

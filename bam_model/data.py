@@ -17,7 +17,6 @@ overlap.
 """
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
 import json
@@ -31,6 +30,7 @@ import torch
 
 from . import prepare
 from .prepare import Input, PreparedData, _first_by_hash, _line_cut, _newline_tokens
+from .tokenizer import eos_token_id, load_tokenizer
 
 CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 DOMAINS = ("code", "math", "legal", "drama", "scripture")
@@ -38,51 +38,7 @@ SPLITS = ("train", "heldout")
 # The two parts of a source's training documents that weight-mixup training takes its two kinds of
 # step from (``split_train``): "task" (the weights) and "mixup" (the mixing coefficients).
 TRAIN_PARTS = ("task", "mixup")
-EOS_TOKEN = "<|endoftext|>"
-# What ends a document, in the vocabularies of common tokenizers (GPT-2 and SmolLM, Llama 3,
-# SentencePiece models such as Llama 2 and Mistral, Gemma): the first one a tokenizer has is used.
-DOCUMENT_END_TOKENS = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>")
 HELDOUT_FRACTION = prepare.HELDOUT_FRACTION
-
-
-def read_tokenizer(path: str | os.PathLike):
-    """The ``tokenizers.Tokenizer`` of a tokenizer.json file; a ValueError naming the file when it is
-    missing or not one."""
-    from tokenizers import Tokenizer
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        problem = "is not a file" if os.path.exists(path) else "does not exist"
-        raise ValueError(f"tokenizer file {path!r} {problem}")
-    try:
-        return Tokenizer.from_file(path)
-    except Exception as e:
-        if type(e) is not Exception:  # tokenizers raises a bare Exception for a file it cannot parse
-            raise
-        reason = str(e).splitlines()[0] if str(e) else "unreadable"
-        raise ValueError(f"tokenizer file {path} is not a tokenizers tokenizer.json ({reason})") from None
-
-
-@functools.cache
-def _load_tokenizer_file(path: str):
-    return read_tokenizer(path)
-
-
-def load_tokenizer(path: str | os.PathLike | None = None):
-    """The bundled byte-level BPE (``tokenizers.Tokenizer``), or the one at ``path``."""
-    path = Path(path) if path is not None else CORPUS_DIR / "tokenizer.json"
-    if not path.is_file():
-        raise ValueError(f"tokenizer path {str(path)!r} is not a file")
-    return _load_tokenizer_file(str(path.resolve()))
-
-
-def eos_token_id(tokenizer) -> int:
-    """The id of the token that ends a document (joins documents in the token stream)."""
-    for token in DOCUMENT_END_TOKENS:
-        eos = tokenizer.token_to_id(token)
-        if eos is not None:
-            return eos
-    raise ValueError(f"the tokenizer has none of the end-of-document tokens {DOCUMENT_END_TOKENS}")
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -36,14 +36,10 @@ def require_model_extra(prog: str, needs=tuple(MODEL_EXTRA)) -> None:
         raise SystemExit(2)
 
 
-# glibc's malloc serves a block above its mmap threshold (at most 32 MiB however it adapts) with a fresh
-# mapping and unmaps it when freed, and gives the top of its heap back to the system once more than its
-# trim threshold is free there; a CPU training step, which allocates and frees logits-sized tensors,
-# then faults the same pages in again every step. Measured on an AMD EPYC VM, 2 cores: the demo's quick
-# model (16 x 64 tokens, 8,192-token vocabulary) 97 ms a step with 34,000 page faults, 54 ms with
-# freed blocks kept; its full BAM expert-KV mixture (16 x 128 tokens) 425 ms by default, 503 ms with
-# the trim threshold at 256 MiB (the step frees more than that at once), 371 ms with it at the most
-# mallopt takes. Memory freed stays with the process for reuse (its heap keeps its peak); a single
+# glibc's malloc unmaps a freed block above its mmap threshold and gives the free top of its heap
+# back past its trim threshold, so a CPU training step, which allocates and frees logits-sized
+# tensors, would fault the same pages in again every step; kept for reuse, a step of the demo's
+# models takes 13-44% less time (docs/cpu-path.md). The process keeps its heap at its peak; a single
 # tensor above KEEP_FREED_BYTES still gets its own mapping.
 KEEP_FREED_BYTES = 256 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -70,5 +66,5 @@ def keep_freed_memory() -> bool:
 def bam(argv=None) -> int:
     """``bam``: ``bam_model.cli.main`` once the ``model`` extra is there."""
     require_model_extra("bam")
-    from bam_model.cli import main
+    from bam_model.cli import main  # noqa: PLC0415 (after the model-extra check)
     return main(argv)

@@ -21,10 +21,12 @@ from .data import (
     DOMAINS,
     Source,
     eval_rows,
+    eval_windows,
     parse_data_spec,
     scored_windows,
     token_arrays,
     token_byte_lengths,
+    tokens,
 )
 from .tokenizer import for_model
 
@@ -61,7 +63,7 @@ def evaluate(model: nn.Module, domains: str | Sequence[str | Source] = DOMAINS, 
     the whole result. Every rank runs the same number of forward passes (a rank left without a
     batch in the last round runs one and discards it), as sharded and expert-parallel models need.
     ``progress`` shows a bar per source (rank 0)."""
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # noqa: PLC0415 (the model extra: bam_model imports without it)
 
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -119,3 +121,30 @@ def evaluate(model: nn.Module, domains: str | Sequence[str | Source] = DOMAINS, 
         model.train(was_training)
     results["avg"] = {k: sum(r[k] for r in results.values()) / len(results) for k in ("loss", "ppl", "bpb")}
     return results
+
+
+@torch.no_grad()
+def router_use(model: nn.Module, domains, seq_len: int, windows: int, batch_size: int, tokenizer) -> dict:
+    """How a mixture's routers spend their weight: per router kind ("ffn", and "attention" for BAM),
+    domain and layer, the mean router probability of each expert over ``windows`` held-out windows
+    of ``seq_len`` tokens of each domain, and the mean normalised entropy of the per-token
+    distributions (1: uniform, 0: one-hot)."""
+    device = next(model.parameters()).device
+    E = model.config.num_experts
+    out = {}
+    model.eval()
+    for source in _sources(domains):
+        ids = eval_windows(tokens(source, "heldout", tokenizer), seq_len, windows)
+        sums: dict[str, list] = {}
+        for chunk in ids.split(batch_size):
+            for kind, layers in model(chunk.to(device)).router_logits.items():
+                acc = sums.setdefault(kind, [[torch.zeros(E, dtype=torch.float64), 0.0, 0] for _ in layers])
+                for slot, logits_TE in zip(acc, layers):
+                    p_TE = torch.softmax(logits_TE.double().cpu(), dim=-1)
+                    slot[0] += p_TE.sum(0)
+                    slot[1] += float(-(p_TE * p_TE.clamp_min(1e-30).log()).sum(-1).sum() / math.log(E))
+                    slot[2] += p_TE.shape[0]
+        for kind, acc in sums.items():
+            out.setdefault(kind, {})[source.name] = {"mean_prob": [(s / n).tolist() for s, _, n in acc],
+                                                     "entropy": [h / n for _, h, n in acc]}
+    return out

@@ -9,7 +9,7 @@ Rank r keeps experts ``r*E/W .. (r+1)*E/W - 1`` under the ``MoE``'s own state-di
 (``gate.weight``, ``experts.gate_up_proj [E/W, 2F, D]``, ``experts.down_proj [E/W, D, F]``); the
 router is replicated. ``gather_dim0`` rebuilds a full ``[E, ...]`` tensor from the ranks' slices,
 which is how a full state dict (and a single-process checkpoint) is written from an
-expert-parallel model (``bam_model.distributed.full_model_tensors``).
+expert-parallel model (``bam_model.training.run_state.full_model_tensors``).
 """
 from __future__ import annotations
 

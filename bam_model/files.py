@@ -32,7 +32,11 @@ import stat
 import sys
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
 MANIFEST = "bam-manifest.json"
 MANIFEST_FORMAT = "bam-manifest"
@@ -124,8 +128,6 @@ def write_atomic(path, write) -> None:
 def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
     """``safetensors.torch.save_file``, whose I/O failures (a full disk) become the ``OSError`` they
     are (safetensors reports them as a ``SafetensorError`` carrying "os error N" in its text)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
 
     try:
         save_file(tensors, os.fspath(path), metadata=metadata)
@@ -203,8 +205,6 @@ def _plain_name(name: str) -> bool:
 
 
 def _version() -> str:
-    from importlib import metadata
-
     try:
         return metadata.version("bam-moe")
     except metadata.PackageNotFoundError:

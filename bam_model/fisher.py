@@ -125,7 +125,7 @@ def model_fishers(models: list[nn.Module], fishers: list[dict] | None = None,
             isinstance(d, (str, torch.Tensor)) for d in fisher_data):
         raise ValueError(f"fisher_data must be a list of {len(models)} data specs (seed first), "
                          f"got {fisher_data!r}")
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # noqa: PLC0415 (the model extra: bam_model imports without it)
 
     out = []
     pairs = tqdm(list(zip(models, fisher_data)), desc="fisher", disable=not progress)

@@ -5,18 +5,17 @@ import time
 
 import torch
 
-from . import data
 from .chat import ChatTemplate, render
 from .formats import from_pretrained, gguf_reader, is_gguf, load_gguf
 from .model import CausalLM
-from .tokenizer import TextTokenizer, check_fits
+from .tokenizer import DOCUMENT_END_TOKENS, TextTokenizer, check_fits, eos_token_id, read_tokenizer
 
 
 def load_model_and_tokenizer(path: str, tokenizer: str | None = None, dtype: torch.dtype | None = None,
                              device="cpu") -> tuple[CausalLM, TextTokenizer]:
     """Any model ``bam`` reads (our folder, dense or mixture; a Hugging Face folder; a GGUF file)
     and the tokenizer it carries (``tokenizer``, a tokenizer.json path, overrides it)."""
-    given = data.read_tokenizer(tokenizer) if tokenizer is not None else None  # refused before the slow part
+    given = read_tokenizer(tokenizer) if tokenizer is not None else None  # refused before the slow part
     model = load_gguf(gguf_reader(path), dtype or torch.float32, device) if is_gguf(path) else \
         from_pretrained(path, dtype, device)
     c = model.config
@@ -27,8 +26,8 @@ def load_model_and_tokenizer(path: str, tokenizer: str | None = None, dtype: tor
         raise ValueError(f"{path!r} holds no tokenizer.json and its vocabulary ({c.vocab_size} tokens) is "
                          "not the bundled BPE's; pass the model's tokenizer.json with --tokenizer")
     eos = c.eos_token_id
-    if eos is None and any(model.tokenizer.token_to_id(t) is not None for t in data.DOCUMENT_END_TOKENS):
-        eos = data.eos_token_id(model.tokenizer)
+    if eos is None and any(model.tokenizer.token_to_id(t) is not None for t in DOCUMENT_END_TOKENS):
+        eos = eos_token_id(model.tokenizer)
     return model, TextTokenizer(model.tokenizer, eos)
 
 

@@ -11,7 +11,6 @@ order) and R rows a rank receives.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.nn as nn
@@ -283,9 +282,6 @@ class MixtureOfAttention(nn.Module):
             raise ValueError("q_weights, k_weights, v_weights and o_weights must be lists of one length "
                              f">= 1, got {len(q_weights)}, {len(k_weights)}, {len(v_weights)}, "
                              f"{len(o_weights)}")
-        if kv_init == "first":  # the spelling of bam 0.1
-            warnings.warn("kv_init='first' is now spelled 'seed'", DeprecationWarning, stacklevel=2)
-            kv_init = "seed"
         if kv_init not in ("mean", "seed"):
             raise ValueError(f"kv_init must be 'mean' or 'seed', got {kv_init!r}")
         HDh, D = q_weights[0].shape

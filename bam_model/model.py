@@ -146,6 +146,9 @@ class CausalLM(nn.Module, abc.ABC):
     # The chat template (Jinja) that came with the tokenizer (a GGUF's, a Hugging Face folder's), carried
     # like it and written into tokenizer_config.json, so an instruct model keeps its chat format.
     chat_template: str | None = None
+    # What writes a model folder (``formats.bam.save_pretrained``), set there when bam_model is imported:
+    # the model knows no file format, and the formats, which build models, import this module.
+    _writer = None
 
     def __init__(self, config: DenseConfig):
         super().__init__()
@@ -274,9 +277,7 @@ class CausalLM(nn.Module, abc.ABC):
                         dtype: torch.dtype | None = None) -> None:
         """Write ``config.json``, safetensors weights (in ``dtype``, by default their own), the
         tokenizer and ``extra_files`` (name -> contents) to the folder ``path``, atomically."""
-        # Deferred: model.py imports no I/O at load time, and the formats import the model.
-        from .formats.bam import save_pretrained
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, extra_files=extra_files, dtype=dtype)
+        CausalLM._writer(self, path, max_shard_bytes=max_shard_bytes, extra_files=extra_files, dtype=dtype)
 
 
 def sample(logits_BV: torch.Tensor, temperature: float, top_p: float,

@@ -55,6 +55,7 @@ import numpy as np
 from . import files
 from .chat import ChatTemplate, assistant_spans, token_mask
 from .readers import file_format, read_documents, text_pieces
+from .tokenizer import eos_token_id
 
 INDEX = "bam-data.json"
 DATA_FORMAT = "bam-data"
@@ -450,7 +451,7 @@ def _balance(writers: dict[str, _SplitWriter], tokenizer, share: float) -> None:
 
 
 def _progress(total: int | None, enabled):
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # noqa: PLC0415 (the model extra: bam_model imports without it)
 
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="prepare",
                 disable=(None if enabled is None else not enabled), dynamic_ncols=True, smoothing=0.1)
@@ -481,7 +482,6 @@ def write_prepared(folder: Path, inputs: list[Input], tokenizer, *, text_field: 
                    chat: ChatTemplate | None = None) -> dict:
     """Tokenize ``inputs`` into the (staging) folder ``folder``; returns the index (also written
     there as ``bam-data.json``)."""
-    from .data import eos_token_id
 
     eos = eos_token_id(tokenizer)
     vocab = tokenizer.get_vocab_size()

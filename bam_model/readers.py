@@ -134,7 +134,7 @@ def _open_text(path: Path):
         return gzip.open(path, "rb")
     if name.endswith(".zst"):
         try:
-            import zstandard
+            import zstandard  # noqa: PLC0415 (optional: the data extra)
         except ImportError:
             raise ValueError(f"data: reading {str(path)!r} needs zstandard: pip install 'bam-moe[data]' (or "
                              "zstandard)") from None
@@ -192,7 +192,7 @@ class Conversation(list):
 
 def _zstd_errors() -> tuple:
     try:
-        import zstandard
+        import zstandard  # noqa: PLC0415 (optional: the data extra)
     except ImportError:
         return ()
     return (zstandard.ZstdError,)
@@ -234,7 +234,7 @@ def _arrow_documents(path: Path, text_field: str) -> Iterator[str]:
     """An Arrow IPC file, as Hugging Face ``datasets`` writes them (``save_to_disk``: the stream
     format; the file format is read too), a record batch at a time."""
     try:
-        import pyarrow as pa
+        import pyarrow as pa  # noqa: PLC0415 (optional: the data extra)
     except ImportError:
         raise ValueError(f"data: reading {str(path)!r} needs pyarrow: pip install 'bam-moe[data]' (or "
                          "pyarrow)") from None
@@ -320,7 +320,7 @@ def _json_documents(path: Path, text_field: str) -> Iterator[str]:
 
 def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # noqa: PLC0415 (optional: the data extra)
     except ImportError:
         raise ValueError(f"data: reading {str(path)!r} needs pyarrow: pip install 'bam-moe[data]' (or "
                          "pyarrow)") from None

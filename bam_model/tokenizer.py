@@ -9,20 +9,70 @@ bundled BPE when the vocabulary sizes agree. ``save_pretrained`` writes it back 
 ``generate`` tokenize every text the way the model was trained. The bundled BPE is used only for
 models built with it (``for_model``).
 
-This module holds the tokenizer objects and checks; reading one from a file is the formats' job:
-``formats.gguf.gguf_tokenizer`` for a GGUF file, ``formats.load.tokenizer_of_source`` for any
-source a model is loaded from.
+This module holds the tokenizer objects and checks, reads a ``tokenizer.json`` (``read_tokenizer``,
+the bundled BPE: ``load_tokenizer``), finds the token that ends a document (``eos_token_id``) and
+writes the files a model folder carries (``hf_tokenizer_files``). A GGUF file's vocabulary is the
+GGUF format's to read (``formats.gguf.gguf_tokenizer``), and which tokenizer a model's source
+carries is the loaders' (``formats.load.tokenizer_of_source``).
 """
 from __future__ import annotations
 
+import functools
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
-from . import data
+# The byte-level BPE of the bundled corpus (``bam_model/corpus``).
+BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "corpus" / "tokenizer.json"
 
+EOS_TOKEN = "<|endoftext|>"
+# What ends a document, in the vocabularies of common tokenizers (GPT-2 and SmolLM, Llama 3,
+# SentencePiece models such as Llama 2 and Mistral, Gemma): the first one a tokenizer has is used.
+DOCUMENT_END_TOKENS = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>")
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 CHAT_TEMPLATE_JINJA = "chat_template.jinja"
+
+
+def read_tokenizer(path: str | os.PathLike):
+    """The ``tokenizers.Tokenizer`` of a tokenizer.json file; a ValueError naming the file when it is
+    missing or not one."""
+    from tokenizers import Tokenizer  # noqa: PLC0415 (the model extra: bam_model imports without it)
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        problem = "is not a file" if os.path.exists(path) else "does not exist"
+        raise ValueError(f"tokenizer file {path!r} {problem}")
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:
+        if type(e) is not Exception:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise
+        reason = str(e).splitlines()[0] if str(e) else "unreadable"
+        raise ValueError(f"tokenizer file {path} is not a tokenizers tokenizer.json ({reason})") from None
+
+
+@functools.cache
+def _load_tokenizer_file(path: str):
+    return read_tokenizer(path)
+
+
+def load_tokenizer(path: str | os.PathLike | None = None):
+    """The bundled byte-level BPE (``tokenizers.Tokenizer``), or the one at ``path``."""
+    path = Path(path) if path is not None else BUNDLED_TOKENIZER
+    if not path.is_file():
+        raise ValueError(f"tokenizer path {str(path)!r} is not a file")
+    return _load_tokenizer_file(str(path.resolve()))
+
+
+def eos_token_id(tokenizer) -> int:
+    """The id of the token that ends a document (joins documents in the token stream)."""
+    for token in DOCUMENT_END_TOKENS:
+        eos = tokenizer.token_to_id(token)
+        if eos is not None:
+            return eos
+    raise ValueError(f"the tokenizer has none of the end-of-document tokens {DOCUMENT_END_TOKENS}")
 
 
 @dataclass
@@ -41,7 +91,7 @@ class TextTokenizer:
 def hf_tokenizer_files(tokenizer_json: str, config, chat_template: str | None = None) -> dict[str, str]:
     """``tokenizer.json`` and a ``tokenizer_config.json`` for it: the special tokens are those the
     model's config names (``bos_token_id``, ``eos_token_id``), spelled as the tokenizer spells them."""
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # noqa: PLC0415 (the model extra: bam_model imports without it)
 
     tok = Tokenizer.from_str(tokenizer_json)
     settings = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": config.max_seq_len,
@@ -71,7 +121,7 @@ def for_model(model, tokenizer=None):
     if tokenizer is None:
         tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
-        bundled = data.load_tokenizer()
+        bundled = load_tokenizer()
         size = bundled.get_vocab_size()
         if config is not None and getattr(config, "vocab_size", None) not in (None, size):
             raise ValueError("the model carries no tokenizer and its vocabulary "

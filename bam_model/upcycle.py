@@ -22,10 +22,12 @@ import torch
 from .build import build_model, expected_shapes
 from .config import METHODS, BamConfig
 from .files import gib, physical_memory
+from .fisher import fisher_average, model_fishers
 from .formats import is_gguf, load_dense
 from .layers import MixtureOfAttention
 from .model import DenseLM
 from .options import INT, NUMBER, TEXT, int_in, option, seed_check, validate
+from .tokenizer import same
 
 ATTENTION_OPTIONS = ("expert-kv", "shared-kv")
 # More experts than any published mixture has (DeepSeek-V3 256, Kimi K2 384, Qwen3-Next 512): a larger
@@ -203,7 +205,6 @@ def upcycle(seed, experts, options: MixOptions | None = None, *, dtype: torch.dt
     states = [m.state_dict() for m in models]
     fisher_states = None
     if options.merge == "fisher":
-        from .fisher import model_fishers
         fisher_states = model_fishers(models, fishers, options.fisher_data, progress=progress)
     tensors = _Mixer(config, options, states, fisher_states).tensors(progress)
     moe = build_model(config, tensors, dtype=seed.dtype if dtype is None else dtype, device=seed.device)
@@ -225,7 +226,7 @@ def _check_memory(config: BamConfig, dtype: torch.dtype) -> None:
 def _models_to_mix(seed: DenseLM, experts, method: str, progress: bool) -> list[DenseLM]:
     """The dense models whose weights the mixture takes: the seed alone for sparse upcycling, else
     the seed and every expert (loaded, and checked to share the seed's architecture)."""
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # noqa: PLC0415 (the model extra: bam_model imports without it)
 
     if method == "sparse":
         return [seed]
@@ -263,7 +264,6 @@ class _Mixer:
 
     def average(self, key: str) -> torch.Tensor:
         if self.fisher_states is not None:
-            from .fisher import fisher_average
             return fisher_average([s[key] for s in self.states], [f[key] for f in self.fisher_states])
         return _mean([s[key] for s in self.states])
 
@@ -275,7 +275,7 @@ class _Mixer:
                            dtype=torch.float64) * 0.02
 
     def tensors(self, progress: bool) -> dict[str, torch.Tensor]:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # noqa: PLC0415 (the model extra: bam_model imports without it)
 
         config, tensors = self.config, {}
         for key in self.states[0]:
@@ -321,7 +321,6 @@ class _Mixer:
 
 def _common_tokenizer(models: list[DenseLM]):
     """The tokenizer the mixed models share (the seed's); refused when two of them carry different ones."""
-    from .tokenizer import same
 
     carried = [(i, m.tokenizer) for i, m in enumerate(models) if m.tokenizer is not None]
     for i, tok in carried[1:]:

@@ -25,15 +25,7 @@ def _unsort_sum(rows_MD, slots_M, T: int, k: int):
 # buffers are large enough for the C allocator to map fresh pages and fault every one of them in
 # on every call). With fewer rows per expert (fine-grained experts, short batches) the per-expert
 # launches cost more than that, and one gather and two grouped matmuls over all rows win.
-# Measured on 2 x86 cores, interleaved, fwd+bwd vs a torch._grouped_mm layer: E 32 with 64 rows
-# each, grouped 12.6 ms, per expert 18.3, peer 12.7; E 8 with 512 rows each, per expert 165.6,
-# grouped 190.2, peer 176.8; at 128 rows the two are equal.
-# Re-measured with bam-bench moe's CPU cases (the MoE layer, fp32, 2 shared x86 cores, interleaved,
-# median ms), as is vs the grouped strategy alone (torch._grouped_mm over all rows): cpu-target
-# T 2048 (512 rows per expert) fwd 76.8 vs 89.1, fwd+bwd 282.9 vs 310.4; cpu-bam-small T 2048
-# (512) fwd+bwd 72.9 vs 88.4; cpu-fine-grained T 2048 (256) fwd+bwd 63.4 vs 78.2, fwd 19.6 vs 18.4;
-# at 64 and 128 rows per expert within 3%. The grouped strategy alone is 10-23% slower with
-# gradients at 256 rows per expert and more, so both stay.
+# The measurements that set the threshold: docs/cpu-path.md.
 _PER_EXPERT_MIN_ROWS = 128
 
 

@@ -8,7 +8,7 @@ import contextlib
 
 def autotuners() -> list:
     """Every autotuned kernel launcher of the package."""
-    from . import attention, grouped_gemm
+    from . import attention, grouped_gemm  # noqa: PLC0415 (every kernel module loads only when asked for)
     families = (grouped_gemm.group_gemm, grouped_gemm.group_wgrad, attention.fwd, attention.fwd_decode,
                 attention.bwd_dkdv, attention.bwd_dq)
     return [tuner for family in families for tuner in family.values()]

@@ -19,6 +19,7 @@ import argparse
 import errno
 import sys
 
+from ..data import forget_sources
 from ..entry import keep_freed_memory
 from .branch import add_branch_args, run_branch
 from .demo import add_demo_args, run_demo_cli
@@ -72,8 +73,6 @@ USER_OS_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.ED
 
 
 def main(argv=None) -> int:
-    from ..data import forget_sources
-
     parser = build_parser()
     args = parser.parse_args(argv)
     keep_freed_memory()

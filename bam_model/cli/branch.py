@@ -7,9 +7,11 @@ import os
 from dataclasses import dataclass
 
 from ..config import DTYPES
+from ..files import check_output, reserve_output
+from ..formats import load_dense
 from ..options import add_options, from_args, option
-
-DTYPE_CHOICES = tuple(sorted(DTYPES))
+from ..upcycle import branch
+from .common import dtype_option
 
 
 @dataclass(kw_only=True)
@@ -18,7 +20,7 @@ class BranchOptions:
                        positional=True)
     domains: list[str] = option(help="one copy per domain name", nargs="+")
     out: str = option(help="folder that receives one checkpoint folder per domain")
-    dtype: str = option("float32", help="the copies' dtype", choices=DTYPE_CHOICES)
+    dtype: str = dtype_option("float32", help="the copies' dtype")
 
     def __post_init__(self):
         for d in self.domains:
@@ -33,10 +35,6 @@ def add_branch_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_branch(args: argparse.Namespace) -> list[str]:
-    from ..files import check_output, reserve_output
-    from ..formats import load_dense
-    from ..upcycle import branch
-
     opts = from_args(BranchOptions, args)
     if os.path.exists(opts.out) and not os.path.isdir(opts.out):
         raise ValueError(f"--out {opts.out!r} is a file, not a folder; choose a folder path")

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from dataclasses import dataclass
 
+from ..demo import FULL, QUICK, run_demo
 from ..options import INT, TEXT, add_options, from_args, option, positive_int
 from ..upcycle import FFN_ROUTINGS
+from .common import device_option
 
 
 @dataclass(kw_only=True)
@@ -23,7 +26,7 @@ class DemoOptions:
     ffn_routing: str = option("straight-through", help="FFN routing of every top-1 mixture (bam mix's "
                               "--ffn-routing): paper gives the paper's own, the kept probability as it is",
                               kind=TEXT, choices=tuple(FFN_ROUTINGS), what=" or ".join(FFN_ROUTINGS))
-    device: str | None = option(None, help="default: cuda when available, else cpu")
+    device: str | None = device_option()
 
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
@@ -31,9 +34,6 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_demo_cli(args: argparse.Namespace) -> dict:
-    import dataclasses
-
-    from ..demo import FULL, QUICK, run_demo
 
     opts = from_args(DemoOptions, args)
     cfg = QUICK if opts.quick else FULL

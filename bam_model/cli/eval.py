@@ -8,15 +8,16 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed
+from .. import distributed, from_pretrained
 from ..config import check_seq_len
 from ..data import DOMAINS
+from ..evaluate import evaluate
 from ..files import check_output_file, write_text_atomic
 from ..formats.load import context_length
 from ..options import INT, add_options, from_args, int_at_least, option, positive_int, validate
+from .common import device_option
 
 DEFAULT_SEQ_LEN = 256
-DEVICE_HELP = "default: cuda when available, else cpu (under torchrun rank r takes cuda:LOCAL_RANK)"
 
 
 @dataclass(kw_only=True)
@@ -30,7 +31,7 @@ class EvalOptions:
     batch_size: int = option(8, help="windows per forward pass", kind=INT, check=positive_int)
     max_windows: int | None = option(None, help="cap on held-out windows per domain", kind=INT,
                                      check=positive_int)
-    device: str | None = option(None, help=DEVICE_HELP)
+    device: str | None = device_option(torchrun=True)
     json: str | None = option(None, help="also write the results to this JSON file (a new file, or one an "
                               "earlier bam eval wrote)")
     no_progress: bool = option(False, help="no progress bar")
@@ -59,8 +60,6 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> dict:
     """``bam eval``; under torchrun every rank loads the model and scores its share of the windows,
     and rank 0 prints and writes the results."""
-    from .. import from_pretrained
-    from ..evaluate import evaluate
 
     opts = from_args(EvalOptions, args)
     context = context_length(opts.model)      # from the config alone: checked before any work

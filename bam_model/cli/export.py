@@ -5,9 +5,12 @@ import argparse
 from dataclasses import dataclass
 
 from ..config import DTYPES
+from ..files import reserve_output
+from ..formats import export_hf
+from ..generate import load_model_and_tokenizer
 from ..options import add_options, from_args, option
-
-DTYPE_CHOICES = tuple(sorted(DTYPES))
+from ..tokenizer import hf_tokenizer_files
+from .common import dtype_option
 
 
 @dataclass(kw_only=True)
@@ -18,8 +21,7 @@ class ExportOptions:
                          "Llama, a BTX or sparse mixture as Mixtral), with the tokenizer files AutoTokenizer "
                          "reads (default: %(default)s)", choices=("hf",))
     out: str = option(help="output folder (new, empty, or one bam wrote)")
-    dtype: str | None = option(None, help="weights' dtype (default: as stored; float32 for a .gguf)",
-                               choices=DTYPE_CHOICES)
+    dtype: str | None = dtype_option(None, help="weights' dtype (default: as stored; float32 for a .gguf)")
     tokenizer: str | None = option(None, help="a tokenizer.json (default: the model's own)")
 
 
@@ -28,11 +30,6 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> str:
-    from ..files import reserve_output
-    from ..formats import export_hf
-    from ..generate import load_model_and_tokenizer
-    from ..tokenizer import hf_tokenizer_files
-
     opts = from_args(ExportOptions, args)
     with reserve_output(opts.out, "model", inputs=[("MODEL", opts.model)], what="bam export"):
         dtype = DTYPES[opts.dtype] if opts.dtype else None

@@ -6,9 +6,10 @@ import sys
 from dataclasses import dataclass
 
 from ..config import DTYPES
+from ..distributed import resolve_device
+from ..generate import generate_text, load_model_and_tokenizer
 from ..options import INT, NUMBER, add_options, from_args, option, seed_check, validate
-
-DTYPE_CHOICES = tuple(sorted(DTYPES))
+from .common import device_option, dtype_option
 
 
 @dataclass(kw_only=True)
@@ -23,8 +24,8 @@ class GenerateOptions:
     top_p: float = option(1.0, help="nucleus sampling mass", kind=NUMBER)
     seed: int | None = option(None, help="sampling seed (at most 2**62)", kind=INT, check=seed_check)
     tokenizer: str | None = option(None, help="a tokenizer.json (default: the model's own)")
-    dtype: str | None = option(None, help="default: as stored (float32 for HF/GGUF)", choices=DTYPE_CHOICES)
-    device: str | None = option(None, help="default: cuda when available, else cpu")
+    dtype: str | None = dtype_option(None, help="default: as stored (float32 for HF/GGUF)")
+    device: str | None = device_option()
     verbose: bool = option(False, help="print the generation speed even when stderr is not a terminal (it "
                            "is printed on a terminal)")
 
@@ -43,9 +44,6 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> str:
-    from ..distributed import resolve_device
-    from ..generate import generate_text, load_model_and_tokenizer
-
     opts = from_args(GenerateOptions, args)
     device = resolve_device(opts.device)
     model, tok = load_model_and_tokenizer(opts.model, opts.tokenizer,

@@ -9,9 +9,15 @@ import os
 import sys
 from dataclasses import dataclass
 
+import yaml
+
 from ..config import DTYPES
+from ..files import reserve_output
+from ..formats import export_mixtral
 from ..options import add_options, check_mapping, flag_name, from_args, given, option, short_repr
-from ..upcycle import FFN_ROUTINGS, MixOptions
+from ..tokenizer import hf_tokenizer_files
+from ..upcycle import FFN_ROUTINGS, MixOptions, upcycle
+from .common import dtype_option
 
 RECIPE_MAX_BYTES = 1 << 20
 
@@ -23,8 +29,7 @@ class MixInputs:
                                     accepts=lambda v: isinstance(v, str) and bool(v))
     experts: list = option(help="the seed's trained copies", default_factory=list, nargs="*",
                            what="a list of paths", accepts=lambda v: isinstance(v, list))
-    dtype: str = option("float32", help="the mixture's dtype", choices=tuple(sorted(DTYPES)),
-                        what=" or ".join(DTYPES), accepts=lambda v: isinstance(v, str) and v in DTYPES)
+    dtype: str = dtype_option("float32", help="the mixture's dtype")
 
 
 @dataclass
@@ -61,9 +66,6 @@ def validate_recipe(recipe: dict) -> MixRecipe:
     """The recipe as a ``MixRecipe`` (defaults filled in), or a ValueError naming the first bad key."""
     if not isinstance(recipe, dict):
         raise ValueError(f"a mix recipe must be a mapping of keys to values, got {type(recipe).__name__}")
-    if "normalize" in recipe:
-        raise ValueError("mix recipe key 'normalize' is now ffn_routing: renormalized (normalize: true) or "
-                         "paper (normalize: false)")
     recipe = check_mapping(MixRecipe, recipe, "mix recipe key")
     if recipe.get("base_model") is None:
         raise ValueError("the mix recipe needs base_model (the seed's path)")
@@ -83,7 +85,6 @@ def add_mix_args(p: argparse.ArgumentParser) -> None:
 
 def _read_recipe(args: argparse.Namespace) -> tuple[MixRecipe, str]:
     """The recipe of ``--config`` or of the recipe flags, and the text of OUT/mix.yaml."""
-    import yaml
 
     flags = given(MixRecipe, args)
     if args.config is None:
@@ -116,11 +117,6 @@ def _read_recipe(args: argparse.Namespace) -> tuple[MixRecipe, str]:
 
 
 def run_mix(args: argparse.Namespace) -> str:
-    from ..files import reserve_output
-    from ..formats import export_mixtral
-    from ..tokenizer import hf_tokenizer_files
-    from ..upcycle import upcycle
-
     command = from_args(MixCommand, args)
     recipe, text = _read_recipe(args)
     inputs = [("base_model", recipe.base_model)]

@@ -7,7 +7,15 @@ import os
 import time
 from dataclasses import dataclass
 
+from .. import files, prepare
+from ..chat import ChatTemplate
+from ..config import CONFIG_CLASSES, config_from_dict
+from ..files import read_json
+from ..formats.folder import folder_config, folder_model_type
+from ..formats.gguf import gguf_chat_template, gguf_reader, gguf_tokenizer, is_gguf
+from ..formats.load import chat_template_of_folder, tokenizer_of_source
 from ..options import INT, NUMBER, TEXT, add_options, from_args, number_in, option, positive_int, validate
+from ..tokenizer import read_tokenizer
 
 
 @dataclass(kw_only=True)
@@ -37,15 +45,10 @@ def add_prepare_args(parser: argparse.ArgumentParser) -> None:
 def read_tokenizer_of(path: str):
     """The tokenizer of ``path``: a tokenizer.json file, a GGUF file's vocabulary, or a model folder's
     tokenizer.json."""
-    from ..data import read_tokenizer
-    from ..formats.gguf import gguf_tokenizer, is_gguf
 
     if not os.path.exists(path):
         raise ValueError(f"--tokenizer {path!r} does not exist")
     if os.path.isdir(path):
-        from ..config import CONFIG_CLASSES, config_from_dict
-        from ..formats.folder import folder_config, folder_model_type
-        from ..formats.load import tokenizer_of_source
 
         own = os.path.join(path, "tokenizer.json")
         tok = None
@@ -65,9 +68,6 @@ def read_tokenizer_of(path: str):
 def read_chat_of(path: str, tokenizer):
     """The chat template of the model at ``path`` (a folder's chat_template.jinja or
     tokenizer_config.json, a GGUF file's), with its special tokens, or None."""
-    from ..chat import ChatTemplate
-    from ..formats.gguf import gguf_reader, is_gguf
-    from ..formats.load import chat_template_of_folder
 
     def spelled(token) -> str:
         if isinstance(token, dict):
@@ -79,11 +79,9 @@ def read_chat_of(path: str, tokenizer):
         settings = {}
         config = os.path.join(path, "tokenizer_config.json")
         if os.path.isfile(config):
-            from ..files import read_json
             settings = read_json(config)
         bos, eos = spelled(settings.get("bos_token")), spelled(settings.get("eos_token"))
     elif is_gguf(path):
-        from ..formats.gguf import gguf_chat_template
 
         template = gguf_chat_template(path)
         fields = gguf_reader(path).fields
@@ -99,8 +97,6 @@ def read_chat_of(path: str, tokenizer):
 
 
 def run_prepare(args: argparse.Namespace) -> str:
-    from .. import files, prepare
-
     opts = from_args(PrepareOptions, args)
     if opts.workers is not None:     # read when the tokenizer's thread pool starts, at its first batch
         os.environ["RAYON_NUM_THREADS"] = str(opts.workers)

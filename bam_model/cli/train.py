@@ -8,14 +8,14 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed
+from .. import distributed, from_pretrained
 from ..config import DTYPES, check_seq_len
 from ..data import parse_data_spec
 from ..formats.load import context_length
 from ..options import add_options, from_args, option
 from ..training import FINAL_MODEL, TrainConfig, data_inputs, open_run, train
 from ..training.mixup import ALPHA_JSON, ALPHA_PLOT, trainable_weights
-from .eval import DEVICE_HELP
+from .common import device_option, dtype_option
 
 
 @dataclass(kw_only=True)
@@ -29,16 +29,16 @@ class TrainRun:
                           "--keep-checkpoints may change); a fresh run when --out holds none")
     overwrite: bool = option(False, help="start afresh in an --out that holds an earlier run, removing that "
                              "run's files")
-    device: str | None = option(None, help=DEVICE_HELP)
+    device: str | None = device_option(torchrun=True)
     strategy: str = option("ddp", help="under torchrun: ddp replicates the model on every rank, fsdp shards "
                            "parameters, gradients and optimizer state over the ranks",
                            choices=distributed.STRATEGIES)
     expert_parallel: bool = option(False, help="under torchrun (ddp): spread each MoE layer's experts over "
                                    "the ranks, tokens exchanged with all-to-all; the number of experts must "
                                    "divide by the world size")
-    dtype: str | None = option(None, help="dtype of the final model/ (default: the training dtype, float32); "
-                               "bfloat16 halves its size. Checkpoints keep float32 weights and optimizer "
-                               "state, which resuming needs", choices=tuple(sorted(DTYPES)))
+    dtype: str | None = dtype_option(None, help="dtype of the final model/ (default: the training dtype, "
+                                     "float32); bfloat16 halves its size. Checkpoints keep float32 weights "
+                                     "and optimizer state, which resuming needs")
     mixup_base: str | None = option(None, help="with --mixup: the model folder whose weights are the frozen "
                                     "W_base (default: MODEL's own); same weight names and shapes as MODEL. "
                                     "W_task starts as MODEL: the run starts at a * MODEL + (1 - a) * BASE")
@@ -55,7 +55,6 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> list[dict]:
     """``bam train``; under torchrun each rank runs this and joins the process group first."""
-    from .. import from_pretrained
 
     cfg, opts = from_args(TrainConfig, args), from_args(TrainRun, args)
     if opts.mixup_base is not None and not cfg.mixup:

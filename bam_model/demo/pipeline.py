@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -39,9 +38,9 @@ import torch
 
 from .. import files
 from ..config import BamConfig
-from ..data import DOMAINS, eval_windows, load_tokenizer, parse_data_spec, tokens
+from ..data import DOMAINS, load_tokenizer
 from ..distributed import resolve_device
-from ..evaluate import evaluate
+from ..evaluate import evaluate, router_use
 from ..files import read_json, write_text_atomic
 from ..formats import from_pretrained
 from ..formats.folder import load_config
@@ -127,36 +126,6 @@ class PhaseRunner:
         res = evaluate(model, DOMAINS, seq_len=self.cfg.seq_len, batch_size=self.cfg.batch_size,
                        max_windows=windows, tokenizer=self.tokenizer)
         return {name: r["ppl"] for name, r in res.items()}
-
-
-def router_use(model, cfg: DemoConfig, tokenizer) -> dict:
-    """Mean router probability of each expert, per domain and layer, for the FFN routers and (BAM)
-    the attention routers, over ``cfg.diagnostic_windows`` held-out windows per domain; and the
-    mean normalised entropy of the routers' per-token distributions (1: uniform, 0: one-hot)."""
-    device = next(model.parameters()).device
-    E = model.config.num_experts
-    out = {}
-    model.eval()
-    with torch.no_grad():
-        for domain in DOMAINS:
-            ids = eval_windows(tokens(parse_data_spec(domain)[0][0], "heldout", tokenizer), cfg.seq_len,
-                               cfg.diagnostic_windows)
-            sums: dict[str, list] = {}
-            for chunk in ids.split(cfg.batch_size):
-                logits = model(chunk.to(device)).router_logits
-                for kind, layers in logits.items():
-                    acc = sums.setdefault(kind, [[torch.zeros(E, dtype=torch.float64), 0.0, 0]
-                                                 for _ in layers])
-                    for slot, logits_TE in zip(acc, layers):
-                        p_TE = torch.softmax(logits_TE.double().cpu(), dim=-1)
-                        slot[0] += p_TE.sum(0)
-                        slot[1] += float(-(p_TE * p_TE.clamp_min(1e-30).log()).sum(-1).sum() / math.log(E))
-                        slot[2] += p_TE.shape[0]
-            for kind, acc in sums.items():
-                out.setdefault(kind, {})[domain] = {
-                    "mean_prob": [(s / n).tolist() for s, _, n in acc],
-                    "entropy": [h / n for _, h, n in acc]}
-    return out
 
 
 def _experts_names(config: BamConfig) -> list[str]:
@@ -272,7 +241,9 @@ class _Pipeline:
         self.details["init_ppl"].setdefault(name, []).append(init_ppl)
         model = self.train_mixture(name, k, model, self.cfg.mix_steps)
         if name in ("bam-expert-kv", "bam-shared-kv") and k == 0:
-            self.details["router_use"][name] = router_use(model, self.cfg, self.runner.tokenizer)
+            self.details["router_use"][name] = router_use(model, DOMAINS, self.cfg.seq_len,
+                                                            self.cfg.diagnostic_windows, self.cfg.batch_size,
+                                                            self.runner.tokenizer)
 
     def train_mixture(self, name: str, k: int, model, steps: int):
         """Train ``model`` as every mixture is trained (the mixtures' data, ``steps`` steps, router

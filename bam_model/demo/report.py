@@ -107,9 +107,9 @@ def format_ablations(ablations: dict, details: dict) -> str:
 
 
 def plot_perplexity(results: dict, expert_domains, path: Path) -> None:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (start-up: matplotlib for the plots only)
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (start-up: matplotlib for the plots only)
 
     ppl = results["perplexity"]
     cols = [d for d in ppl["seed"] if d != "avg"] + ["avg"]
@@ -131,9 +131,9 @@ def plot_perplexity(results: dict, expert_domains, path: Path) -> None:
 def plot_router_use(router: dict, experts: dict[str, list[str]], path: Path) -> None:
     """Heatmaps, one row per BAM mixture and one column per router kind: domains down, (layer,
     expert) across, the mean router probability in each cell."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (start-up: matplotlib for the plots only)
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (start-up: matplotlib for the plots only)
 
     names = list(router)
     kinds = ("ffn", "attention")

@@ -41,6 +41,9 @@ def save_pretrained(model: CausalLM, path: str, max_shard_bytes: int | None = No
     write_folder(path, files, tensors, max_shard_bytes)
 
 
+CausalLM._writer = save_pretrained     # model.save_pretrained(path)
+
+
 REMOTE = Path(__file__).resolve().parent.parent / "remote"
 REMOTE_FILES = ("configuration_bam.py", "modeling_bam.py")
 

@@ -77,7 +77,7 @@ def gguf_reader(source):
     the model and its tokenizer), or ``source`` itself when it is one already. A file that is not
     GGUF, or is cut short or corrupt, is a ValueError naming it."""
     try:
-        import gguf
+        import gguf  # noqa: PLC0415 (gguf: optional, the hf extra)
     except ImportError:
         raise ImportError("reading GGUF files needs the gguf package: pip install 'bam-moe[hf]'") from None
     if isinstance(source, gguf.GGUFReader):
@@ -107,7 +107,7 @@ def load_gguf(source, dtype: torch.dtype | None = torch.float32, device="cpu") -
     SmolLM): tensors are dequantised to float32 and q/k rows put back in Hugging Face's order.
     Their names and shapes are checked against the metadata before any is dequantised."""
     reader = gguf_reader(source)
-    import gguf
+    import gguf  # noqa: PLC0415 (gguf: optional, the hf extra)
     where = gguf_path(reader)
     arch = _gguf_field(reader, "general.architecture")
     if arch != "llama":
@@ -175,7 +175,7 @@ def is_gguf(source) -> bool:
 
 def gguf_tokenizer(source) -> TextTokenizer:
     """The byte-level BPE stored in a GGUF file's ``tokenizer.ggml.*`` fields (path or ``gguf_reader``)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors  # noqa: PLC0415 (the model extra: bam_model imports without it)
 
     reader = gguf_reader(source)
 

@@ -9,11 +9,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .. import data
 from ..config import CONFIG_CLASSES, BamConfig, DenseConfig, config_from_dict
 from ..files import check_complete, read_json
 from ..model import CausalLM, DenseLM
-from ..tokenizer import CHAT_TEMPLATE_JINJA, TOKENIZER_CONFIG, TOKENIZER_JSON, check_fits
+from ..tokenizer import (
+    CHAT_TEMPLATE_JINJA,
+    TOKENIZER_CONFIG,
+    TOKENIZER_JSON,
+    check_fits,
+    load_tokenizer,
+    read_tokenizer,
+)
 from .bam import load_bam_folder
 from .folder import CONFIG, folder_config, folder_model_type
 from .gguf import gguf_context_length, gguf_tokenizer, is_gguf, load_gguf
@@ -83,10 +89,10 @@ def tokenizer_of_source(source, config) -> Tokenizer | None:
         path = os.fspath(source)
         own = os.path.join(path, TOKENIZER_JSON)
         if os.path.isfile(own):
-            tok = data.read_tokenizer(own)
+            tok = read_tokenizer(own)
         elif (folder_model_type(path) in CONFIG_CLASSES
-              and config.vocab_size == data.load_tokenizer().get_vocab_size()):
-            tok = data.load_tokenizer()
+              and config.vocab_size == load_tokenizer().get_vocab_size()):
+            tok = load_tokenizer()
         else:
             return None
     check_fits(tok, config)

@@ -79,7 +79,7 @@ def next_words_docs(seed: int = 0, per_domain: int = 8) -> list[dict]:
 
 
 def _dataset(docs: list[dict]):
-    import datasets
+    import datasets  # noqa: PLC0415 (datasets: lm-eval's, optional)
 
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
 

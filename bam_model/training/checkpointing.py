@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from .. import distributed, files
 from ..data import BatchStream
 from ..files import file_record, fsync_dir, fsync_file, read_json, save_safetensors, sha256, write_json_atomic
+from . import run_state
 from .config import TrainConfig
 
 CHECKPOINTS = "checkpoints"
@@ -91,12 +92,12 @@ def save_checkpoint(out: Path, step: int, model: nn.Module, opt: torch.optim.Opt
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     distributed.barrier()
-    rng = distributed.rng_tensors()
+    rng = run_state.rng_tensors()
     if distributed.is_fsdp(model):
-        fmt, groups = "sharded", distributed.save_sharded(model, opt, tmp)
+        fmt, groups = "sharded", run_state.save_sharded(model, opt, tmp)
         model_tensors, trainer_tensors = None, rng
     else:
-        model_tensors, optim_tensors, groups = distributed.model_optimizer_tensors(model, opt)
+        model_tensors, optim_tensors, groups = run_state.model_optimizer_tensors(model, opt)
         fmt, trainer_tensors = "full", {**optim_tensors, **rng}
     if ctx.is_main:
         if model_tensors is not None:
@@ -162,18 +163,18 @@ def load_state(path: Path, state: dict, model: nn.Module, opt: torch.optim.Optim
     groups = state["optimizer_param_groups"]
     trainer = load_file(str(path / TRAINER_FILE), device="cpu")
     if state["format"] == "sharded" and distributed.is_fsdp(model):
-        distributed.load_sharded(model, opt, path, groups)
+        run_state.load_sharded(model, opt, path, groups)
     else:
         if state["format"] == "sharded":
-            model_tensors, optim_tensors = distributed.read_sharded(path)
+            model_tensors, optim_tensors = run_state.read_sharded(path)
         else:
             model_tensors = load_file(str(path / MODEL_FILE), device="cpu")
             optim_tensors = {k: v for k, v in trainer.items() if k.startswith("optimizer.")}
-        distributed.load_model_optimizer_tensors(model, opt, model_tensors, optim_tensors, groups)
+        run_state.load_model_optimizer_tensors(model, opt, model_tensors, optim_tensors, groups)
     stream.load_state_dict(state["data"])
     ctx = distributed.current()
     if state["world_size"] == ctx.world_size:
-        distributed.set_rng(trainer)
+        run_state.set_rng(trainer)
     elif ctx.is_main:
         warnings.warn(f"checkpoint {str(path)!r} was written by {state['world_size']} processes, this run "
                       f"has {ctx.world_size}: random streams (dropout) start afresh, so the run will not "

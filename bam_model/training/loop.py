@@ -32,11 +32,14 @@ import torch
 import torch.nn as nn
 
 from .. import distributed, files
-from ..build import DtypeRangeError
+from ..build import DtypeRangeError, build_model, cast
 from ..config import check_seq_len
 from ..data import BatchStream, parse_data_spec, source_digest
+from ..evaluate import evaluate
 from ..files import read_json, write_text_atomic
+from ..model import CausalLM
 from ..tokenizer import for_model
+from . import run_state
 from .checkpointing import CHECKPOINTS, MODEL_FILE, TRAINER_JSON, checkpoint_dirs, load_state, save_checkpoint
 from .config import TrainConfig, lr_at, make_optimizer, mixup_lr_at
 from .mixup import WeightMixup, tensors_digest, trainable_weights, write_alpha_report
@@ -80,8 +83,6 @@ def save_final(model: nn.Module, path: Path, dtype: torch.dtype | None = None) -
     """Write the whole model to ``path`` from rank 0 (its weights in ``dtype``, by default their
     own); a collective under FSDP and expert parallelism (shards and expert slices are gathered to
     rank 0; ``model`` itself stays as it is)."""
-    from ..build import build_model, cast
-    from ..model import CausalLM
 
     inner = distributed.unwrap(model)
     sharded = distributed.is_fsdp(model) or distributed.is_expert_parallel(inner)
@@ -89,7 +90,7 @@ def save_final(model: nn.Module, path: Path, dtype: torch.dtype | None = None) -
         if distributed.current().is_main:
             inner.save_pretrained(str(path), dtype=dtype)
         return
-    tensors = distributed.full_model_tensors(model)
+    tensors = run_state.full_model_tensors(model)
     if not distributed.current().is_main:
         return
     if isinstance(inner, CausalLM):
@@ -292,7 +293,7 @@ class _Loop:
         self.experts = distributed.expert_parameter_ids(self.wrapped)
 
     def run(self, progress: bool | str, save_dtype: torch.dtype | None) -> list[dict]:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # noqa: PLC0415 (the model extra: bam_model imports without it)
 
         cfg, ctx = self.cfg, self.ctx
         self.wrapped.train()
@@ -448,7 +449,6 @@ class _Loop:
 
     def record(self, done: _Step, steps: int, since: float, do_eval: bool) -> dict:
         """The metrics record of the step just taken (``steps`` steps taken since ``since``)."""
-        from ..evaluate import evaluate
 
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -24,6 +24,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.func import functional_call
@@ -206,10 +207,9 @@ def write_alpha_report(mixup: WeightMixup, out: Path) -> None:
 def plot_alpha(means: dict[str, float], path: Path, title: str) -> None:
     """Heatmap of per-weight mean coefficients: one row per decoder layer, one column per weight
     name within a layer, and a last row for the weights outside the layers (embeddings, final norm)."""
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 (start-up: matplotlib for the report's chart only)
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (start-up: matplotlib for the report's chart only)
 
     layers: dict[int, dict[str, float]] = {}
     other: dict[str, float] = {}

@@ -86,19 +86,6 @@ def test_a_folder_saved_by_transformers_reads_back_in_bam(folders, tmp_path):
     assert ours.config == bam_model.from_pretrained(str(folders["bam-shared-kv-parallel"])).config
 
 
-def test_a_bam_0_1_folder_still_loads(folders, tmp_path):
-    import dataclasses
-    import shutil
-
-    old = tmp_path / "old"
-    shutil.copytree(folders["bam-expert-kv"], old)
-    config = bam_model.from_pretrained(str(old)).config
-    (old / "config.json").write_text(json.dumps({"model_type": "bam-moe", **dataclasses.asdict(config)}))
-    for name in ("configuration_bam.py", "modeling_bam.py"):
-        (old / name).unlink()
-    assert bam_model.from_pretrained(str(old)).config == config
-
-
 NO_BAM = textwrap.dedent("""
     import importlib.abc, sys, warnings
 

@@ -48,17 +48,15 @@ def test_copies_of_one_dense_attention_equal_it_for_any_router(E, shared_kv, kv_
     assert moa.router_logits.shape == (B * T, E)
 
 
-def test_kv_init_seed_takes_the_first_experts_kv_and_first_is_its_old_spelling():
+def test_kv_init_seed_takes_the_first_experts_kv():
     D, H, Hkv, Dh = 16, 4, 2, 4
     experts = [_dense_weights(D, H, Hkv, Dh) for _ in range(3)]
     q, k, v, o = (list(w) for w in zip(*experts))
     seed = MixtureOfAttention.from_dense(q, k, v, o, H, Hkv, shared_kv=True, kv_init="seed")
     assert torch.equal(seed.k_proj.weight, k[0]) and torch.equal(seed.v_proj.weight, v[0])
-    with pytest.warns(DeprecationWarning, match="spelled 'seed'"):
-        old = MixtureOfAttention.from_dense(q, k, v, o, H, Hkv, shared_kv=True, kv_init="first")
-    assert torch.equal(old.k_proj.weight, k[0])
-    with pytest.raises(ValueError, match="kv_init must be 'mean' or 'seed'"):
-        MixtureOfAttention.from_dense(q, k, v, o, H, Hkv, shared_kv=True, kv_init="last")
+    for bad in ("first", "last"):
+        with pytest.raises(ValueError, match="kv_init must be 'mean' or 'seed'"):
+            MixtureOfAttention.from_dense(q, k, v, o, H, Hkv, shared_kv=True, kv_init=bad)
 
 
 def test_copies_equal_dense_on_triton_backend():

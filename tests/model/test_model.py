@@ -1,6 +1,5 @@
 """Dense Llama-family model, configs and checkpoints: parity with transformers, KV cache, sampling,
 atomic and sharded safetensors folders, Hugging Face and GGUF import."""
-import dataclasses
 import json
 import os
 
@@ -69,26 +68,23 @@ def test_config_from_dict_refuses_unknown_and_missing_keys():
         config_from_dict({**tiny_config().to_dict(), "model_type": "gpt2"})
 
 
-def test_config_json_uses_hugging_face_names_and_bam_0_1_files_still_load():
+def test_config_json_uses_hugging_face_names():
     bam = BamConfig(**tiny_config().__dict__, num_experts=3, top_k=2)
     d = bam.to_dict()
     for key in ("hidden_size", "num_hidden_layers", "num_experts_per_tok", "num_local_experts",
                 "router_aux_loss_coef", "max_position_embeddings"):
         assert key in d
     assert "top_k" not in d and "dim" not in d  # top_k is a generation setting in transformers
-    old = {"model_type": "bam-moe", **dataclasses.asdict(bam)}  # what bam 0.1 wrote
-    assert config_from_dict(old) == bam == config_from_dict(d)
+    assert config_from_dict(d) == bam
     hf_extra = {"architectures": ["BamMoeForCausalLM"], "auto_map": {}, "transformers_version": "5.0",
                 "dtype": "float32", "use_cache": True, "hidden_act": "silu"}
     assert config_from_dict({**d, **hf_extra}) == bam
-    with pytest.raises(ValueError, match="one setting twice"):
+    with pytest.raises(ValueError, match=r"unknown bam-moe config keys: \['dim'\]"):  # hidden_size's field
         config_from_dict({**d, "dim": bam.dim})
     with pytest.raises(ValueError, match="hidden_act must be 'silu'"):
         config_from_dict({**d, "hidden_act": "gelu"})
     with pytest.raises(ValueError, match="^num_experts_per_tok must be an int"):  # the file's own name
         config_from_dict({**d, "num_experts_per_tok": 9})
-    with pytest.raises(ValueError, match="^top_k must be an int"):  # a bam 0.1 file: its names
-        config_from_dict({**old, "top_k": 9})
     with pytest.raises(ValueError, match="got 'dim'$"):  # a value is quoted as it is, not renamed
         config_from_dict({**d, "block": "dim"})
     with pytest.raises(ValueError, match=r"unknown bam-dense config keys: \['num_local_experts'\]"):

@@ -18,6 +18,7 @@ from bam_model import DenseConfig, DenseLM, files
 from bam_model import data as D
 from bam_model import prepare as P
 from bam_model.cli import main
+from bam_model.tokenizer import BUNDLED_TOKENIZER, read_tokenizer
 from tests.model.test_reliability import _on_full_disk, needs_namespaces
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -166,7 +167,7 @@ def test_raw_paths_are_prepared_once_into_the_cache_keyed_by_the_files(tmp_path,
     changed = D.Source("c", src).prepared(tok)
     assert changed.path != first.path and changed.digest != first.digest
     assert not first.path.exists()                 # the entry of the file as it was: removed
-    other = D.read_tokenizer(D.CORPUS_DIR / "tokenizer.json")
+    other = read_tokenizer(BUNDLED_TOKENIZER)
     other.add_tokens(["<|mine|>"])
     D.Source("c", src).prepared(other)
     assert changed.path.exists()                   # another tokenizer's entry is another entry
@@ -209,7 +210,7 @@ def test_prepared_data_of_another_tokenizer_is_refused_naming_both(tmp_path, tok
     src = tmp_path / "c.jsonl"
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     P.prepare([src], tok, tmp_path / "out", progress=False, tokenizer_from="the seed")
-    other = D.read_tokenizer(D.CORPUS_DIR / "tokenizer.json")
+    other = read_tokenizer(BUNDLED_TOKENIZER)
     other.add_tokens([AddedToken("<|new|>", special=True)])
     with pytest.raises(ValueError, match=r"prepared with the tokenizer of the seed \(8,192 tokens, SHA-256 "
                                          r"[0-9a-f]{12}\), not this model's \(8,193 tokens"):

@@ -12,6 +12,7 @@ import transformers
 
 from bam_model import data
 from bam_model.cli import main
+from bam_model.tokenizer import EOS_TOKEN
 from tests.support.real_models import smollm2_gguf
 
 WINDOWS = ["--data", "code", "--max-windows", "3", "--seq-len", "64", "--no-progress"]
@@ -40,7 +41,7 @@ def test_eval_uses_the_models_own_tokenizer(capsys):
     folder, name = os.path.split(gguf)
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    eos = tok.convert_tokens_to_ids(data.EOS_TOKEN)
+    eos = tok.convert_tokens_to_ids(EOS_TOKEN)
     ids = []
     for doc in data.Source("code").documents("heldout"):
         ids += tok(doc, add_special_tokens=False).input_ids + [eos]

@@ -140,7 +140,7 @@ def test_two_mix_processes_on_one_folder_leave_one_whole_mixture(tmp_path, seed)
     (its mixing slowed by a wrapper, so that they surely overlap), on a new folder and then on ours:
     the second ends at once with one line naming the first; the first writes one whole mixture."""
     slow = ("import importlib, sys, time\nfrom bam_model.cli import main\n"
-            "u = importlib.import_module('bam_model.upcycle')\n"
+            "u = importlib.import_module('bam_model.cli.mix')\n"
             "real = u.upcycle\n"
             "def upcycle(*a, **k):\n    print('mixing', flush=True); time.sleep(4); return real(*a, **k)\n"
             "u.upcycle = upcycle\nsys.exit(main(sys.argv[1:]))\n")
