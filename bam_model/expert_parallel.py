@@ -122,8 +122,8 @@ class ExpertParallelMoE(RouterLosses, nn.Module):
         W, E_local = self.world_size, self.num_local_experts
         x_TD = x.reshape(-1, self.dim)
         logits_TE = route_logits(self.gate, x_TD)
-        weights_TK, experts_TK = route(logits_TE, self.top_k, self.normalize, self.straight_through)
-        plan = bk.routing_plan(experts_TK, self.num_experts)
+        weights_Tk, experts_Tk = route(logits_TE, self.top_k, self.normalize, self.straight_through)
+        plan = bk.routing_plan(experts_Tk, self.num_experts)
         tokens_M = plan.sorted_tokens
 
         # 1. counts: send_WL[j, l] rows go to local expert l of rank j; recv_WL[j, l] come from rank j.
@@ -143,10 +143,10 @@ class ExpertParallelMoE(RouterLosses, nn.Module):
 
         # 4. outputs back, weighted and summed into their tokens (as moe_mlp does: x dtype, one index_add).
         y_MD = all_to_all(y_recv_RD, in_splits, out_splits, self.group)
-        w_M = weights_TK.reshape(-1)[plan.sorted_slots].to(x.dtype)
+        w_M = weights_Tk.reshape(-1)[plan.sorted_slots].to(x.dtype)
         out_TD = x_TD.new_zeros(x_TD.shape).index_add(0, tokens_M, y_MD * w_M[:, None])
 
-        self._set_routed(logits_TE, experts_TK)
+        self._set_routed(logits_TE, experts_Tk)
         return out_TD.reshape(x.shape)
 
     def to_moe(self) -> MoE:

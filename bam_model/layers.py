@@ -1,12 +1,11 @@
 """Drop-in torch.nn modules built on bam_kernels: the MoE FFN (and, beside it, the attention
 experts). Modules know nothing of Triton: every op goes through the bam_kernels dispatcher.
 
-Shape suffixes in ``bam_model`` (``x_BTD`` is [batch, tokens, model dim]):
-B batch; T tokens (query positions); S keys; D model dim; F FFN (expert) hidden; E experts;
-K top-k slots; H query heads; G key/value heads; N query heads of all experts (E * H);
-Dh head dim; P rotary pairs (Dh / 2); V vocabulary; O and I a weight's out and in features.
-Expert parallelism adds W ranks, L local experts of a rank, M routed rows (T * K, in expert
-order) and R rows a rank receives.
+Shape suffixes: the legend of ``bam_kernels/__init__.py`` (``x_BTD`` is [batch, tokens, model dim];
+``k`` the top-k slots, ``Hq`` query heads of all experts, ``G`` key/value heads as stacked), and in
+``bam_model`` also: P rotary pairs (Dh / 2); V vocabulary; O and I a weight's out and in features;
+for expert parallelism W ranks, L local experts of a rank, M routed rows (T * k, in expert order)
+and R rows a rank receives.
 """
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ import bam_kernels as bk
 from .rope import apply_rope, rope_for
 
 
-def load_balancing_loss(router_logits_TE: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+def load_balancing_loss(router_logits_TE: torch.Tensor, experts_Tk: torch.Tensor) -> torch.Tensor:
     """Switch load-balancing loss ``E * sum_i f_i * P_i``.
 
     f_i: fraction of the routed (token, slot) pairs sent to expert i (not differentiable);
@@ -28,9 +27,9 @@ def load_balancing_loss(router_logits_TE: torch.Tensor, experts_TK: torch.Tensor
     """
     E = router_logits_TE.shape[-1]
     probs_TE = torch.softmax(router_logits_TE, dim=-1, dtype=torch.float32)
-    counts_E = torch.zeros(E, device=experts_TK.device, dtype=torch.int64)
-    counts_E.scatter_add_(0, experts_TK.reshape(-1), torch.ones_like(experts_TK.reshape(-1)))
-    f_E = counts_E.to(torch.float32) / max(experts_TK.numel(), 1)
+    counts_E = torch.zeros(E, device=experts_Tk.device, dtype=torch.int64)
+    counts_E.scatter_add_(0, experts_Tk.reshape(-1), torch.ones_like(experts_Tk.reshape(-1)))
+    f_E = counts_E.to(torch.float32) / max(experts_Tk.numel(), 1)
     return E * (f_E * probs_TE.mean(dim=0)).sum()
 
 
@@ -56,9 +55,9 @@ def route(logits_TE: torch.Tensor, top_k: int, normalize: bool, straight_through
     model's function."""
     if not straight_through:
         return bk.route_topk(logits_TE, top_k, normalize=normalize)
-    probs_TK, experts_TK = bk.route_topk(logits_TE, top_k, normalize=False)
-    kept_TK = probs_TK.detach()
-    return kept_TK / kept_TK.sum(dim=-1, keepdim=True) + (probs_TK - kept_TK), experts_TK
+    probs_Tk, experts_Tk = bk.route_topk(logits_TE, top_k, normalize=False)
+    kept_Tk = probs_Tk.detach()
+    return kept_Tk / kept_Tk.sum(dim=-1, keepdim=True) + (probs_Tk - kept_Tk), experts_Tk
 
 
 def router_z_loss(router_logits_TE: torch.Tensor) -> torch.Tensor:
@@ -83,8 +82,8 @@ class MoEExperts(nn.Module):
         nn.init.uniform_(self.gate_up_proj, -1 / math.sqrt(self.dim), 1 / math.sqrt(self.dim))
         nn.init.uniform_(self.down_proj, -1 / math.sqrt(self.ffn_dim), 1 / math.sqrt(self.ffn_dim))
 
-    def forward(self, x_TD, weights_TK, experts_TK):
-        return bk.moe_mlp(x_TD, self.gate_up_proj, self.down_proj, weights_TK, experts_TK)
+    def forward(self, x_TD, weights_Tk, experts_Tk):
+        return bk.moe_mlp(x_TD, self.gate_up_proj, self.down_proj, weights_Tk, experts_Tk)
 
 
 class RouterLosses:
@@ -94,9 +93,9 @@ class RouterLosses:
     router_logits: torch.Tensor | None = None
     _routed: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _set_routed(self, logits_TE: torch.Tensor, experts_TK: torch.Tensor) -> None:
+    def _set_routed(self, logits_TE: torch.Tensor, experts_Tk: torch.Tensor) -> None:
         self.router_logits = logits_TE
-        self._routed, self._losses = (logits_TE, experts_TK), {}
+        self._routed, self._losses = (logits_TE, experts_Tk), {}
 
     def _loss(self, name: str, fn) -> torch.Tensor | None:
         if self._routed is None:
@@ -150,9 +149,9 @@ class MoE(RouterLosses, nn.Module):
             raise ValueError(f"x must have last dimension dim={self.dim}, got shape {tuple(x.shape)}")
         x_TD = x.reshape(-1, self.dim)
         logits_TE = route_logits(self.gate, x_TD)
-        weights_TK, experts_TK = route(logits_TE, self.top_k, self.normalize, self.straight_through)
-        y_TD = self.experts(x_TD, weights_TK, experts_TK)
-        self._set_routed(logits_TE, experts_TK)
+        weights_Tk, experts_Tk = route(logits_TE, self.top_k, self.normalize, self.straight_through)
+        y_TD = self.experts(x_TD, weights_Tk, experts_Tk)
+        self._set_routed(logits_TE, experts_Tk)
         return y_TD.reshape(x.shape)
 
     def extra_repr(self) -> str:
@@ -327,12 +326,12 @@ class MixtureOfAttention(nn.Module):
         E, H, Hkv, Dh = self.num_experts, self.n_heads, self.n_kv_heads, self.head_dim
         kv_heads = (Hkv,) if self.shared_kv else (E, Hkv)
         logits_BTE = route_logits(self.router, x)
-        q_BTNDh = self.q_proj(x).view(B, T, E * H, Dh)
+        q_BTHqDh = self.q_proj(x).view(B, T, E * H, Dh)
         k_BTGDh = self.k_proj(x).view(B, T, -1, Dh)
         v_BTGDh = self.v_proj(x).view(B, T, *kv_heads, Dh)
         start = cache.length(self.layer_idx) if cache is not None else 0
-        cos, sin = rope_for(position_ids, start, T, Dh, self.rope_theta, q_BTNDh.dtype, x.device)
-        q_BTEHDh = apply_rope(q_BTNDh, cos, sin).view(B, T, E, H, Dh)
+        cos, sin = rope_for(position_ids, start, T, Dh, self.rope_theta, q_BTHqDh.dtype, x.device)
+        q_BTEHDh = apply_rope(q_BTHqDh, cos, sin).view(B, T, E, H, Dh)
         k_BTGDh = apply_rope(k_BTGDh, cos, sin).view(B, T, *kv_heads, Dh)
         if cache is not None:
             k_BTGDh, v_BTGDh = cache.update(self.layer_idx, k_BTGDh, v_BTGDh)

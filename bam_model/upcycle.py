@@ -3,7 +3,7 @@ trained copies (DESIGN.md section 1).
 
 | part | bam | btx | sparse |
 |---|---|---|---|
-| FFN experts | FFN of each dense model | same | E copies of the seed's FFN |
+| FFN experts | FFN of each dense model | same; any more: the seed's | E copies of the seed's FFN |
 | FFN router | random; top-1, not renormalised | random; top-2, renormalised | like btx |
 | attention | soft mixture of every model's attention (expert or shared KV) | mean | the seed's |
 | norms, embeddings, LM head | mean | mean | the seed's |
@@ -241,8 +241,8 @@ def _mixture_config(seed: DenseLM, models: list[DenseLM], options: MixOptions, g
     sparse = options.method == "sparse"
     E = len(models) if options.num_experts is None and not sparse else options.num_experts or given
     if E < len(models):
-        raise ValueError(f"num_experts={E} is fewer than the {len(models)} models to mix (the seed and "
-                         f"{len(models) - 1} experts); btx takes one FFN expert from each")
+        raise ValueError(f"num_experts={E} is fewer than the {len(models)} models to mix (the seed and its "
+                         f"experts); btx takes one FFN expert from each")
     top_k, normalize, straight_through = options.routing()
     dense_fields = {k: v for k, v in seed.config.__dict__.items() if k != "domain"}
     return BamConfig(**dense_fields, num_experts=E, top_k=top_k, normalize=normalize,

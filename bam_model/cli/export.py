@@ -19,7 +19,7 @@ class ExportOptions:
                         positional=True)
     format: str = option("hf", help="hf: the Hugging Face class that computes the model (a dense model as "
                          "Llama, a BTX or sparse mixture as Mixtral), with the tokenizer files AutoTokenizer "
-                         "reads (default: %(default)s)", choices=("hf",))
+                         "reads", choices=("hf",))
     out: str = option(help="output folder (new, empty, or one bam wrote)")
     dtype: str | None = dtype_option(None, help="weights' dtype (default: as stored; float32 for a .gguf)")
     tokenizer: str | None = option(None, help="a tokenizer.json (default: the model's own)")

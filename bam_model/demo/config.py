@@ -50,6 +50,9 @@ class DemoConfig:
         if self.eval_windows is not None and (not isinstance(self.eval_windows, int)
                                               or self.eval_windows < 1):
             raise ValueError(f"eval_windows must be None or a positive int, got {self.eval_windows!r}")
+        if self.seq_len < 8:
+            raise ValueError(f"seq_len must be at least 8 (the inference cost decodes most of a window "
+                             f"after a prompt of a quarter of it), got {self.seq_len}")
         for name in ("seed_lr", "expert_lr", "mix_lr"):
             positive_float(name, getattr(self, name))
         if not 0 <= self.general_fraction < 1:

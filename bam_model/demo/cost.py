@@ -72,11 +72,11 @@ def btx_config(seed: DenseConfig, num_experts: int, top_k: int) -> BamConfig:
 
 
 def parameter_matched_experts(seed: DenseConfig, models: int, reference: BamConfig) -> int:
-    """The number of FFN experts (at least ``models``, one per dense model) that brings a BTX mixture
+    """The number of FFN experts (more than ``models``, one per dense model) that brings a BTX mixture
     of ``seed`` closest to ``reference``'s parameter count (the paper's parameter-matched BTX: the
     attention experts BAM keeps are paid for with more FFN experts)."""
     target = total_parameters(reference)
-    counts = range(models, 8 * models + 1)
+    counts = range(models + 1, 8 * models + 1)   # at least one more: ``models`` experts is BTX itself
     return min(counts, key=lambda n: (abs(total_parameters(btx_config(seed, n, 1)) - target), n))
 
 
@@ -96,15 +96,20 @@ def decode_ms_per_token(models: dict, prompt_ids: torch.Tensor, new_tokens: int,
     if new_tokens < 2:
         raise ValueError(f"new_tokens must be at least 2, got {new_tokens}")
     times: dict[str, list[float]] = {name: [] for name in models}
+
+    def now() -> float:     # CUDA runs asynchronously: wait for the device before reading the clock
+        if prompt_ids.is_cuda:
+            torch.cuda.synchronize(prompt_ids.device)
+        return time.perf_counter()
     for model in models.values():   # a first call pays for allocation and kernel choice
         model.eval()
         model.generate(prompt_ids, 2)
     for _ in range(rounds):
         for name, model in models.items():
-            t0 = time.perf_counter()
+            t0 = now()
             model.generate(prompt_ids, 1)
-            t1 = time.perf_counter()
+            t1 = now()
             model.generate(prompt_ids, new_tokens)
-            t2 = time.perf_counter()
+            t2 = now()
             times[name].append(((t2 - t1) - (t1 - t0)) / (new_tokens - 1) * 1e3)
     return {name: statistics.median(ts) for name, ts in times.items()}

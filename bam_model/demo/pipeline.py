@@ -145,7 +145,9 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, device: str | None = No
     with files.reserve_output(out, "demo", what="bam demo") as state:   # one demo writes a folder at once
         settings = out / "demo.json"
         if state == "ours" and settings.is_file():
-            before = read_json(str(settings))
+            # A setting an earlier bam did not record ran as its default does (ffn_routing: bam's
+            # straight-through, the only routing then).
+            before = {**json.loads(json.dumps(dataclasses.asdict(DemoConfig()))), **read_json(str(settings))}
             if before != json.loads(json.dumps(dataclasses.asdict(cfg))):
                 raise ValueError(f"--out {str(out)!r} holds a demo run with other settings; choose another "
                                  "folder")
@@ -187,6 +189,7 @@ class _Pipeline:
                                            details["phases"][f"mix/{name}/seed-0/train"]["steps"])
                     for name in [*METHODS[1:], *extra]}
         results = summarize(self.runs, settings)
+        self.report(results)     # the main table first: an ablation that fails leaves it written
         if ablations:
             settings["seed"] = mixture_settings(seed.config, cfg.seed_steps)
             settings[abl.CONTINUED] = mixture_settings(seed.config, cfg.mix_steps)
@@ -196,12 +199,11 @@ class _Pipeline:
             ablation["seconds_by_part"] = details["seconds_by_part"]
             _write_json_atomic(out / "ablations.json", ablation)
             write_text_atomic(out / "ablations.md", format_ablations(ablation, details))
+            log((out / "ablations.md").read_text(encoding="utf-8"))
         else:
             details["seconds_by_part"] = self.seconds_by_part({}, 0.0, t_start)
         details["seconds"] = time.perf_counter() - t_start
-        self.report(results)
-        if ablations:
-            log((out / "ablations.md").read_text(encoding="utf-8"))
+        _write_json_atomic(out / "details.json", details)
         log(f"wrote {out / 'results.json'}, table.md, perplexity.png, router_use.png, details.json"
             f"{', ablations.json, ablations.md' if ablations else ''} in {details['seconds']:.0f} s")
         return results
@@ -285,6 +287,8 @@ class _Pipeline:
             parts["inference cost"] = cost_seconds
         trained_now = sum(v["seconds"] for v in phases.values() if not v.get("reused"))
         parts["evaluation, mixing and writing"] = time.perf_counter() - t_start - trained_now - cost_seconds
+        parts["of the training above, done by an earlier run in this folder"] = sum(
+            v["seconds"] for v in phases.values() if v.get("reused"))
         return parts
 
     def report(self, results: dict) -> None:

@@ -115,25 +115,26 @@ def left_padding_start(attention_mask: torch.Tensor | None) -> torch.Tensor | No
     return start.to(torch.int32)
 
 
-def attend(q_BTND, k_BSND, v_BSND, mask: torch.Tensor | None, n_kv_groups: int) -> torch.Tensor:
-    """softmax(q k^T / sqrt(Dh) + mask) v on PyTorch: q [B, T, N, Dh], k, v [B, S, N/n_kv_groups, Dh];
+def attend(q_BTHqDh, k_BSGDh, v_BSGDh, mask: torch.Tensor | None, n_kv_groups: int) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh) + mask) v on PyTorch: q [B, T, Hq, Dh], k, v [B, S, Hq/n_kv_groups, Dh];
     ``mask`` from ``key_mask`` (None: causal over all keys, the last query aligned with the last key)."""
-    T, S = q_BTND.shape[1], k_BSND.shape[1]
+    T, S = q_BTHqDh.shape[1], k_BSGDh.shape[1]
     causal = mask is None and T == S and T > 1
     if mask is None and T != S and T > 1:
-        mask = (torch.arange(S, device=q_BTND.device)[None, :]
-                <= torch.arange(T, device=q_BTND.device)[:, None] + (S - T))
-    o = F.scaled_dot_product_attention(q_BTND.transpose(1, 2), k_BSND.transpose(1, 2), v_BSND.transpose(1, 2),
-                                       attn_mask=mask, is_causal=causal, enable_gqa=n_kv_groups > 1)
+        mask = (torch.arange(S, device=q_BTHqDh.device)[None, :]
+                <= torch.arange(T, device=q_BTHqDh.device)[:, None] + (S - T))
+    o = F.scaled_dot_product_attention(q_BTHqDh.transpose(1, 2), k_BSGDh.transpose(1, 2),
+                                       v_BSGDh.transpose(1, 2), attn_mask=mask, is_causal=causal,
+                                       enable_gqa=n_kv_groups > 1)
     return o.transpose(1, 2)
 
 
-def cache_update(cache: Cache | None, layer_idx: int, k_BTND, v_BTND):
+def cache_update(cache: Cache | None, layer_idx: int, k_BTGDh, v_BTGDh):
     """Append to a Hugging Face cache (which stores [B, heads, S, Dh]); the layer's whole k, v back
     as [B, S, heads, Dh]."""
     if cache is None:
-        return k_BTND, v_BTND
-    k, v = cache.update(k_BTND.transpose(1, 2), v_BTND.transpose(1, 2), layer_idx)
+        return k_BTGDh, v_BTGDh
+    k, v = cache.update(k_BTGDh.transpose(1, 2), v_BTGDh.transpose(1, 2), layer_idx)
     return k.transpose(1, 2), v.transpose(1, 2)
 
 
@@ -240,15 +241,15 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * F_, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, F_))
 
-    def forward(self, x_TD, weights_TK, experts_TK):
+    def forward(self, x_TD, weights_Tk, experts_Tk):
         bk = _kernels()
         if bk is not None:
-            return bk.moe_mlp(x_TD, self.gate_up_proj, self.down_proj, weights_TK, experts_TK)
+            return bk.moe_mlp(x_TD, self.gate_up_proj, self.down_proj, weights_Tk, experts_Tk)
         out = torch.zeros_like(x_TD)
-        for e in experts_TK.unique().tolist():
-            t, s = (experts_TK == e).nonzero(as_tuple=True)
+        for e in experts_Tk.unique().tolist():
+            t, s = (experts_Tk == e).nonzero(as_tuple=True)
             gate, up = F.linear(x_TD[t], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[e]) * weights_TK[t, s, None].to(x_TD.dtype)
+            y = F.linear(F.silu(gate) * up, self.down_proj[e]) * weights_Tk[t, s, None].to(x_TD.dtype)
             out = out.index_add(0, t, y)
         return out
 
@@ -281,18 +282,18 @@ class SparseMoE(nn.Module):
     def forward(self, x):
         x_TD = x.reshape(-1, x.shape[-1])
         logits_TE = router_logits(self.gate, x_TD)
-        w_TK, idx_TK = self.route(logits_TE)
-        self.last_routed = (logits_TE, idx_TK)
-        return self.experts(x_TD, w_TK, idx_TK).reshape(x.shape)
+        w_Tk, idx_Tk = self.route(logits_TE)
+        self.last_routed = (logits_TE, idx_Tk)
+        return self.experts(x_TD, w_Tk, idx_Tk).reshape(x.shape)
 
 
-def load_balancing_loss(logits_TE, experts_TK):
+def load_balancing_loss(logits_TE, experts_Tk):
     """Switch's ``E * sum_i f_i P_i``."""
     E = logits_TE.shape[-1]
     probs = torch.softmax(logits_TE, dim=-1, dtype=torch.float32)
-    counts = torch.zeros(E, device=experts_TK.device, dtype=torch.int64)
-    counts.scatter_add_(0, experts_TK.reshape(-1), torch.ones_like(experts_TK.reshape(-1)))
-    return E * (counts.float() / max(experts_TK.numel(), 1) * probs.mean(dim=0)).sum()
+    counts = torch.zeros(E, device=experts_Tk.device, dtype=torch.int64)
+    counts.scatter_add_(0, experts_Tk.reshape(-1), torch.ones_like(experts_Tk.reshape(-1)))
+    return E * (counts.float() / max(experts_Tk.numel(), 1) * probs.mean(dim=0)).sum()
 
 
 # --- the model ---------------------------------------------------------------------------------------

@@ -95,11 +95,15 @@ def test_every_phase_of_a_tiny_demo(tmp_path):
                 assert all(0 <= h <= 1 + 1e-9 for h in use[d]["entropy"])
 
     lines.clear()
+    settings = json.loads((out / "demo.json").read_text())   # as a bam before --ffn-routing wrote it
+    del settings["ffn_routing"]
+    (out / "demo.json").write_text(json.dumps(settings))
     again = run_demo(TINY, out, device="cpu", log=lines.append, ablations=True)
     assert again == results                     # the main table's models reused, not trained again
-    trained = [line for line in lines if "training" in line]
-    assert trained and all(line.startswith(tuple(f"[mix/{n}" for n in ABLATION_ROWS)) for line in trained), \
-        trained
+    trained = [line for line in lines if line.startswith("[") and "] training " in line]
+    rows = [*ablation_mixtures(TINY, load_config(str(out / "seed" / "model")), 4), "seed-continued"]
+    assert trained and all(line.startswith(tuple(f"[mix/{n}/" for n in rows)) for line in trained), trained
+    assert len(trained) == len(rows) * TINY.seeds     # every ablation row once per seed, nothing else
     check_ablations(out, json.loads((out / "ablations.json").read_text()))
     with pytest.raises(ValueError, match="other settings"):
         run_demo(DemoConfig(**{**TINY.__dict__, "seed": 1}), out, device="cpu", log=lines.append)
@@ -109,7 +113,6 @@ def test_every_phase_of_a_tiny_demo(tmp_path):
         run_demo(TINY, tmp_path / "other", device="cpu", log=lines.append)
 
 
-ABLATION_ROWS = ("btx-", "bam-expert-kv-attn-top", "seed-continued")
 
 
 def check_ablations(out, ablations):
