@@ -120,6 +120,34 @@ class DenseConfig:
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 
+    # --- cost: what one token costs this model (the demo's FLOPs model and compute matching) ---------
+
+    def experts_used(self) -> tuple[int, int, int, int]:
+        """(attention experts, K/V sets, FFN experts, router rows) one token goes through."""
+        return 1, 1, 1, 0
+
+    def active_parameters(self) -> int:
+        """Weights one token is multiplied by: every attention expert's query and output projections,
+        each K/V set, the top-k FFN experts, the routers and the LM head (norms and the embedding lookup
+        left out)."""
+        D, H, Hkv, Dh, F = self.dim, self.n_heads, self.n_kv_heads, self.dh, self.ffn_dim
+        attn_experts, kv_sets, ffn_experts, router_rows = self.experts_used()
+        layer = (attn_experts * 2 * D * H * Dh + kv_sets * 2 * D * Hkv * Dh + ffn_experts * 3 * D * F
+                 + router_rows * D)
+        return self.n_layers * layer + D * self.vocab_size
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Forward FLOPs per token of a window of ``seq_len`` tokens: 2 per multiply-add of every
+        projection a token goes through (``active_parameters``) plus causal attention over the mean
+        context ``(seq_len + 1) / 2`` in every attention expert. Training costs three times this."""
+        context = (seq_len + 1) / 2
+        scores = self.experts_used()[0] * 4 * self.n_heads * self.dh * context
+        return 2 * self.active_parameters() + self.n_layers * scores
+
+    def kv_cache_bytes_per_token(self, itemsize: int = 2) -> int:
+        """KV cache a generated token adds (``itemsize`` bytes per value: 2 for bf16)."""
+        return self.n_layers * self.experts_used()[1] * 2 * self.n_kv_heads * self.dh * itemsize
+
     def architecture(self) -> dict:
         """The settings two models must share to be mixed (everything but names and token ids)."""
         return {k: getattr(self, k) for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
@@ -182,6 +210,13 @@ class BamConfig(DenseConfig):
                 self.expert_domains and len(self.expert_domains) != self.num_experts):
             raise ValueError(f"expert_domains must be a list of num_experts={self.num_experts} names "
                              f"(or empty), got {short_repr(self.expert_domains)}")
+
+    def experts_used(self) -> tuple[int, int, int, int]:
+        """bam computes every attention expert, also with ``attention_top_k`` (the others get weight 0)."""
+        if self.attention == "dense":
+            return 1, 1, self.top_k, self.num_experts
+        kv_sets = 1 if self.attention == "shared-kv" else self.num_experts
+        return self.num_experts, kv_sets, self.top_k, 2 * self.num_experts
 
     def dense(self) -> DenseConfig:
         """The dense config of one expert (what a single dense model of this mixture looks like)."""

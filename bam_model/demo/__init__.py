@@ -13,11 +13,11 @@ from .config import (
                      mixture_spec,
                      mixtures,
 )
-from .cost import active_parameters, compute_matched_steps, flops_per_token, total_parameters
+from .cost import compute_matched_steps, total_parameters
 from .pipeline import DEMO_ENTRIES, PhaseRunner, run_demo
 from .report import expert_domain_avg, summarize
 
 __all__ = ["COMPUTE_MATCHED", "DEMO_ENTRIES", "FULL", "METHODS", "QUICK", "DemoConfig",
-           "PhaseRunner", "active_parameters", "compute_matched_steps", "expert_data", "expert_domain_avg",
-           "flops_per_token", "general_weights", "mixture_data", "mixture_spec", "mixtures", "run_demo",
+           "PhaseRunner", "compute_matched_steps", "expert_data", "expert_domain_avg",
+           "general_weights", "mixture_data", "mixture_spec", "mixtures", "run_demo",
            "summarize", "total_parameters"]

@@ -23,10 +23,7 @@ from ..data import eval_windows, parse_data_spec, tokens
 from .config import DemoConfig, top1
 from .cost import (
     active_matched_top_k,
-    active_parameters,
     decode_ms_per_token,
-    flops_per_token,
-    kv_cache_bytes_per_token,
     parameter_matched_experts,
     total_parameters,
 )
@@ -78,9 +75,10 @@ def inference_cost(models: dict, seq_len: int, tokenizer, device: torch.device) 
     prompt = prompt[:, :prompt_tokens].to(device)
     new_tokens = seq_len - prompt_tokens
     ms = decode_ms_per_token(models, prompt, new_tokens, DECODE_ROUNDS)
-    cost = {name: {"parameters": total_parameters(m.config), "active_parameters": active_parameters(m.config),
-                   "flops_per_token": flops_per_token(m.config, seq_len),
-                   "kv_cache_bytes_per_token": kv_cache_bytes_per_token(m.config),
+    cost = {name: {"parameters": total_parameters(m.config),
+                   "active_parameters": m.config.active_parameters(),
+                   "flops_per_token": m.config.flops_per_token(seq_len),
+                   "kv_cache_bytes_per_token": m.config.kv_cache_bytes_per_token(),
                    "decode_ms_per_token": ms[name]}
             for name, m in models.items()}
     return cost, {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "rounds": DECODE_ROUNDS,

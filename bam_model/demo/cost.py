@@ -1,6 +1,6 @@
-"""What a model costs: parameters, the parameters a token uses, forward FLOPs per token, KV cache,
-measured decoding time; and the matching rules built on them (compute-matched steps,
-parameter-matched expert counts)."""
+"""What a model costs beyond what its config counts (``DenseConfig.active_parameters``,
+``flops_per_token``, ``kv_cache_bytes_per_token``): its parameters, measured decoding time; and the
+matching rules built on them (compute-matched steps, parameter-matched expert counts)."""
 from __future__ import annotations
 
 import math
@@ -13,54 +13,15 @@ from ..build import expected_shapes
 from ..config import BamConfig, DenseConfig
 
 
-def _experts(config: DenseConfig) -> tuple[int, int, int, int]:
-    """(attention experts, K/V sets, FFN experts a token uses, router rows) of ``config``. bam computes
-    every attention expert, also with ``attention_top_k`` (the others get weight 0)."""
-    if not isinstance(config, BamConfig):
-        return 1, 1, 1, 0
-    if config.attention == "dense":
-        return 1, 1, config.top_k, config.num_experts
-    kv_sets = 1 if config.attention == "shared-kv" else config.num_experts
-    return config.num_experts, kv_sets, config.top_k, 2 * config.num_experts
-
-
-def active_parameters(config: DenseConfig) -> int:
-    """Weights one token is multiplied by: every attention expert's query and output projections,
-    each K/V set, the top-k FFN experts, the routers and the LM head (norms and the embedding lookup
-    left out)."""
-    D, H, Hkv, Dh, F = config.dim, config.n_heads, config.n_kv_heads, config.dh, config.ffn_dim
-    attn_experts, kv_sets, ffn_experts, router_rows = _experts(config)
-    layer = (attn_experts * 2 * D * H * Dh + kv_sets * 2 * D * Hkv * Dh + ffn_experts * 3 * D * F
-             + router_rows * D)
-    return config.n_layers * layer + D * config.vocab_size
-
-
 def total_parameters(config: DenseConfig) -> int:
     """Every weight of the model (tied embeddings counted once)."""
     return sum(math.prod(shape) for shape in expected_shapes(config).values())
 
 
-def flops_per_token(config: DenseConfig, seq_len: int) -> float:
-    """Forward FLOPs per token of a training window of ``seq_len`` tokens: 2 per multiply-add of
-    every projection a token goes through (``active_parameters``) plus causal attention over the mean
-    context ``(seq_len + 1) / 2`` in every attention expert. Training costs three times this (the
-    backward pass is twice the forward)."""
-    attn_experts = _experts(config)[0]
-    context = (seq_len + 1) / 2
-    scores = attn_experts * 4 * config.n_heads * config.dh * context
-    return 2 * active_parameters(config) + config.n_layers * scores
-
-
-def kv_cache_bytes_per_token(config: DenseConfig, itemsize: int = 2) -> int:
-    """KV cache a generated token adds (``itemsize`` bytes per value: 2 for bf16)."""
-    kv_sets = _experts(config)[1]
-    return config.n_layers * kv_sets * 2 * config.n_kv_heads * config.dh * itemsize
-
-
 def compute_matched_steps(steps: int, reference: DenseConfig, config: DenseConfig, seq_len: int) -> int:
     """Training steps for ``config`` that cost what ``steps`` steps of ``reference`` cost (same
     batch), at most ``steps`` and at least 1."""
-    ratio = flops_per_token(reference, seq_len) / flops_per_token(config, seq_len)
+    ratio = reference.flops_per_token(seq_len) / config.flops_per_token(seq_len)
     return max(1, min(steps, int(steps * ratio)))
 
 
@@ -83,9 +44,9 @@ def parameter_matched_experts(seed: DenseConfig, models: int, reference: BamConf
 def active_matched_top_k(seed: DenseConfig, num_experts: int, reference: BamConfig) -> int:
     """The FFN top-k (2 or more) with which a BTX of ``num_experts`` experts uses about as many
     parameters per token as ``reference``."""
-    target = active_parameters(reference)
+    target = reference.active_parameters()
     return min(range(2, num_experts + 1),
-               key=lambda k: (abs(active_parameters(btx_config(seed, num_experts, k)) - target), k))
+               key=lambda k: (abs(btx_config(seed, num_experts, k).active_parameters() - target), k))
 
 
 @torch.inference_mode()

@@ -7,7 +7,7 @@
    (``upcycle``, mean merging), all with the same top-1 FFN routing (the paper's setting), and
    train every mixture on the same data: 25% of each expert domain and 25% general (data-matched).
    The BAM mixtures are trained once more with the training FLOPs of BTX (compute-matched, ``-cm``):
-   fewer steps, since their attention experts cost more per token (``flops_per_token``). BTX with
+   fewer steps, since their attention experts cost more per token (``DenseConfig.flops_per_token``). BTX with
    its own paper's top-2 routing is an extra row (``btx-top2``). Every mixture is trained
    ``seeds`` times, each with its own router initialisation and data order, from the same seed
    model and experts. With ``ablations`` the paper's ablations follow (``ablations.py``).
@@ -58,7 +58,7 @@ from .config import (
     mixture_spec,
 )
 from .config import mixtures as main_mixtures
-from .cost import compute_matched_steps, flops_per_token
+from .cost import compute_matched_steps
 from .report import (
     format_ablations,
     format_table,
@@ -114,7 +114,7 @@ class PhaseRunner:
             info = {"steps": steps, "tokens": steps * self.cfg.batch_size * self.cfg.seq_len, "lr": lr,
                     "data": data, "seed": self.cfg.seed if seed is None else seed,
                     "final_loss": records[-1]["loss"], "seconds": time.perf_counter() - t0,
-                    "flops_per_token": flops_per_token(model.config, self.cfg.seq_len)}
+                    "flops_per_token": model.config.flops_per_token(self.cfg.seq_len)}
             info["train_flops"] = 3 * info["flops_per_token"] * info["tokens"]
             _write_json_atomic(run / "done.json", info)
             remove_checkpoints(run)   # only needed to resume an unfinished phase

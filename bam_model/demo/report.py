@@ -6,13 +6,13 @@ from pathlib import Path
 from ..config import BamConfig, DenseConfig
 from ..files import write_atomic
 from .config import METHODS
-from .cost import active_parameters, total_parameters
+from .cost import total_parameters
 
 
 def mixture_settings(config: DenseConfig, steps: int) -> dict:
     """What a model row is: method ("dense" for a dense model), attention (and its top-k), experts, FFN
     top-k and routing, parameters (all, and those a token uses), training steps."""
-    counts = {"parameters": total_parameters(config), "active_parameters": active_parameters(config),
+    counts = {"parameters": total_parameters(config), "active_parameters": config.active_parameters(),
               "steps": steps}
     if not isinstance(config, BamConfig):
         return {"method": "dense", "attention": "dense", "attention_top_k": None, "experts": 1,

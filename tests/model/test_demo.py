@@ -16,7 +16,6 @@ from bam_model.demo import (
     QUICK,
     DemoConfig,
     expert_data,
-    flops_per_token,
     mixture_data,
     mixtures,
     run_demo,
@@ -172,15 +171,15 @@ def test_flops_per_token_counts_every_projection_by_hand():
     dense = DenseConfig(vocab_size=V, dim=D, n_layers=L, n_heads=H, n_kv_heads=Hkv, ffn_dim=F)
     ctx = (T + 1) / 2
     attn = 2 * D * H * Dh * 2 + 2 * 2 * D * Hkv * Dh + 4 * H * Dh * ctx
-    assert flops_per_token(dense, T) == L * (attn + 6 * D * F) + 2 * D * V
+    assert dense.flops_per_token(T) == L * (attn + 6 * D * F) + 2 * D * V
     moe = dict(vocab_size=V, dim=D, n_layers=L, n_heads=H, n_kv_heads=Hkv, ffn_dim=F, num_experts=E)
     btx = BamConfig(**moe, top_k=2, attention="dense", method="btx")
-    assert flops_per_token(btx, T) == L * (attn + 2 * 6 * D * F + 2 * D * E) + 2 * D * V
+    assert btx.flops_per_token(T) == L * (attn + 2 * 6 * D * F + 2 * D * E) + 2 * D * V
     ekv = BamConfig(**moe, top_k=1, attention="expert-kv")
-    assert flops_per_token(ekv, T) == L * (E * attn + 6 * D * F + 2 * 2 * D * E) + 2 * D * V
+    assert ekv.flops_per_token(T) == L * (E * attn + 6 * D * F + 2 * 2 * D * E) + 2 * D * V
     skv = BamConfig(**moe, top_k=1, attention="shared-kv")
     shared_kv = 2 * 2 * D * Hkv * Dh
-    assert flops_per_token(skv, T) == (L * (E * (attn - shared_kv) + shared_kv + 6 * D * F + 2 * 2 * D * E)
+    assert skv.flops_per_token(T) == (L * (E * (attn - shared_kv) + shared_kv + 6 * D * F + 2 * 2 * D * E)
                                        + 2 * D * V)
 
 

@@ -137,23 +137,26 @@ def test_a_second_writer_of_a_model_folder_fails_at_once_naming_the_first(tmp_pa
 
 def test_two_mix_processes_on_one_folder_leave_one_whole_mixture(tmp_path, seed):
     """Two real ``bam mix`` processes on one --out, the second started while the first is at work
-    (its mixing slowed by a wrapper, so that they surely overlap), on a new folder and then on ours:
-    the second ends at once with one line naming the first; the first writes one whole mixture."""
-    slow = ("import importlib, sys, time\nfrom bam_model.cli import main\n"
+    (its mixing held by a wrapper until the second has ended), on a new folder and then on ours: the
+    second ends at once with one line naming the first; the first writes one whole mixture."""
+    slow = ("import importlib, sys\nfrom bam_model.cli import main\n"
             "u = importlib.import_module('bam_model.cli.mix')\n"
             "real = u.upcycle\n"
-            "def upcycle(*a, **k):\n    print('mixing', flush=True); time.sleep(4); return real(*a, **k)\n"
+            "def upcycle(*a, **k):\n    print('mixing', flush=True)\n    sys.stdin.readline()\n"
+            "    return real(*a, **k)\n"
             "u.upcycle = upcycle\nsys.exit(main(sys.argv[1:]))\n")
     out = tmp_path / "mixed"
     argv = ["mix", "--base-model", str(seed), "--experts", str(seed), "--out", str(out)]
     for _ in range(2):
-        first = subprocess.Popen([sys.executable, "-c", slow, *argv], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, env=ENV)
+        first = subprocess.Popen([sys.executable, "-c", slow, *argv], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
         assert first.stdout.readline().strip() == "mixing"           # it holds the folder's lock
         second = subprocess.run([sys.executable, "-m", "bam_model.cli", *argv, "--router-seed", "1"],
                                 capture_output=True, text=True, env=ENV, timeout=300)
         assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
         assert f"is in use by another process (bam mix, pid {first.pid} on" in second.stderr, second.stderr
+        first.stdin.write("go on\n")     # the first mixes only once the second has been refused
+        first.stdin.close()
         assert first.wait(timeout=300) == 0, first.stderr.read()
         assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
         files.check_complete(out)
