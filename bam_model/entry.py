@@ -38,8 +38,8 @@ def require_model_extra(prog: str, needs=tuple(MODEL_EXTRA)) -> None:
 
 # glibc's malloc unmaps a freed block above its mmap threshold and gives the free top of its heap
 # back past its trim threshold, so a CPU training step, which allocates and frees logits-sized
-# tensors, would fault the same pages in again every step; kept for reuse, a step of the demo's
-# models takes 13-44% less time (docs/cpu-path.md). The process keeps its heap at its peak; a single
+# tensors, would fault the same pages in again every step; kept for reuse, a training step of the
+# demo's models takes less time (the measurements: docs/cpu-path.md). The heap keeps its peak; a single
 # tensor above KEEP_FREED_BYTES still gets its own mapping.
 KEEP_FREED_BYTES = 256 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
