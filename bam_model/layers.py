@@ -1,5 +1,6 @@
 """Drop-in torch.nn modules built on bam_kernels: the MoE FFN (and, beside it, the attention
-experts). Modules know nothing of Triton: every op goes through the bam_kernels dispatcher.
+experts). Modules know nothing of Triton: every op goes through ``bam_model.ops`` (bam_kernels'
+dispatcher; plain PyTorch in a model folder's remote code where bam_kernels is not installed).
 
 Shape suffixes: the legend of ``bam_kernels/__init__.py`` (``x_BTD`` is [batch, tokens, model dim];
 ``k`` the top-k slots, ``Hq`` query heads of all experts, ``G`` key/value heads as stacked), and in
@@ -14,8 +15,7 @@ import math
 import torch
 import torch.nn as nn
 
-import bam_kernels as bk
-
+from .ops import moa_attention, moe_mlp, route_topk
 from .rope import apply_rope, rope_for
 
 
@@ -54,8 +54,8 @@ def route(logits_TE: torch.Tensor, top_k: int, normalize: bool, straight_through
     renormalised weight is the constant 1) while the mixture of identical experts keeps the dense
     model's function."""
     if not straight_through:
-        return bk.route_topk(logits_TE, top_k, normalize=normalize)
-    probs_Tk, experts_Tk = bk.route_topk(logits_TE, top_k, normalize=False)
+        return route_topk(logits_TE, top_k, normalize)
+    probs_Tk, experts_Tk = route_topk(logits_TE, top_k, False)
     kept_Tk = probs_Tk.detach()
     return kept_Tk / kept_Tk.sum(dim=-1, keepdim=True) + (probs_Tk - kept_Tk), experts_Tk
 
@@ -83,22 +83,22 @@ class MoEExperts(nn.Module):
         nn.init.uniform_(self.down_proj, -1 / math.sqrt(self.ffn_dim), 1 / math.sqrt(self.ffn_dim))
 
     def forward(self, x_TD, weights_Tk, experts_Tk):
-        return bk.moe_mlp(x_TD, self.gate_up_proj, self.down_proj, weights_Tk, experts_Tk)
+        return moe_mlp(x_TD, self.gate_up_proj, self.down_proj, weights_Tk, experts_Tk)
 
 
 class RouterLosses:
     """``load_balancing_loss`` and ``z_loss`` of the last forward, computed when first read
-    (decoding never pays): a forward calls ``_set_routed(router logits, expert ids)``, which also
-    keeps the logits as ``router_logits``."""
+    (decoding never pays): a forward calls ``_set_routed(router logits, expert ids)``, which keeps
+    both as ``routed`` and the logits as ``router_logits``."""
     router_logits: torch.Tensor | None = None
-    _routed: tuple[torch.Tensor, torch.Tensor] | None = None
+    routed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _set_routed(self, logits_TE: torch.Tensor, experts_Tk: torch.Tensor) -> None:
         self.router_logits = logits_TE
-        self._routed, self._losses = (logits_TE, experts_Tk), {}
+        self.routed, self._losses = (logits_TE, experts_Tk), {}
 
     def _loss(self, name: str, fn) -> torch.Tensor | None:
-        if self._routed is None:
+        if self.routed is None:
             return None
         if name not in self._losses:
             self._losses[name] = fn()
@@ -107,12 +107,12 @@ class RouterLosses:
     @property
     def load_balancing_loss(self) -> torch.Tensor | None:
         """``E * sum_i f_i P_i`` of the last forward."""
-        return self._loss("lb", lambda: load_balancing_loss(*self._routed))
+        return self._loss("lb", lambda: load_balancing_loss(*self.routed))
 
     @property
     def z_loss(self) -> torch.Tensor | None:
         """``mean_t logsumexp(logits_t)^2`` of the last forward."""
-        return self._loss("z", lambda: router_z_loss(self._routed[0]))
+        return self._loss("z", lambda: router_z_loss(self.routed[0]))
 
 
 class MoE(RouterLosses, nn.Module):
@@ -233,8 +233,9 @@ class MixtureOfAttention(nn.Module):
     attention is causal. ``top_k`` (optional) keeps the k largest router weights renormalised to
     sum to 1 (every expert is still computed; the others get weight 0).
 
-    forward(x [B, T, D], cache=None, position_ids=None) -> [B, T, D]. With a ``KVCache`` the new keys
-    and values are appended to layer ``layer_idx`` and positions continue from its length.
+    forward(x [B, T, D], cache=None, position_ids=None, mask=None, kv_start=None) -> [B, T, D]. With a
+    ``KVCache`` the new keys and values are appended to layer ``layer_idx`` and positions continue
+    from its length; ``mask`` and ``kv_start`` as ``bam_model.ops.moa_attention`` takes them.
     After each forward ``router_logits`` [B*T, E] is kept for the model to collect.
     """
 
@@ -318,8 +319,8 @@ class MixtureOfAttention(nn.Module):
         w, idx = probs.topk(self.top_k, dim=-1)
         return torch.zeros_like(probs).scatter(-1, idx, w / w.sum(-1, keepdim=True))
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None,
-                position_ids: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, cache=None, position_ids: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, kv_start: torch.Tensor | None = None):
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape [B, T, dim={self.dim}], got {tuple(x.shape)}")
         B, T, _ = x.shape
@@ -335,7 +336,7 @@ class MixtureOfAttention(nn.Module):
         k_BTGDh = apply_rope(k_BTGDh, cos, sin).view(B, T, *kv_heads, Dh)
         if cache is not None:
             k_BTGDh, v_BTGDh = cache.update(self.layer_idx, k_BTGDh, v_BTGDh)
-        o_BTEHDh = bk.moa_attention(q_BTEHDh, k_BTGDh, v_BTGDh, self.mix(logits_BTE), causal=True)
+        o_BTEHDh = moa_attention(q_BTEHDh, k_BTGDh, v_BTGDh, self.mix(logits_BTE), mask, kv_start)
         self.router_logits = logits_BTE.reshape(B * T, E)
         return self.o_proj(o_BTEHDh.reshape(B, T, E * H * Dh))
 

@@ -10,17 +10,15 @@ legend at the top of ``bam_model.layers``.
 """
 from __future__ import annotations
 
-import abc
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from .blocks import RMSNorm, make_layer, next_token_nll, router_aux_loss
 from .config import BamConfig, DenseConfig
-from .layers import KVCache, MixtureOfAttention, MoE
-from .rope import apply_rope, rope_for
+from .layers import KVCache
 
 
 @dataclass
@@ -35,108 +33,17 @@ class CausalLMOutput:
     router_logits: dict | None = None
 
 
-class RMSNorm(nn.Module):
-    """Llama's RMSNorm: normalise in float32, cast back, then scale."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
-def causal_mask(T: int, S: int, device) -> torch.Tensor | None:
-    """Boolean [T, S] mask letting query i see keys j <= i + S - T (None when T == 1)."""
-    if T == 1:
-        return None
-    return torch.arange(S, device=device)[None, :] <= torch.arange(T, device=device)[:, None] + (S - T)
-
-
-class Attention(nn.Module):
-    """Grouped-query attention with RoPE: q_proj [H*Dh, D], k_proj/v_proj [Hkv*Dh, D], o_proj [D, H*Dh].
-
-    With a ``KVCache`` the new keys and values go to layer ``layer_idx`` and positions continue from
-    its length (as in ``MixtureOfAttention``)."""
-
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, rope_theta: float,
-                 layer_idx: int = 0):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.rope_theta = rope_theta
-        self.layer_idx = layer_idx
-        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
-
-    def forward(self, x_BTD: torch.Tensor, cache: KVCache | None = None,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        B, T, _ = x_BTD.shape
-        past = cache.length(self.layer_idx) if cache is not None else 0
-        cos, sin = rope_for(position_ids, past, T, self.head_dim, self.rope_theta, x_BTD.dtype, x_BTD.device)
-        q_BTHDh = apply_rope(self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k_BTGDh = apply_rope(self.k_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
-        v_BTGDh = self.v_proj(x_BTD).view(B, T, self.n_kv_heads, self.head_dim)
-        if cache is not None:
-            k_BTGDh, v_BTGDh = cache.update(self.layer_idx, k_BTGDh, v_BTGDh)
-        S = k_BTGDh.shape[1]
-        o_BHTDh = F.scaled_dot_product_attention(
-            q_BTHDh.transpose(1, 2), k_BTGDh.transpose(1, 2), v_BTGDh.transpose(1, 2),
-            attn_mask=None if S == T else causal_mask(T, S, x_BTD.device), is_causal=S == T and T > 1,
-            enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.o_proj(o_BHTDh.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-
-
-class MLP(nn.Module):
-    """SwiGLU: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
-
-    def __init__(self, dim: int, ffn_dim: int):
-        super().__init__()
-        self.gate_proj = nn.Linear(dim, ffn_dim, bias=False)
-        self.up_proj = nn.Linear(dim, ffn_dim, bias=False)
-        self.down_proj = nn.Linear(ffn_dim, dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class DecoderLayer(nn.Module):
-    """Sequential (Llama): ``h = x + Attn(n1(x)); y = h + FFN(n2(h))``.
-    Parallel (GPT-J): ``y = x + Attn(n(x)) + FFN(n(x))``, one norm."""
-
-    def __init__(self, config: DenseConfig, self_attn: nn.Module, mlp: nn.Module):
-        super().__init__()
-        self.parallel = config.block == "parallel"
-        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
-        self.self_attn = self_attn
-        if not self.parallel:
-            self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = mlp
-
-    def forward(self, x_BTD, cache=None, position_ids=None):
-        n_BTD = self.input_layernorm(x_BTD)
-        a_BTD = self.self_attn(n_BTD, cache=cache, position_ids=position_ids)
-        if self.parallel:
-            return x_BTD + a_BTD + self.mlp(n_BTD)
-        h_BTD = x_BTD + a_BTD
-        return h_BTD + self.mlp(self.post_attention_layernorm(h_BTD))
-
-
 class Decoder(nn.Module):
-    def __init__(self, config: DenseConfig, layers: list[DecoderLayer]):
+    def __init__(self, config: DenseConfig, layers: list[nn.Module]):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.dim, config.norm_eps)
 
 
-class CausalLM(nn.Module, abc.ABC):
-    """Shared body of the dense and BAM models: embeddings, decoder layers, final norm, LM head,
-    loss, KV cache and sampling. Subclasses build the layers (``_make_layer``)."""
+class CausalLM(nn.Module):
+    """Shared body of the dense and BAM models: embeddings, decoder layers (``blocks.make_layer``),
+    final norm, LM head, loss, KV cache and sampling."""
 
     config_class = DenseConfig
     # The ``tokenizers.Tokenizer`` the model was trained with (set by the loaders, passed on by
@@ -156,14 +63,10 @@ class CausalLM(nn.Module, abc.ABC):
             raise ValueError(f"{type(self).__name__} needs a {self.config_class.__name__}, "
                              f"got {type(config).__name__}")
         self.config = config
-        self.model = Decoder(config, [self._make_layer(config, i) for i in range(config.n_layers)])
+        self.model = Decoder(config, [make_layer(config, i) for i in range(config.n_layers)])
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.apply(self._init_weights)
         self.tie_weights()
-
-    @abc.abstractmethod
-    def _make_layer(self, config, layer_idx: int) -> DecoderLayer:
-        """Decoder layer ``layer_idx`` for ``config``."""
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -208,14 +111,7 @@ class CausalLM(nn.Module, abc.ABC):
         aux_loss, router_logits = self._aux()
         nll = loss = None
         if labels is not None:
-            # Labels shifted left (the last position ignored) rather than the logits shifted
-            # right: slicing [B, T, V] logits costs a copy and, in the backward, a zero-filled
-            # logits-sized gradient; the mean is over the same positions.
-            targets_BT = F.pad(labels[:, 1:], (0, 1), value=-100)
-            # The mean over the targets, 0 (with zero gradients) for a batch without any (a window of
-            # a conversation's prompt alone), not NaN.
-            nll = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100,
-                                  reduction="sum") / (targets_BT != -100).sum().clamp_min(1)
+            nll = next_token_nll(logits_BTV, labels)
             loss = nll if aux_loss is None else nll + aux_loss
         return CausalLMOutput(logits=logits_BTV, loss=loss, nll=nll, aux_loss=aux_loss,
                               router_logits=router_logits)
@@ -304,19 +200,11 @@ class DenseLM(CausalLM):
     """A dense Llama-family causal LM (see ``DenseConfig``)."""
 
     config_class = DenseConfig
-    # The ``tokenizers.Tokenizer`` the model was trained with (set by the loaders, passed on by
-    # branch, upcycle and training, written by save_pretrained); None for a model built from a
-    # config alone. Not a parameter: an object the model carries.
-    tokenizer = None
 
     def __init__(self, config: DenseConfig):
         if isinstance(config, BamConfig):
             raise ValueError("DenseLM needs a DenseConfig, got a BamConfig; use BamLM")
         super().__init__(config)
-
-    def _make_layer(self, c: DenseConfig, layer_idx: int) -> DecoderLayer:
-        return DecoderLayer(c, Attention(c.dim, c.n_heads, c.n_kv_heads, c.dh, c.rope_theta, layer_idx),
-                            MLP(c.dim, c.ffn_dim))
 
 
 class BamLM(CausalLM):
@@ -325,28 +213,11 @@ class BamLM(CausalLM):
 
     config_class = BamConfig
 
-    def _make_layer(self, c: BamConfig, layer_idx: int) -> DecoderLayer:
-        if c.attention == "dense":
-            attn = Attention(c.dim, c.n_heads, c.n_kv_heads, c.dh, c.rope_theta, layer_idx)
-        else:
-            attn = MixtureOfAttention(c.dim, c.n_heads, c.n_kv_heads, c.num_experts,
-                                      shared_kv=c.attention == "shared-kv", head_dim=c.dh,
-                                      rope_theta=c.rope_theta, top_k=c.attention_top_k, layer_idx=layer_idx)
-        moe = MoE(c.dim, c.ffn_dim, c.num_experts, top_k=c.top_k, normalize=c.normalize,
-                  straight_through=c.straight_through)
-        return DecoderLayer(c, attn, moe)
-
     def _aux(self):
         c = self.config
-        ffn, attention = [], []
-        lb = z = 0.0
-        for layer in self.model.layers:
-            ffn.append(layer.mlp.router_logits)
-            lb = lb + layer.mlp.load_balancing_loss
-            z = z + layer.mlp.z_loss
-            if c.attention != "dense":
-                attention.append(layer.self_attn.router_logits)
-        router_logits = {"ffn": tuple(ffn)}
-        if attention:
-            router_logits["attention"] = tuple(attention)
-        return c.load_balancing_alpha * lb + c.z_loss_beta * z, router_logits
+        aux_loss = router_aux_loss([layer.mlp.routed for layer in self.model.layers], c.load_balancing_alpha,
+                                   c.z_loss_beta)
+        router_logits = {"ffn": tuple(layer.mlp.router_logits for layer in self.model.layers)}
+        if c.attention != "dense":
+            router_logits["attention"] = tuple(layer.self_attn.router_logits for layer in self.model.layers)
+        return aux_loss, router_logits

@@ -1,0 +1,144 @@
+"""The decoder's blocks: RMSNorm, grouped-query attention, the SwiGLU MLP, the decoder layer (sequential
+or parallel) and the one function that builds a layer from a config, dense or mixture; the
+next-token loss and the routers' auxiliary loss.
+
+bam's models (``bam_model.model``) and the Hugging Face code of every model folder
+(``bam_model/remote``, generated from this module and the ones it imports) are both made of these.
+
+Every attention layer takes ``forward(x [B, T, D], cache=None, position_ids=None, mask=None,
+kv_start=None)``. ``cache``: anything with ``length(layer_idx)`` and ``update(layer_idx, k, v)``
+(``bam_model.layers.KVCache``; the remote code adapts transformers' caches to it); positions follow
+its length unless ``position_ids`` [B, T] say otherwise. ``mask`` [B, 1, T, S] (True: attend) and
+``kv_start`` [B] come with a left-padded batch (the remote code's ``attention_mask``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import BamConfig, DenseConfig
+from .layers import MixtureOfAttention, MoE, load_balancing_loss, router_z_loss
+from .ops import attend
+from .rope import apply_rope, rope_for
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE: q_proj [H*Dh, D], k_proj/v_proj [Hkv*Dh, D], o_proj [D, H*Dh]
+    (a dense model, and the one attention of a BTX or sparse mixture)."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, rope_theta: float,
+                 layer_idx: int = 0):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.rope_theta = rope_theta
+        self.layer_idx = layer_idx
+        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
+
+    def forward(self, x_BTD: torch.Tensor, cache=None, position_ids: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, kv_start: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        past = cache.length(self.layer_idx) if cache is not None else 0
+        cos, sin = rope_for(position_ids, past, T, Dh, self.rope_theta, x_BTD.dtype, x_BTD.device)
+        q_BTHDh = apply_rope(self.q_proj(x_BTD).view(B, T, H, Dh), cos, sin)
+        k_BTGDh = apply_rope(self.k_proj(x_BTD).view(B, T, Hkv, Dh), cos, sin)
+        v_BTGDh = self.v_proj(x_BTD).view(B, T, Hkv, Dh)
+        if cache is not None:
+            k_BTGDh, v_BTGDh = cache.update(self.layer_idx, k_BTGDh, v_BTGDh)
+        o_BTHDh = attend(q_BTHDh, k_BTGDh, v_BTGDh, mask)
+        return self.o_proj(o_BTHDh.reshape(B, T, H * Dh))
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, ffn_dim, bias=False)
+        self.up_proj = nn.Linear(dim, ffn_dim, bias=False)
+        self.down_proj = nn.Linear(ffn_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Sequential (Llama): ``h = x + Attn(n1(x)); y = h + FFN(n2(h))``.
+    Parallel (GPT-J): ``y = x + Attn(n(x)) + FFN(n(x))``, one norm."""
+
+    def __init__(self, config: DenseConfig, self_attn: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.parallel = config.block == "parallel"
+        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.self_attn = self_attn
+        if not self.parallel:
+            self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.mlp = mlp
+
+    def forward(self, x_BTD, cache=None, position_ids=None, mask=None, kv_start=None):
+        n_BTD = self.input_layernorm(x_BTD)
+        a_BTD = self.self_attn(n_BTD, cache=cache, position_ids=position_ids, mask=mask, kv_start=kv_start)
+        if self.parallel:
+            return x_BTD + a_BTD + self.mlp(n_BTD)
+        h_BTD = x_BTD + a_BTD
+        return h_BTD + self.mlp(self.post_attention_layernorm(h_BTD))
+
+
+def make_layer(c: DenseConfig, layer_idx: int) -> DecoderLayer:
+    """Decoder layer ``layer_idx`` of a dense model (a ``DenseConfig``) or of a mixture (a ``BamConfig``:
+    a ``MoE`` FFN, and a ``MixtureOfAttention`` unless its attention is ``"dense"``)."""
+    # By model_type, not isinstance: the remote code's config may come from another copy of its file.
+    if c.model_type != BamConfig.model_type:
+        return DecoderLayer(c, Attention(c.dim, c.n_heads, c.n_kv_heads, c.dh, c.rope_theta, layer_idx),
+                            MLP(c.dim, c.ffn_dim))
+    if c.attention == "dense":
+        attn = Attention(c.dim, c.n_heads, c.n_kv_heads, c.dh, c.rope_theta, layer_idx)
+    else:
+        attn = MixtureOfAttention(c.dim, c.n_heads, c.n_kv_heads, c.num_experts,
+                                  shared_kv=c.attention == "shared-kv", head_dim=c.dh,
+                                  rope_theta=c.rope_theta, top_k=c.attention_top_k, layer_idx=layer_idx)
+    moe = MoE(c.dim, c.ffn_dim, c.num_experts, top_k=c.top_k, normalize=c.normalize,
+              straight_through=c.straight_through)
+    return DecoderLayer(c, attn, moe)
+
+
+def next_token_nll(logits_BTV: torch.Tensor, labels_BT: torch.Tensor,
+                   num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token negative log-likelihood: ``labels`` are the input ids themselves (shifted here);
+    -100 marks a position left out. The mean is over ``num_items_in_batch`` targets when given (what
+    transformers' Trainer passes under gradient accumulation), else over this batch's; a batch without
+    any target gives 0 (with zero gradients), not NaN."""
+    # Labels shifted left (the last position ignored) rather than the logits shifted right: slicing
+    # [B, T, V] logits costs a copy and, in the backward, a zero-filled logits-sized gradient.
+    targets_BT = F.pad(labels_BT[:, 1:], (0, 1), value=-100).to(logits_BTV.device)
+    total = F.cross_entropy(logits_BTV.flatten(0, 1).float(), targets_BT.flatten(), ignore_index=-100,
+                            reduction="sum")
+    if num_items_in_batch is None:
+        num_items_in_batch = (targets_BT != -100).sum().clamp_min(1)
+    return total / num_items_in_batch
+
+
+def router_aux_loss(routed, load_balancing_alpha: float, z_loss_beta: float) -> torch.Tensor:
+    """``alpha * sum L_lb + beta * sum L_z`` over the FFN routers of every layer: ``routed`` lists each
+    layer's (router logits [T, E], expert ids [T, k])."""
+    lb = sum(load_balancing_loss(logits_TE, experts_Tk) for logits_TE, experts_Tk in routed)
+    z = sum(router_z_loss(logits_TE) for logits_TE, _ in routed)
+    return load_balancing_alpha * lb + z_loss_beta * z
