@@ -232,7 +232,7 @@ def test_router_losses_count_the_real_tokens_of_a_padded_batch(folders):
     with torch.no_grad():
         for row in rows:  # each row alone: what the losses of the batch must be made of
             hf(input_ids=row[None], output_router_logits=True)
-            routed.append([layer.mlp.last_routed for layer in hf.model.layers])
+            routed.append([layer.mlp.routed for layer in hf.model.layers])
         want = hf._aux_loss([(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(*routed)])
         batch = torch.zeros(2, 9, dtype=torch.long)
         mask = torch.zeros_like(batch)
