@@ -52,8 +52,19 @@ from pathlib import Path
 
 import numpy as np
 
-from . import files
 from .chat import ChatTemplate, assistant_spans, token_mask
+from .files.atomic import file_record, sha256, umask, write_json_atomic
+from .files.checks import check_output
+from .files.folders import write_folder
+from .files.manifest import (
+    STAGING_PREFIX,
+    check_complete,
+    clear_owned,
+    is_leftover,
+    plain_name,
+    read_manifest,
+)
+from .files.reading import read_json
 from .readers import file_format, read_documents, text_pieces
 from .tokenizer import eos_token_id
 
@@ -135,10 +146,10 @@ def _split_kind(name: str) -> str | None:
 
 def _dataset_arrow_files(folder: Path) -> list[Path]:
     """The Arrow files of a ``datasets`` folder, in its own order (``state.json``'s data files)."""
-    state = files.read_json(str(folder / "state.json"))
+    state = read_json(str(folder / "state.json"))
     listed = state.get("_data_files")
     names = [d.get("filename") for d in listed if isinstance(d, dict)] if isinstance(listed, list) else []
-    if not names or not all(isinstance(n, str) and files._plain_name(n) for n in names):
+    if not names or not all(isinstance(n, str) and plain_name(n) for n in names):
         raise ValueError(f"data: {str(folder)!r} looks like a datasets folder, but its state.json lists no "
                          "data files")
     for n in names:
@@ -154,8 +165,8 @@ def _folder_files(path: Path) -> list[tuple[Path, str | None]]:
     ("valid...", "test...", "eval...", "dev...") keeps them; one of training splits only is split by
     document; a split of another name is refused (give the split folders to read instead)."""
     if (path / DATASET_DICT).is_file():
-        splits = files.read_json(str(path / DATASET_DICT)).get("splits")
-        if not (isinstance(splits, list) and splits and all(isinstance(s, str) and files._plain_name(s)
+        splits = read_json(str(path / DATASET_DICT)).get("splits")
+        if not (isinstance(splits, list) and splits and all(isinstance(s, str) and plain_name(s)
                                                             for s in splits)):
             raise ValueError(f"data: {str(path / DATASET_DICT)!r} lists no splits")
         kinds = {s: _split_kind(s) for s in splits}
@@ -545,15 +556,15 @@ def write_prepared(folder: Path, inputs: list[Input], tokenizer, *, text_field: 
             "template_sha256": hashlib.sha256(chat.template.encode()).hexdigest(),
             "masked": writers["train"].mask_file is not None},
         "sources": [{"path": str(i.path), "key": i.key, "bytes": i.path.stat().st_size,
-                     "sha256": files.sha256(i.path), **({"split": i.split} if i.split else {})}
+                     "sha256": sha256(i.path), **({"split": i.split} if i.split else {})}
                     for i in inputs],
         "text_bytes": n_text, "seconds": round(seconds, 3),
         "splits": {},
     }
     for split, w in writers.items():
-        records = {p.name: {**files.file_record(p), "mtime_ns": p.stat().st_mtime_ns} for p in w.paths()}
+        records = {p.name: {**file_record(p), "mtime_ns": p.stat().st_mtime_ns} for p in w.paths()}
         index["splits"][split] = {"tokens": w.n_tokens, "documents": w.n_docs, "files": records}
-    files.write_json_atomic(folder / INDEX, index)
+    write_json_atomic(folder / INDEX, index)
     return index
 
 
@@ -571,7 +582,7 @@ def prepare(sources, tokenizer, out, *, text_field: str = "text", heldout: float
         raise ValueError(f"heldout must be a number in (0, 1), got {heldout!r}")
     inputs = inputs if inputs is not None else list_inputs(sources)
     out = Path(os.path.abspath(out))
-    files.check_output(out, "data", flag=flag, inputs=[("SOURCE", i.path) for i in inputs])
+    check_output(out, "data", flag=flag, inputs=[("SOURCE", i.path) for i in inputs])
 
     records = {}
 
@@ -582,7 +593,7 @@ def prepare(sources, tokenizer, out, *, text_field: str = "text", heldout: float
             for name, r in index["splits"][split]["files"].items():
                 records[name] = {"bytes": r["bytes"], "sha256": r["sha256"]}
 
-    files.write_folder(out, write, "data", flag=flag, records=records)
+    write_folder(out, write, "data", flag=flag, records=records)
     # The files were moved, not rewritten: their records (sizes, hashes, times) still hold.
     return PreparedData(out, verify=False)
 
@@ -598,10 +609,10 @@ def is_prepared(path) -> bool:
         return False
     if (path / INDEX).is_file():
         return True
-    manifest = files.read_manifest(path)
+    manifest = read_manifest(path)
     if manifest is not None:
         return manifest["kind"] == "data"
-    return any(e.name.startswith(files.STAGING_PREFIX) and files._leftover(e) for e in path.iterdir())
+    return any(e.name.startswith(STAGING_PREFIX) and is_leftover(e) for e in path.iterdir())
 
 
 _VERIFIED: set[tuple] = set()
@@ -613,14 +624,14 @@ class PreparedData:
     def __init__(self, path, verify: bool = True):
         self.path = Path(os.path.abspath(path))
         where = str(self.path)
-        files.check_complete(self.path)
+        check_complete(self.path)
         index_path = self.path / INDEX
         if not index_path.is_file():
             raise ValueError(f"data: {where!r} holds no prepared data (no {INDEX}: a bam prepare into it did "
                              "not finish?); prepare it again with bam prepare")
         if index_path.stat().st_size > INDEX_MAX_BYTES:
             raise ValueError(f"data: {str(index_path)!r} is larger than an index of bam's")
-        index = files.read_json(str(index_path))
+        index = read_json(str(index_path))
         self.index = index = _check_index(index, str(index_path))
         self.dtype = np.dtype(index["dtype"])
         # Every file is checked and mapped now: a folder prepared again while this process runs (the
@@ -645,7 +656,7 @@ class PreparedData:
                              "again")
         key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
         if verify and st.st_mtime_ns != record.get("mtime_ns") and key not in _VERIFIED:
-            if files.sha256(path) != record["sha256"]:
+            if sha256(path) != record["sha256"]:
                 raise ValueError(f"data: {str(path)!r} was changed after preparing (its SHA-256 is not the "
                                  f"one {INDEX} records); prepare the data again")
             _VERIFIED.add(key)
@@ -784,10 +795,10 @@ def _remove_stale(root: Path, key: str, index: dict) -> None:
     for entry in root.iterdir():
         if entry.name == key or not entry.is_dir() or entry.is_symlink() or not (entry / INDEX).is_file():
             continue
-        manifest = files.read_manifest(entry)
+        manifest = read_manifest(entry)
         try:
             stale = (manifest is not None and manifest["kind"] == "data"
-                     and same(files.read_json(str(entry / INDEX))))
+                     and same(read_json(str(entry / INDEX))))
         except ValueError:
             continue
         if not stale:
@@ -800,7 +811,7 @@ def _remove_stale(root: Path, key: str, index: dict) -> None:
             os.close(fd)
             continue
         try:
-            files.clear_owned(entry)
+            clear_owned(entry)
             with contextlib.suppress(OSError):
                 entry.rmdir()
             with contextlib.suppress(OSError):
@@ -811,7 +822,7 @@ def _remove_stale(root: Path, key: str, index: dict) -> None:
 
 def _open_lock(path: Path) -> int:
     """The lock file beside a cache entry (created; never opened through a link)."""
-    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666 & ~files.umask())
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666 & ~umask())
 
 
 @contextlib.contextmanager
