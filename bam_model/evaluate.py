@@ -94,33 +94,46 @@ def evaluate(model: nn.Module, domains: str | Sequence[str | Source] = DOMAINS, 
             for i in tqdm(mine, desc=f"eval {source.name}", unit="batch", disable=not bar, leave=False):
                 b = min(i, n_batches - 1)     # windows are read from the memory map a batch at a time
                 chunk, targets = eval_rows(tok, mask, windows[b * batch_size:(b + 1) * batch_size], seq_len)
-                targets = targets[:, 1:]
-                ids = chunk.to(device)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    logits = model(ids).logits
+                logits = _logits(model, chunk.to(device))
                 if i >= n_batches:
                     continue  # the padding pass: collectives inside the model pair up across ranks
-                # Shifted targets (the last position ignored) rather than sliced logits: no
-                # logits-sized copy.
-                shifted = F.pad(targets.to(device), (0, 1), value=-100)
-                nll += F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=-100,
-                                       reduction="sum")
-                scored = targets != -100     # all but a conversation's prompt turns
-                n_tok += int(scored.sum())
-                n_bytes += int(byte_len[chunk[:, 1:]][scored].sum())
+                part_nll, part_tok, part_bytes = _batch_sums(logits, chunk, targets[:, 1:], byte_len, device)
+                nll += part_nll
+                n_tok += part_tok
+                n_bytes += part_bytes
             sums = torch.stack([nll.cpu(), torch.tensor(float(n_tok), dtype=torch.float64),
                                 torch.tensor(float(n_bytes), dtype=torch.float64)])
             total_nll, n_tok, n_bytes = distributed.all_reduce_sum(sums).tolist()
-            n_tok, n_bytes = int(n_tok), int(n_bytes)
-            loss = total_nll / n_tok
-            # exp overflows past a loss of ~709 nats (an untrained or diverged model): inf, not an error.
-            results[source.name] = {"loss": loss, "ppl": math.exp(loss) if loss < 700 else math.inf,
-                                    "bpb": total_nll / math.log(2) / max(n_bytes, 1),
-                                    "tokens": n_tok, "bytes": n_bytes}
+            results[source.name] = _scores(total_nll, int(n_tok), int(n_bytes))
     finally:
         model.train(was_training)
     results["avg"] = {k: sum(r[k] for r in results.values()) / len(results) for k in ("loss", "ppl", "bpb")}
     return results
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """[B, T, V] logits of ``ids`` (on the model's device), under bf16 autocast on CUDA."""
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ids.device.type == "cuda"):
+        return model(ids).logits
+
+
+def _batch_sums(logits: torch.Tensor, chunk: torch.Tensor, targets: torch.Tensor, byte_len: torch.Tensor,
+                device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """A batch's summed NLL of ``targets`` [B, T - 1] (-100: not scored) under ``logits`` [B, T, V],
+    left on ``device``; how many tokens were scored, and how many bytes of text they stand for."""
+    # Shifted targets (the last position ignored) rather than sliced logits: no logits-sized copy.
+    shifted = F.pad(targets.to(device), (0, 1), value=-100)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(), ignore_index=-100, reduction="sum")
+    scored = targets != -100     # all but a conversation's prompt turns
+    return nll, int(scored.sum()), int(byte_len[chunk[:, 1:]][scored].sum())
+
+
+def _scores(total_nll: float, n_tok: int, n_bytes: int) -> dict:
+    """A source's loss (nats per token), perplexity and bits per byte from its summed NLL."""
+    loss = total_nll / n_tok
+    # exp overflows past a loss of ~709 nats (an untrained or diverged model): inf, not an error.
+    return {"loss": loss, "ppl": math.exp(loss) if loss < 700 else math.inf,
+            "bpb": total_nll / math.log(2) / max(n_bytes, 1), "tokens": n_tok, "bytes": n_bytes}
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ import torch
 
 from .build import build_model, expected_shapes
 from .config import METHODS, BamConfig
-from .files import gib, physical_memory
+from .files.room import gib, physical_memory
 from .fisher import fisher_average, model_fishers
 from .formats import is_gguf, load_dense
 from .layers import MixtureOfAttention

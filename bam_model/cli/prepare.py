@@ -7,10 +7,12 @@ import os
 import time
 from dataclasses import dataclass
 
-from .. import files, prepare
+from .. import prepare
 from ..chat import ChatTemplate
 from ..config import CONFIG_CLASSES, config_from_dict
-from ..files import read_json
+from ..files.checks import check_output
+from ..files.reading import read_json
+from ..files.room import gib
 from ..formats.folder import folder_config, folder_model_type
 from ..formats.gguf import gguf_chat_template, gguf_reader, gguf_tokenizer, is_gguf
 from ..formats.load import chat_template_of_folder, tokenizer_of_source
@@ -101,7 +103,7 @@ def run_prepare(args: argparse.Namespace) -> str:
     if opts.workers is not None:     # read when the tokenizer's thread pool starts, at its first batch
         os.environ["RAYON_NUM_THREADS"] = str(opts.workers)
     inputs = prepare.list_inputs(opts.sources)
-    files.check_output(opts.out, "data", inputs=[("SOURCE", i.path) for i in inputs])
+    check_output(opts.out, "data", inputs=[("SOURCE", i.path) for i in inputs])
     tokenizer = read_tokenizer_of(opts.tokenizer)
     chat = read_chat_of(opts.tokenizer, tokenizer)
     started = time.perf_counter()
@@ -111,7 +113,7 @@ def run_prepare(args: argparse.Namespace) -> str:
     seconds = time.perf_counter() - started
     size = sum(i.path.stat().st_size for i in inputs)
     rate = f" ({size / 1e6 / seconds:.1f} MB/s)" if size >= 10**6 and seconds > 0 else ""
-    print(f"prepared {opts.out}: {prepare.describe(data.index)} from {files.gib(size)} in {seconds:.1f} "
+    print(f"prepared {opts.out}: {prepare.describe(data.index)} from {gib(size)} in {seconds:.1f} "
           f"s{rate}")
     mask = data.mask("train")
     if mask is not None:

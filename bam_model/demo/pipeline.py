@@ -41,7 +41,8 @@ from ..config import BamConfig
 from ..data import DOMAINS, load_tokenizer
 from ..distributed import resolve_device
 from ..evaluate import evaluate, router_use
-from ..files import read_json, write_text_atomic
+from ..files.atomic import write_text_atomic
+from ..files.reading import read_json
 from ..formats import from_pretrained
 from ..formats.folder import load_config
 from ..model import DenseLM

@@ -15,7 +15,11 @@ from safetensors import SafetensorError, safe_open
 
 from ..build import check_tensors
 from ..config import DenseConfig, config_from_dict
-from ..files import MANIFEST, about_file, check_free_space, read_json, save_safetensors, write_model_folder
+from ..files.atomic import save_safetensors
+from ..files.folders import write_model_folder
+from ..files.manifest import MANIFEST
+from ..files.reading import about_file, read_json
+from ..files.room import check_free_space
 from ..options import short_repr
 
 WEIGHTS = "model.safetensors"

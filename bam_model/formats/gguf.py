@@ -11,7 +11,7 @@ import torch
 
 from ..build import build_model, check_tensors
 from ..config import DenseConfig
-from ..files import about_file
+from ..files.reading import about_file
 from ..model import DenseLM
 from ..options import short_repr
 from ..tokenizer import TextTokenizer, check_fits

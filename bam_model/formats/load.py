@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import CONFIG_CLASSES, BamConfig, DenseConfig, config_from_dict
-from ..files import check_complete, read_json
+from ..files.manifest import check_complete
+from ..files.reading import read_json
 from ..model import CausalLM, DenseLM
 from ..tokenizer import (
     CHAT_TEMPLATE_JINJA,

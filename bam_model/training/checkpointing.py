@@ -28,9 +28,11 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from .. import distributed, files
+from .. import distributed
 from ..data import BatchStream
-from ..files import file_record, fsync_dir, fsync_file, read_json, save_safetensors, sha256, write_json_atomic
+from ..files.atomic import file_record, fsync_dir, fsync_file, save_safetensors, sha256, write_json_atomic
+from ..files.checks import is_within
+from ..files.reading import read_json
 from . import run_state
 from .config import TrainConfig
 
@@ -141,7 +143,7 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
         raise ValueError(f"checkpoint {str(path)!r}: {TRAINER_JSON} was changed after it was written "
                          "(its digest differs)")
     for name, info in listed.items():
-        if not isinstance(info, dict) or not files.is_within(path / name, path):
+        if not isinstance(info, dict) or not is_within(path / name, path):
             raise ValueError(f"checkpoint {str(path)!r}: {TRAINER_JSON} lists a bad file entry {name!r}")
         f = path / name
         if not f.is_file():

@@ -36,7 +36,9 @@ from ..build import DtypeRangeError, build_model, cast
 from ..config import check_seq_len
 from ..data import BatchStream, parse_data_spec, source_digest
 from ..evaluate import evaluate
-from ..files import read_json, write_text_atomic
+from ..files.atomic import save_safetensors, write_text_atomic
+from ..files.reading import read_json
+from ..files.room import gib
 from ..model import CausalLM
 from ..tokenizer import for_model
 from . import run_state
@@ -100,7 +102,7 @@ def save_final(model: nn.Module, path: Path, dtype: torch.dtype | None = None) -
         return
     if dtype is not None:
         tensors = {k: cast(k, v, dtype) for k, v in tensors.items()}
-    files.write_model_folder(path, lambda folder: files.save_safetensors(tensors, folder / MODEL_FILE))
+    files.write_model_folder(path, lambda folder: save_safetensors(tensors, folder / MODEL_FILE))
 
 
 def train(model: nn.Module, data: str, out: str | os.PathLike | RunFolder, cfg: TrainConfig, *,
@@ -197,10 +199,10 @@ def _check_memory(model: nn.Module, cfg: TrainConfig, strategy: str, expert_para
     advice = ("lower --batch-size or raise --grad-accum" if batch >= weights else
               "under torchrun, shard them with --strategy fsdp (or spread a mixture's experts with "
               "--expert-parallel)")
-    raise ValueError(f"a step of this run needs at least {files.gib(weights + batch)} "
-                     f"({files.gib(weights)} for the weights with their gradients and AdamW state, "
-                     f"{files.gib(batch)} for micro-batches of {micro:,} sequences of {cfg.seq_len} tokens "
-                     f"and their logits), more than the {files.gib(have)} of {where}; {advice}")
+    raise ValueError(f"a step of this run needs at least {gib(weights + batch)} "
+                     f"({gib(weights)} for the weights with their gradients and AdamW state, "
+                     f"{gib(batch)} for micro-batches of {micro:,} sequences of {cfg.seq_len} tokens "
+                     f"and their logits), more than the {gib(have)} of {where}; {advice}")
 
 
 def _start_digests(model: nn.Module, tokenizer, sources) -> dict:

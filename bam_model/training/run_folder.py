@@ -18,8 +18,12 @@ import shutil
 import warnings
 from pathlib import Path
 
-from .. import distributed, files
-from ..files import read_json
+from .. import distributed
+from ..files.checks import check_output
+from ..files.folders import make_folder, remove_if_unused
+from ..files.locks import LOCK, FolderLock, lock_folder
+from ..files.manifest import MANIFEST, claim_folder, clear_owned, read_manifest
+from ..files.reading import read_json
 from ..options import short_repr
 from .checkpointing import (
     CHECKPOINTS,
@@ -93,7 +97,7 @@ class RunFolder(contextlib.AbstractContextManager):
     on rank 0 (a context manager: leaving it releases the lock). ``resume_step`` is the checkpoint
     to continue from (-1: a fresh run)."""
 
-    def __init__(self, path: Path, resume_step: int, lock: files.FolderLock | None, made=()):
+    def __init__(self, path: Path, resume_step: int, lock: FolderLock | None, made=()):
         self.path, self.resume_step, self.lock = path, resume_step, lock
         self.made = list(made)      # the folders open_run created (removed again by a run that fails first)
 
@@ -104,10 +108,10 @@ class RunFolder(contextlib.AbstractContextManager):
         if lock is None:
             return
         if failed and self.made and not _has_run(self.path):
-            for name in (METRICS, files.MANIFEST):
+            for name in (METRICS, MANIFEST):
                 with contextlib.suppress(OSError):
                     (self.path / name).unlink()
-            files.remove_if_unused(self.made, lock)
+            remove_if_unused(self.made, lock)
         lock.release()
 
     def __exit__(self, exc_type, *exc):
@@ -132,7 +136,7 @@ def _clear_run(out: Path) -> None:
             (out / name).unlink()
     remove_checkpoints(out)
     if (out / FINAL_MODEL).is_dir():
-        files.clear_owned(out / FINAL_MODEL, keep_claim=True)
+        clear_owned(out / FINAL_MODEL, keep_claim=True)
 
 
 def _check_resume(state: dict, path: Path, cfg: TrainConfig, data: str) -> None:
@@ -206,25 +210,25 @@ def open_run(out: str | os.PathLike, cfg: TrainConfig, data: str, *, resume: boo
 
 def _open_run_main(out: Path, cfg: TrainConfig, data: str, resume: bool, overwrite: bool,
                    inputs) -> RunFolder:
-    files.check_output(out, "run", inputs=inputs)
-    made = files.make_folder(out)
+    check_output(out, "run", inputs=inputs)
+    made = make_folder(out)
     try:
-        lock = files.lock_folder(out, "bam train")
+        lock = lock_folder(out, "bam train")
     except BaseException:
-        files.remove_if_unused(made)
+        remove_if_unused(made)
         raise
     try:
-        files.check_output(out, "run", inputs=inputs)      # again, under the lock
+        check_output(out, "run", inputs=inputs)      # again, under the lock
         # Claimed when new, and again when an older bam claimed it (it gets the names added since);
         # otherwise left as it is, so that a refused command changes nothing.
-        entries = [METRICS, CHECKPOINTS, FINAL_MODEL, *REPORTS, files.LOCK]
-        manifest = files.read_manifest(out)
+        entries = [METRICS, CHECKPOINTS, FINAL_MODEL, *REPORTS, LOCK]
+        manifest = read_manifest(out)
         if manifest is None or not set(entries) <= set(manifest["files"]):
-            files.claim_folder(out, "run", entries)
+            claim_folder(out, "run", entries)
         if (out / CHECKPOINTS).exists() and not (out / CHECKPOINTS).is_dir():
             raise ValueError(f"{str(out / CHECKPOINTS)!r} is a file; the run keeps its checkpoints in a "
                              "folder there")
-        files.check_output(out / FINAL_MODEL, "model", flag="the run's final model folder")
+        check_output(out / FINAL_MODEL, "model", flag="the run's final model folder")
         _clear_leftovers(out)
         resume_step = -1
         if _has_run(out):

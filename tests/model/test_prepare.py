@@ -1,4 +1,4 @@
-"""Prepared data (bam_model/prepare.py, ``bam prepare``): every format tokenized once into flat
+"""Prepared data (bam_model/prepare/, ``bam prepare``): every format tokenized once into flat
 token files with a document index, the held-out split by document, the cache raw paths and the
 bundled corpus go through, and every bad input one line with nothing half-written."""
 import gzip
