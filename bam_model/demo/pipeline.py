@@ -41,7 +41,7 @@ from ..config import BamConfig
 from ..data import DOMAINS, load_tokenizer
 from ..distributed import resolve_device
 from ..evaluate import evaluate, router_use
-from ..files.atomic import write_text_atomic
+from ..files.atomic import write_json_atomic, write_text_atomic
 from ..files.reading import read_json
 from ..formats import from_pretrained
 from ..formats.folder import load_config
@@ -72,11 +72,6 @@ from .report import (
 # What a demo folder holds (its manifest lists these; the phase folders are runs and models of their own).
 DEMO_ENTRIES = ["demo.json", "results.json", "details.json", "table.md", "perplexity.png", "router_use.png",
                 "ablations.json", "ablations.md", "seed", "experts", "mix"]
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
 class PhaseRunner:
@@ -117,7 +112,7 @@ class PhaseRunner:
                     "final_loss": records[-1]["loss"], "seconds": time.perf_counter() - t0,
                     "flops_per_token": model.config.flops_per_token(self.cfg.seq_len)}
             info["train_flops"] = 3 * info["flops_per_token"] * info["tokens"]
-            _write_json_atomic(run / "done.json", info)
+            write_json_atomic(run / "done.json", info, allow_nan=True)
             remove_checkpoints(run)   # only needed to resume an unfinished phase
             self.log(f"[{name}] loss {info['final_loss']:.3f} in {info['seconds']:.0f} s")
         self.details["phases"][name] = info
@@ -153,7 +148,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, *, device: str | None = No
                 raise ValueError(f"--out {str(out)!r} holds a demo run with other settings; choose another "
                                  "folder")
         files.claim_folder(out, "demo", DEMO_ENTRIES)   # (again: a run of an earlier bam wrote fewer files)
-        _write_json_atomic(settings, dataclasses.asdict(cfg))
+        write_json_atomic(settings, dataclasses.asdict(cfg), allow_nan=True)
         return _Pipeline(cfg, out, device, progress, log).run(ablations)
 
 
@@ -198,13 +193,13 @@ class _Pipeline:
             ablation = self.ablations(seed, settings)
             details["seconds_by_part"] = self.seconds_by_part(extra, time.perf_counter() - t0, t_start)
             ablation["seconds_by_part"] = details["seconds_by_part"]
-            _write_json_atomic(out / "ablations.json", ablation)
+            write_json_atomic(out / "ablations.json", ablation, allow_nan=True)
             write_text_atomic(out / "ablations.md", format_ablations(ablation, details))
             log((out / "ablations.md").read_text(encoding="utf-8"))
         else:
             details["seconds_by_part"] = self.seconds_by_part({}, 0.0, t_start)
         details["seconds"] = time.perf_counter() - t_start
-        _write_json_atomic(out / "details.json", details)
+        write_json_atomic(out / "details.json", details, allow_nan=True)
         log(f"wrote {out / 'results.json'}, table.md, perplexity.png, router_use.png, details.json"
             f"{', ablations.json, ablations.md' if ablations else ''} in {details['seconds']:.0f} s")
         return results
@@ -294,8 +289,8 @@ class _Pipeline:
 
     def report(self, results: dict) -> None:
         cfg, out, details = self.cfg, self.out, self.details
-        _write_json_atomic(out / "results.json", results)
-        _write_json_atomic(out / "details.json", details)
+        write_json_atomic(out / "results.json", results, allow_nan=True)
+        write_json_atomic(out / "details.json", details, allow_nan=True)
         table = format_table(results, details)
         write_text_atomic(out / "table.md", table)
         plot_perplexity(results, cfg.expert_domains, out / "perplexity.png")

@@ -89,5 +89,8 @@ def write_text_atomic(path, text: str) -> None:
     write_atomic(path, write)
 
 
-def write_json_atomic(path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+def write_json_atomic(path, obj, allow_nan: bool = False) -> None:
+    """``obj`` as indented JSON, atomically. ``allow_nan``: write inf and NaN as JavaScript does
+    (``Infinity``, ``NaN``; Python's json reads them back), for results where they are values (the
+    perplexity of a diverged model); otherwise they are refused."""
+    write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=allow_nan) + "\n")
