@@ -20,22 +20,22 @@ def shape(name: str, t: torch.Tensor, expected: tuple, described: str) -> None:
         raise ValueError(f"{name} must have shape {described} = {tuple(expected)}, got {tuple(t.shape)}")
 
 
-def same_dtype(names_tensors: dict) -> None:
+def _same(attribute: str, says: tuple[str, str], names_tensors: dict) -> None:
+    """Every tensor's ``attribute`` equals the first's; ``says``: how the message puts the two."""
     items = list(names_tensors.items())
     first_name, first = items[0]
     for name, t in items[1:]:
-        if t.dtype != first.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; "
-                             "they must match")
+        if getattr(t, attribute) != getattr(first, attribute):
+            raise ValueError(f"{name} {says[0]} {getattr(t, attribute)} but {first_name} {says[1]} "
+                             f"{getattr(first, attribute)}; they must match")
+
+
+def same_dtype(names_tensors: dict) -> None:
+    _same("dtype", ("has dtype", "has"), names_tensors)
 
 
 def same_device(names_tensors: dict) -> None:
-    items = list(names_tensors.items())
-    first_name, first = items[0]
-    for name, t in items[1:]:
-        if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; "
-                             "they must match")
+    _same("device", ("is on", "is on"), names_tensors)
 
 
 def expert_ids(name: str, idx: torch.Tensor, num_experts: int) -> None:
