@@ -20,7 +20,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _quantiles(times_ms: list[float]) -> dict:
+def quantiles(times_ms: list[float]) -> dict:
+    """A row's timing from its rounds: the median (``ms``) and the 20th and 80th percentiles."""
     times = sorted(times_ms)
     n = len(times)
     return {"ms": statistics.median(times), "p20_ms": times[round(0.2 * (n - 1))],
@@ -78,7 +79,7 @@ def time_group(steps: dict, device: str, quick: bool = False) -> dict:
         for name, timer in timers.items():
             n = max(1, int(budget_s / rounds / per_call[name]))
             times[name].append(timer.timeit(n).mean * 1e3)
-    out.update({name: _quantiles(t) for name, t in times.items()})
+    out.update({name: quantiles(t) for name, t in times.items()})
     return {name: out[name] for name in steps}
 
 

@@ -1,7 +1,8 @@
 """bam-bench: check every op on the device, then time it against its reference and peers.
 
     bam-bench moe                  # one suite, on CUDA if present else the CPU
-    bam-bench --all --device cuda  # every suite: GPU correctness checks first, then timings
+    bam-bench --all --device cuda  # every suite of the device: GPU correctness checks first, then timings
+    bam-bench decode --quick       # SmolLM2 decoding through bam and transformers (run when named)
 
 Each suite's results go to one set of files per machine, <device>-<machine>-<suite>.{json,md,png}
 (cpu-x86-64-moe.json), which the next run on that machine replaces; their history is git's.
@@ -26,10 +27,11 @@ import bam_kernels
 from bam_model.entry import require_model_extra
 from bam_model.files import check_output_file, write_atomic, write_text_atomic
 
-SUITES = ("moe", "moa", "model", "data")
-# Suites of CPU work whatever the device (tokenizing a corpus): run when named, not by --all, which
-# times the kernels and models on the device (a GPU session's minutes are not spent on them).
-CPU_SUITES = ("data",)
+SUITES = ("moe", "moa", "model", "data", "decode")
+# Run when named, not by --all, which times the kernels and models on the device (a GPU session's
+# minutes are not spent on these): data is CPU work whatever the device (tokenizing a corpus);
+# decode times a real model (SmolLM2) against transformers and needs both installed.
+NAMED_ONLY = ("data", "decode")
 
 
 def default_out() -> str:
@@ -299,13 +301,12 @@ def _timeouts(spec: str | None, suites: list[str]) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    require_model_extra("bam-bench", needs=("tqdm", "matplotlib"))  # upcycle's progress bars, the charts
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bam-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suites", nargs="*", help=f"suites to run, of {', '.join(SUITES)}")
     p.add_argument("--all", action="store_true",
-                   help="run every suite of the device (moe, moa, model); the data suite runs when named")
+                   help="run every suite of the device (moe, moa, model); data and decode run when named")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
@@ -317,14 +318,30 @@ def main(argv=None) -> int:
                    help="stop an isolated suite after this long, keeping what it measured: one number "
                         "for every suite, or per suite as moe=240,moa=180,model=120")
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)  # an isolated suite's one results file
-    args = p.parse_args(argv)
+    return p
+
+
+def _suites(p: argparse.ArgumentParser, args) -> list[str]:
+    """The suites to run; a CLI error for an unknown one, or one that says what it lacks
+    (its ``unavailable()``: a package that is not installed)."""
     available = _available_suites()
-    suites = [s for s in available if s not in CPU_SUITES] if args.all else args.suites
+    suites = [s for s in available if s not in NAMED_ONLY] if args.all else args.suites
     if not suites:
         p.error("name a suite or pass --all")
     for s in suites:
         if s not in available:
             p.error(f"unknown suite {s!r}; available: {', '.join(available)}")
+        missing = getattr(importlib.import_module(f"{__package__}.{s}"), "unavailable", lambda: None)()
+        if missing:
+            p.error(f"suite {s!r} cannot run: {missing}")
+    return suites
+
+
+def main(argv=None) -> int:
+    require_model_extra("bam-bench", needs=("tqdm", "matplotlib"))  # upcycle's progress bars, the charts
+    p = _parser()
+    args = p.parse_args(argv)
+    suites = _suites(p, args)
     try:
         args.suite_timeout = _timeouts(args.suite_timeout, suites)
     except ValueError as err:

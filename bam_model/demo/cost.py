@@ -50,12 +50,17 @@ def active_matched_top_k(seed: DenseConfig, num_experts: int, reference: BamConf
 
 
 @torch.inference_mode()
-def decode_ms_per_token(models: dict, prompt_ids: torch.Tensor, new_tokens: int, rounds: int = 5) -> dict:
+def decode_ms_per_token(models: dict, prompt_ids: torch.Tensor, new_tokens: int, rounds: int = 5,
+                        rounds_ms: dict | None = None) -> dict:
     """Milliseconds per generated token of each model (greedy, KV cache, the prompt's prefill left
     out: the time of ``new_tokens`` tokens less that of one, over ``new_tokens - 1``), the median of
-    ``rounds`` rounds, the models taking turns within each round."""
-    if new_tokens < 2:
-        raise ValueError(f"new_tokens must be at least 2, got {new_tokens}")
+    ``rounds`` rounds, the models taking turns within each round. A model is anything with ``eval()``
+    and ``generate(prompt_ids, n)`` (bam's models; bam-bench decode wraps transformers' generate so);
+    ``rounds_ms`` (a dict) receives each model's time of every round."""
+    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 2:
+        raise ValueError(f"new_tokens must be an int of at least 2, got {new_tokens!r}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be an int of at least 1, got {rounds!r}")
     times: dict[str, list[float]] = {name: [] for name in models}
 
     def now() -> float:     # CUDA runs asynchronously: wait for the device before reading the clock
@@ -73,4 +78,6 @@ def decode_ms_per_token(models: dict, prompt_ids: torch.Tensor, new_tokens: int,
             model.generate(prompt_ids, new_tokens)
             t2 = now()
             times[name].append(((t2 - t1) - (t1 - t0)) / (new_tokens - 1) * 1e3)
+    if rounds_ms is not None:
+        rounds_ms.update(times)
     return {name: statistics.median(ts) for name, ts in times.items()}

@@ -55,7 +55,7 @@ def test_bam_bench_needs_only_what_it_imports():
     and PyYAML that bam's own commands need: the runner and every suite import without them, and the
     runner's check lets it start."""
     code = ("import sys\nsys.modules['yaml'] = sys.modules['tokenizers'] = None\n"
-            "import bam_bench.runner, bam_bench.moe, bam_bench.moa, bam_bench.model\n"
+            "import bam_bench.runner, bam_bench.moe, bam_bench.moa, bam_bench.model, bam_bench.decode\n"
             "try:\n    bam_bench.runner.main(['--help'])\n"
             "except SystemExit as e:\n    print('exit', e.code)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
