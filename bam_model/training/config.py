@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
@@ -120,9 +121,10 @@ def mixup_lr_at(step: int, cfg: TrainConfig) -> float:
     return lr_at(step, cfg) * cfg.mixup_lr / cfg.lr
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; matrices and embeddings decay, vectors (norms, biases) do not."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(model: nn.Module, cfg: TrainConfig, skip: Collection[int] = ()) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters (but those whose ``id`` is in ``skip``); matrices
+    and embeddings decay, vectors (norms, biases) do not."""
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
     if not params:
         raise ValueError("model has no trainable parameters")
     decay = [p for p in params if p.dim() >= 2]
