@@ -299,8 +299,7 @@ def _timeouts(spec: str | None, suites: list[str]) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    require_model_extra("bam-bench", needs=("tqdm", "matplotlib"))  # upcycle's progress bars, the charts
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bam-bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suites", nargs="*", help=f"suites to run, of {', '.join(SUITES)}")
@@ -317,6 +316,12 @@ def main(argv=None) -> int:
                    help="stop an isolated suite after this long, keeping what it measured: one number "
                         "for every suite, or per suite as moe=240,moa=180,model=120")
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)  # an isolated suite's one results file
+    return p
+
+
+def main(argv=None) -> int:
+    require_model_extra("bam-bench", needs=("tqdm", "matplotlib"))  # upcycle's progress bars, the charts
+    p = _parser()
     args = p.parse_args(argv)
     available = _available_suites()
     suites = [s for s in available if s not in CPU_SUITES] if args.all else args.suites
