@@ -6,8 +6,6 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .. import distributed, from_pretrained
 from ..config import DTYPES, check_seq_len
 from ..data import parse_data_spec
@@ -64,23 +62,18 @@ def run_train(args: argparse.Namespace) -> list[dict]:
     inputs = [("MODEL", opts.model), *data_inputs(sources)]
     if opts.mixup_base is not None:
         inputs.append(("--mixup-base", opts.mixup_base))
-    owns_group = not torch.distributed.is_initialized()
-    ctx, device = distributed.init_from_env(opts.device)
-    try:
-        # Every check of the run folder comes before the model is loaded.
-        with open_run(opts.out, cfg, opts.data, resume=opts.resume, overwrite=opts.overwrite,
-                      inputs=inputs) as run:
-            model = from_pretrained(opts.model, device=device)
-            base = None
-            if opts.mixup_base is not None:   # its weights alone: the module goes, nothing else is kept
-                base = {name: p.detach() for name, p in
-                        trainable_weights(from_pretrained(opts.mixup_base, device=device)).items()}
-            records = train(model, opts.data, run, cfg, progress="lines" if opts.no_progress else True,
-                            strategy=opts.strategy, expert_parallel=opts.expert_parallel,
-                            save_dtype=DTYPES[opts.dtype] if opts.dtype else None, mixup_base=base)
-    finally:
-        if owns_group:
-            distributed.shutdown()
+    # Every check of the run folder comes before the model is loaded.
+    with (distributed.torchrun(opts.device) as (ctx, device),
+          open_run(opts.out, cfg, opts.data, resume=opts.resume, overwrite=opts.overwrite,
+                   inputs=inputs) as run):
+        model = from_pretrained(opts.model, device=device)
+        base = None
+        if opts.mixup_base is not None:   # its weights alone: the module goes, nothing else is kept
+            base = {name: p.detach() for name, p in
+                    trainable_weights(from_pretrained(opts.mixup_base, device=device)).items()}
+        records = train(model, opts.data, run, cfg, progress="lines" if opts.no_progress else True,
+                        strategy=opts.strategy, expert_parallel=opts.expert_parallel,
+                        save_dtype=DTYPES[opts.dtype] if opts.dtype else None, mixup_base=base)
     if ctx.is_main:
         last = records[-1]
         final = Path(opts.out) / FINAL_MODEL
