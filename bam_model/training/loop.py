@@ -11,7 +11,7 @@ What a run does beyond that is an extension (``extension.py``), called at fixed 
 loop: ``extensions_for`` makes the run's from its settings. ``cfg.mixup`` trains by attention-guided
 weight mixup (``mixup_run.py``).
 
-``resume=True`` continues from the newest intact checkpoint (``checkpointing``): one whose files
+``RunOptions.resume`` continues from the newest intact checkpoint (``checkpointing``): one whose files
 are missing, truncated or corrupt is refused with a warning naming the problem, moved aside to
 ``checkpoints/refused-step-NNNNNNN``, and the one before it is used. A resumed run reproduces the
 uninterrupted one bitwise on the CPU (on CUDA as far as its kernels are deterministic).
@@ -41,7 +41,7 @@ from ..model import CausalLM
 from ..tokenizer import for_model
 from . import mixup_run, run_state
 from .checkpointing import CHECKPOINTS, MODEL_FILE, TRAINER_JSON, checkpoint_dirs, load_state, save_checkpoint
-from .config import TrainConfig, lr_at, make_optimizer
+from .config import RunOptions, TrainConfig, lr_at, make_optimizer
 from .extension import Extension, LossNotFinite
 from .mixup import tensors_digest
 from .run_folder import FINAL_MODEL, METRICS, RunFolder, check_start, data_inputs, open_run, read_metrics
@@ -100,69 +100,49 @@ def save_final(model: nn.Module, path: Path, dtype: torch.dtype | None = None) -
     files.write_model_folder(path, lambda folder: files.save_safetensors(tensors, folder / MODEL_FILE))
 
 
-def train(model: nn.Module, data: str, out: str | os.PathLike | RunFolder, cfg: TrainConfig, *,
-          resume: bool = False, overwrite: bool = False, tokenizer=None, progress: bool | str = True,
-          strategy: str = "ddp", expert_parallel: bool = False,
-          save_dtype: torch.dtype | None = None,
-          mixup_base: nn.Module | dict[str, torch.Tensor] | None = None) -> list[dict]:
-    """Train ``model`` in place on the ``data`` spec; returns every metrics record of the run
-    (those before a resumed checkpoint included), as written to ``out/metrics.jsonl``.
+def train(model: nn.Module, run: RunOptions | RunFolder, cfg: TrainConfig, *, tokenizer=None,
+          progress: bool | str = True) -> list[dict]:
+    """Train ``model`` in place as ``run`` (``RunOptions``: the data, the run folder, the strategy,
+    the final model's dtype, weight mixup's base) and ``cfg`` (the hyper-parameters) say; returns
+    every metrics record of the run (those before a resumed checkpoint included), as written to
+    ``out/metrics.jsonl``. ``tokenizer``: by default the model's own (``tokenizer.for_model``).
 
-    In a torch.distributed process group (torchrun; ``distributed.init_from_env``) every rank
-    calls this with the same arguments: ``strategy`` "ddp" or "fsdp", ``expert_parallel`` to
-    spread the MoE experts over the ranks (see ``distributed.prepare``). Rank r takes rows
-    r, r + W, ... of each global batch of ``cfg.batch_size``; the logged losses are means over
-    all ranks. After an FSDP or expert-parallel run ``model`` stays sharded; ``out/model`` holds
-    the whole of it.
-
-    ``out/model`` holds the weights in ``save_dtype`` (by default their own; checkpoints keep the
-    training precision, which resuming needs).
-
-    With ``cfg.mixup`` the weights are mixed with ``mixup_base`` (a model with the same weights'
-    names and shapes, or a dict of its tensors; by default ``model``'s own weights as they are when
-    this is called: pass the same starting model to resume), single-process or DDP; ``model`` ends
-    holding the mixed weights, and ``out/mixup-alpha.json`` and ``.png`` show the coefficients
-    per weight.
+    Under torchrun (``distributed.torchrun``) every rank calls this with the same arguments. Rank r
+    takes rows r, r + W, ... of each global batch of ``cfg.batch_size``; the logged losses are
+    means over all ranks. After an FSDP or expert-parallel run ``model`` stays sharded; ``out/model``
+    holds the whole of it. With ``cfg.mixup`` ``model`` ends holding the mixed weights (``mixup_run``).
 
     ``progress``: True shows a progress bar on a terminal and, where stderr is not one (a log
     file), a line per logged step and one for the first step at once; "lines" always the lines;
     False neither.
 
-    ``out`` is checked, claimed and locked first (``open_run``; or pass what ``open_run`` gave): a
-    fresh run into a folder holding a run is refused unless ``resume`` (continue it, with the same
-    settings) or ``overwrite`` (start afresh)."""
+    The run folder is checked, claimed and locked first (``open_run``; or pass the ``RunFolder`` it
+    gave): a fresh run into a folder holding a run is refused unless ``run.resume`` (continue it,
+    with the same settings) or ``run.overwrite`` (start afresh)."""
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    options = run.options if isinstance(run, RunFolder) else run
     ctx = distributed.current()
-    extensions = extensions_for(cfg, mixup_base, strategy, expert_parallel)
+    extensions = extensions_for(cfg, options, model)
     if cfg.batch_size % (cfg.grad_accum * ctx.world_size):
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of grad_accum={cfg.grad_accum} "
                          f"x world size={ctx.world_size}")
     inner = distributed.unwrap(model)
     tokenizer = for_model(inner, tokenizer)
-    sources = [s for s, _ in parse_data_spec(data)]
+    sources = [s for s, _ in parse_data_spec(options.data)]
     check_seq_len(cfg.seq_len, getattr(getattr(inner, "config", None), "max_seq_len", None))
-    _check_memory(inner, cfg, strategy, expert_parallel, ctx.world_size)
-    run = out if isinstance(out, RunFolder) else open_run(out, cfg, data, resume=resume, overwrite=overwrite,
-                                                          inputs=data_inputs(sources))
-    try:
+    _check_memory(inner, cfg, options.strategy, options.expert_parallel, ctx.world_size)
+    opened = (contextlib.nullcontext(run) if isinstance(run, RunFolder) else
+              open_run(options, cfg, inputs=data_inputs(sources)))
+    with opened as folder:
         start = _start_digests(model, tokenizer, sources)
+        loop = Loop(model, folder, cfg, tokenizer, sources, extensions, start)
+        return loop.run(progress)
 
-        def open_stream(part: tuple[str, float] | None) -> BatchStream:
-            return BatchStream(data, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                               rank=ctx.rank, world_size=ctx.world_size, tokenizer=tokenizer, part=part)
-        stream = open_stream(next((p for p in (e.data_part() for e in extensions) if p is not None), None))
-        for extension in extensions:
-            model = extension.setup(model, stream, open_stream)
-        loop = Loop(model, run, cfg, tokenizer, sources, stream, extensions, strategy, expert_parallel, start)
-        records = loop.run(progress, save_dtype)
-    except BaseException:
-        if run is not out:
-            run.close(failed=True)
-        raise
-    if run is not out:
-        run.close()
-    return records
+
+def extensions_for(cfg: TrainConfig, options: RunOptions, model: nn.Module) -> list[Extension]:
+    """The extensions a run's settings ask for (each refuses settings it cannot train with)."""
+    return [e for e in (mixup_run.for_run(cfg, options, model),) if e is not None]
 
 
 def _check_memory(model: nn.Module, cfg: TrainConfig, strategy: str, expert_parallel: bool,
@@ -205,11 +185,6 @@ def _start_digests(model: nn.Module, tokenizer, sources) -> dict:
     return {"model": h.hexdigest(), "data": {s.name: source_digest(s, tokenizer) for s in sources}}
 
 
-def extensions_for(cfg: TrainConfig, mixup_base, strategy: str, expert_parallel: bool) -> list[Extension]:
-    """The extensions a run's settings ask for (each refuses settings it cannot train with)."""
-    return [e for e in (mixup_run.for_run(cfg, mixup_base, strategy, expert_parallel),) if e is not None]
-
-
 @dataclass
 class _Step:
     """What one optimizer step measured: the mean loss terms over all ranks, and the gradient norm."""
@@ -224,15 +199,23 @@ class Loop:
     checkpointing."""
 
     def __init__(self, model: nn.Module, run: RunFolder, cfg: TrainConfig, tokenizer, sources,
-                 stream: BatchStream, extensions: list[Extension], strategy: str, expert_parallel: bool,
-                 start: dict):
+                 extensions: list[Extension], start: dict):
         self.ctx = distributed.current()
         self.cfg, self.tokenizer, self.sources, self.start = cfg, tokenizer, sources, start
-        self.stream, self.extensions = stream, extensions
-        self.out = run.path
+        self.options, self.out, self.extensions = run.options, run.path, extensions
         self.device = next(model.parameters()).device
+
+        def open_stream(part: tuple[str, float] | None) -> BatchStream:
+            return BatchStream(run.options.data, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                               seed=cfg.seed, rank=self.ctx.rank, world_size=self.ctx.world_size,
+                               tokenizer=tokenizer, part=part)
+        parts = [p for p in (e.data_part() for e in extensions) if p is not None]
+        self.stream = open_stream(parts[0] if parts else None)      # the model's own steps' data
+        for e in extensions:
+            model = e.setup(model, self.stream, open_stream)
         ignored = tuple(name for e in extensions for name in e.ddp_ignored())
-        self.wrapped = distributed.prepare(model, strategy, expert_parallel, ignore=ignored)
+        self.wrapped = distributed.prepare(model, run.options.strategy, run.options.expert_parallel,
+                                           ignore=ignored)
         own = [group for e in extensions for group in e.param_groups()]
         self.opt = make_optimizer(self.wrapped, cfg, skip={id(p) for g in own for p in g["params"]})
         self.params = [p for g in self.opt.param_groups for p in g["params"]]    # clipped together
@@ -254,7 +237,7 @@ class Loop:
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
         self.experts = distributed.expert_parameter_ids(self.wrapped)
 
-    def run(self, progress: bool | str, save_dtype: torch.dtype | None) -> list[dict]:
+    def run(self, progress: bool | str) -> list[dict]:
         from tqdm.auto import tqdm  # noqa: PLC0415 (the model extra: bam_model imports without it)
 
         cfg, ctx = self.cfg, self.ctx
@@ -300,7 +283,7 @@ class Loop:
         for e in self.extensions:
             final = e.finish(final, self.out)
         try:
-            save_final(final, self.out / FINAL_MODEL, save_dtype)
+            save_final(final, self.out / FINAL_MODEL, self.options.save_dtype)
         except DtypeRangeError as e:
             raise DtypeRangeError(f"{e}. The run's last checkpoint (step {self.step}) keeps the float32 "
                                   "weights: write model/ from it by running the same command with --resume "

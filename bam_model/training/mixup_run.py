@@ -11,6 +11,7 @@ step (records carry it until the next one, so a resumed run logs what the uninte
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -19,34 +20,41 @@ import torch.nn as nn
 
 from .. import distributed
 from ..data import BatchStream
-from .config import TrainConfig, mixup_lr_at
+from ..formats import from_pretrained
+from .config import RunOptions, TrainConfig, mixup_lr_at
 from .extension import Extension, LossNotFinite
 from .mixup import WeightMixup, tensors_digest, trainable_weights, write_alpha_report
 
 GROUP = "mixup"    # the name of the coefficients' optimizer group
 
 
-def for_run(cfg: TrainConfig, base: nn.Module | dict[str, torch.Tensor] | None, strategy: str,
-            expert_parallel: bool) -> MixupExtension | None:
-    """The run's weight mixup (None without ``cfg.mixup``); refuses a ``base`` without it, and the
-    strategies that would shard the weights it keeps whole."""
+def for_run(cfg: TrainConfig, options: RunOptions, model: nn.Module) -> MixupExtension | None:
+    """The run's weight mixup (None without ``cfg.mixup``) against ``options.mixup_base`` (a model
+    folder, read onto ``model``'s device; a model; or a dict of its weights); refuses a base without
+    ``cfg.mixup``, and the strategies that would shard the weights it keeps whole."""
+    base, expert_parallel = options.mixup_base, options.expert_parallel
     if base is not None and not cfg.mixup:
         raise ValueError("mixup_base (--mixup-base) is for weight-mixup training: add --mixup")
     if not cfg.mixup:
         return None
-    if strategy != "ddp" or expert_parallel:
+    if options.strategy != "ddp" or expert_parallel:
         raise ValueError("--mixup trains in one process or under torchrun with --strategy ddp; "
                          f"{'--expert-parallel' if expert_parallel else '--strategy fsdp'} would shard the "
                          "weights the mixup keeps whole (its frozen base and coefficients)")
+    if isinstance(base, (str, os.PathLike)):
+        base = from_pretrained(str(base), device=next(model.parameters()).device)
     return MixupExtension(cfg, base)
 
 
 class MixupExtension(Extension):
     """Weight mixup of one run against ``base`` (a model with the same weights' names and shapes, or
-    a dict of its tensors; None: the model's own weights as they are at ``setup``)."""
+    a dict of its tensors; None: the model's own weights as they are at ``setup``: resume from the
+    same starting model)."""
     name = "mixup"
 
     def __init__(self, cfg: TrainConfig, base: nn.Module | dict[str, torch.Tensor] | None):
+        if isinstance(base, nn.Module):              # its weights alone are kept: the module goes
+            base = {name: p.detach() for name, p in trainable_weights(base).items()}
         self.cfg, self.base = cfg, base
         self.fraction = cfg.mixup_fraction           # 0: the coefficients are held, no data kept for them
         self.mixup: WeightMixup | None = None
@@ -60,13 +68,10 @@ class MixupExtension(Extension):
     def setup(self, model, stream, open_stream):
         if self.fraction:
             self.stream = open_stream(("mixup", self.fraction))
-        base = self.base
-        if isinstance(base, nn.Module):
-            base = {name: p.detach() for name, p in trainable_weights(base).items()}
-        self.base = None                             # the module (if one was given) goes
         cfg = self.cfg
-        self.mixup = WeightMixup(model, base, granularity=cfg.mixup_granularity, init=cfg.mixup_init,
+        self.mixup = WeightMixup(model, self.base, granularity=cfg.mixup_granularity, init=cfg.mixup_init,
                                  learn_alpha=cfg.mixup_lr > 0)
+        self.base = None                             # held by the WeightMixup from now on
         if self.stream is not None and distributed.current().is_main:
             self._say_parts(stream)
         self.base_digest = tensors_digest(dict(zip(self.mixup.names, self.mixup.base)))
