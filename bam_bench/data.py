@@ -34,6 +34,7 @@ from bam_model.prepare import BATCH_BYTES
 MB = 10**6
 FULL = {"throughput": 100 * MB, "start": (10 * MB, 1000 * MB)}
 QUICK = {"throughput": 10 * MB, "start": (10 * MB, 50 * MB)}
+BAM = [sys.executable, "-m", "bam_model.cli"]
 
 
 def _size(n: int) -> str:
@@ -124,68 +125,76 @@ def run(device: str, quick: bool):
     root = Path(tempfile.mkdtemp(prefix="bam-bench-data-", dir=os.environ.get("BAM_BENCH_TMP")))
     env = {**os.environ, "BAM_DATA_CACHE": str(root / "cache"), "RAYON_NUM_THREADS": str(threads)}
     os.environ["RAYON_NUM_THREADS"] = str(threads)   # the pool of this process: read at its first use
-    bam = [sys.executable, "-m", "bam_model.cli"]
-    tokenizer = str(D.CORPUS_DIR / "tokenizer.json")
     try:
-        # Throughput: the tokenizer alone, then the command.
-        n = sizes["throughput"]
-        src = root / "throughput.jsonl"
-        nbytes = _write_corpus(src, n)
-        texts = _texts(src)
-        tok = D.load_tokenizer()
-        batches, batch, size = [], [], 0
-        for t in texts:
-            batch.append(t)
-            size += len(t)
-            if size >= BATCH_BYTES:
-                batches.append(batch)
-                batch, size = [], 0
-        batches.append(batch)
-        start = time.perf_counter()
-        for b in batches:
-            tok.encode_batch(b, add_special_tokens=False)
-        seconds = time.perf_counter() - start
-        del texts, batches
-        case = f"prepare {_size(nbytes)} jsonl, {threads} threads"
-        yield {"case": case, "provider": "encode_batch (in memory)", "ms": seconds * 1e3,
-               "mbps": nbytes / MB / seconds}
-        r = _run([*bam, "prepare", str(src), "--tokenizer", tokenizer, "--out", str(root / "p-throughput"),
-                  "--no-progress", "--workers", str(threads)], env)
-        yield {"case": case, "provider": "bam prepare (whole command)", "ms": r["wall"] * 1e3,
-               "mbps": nbytes / MB / r["wall"], "rss_mib": r["rss_mib"]}
-        src.unlink()
-        shutil.rmtree(root / "p-throughput")
-        # Start-up: a tiny model, one step, on corpora of two sizes.
-        model = root / "model"
-        cfg = DenseConfig(vocab_size=tok.get_vocab_size(), dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                          ffn_dim=128, max_seq_len=128, tie_embeddings=True, eos_token_id=0)
-        DenseLM(cfg).save_pretrained(str(model))
-        train = ["--steps", "1", "--batch-size", "4", "--seq-len", "128", "--eval-windows", "1",
-                 "--no-progress"]
-        for n in sizes["start"]:
-            src = root / f"c{n}.jsonl"
-            nbytes = _write_corpus(src, n)
-            prepared = root / f"p{n}"
-            r = _run([*bam, "prepare", str(src), "--tokenizer", tokenizer, "--out", str(prepared),
-                      "--no-progress", "--workers", str(threads)], env)
-            yield {"case": f"prepare {_size(nbytes)} jsonl, {threads} threads",
-                   "provider": "bam prepare (whole command)", "ms": r["wall"] * 1e3,
-                   "mbps": nbytes / MB / r["wall"], "rss_mib": r["rss_mib"]}
-            os.sync()   # the prepared files on disk: their writeback is not timed as the run's start-up
-            r = _run([*bam, "train", str(model), "--data", str(prepared), "--out", str(root / f"run{n}"),
-                      *train], env, until="train: step 1/")
-            yield {"case": f"first step, {_size(nbytes)} corpus",
-                   "provider": "bam train on the prepared folder", "ms": r["first"] * 1e3,
-                   "rss_mib": r["rss_mib"]}
-            if n == min(sizes["start"]):
-                for label in ("cold: prepares into the cache", "cached"):
-                    out = root / f"raw{n}-{label[:4]}"
-                    r = _run([*bam, "train", str(model), "--data", str(src), "--out", str(out), *train], env,
-                             until="train: step 1/")
-                    yield {"case": f"first step, {_size(nbytes)} corpus",
-                           "provider": f"bam train on the jsonl ({label})", "ms": r["first"] * 1e3,
-                           "rss_mib": r["rss_mib"]}
-            src.unlink()
-            shutil.rmtree(prepared)
+        yield from _throughput(root, env, sizes["throughput"], threads)
+        yield from _start_up(root, env, sizes["start"], threads)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _prepare_argv(src: Path, out: Path, threads: int) -> list[str]:
+    """``bam prepare`` of ``src`` into ``out`` with the bundled BPE, on ``threads`` threads."""
+    return [*BAM, "prepare", str(src), "--tokenizer", str(D.CORPUS_DIR / "tokenizer.json"), "--out", str(out),
+            "--no-progress", "--workers", str(threads)]
+
+
+def _throughput(root: Path, env: dict, n: int, threads: int):
+    """Tokenizing a corpus of ``n`` bytes: the tokenizer alone, then the whole command."""
+    src = root / "throughput.jsonl"
+    nbytes = _write_corpus(src, n)
+    texts = _texts(src)
+    tok = D.load_tokenizer()
+    batches, batch, size = [], [], 0
+    for t in texts:
+        batch.append(t)
+        size += len(t)
+        if size >= BATCH_BYTES:
+            batches.append(batch)
+            batch, size = [], 0
+    batches.append(batch)
+    start = time.perf_counter()
+    for b in batches:
+        tok.encode_batch(b, add_special_tokens=False)
+    seconds = time.perf_counter() - start
+    del texts, batches
+    case = f"prepare {_size(nbytes)} jsonl, {threads} threads"
+    yield {"case": case, "provider": "encode_batch (in memory)", "ms": seconds * 1e3,
+           "mbps": nbytes / MB / seconds}
+    r = _run(_prepare_argv(src, root / "p-throughput", threads), env)
+    yield {"case": case, "provider": "bam prepare (whole command)", "ms": r["wall"] * 1e3,
+           "mbps": nbytes / MB / r["wall"], "rss_mib": r["rss_mib"]}
+    src.unlink()
+    shutil.rmtree(root / "p-throughput")
+
+
+def _start_up(root: Path, env: dict, corpus_sizes: tuple[int, ...], threads: int):
+    """Start-up: a tiny model, one step, on a prepared corpus of each size; on the smallest also on
+    its JSON Lines file, cold (prepared into the cache) and cached."""
+    model = root / "model"
+    cfg = DenseConfig(vocab_size=D.load_tokenizer().get_vocab_size(), dim=64, n_layers=2, n_heads=4,
+                      n_kv_heads=2, ffn_dim=128, max_seq_len=128, tie_embeddings=True, eos_token_id=0)
+    DenseLM(cfg).save_pretrained(str(model))
+    train = ["--steps", "1", "--batch-size", "4", "--seq-len", "128", "--eval-windows", "1", "--no-progress"]
+    for n in corpus_sizes:
+        src = root / f"c{n}.jsonl"
+        nbytes = _write_corpus(src, n)
+        prepared = root / f"p{n}"
+        r = _run(_prepare_argv(src, prepared, threads), env)
+        yield {"case": f"prepare {_size(nbytes)} jsonl, {threads} threads",
+               "provider": "bam prepare (whole command)", "ms": r["wall"] * 1e3,
+               "mbps": nbytes / MB / r["wall"], "rss_mib": r["rss_mib"]}
+        os.sync()   # the prepared files on disk: their writeback is not timed as the run's start-up
+        r = _run([*BAM, "train", str(model), "--data", str(prepared), "--out", str(root / f"run{n}"), *train],
+                 env, until="train: step 1/")
+        yield {"case": f"first step, {_size(nbytes)} corpus", "provider": "bam train on the prepared folder",
+               "ms": r["first"] * 1e3, "rss_mib": r["rss_mib"]}
+        if n == min(corpus_sizes):
+            for label in ("cold: prepares into the cache", "cached"):
+                out = root / f"raw{n}-{label[:4]}"
+                r = _run([*BAM, "train", str(model), "--data", str(src), "--out", str(out), *train], env,
+                         until="train: step 1/")
+                yield {"case": f"first step, {_size(nbytes)} corpus",
+                       "provider": f"bam train on the jsonl ({label})", "ms": r["first"] * 1e3,
+                       "rss_mib": r["rss_mib"]}
+        src.unlink()
+        shutil.rmtree(prepared)

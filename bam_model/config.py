@@ -17,6 +17,7 @@ import torch
 
 from .options import (
     is_int,
+    option,
     positive_float,
     positive_int,
     short_repr,
@@ -29,6 +30,14 @@ METHODS = ("bam", "btx", "sparse")
 
 # The weight dtypes the command line accepts, by name.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = tuple(sorted(DTYPES))
+
+
+def dtype_option(default: str | None, help: str):
+    """A ``--dtype`` (and recipe key) of the weights: float32, bfloat16 or float16 (declared here, by
+    the dtypes, for every command and the training run's options)."""
+    return option(default, help=help, choices=DTYPE_CHOICES, what=" or ".join(DTYPE_CHOICES),
+                  accepts=lambda v: isinstance(v, str) and v in DTYPES)
 
 
 def check_seq_len(seq_len: int, context: int | None, flag: str | None = None) -> None:

@@ -5,7 +5,8 @@ the wrapping of the model. Its model and optimizer state as checkpoints: ``train
     torchrun --nproc_per_node 8 $(which bam) train MODEL --data ... --out run/ [--strategy fsdp]
 
 ``init_from_env`` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT)
-and starts NCCL on GPUs, gloo on the CPU. The trainer then calls ``prepare`` (wrap the model),
+and starts NCCL on GPUs, gloo on the CPU; a command runs inside ``torchrun`` (which also leaves the
+group at its end). The trainer then calls ``prepare`` (wrap the model),
 ``grad_sync`` (skip the gradient reduction of all but the last micro-batch) and ``clip_grad_norm``
 (one global norm over every rank's shards).
 """
@@ -84,6 +85,20 @@ def init_from_env(device: str | None = None) -> tuple[Dist, torch.device]:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def torchrun(device: str | None = None):
+    """A command's time in torchrun's process group: joins it (``init_from_env``), yields this
+    process's ``Dist`` and device, and leaves the group at the end, unless a caller had joined it
+    before (who then leaves it)."""
+    owns_group = not dist.is_initialized()
+    ctx, dev = init_from_env(device)
+    try:
+        yield ctx, dev
+    finally:
+        if owns_group:
+            shutdown()
 
 
 def _comm_device() -> torch.device:

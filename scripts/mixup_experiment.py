@@ -42,7 +42,7 @@ from bam_model import data as D
 from bam_model.demo import FULL, general_weights, mixture_data, mixture_spec
 from bam_model.evaluate import evaluate
 from bam_model.files import write_json_atomic, write_text_atomic
-from bam_model.training import TrainConfig, train
+from bam_model.training import RunOptions, TrainConfig, train
 from bam_model.upcycle import branch, upcycle
 
 MODES = {  # name -> TrainConfig fields
@@ -89,7 +89,7 @@ def train_run(seed_path: str, data: str, out: Path, cfg: TrainConfig, model=None
     if (out / "model" / "config.json").is_file() and metrics.is_file():
         return [json.loads(line) for line in metrics.read_text().splitlines()]
     model = model if model is not None else bam_model.from_pretrained(seed_path)
-    return train(model, data, out, cfg, resume=out.exists(), progress=False)
+    return train(model, RunOptions(data=data, out=out, resume=out.exists()), cfg, progress=False)
 
 
 def step_seconds(records: list[dict], cfg: TrainConfig) -> float:
@@ -180,7 +180,7 @@ def cost_child(model_path: str, mode: str, steps: int, batch: int, seq_len: int,
     loaded_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cfg = TrainConfig(steps=steps, batch_size=batch, seq_len=seq_len, lr=1e-4, warmup=0, log_every=1,
                       eval_every=10 * steps, eval_windows=1, seed=0, **COST_MODES[mode])
-    records = train(model, "legal", out, cfg, progress=False)
+    records = train(model, RunOptions(data="legal", out=out), cfg, progress=False)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"step_s": step_seconds(records, cfg), "loaded_mb": loaded_kb / 1024,
                       "peak_mb": peak_kb / 1024, "params": sum(p.numel() for p in model.parameters())}))

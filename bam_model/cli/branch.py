@@ -6,12 +6,11 @@ import contextlib
 import os
 from dataclasses import dataclass
 
-from ..config import DTYPES
+from ..config import DTYPES, dtype_option
 from ..files import check_output, reserve_output
 from ..formats import load_dense
 from ..options import add_options, from_args, option
 from ..upcycle import branch
-from .common import dtype_option
 
 
 @dataclass(kw_only=True)

@@ -6,8 +6,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .. import distributed, from_pretrained
 from ..config import check_seq_len
 from ..data import DOMAINS
@@ -69,15 +67,10 @@ def run_eval(args: argparse.Namespace) -> dict:
     if opts.json is not None:    # before any work: never a file bam did not write, never the model's
         check_output_file(opts.json, _is_eval_file, flag="--json", what="a results file",
                           inputs=[("MODEL", opts.model)])
-    owns_group = not torch.distributed.is_initialized()
-    ctx, device = distributed.init_from_env(opts.device)
-    try:
+    with distributed.torchrun(opts.device) as (ctx, device):
         model = from_pretrained(opts.model, device=device)
         results = evaluate(model, opts.data, seq_len=opts.seq_len, batch_size=opts.batch_size,
                            max_windows=opts.max_windows, progress=not opts.no_progress)
-    finally:
-        if owns_group:
-            distributed.shutdown()
     if not ctx.is_main:
         return results
     print(f"{'domain':12s} {'ppl':>10s} {'bpb':>8s} {'tokens':>9s}")

@@ -4,13 +4,12 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from ..config import DTYPES
+from ..config import DTYPES, dtype_option
 from ..files import reserve_output
 from ..formats import export_hf
 from ..generate import load_model_and_tokenizer
 from ..options import add_options, from_args, option
 from ..tokenizer import hf_tokenizer_files
-from .common import dtype_option
 
 
 @dataclass(kw_only=True)

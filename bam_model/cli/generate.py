@@ -5,11 +5,11 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from ..config import DTYPES
+from ..config import DTYPES, dtype_option
 from ..distributed import resolve_device
 from ..generate import generate_text, load_model_and_tokenizer
 from ..options import INT, NUMBER, add_options, from_args, option, seed_check, validate
-from .common import device_option, dtype_option
+from .common import device_option
 
 
 @dataclass(kw_only=True)

@@ -11,13 +11,12 @@ from dataclasses import dataclass
 
 import yaml
 
-from ..config import DTYPES
+from ..config import DTYPES, dtype_option
 from ..files import reserve_output
 from ..formats import export_mixtral
 from ..options import add_options, check_mapping, flag_name, from_args, given, option, short_repr
 from ..tokenizer import hf_tokenizer_files
 from ..upcycle import FFN_ROUTINGS, MixOptions, upcycle
-from .common import dtype_option
 
 RECIPE_MAX_BYTES = 1 << 20
 

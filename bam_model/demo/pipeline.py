@@ -46,7 +46,7 @@ from ..files.reading import read_json
 from ..formats import from_pretrained
 from ..formats.folder import load_config
 from ..model import DenseLM
-from ..training import FINAL_MODEL, TrainConfig, remove_checkpoints, train
+from ..training import FINAL_MODEL, RunOptions, TrainConfig, remove_checkpoints, train
 from ..upcycle import branch, upcycle
 from . import ablations as abl
 from .config import (
@@ -104,9 +104,8 @@ class PhaseRunner:
             model = make_model().to(self.device)
             self.log(f"[{name}] training {steps} steps on {data} "
                      f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters)")
-            records = train(model, data, run, self.train_cfg(steps, lr, seed), resume=True,
-                            tokenizer=self.tokenizer,
-                            progress=self.progress)
+            records = train(model, RunOptions(data=data, out=run, resume=True),
+                            self.train_cfg(steps, lr, seed), tokenizer=self.tokenizer, progress=self.progress)
             info = {"steps": steps, "tokens": steps * self.cfg.batch_size * self.cfg.seq_len, "lr": lr,
                     "data": data, "seed": self.cfg.seed if seed is None else seed,
                     "final_loss": records[-1]["loss"], "seconds": time.perf_counter() - t0,

@@ -1,14 +1,19 @@
-"""A training run's hyper-parameters (``TrainConfig``, also the flags of ``bam train``), the
-learning-rate schedule and the optimizer."""
+"""A training run's settings, also the flags of ``bam train``: its hyper-parameters (``TrainConfig``,
+which a resumed run must repeat) and where and how it runs (``RunOptions``); the learning-rate
+schedule and the optimizer."""
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from ..config import DTYPES, dtype_option
+from ..distributed import STRATEGIES
 from ..options import INT, NUMBER, int_at_least, number_in, option, seed_check, validate
 from .mixup import GRANULARITIES
 
@@ -105,6 +110,43 @@ class TrainConfig:
         return min(100, self.steps // 10) if self.warmup is None else self.warmup
 
 
+@dataclass(kw_only=True)
+class RunOptions:
+    """What a run trains on, where it writes and how it runs, beside its hyper-parameters: the data
+    spec, the run folder ``out`` (checked, claimed and locked by ``run_folder.open_run``), the
+    strategy under torchrun (every rank runs with the same options), the dtype of the final
+    ``out/model`` and the base of weight mixup. ``cli.train.TrainRun`` adds what ``bam train``
+    needs besides (the model's folder, the device, the progress lines)."""
+    data: str = option(help="domain (code, math, legal, drama, scripture), mixture 'code:0.5,math:0.5', or "
+                       "text path")
+    out: str | os.PathLike = option(help="run folder: metrics.jsonl, checkpoints/, model/")
+    resume: bool = option(False, help="continue the run in --out from its newest intact checkpoint, with the "
+                          "same settings (only --log-every, --eval-every, --eval-windows, --save-every and "
+                          "--keep-checkpoints may change); a fresh run when --out holds none")
+    overwrite: bool = option(False, help="start afresh in an --out that holds an earlier run, removing that "
+                             "run's files")
+    strategy: str = option("ddp", help="under torchrun: ddp replicates the model on every rank, fsdp shards "
+                           "parameters, gradients and optimizer state over the ranks", choices=STRATEGIES)
+    expert_parallel: bool = option(False, help="under torchrun (ddp): spread each MoE layer's experts over "
+                                   "the ranks, tokens exchanged with all-to-all; the number of experts must "
+                                   "divide by the world size")
+    dtype: str | None = dtype_option(None, help="dtype of the final model/ (default: the training dtype, "
+                                     "float32); bfloat16 halves its size. Checkpoints keep float32 weights "
+                                     "and optimizer state, which resuming needs")
+    # From Python also a model or a dict of its weights (name -> tensor), used as they are.
+    mixup_base: str | os.PathLike | nn.Module | dict | None = option(
+        None, help="with --mixup: the model folder whose weights are the frozen W_base (default: MODEL's "
+        "own); same weight names and shapes as MODEL. W_task starts as MODEL: the run starts at a * MODEL + "
+        "(1 - a) * BASE")
+
+    def __post_init__(self):
+        validate(self)
+
+    @property
+    def save_dtype(self) -> torch.dtype | None:
+        return DTYPES[self.dtype] if self.dtype is not None else None
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine decay."""
     warmup = cfg.warmup_steps
@@ -120,9 +162,10 @@ def mixup_lr_at(step: int, cfg: TrainConfig) -> float:
     return lr_at(step, cfg) * cfg.mixup_lr / cfg.lr
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; matrices and embeddings decay, vectors (norms, biases) do not."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(model: nn.Module, cfg: TrainConfig, skip: Collection[int] = ()) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters (but those whose ``id`` is in ``skip``); matrices
+    and embeddings decay, vectors (norms, biases) do not."""
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
     if not params:
         raise ValueError("model has no trainable parameters")
     decay = [p for p in params if p.dim() >= 2]

@@ -7,11 +7,11 @@ accumulation, bf16 autocast on CUDA. Under torchrun it trains data-parallel (DDP
 (FSDP2) or with the MoE experts spread over the ranks (``distributed.py``): each rank takes its
 share of every global batch, so the batch and the data order do not depend on the world size.
 
-``cfg.mixup`` trains by attention-guided weight mixup (``mixup.py``): each optimizer step is a step
-of the task weights on the task part of the training documents, then (every ``mixup_every`` steps)
-a step of the mixing coefficients on the other part; at the end ``model`` holds the mixed weights.
+What a run does beyond that is an extension (``extension.py``), called at fixed points of the
+loop: ``extensions_for`` makes the run's from its settings. ``cfg.mixup`` trains by attention-guided
+weight mixup (``mixup_run.py``).
 
-``resume=True`` continues from the newest intact checkpoint (``checkpointing``): one whose files
+``RunOptions.resume`` continues from the newest intact checkpoint (``checkpointing``): one whose files
 are missing, truncated or corrupt is refused with a warning naming the problem, moved aside to
 ``checkpoints/refused-step-NNNNNNN``, and the one before it is used. A resumed run reproduces the
 uninterrupted one bitwise on the CPU (on CUDA as far as its kernels are deterministic).
@@ -41,15 +41,12 @@ from ..files.reading import read_json
 from ..files.room import gib
 from ..model import CausalLM
 from ..tokenizer import for_model
-from . import run_state
+from . import mixup_run, run_state
 from .checkpointing import CHECKPOINTS, MODEL_FILE, TRAINER_JSON, checkpoint_dirs, load_state, save_checkpoint
-from .config import TrainConfig, lr_at, make_optimizer, mixup_lr_at
-from .mixup import WeightMixup, tensors_digest, trainable_weights, write_alpha_report
+from .config import RunOptions, TrainConfig, lr_at, make_optimizer
+from .extension import Extension, LossNotFinite
+from .mixup import tensors_digest
 from .run_folder import FINAL_MODEL, METRICS, RunFolder, check_start, data_inputs, open_run, read_metrics
-
-
-class LossNotFinite(FloatingPointError):
-    """Training diverged: the loss became NaN or infinite."""
 
 
 class Estimate:
@@ -105,76 +102,49 @@ def save_final(model: nn.Module, path: Path, dtype: torch.dtype | None = None) -
     files.write_model_folder(path, lambda folder: save_safetensors(tensors, folder / MODEL_FILE))
 
 
-def train(model: nn.Module, data: str, out: str | os.PathLike | RunFolder, cfg: TrainConfig, *,
-          resume: bool = False, overwrite: bool = False, tokenizer=None, progress: bool | str = True,
-          strategy: str = "ddp", expert_parallel: bool = False,
-          save_dtype: torch.dtype | None = None,
-          mixup_base: nn.Module | dict[str, torch.Tensor] | None = None) -> list[dict]:
-    """Train ``model`` in place on the ``data`` spec; returns every metrics record of the run
-    (those before a resumed checkpoint included), as written to ``out/metrics.jsonl``.
+def train(model: nn.Module, run: RunOptions | RunFolder, cfg: TrainConfig, *, tokenizer=None,
+          progress: bool | str = True) -> list[dict]:
+    """Train ``model`` in place as ``run`` (``RunOptions``: the data, the run folder, the strategy,
+    the final model's dtype, weight mixup's base) and ``cfg`` (the hyper-parameters) say; returns
+    every metrics record of the run (those before a resumed checkpoint included), as written to
+    ``out/metrics.jsonl``. ``tokenizer``: by default the model's own (``tokenizer.for_model``).
 
-    In a torch.distributed process group (torchrun; ``distributed.init_from_env``) every rank
-    calls this with the same arguments: ``strategy`` "ddp" or "fsdp", ``expert_parallel`` to
-    spread the MoE experts over the ranks (see ``distributed.prepare``). Rank r takes rows
-    r, r + W, ... of each global batch of ``cfg.batch_size``; the logged losses are means over
-    all ranks. After an FSDP or expert-parallel run ``model`` stays sharded; ``out/model`` holds
-    the whole of it.
-
-    ``out/model`` holds the weights in ``save_dtype`` (by default their own; checkpoints keep the
-    training precision, which resuming needs).
-
-    With ``cfg.mixup`` the weights are mixed with ``mixup_base`` (a model with the same weights'
-    names and shapes, or a dict of its tensors; by default ``model``'s own weights as they are when
-    this is called: pass the same starting model to resume), single-process or DDP; ``model`` ends
-    holding the mixed weights, and ``out/mixup-alpha.json`` and ``.png`` show the coefficients
-    per weight.
+    Under torchrun (``distributed.torchrun``) every rank calls this with the same arguments. Rank r
+    takes rows r, r + W, ... of each global batch of ``cfg.batch_size``; the logged losses are
+    means over all ranks. After an FSDP or expert-parallel run ``model`` stays sharded; ``out/model``
+    holds the whole of it. With ``cfg.mixup`` ``model`` ends holding the mixed weights (``mixup_run``).
 
     ``progress``: True shows a progress bar on a terminal and, where stderr is not one (a log
     file), a line per logged step and one for the first step at once; "lines" always the lines;
     False neither.
 
-    ``out`` is checked, claimed and locked first (``open_run``; or pass what ``open_run`` gave): a
-    fresh run into a folder holding a run is refused unless ``resume`` (continue it, with the same
-    settings) or ``overwrite`` (start afresh)."""
+    The run folder is checked, claimed and locked first (``open_run``; or pass the ``RunFolder`` it
+    gave): a fresh run into a folder holding a run is refused unless ``run.resume`` (continue it,
+    with the same settings) or ``run.overwrite`` (start afresh)."""
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    options = run.options if isinstance(run, RunFolder) else run
     ctx = distributed.current()
-    if mixup_base is not None and not cfg.mixup:
-        raise ValueError("mixup_base (--mixup-base) is for weight-mixup training: add --mixup")
-    if cfg.mixup and (strategy != "ddp" or expert_parallel):
-        raise ValueError("--mixup trains in one process or under torchrun with --strategy ddp; "
-                         f"{'--expert-parallel' if expert_parallel else '--strategy fsdp'} would shard the "
-                         "weights the mixup keeps whole (its frozen base and coefficients)")
+    extensions = extensions_for(cfg, options, model)
     if cfg.batch_size % (cfg.grad_accum * ctx.world_size):
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of grad_accum={cfg.grad_accum} "
                          f"x world size={ctx.world_size}")
     inner = distributed.unwrap(model)
     tokenizer = for_model(inner, tokenizer)
-    sources = [s for s, _ in parse_data_spec(data)]
+    sources = [s for s, _ in parse_data_spec(options.data)]
     check_seq_len(cfg.seq_len, getattr(getattr(inner, "config", None), "max_seq_len", None))
-    _check_memory(inner, cfg, strategy, expert_parallel, ctx.world_size)
-    run = out if isinstance(out, RunFolder) else open_run(out, cfg, data, resume=resume, overwrite=overwrite,
-                                                          inputs=data_inputs(sources))
-    try:
+    _check_memory(inner, cfg, options.strategy, options.expert_parallel, ctx.world_size)
+    opened = (contextlib.nullcontext(run) if isinstance(run, RunFolder) else
+              open_run(options, cfg, inputs=data_inputs(sources)))
+    with opened as folder:
         start = _start_digests(model, tokenizer, sources)
-        fraction = cfg.mixup_fraction if cfg.mixup else 0.0
-        streams = [BatchStream(data, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
-                               rank=ctx.rank, world_size=ctx.world_size, tokenizer=tokenizer,
-                               part=(part, fraction) if fraction else None)
-                   for part in (("task", "mixup") if fraction else ("task",))]
-        if cfg.mixup:
-            model = _wrap_for_mixup(model, mixup_base, cfg)
-            if len(streams) > 1 and ctx.is_main:
-                _say_parts(streams, fraction)
-        loop = _Loop(model, run, cfg, tokenizer, sources, streams, strategy, expert_parallel, start)
-        records = loop.run(progress, save_dtype)
-    except BaseException:
-        if run is not out:
-            run.close(failed=True)
-        raise
-    if run is not out:
-        run.close()
-    return records
+        loop = Loop(model, folder, cfg, tokenizer, sources, extensions, start)
+        return loop.run(progress)
+
+
+def extensions_for(cfg: TrainConfig, options: RunOptions, model: nn.Module) -> list[Extension]:
+    """The extensions a run's settings ask for (each refuses settings it cannot train with)."""
+    return [e for e in (mixup_run.for_run(cfg, options, model),) if e is not None]
 
 
 def _check_memory(model: nn.Module, cfg: TrainConfig, strategy: str, expert_parallel: bool,
@@ -217,31 +187,6 @@ def _start_digests(model: nn.Module, tokenizer, sources) -> dict:
     return {"model": h.hexdigest(), "data": {s.name: source_digest(s, tokenizer) for s in sources}}
 
 
-def _wrap_for_mixup(model: nn.Module, base, cfg: TrainConfig) -> WeightMixup:
-    if isinstance(base, nn.Module):
-        base = {name: p.detach() for name, p in trainable_weights(base).items()}
-    return WeightMixup(model, base, granularity=cfg.mixup_granularity, init=cfg.mixup_init,
-                       learn_alpha=cfg.mixup_lr > 0)
-
-
-def _check_mixup_base(state: dict, path: Path, digest: str) -> None:
-    """Refuse to resume a weight-mixup run with another base than its own (every rank hashes its
-    own base, so every rank refuses)."""
-    if state.get("mixup", {}).get("base_digest") != digest:
-        raise ValueError(f"--resume: the mixup base differs from the one the run in "
-                         f"{str(path.parent.parent)!r} started from (their SHA-256 digests differ); "
-                         "resume from the same MODEL and --mixup-base")
-
-
-def _say_parts(streams: list[BatchStream], fraction: float) -> None:
-    """Tell how many tokens each part of a weight-mixup run's data holds (a document split can miss
-    its share when a source has few, long documents)."""
-    task, mixup = (sum(len(t) for t in s.tokens) for s in streams)
-    print(f"train: weight mixup: the weights train on {task:,} tokens, the coefficients on {mixup:,} "
-          f"({mixup / (task + mixup):.0%} of the training tokens; --mixup-split {fraction:g})",
-          file=sys.stderr, flush=True)
-
-
 @dataclass
 class _Step:
     """What one optimizer step measured: the mean loss terms over all ranks, and the gradient norm."""
@@ -250,51 +195,51 @@ class _Step:
     grad_norm: torch.Tensor     # converted when logged: no synchronisation per step
 
 
-class _Loop:
-    """One training run: the model wrapped for its strategy, its optimizer, the data stream and the
-    metrics records; ``run`` takes the optimizer steps, logging, evaluating and checkpointing."""
+class Loop:
+    """One training run: the model wrapped for its strategy, its optimizer, the data stream, the
+    extensions and the metrics records; ``run`` takes the optimizer steps, logging, evaluating and
+    checkpointing."""
 
     def __init__(self, model: nn.Module, run: RunFolder, cfg: TrainConfig, tokenizer, sources,
-                 streams: list[BatchStream], strategy: str, expert_parallel: bool, start: dict):
+                 extensions: list[Extension], start: dict):
         self.ctx = distributed.current()
         self.cfg, self.tokenizer, self.sources, self.start = cfg, tokenizer, sources, start
-        self.stream = streams[0]
-        self.mixup_stream = streams[1] if len(streams) > 1 else None
-        self.out = run.path
+        self.options, self.out, self.extensions = run.options, run.path, extensions
         self.device = next(model.parameters()).device
-        self.mixup = model if isinstance(model, WeightMixup) else None
-        logits = [f"logits.{i}" for i in range(len(self.mixup.logits))] if self.mixup is not None else []
-        self.wrapped = distributed.prepare(model, strategy, expert_parallel, ignore=tuple(logits))
-        self.opt = make_optimizer(self.mixup.model if self.mixup is not None else self.wrapped, cfg)
-        if self.mixup_stream is not None:
-            self.opt.add_param_group({"params": list(self.mixup.logits), "lr": cfg.mixup_lr,
-                                      "weight_decay": 0.0, "name": "mixup"})
-        self.base_digest = (tensors_digest(dict(zip(self.mixup.names, self.mixup.base)))
-                            if self.mixup is not None else None)
+
+        def open_stream(part: tuple[str, float] | None) -> BatchStream:
+            return BatchStream(run.options.data, "train", seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                               seed=cfg.seed, rank=self.ctx.rank, world_size=self.ctx.world_size,
+                               tokenizer=tokenizer, part=part)
+        parts = [p for p in (e.data_part() for e in extensions) if p is not None]
+        self.stream = open_stream(parts[0] if parts else None)      # the model's own steps' data
+        for e in extensions:
+            model = e.setup(model, self.stream, open_stream)
+        ignored = tuple(name for e in extensions for name in e.ddp_ignored())
+        self.wrapped = distributed.prepare(model, run.options.strategy, run.options.expert_parallel,
+                                           ignore=ignored)
+        own = [group for e in extensions for group in e.param_groups()]
+        self.opt = make_optimizer(self.wrapped, cfg, skip={id(p) for g in own for p in g["params"]})
+        self.params = [p for g in self.opt.param_groups for p in g["params"]]    # clipped together
+        for group in own:
+            self.opt.add_param_group(group)
         torch.manual_seed(cfg.seed + 1_000_003 * self.ctx.rank)       # rank 0 keeps the single-process stream
         self.step = 0
-        # The loss of the latest step of the coefficients (records carry it until the next one);
-        # checkpointed, so that a resumed run logs what the uninterrupted run logs.
-        self.mixup_loss: float | None = None
         if run.resume_step >= 0:
             path = self.out / CHECKPOINTS / f"step-{run.resume_step:07d}"
             state = read_json(str(path / TRAINER_JSON))
             check_start(state, path, start)
-            if self.mixup is not None:
-                _check_mixup_base(state, path, self.base_digest)
+            for e in extensions:
+                e.restore(state.get(e.name), path)
             self.step = load_state(path, state, self.wrapped, self.opt, self.stream)
-            if self.mixup_stream is not None:
-                self.mixup_stream.load_state_dict(state["mixup"]["data"])
-                self.mixup_loss = state["mixup"].get("loss")
         self.records = read_metrics(self.out / METRICS, self.step) if self.step else []
         if self.ctx.is_main:
             write_text_atomic(self.out / METRICS, "".join(json.dumps(r) + "\n" for r in self.records))
         self.micro = cfg.batch_size // (cfg.grad_accum * self.ctx.world_size)
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
-        self.params = [p for g in self.opt.param_groups if g.get("name") != "mixup" for p in g["params"]]
         self.experts = distributed.expert_parameter_ids(self.wrapped)
 
-    def run(self, progress: bool | str, save_dtype: torch.dtype | None) -> list[dict]:
+    def run(self, progress: bool | str) -> list[dict]:
         from tqdm.auto import tqdm  # noqa: PLC0415 (the model extra: bam_model imports without it)
 
         cfg, ctx = self.cfg, self.ctx
@@ -337,12 +282,10 @@ class _Loop:
                     t_last = time.perf_counter()
         bar.close()
         final = self.wrapped
-        if self.mixup is not None:
-            if ctx.is_main:
-                write_alpha_report(self.mixup, self.out)
-            final = self.mixup.materialize()
+        for e in self.extensions:
+            final = e.finish(final, self.out)
         try:
-            save_final(final, self.out / FINAL_MODEL, save_dtype)
+            save_final(final, self.out / FINAL_MODEL, self.options.save_dtype)
         except DtypeRangeError as e:
             raise DtypeRangeError(f"{e}. The run's last checkpoint (step {self.step}) keeps the float32 "
                                   "weights: write model/ from it by running the same command with --resume "
@@ -358,20 +301,19 @@ class _Loop:
               f"{_duration(elapsed)} elapsed, about {_duration(left)} left", file=sys.stderr, flush=True)
 
     def checkpoint_extra(self) -> dict:
-        if self.mixup is None:
-            return {"start": self.start}
-        extra = {"base_digest": self.base_digest}
-        if self.mixup_stream is not None:
-            extra["data"] = self.mixup_stream.state_dict()
-            extra["loss"] = self.mixup_loss
-        return {"start": self.start, "mixup": extra}
+        """What ``trainer.json`` holds beyond the loop's own state: what the run started from, and
+        each extension's entry."""
+        entries = {e.name: e.state() for e in self.extensions}
+        return {"start": self.start, **{name: s for name, s in entries.items() if s is not None}}
 
     def optimizer_step(self) -> _Step:
         """One optimizer step over ``grad_accum`` micro-batches of the next global batch."""
         cfg = self.cfg
         lr = lr_at(self.step, cfg)
         for group in self.opt.param_groups:
-            group["lr"] = mixup_lr_at(self.step, cfg) if group.get("name") == "mixup" else lr
+            group["lr"] = lr
+        for e in self.extensions:
+            e.before_step(self)
         means = self.forward_backward(self.stream, sync=True)
         loss = means["loss"]
         if not math.isfinite(loss):
@@ -382,8 +324,8 @@ class _Loop:
                                                self.experts)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        if self.mixup_stream is not None and (self.step + 1) % cfg.mixup_every == 0:
-            self.mixup_step()
+        for e in self.extensions:
+            e.after_step(self)
         return _Step(lr, means, grad_norm)
 
     def kept(self) -> str:
@@ -428,27 +370,6 @@ class _Loop:
         values = distributed.all_reduce_mean(torch.stack([sums[n] for n in names]) / cfg.grad_accum)
         return dict(zip(names, values.tolist()))
 
-    def mixup_step(self) -> None:
-        """One step of the mixing coefficients on the next batch of the mixup part, the task weights
-        held (DDP leaves the coefficients alone: their gradients are averaged here, in one message)."""
-        self.mixup.set_mode("mixup")
-        try:
-            means = self.forward_backward(self.mixup_stream, sync=False)
-        finally:
-            self.mixup.set_mode("task")
-        if not math.isfinite(means["loss"]):
-            raise LossNotFinite(f"the loss on the mixup part is {means['loss']} at step {self.step + 1}, "
-                                f"after that step's weight update ({self.kept()}); try a lower --mixup-lr "
-                                f"(now {self.cfg.mixup_lr:g})")
-        grads = [p.grad for p in self.mixup.logits if p.grad is not None]
-        if self.ctx.world_size > 1 and grads:
-            flat = distributed.all_reduce_mean(torch.cat([g.flatten() for g in grads]))
-            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-                g.copy_(part.view_as(g))
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.mixup_loss = means.get("nll", means["loss"])      # the router losses left out, if any
-
     def record(self, done: _Step, steps: int, since: float, do_eval: bool) -> dict:
         """The metrics record of the step just taken (``steps`` steps taken since ``since``)."""
 
@@ -460,12 +381,8 @@ class _Loop:
                "tokens_per_s": steps * self.tokens_per_step / max(elapsed, 1e-9),
                "tokens": self.step * self.tokens_per_step}
         rec.update({name: done.means[name] for name in ("nll", "aux_loss") if name in done.means})
-        if self.mixup is not None:
-            rec["alpha"] = self.mixup.mean_alpha()
-            if self.mixup_loss is not None:
-                rec["mixup_loss"] = self.mixup_loss
-            if do_eval:
-                rec["alpha_by_weight"] = {name: a.mean().item() for name, a in self.mixup.alphas().items()}
+        for e in self.extensions:
+            e.log(rec, do_eval)
         if do_eval:
             wrapped = self.wrapped
             eval_model = wrapped if distributed.is_fsdp(wrapped) else distributed.unwrap(wrapped)

@@ -34,7 +34,7 @@ from .checkpointing import (
     refused_checkpoints,
     remove_checkpoints,
 )
-from .config import TrainConfig
+from .config import RunOptions, TrainConfig
 from .mixup import ALPHA_JSON, ALPHA_PLOT
 
 METRICS = "metrics.jsonl"
@@ -94,11 +94,12 @@ def data_inputs(sources) -> list[tuple[str, Path]]:
 
 class RunFolder(contextlib.AbstractContextManager):
     """A run folder opened for writing by ``open_run``: checked, claimed (our manifest) and locked
-    on rank 0 (a context manager: leaving it releases the lock). ``resume_step`` is the checkpoint
-    to continue from (-1: a fresh run)."""
+    on rank 0 (a context manager: leaving it releases the lock). ``options`` are the run's, which
+    opened it; ``resume_step`` is the checkpoint to continue from (-1: a fresh run)."""
 
-    def __init__(self, path: Path, resume_step: int, lock: FolderLock | None, made=()):
-        self.path, self.resume_step, self.lock = path, resume_step, lock
+    def __init__(self, options: RunOptions, path: Path, resume_step: int, lock: FolderLock | None,
+                 made=()):
+        self.options, self.path, self.resume_step, self.lock = options, path, resume_step, lock
         self.made = list(made)      # the folders open_run created (removed again by a run that fails first)
 
     def close(self, failed: bool = False) -> None:
@@ -183,21 +184,20 @@ def check_start(state: dict, path: Path, start: dict) -> None:
                          "or --overwrite)")
 
 
-def open_run(out: str | os.PathLike, cfg: TrainConfig, data: str, *, resume: bool = False,
-             overwrite: bool = False, inputs=()) -> RunFolder:
-    """Check, claim and lock the run folder ``out`` before any work (rank 0; every rank gets rank
-    0's outcome). A fresh run needs ``out`` absent, empty or a run of ours without content;
-    ``resume`` continues the newest intact checkpoint when there is one (after checking its
-    settings against ``cfg`` and ``data``); ``overwrite`` removes an earlier run's files first.
-    ``inputs`` ((name, path) pairs) may not overlap ``out``."""
-    if resume and overwrite:
+def open_run(options: RunOptions, cfg: TrainConfig, inputs=()) -> RunFolder:
+    """Check, claim and lock the run folder ``options.out`` before any work (rank 0; every rank gets
+    rank 0's outcome). A fresh run needs it absent, empty or a run of ours without content;
+    ``options.resume`` continues the newest intact checkpoint when there is one (after checking its
+    settings against ``cfg`` and ``options.data``); ``options.overwrite`` removes an earlier run's
+    files first. ``inputs`` ((name, path) pairs) may not overlap the folder."""
+    if options.resume and options.overwrite:
         raise ValueError("give --resume or --overwrite, not both")
-    out = Path(os.path.abspath(out))
+    out = Path(os.path.abspath(options.out))
     ctx = distributed.current()
     error, run = None, None
     if ctx.is_main:
         try:
-            run = _open_run_main(out, cfg, data, resume, overwrite, inputs)
+            run = _open_run_main(options, out, cfg, inputs)
         except (ValueError, OSError) as e:
             error = e
     if distributed.broadcast_int(0 if error is None else 1):
@@ -205,11 +205,10 @@ def open_run(out: str | os.PathLike, cfg: TrainConfig, data: str, *, resume: boo
             raise error
         raise ValueError(f"rank 0 refused the run folder {str(out)!r} (its message says why)")
     resume_step = distributed.broadcast_int(run.resume_step if run is not None else -1)
-    return run if run is not None else RunFolder(out, resume_step, None)
+    return run if run is not None else RunFolder(options, out, resume_step, None)
 
 
-def _open_run_main(out: Path, cfg: TrainConfig, data: str, resume: bool, overwrite: bool,
-                   inputs) -> RunFolder:
+def _open_run_main(options: RunOptions, out: Path, cfg: TrainConfig, inputs) -> RunFolder:
     check_output(out, "run", inputs=inputs)
     made = make_folder(out)
     try:
@@ -232,13 +231,13 @@ def _open_run_main(out: Path, cfg: TrainConfig, data: str, resume: bool, overwri
         _clear_leftovers(out)
         resume_step = -1
         if _has_run(out):
-            if overwrite:
+            if options.overwrite:
                 _clear_run(out)
-            elif resume:
+            elif options.resume:
                 resume_step = newest_intact(out)
                 if resume_step >= 0:  # _newest_intact verified it: its trainer.json is read, not hashed again
                     path = out / CHECKPOINTS / f"step-{resume_step:07d}"
-                    _check_resume(read_json(str(path / TRAINER_JSON)), path, cfg, data)
+                    _check_resume(read_json(str(path / TRAINER_JSON)), path, cfg, options.data)
                 elif refused_checkpoints(out):
                     raise ValueError(f"--resume: the run in {str(out)!r} has no intact checkpoint (refused: "
                                      f"{', '.join(refused_checkpoints(out))}); start afresh with --overwrite")
@@ -247,8 +246,8 @@ def _open_run_main(out: Path, cfg: TrainConfig, data: str, resume: bool, overwri
                 at = f" (checkpoint at step {steps[-1]})" if steps else ""
                 raise ValueError(f"--out {str(out)!r} holds a training run{at}; pass --resume to continue "
                                  "it or --overwrite to start afresh")
-        return RunFolder(out, resume_step, lock, made)
+        return RunFolder(options, out, resume_step, lock, made)
     except BaseException:
-        RunFolder(out, -1, lock, made).close(failed=True)    # a folder made here goes again
+        RunFolder(options, out, -1, lock, made).close(failed=True)    # a folder made here goes again
         raise
 

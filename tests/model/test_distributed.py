@@ -119,7 +119,7 @@ def _worker(out: Path) -> None:
     import bam_model
     from bam_model import distributed
     from bam_model.cli import main
-    from bam_model.training import train
+    from bam_model.training import RunOptions, train
 
     results = {}
 
@@ -153,7 +153,7 @@ def _worker(out: Path) -> None:
     def run(name, grad_accum=1, settings=None, **kw):
         model = bam_model.from_pretrained(str(out / "seed"))
         cfg = _train_cfg(grad_accum=grad_accum, **(settings or {}))
-        return {"records": train(model, data, out / name, cfg, progress=False, **kw)}
+        return {"records": train(model, RunOptions(data=data, out=out / name, **kw), cfg, progress=False)}
 
     def fsdp_resume():
         # Resume the FSDP run from its step-2 checkpoint (as if it had died in step 3 or 4).
@@ -165,7 +165,8 @@ def _worker(out: Path) -> None:
         distributed.barrier()
         model = bam_model.from_pretrained(str(out / "seed"))
         cfg = _train_cfg(save_every=2, keep_checkpoints=2, grad_accum=2)
-        return {"records": train(model, data, run_dir, cfg, resume=True, progress=False, strategy="fsdp")}
+        options = RunOptions(data=data, out=run_dir, resume=True, strategy="fsdp")
+        return {"records": train(model, options, cfg, progress=False)}
 
     # `bam eval` under torchrun: 5 windows per file in batches of 2 are 3 batches, 2 + 1 per rank.
     record("eval", lambda: {"rc": main(["eval", str(out / "seed"), "--data", data, "--seq-len", "24",
@@ -185,7 +186,7 @@ def _worker(out: Path) -> None:
 def multi(tmp_path_factory):
     """Single-process reference runs (plain, and weight mixup), and the 2-rank runs of ``_worker``."""
     import bam_model
-    from bam_model.training import train
+    from bam_model.training import RunOptions, train
 
     out = tmp_path_factory.mktemp("dist")
     torch.manual_seed(0)
@@ -198,9 +199,10 @@ def multi(tmp_path_factory):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
-        reference = train(bam_model.from_pretrained(str(out / "seed")), data, out / "single", _train_cfg(),
-                          progress=False)
-        mixup_reference = train(bam_model.from_pretrained(str(out / "seed")), data, out / "single-mixup",
+        reference = train(bam_model.from_pretrained(str(out / "seed")),
+                          RunOptions(data=data, out=out / "single"), _train_cfg(), progress=False)
+        mixup_reference = train(bam_model.from_pretrained(str(out / "seed")),
+                                RunOptions(data=data, out=out / "single-mixup"),
                                 _train_cfg(grad_accum=2, **MIXUP), progress=False)
         log, _ = proc.communicate(timeout=300)
     finally:
@@ -427,7 +429,7 @@ def test_sigkill_at_any_moment_then_resume_matches_uninterrupted_run(tmp_path):
 def test_damaged_checkpoints_are_refused_and_the_previous_one_is_used(tmp_path):
     import bam_model
     from bam_model.data import BatchStream
-    from bam_model.training import load_checkpoint, make_optimizer, train, verify_checkpoint
+    from bam_model.training import RunOptions, load_checkpoint, make_optimizer, train, verify_checkpoint
 
     def model():
         torch.manual_seed(0)
@@ -435,7 +437,7 @@ def test_damaged_checkpoints_are_refused_and_the_previous_one_is_used(tmp_path):
                                                        n_kv_heads=1, ffn_dim=24))
     cfg = _train_cfg(steps=6, save_every=2, keep_checkpoints=3, batch_size=4)
     data = _small_data(tmp_path / "data")
-    full = train(model(), data, tmp_path / "full", cfg, progress=False)
+    full = train(model(), RunOptions(data=data, out=tmp_path / "full"), cfg, progress=False)
     run = tmp_path / "run"
     shutil.copytree(tmp_path / "full", run)
     ck = {s: run / "checkpoints" / f"step-{s:07d}" for s in (2, 4, 6)}
@@ -456,7 +458,7 @@ def test_damaged_checkpoints_are_refused_and_the_previous_one_is_used(tmp_path):
         verify_checkpoint(ck[4])
 
     with pytest.warns(UserWarning) as caught:
-        resumed = train(model(), data, run, cfg, resume=True, progress=False)
+        resumed = train(model(), RunOptions(data=data, out=run, resume=True), cfg, progress=False)
     messages = [str(w.message) for w in caught]
     assert any("step-0000006" in s and "truncated" in s for s in messages), messages
     assert any("step-0000004" in s and "corrupt" in s for s in messages), messages
@@ -472,7 +474,7 @@ def test_damaged_checkpoints_are_refused_and_the_previous_one_is_used(tmp_path):
         (run / "checkpoints" / f"step-{s:07d}" / "trainer.json").write_text('{"step": 1}')
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="no intact checkpoint to resume from: .*"
                                                   "trainer.json is corrupt"):
-        train(model(), data, run, cfg, resume=True, progress=False)
+        train(model(), RunOptions(data=data, out=run, resume=True), cfg, progress=False)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import bam_model
 from bam_model import data as D
-from bam_model.training import TrainConfig, train
+from bam_model.training import RunOptions, TrainConfig, train
 from bam_model.training.mixup import WeightMixup, alpha_shape, logit, tensors_digest
 from tests.model.test_train import Out, TinyLM, V, _cfg, _model
 from tests.support.models import randomize_norms
@@ -332,9 +332,9 @@ def test_weight_mixup_on_a_bam_mixture(tmp_path):
         return bam_model.BamLM(config)
     data = _text_data(tmp_path / "data", chars=8_000)
     small = dict(TINY, steps=2, eval_every=0)
-    plain = train(model(), data, tmp_path / "plain", _cfg(**small), progress=False)
-    held = train(model(), data, tmp_path / "held", _cfg(**small, mixup=True, mixup_init=1, mixup_lr=0),
-                 progress=False)
+    plain = train(model(), RunOptions(data=data, out=tmp_path / "plain"), _cfg(**small), progress=False)
+    held = train(model(), RunOptions(data=data, out=tmp_path / "held"),
+                 _cfg(**small, mixup=True, mixup_init=1, mixup_lr=0), progress=False)
     assert _same(held) == [{**r, "alpha": 1.0} for r in _same(plain)]          # bitwise
     ours, theirs = _final(tmp_path / "held"), _final(tmp_path / "plain")
     assert set(ours) == set(theirs) and all(torch.equal(ours[k], v) for k, v in theirs.items())
@@ -397,9 +397,9 @@ def _final(run):
 
 def test_coefficients_held_at_one_train_exactly_as_a_plain_run(tmp_path):
     data = _text_data(tmp_path / "data")
-    plain = train(_model(), data, tmp_path / "plain", _cfg(**TINY), progress=False)
-    held = train(_model(), data, tmp_path / "held", _cfg(**TINY, mixup=True, mixup_init=1.0, mixup_lr=0.0),
-                 progress=False)
+    plain = train(_model(), RunOptions(data=data, out=tmp_path / "plain"), _cfg(**TINY), progress=False)
+    held = train(_model(), RunOptions(data=data, out=tmp_path / "held"),
+                 _cfg(**TINY, mixup=True, mixup_init=1.0, mixup_lr=0.0), progress=False)
     assert all(r["alpha"] == 1.0 and "mixup_loss" not in r for r in held)
     assert "eval" in held[2] and "eval" in held[-1]
     assert _same(held) == [{**r, "alpha": 1.0} for r in _same(plain)]          # bitwise
@@ -411,7 +411,8 @@ def test_coefficients_held_at_one_train_exactly_as_a_plain_run(tmp_path):
 def test_coefficients_held_at_zero_leave_the_seed(tmp_path):
     data = _text_data(tmp_path / "data")
     run = tmp_path / "run"
-    train(_model(), data, run, _cfg(**TINY, mixup=True, mixup_init=0.0, mixup_lr=0.0), progress=False)
+    train(_model(), RunOptions(data=data, out=run), _cfg(**TINY, mixup=True, mixup_init=0.0, mixup_lr=0.0),
+          progress=False)
     seed = _model().state_dict()
     final = _final(run)
     assert all(torch.equal(final[k], v) for k, v in seed.items())
@@ -423,8 +424,8 @@ def test_coefficients_held_at_zero_leave_the_seed(tmp_path):
 def test_a_learned_run_mixes_its_task_weights_with_the_seed(tmp_path):
     data = _text_data(tmp_path / "data")
     run = tmp_path / "run"
-    records = train(_model(), data, run, _cfg(**TINY, mixup=True, mixup_lr=0.2, mixup_granularity="row"),
-                    progress=False)
+    records = train(_model(), RunOptions(data=data, out=run),
+                    _cfg(**TINY, mixup=True, mixup_lr=0.2, mixup_granularity="row"), progress=False)
     names = [n for n, _ in _model().named_parameters()]
     assert [r["step"] for r in records] == list(range(1, 7))
     assert all(math.isfinite(r["mixup_loss"]) and 0 < r["alpha"] < 1 for r in records)
@@ -462,8 +463,8 @@ def test_a_learned_run_mixes_its_task_weights_with_the_seed(tmp_path):
     # One step from init 0.5 (logits 0): Adam's first step moves each logit by the coefficients'
     # peak lr, its sign the gradient's (the norm's: their gradients are well above Adam's eps).
     one = tmp_path / "one"
-    train(_model(), data, one, _cfg(**{**TINY, "steps": 1}, warmup=0, mixup=True, mixup_lr=0.2,
-                                      mixup_granularity="row"),
+    train(_model(), RunOptions(data=data, out=one),
+          _cfg(**{**TINY, "steps": 1}, warmup=0, mixup=True, mixup_lr=0.2, mixup_granularity="row"),
           progress=False)
     tensors = load_file(str(one / "checkpoints" / "step-0000001" / "model.safetensors"))
     for i in (1, 2):                                                            # norm.weight, norm.bias
@@ -474,17 +475,17 @@ def test_a_crashed_mixup_run_resumes_bitwise(tmp_path, monkeypatch):
     data = _text_data(tmp_path / "data")
     cfg = _cfg(**{**TINY, "steps": 8}, grad_accum=2, save_every=2, keep_checkpoints=2, mixup=True,
                mixup_lr=0.2, mixup_every=2, mixup_granularity="element")
-    full = train(_model(), data, tmp_path / "full", cfg, progress=False)
+    full = train(_model(), RunOptions(data=data, out=tmp_path / "full"), cfg, progress=False)
     assert [r["step"] for r in full if "mixup_loss" in r][0] == 2
 
     run = tmp_path / "run"
     # 2 training forwards a step, and 2 more on the mixup part every second step: call 17 is the
     # first of step 6's coefficient step, after its weight step (the step-6 checkpoint never comes).
     with pytest.raises(KeyboardInterrupt):
-        train(_model(crash_at=17), data, run, cfg, progress=False)
+        train(_model(crash_at=17), RunOptions(data=data, out=run), cfg, progress=False)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 5
-    resumed = train(_model(), data, run, cfg, resume=True, progress=False)
+    resumed = train(_model(), RunOptions(data=data, out=run, resume=True), cfg, progress=False)
     assert _same(resumed) == _same(full)                                       # bitwise
     ours, theirs = _final(run), _final(tmp_path / "full")
     assert all(torch.equal(ours[k], v) for k, v in theirs.items())
@@ -494,19 +495,21 @@ def test_a_crashed_mixup_run_resumes_bitwise(tmp_path, monkeypatch):
     monkeypatch.setattr(time, "strftime", lambda fmt, *a: "2099-12-31T23:59:59")
     other = {n: p.detach() + 0.01 for n, p in _model().named_parameters()}
     with pytest.raises(ValueError, match="the mixup base differs .* SHA-256 digests differ"):
-        train(_model(), data, run, cfg, resume=True, progress=False, mixup_base=other)
+        train(_model(), RunOptions(data=data, out=run, resume=True, mixup_base=other), cfg, progress=False)
     with pytest.raises(ValueError, match="MODEL is not the model the run in"):
-        train(TinyLM(), data, run, cfg, resume=True, progress=False)          # another starting model
+        train(TinyLM(), RunOptions(data=data, out=run, resume=True), cfg,          # another starting model
+              progress=False)
     for kw, flag in ((dict(mixup_every=1), "--mixup-every 1 .the run has 2."),
                      (dict(mixup_lr=0.1), "--mixup-lr 0.1 .the run has 0.2."),
                      (dict(mixup_granularity="row"), "--mixup-granularity 'row'"),
                      (dict(mixup_split=0.3), "--mixup-split 0.3"),
                      (dict(mixup_init=0.4), "--mixup-init 0.4")):
         with pytest.raises(ValueError, match=f"--resume: {flag}"):
-            train(_model(), data, run, TrainConfig(**{**vars(cfg), **kw}), resume=True, progress=False)
+            train(_model(), RunOptions(data=data, out=run, resume=True), TrainConfig(**{**vars(cfg), **kw}),
+                  progress=False)
     plain = TrainConfig(**{k: v for k, v in vars(cfg).items() if not k.startswith("mixup")})
     with pytest.raises(ValueError, match="--resume: --mixup False"):
-        train(_model(), data, run, plain, resume=True, progress=False)
+        train(_model(), RunOptions(data=data, out=run, resume=True), plain, progress=False)
     assert {p: p.read_bytes() for p in sorted(run.rglob("*"))
             if p.is_file() and p.name != ".bam-lock"} == before
     # A run folder claimed by a bam before mixup (its manifest without the reports) is claimed
@@ -516,7 +519,8 @@ def test_a_crashed_mixup_run_resumes_bitwise(tmp_path, monkeypatch):
     (run / "bam-manifest.json").write_text(json.dumps(manifest))
     # The default split (None: 0.2 when the coefficients learn) given explicitly is the same setting.
     explicit = TrainConfig(**{**vars(cfg), "mixup_split": 0.2})
-    assert _same(train(_model(), data, run, explicit, resume=True, progress=False)) == _same(full)
+    resumed = train(_model(), RunOptions(data=data, out=run, resume=True), explicit, progress=False)
+    assert _same(resumed) == _same(full)
     manifest = json.loads((run / "bam-manifest.json").read_text())
     assert {"mixup-alpha.json", "mixup-alpha.png"} <= set(manifest["files"])
     assert manifest["written"] == "2099-12-31T23:59:59"
@@ -546,12 +550,14 @@ def test_bad_mixup_settings(kw, match):
 def test_mixup_with_sharding_or_a_base_without_mixup_is_refused(tmp_path):
     cfg = _cfg(steps=1, warmup=0, mixup=True)
     with pytest.raises(ValueError, match="--strategy fsdp would shard"):
-        train(_model(), "code", tmp_path / "a", cfg, strategy="fsdp", progress=False)
+        train(_model(), RunOptions(data="code", out=tmp_path / "a", strategy="fsdp"), cfg, progress=False)
     with pytest.raises(ValueError, match="--expert-parallel would shard"):
-        train(_model(), "code", tmp_path / "b", cfg, expert_parallel=True, progress=False)
+        train(_model(), RunOptions(data="code", out=tmp_path / "b", expert_parallel=True), cfg,
+              progress=False)
     with pytest.raises(ValueError, match=r"mixup_base \(--mixup-base\) is for weight-mixup training: add "
                                          "--mixup"):
-        train(_model(), "code", tmp_path / "c", _cfg(steps=1, warmup=0), mixup_base=_model(), progress=False)
+        train(_model(), RunOptions(data="code", out=tmp_path / "c", mixup_base=_model()),
+              _cfg(steps=1, warmup=0), progress=False)
     assert not list(tmp_path.iterdir())
 
 

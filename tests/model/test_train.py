@@ -13,7 +13,7 @@ from bam_model import data as D
 from bam_model.cli.eval import add_eval_args
 from bam_model.cli.train import add_train_args
 from bam_model.evaluate import evaluate
-from bam_model.training import TrainConfig, lr_at, train
+from bam_model.training import RunOptions, TrainConfig, lr_at, train
 
 V = 8192
 
@@ -64,7 +64,7 @@ def _cfg(**kw):
 def test_training_reduces_loss_and_writes_metrics(tmp_path):
     model = _model()
     cfg = _cfg(steps=40, lr=2e-2, log_every=5, eval_every=20)
-    records = train(model, "scripture", tmp_path, cfg, progress=False)
+    records = train(model, RunOptions(data="scripture", out=tmp_path), cfg, progress=False)
     losses = [r["loss"] for r in records]
     assert losses[-1] < losses[0] - 1.0
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -90,31 +90,33 @@ def test_training_reduces_loss_and_writes_metrics(tmp_path):
 
 def test_same_seed_gives_bitwise_same_losses(tmp_path):
     cfg = _cfg(steps=8, grad_accum=2)
-    a = train(_model(), "code:0.5,legal:0.5", tmp_path / "a", cfg, progress=False)
-    b = train(_model(), "code:0.5,legal:0.5", tmp_path / "b", cfg, progress=False)
+    a = train(_model(), RunOptions(data="code:0.5,legal:0.5", out=tmp_path / "a"), cfg, progress=False)
+    b = train(_model(), RunOptions(data="code:0.5,legal:0.5", out=tmp_path / "b"), cfg, progress=False)
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
     assert [r["grad_norm"] for r in a] == [r["grad_norm"] for r in b]
-    c = train(_model(), "code:0.5,legal:0.5", tmp_path / "c", _cfg(steps=8, grad_accum=2, seed=1),
-              progress=False)
+    c = train(_model(), RunOptions(data="code:0.5,legal:0.5", out=tmp_path / "c"),
+              _cfg(steps=8, grad_accum=2, seed=1), progress=False)
     assert [r["loss"] for r in a] != [r["loss"] for r in c]
 
 
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
     cfg = _cfg(steps=12, save_every=4, grad_accum=2, keep_checkpoints=2)
     full_model = _model()
-    full = train(full_model, "math:0.5,drama:0.5", tmp_path / "full", cfg, progress=False)
+    full = train(full_model, RunOptions(data="math:0.5,drama:0.5", out=tmp_path / "full"), cfg,
+                 progress=False)
 
     run = tmp_path / "run"
     crashing = _model(crash_at=2 * 10 + 1)      # dies in step 11, after the step-8 checkpoint
     with pytest.raises(KeyboardInterrupt):
-        train(crashing, "math:0.5,drama:0.5", run, cfg, progress=False)
+        train(crashing, RunOptions(data="math:0.5,drama:0.5", out=run), cfg, progress=False)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000004", "step-0000008"]
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 10
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 11, "lo')               # a torn line, as a crash mid-write leaves
 
     resumed_model = _model()
-    resumed = train(resumed_model, "math:0.5,drama:0.5", run, cfg, resume=True, progress=False)
+    resumed = train(resumed_model, RunOptions(data="math:0.5,drama:0.5", out=run, resume=True), cfg,
+                    progress=False)
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
     assert [r["step"] for r in resumed] == list(range(1, 13))
     assert [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] == resumed
@@ -125,12 +127,13 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path):
 
 
 def test_fresh_run_into_a_run_needs_overwrite_and_then_discards_old_checkpoints(tmp_path):
-    train(_model(), "code", tmp_path, _cfg(steps=3), progress=False)
+    train(_model(), RunOptions(data="code", out=tmp_path), _cfg(steps=3), progress=False)
     before = _snapshot(tmp_path)
     with pytest.raises(ValueError, match="holds a training run .checkpoint at step 3.; pass --resume"):
-        train(_model(), "code", tmp_path, _cfg(steps=2), progress=False)
+        train(_model(), RunOptions(data="code", out=tmp_path), _cfg(steps=2), progress=False)
     assert _snapshot(tmp_path) == before
-    records = train(_model(), "code", tmp_path, _cfg(steps=2), overwrite=True, progress=False)
+    records = train(_model(), RunOptions(data="code", out=tmp_path, overwrite=True), _cfg(steps=2),
+                    progress=False)
     assert [r["step"] for r in records] == [1, 2]
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000002"]
 
@@ -246,9 +249,9 @@ def test_bam_train_and_eval_commands_on_a_dense_model(tmp_path):
                                                     n_kv_heads=1, ffn_dim=8))
     with pytest.raises(ValueError,
                        match=r"carries no tokenizer and its vocabulary \(100 tokens\) is not the bundled"):
-        train(small, "code", tmp_path / "small", _cfg(steps=1, warmup=0), progress=False)
+        train(small, RunOptions(data="code", out=tmp_path / "small"), _cfg(steps=1, warmup=0), progress=False)
     with pytest.raises(ValueError, match="the tokenizer has 8192 tokens but the model's vocabulary only 100"):
-        train(small, "code", tmp_path / "small", _cfg(steps=1, warmup=0), progress=False,
+        train(small, RunOptions(data="code", out=tmp_path / "small"), _cfg(steps=1, warmup=0), progress=False,
               tokenizer=D.load_tokenizer())
     assert not (tmp_path / "small").exists()
     assert res["legal"]["loss"] == pytest.approx(evaluate(model, ["legal"], seq_len=32,
