@@ -19,38 +19,32 @@ import torch.nn.functional as F
 
 from .config import BamConfig, DenseConfig
 from .layers import MixtureOfAttention, MoE, load_balancing_loss, router_z_loss
+from .norms import RMSNorm, heads
 from .ops import attend
 from .rope import apply_rope, rope_for
 
 
-class RMSNorm(nn.Module):
-    """Llama's RMSNorm: normalise in float32, cast back, then scale."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
 class Attention(nn.Module):
     """Grouped-query attention with RoPE: q_proj [H*Dh, D], k_proj/v_proj [Hkv*Dh, D], o_proj [D, H*Dh]
-    (a dense model, and the one attention of a BTX or sparse mixture)."""
+    (a dense model, and the one attention of a BTX or sparse mixture); with ``qkv_bias`` the query, key
+    and value projections have biases, with ``qk_norm`` queries and keys an RMSNorm (``q_norm``,
+    ``k_norm``: weight [Dh] over each head, or [H*Dh] and [Hkv*Dh] over the whole projection)."""
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, rope_theta: float,
-                 layer_idx: int = 0):
+                 layer_idx: int = 0, qkv_bias: bool = False, qk_norm: str | None = None,
+                 norm_eps: float = 1e-5):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.rope_theta = rope_theta
+        self.rope_theta, self.qk_norm = rope_theta, qk_norm
         self.layer_idx = layer_idx
-        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
+        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
+        if qk_norm is not None:
+            per_head = qk_norm == "head"
+            self.q_norm = RMSNorm(head_dim if per_head else n_heads * head_dim, norm_eps)
+            self.k_norm = RMSNorm(head_dim if per_head else n_kv_heads * head_dim, norm_eps)
 
     def forward(self, x_BTD: torch.Tensor, cache=None, position_ids: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, kv_start: torch.Tensor | None = None) -> torch.Tensor:
@@ -58,8 +52,9 @@ class Attention(nn.Module):
         H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         past = cache.length(self.layer_idx) if cache is not None else 0
         cos, sin = rope_for(position_ids, past, T, Dh, self.rope_theta, x_BTD.dtype, x_BTD.device)
-        q_BTHDh = apply_rope(self.q_proj(x_BTD).view(B, T, H, Dh), cos, sin)
-        k_BTGDh = apply_rope(self.k_proj(x_BTD).view(B, T, Hkv, Dh), cos, sin)
+        q_BTHDh = heads(self.q_proj(x_BTD), 1, H, Dh, getattr(self, "q_norm", None), self.qk_norm)[:, :, 0]
+        k_BTGDh = heads(self.k_proj(x_BTD), 1, Hkv, Dh, getattr(self, "k_norm", None), self.qk_norm)[:, :, 0]
+        q_BTHDh, k_BTGDh = apply_rope(q_BTHDh, cos, sin), apply_rope(k_BTGDh, cos, sin)
         v_BTGDh = self.v_proj(x_BTD).view(B, T, Hkv, Dh)
         if cache is not None:
             k_BTGDh, v_BTGDh = cache.update(self.layer_idx, k_BTGDh, v_BTGDh)
@@ -106,15 +101,17 @@ def make_layer(c: DenseConfig, layer_idx: int) -> DecoderLayer:
     """Decoder layer ``layer_idx`` of a dense model (a ``DenseConfig``) or of a mixture (a ``BamConfig``:
     a ``MoE`` FFN, and a ``MixtureOfAttention`` unless its attention is ``"dense"``)."""
     # By model_type, not isinstance: the remote code's config may come from another copy of its file.
+    family = dict(qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, norm_eps=c.norm_eps)
     if c.model_type != BamConfig.model_type:
-        return DecoderLayer(c, Attention(c.dim, c.n_heads, c.n_kv_heads, c.dh, c.rope_theta, layer_idx),
-                            MLP(c.dim, c.ffn_dim))
+        attn = Attention(c.dim, c.n_heads, c.n_kv_heads, c.dh, c.rope_theta, layer_idx, **family)
+        return DecoderLayer(c, attn, MLP(c.dim, c.ffn_dim))
     if c.attention == "dense":
-        attn = Attention(c.dim, c.n_heads, c.n_kv_heads, c.dh, c.rope_theta, layer_idx)
+        attn = Attention(c.dim, c.n_heads, c.n_kv_heads, c.dh, c.rope_theta, layer_idx, **family)
     else:
         attn = MixtureOfAttention(c.dim, c.n_heads, c.n_kv_heads, c.num_experts,
                                   shared_kv=c.attention == "shared-kv", head_dim=c.dh,
-                                  rope_theta=c.rope_theta, top_k=c.attention_top_k, layer_idx=layer_idx)
+                                  rope_theta=c.rope_theta, top_k=c.attention_top_k, layer_idx=layer_idx,
+                                  **family)
     moe = MoE(c.dim, c.ffn_dim, c.num_experts, top_k=c.top_k, normalize=c.normalize,
               straight_through=c.straight_through)
     return DecoderLayer(c, attn, moe)

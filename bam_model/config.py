@@ -24,6 +24,7 @@ from .options import (
 )
 
 BLOCKS = ("sequential", "parallel")
+QK_NORMS = ("head", "projection")
 ATTENTION_KINDS = ("expert-kv", "shared-kv", "dense")
 METHODS = ("bam", "btx", "sparse")
 
@@ -67,6 +68,10 @@ class DenseConfig:
     ``block="parallel"`` is GPT-J's ``y = x + Attn(n(x)) + FFN(n(x))`` with one norm.
     ``head_dim=None`` means ``dim // n_heads`` (and is stored as that number). ``domain`` names what a
     branched copy trains on.
+
+    What other families add, as settings: ``qkv_bias`` (biases on the query, key and value projections:
+    Qwen2); ``qk_norm`` (an RMSNorm on queries and keys before RoPE, over each head -- ``"head"``:
+    Qwen3, Gemma 3 -- or over the whole projection -- ``"projection"``: OLMo 2).
     """
     vocab_size: int
     dim: int
@@ -83,6 +88,8 @@ class DenseConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     domain: str | None = None
+    qkv_bias: bool = False
+    qk_norm: str | None = None
 
     model_type = "bam-dense"
 
@@ -104,8 +111,11 @@ class DenseConfig:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         positive_float("rope_theta", self.rope_theta)
         positive_float("norm_eps", self.norm_eps)
-        if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(f"tie_embeddings must be a bool, got {short_repr(self.tie_embeddings)}")
+        for name in ("tie_embeddings", "qkv_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {short_repr(getattr(self, name))}")
+        if self.qk_norm is not None and self.qk_norm not in QK_NORMS:
+            raise ValueError(f"qk_norm must be None or one of {QK_NORMS}, got {short_repr(self.qk_norm)}")
         if self.block not in BLOCKS:
             raise ValueError(f"block must be one of {BLOCKS}, got {short_repr(self.block)}")
         _optional_token("bos_token_id", self.bos_token_id, self.vocab_size)
@@ -161,7 +171,7 @@ class DenseConfig:
         """The settings two models must share to be mixed (everything but names and token ids)."""
         return {k: getattr(self, k) for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
                                               "ffn_dim", "dh", "rope_theta", "norm_eps", "tie_embeddings",
-                                              "block")}
+                                              "block", "qkv_bias", "qk_norm")}
 
 
 @dataclass

@@ -15,6 +15,7 @@ import math
 import torch
 import torch.nn as nn
 
+from .norms import ExpertRMSNorm, RMSNorm, heads
 from .ops import moa_attention, moe_mlp, route_topk
 from .rope import apply_rope, rope_for
 
@@ -159,69 +160,6 @@ class MoE(RouterLosses, nn.Module):
                 f"top_k={self.top_k}, normalize={self.normalize}, straight_through={self.straight_through}")
 
 
-class KVCache:
-    """Keys and values of every attention layer, for decoding token by token.
-
-    Layer i holds k, v [B, S, *kv_heads, Dh] as its attention made them: [B, S, Hkv, Dh] for a dense
-    or shared-KV layer (so a shared-KV mixture caches exactly what the dense model does) and
-    [B, S, E, Hkv, Dh] for expert KV. Storage grows by doubling along S, or is allocated once when
-    ``max_length`` is given, so appending a token costs O(1) amortised.
-    """
-
-    def __init__(self, num_layers: int, max_length: int | None = None):
-        if not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
-        self.num_layers, self.max_length = num_layers, max_length
-        self._k: list[torch.Tensor | None] = [None] * num_layers
-        self._v: list[torch.Tensor | None] = [None] * num_layers
-        self._lengths = [0] * num_layers
-
-    def length(self, layer_idx: int = 0) -> int:
-        """Tokens cached so far in that layer: the position of the next token."""
-        return self._lengths[layer_idx]
-
-    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached (k, v) of a layer, each [B, length, *kv_heads, Dh]."""
-        n = self._lengths[layer_idx]
-        if self._k[layer_idx] is None:
-            raise ValueError(f"layer_idx {layer_idx} has nothing cached yet")
-        return self._k[layer_idx][:, :n], self._v[layer_idx][:, :n]
-
-    def update(self, layer_idx: int, k_new: torch.Tensor, v_new: torch.Tensor):
-        """Append k_new, v_new [B, T, *kv_heads, Dh]; return the whole (k, v) of the layer."""
-        if not 0 <= layer_idx < self.num_layers:
-            raise ValueError(f"layer_idx must be in [0, {self.num_layers}), got {layer_idx}")
-        if k_new.shape != v_new.shape:
-            raise ValueError(f"k_new and v_new must have one shape, got {tuple(k_new.shape)} and "
-                             f"{tuple(v_new.shape)}")
-        n, T = self._lengths[layer_idx], k_new.shape[1]
-        k_buf = self._k[layer_idx]
-        if k_buf is not None and (k_buf.shape[0] != k_new.shape[0] or k_buf.shape[2:] != k_new.shape[2:]):
-            raise ValueError(f"k_new must have shape [B, T, *kv_heads, Dh] = [{k_buf.shape[0]}, T, "
-                             f"{', '.join(map(str, k_buf.shape[2:]))}] like the cache, "
-                             f"got {tuple(k_new.shape)}")
-        if k_buf is None or n + T > k_buf.shape[1]:
-            if self.max_length is not None and n + T > self.max_length:
-                raise ValueError(f"the cache holds max_length={self.max_length} tokens; {n} + {T} do not fit")
-            capacity = self.max_length or max(2 * (n + T), 16)
-            shape = (k_new.shape[0], capacity, *k_new.shape[2:])
-            new_k = k_new.new_empty(shape)
-            new_v = v_new.new_empty(shape)
-            if n:
-                new_k[:, :n] = k_buf[:, :n]
-                new_v[:, :n] = self._v[layer_idx][:, :n]
-            self._k[layer_idx], self._v[layer_idx] = new_k, new_v
-        self._k[layer_idx][:, n:n + T] = k_new
-        self._v[layer_idx][:, n:n + T] = v_new
-        self._lengths[layer_idx] = n + T
-        return self.layer(layer_idx)
-
-    def reset(self) -> None:
-        self._k = [None] * self.num_layers
-        self._v = [None] * self.num_layers
-        self._lengths = [0] * self.num_layers
-
-
 class MixtureOfAttention(nn.Module):
     """BAM's soft mixture of attention experts: ``y = sum_e g_e(x) * Attn_e(x)``, ``g = softmax(router(x))``.
 
@@ -229,9 +167,13 @@ class MixtureOfAttention(nn.Module):
     ``q_proj.weight [E*H*Dh, D]`` (expert-major rows), ``o_proj.weight [D, E*H*Dh]``. With
     ``shared_kv`` one ``k_proj``/``v_proj`` [Hkv*Dh, D] serves every expert (the KV cache is a dense
     layer's); otherwise each expert has its own, stacked expert-major into [E*Hkv*Dh, D].
-    ``router.weight [E, D]``; no biases. Queries and keys get RoPE (Hugging Face Llama's layout),
-    attention is causal. ``top_k`` (optional) keeps the k largest router weights renormalised to
-    sum to 1 (every expert is still computed; the others get weight 0).
+    ``router.weight [E, D]``. ``qkv_bias``: the query, key and value projections have biases, stacked
+    like their weights; ``qk_norm``: queries and keys get an RMSNorm before RoPE (``"head"``: over each
+    head, ``"projection"``: over an expert's whole projection), each expert its own (``q_norm.weight``
+    [E, Dh] or [E, H*Dh]; ``k_norm`` likewise, or one [Dh] / [Hkv*Dh] with shared K/V). Queries and
+    keys get RoPE (Hugging Face Llama's layout), attention is causal. ``top_k`` (optional) keeps the k
+    largest router weights renormalised to sum to 1 (every expert is still computed; the others get
+    weight 0).
 
     forward(x [B, T, D], cache=None, position_ids=None, mask=None, kv_start=None) -> [B, T, D]. With a
     ``KVCache`` the new keys and values are appended to layer ``layer_idx`` and positions continue
@@ -241,8 +183,11 @@ class MixtureOfAttention(nn.Module):
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, num_experts: int, shared_kv: bool = True,
                  head_dim: int | None = None, rope_theta: float = 10000.0, top_k: int | None = None,
-                 layer_idx: int = 0, device=None, dtype=None):
+                 layer_idx: int = 0, device=None, dtype=None, *, qkv_bias: bool = False,
+                 qk_norm: str | None = None, norm_eps: float = 1e-5):
         super().__init__()
+        if qk_norm not in (None, "head", "projection"):
+            raise ValueError(f"qk_norm must be None, 'head' or 'projection', got {qk_norm!r}")
         for name, value in (("dim", dim), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads),
                             ("num_experts", num_experts)):
             if not isinstance(value, int) or value < 1:
@@ -259,14 +204,19 @@ class MixtureOfAttention(nn.Module):
             raise ValueError(f"top_k must be None or an int in [1, num_experts={num_experts}], got {top_k!r}")
         self.dim, self.n_heads, self.n_kv_heads, self.num_experts = dim, n_heads, n_kv_heads, num_experts
         self.shared_kv, self.head_dim, self.rope_theta = shared_kv, head_dim, rope_theta
-        self.top_k, self.layer_idx = top_k, layer_idx
+        self.top_k, self.layer_idx, self.qk_norm = top_k, layer_idx, qk_norm
         E, H, Hkv, Dh = num_experts, n_heads, n_kv_heads, head_dim
         kv_out = Hkv * Dh if shared_kv else E * Hkv * Dh
-        self.q_proj = nn.Linear(dim, E * H * Dh, bias=False, device=device, dtype=dtype)
-        self.k_proj = nn.Linear(dim, kv_out, bias=False, device=device, dtype=dtype)
-        self.v_proj = nn.Linear(dim, kv_out, bias=False, device=device, dtype=dtype)
+        self.q_proj = nn.Linear(dim, E * H * Dh, bias=qkv_bias, device=device, dtype=dtype)
+        self.k_proj = nn.Linear(dim, kv_out, bias=qkv_bias, device=device, dtype=dtype)
+        self.v_proj = nn.Linear(dim, kv_out, bias=qkv_bias, device=device, dtype=dtype)
         self.o_proj = nn.Linear(E * H * Dh, dim, bias=False, device=device, dtype=dtype)
         self.router = nn.Linear(dim, E, bias=False, device=device, dtype=dtype)
+        if qk_norm is not None:
+            q_n, k_n = (Dh, Dh) if qk_norm == "head" else (H * Dh, Hkv * Dh)
+            self.q_norm = ExpertRMSNorm(E, q_n, norm_eps)
+            self.k_norm = RMSNorm(k_n, norm_eps) if shared_kv else ExpertRMSNorm(E, k_n, norm_eps)
+            self.to(device=device, dtype=dtype)
         self.router_logits = None
 
     @classmethod
@@ -295,19 +245,57 @@ class MixtureOfAttention(nn.Module):
             for i, w in enumerate(weights):
                 if tuple(w.shape) != expected[name]:
                     raise ValueError(f"{name}[{i}] must have shape {expected[name]}, got {tuple(w.shape)}")
-        w0 = q_weights[0]
-        module = cls(D, n_heads, n_kv_heads, E, shared_kv=shared_kv, head_dim=Dh, rope_theta=rope_theta,
-                     top_k=top_k, layer_idx=layer_idx, device=w0.device, dtype=w0.dtype)
+        states = [{"q_proj.weight": q, "k_proj.weight": k, "v_proj.weight": v, "o_proj.weight": o}
+                  for q, k, v, o in zip(q_weights, k_weights, v_weights, o_weights)]
+        return cls.from_dense_states(states, n_heads, n_kv_heads, shared_kv=shared_kv, kv_init=kv_init,
+                                     rope_theta=rope_theta, top_k=top_k, layer_idx=layer_idx)
+
+    @classmethod
+    def from_dense_states(cls, states: list[dict], n_heads: int, n_kv_heads: int, shared_kv: bool = True,
+                          kv_init: str = "mean", rope_theta: float = 10000.0, top_k: int | None = None,
+                          layer_idx: int = 0, qk_norm: str | None = None,
+                          norm_eps: float = 1e-5) -> MixtureOfAttention:
+        """One expert per dense attention, given as its state dict (``q_proj.weight``, ..., and where the
+        family has them ``q_proj.bias``, ``k_proj.bias``, ``v_proj.bias``, ``q_norm.weight``,
+        ``k_norm.weight``): queries, outputs, biases and norms stacked per expert; shared K/V (their
+        biases and key norm too) from the experts' mean or the seed's (``kv_init``, as ``from_dense``)."""
+        if not states or any(set(st) != set(states[0]) for st in states):
+            raise ValueError("states must be a non-empty list of state dicts holding the same tensor names, "
+                             f"got {[sorted(st) for st in states]}")
+        if kv_init not in ("mean", "seed"):
+            raise ValueError(f"kv_init must be 'mean' or 'seed', got {kv_init!r}")
+        HDh, D = states[0]["q_proj.weight"].shape
+        w0 = states[0]["q_proj.weight"]
+        module = cls(D, n_heads, n_kv_heads, len(states), shared_kv=shared_kv, head_dim=HDh // n_heads,
+                     rope_theta=rope_theta, top_k=top_k, layer_idx=layer_idx, device=w0.device,
+                     dtype=w0.dtype, qkv_bias="q_proj.bias" in states[0], qk_norm=qk_norm, norm_eps=norm_eps)
+
+        def stacked(name: str) -> torch.Tensor:
+            kv = name.startswith(("k_", "v_"))
+            if kv and shared_kv:  # one set for every expert
+                if kv_init == "seed":
+                    return states[0][name]
+                return torch.stack([st[name].double() for st in states]).mean(0)
+            if name.endswith("norm.weight"):
+                return torch.stack([st[name] for st in states])
+            return torch.cat([st[name] for st in states], dim=1 if name == "o_proj.weight" else 0)
+
+        params = dict(module.named_parameters())
+        for name in states[0]:
+            if name not in params or name.startswith("router."):
+                raise ValueError(f"states hold {name!r}, which a dense attention of these settings has no "
+                                 f"place for (qk_norm={qk_norm!r})")
         with torch.no_grad():
-            module.q_proj.weight.copy_(torch.cat(list(q_weights), dim=0))
-            module.o_proj.weight.copy_(torch.cat(list(o_weights), dim=1))
-            for proj, weights in ((module.k_proj, k_weights), (module.v_proj, v_weights)):
-                if not shared_kv:
-                    proj.weight.copy_(torch.cat(list(weights), dim=0))
-                elif kv_init == "mean":
-                    proj.weight.copy_(torch.stack([w.double() for w in weights]).mean(0))
-                else:
-                    proj.weight.copy_(weights[0])
+            for name, param in params.items():
+                if name.startswith("router."):
+                    continue  # the router is new
+                if name not in states[0]:
+                    raise ValueError(f"states lack {name!r}, which qk_norm={qk_norm!r} needs")
+                value = stacked(name)
+                if value.shape != param.shape:
+                    raise ValueError(f"the experts' {name} stack to shape {tuple(value.shape)}, expected "
+                                     f"{tuple(param.shape)}")
+                param.copy_(value)
         return module
 
     def mix(self, router_logits: torch.Tensor) -> torch.Tensor:
@@ -327,8 +315,10 @@ class MixtureOfAttention(nn.Module):
         E, H, Hkv, Dh = self.num_experts, self.n_heads, self.n_kv_heads, self.head_dim
         kv_heads = (Hkv,) if self.shared_kv else (E, Hkv)
         logits_BTE = route_logits(self.router, x)
-        q_BTHqDh = self.q_proj(x).view(B, T, E * H, Dh)
-        k_BTGDh = self.k_proj(x).view(B, T, -1, Dh)
+        q_norm, k_norm = getattr(self, "q_norm", None), getattr(self, "k_norm", None)
+        q_BTHqDh = heads(self.q_proj(x), E, H, Dh, q_norm, self.qk_norm).view(B, T, E * H, Dh)
+        k_BTGDh = heads(self.k_proj(x), 1 if self.shared_kv else E, Hkv, Dh, k_norm, self.qk_norm)
+        k_BTGDh = k_BTGDh.view(B, T, -1, Dh)
         v_BTGDh = self.v_proj(x).view(B, T, *kv_heads, Dh)
         start = cache.length(self.layer_idx) if cache is not None else 0
         cos, sin = rope_for(position_ids, start, T, Dh, self.rope_theta, q_BTHqDh.dtype, x.device)

@@ -17,8 +17,8 @@ import torch
 import torch.nn as nn
 
 from .blocks import RMSNorm, make_layer, next_token_nll, router_aux_loss
+from .cache import KVCache
 from .config import BamConfig, DenseConfig
-from .layers import KVCache
 
 
 @dataclass

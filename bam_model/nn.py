@@ -1,10 +1,11 @@
 """The public path of bam's drop-in modules (``from bam_model.nn import MoE, MixtureOfAttention``).
 
-They live in ``bam_model/layers.py`` now: a module named ``nn`` shadowed ``torch.nn`` in files
-that import both. This shim keeps the path in DESIGN.md and users' code working.
+They live in ``bam_model/layers.py`` (``KVCache`` in ``bam_model/cache.py``) now: a module named
+``nn`` shadowed ``torch.nn`` in files that import both. This shim keeps the path in DESIGN.md and
+users' code working.
 """
+from .cache import KVCache
 from .layers import (
-    KVCache,
     MixtureOfAttention,
     MoE,
     MoEExperts,

@@ -300,22 +300,25 @@ class _Mixer:
         return tensors
 
     def attention(self, p: str) -> dict[str, torch.Tensor]:
-        """The attention tensors of the layer whose keys start with ``p``."""
+        """The attention tensors of the layer whose keys start with ``p``: every tensor of the dense
+        attention (projections, and the biases and query/key norms of the families that have them)."""
         config, options = self.config, self.options
-        projs = ("q_proj", "k_proj", "v_proj", "o_proj")
+        prefix = p + "self_attn."
+        names = [k.removeprefix(prefix) for k in self.states[0] if k.startswith(prefix)]
         if options.method != "bam":
-            return {f"{p}self_attn.{proj}.weight": self.shared(f"{p}self_attn.{proj}.weight")
-                    for proj in projs}
-        attn = {proj: [s[f"{p}self_attn.{proj}.weight"] for s in self.states] for proj in projs}
+            return {prefix + name: self.shared(prefix + name) for name in names}
         shared_kv = config.attention == "shared-kv"
-        moa = MixtureOfAttention.from_dense(
-            attn["q_proj"], attn["k_proj"], attn["v_proj"], attn["o_proj"], config.n_heads, config.n_kv_heads,
-            shared_kv=shared_kv, kv_init=options.kv_init, rope_theta=config.rope_theta)
-        out = {f"{p}self_attn.{proj}.weight": getattr(moa, proj).weight.detach() for proj in projs}
+        experts = [{name: s[prefix + name] for name in names} for s in self.states]
+        moa = MixtureOfAttention.from_dense_states(
+            experts, config.n_heads, config.n_kv_heads, shared_kv=shared_kv, kv_init=options.kv_init,
+            rope_theta=config.rope_theta, qk_norm=config.qk_norm, norm_eps=config.norm_eps)
+        out = {prefix + name: t.detach() for name, t in moa.named_parameters()
+               if not name.startswith("router.")}
         if shared_kv and options.kv_init == "mean" and self.fisher_states is not None:
-            for proj in ("k_proj", "v_proj"):
-                out[f"{p}self_attn.{proj}.weight"] = self.average(f"{p}self_attn.{proj}.weight")
-        out[p + "self_attn.router.weight"] = self.router()
+            for name in names:
+                if name.startswith(("k_", "v_")):
+                    out[prefix + name] = self.average(prefix + name)
+        out[prefix + "router.weight"] = self.router()
         return out
 
 

@@ -1,5 +1,6 @@
-"""Import of Hugging Face folders, read without transformers: the Llama family (Llama, Mistral,
-SmolLM) as a ``DenseLM``, and Mixtral as a ``BamLM`` with one attention per layer (its
+"""Import of Hugging Face folders, read without transformers: the decoder families bam computes
+(Llama, Mistral, SmolLM; Qwen2 and Qwen2.5 with their query/key/value biases; Qwen3 with its per-head
+query/key norm) as a ``DenseLM``, and Mixtral as a ``BamLM`` with one attention per layer (its
 per-expert ``block_sparse_moe.experts.j.w1/w2/w3`` fused into our layout).
 """
 from __future__ import annotations
@@ -14,7 +15,14 @@ from ..model import CausalLM, DenseLM
 from ..options import short_repr
 from .folder import folder_config, folder_tensors
 
-HF_MODEL_TYPES = ("llama", "mistral")
+# Each family bam reads: what it adds to Llama's decoder, as bam's settings (``DenseConfig``).
+FAMILIES = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {"qkv_bias": True},   # Qwen2, Qwen2.5: biases on q, k and v (not on o)
+    "qwen3": {"qk_norm": "head"},  # Qwen3: RMSNorm over each query and key head, before RoPE
+}
+HF_MODEL_TYPES = tuple(FAMILIES)
 _REQUIRED = object()
 _HF_KINDS = {  # what a config.json value must be -> its test
     "a positive int": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
@@ -58,15 +66,16 @@ def _first_id(value):
 
 
 def dense_config_from_hf(hf: dict, model_types: tuple = HF_MODEL_TYPES) -> DenseConfig:
-    """Our ``DenseConfig`` for a Hugging Face Llama/Mistral ``config.json`` (the dense part of a
-    Mixtral one); refuses what we do not model, and values of the wrong type naming their key."""
+    """Our ``DenseConfig`` for the ``config.json`` of a family bam reads (``FAMILIES``; the dense part
+    of a Mixtral one); refuses what we do not model, and values of the wrong type naming their key."""
     model_type = hf.get("model_type")
     if model_type not in model_types:
         raise ValueError(f"Hugging Face model_type {model_type!r} is not supported; "
                          f"expected one of {model_types}")
-    for key in ("attention_bias", "mlp_bias"):
+    for key, what in (("attention_bias", "a bias on the attention's output projection"),
+                      ("mlp_bias", "biases in the MLP")):
         if _hf_value(hf, key, "true or false", False):
-            raise ValueError(f"{key}=true is not supported (Llama-family models without biases only)")
+            raise ValueError(f"{key}=true is not supported ({what}, which bam's experts do not carry)")
     act = _hf_value(hf, "hidden_act", "a string", "silu")
     if act != "silu":
         raise ValueError(f"hidden_act {act!r} is not supported; only 'silu' (SwiGLU)")
@@ -85,6 +94,7 @@ def dense_config_from_hf(hf: dict, model_types: tuple = HF_MODEL_TYPES) -> Dense
         head_dim=_hf_value(hf, "head_dim", "a positive int", None), rope_theta=_rope_theta(hf),
         norm_eps=_hf_value(hf, "rms_norm_eps", "a finite positive number", 1e-6), max_seq_len=max_len,
         tie_embeddings=_hf_value(hf, "tie_word_embeddings", "true or false", False),
+        **FAMILIES.get(model_type, {}),
         **{k: v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab else None
            for k, v in ids.items()})
 

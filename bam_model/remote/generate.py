@@ -150,6 +150,9 @@ class Generator:
         mod = self.module(module)
         found = [i for i, s in enumerate(mod.statements) if name in s.defines] if statement is None else \
             [mod.statements.index(statement)]
+        if not found and name in mod.first_party:  # imported there: follow it to where it is defined
+            self.need(*mod.first_party[name])
+            return
         if not found:
             raise ValueError(f"{module} does not define {name}")
         if name and self.defined.setdefault(name, module) != module:

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 import bam_kernels as bk
-from bam_model.layers import KVCache, MixtureOfAttention
+from bam_model.cache import KVCache
+from bam_model.layers import MixtureOfAttention
 from bam_model.rope import apply_rope, rope_cos_sin, rope_cos_sin_range
 
 
