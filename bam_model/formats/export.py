@@ -1,5 +1,8 @@
-"""Export to Hugging Face folders: a dense model as Llama, an FFN-only mixture (BTX, sparse
-upcycling) as Mixtral with the per-expert keys of published Mixtral checkpoints.
+"""Export to Hugging Face folders, in the class of the family whose computation the model's settings are:
+a dense model as Llama, Qwen2 (biases on q, k, v) or Qwen3 (per-head query/key norm); an FFN-only
+mixture (BTX, sparse upcycling) as the matching MoE class: Mixtral, Qwen2-MoE or Qwen3-MoE, with the
+per-expert keys of published checkpoints. A BAM mixture with attention experts has no Hugging Face
+class (its own folder format carries them, with remote code).
 """
 from __future__ import annotations
 
@@ -12,9 +15,39 @@ from ..config import BamConfig, DenseConfig
 from ..model import CausalLM
 from .folder import CONFIG, write_folder
 
+# (qkv_bias, qk_norm) -> the dense family that computes them, and the MoE family of its mixtures
+DENSE_FAMILIES = {(False, None): "llama", (True, None): "qwen2", (False, "head"): "qwen3"}
+MOE_FAMILIES = {"llama": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
+CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+           "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+           "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+def family_of(config: DenseConfig) -> str:
+    """The Hugging Face family (``model_type``) that computes a model of ``config``; a ValueError that
+    says why where none does."""
+    if config.block != "sequential":
+        raise ValueError("Hugging Face's decoder blocks are sequential; this model has block='parallel' "
+                         "(GPT-J style), which no Llama-family class computes. Keep it in bam's format")
+    dense = DENSE_FAMILIES.get((config.qkv_bias, config.qk_norm))
+    if dense is None:
+        raise ValueError(f"no Hugging Face family has qkv_bias={config.qkv_bias} with "
+                         f"qk_norm={config.qk_norm!r}; keep it in bam's format")
+    if not isinstance(config, BamConfig):
+        return dense
+    if config.attention != "dense":
+        raise ValueError(f"this mixture has attention experts (attention={config.attention!r}); Hugging "
+                         "Face's MoE classes have one attention per layer, so none can hold it. Use "
+                         "save_pretrained")
+    moe = MOE_FAMILIES[dense]
+    if moe == "mixtral" and not config.normalize and config.top_k != config.num_experts:
+        raise ValueError(f"Mixtral renormalises its top-{config.top_k} router weights; this mixture does not "
+                         "(ffn_routing 'paper'), so Mixtral would compute a different function")
+    return moe
+
 
 def _hf_common(config: DenseConfig, dtype: torch.dtype) -> dict:
-    """The ``config.json`` keys Llama and Mixtral share."""
+    """The ``config.json`` keys every family shares."""
     dtype_name = str(dtype).removeprefix("torch.")
     return {
         "vocab_size": config.vocab_size, "hidden_size": config.dim, "intermediate_size": config.ffn_dim,
@@ -30,76 +63,95 @@ def _hf_common(config: DenseConfig, dtype: torch.dtype) -> dict:
     }
 
 
+def _family_keys(family: str, config: DenseConfig) -> dict:
+    """What ``family``'s config.json adds to the common keys."""
+    no_window = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layers}
+    keys = {"llama": {"attention_bias": False, "mlp_bias": False}, "qwen2": no_window,
+            "qwen3": {"attention_bias": False, **no_window}}.get(family, {})
+    if not isinstance(config, BamConfig):
+        return keys
+    moe = {"num_experts_per_tok": config.top_k, "router_aux_loss_coef": config.load_balancing_alpha,
+           "output_router_logits": False}
+    if family == "mixtral":
+        return {**moe, "num_local_experts": config.num_experts, "sliding_window": None}
+    qwen = {**moe, **no_window, "num_experts": config.num_experts, "moe_intermediate_size": config.ffn_dim,
+            "norm_topk_prob": config.normalize, "decoder_sparse_step": 1, "mlp_only_layers": []}
+    if family == "qwen2_moe":  # its class always has a shared expert: one of size 0 adds nothing
+        return {**qwen, "qkv_bias": config.qkv_bias, "shared_expert_intermediate_size": 0}
+    return {**qwen, "attention_bias": False}
+
+
+def _expert_tensors(family: str, config: BamConfig, prefix: str, leaf: str, t: torch.Tensor) -> dict:
+    """A mixture's ``{prefix}.mlp.{leaf}`` tensor under ``family``'s per-expert names."""
+    E = config.num_experts
+    moe, (w1, w3, w2) = ((f"{prefix}.block_sparse_moe", ("w1", "w3", "w2")) if family == "mixtral" else
+                         (f"{prefix}.mlp", ("gate_proj", "up_proj", "down_proj")))
+    if leaf == "gate.weight":
+        out = {f"{moe}.gate.weight": t}
+        if family == "qwen2_moe":
+            D = config.dim
+            out.update({f"{moe}.shared_expert.gate_proj.weight": t.new_zeros(0, D),
+                        f"{moe}.shared_expert.up_proj.weight": t.new_zeros(0, D),
+                        f"{moe}.shared_expert.down_proj.weight": t.new_zeros(D, 0),
+                        f"{moe}.shared_expert_gate.weight": t.new_zeros(1, D)})
+        return out
+    if leaf == "experts.gate_up_proj":
+        gate_EFD, up_EFD = t.chunk(2, dim=1)
+        return {**{f"{moe}.experts.{j}.{w1}.weight": gate_EFD[j] for j in range(E)},
+                **{f"{moe}.experts.{j}.{w3}.weight": up_EFD[j] for j in range(E)}}
+    if leaf == "experts.down_proj":
+        return {f"{moe}.experts.{j}.{w2}.weight": t[j] for j in range(E)}
+    raise ValueError(f"tensor {prefix}.mlp.{leaf} has no place in a {CLASSES[family]} checkpoint")
+
+
+def export_family(model: CausalLM, path: str, max_shard_bytes: int | None = None,
+                  extra_files: dict[str, str | bytes] | None = None) -> str:
+    """Write ``model`` as a Hugging Face folder of the class that computes it (``family_of``), with the
+    same logits in transformers; returns the class name. Atomic, like ``save_pretrained``;
+    ``extra_files`` (name -> contents, e.g. a tokenizer.json) go into the same folder."""
+    config = model.config
+    family = family_of(config)
+    hf = {"architectures": [CLASSES[family]], "model_type": family, **_hf_common(config, model.dtype),
+          **_family_keys(family, config)}
+    tensors = {}
+    for key, t in model_tensors(model).items():
+        if isinstance(config, BamConfig) and ".mlp." in key:
+            tensors.update(_expert_tensors(family, config, *key.split(".mlp."), t))
+        else:
+            tensors[key] = t
+    write_folder(path, {**(extra_files or {}), CONFIG: json.dumps(hf, indent=2) + "\n"}, tensors,
+                 max_shard_bytes)
+    return CLASSES[family]
+
+
 def export_llama(model: CausalLM, path: str, max_shard_bytes: int | None = None,
                  extra_files: dict[str, str | bytes] | None = None) -> None:
-    """Write a dense model as a Hugging Face Llama folder: our tensors already have Llama's names
-    and layout, so ``LlamaForCausalLM.from_pretrained(path)`` gives the same logits. A parallel-block
-    model has no Llama form and is refused. Atomic, like ``save_pretrained``."""
-    config = model.config
-    if isinstance(config, BamConfig):
-        raise ValueError("export_llama needs a dense model; a BTX or sparse mixture exports as Mixtral")
-    if config.block != "sequential":
-        raise ValueError("Llama blocks are sequential; this model has block='parallel' (GPT-J style), "
-                         "which no Hugging Face Llama-family class computes. Keep it in bam's format")
-    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **_hf_common(config, model.dtype),
-          "attention_bias": False, "mlp_bias": False}
-    write_folder(path, {**(extra_files or {}), CONFIG: json.dumps(hf, indent=2) + "\n"}, model_tensors(model),
-                 max_shard_bytes)
-
-
-def export_hf(model: CausalLM, path: str, max_shard_bytes: int | None = None,
-              extra_files: dict[str, str | bytes] | None = None) -> str:
-    """Write ``model`` in the Hugging Face class that computes it: a dense model as Llama, a BTX or
-    sparse mixture as Mixtral; returns the class name. A BAM mixture with attention experts has no
-    Hugging Face class and is refused."""
+    """Write a dense Llama-family model as a Hugging Face Llama folder (``export_family`` for the others)."""
     if isinstance(model.config, BamConfig):
-        export_mixtral(model, path, max_shard_bytes, extra_files)
-        return "MixtralForCausalLM"
-    export_llama(model, path, max_shard_bytes, extra_files)
-    return "LlamaForCausalLM"
+        raise ValueError("export_llama needs a dense model; a BTX or sparse mixture exports as Mixtral")
+    family = family_of(model.config)
+    if family != "llama":
+        raise ValueError(f"this model computes as {CLASSES[family]}, not Llama: use export_hf")
+    export_family(model, path, max_shard_bytes, extra_files)
 
 
 def export_mixtral(model: CausalLM, path: str, max_shard_bytes: int | None = None,
                    extra_files: dict[str, str | bytes] | None = None) -> None:
-    """Write an FFN-only mixture (BTX, sparse upcycling) as a Hugging Face Mixtral folder, with the
-    per-expert keys of published Mixtral checkpoints (``block_sparse_moe.experts.j.w1/w2/w3``), so
-    ``MixtralForCausalLM.from_pretrained(path)`` gives the same logits. Atomic, like ``save_pretrained``;
-    ``extra_files`` (name -> contents, e.g. a tokenizer.json) go into the same folder.
-    """
-    config = model.config
-    if not isinstance(config, BamConfig):
+    """Write an FFN-only mixture (BTX, sparse upcycling) of a Llama-family model as a Hugging Face
+    Mixtral folder, with the per-expert keys of published Mixtral checkpoints
+    (``block_sparse_moe.experts.j.w1/w2/w3``), so ``MixtralForCausalLM.from_pretrained(path)`` gives the
+    same logits (``export_family`` for the other families' MoE classes)."""
+    if not isinstance(model.config, BamConfig):
         raise ValueError("export_mixtral needs a mixture (BamConfig); a dense model exports as Llama "
                          "(export_llama)")
-    if config.attention != "dense":
-        raise ValueError(f"this mixture has attention experts (attention={config.attention!r}); Mixtral has "
-                         "one attention per layer, so no Hugging Face class can hold it. Use save_pretrained")
-    if config.block != "sequential":
-        raise ValueError("Mixtral blocks are sequential; this mixture has block='parallel'")
-    if not config.normalize and config.top_k != config.num_experts:
-        raise ValueError(f"Mixtral renormalises its top-{config.top_k} router weights; this mixture does not "
-                         "(ffn_routing 'paper'), so Mixtral would compute a different function")
-    hf = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", **_hf_common(config, model.dtype),
-          "num_local_experts": config.num_experts, "num_experts_per_tok": config.top_k,
-          "router_aux_loss_coef": config.load_balancing_alpha, "output_router_logits": False,
-          "sliding_window": None}
-    tensors = {}
-    for key, t in model_tensors(model).items():
-        if ".mlp." not in key:
-            tensors[key] = t
-            continue
-        prefix, leaf = key.split(".mlp.")
-        moe = f"{prefix}.block_sparse_moe"
-        if leaf == "gate.weight":
-            tensors[f"{moe}.gate.weight"] = t
-        elif leaf == "experts.gate_up_proj":
-            gate_EFD, up_EFD = t.chunk(2, dim=1)
-            for j in range(config.num_experts):
-                tensors[f"{moe}.experts.{j}.w1.weight"] = gate_EFD[j]
-                tensors[f"{moe}.experts.{j}.w3.weight"] = up_EFD[j]
-        elif leaf == "experts.down_proj":
-            for j in range(config.num_experts):
-                tensors[f"{moe}.experts.{j}.w2.weight"] = t[j]
-        else:
-            raise ValueError(f"tensor {key!r} has no place in a Mixtral checkpoint")
-    write_folder(path, {**(extra_files or {}), CONFIG: json.dumps(hf, indent=2) + "\n"}, tensors,
-                 max_shard_bytes)
+    family = family_of(model.config)
+    if family != "mixtral":
+        raise ValueError(f"this mixture computes as {CLASSES[family]}, not Mixtral: use export_hf")
+    export_family(model, path, max_shard_bytes, extra_files)
+
+
+def export_hf(model: CausalLM, path: str, max_shard_bytes: int | None = None,
+              extra_files: dict[str, str | bytes] | None = None) -> str:
+    """Write ``model`` in the Hugging Face class that computes it (``export_family``); returns the
+    class name. A BAM mixture with attention experts has no Hugging Face class and is refused."""
+    return export_family(model, path, max_shard_bytes, extra_files)

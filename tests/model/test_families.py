@@ -105,3 +105,68 @@ def test_attention_experts_keep_each_experts_biases_and_norms(family, attention,
         moa.mix = lambda logits, e=e: torch.nn.functional.one_hot(torch.full(logits.shape[:-1], e), 3).float()
         with torch.no_grad():
             assert rel(moa(x), dense(x)) < 1e-5, e
+
+
+def test_a_family_exports_back_to_its_class(family, tmp_path):
+    name, hf, folder = family
+    ours = bam_model.from_pretrained(str(folder))
+    assert bam_model.formats.export_hf(ours, str(tmp_path / "dense")) == type(hf).__name__
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    assert type(back).__name__ == type(hf).__name__
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert rel(back(ids).logits, hf(ids).logits) < 1e-5
+
+
+MOE_CLASSES = {"qwen2": "Qwen2MoeForCausalLM", "qwen3": "Qwen3MoeForCausalLM"}
+
+
+@pytest.mark.parametrize("options", [dict(method="btx", top_k=2), dict(method="sparse", top_k=1),
+                                     dict(method="btx", top_k=2, ffn_routing="paper")])
+def test_an_ffn_mixture_exports_as_the_familys_moe_class(family, options, tmp_path):
+    """Different experts and a trained-looking router, so that routing and every expert's weights
+    matter; the paper's routing (kept probabilities, not renormalised) is Qwen-MoE's norm_topk_prob=False."""
+    name, _, folder = family
+    seed = bam_model.from_pretrained(str(folder))
+    others = []
+    for s in (1, 2):
+        hf_model(name, seed=s).save_pretrained(tmp_path / f"m{s}")
+        others.append(bam_model.from_pretrained(str(tmp_path / f"m{s}")))
+    mixture = upcycle(seed, others, **options)
+    with torch.no_grad():
+        for key, p in mixture.named_parameters():
+            if key.endswith("mlp.gate.weight"):
+                p.normal_(0, 1.0, generator=torch.Generator().manual_seed(5))
+    assert bam_model.formats.export_hf(mixture, str(tmp_path / "moe")) == MOE_CLASSES[name]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    assert type(hf).__name__ == MOE_CLASSES[name]
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert rel(hf(ids).logits, mixture(ids).logits) < 1e-5
+
+
+@pytest.mark.parametrize("attention", ["expert-kv", "shared-kv"])
+def test_a_familys_mixture_generates_through_transformers_with_left_padding(family, attention, tmp_path):
+    """The mixture's own folder (bam's format and its remote code) in transformers: a left-padded batch
+    generates what each prompt generates alone, and the logits are bam's."""
+    name, _, folder = family
+    seed = bam_model.from_pretrained(str(folder))
+    mixture = upcycle(seed, [seed, seed], method="bam", attention=attention, top_k=2)
+    with torch.no_grad():
+        for key, p in mixture.named_parameters():
+            if key.endswith(("router.weight", "gate.weight")):
+                p.normal_(0, 1.0, generator=torch.Generator().manual_seed(7))
+    mixture.save_pretrained(str(tmp_path / "mix"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mix", trust_remote_code=True).eval()
+    prompts = [torch.randint(1, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 8)]
+    with torch.no_grad():
+        assert rel(hf(input_ids=prompts[1][None]).logits, mixture(prompts[1][None]).logits) < 1e-5
+        alone = [hf.generate(p[None], max_new_tokens=5, do_sample=False, pad_token_id=0)[0, len(p):]
+                 for p in prompts]
+        batch = torch.zeros(2, 8, dtype=torch.long)
+        mask = torch.zeros_like(batch)
+        for i, p in enumerate(prompts):
+            batch[i, 8 - len(p):], mask[i, 8 - len(p):] = p, 1
+        out = hf.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert [row[8:].tolist() for row in out] == [a.tolist() for a in alone]
+    assert alone[1].tolist() == mixture.generate(prompts[1][None], 5)[0, 8:].tolist()
