@@ -1,6 +1,7 @@
-"""Import of llama.cpp GGUF files of the ``llama`` architecture (Llama, Mistral, SmolLM), read with
-the ``gguf`` package: the metadata as a ``DenseConfig``, tensors dequantised to float32 under our
-names with q/k rows put back in Hugging Face's order, and the file's byte-level BPE tokenizer.
+"""Import of llama.cpp GGUF files of the ``llama`` (Llama, Mistral, SmolLM), ``qwen2`` (Qwen2, Qwen2.5)
+and ``qwen3`` architectures, read with the ``gguf`` package: the metadata as a ``DenseConfig``, tensors
+dequantised to float32 under our names (a ``llama`` file's q/k rows put back in Hugging Face's order;
+llama.cpp keeps the others' as they are), and the file's byte-level BPE tokenizer.
 """
 from __future__ import annotations
 
@@ -48,7 +49,14 @@ def unpermute_gguf_qk(w_OI: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w_OI.reshape(n_heads, out_dim // n_heads // 2, 2, -1).transpose(1, 2).reshape(out_dim, -1)
 
 
+# Each architecture bam reads: what it adds to Llama's decoder (``DenseConfig`` settings).
+ARCHITECTURES = {"llama": {}, "qwen2": {"qkv_bias": True}, "qwen3": {"qk_norm": "head"}}
 _GGUF_LAYER_NAMES = {
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "attn_q.weight": "self_attn.q_proj.weight",
@@ -69,7 +77,7 @@ def _gguf_name(name: str) -> str:
     parts = name.split(".", 2)
     if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _GGUF_LAYER_NAMES:
         return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}"
-    raise ValueError(f"GGUF tensor {name!r} has no place in a Llama-family model")
+    raise ValueError(f"GGUF tensor {name!r} has no place in a model bam reads")
 
 
 def gguf_reader(source):
@@ -97,37 +105,45 @@ def gguf_reader(source):
         raise ValueError(f"GGUF file {path} is truncated or corrupt ({reason})") from None
 
 
+def gguf_architecture(reader) -> str:
+    """The file's ``general.architecture``, one bam reads (``ARCHITECTURES``), or a ValueError."""
+    arch = _gguf_field(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"GGUF architecture {short_repr(arch)} is not supported; expected one of "
+                         f"{tuple(ARCHITECTURES)}")
+    return arch
+
+
 def gguf_context_length(source) -> int:
     """The context length a GGUF file (path or reader) records (2048 when it records none)."""
-    return _gguf_number(gguf_reader(source), "llama.context_length", 2048)
+    reader = gguf_reader(source)
+    return _gguf_number(reader, f"{gguf_architecture(reader)}.context_length", 2048)
 
 
 def load_gguf(source, dtype: torch.dtype | None = torch.float32, device="cpu") -> DenseLM:
-    """A llama.cpp GGUF file (path or ``gguf_reader``) of the ``llama`` architecture (Llama, Mistral,
-    SmolLM): tensors are dequantised to float32 and q/k rows put back in Hugging Face's order.
+    """A llama.cpp GGUF file (path or ``gguf_reader``) of an architecture bam reads (``ARCHITECTURES``):
+    tensors are dequantised to float32 (a ``llama`` file's q/k rows put back in Hugging Face's order).
     Their names and shapes are checked against the metadata before any is dequantised."""
     reader = gguf_reader(source)
     import gguf  # noqa: PLC0415 (gguf: optional, the hf extra)
     where = gguf_path(reader)
-    arch = _gguf_field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"GGUF architecture {short_repr(arch)} is not supported; expected 'llama'")
-    n_heads = _gguf_number(reader, "llama.attention.head_count")
-    n_kv_heads = _gguf_number(reader, "llama.attention.head_count_kv", n_heads)
-    dim = _gguf_number(reader, "llama.embedding_length")
+    arch = gguf_architecture(reader)
+    n_heads = _gguf_number(reader, f"{arch}.attention.head_count")
+    n_kv_heads = _gguf_number(reader, f"{arch}.attention.head_count_kv", n_heads)
+    dim = _gguf_number(reader, f"{arch}.embedding_length")
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names or reader.fields.get("llama.rope.scaling.type") is not None:
+    if "rope_freqs.weight" in names or reader.fields.get(f"{arch}.rope.scaling.type") is not None:
         raise ValueError(f"GGUF file {where} uses RoPE scaling, which is not supported; only plain RoPE is")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = _gguf_number(reader, "llama.vocab_size", len(tokens.data) if tokens is not None else None)
+    vocab = _gguf_number(reader, f"{arch}.vocab_size", len(tokens.data) if tokens is not None else None)
     fields = dict(
-        vocab_size=vocab, dim=dim, n_layers=_gguf_number(reader, "llama.block_count"), n_heads=n_heads,
-        n_kv_heads=n_kv_heads, ffn_dim=_gguf_number(reader, "llama.feed_forward_length"),
-        head_dim=_gguf_number(reader, "llama.attention.key_length", dim // n_heads),
-        rope_theta=_gguf_number(reader, "llama.rope.freq_base", 10000.0, float),
-        norm_eps=_gguf_number(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5, float),
-        max_seq_len=_gguf_number(reader, "llama.context_length", 2048),
-        tie_embeddings="output.weight" not in names)
+        vocab_size=vocab, dim=dim, n_layers=_gguf_number(reader, f"{arch}.block_count"), n_heads=n_heads,
+        n_kv_heads=n_kv_heads, ffn_dim=_gguf_number(reader, f"{arch}.feed_forward_length"),
+        head_dim=_gguf_number(reader, f"{arch}.attention.key_length", dim // n_heads),
+        rope_theta=_gguf_number(reader, f"{arch}.rope.freq_base", 10000.0, float),
+        norm_eps=_gguf_number(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5, float),
+        max_seq_len=_gguf_number(reader, f"{arch}.context_length", 2048),
+        tie_embeddings="output.weight" not in names, **ARCHITECTURES[arch])
     for key in ("bos_token_id", "eos_token_id"):
         field = reader.fields.get(f"tokenizer.ggml.{key}")
         value = field.contents() if field is not None else None
@@ -136,7 +152,7 @@ def load_gguf(source, dtype: torch.dtype | None = torch.float32, device="cpu") -
     with about_file(where):
         config = DenseConfig(**fields)
     shapes = {_gguf_name(t.name): tuple(int(n) for n in reversed(t.shape)) for t in reader.tensors}
-    check_tensors(config, shapes, f"{where} (llama.block_count)", "its tensor list")
+    check_tensors(config, shapes, f"{where} ({arch}.block_count)", "its tensor list")
     tensors = {}
     for t in reader.tensors:
         name = _gguf_name(t.name)
@@ -147,9 +163,9 @@ def load_gguf(source, dtype: torch.dtype | None = torch.float32, device="cpu") -
                              "package cannot dequantize") from None
         w = w.reshape(shapes[name])  # GGUF lists dims innermost first
         check_values(t.name, w, where)
-        if name.endswith("q_proj.weight"):
+        if arch == "llama" and name.endswith("q_proj.weight"):
             w = unpermute_gguf_qk(w, n_heads)
-        elif name.endswith("k_proj.weight"):
+        elif arch == "llama" and name.endswith("k_proj.weight"):
             w = unpermute_gguf_qk(w, n_kv_heads)
         tensors[name] = w
     model = build_model(config, tensors, dtype, device)
@@ -173,9 +189,17 @@ def is_gguf(source) -> bool:
     return type(source).__name__ == "GGUFReader"
 
 
+# How text is split before byte-level BPE, by the file's ``tokenizer.ggml.pre``, where it is not GPT-2's
+# split: Qwen2's (also Qwen3's) keeps single digits apart and letters with one leading non-letter.
+PRE_TOKENIZER_PATTERNS = {
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
 def gguf_tokenizer(source) -> TextTokenizer:
     """The byte-level BPE stored in a GGUF file's ``tokenizer.ggml.*`` fields (path or ``gguf_reader``)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors  # noqa: PLC0415 (the model extra: bam_model imports without it)
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors  # noqa: PLC0415 (the model extra: bam_model imports without it)
 
     reader = gguf_reader(source)
 
@@ -202,7 +226,13 @@ def gguf_tokenizer(source) -> TextTokenizer:
             raise
         raise ValueError(f"{where}: its tokenizer is corrupt ({e})") from None
     tok = Tokenizer(bpe)
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    pattern = PRE_TOKENIZER_PATTERNS.get(field("tokenizer.ggml.pre"))
+    if pattern is None:  # GPT-2's split, inside the byte-level step
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     # Control tokens (type 3) are matched whole in text, as llama.cpp does.
     tok.add_special_tokens([AddedToken(t, special=True) for t, ty in zip(tokens, types) if ty == 3])

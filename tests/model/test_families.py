@@ -21,10 +21,11 @@ FAMILIES = {
 }
 
 
-def hf_model(family: str, seed: int = 0):
+def hf_model(family: str, seed: int = 0, **overrides):
     config_class, model_class, extra, _ = FAMILIES[family]
     torch.manual_seed(seed)
-    model = model_class(config_class(**COMMON, **extra)).eval()
+    settings = {k: v for k, v in {**extra, **overrides}.items() if v is not None}  # None: the class's default
+    model = model_class(config_class(**COMMON, **settings)).eval()
     with torch.no_grad():  # every weight random, norms and biases too, so that a mix-up of any shows
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -170,3 +171,76 @@ def test_a_familys_mixture_generates_through_transformers_with_left_padding(fami
         out = hf.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert [row[8:].tolist() for row in out] == [a.tolist() for a in alone]
     assert alone[1].tolist() == mixture.generate(prompts[1][None], 5)[0, 8:].tolist()
+
+
+GGUF_LAYER = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+              "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+              "post_attention_layernorm": "ffn_norm"}
+# Qwen2's split, then bytes: a digit is its own piece ("2025" is four), as Qwen2's tokenizer.json does
+TOKENS = [chr(c) for c in range(ord("!"), ord("!") + 97)]
+
+
+def write_gguf(hf, arch: str, path) -> None:
+    """A float32 GGUF of ``hf`` as llama.cpp writes the architecture (its names and metadata keys; q/k
+    rows as they are: llama.cpp permutes only the llama architecture's)."""
+    import gguf
+
+    c = hf.config
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(hf.model.layers[0].self_attn.head_dim)
+    w.add_value_length(hf.model.layers[0].self_attn.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(TOKENS)
+    w.add_token_types([1] * len(TOKENS))
+    w.add_token_merges([])
+    w.add_eos_token_id(0)
+    for name, t in hf.state_dict().items():
+        if name == "lm_head.weight":
+            gname = "output.weight"
+        elif name == "model.embed_tokens.weight":
+            gname = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gname = "output_norm.weight"
+        else:
+            _, _, i, rest = name.split(".", 3)
+            module, leaf = rest.rsplit(".", 1)
+            gname = f"blk.{i}.{GGUF_LAYER[module]}.{leaf}"
+        w.add_tensor(gname, t.detach().float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_a_familys_gguf_loads_as_transformers_reads_it(family, tmp_path):
+    """The family's model (Qwen3's with a head_dim that is not hidden_size / heads) from its GGUF gives its
+    logits; a model of the default head_dim, which transformers' GGUF reader assumes, also loads in
+    transformers from the same kind of file with the same logits: the file is what llama.cpp writes."""
+    name, hf, _ = family
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(8))
+    write_gguf(hf, name, tmp_path / "m.gguf")
+    ours = bam_model.from_pretrained(str(tmp_path / "m.gguf"))
+    for key, value in FAMILIES[name][3].items():
+        assert getattr(ours.config, key) == value, key
+    with torch.no_grad():
+        assert rel(ours(ids).logits, hf(ids).logits) < 1e-5
+    assert ours.tokenizer.encode("a2025b").tokens == ["a", "2", "0", "2", "5", "b"]
+    plain = hf_model(name, seed=9, head_dim=None)
+    write_gguf(plain, name, tmp_path / "plain" / "m.gguf")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain", gguf_file="m.gguf").eval()
+    with torch.no_grad():
+        want = plain(ids).logits
+        assert rel(theirs(ids).logits, want) < 1e-5
+        assert rel(bam_model.from_pretrained(str(tmp_path / "plain" / "m.gguf"))(ids).logits, want) < 1e-5
