@@ -26,6 +26,7 @@ import torch
 import bam_kernels
 from bam_model.entry import require_model_extra
 from bam_model.files import check_output_file, write_atomic, write_text_atomic
+from bam_model.options import HelpFormatter
 
 SUITES = ("moe", "moa", "model", "data", "decode")
 # Run when named, not by --all, which times the kernels and models on the device (a GPU session's
@@ -303,7 +304,7 @@ def _timeouts(spec: str | None, suites: list[str]) -> dict:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bam-bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("suites", nargs="*", help=f"suites to run, of {', '.join(SUITES)}")
     p.add_argument("--all", action="store_true",
                    help="run every suite of the device (moe, moa, model); data and decode run when named")
@@ -311,7 +312,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     p.add_argument("--no-check", action="store_true", help="skip the correctness checks")
     p.add_argument("--out", default=default_out(),
-                   help="folder for the JSON, markdown and PNG results (default: %(default)s)")
+                   help="folder for the JSON, markdown and PNG results")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="run each suite in its own process (default: on CUDA with several suites)")
     p.add_argument("--suite-timeout", default=None, metavar="SECONDS",

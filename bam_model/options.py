@@ -233,3 +233,17 @@ def check_mapping(cls, mapping, label: str) -> dict:
 
 def _field(cls, name: str) -> dataclasses.Field:
     return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Says each option's default in ``--help``, where it has one worth saying (not None or False, and
+    not where the help already speaks of its default): the one way ``bam`` and ``bam-bench`` print
+    defaults."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" in text or "default" in text.lower() or action.default is None
+                or action.default is False or action.default is argparse.SUPPRESS
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"

@@ -21,6 +21,7 @@ import sys
 
 from ..data import forget_sources
 from ..entry import keep_freed_memory
+from ..options import HelpFormatter
 from .branch import add_branch_args, run_branch
 from .demo import add_demo_args, run_demo_cli
 from .eval import add_eval_args, run_eval
@@ -38,23 +39,11 @@ SUBCOMMANDS = [  # (name, help, add_args, run)
     ("mix", "build a mixture (bam, btx, sparse) from a seed and its trained copies", add_mix_args, run_mix),
     ("eval", "held-out perplexity and bits per byte per domain", add_eval_args, run_eval),
     ("generate", "continue a prompt with any model bam reads", add_generate_args, run_generate),
-    ("export", "write a model as the Hugging Face class that computes it (Llama, Mixtral)", add_export_args,
-     run_export),
+    ("export", "write a model as the Hugging Face class that computes it (Llama, Qwen2, Qwen3; Mixtral, "
+     "Qwen2-MoE, Qwen3-MoE)", add_export_args, run_export),
     ("demo", "the paper's comparison on the bundled corpus: seed, experts, every mixture, table and plots",
      add_demo_args, run_demo_cli),
 ]
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Says each option's default in ``--help``, where it has one worth saying."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if ("%(default)" in text or "default" in text.lower() or action.default is None
-                or action.default is False or action.default is argparse.SUPPRESS
-                or not action.option_strings):
-            return text
-        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:

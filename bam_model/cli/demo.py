@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ..demo import FULL, QUICK, run_demo
 from ..options import INT, TEXT, add_options, from_args, option, positive_int
 from ..upcycle import FFN_ROUTINGS
-from .common import device_option
+from .common import device_option, progress_option
 
 
 @dataclass(kw_only=True)
@@ -27,6 +27,7 @@ class DemoOptions:
                               "--ffn-routing): paper gives the paper's own, the kept probability as it is",
                               kind=TEXT, choices=tuple(FFN_ROUTINGS), what=" or ".join(FFN_ROUTINGS))
     device: str | None = device_option()
+    no_progress: bool = progress_option("a line per phase only (as where stderr is not a terminal)")
 
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
@@ -40,4 +41,5 @@ def run_demo_cli(args: argparse.Namespace) -> dict:
     if opts.seeds is not None:
         cfg = dataclasses.replace(cfg, seeds=opts.seeds)
     cfg = dataclasses.replace(cfg, ffn_routing=opts.ffn_routing)
-    return run_demo(cfg, opts.out, device=opts.device, progress=sys.stderr.isatty(), ablations=opts.ablations)
+    return run_demo(cfg, opts.out, device=opts.device, progress=sys.stderr.isatty() and not opts.no_progress,
+                    ablations=opts.ablations)

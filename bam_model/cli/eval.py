@@ -13,7 +13,7 @@ from ..evaluate import evaluate
 from ..files import check_output_file, write_text_atomic
 from ..formats.load import context_length
 from ..options import INT, add_options, from_args, int_at_least, option, positive_int, validate
-from .common import device_option
+from .common import device_option, progress_option
 
 DEFAULT_SEQ_LEN = 256
 
@@ -32,7 +32,7 @@ class EvalOptions:
     device: str | None = device_option(torchrun=True)
     json: str | None = option(None, help="also write the results to this JSON file (a new file, or one an "
                               "earlier bam eval wrote)")
-    no_progress: bool = option(False, help="no progress bar")
+    no_progress: bool = progress_option()
 
     def __post_init__(self):
         validate(self)

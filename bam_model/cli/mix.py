@@ -13,10 +13,11 @@ import yaml
 
 from ..config import DTYPES, dtype_option
 from ..files import reserve_output
-from ..formats import export_mixtral
+from ..formats import export_hf, export_mixtral
 from ..options import add_options, check_mapping, flag_name, from_args, given, option, short_repr
 from ..tokenizer import hf_tokenizer_files
 from ..upcycle import FFN_ROUTINGS, MixOptions, upcycle
+from .common import progress_option
 
 RECIPE_MAX_BYTES = 1 << 20
 
@@ -45,8 +46,10 @@ class MixCommand:
     config: str | None = option(None, help="YAML recipe (keys: " + ", ".join(
         f.name for f in dataclasses.fields(MixRecipe)) + "); copied to OUT/mix.yaml")
     out: str = option(help="output folder")
-    format: str = option("bam", help="mixtral: Hugging Face Mixtral layout (btx and sparse only)",
-                         choices=("bam", "mixtral"))
+    format: str = option("bam", help="hf: the Hugging Face MoE class of the models' family (Mixtral, "
+                         "Qwen2-MoE, Qwen3-MoE; btx and sparse only); mixtral: Mixtral only",
+                         choices=("bam", "hf", "mixtral"))
+    no_progress: bool = progress_option()
 
 
 def _expert_path(entry, i: int) -> str:
@@ -118,16 +121,21 @@ def _read_recipe(args: argparse.Namespace) -> tuple[MixRecipe, str]:
 def run_mix(args: argparse.Namespace) -> str:
     command = from_args(MixCommand, args)
     recipe, text = _read_recipe(args)
+    if command.format != "bam" and recipe.options().attention_kind != "dense":
+        raise ValueError(f"--format {command.format} writes FFN-only mixtures (method btx or sparse); "
+                         f"this recipe's method {recipe.method!r} makes attention experts, which only bam's "
+                         "format holds")
     inputs = [("base_model", recipe.base_model)]
     inputs += [(f"experts[{i}]", e) for i, e in enumerate(recipe.experts)]
     with reserve_output(command.out, "model", inputs=inputs, what="bam mix"):
         model = upcycle(recipe.base_model, recipe.experts, recipe.options(), dtype=DTYPES[recipe.dtype],
-                        progress=sys.stderr.isatty())
+                        progress=sys.stderr.isatty() and not command.no_progress)
         files = {"mix.yaml": text}
-        if command.format == "mixtral":
+        if command.format != "bam":
             if model.tokenizer is not None:
                 files.update(hf_tokenizer_files(model.tokenizer.to_str(), model.config, model.chat_template))
-            export_mixtral(model, command.out, extra_files=files)
+            export = export_mixtral if command.format == "mixtral" else export_hf
+            export(model, command.out, extra_files=files)
         else:
             model.save_pretrained(command.out, extra_files=files)
     c = model.config

@@ -18,6 +18,7 @@ from ..formats.gguf import gguf_chat_template, gguf_reader, gguf_tokenizer, is_g
 from ..formats.load import chat_template_of_folder, tokenizer_of_source
 from ..options import INT, NUMBER, TEXT, add_options, from_args, number_in, option, positive_int, validate
 from ..tokenizer import read_tokenizer
+from .common import progress_option
 
 
 @dataclass(kw_only=True)
@@ -34,7 +35,7 @@ class PrepareOptions:
                             check=number_in(0, 0.5, above_low=True))
     workers: int | None = option(None, help="tokenizer threads (default: every core)", kind=INT,
                                  check=positive_int)
-    no_progress: bool = option(False, help="no progress bar")
+    no_progress: bool = progress_option()
 
     def __post_init__(self):
         validate(self)

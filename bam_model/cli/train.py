@@ -14,15 +14,15 @@ from ..formats.load import context_length
 from ..options import add_options, from_args, option
 from ..training import FINAL_MODEL, RunOptions, TrainConfig, data_inputs, open_run, train
 from ..training.mixup import ALPHA_JSON, ALPHA_PLOT
-from .common import device_option
+from .common import device_option, progress_option
 
 
 @dataclass(kw_only=True)
 class TrainRun(RunOptions):
     model: str = option(help="model folder (from bam branch / mix / a previous bam train)", positional=True)
     device: str | None = device_option(torchrun=True)
-    no_progress: bool = option(False, help="no progress bar: a line for the first step and for every logged "
-                               "step instead (as where stderr is not a terminal)")
+    no_progress: bool = progress_option("a line for the first step and for every logged step instead (as "
+                                        "where stderr is not a terminal)")
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
