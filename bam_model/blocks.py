@@ -77,21 +77,30 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     """Sequential (Llama): ``h = x + Attn(n1(x)); y = h + FFN(n2(h))``.
-    Parallel (GPT-J): ``y = x + Attn(n(x)) + FFN(n(x))``, one norm."""
+    Parallel (GPT-J): ``y = x + Attn(n(x)) + FFN(n(x))``, one norm.
+    Post-norm (OLMo 2): ``h = x + n1(Attn(x)); y = h + n2(FFN(h))``, norms on the sublayers' outputs
+    (``post_attention_layernorm``, ``post_feedforward_layernorm``)."""
 
     def __init__(self, config: DenseConfig, self_attn: nn.Module, mlp: nn.Module):
         super().__init__()
-        self.parallel = config.block == "parallel"
-        self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+        self.block = config.block
+        if self.block != "post-norm":
+            self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.self_attn = self_attn
-        if not self.parallel:
+        if self.block != "parallel":
             self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+        if self.block == "post-norm":
+            self.post_feedforward_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.mlp = mlp
 
     def forward(self, x_BTD, cache=None, position_ids=None, mask=None, kv_start=None):
+        at = dict(cache=cache, position_ids=position_ids, mask=mask, kv_start=kv_start)
+        if self.block == "post-norm":
+            h_BTD = x_BTD + self.post_attention_layernorm(self.self_attn(x_BTD, **at))
+            return h_BTD + self.post_feedforward_layernorm(self.mlp(h_BTD))
         n_BTD = self.input_layernorm(x_BTD)
-        a_BTD = self.self_attn(n_BTD, cache=cache, position_ids=position_ids, mask=mask, kv_start=kv_start)
-        if self.parallel:
+        a_BTD = self.self_attn(n_BTD, **at)
+        if self.block == "parallel":
             return x_BTD + a_BTD + self.mlp(n_BTD)
         h_BTD = x_BTD + a_BTD
         return h_BTD + self.mlp(self.post_attention_layernorm(h_BTD))

@@ -23,7 +23,7 @@ from .options import (
     short_repr,
 )
 
-BLOCKS = ("sequential", "parallel")
+BLOCKS = ("sequential", "parallel", "post-norm")
 QK_NORMS = ("head", "projection")
 ATTENTION_KINDS = ("expert-kv", "shared-kv", "dense")
 METHODS = ("bam", "btx", "sparse")
@@ -65,7 +65,9 @@ class DenseConfig:
     """A Llama-family decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention.
 
     ``block="sequential"`` is Llama's ``h = x + Attn(n1(x)); y = h + FFN(n2(h))``;
-    ``block="parallel"`` is GPT-J's ``y = x + Attn(n(x)) + FFN(n(x))`` with one norm.
+    ``block="parallel"`` is GPT-J's ``y = x + Attn(n(x)) + FFN(n(x))`` with one norm;
+    ``block="post-norm"`` is OLMo 2's ``h = x + n1(Attn(x)); y = h + n2(FFN(h))``, norms on the
+    sublayers' outputs.
     ``head_dim=None`` means ``dim // n_heads`` (and is stored as that number). ``domain`` names what a
     branched copy trains on.
 

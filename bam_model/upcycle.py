@@ -285,10 +285,9 @@ class _Mixer:
                 tensors[key] = self.shared(key)
         for i in tqdm(range(config.n_layers), desc="mix layers", disable=not progress):
             p = f"model.layers.{i}."
-            sequential = config.block == "sequential"
-            norms = ["input_layernorm"] + (["post_attention_layernorm"] if sequential else [])
-            for norm in norms:
-                tensors[f"{p}{norm}.weight"] = self.shared(f"{p}{norm}.weight")
+            for key in self.states[0]:  # the block's norms, whichever the block has
+                if key.startswith(p) and key.endswith("layernorm.weight"):
+                    tensors[key] = self.shared(key)
             tensors.update(self.attention(p))
             # Sparse upcycling copies the seed's FFN into every expert; a BTX with more experts than
             # models fills the rest with copies of the seed's (the seed is expert 0).

@@ -15,31 +15,36 @@ from ..config import BamConfig, DenseConfig
 from ..model import CausalLM
 from .folder import CONFIG, write_folder
 
-# (qkv_bias, qk_norm) -> the dense family that computes them, and the MoE family of its mixtures
-DENSE_FAMILIES = {(False, None): "llama", (True, None): "qwen2", (False, "head"): "qwen3"}
+# (block, qkv_bias, qk_norm) -> the dense family that computes them, and the MoE family of its mixtures
+DENSE_FAMILIES = {("sequential", False, None): "llama", ("sequential", True, None): "qwen2",
+                  ("sequential", False, "head"): "qwen3", ("post-norm", False, "projection"): "olmo2"}
 MOE_FAMILIES = {"llama": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
 CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-           "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+           "olmo2": "Olmo2ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
            "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 def family_of(config: DenseConfig) -> str:
     """The Hugging Face family (``model_type``) that computes a model of ``config``; a ValueError that
     says why where none does."""
-    if config.block != "sequential":
-        raise ValueError("Hugging Face's decoder blocks are sequential; this model has block='parallel' "
-                         "(GPT-J style), which no Llama-family class computes. Keep it in bam's format")
-    dense = DENSE_FAMILIES.get((config.qkv_bias, config.qk_norm))
+    if config.block == "parallel":
+        raise ValueError("this model has block='parallel' (GPT-J style), which no Llama-family class "
+                         "computes. Keep it in bam's format")
+    dense = DENSE_FAMILIES.get((config.block, config.qkv_bias, config.qk_norm))
     if dense is None:
-        raise ValueError(f"no Hugging Face family has qkv_bias={config.qkv_bias} with "
-                         f"qk_norm={config.qk_norm!r}; keep it in bam's format")
+        raise ValueError(f"no Hugging Face family has block={config.block!r}, qkv_bias={config.qkv_bias} "
+                         f"and qk_norm={config.qk_norm!r}; keep it in bam's format")
     if not isinstance(config, BamConfig):
         return dense
     if config.attention != "dense":
         raise ValueError(f"this mixture has attention experts (attention={config.attention!r}); Hugging "
                          "Face's MoE classes have one attention per layer, so none can hold it. Use "
                          "save_pretrained")
-    moe = MOE_FAMILIES[dense]
+    moe = MOE_FAMILIES.get(dense)
+    if moe is None:
+        raise ValueError(f"transformers has no MoE class of the {dense} family (none with its blocks and "
+                         "query/key norm); keep the mixture in bam's format, which transformers loads with "
+                         "trust_remote_code=True")
     if moe == "mixtral" and not config.normalize and config.top_k != config.num_experts:
         raise ValueError(f"Mixtral renormalises its top-{config.top_k} router weights; this mixture does not "
                          "(ffn_routing 'paper'), so Mixtral would compute a different function")
@@ -67,7 +72,8 @@ def _family_keys(family: str, config: DenseConfig) -> dict:
     """What ``family``'s config.json adds to the common keys."""
     no_window = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layers}
     keys = {"llama": {"attention_bias": False, "mlp_bias": False}, "qwen2": no_window,
-            "qwen3": {"attention_bias": False, **no_window}}.get(family, {})
+            "qwen3": {"attention_bias": False, **no_window},
+            "olmo2": {"attention_bias": False}}.get(family, {})
     if not isinstance(config, BamConfig):
         return keys
     moe = {"num_experts_per_tok": config.top_k, "router_aux_loss_coef": config.load_balancing_alpha,

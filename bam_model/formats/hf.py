@@ -1,7 +1,8 @@
 """Import of Hugging Face folders, read without transformers: the decoder families bam computes
-(Llama, Mistral, SmolLM; Qwen2 and Qwen2.5 with their query/key/value biases; Qwen3 with its per-head
-query/key norm) as a ``DenseLM``, and Mixtral as a ``BamLM`` with one attention per layer (its
-per-expert ``block_sparse_moe.experts.j.w1/w2/w3`` fused into our layout).
+(``FAMILIES``: Llama, Mistral, SmolLM; Qwen2 and Qwen2.5 with their query/key/value biases; Qwen3 with
+its per-head query/key norm; OLMo 2 with its norms after the sublayers) as a ``DenseLM``, and Mixtral
+as a ``BamLM`` with one attention per layer (its per-expert ``block_sparse_moe.experts.j.w1/w2/w3``
+fused into our layout).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ FAMILIES = {
     "mistral": {},
     "qwen2": {"qkv_bias": True},   # Qwen2, Qwen2.5: biases on q, k and v (not on o)
     "qwen3": {"qk_norm": "head"},  # Qwen3: RMSNorm over each query and key head, before RoPE
+    "olmo2": {"qk_norm": "projection", "block": "post-norm"},  # OLMo 2: norms after the sublayers
 }
 HF_MODEL_TYPES = tuple(FAMILIES)
 _REQUIRED = object()
@@ -76,6 +78,9 @@ def dense_config_from_hf(hf: dict, model_types: tuple = HF_MODEL_TYPES) -> Dense
                       ("mlp_bias", "biases in the MLP")):
         if _hf_value(hf, key, "true or false", False):
             raise ValueError(f"{key}=true is not supported ({what}, which bam's experts do not carry)")
+    if hf.get("clip_qkv") is not None:
+        raise ValueError(f"clip_qkv={short_repr(hf['clip_qkv'])} is not supported (queries, keys and values "
+                         "clipped to a range)")
     act = _hf_value(hf, "hidden_act", "a string", "silu")
     if act != "silu":
         raise ValueError(f"hidden_act {act!r} is not supported; only 'silu' (SwiGLU)")

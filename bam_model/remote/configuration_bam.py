@@ -61,7 +61,7 @@ def positive_float(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite positive number, got {short_repr(value)}")
 
 
-BLOCKS = ("sequential", "parallel")
+BLOCKS = ("sequential", "parallel", "post-norm")
 
 
 QK_NORMS = ("head", "projection")
@@ -85,7 +85,9 @@ class DenseConfig:
     """A Llama-family decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention.
 
     ``block="sequential"`` is Llama's ``h = x + Attn(n1(x)); y = h + FFN(n2(h))``;
-    ``block="parallel"`` is GPT-J's ``y = x + Attn(n(x)) + FFN(n(x))`` with one norm.
+    ``block="parallel"`` is GPT-J's ``y = x + Attn(n(x)) + FFN(n(x))`` with one norm;
+    ``block="post-norm"`` is OLMo 2's ``h = x + n1(Attn(x)); y = h + n2(FFN(h))``, norms on the
+    sublayers' outputs.
     ``head_dim=None`` means ``dim // n_heads`` (and is stored as that number). ``domain`` names what a
     branched copy trains on.
 
@@ -333,8 +335,9 @@ HF_DEFAULTS = {"vocab_size": 32000, "hidden_size": 512, "intermediate_size": 137
 
 class BamDenseConfig(PretrainedConfig):
     """A Llama-family decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention), ``DenseConfig``'s
-    settings under Hugging Face's names; ``block`` is ``"sequential"`` (Llama) or ``"parallel"``
-    (GPT-J: attention and FFN read one norm)."""
+    settings under Hugging Face's names; ``block`` is ``"sequential"`` (Llama), ``"parallel"``
+    (GPT-J: attention and FFN read one norm) or ``"post-norm"`` (OLMo 2: norms on the sublayers'
+    outputs)."""
 
     model_type = DenseConfig.model_type
     keys_to_ignore_at_inference = ["past_key_values", "cache"]

@@ -25,8 +25,9 @@ HF_DEFAULTS = {"vocab_size": 32000, "hidden_size": 512, "intermediate_size": 137
 
 class BamDenseConfig(PretrainedConfig):
     """A Llama-family decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention), ``DenseConfig``'s
-    settings under Hugging Face's names; ``block`` is ``"sequential"`` (Llama) or ``"parallel"``
-    (GPT-J: attention and FFN read one norm)."""
+    settings under Hugging Face's names; ``block`` is ``"sequential"`` (Llama), ``"parallel"``
+    (GPT-J: attention and FFN read one norm) or ``"post-norm"`` (OLMo 2: norms on the sublayers'
+    outputs)."""
 
     model_type = DenseConfig.model_type
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
