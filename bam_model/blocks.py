@@ -28,14 +28,16 @@ class Attention(nn.Module):
     """Grouped-query attention with RoPE: q_proj [H*Dh, D], k_proj/v_proj [Hkv*Dh, D], o_proj [D, H*Dh]
     (a dense model, and the one attention of a BTX or sparse mixture); with ``qkv_bias`` the query, key
     and value projections have biases, with ``qk_norm`` queries and keys an RMSNorm (``q_norm``,
-    ``k_norm``: weight [Dh] over each head, or [H*Dh] and [Hkv*Dh] over the whole projection)."""
+    ``k_norm``: weight [Dh] over each head, or [H*Dh] and [Hkv*Dh] over the whole projection);
+    ``rope=False``: no rotary embedding (SmolLM3's NoPE layers); ``scale``: the softmax scale
+    (``1/sqrt(Dh)`` when None)."""
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, rope_theta: float,
                  layer_idx: int = 0, qkv_bias: bool = False, qk_norm: str | None = None,
-                 norm_eps: float = 1e-5):
+                 norm_eps: float = 1e-5, rope: bool = True, scale: float | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.rope_theta, self.qk_norm = rope_theta, qk_norm
+        self.rope_theta, self.qk_norm, self.rope, self.scale = rope_theta, qk_norm, rope, scale
         self.layer_idx = layer_idx
         self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
@@ -50,15 +52,17 @@ class Attention(nn.Module):
                 mask: torch.Tensor | None = None, kv_start: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
-        past = cache.length(self.layer_idx) if cache is not None else 0
-        cos, sin = rope_for(position_ids, past, T, Dh, self.rope_theta, x_BTD.dtype, x_BTD.device)
+        if self.rope:
+            past = cache.length(self.layer_idx) if cache is not None else 0
+            cos, sin = rope_for(position_ids, past, T, Dh, self.rope_theta, x_BTD.dtype, x_BTD.device)
         q_BTHDh = heads(self.q_proj(x_BTD), 1, H, Dh, getattr(self, "q_norm", None), self.qk_norm)[:, :, 0]
         k_BTGDh = heads(self.k_proj(x_BTD), 1, Hkv, Dh, getattr(self, "k_norm", None), self.qk_norm)[:, :, 0]
-        q_BTHDh, k_BTGDh = apply_rope(q_BTHDh, cos, sin), apply_rope(k_BTGDh, cos, sin)
+        if self.rope:
+            q_BTHDh, k_BTGDh = apply_rope(q_BTHDh, cos, sin), apply_rope(k_BTGDh, cos, sin)
         v_BTGDh = self.v_proj(x_BTD).view(B, T, Hkv, Dh)
         if cache is not None:
             k_BTGDh, v_BTGDh = cache.update(self.layer_idx, k_BTGDh, v_BTGDh)
-        o_BTHDh = attend(q_BTHDh, k_BTGDh, v_BTGDh, mask)
+        o_BTHDh = attend(q_BTHDh, k_BTGDh, v_BTGDh, mask, self.scale)
         return self.o_proj(o_BTHDh.reshape(B, T, H * Dh))
 
 
@@ -79,11 +83,12 @@ class DecoderLayer(nn.Module):
     """Sequential (Llama): ``h = x + Attn(n1(x)); y = h + FFN(n2(h))``.
     Parallel (GPT-J): ``y = x + Attn(n(x)) + FFN(n(x))``, one norm.
     Post-norm (OLMo 2): ``h = x + n1(Attn(x)); y = h + n2(FFN(h))``, norms on the sublayers' outputs
-    (``post_attention_layernorm``, ``post_feedforward_layernorm``)."""
+    (``post_attention_layernorm``, ``post_feedforward_layernorm``). Each sublayer's output is multiplied
+    by ``residual_multiplier`` before it is added (Granite; 1 elsewhere)."""
 
     def __init__(self, config: DenseConfig, self_attn: nn.Module, mlp: nn.Module):
         super().__init__()
-        self.block = config.block
+        self.block, self.residual_multiplier = config.block, config.residual_multiplier
         if self.block != "post-norm":
             self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.self_attn = self_attn
@@ -95,22 +100,49 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x_BTD, cache=None, position_ids=None, mask=None, kv_start=None):
         at = dict(cache=cache, position_ids=position_ids, mask=mask, kv_start=kv_start)
+        m = self.residual_multiplier
+        scaled = (lambda y: y) if m == 1 else (lambda y: y * m)
         if self.block == "post-norm":
-            h_BTD = x_BTD + self.post_attention_layernorm(self.self_attn(x_BTD, **at))
-            return h_BTD + self.post_feedforward_layernorm(self.mlp(h_BTD))
+            h_BTD = x_BTD + scaled(self.post_attention_layernorm(self.self_attn(x_BTD, **at)))
+            return h_BTD + scaled(self.post_feedforward_layernorm(self.mlp(h_BTD)))
         n_BTD = self.input_layernorm(x_BTD)
         a_BTD = self.self_attn(n_BTD, **at)
         if self.block == "parallel":
-            return x_BTD + a_BTD + self.mlp(n_BTD)
-        h_BTD = x_BTD + a_BTD
-        return h_BTD + self.mlp(self.post_attention_layernorm(h_BTD))
+            return x_BTD + scaled(a_BTD) + scaled(self.mlp(n_BTD))
+        h_BTD = x_BTD + scaled(a_BTD)
+        return h_BTD + scaled(self.mlp(self.post_attention_layernorm(h_BTD)))
+
+
+class Embedding(nn.Embedding):
+    """The token embedding, times ``multiplier`` (Granite's embedding multiplier; 1 elsewhere)."""
+
+    def __init__(self, vocab_size: int, dim: int, multiplier: float = 1.0):
+        super().__init__(vocab_size, dim)
+        self.multiplier = multiplier
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = super().forward(ids)
+        return x if self.multiplier == 1 else x * self.multiplier
+
+
+class LMHead(nn.Linear):
+    """The LM head, its logits divided by ``logits_scaling`` (Granite's; 1 elsewhere)."""
+
+    def __init__(self, dim: int, vocab_size: int, logits_scaling: float = 1.0):
+        super().__init__(dim, vocab_size, bias=False)
+        self.logits_scaling = logits_scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        return logits if self.logits_scaling == 1 else logits / self.logits_scaling
 
 
 def make_layer(c: DenseConfig, layer_idx: int) -> DecoderLayer:
     """Decoder layer ``layer_idx`` of a dense model (a ``DenseConfig``) or of a mixture (a ``BamConfig``:
     a ``MoE`` FFN, and a ``MixtureOfAttention`` unless its attention is ``"dense"``)."""
     # By model_type, not isinstance: the remote code's config may come from another copy of its file.
-    family = dict(qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, norm_eps=c.norm_eps)
+    family = dict(qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, norm_eps=c.norm_eps,
+                  rope=layer_idx not in c.nope_layers, scale=c.attention_scale)
     if c.model_type != BamConfig.model_type:
         attn = Attention(c.dim, c.n_heads, c.n_kv_heads, c.dh, c.rope_theta, layer_idx, **family)
         return DecoderLayer(c, attn, MLP(c.dim, c.ffn_dim))

@@ -73,7 +73,11 @@ class DenseConfig:
 
     What other families add, as settings: ``qkv_bias`` (biases on the query, key and value projections:
     Qwen2); ``qk_norm`` (an RMSNorm on queries and keys before RoPE, over each head -- ``"head"``:
-    Qwen3, Gemma 3 -- or over the whole projection -- ``"projection"``: OLMo 2).
+    Qwen3, Gemma 3 -- or over the whole projection -- ``"projection"``: OLMo 2); ``nope_layers`` (the
+    layers whose attention has no RoPE: SmolLM3); Granite's multipliers: ``embedding_multiplier`` (on
+    the embeddings), ``residual_multiplier`` (on each sublayer's output before it is added),
+    ``attention_scale`` (the softmax scale, None: ``1/sqrt(head_dim)``) and ``logits_scaling`` (the
+    logits are divided by it).
     """
     vocab_size: int
     dim: int
@@ -92,6 +96,11 @@ class DenseConfig:
     domain: str | None = None
     qkv_bias: bool = False
     qk_norm: str | None = None
+    nope_layers: list[int] = field(default_factory=list)
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_scale: float | None = None
+    logits_scaling: float = 1.0
 
     model_type = "bam-dense"
 
@@ -118,6 +127,15 @@ class DenseConfig:
                 raise ValueError(f"{name} must be a bool, got {short_repr(getattr(self, name))}")
         if self.qk_norm is not None and self.qk_norm not in QK_NORMS:
             raise ValueError(f"qk_norm must be None or one of {QK_NORMS}, got {short_repr(self.qk_norm)}")
+        if not (isinstance(self.nope_layers, list) and all(is_int(i) and 0 <= i < self.n_layers
+                                                           for i in self.nope_layers)
+                and self.nope_layers == sorted(set(self.nope_layers))):
+            raise ValueError(f"nope_layers must be a sorted list of distinct layer indexes in [0, n_layers="
+                             f"{self.n_layers}), got {short_repr(self.nope_layers)}")
+        for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
+            positive_float(name, getattr(self, name))
+        if self.attention_scale is not None:
+            positive_float("attention_scale", self.attention_scale)
         if self.block not in BLOCKS:
             raise ValueError(f"block must be one of {BLOCKS}, got {short_repr(self.block)}")
         _optional_token("bos_token_id", self.bos_token_id, self.vocab_size)
@@ -173,7 +191,9 @@ class DenseConfig:
         """The settings two models must share to be mixed (everything but names and token ids)."""
         return {k: getattr(self, k) for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads",
                                               "ffn_dim", "dh", "rope_theta", "norm_eps", "tie_embeddings",
-                                              "block", "qkv_bias", "qk_norm")}
+                                              "block", "qkv_bias", "qk_norm", "nope_layers",
+                                              "embedding_multiplier", "residual_multiplier",
+                                              "attention_scale", "logits_scaling")}
 
 
 @dataclass

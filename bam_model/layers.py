@@ -184,7 +184,8 @@ class MixtureOfAttention(nn.Module):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, num_experts: int, shared_kv: bool = True,
                  head_dim: int | None = None, rope_theta: float = 10000.0, top_k: int | None = None,
                  layer_idx: int = 0, device=None, dtype=None, *, qkv_bias: bool = False,
-                 qk_norm: str | None = None, norm_eps: float = 1e-5):
+                 qk_norm: str | None = None, norm_eps: float = 1e-5, rope: bool = True,
+                 scale: float | None = None):
         super().__init__()
         if qk_norm not in (None, "head", "projection"):
             raise ValueError(f"qk_norm must be None, 'head' or 'projection', got {qk_norm!r}")
@@ -205,6 +206,7 @@ class MixtureOfAttention(nn.Module):
         self.dim, self.n_heads, self.n_kv_heads, self.num_experts = dim, n_heads, n_kv_heads, num_experts
         self.shared_kv, self.head_dim, self.rope_theta = shared_kv, head_dim, rope_theta
         self.top_k, self.layer_idx, self.qk_norm = top_k, layer_idx, qk_norm
+        self.rope, self.scale = rope, scale
         E, H, Hkv, Dh = num_experts, n_heads, n_kv_heads, head_dim
         kv_out = Hkv * Dh if shared_kv else E * Hkv * Dh
         self.q_proj = nn.Linear(dim, E * H * Dh, bias=qkv_bias, device=device, dtype=dtype)
@@ -253,8 +255,8 @@ class MixtureOfAttention(nn.Module):
     @classmethod
     def from_dense_states(cls, states: list[dict], n_heads: int, n_kv_heads: int, shared_kv: bool = True,
                           kv_init: str = "mean", rope_theta: float = 10000.0, top_k: int | None = None,
-                          layer_idx: int = 0, qk_norm: str | None = None,
-                          norm_eps: float = 1e-5) -> MixtureOfAttention:
+                          layer_idx: int = 0, qk_norm: str | None = None, norm_eps: float = 1e-5,
+                          rope: bool = True, scale: float | None = None) -> MixtureOfAttention:
         """One expert per dense attention, given as its state dict (``q_proj.weight``, ..., and where the
         family has them ``q_proj.bias``, ``k_proj.bias``, ``v_proj.bias``, ``q_norm.weight``,
         ``k_norm.weight``): queries, outputs, biases and norms stacked per expert; shared K/V (their
@@ -268,7 +270,8 @@ class MixtureOfAttention(nn.Module):
         w0 = states[0]["q_proj.weight"]
         module = cls(D, n_heads, n_kv_heads, len(states), shared_kv=shared_kv, head_dim=HDh // n_heads,
                      rope_theta=rope_theta, top_k=top_k, layer_idx=layer_idx, device=w0.device,
-                     dtype=w0.dtype, qkv_bias="q_proj.bias" in states[0], qk_norm=qk_norm, norm_eps=norm_eps)
+                     dtype=w0.dtype, qkv_bias="q_proj.bias" in states[0], qk_norm=qk_norm, norm_eps=norm_eps,
+                     rope=rope, scale=scale)
 
         def stacked(name: str) -> torch.Tensor:
             kv = name.startswith(("k_", "v_"))
@@ -320,13 +323,15 @@ class MixtureOfAttention(nn.Module):
         k_BTGDh = heads(self.k_proj(x), 1 if self.shared_kv else E, Hkv, Dh, k_norm, self.qk_norm)
         k_BTGDh = k_BTGDh.view(B, T, -1, Dh)
         v_BTGDh = self.v_proj(x).view(B, T, *kv_heads, Dh)
-        start = cache.length(self.layer_idx) if cache is not None else 0
-        cos, sin = rope_for(position_ids, start, T, Dh, self.rope_theta, q_BTHqDh.dtype, x.device)
-        q_BTEHDh = apply_rope(q_BTHqDh, cos, sin).view(B, T, E, H, Dh)
-        k_BTGDh = apply_rope(k_BTGDh, cos, sin).view(B, T, *kv_heads, Dh)
+        if self.rope:
+            start = cache.length(self.layer_idx) if cache is not None else 0
+            cos, sin = rope_for(position_ids, start, T, Dh, self.rope_theta, q_BTHqDh.dtype, x.device)
+            q_BTHqDh, k_BTGDh = apply_rope(q_BTHqDh, cos, sin), apply_rope(k_BTGDh, cos, sin)
+        q_BTEHDh = q_BTHqDh.view(B, T, E, H, Dh)
+        k_BTGDh = k_BTGDh.view(B, T, *kv_heads, Dh)
         if cache is not None:
             k_BTGDh, v_BTGDh = cache.update(self.layer_idx, k_BTGDh, v_BTGDh)
-        o_BTEHDh = moa_attention(q_BTEHDh, k_BTGDh, v_BTGDh, self.mix(logits_BTE), mask, kv_start)
+        o_BTEHDh = moa_attention(q_BTEHDh, k_BTGDh, v_BTGDh, self.mix(logits_BTE), mask, kv_start, self.scale)
         self.router_logits = logits_BTE.reshape(B * T, E)
         return self.o_proj(o_BTEHDh.reshape(B, T, E * H * Dh))
 

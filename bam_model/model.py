@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .blocks import RMSNorm, make_layer, next_token_nll, router_aux_loss
+from .blocks import Embedding, LMHead, RMSNorm, make_layer, next_token_nll, router_aux_loss
 from .cache import KVCache
 from .config import BamConfig, DenseConfig
 
@@ -36,7 +36,7 @@ class CausalLMOutput:
 class Decoder(nn.Module):
     def __init__(self, config: DenseConfig, layers: list[nn.Module]):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.embed_tokens = Embedding(config.vocab_size, config.dim, config.embedding_multiplier)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(config.dim, config.norm_eps)
 
@@ -64,7 +64,7 @@ class CausalLM(nn.Module):
                              f"got {type(config).__name__}")
         self.config = config
         self.model = Decoder(config, [make_layer(config, i) for i in range(config.n_layers)])
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.dim, config.vocab_size, config.logits_scaling)
         self.apply(self._init_weights)
         self.tie_weights()
 

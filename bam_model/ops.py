@@ -65,10 +65,11 @@ def moe_mlp(x_TD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Ten
 
 
 def attend(q_BTHqDh: torch.Tensor, k_BSGDh: torch.Tensor, v_BSGDh: torch.Tensor,
-           mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(Dh) + mask) v`` on PyTorch: q [B, T, Hq, Dh], k and v [B, S, G, Dh]
-    (query head i reads key head ``i // (Hq / G)``). ``mask`` [B, 1, T, S] (True: attend) or None:
-    causal over every key, the last query aligned with the last key. Returns [B, T, Hq, Dh]."""
+           mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask) v`` on PyTorch (scale: ``1/sqrt(Dh)`` when None): q [B, T, Hq, Dh],
+    k and v [B, S, G, Dh] (query head i reads key head ``i // (Hq / G)``). ``mask`` [B, 1, T, S] (True:
+    attend) or None: causal over every key, the last query aligned with the last key. Returns
+    [B, T, Hq, Dh]."""
     T, S = q_BTHqDh.shape[1], k_BSGDh.shape[1]
     causal = mask is None and T == S and T > 1
     if mask is None and T != S and T > 1:
@@ -76,25 +77,27 @@ def attend(q_BTHqDh: torch.Tensor, k_BSGDh: torch.Tensor, v_BSGDh: torch.Tensor,
                 <= torch.arange(T, device=q_BTHqDh.device)[:, None] + (S - T))
     o_BHqTDh = F.scaled_dot_product_attention(
         q_BTHqDh.transpose(1, 2), k_BSGDh.transpose(1, 2), v_BSGDh.transpose(1, 2), attn_mask=mask,
-        is_causal=causal, enable_gqa=q_BTHqDh.shape[2] != k_BSGDh.shape[2])
+        is_causal=causal, scale=scale, enable_gqa=q_BTHqDh.shape[2] != k_BSGDh.shape[2])
     return o_BHqTDh.transpose(1, 2)
 
 
 def moa_attention(q_BTEHDh: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix_BTE: torch.Tensor,
-                  mask: torch.Tensor | None = None, kv_start: torch.Tensor | None = None) -> torch.Tensor:
+                  mask: torch.Tensor | None = None, kv_start: torch.Tensor | None = None,
+                  scale: float | None = None) -> torch.Tensor:
     """Every expert's heads attend causally, each output scaled by its router weight: q [B, T, E, H, Dh];
     k, v [B, S, Hkv, Dh] (shared KV) or [B, S, E, Hkv, Dh] (expert KV); mix [B, T, E]. Returns
     [B, T, E, H, Dh] in q's dtype. A left-padded batch gives each row's first real key as ``kv_start``
     [B] (int32) and its ``mask`` ([B, 1, T, S], as ``attend`` takes it); bam_kernels takes the first,
-    PyTorch's attention the second, and any other mask (``kv_start`` None) runs on PyTorch's."""
+    PyTorch's attention the second, and any other mask (``kv_start`` None) runs on PyTorch's. ``scale``:
+    the softmax scale (``1/sqrt(Dh)`` when None)."""
     bk = kernels()
     if bk is not None and (mask is None or (kv_start is not None and _TAKES_KV_START)):
         padded = {} if kv_start is None else {"kv_start": kv_start}
-        return bk.moa_attention(q_BTEHDh, k, v, mix_BTE, causal=True, **padded)
+        return bk.moa_attention(q_BTEHDh, k, v, mix_BTE, causal=True, scale=scale, **padded)
     B, T, E, H, Dh = q_BTEHDh.shape
     S, Hkv = k.shape[1], k.shape[-2]
     if k.dim() == 4:  # shared KV: every expert reads the same Hkv heads
         k, v = (t[:, :, None].expand(B, S, E, Hkv, Dh) for t in (k, v))
     o_BTHqDh = attend(q_BTEHDh.reshape(B, T, E * H, Dh), k.reshape(B, S, E * Hkv, Dh),
-                      v.reshape(B, S, E * Hkv, Dh), mask)
+                      v.reshape(B, S, E * Hkv, Dh), mask, scale)
     return (o_BTHqDh.view(B, T, E, H, Dh) * mix_BTE[..., None, None]).to(q_BTEHDh.dtype)

@@ -310,7 +310,8 @@ class _Mixer:
         experts = [{name: s[prefix + name] for name in names} for s in self.states]
         moa = MixtureOfAttention.from_dense_states(
             experts, config.n_heads, config.n_kv_heads, shared_kv=shared_kv, kv_init=options.kv_init,
-            rope_theta=config.rope_theta, qk_norm=config.qk_norm, norm_eps=config.norm_eps)
+            rope_theta=config.rope_theta, qk_norm=config.qk_norm, norm_eps=config.norm_eps,
+            scale=config.attention_scale)
         out = {prefix + name: t.detach() for name, t in moa.named_parameters()
                if not name.startswith("router.")}
         if shared_kv and options.kv_init == "mean" and self.fisher_states is not None:

@@ -15,13 +15,24 @@ from ..config import BamConfig, DenseConfig
 from ..model import CausalLM
 from .folder import CONFIG, write_folder
 
-# (block, qkv_bias, qk_norm) -> the dense family that computes them, and the MoE family of its mixtures
-DENSE_FAMILIES = {("sequential", False, None): "llama", ("sequential", True, None): "qwen2",
-                  ("sequential", False, "head"): "qwen3", ("post-norm", False, "projection"): "olmo2"}
+# The features that tell the families apart, and each dense family's; the MoE family of its mixtures.
+_LLAMA = {"block": "sequential", "qkv_bias": False, "qk_norm": None, "nope": False, "multipliers": False}
+DENSE_FAMILIES = {"llama": _LLAMA, "qwen2": {**_LLAMA, "qkv_bias": True},
+                  "qwen3": {**_LLAMA, "qk_norm": "head"},
+                  "olmo2": {**_LLAMA, "block": "post-norm", "qk_norm": "projection"},
+                  "smollm3": {**_LLAMA, "nope": True}, "granite": {**_LLAMA, "multipliers": True}}
 MOE_FAMILIES = {"llama": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
 CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-           "olmo2": "Olmo2ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+           "olmo2": "Olmo2ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
+           "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
            "qwen3_moe": "Qwen3MoeForCausalLM"}
+
+
+def _features(config: DenseConfig) -> dict:
+    multipliers = (config.embedding_multiplier, config.residual_multiplier, config.attention_scale,
+                   config.logits_scaling)
+    return {"block": config.block, "qkv_bias": config.qkv_bias, "qk_norm": config.qk_norm,
+            "nope": bool(config.nope_layers), "multipliers": multipliers != (1.0, 1.0, None, 1.0)}
 
 
 def family_of(config: DenseConfig) -> str:
@@ -30,10 +41,11 @@ def family_of(config: DenseConfig) -> str:
     if config.block == "parallel":
         raise ValueError("this model has block='parallel' (GPT-J style), which no Llama-family class "
                          "computes. Keep it in bam's format")
-    dense = DENSE_FAMILIES.get((config.block, config.qkv_bias, config.qk_norm))
+    features = _features(config)
+    dense = next((name for name, spec in DENSE_FAMILIES.items() if spec == features), None)
     if dense is None:
-        raise ValueError(f"no Hugging Face family has block={config.block!r}, qkv_bias={config.qkv_bias} "
-                         f"and qk_norm={config.qk_norm!r}; keep it in bam's format")
+        raise ValueError(f"no Hugging Face family has these features together ({features}); keep the model "
+                         "in bam's format")
     if not isinstance(config, BamConfig):
         return dense
     if config.attention != "dense":
@@ -42,8 +54,8 @@ def family_of(config: DenseConfig) -> str:
                          "save_pretrained")
     moe = MOE_FAMILIES.get(dense)
     if moe is None:
-        raise ValueError(f"transformers has no MoE class of the {dense} family (none with its blocks and "
-                         "query/key norm); keep the mixture in bam's format, which transformers loads with "
+        raise ValueError(f"transformers has no MoE class of the {dense} family (none computes its "
+                         "layers); keep the mixture in bam's format, which transformers loads with "
                          "trust_remote_code=True")
     if moe == "mixtral" and not config.normalize and config.top_k != config.num_experts:
         raise ValueError(f"Mixtral renormalises its top-{config.top_k} router weights; this mixture does not "
@@ -63,6 +75,8 @@ def _hf_common(config: DenseConfig, dtype: torch.dtype) -> dict:
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
         "tie_word_embeddings": config.tie_embeddings, "attention_dropout": 0.0,
         "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+        # bam keeps no padding token; a family's default one can lie outside a small vocabulary
+        "pad_token_id": None,
         # transformers 5 reads dtype; 4.x and other readers torch_dtype.
         "dtype": dtype_name, "torch_dtype": dtype_name,
     }
@@ -73,7 +87,14 @@ def _family_keys(family: str, config: DenseConfig) -> dict:
     no_window = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layers}
     keys = {"llama": {"attention_bias": False, "mlp_bias": False}, "qwen2": no_window,
             "qwen3": {"attention_bias": False, **no_window},
-            "olmo2": {"attention_bias": False}}.get(family, {})
+            "olmo2": {"attention_bias": False},
+            "smollm3": {"attention_bias": False, "mlp_bias": False, **no_window,
+                        "no_rope_layers": [int(i not in config.nope_layers) for i in range(config.n_layers)]},
+            "granite": {"attention_bias": False, "mlp_bias": False,
+                        "embedding_multiplier": config.embedding_multiplier,
+                        "residual_multiplier": config.residual_multiplier,
+                        "attention_multiplier": config.attention_scale or config.dh ** -0.5,
+                        "logits_scaling": config.logits_scaling}}.get(family, {})
     if not isinstance(config, BamConfig):
         return keys
     moe = {"num_experts_per_tok": config.top_k, "router_aux_loss_coef": config.load_balancing_alpha,

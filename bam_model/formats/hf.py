@@ -1,6 +1,7 @@
 """Import of Hugging Face folders, read without transformers: the decoder families bam computes
 (``FAMILIES``: Llama, Mistral, SmolLM; Qwen2 and Qwen2.5 with their query/key/value biases; Qwen3 with
-its per-head query/key norm; OLMo 2 with its norms after the sublayers) as a ``DenseLM``, and Mixtral
+its per-head query/key norm; OLMo 2 with its norms after the sublayers; SmolLM3 with its layers without
+RoPE; Granite with its multipliers) as a ``DenseLM``, and Mixtral
 as a ``BamLM`` with one attention per layer (its per-expert ``block_sparse_moe.experts.j.w1/w2/w3``
 fused into our layout).
 """
@@ -16,13 +17,36 @@ from ..model import CausalLM, DenseLM
 from ..options import short_repr
 from .folder import folder_config, folder_tensors
 
-# Each family bam reads: what it adds to Llama's decoder, as bam's settings (``DenseConfig``).
+
+def _nope_layers(hf: dict) -> dict:
+    """SmolLM3: ``no_rope_layers`` holds 1 for a layer with RoPE, 0 for one without."""
+    flags = hf.get("no_rope_layers")
+    layers = _hf_value(hf, "num_hidden_layers", "a positive int")
+    if not (isinstance(flags, list) and len(flags) == layers and all(f in (0, 1) for f in flags)):
+        raise ValueError(f"key 'no_rope_layers' must be a list of {layers} flags (0 or 1), got "
+                         f"{short_repr(flags)}")
+    return {"nope_layers": [i for i, f in enumerate(flags) if not f]}
+
+
+def _multipliers(hf: dict) -> dict:
+    """Granite's multipliers on the embeddings, the residual branches, the attention scores and the logits."""
+    kind = "a finite positive number"
+    return {"embedding_multiplier": _hf_value(hf, "embedding_multiplier", kind, 1.0),
+            "residual_multiplier": _hf_value(hf, "residual_multiplier", kind, 1.0),
+            "attention_scale": _hf_value(hf, "attention_multiplier", kind, None),
+            "logits_scaling": _hf_value(hf, "logits_scaling", kind, 1.0)}
+
+
+# Each family bam reads: what it adds to Llama's decoder, as bam's settings (``DenseConfig``), from its
+# config.json.
 FAMILIES = {
-    "llama": {},
-    "mistral": {},
-    "qwen2": {"qkv_bias": True},   # Qwen2, Qwen2.5: biases on q, k and v (not on o)
-    "qwen3": {"qk_norm": "head"},  # Qwen3: RMSNorm over each query and key head, before RoPE
-    "olmo2": {"qk_norm": "projection", "block": "post-norm"},  # OLMo 2: norms after the sublayers
+    "llama": lambda hf: {},
+    "mistral": lambda hf: {},
+    "qwen2": lambda hf: {"qkv_bias": True},   # Qwen2, Qwen2.5: biases on q, k and v (not on o)
+    "qwen3": lambda hf: {"qk_norm": "head"},  # Qwen3: RMSNorm over each query and key head, before RoPE
+    "olmo2": lambda hf: {"qk_norm": "projection", "block": "post-norm"},  # OLMo 2: norms after the sublayers
+    "smollm3": _nope_layers,                  # SmolLM3: every 4th layer without RoPE
+    "granite": _multipliers,
 }
 HF_MODEL_TYPES = tuple(FAMILIES)
 _REQUIRED = object()
@@ -99,7 +123,7 @@ def dense_config_from_hf(hf: dict, model_types: tuple = HF_MODEL_TYPES) -> Dense
         head_dim=_hf_value(hf, "head_dim", "a positive int", None), rope_theta=_rope_theta(hf),
         norm_eps=_hf_value(hf, "rms_norm_eps", "a finite positive number", 1e-6), max_seq_len=max_len,
         tie_embeddings=_hf_value(hf, "tie_word_embeddings", "true or false", False),
-        **FAMILIES.get(model_type, {}),
+        **(FAMILIES[model_type](hf) if model_type in FAMILIES else {}),
         **{k: v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab else None
            for k, v in ids.items()})
 

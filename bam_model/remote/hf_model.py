@@ -24,7 +24,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
-from ..blocks import RMSNorm, make_layer, next_token_nll, router_aux_loss
+from ..blocks import Embedding, LMHead, RMSNorm, make_layer, next_token_nll, router_aux_loss
 from ..layers import MoE, MoEExperts
 from .hf_config import BamDenseConfig, BamMoeConfig
 
@@ -95,7 +95,7 @@ class BamModel(BamPreTrainedModel):
     def __init__(self, config: BamDenseConfig):
         super().__init__(config)
         c = config.bam_config()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.dim)
+        self.embed_tokens = Embedding(c.vocab_size, c.dim, c.embedding_multiplier)
         self.layers = nn.ModuleList(make_layer(c, i) for i in range(c.n_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
         self.post_init()
@@ -123,7 +123,7 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
     def __init__(self, config: BamDenseConfig):
         super().__init__(config)
         self.model = BamModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, config.logits_scaling)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -145,7 +145,8 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
         the input ids (shifted inside; -100 is left out of the loss)."""
         cache = self._check_inputs(input_ids, inputs_embeds, attention_mask,
                                    past_key_values if cache is None else cache)
-        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        embed = self.model.embed_tokens
+        x = embed(input_ids) if inputs_embeds is None else inputs_embeds * embed.multiplier
         B, T = x.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None and not self.training:

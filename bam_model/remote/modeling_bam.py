@@ -130,10 +130,11 @@ def moe_mlp(x_TD: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Ten
 
 
 def attend(q_BTHqDh: torch.Tensor, k_BSGDh: torch.Tensor, v_BSGDh: torch.Tensor,
-           mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``softmax(q k^T / sqrt(Dh) + mask) v`` on PyTorch: q [B, T, Hq, Dh], k and v [B, S, G, Dh]
-    (query head i reads key head ``i // (Hq / G)``). ``mask`` [B, 1, T, S] (True: attend) or None:
-    causal over every key, the last query aligned with the last key. Returns [B, T, Hq, Dh]."""
+           mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask) v`` on PyTorch (scale: ``1/sqrt(Dh)`` when None): q [B, T, Hq, Dh],
+    k and v [B, S, G, Dh] (query head i reads key head ``i // (Hq / G)``). ``mask`` [B, 1, T, S] (True:
+    attend) or None: causal over every key, the last query aligned with the last key. Returns
+    [B, T, Hq, Dh]."""
     T, S = q_BTHqDh.shape[1], k_BSGDh.shape[1]
     causal = mask is None and T == S and T > 1
     if mask is None and T != S and T > 1:
@@ -141,27 +142,29 @@ def attend(q_BTHqDh: torch.Tensor, k_BSGDh: torch.Tensor, v_BSGDh: torch.Tensor,
                 <= torch.arange(T, device=q_BTHqDh.device)[:, None] + (S - T))
     o_BHqTDh = F.scaled_dot_product_attention(
         q_BTHqDh.transpose(1, 2), k_BSGDh.transpose(1, 2), v_BSGDh.transpose(1, 2), attn_mask=mask,
-        is_causal=causal, enable_gqa=q_BTHqDh.shape[2] != k_BSGDh.shape[2])
+        is_causal=causal, scale=scale, enable_gqa=q_BTHqDh.shape[2] != k_BSGDh.shape[2])
     return o_BHqTDh.transpose(1, 2)
 
 
 def moa_attention(q_BTEHDh: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix_BTE: torch.Tensor,
-                  mask: torch.Tensor | None = None, kv_start: torch.Tensor | None = None) -> torch.Tensor:
+                  mask: torch.Tensor | None = None, kv_start: torch.Tensor | None = None,
+                  scale: float | None = None) -> torch.Tensor:
     """Every expert's heads attend causally, each output scaled by its router weight: q [B, T, E, H, Dh];
     k, v [B, S, Hkv, Dh] (shared KV) or [B, S, E, Hkv, Dh] (expert KV); mix [B, T, E]. Returns
     [B, T, E, H, Dh] in q's dtype. A left-padded batch gives each row's first real key as ``kv_start``
     [B] (int32) and its ``mask`` ([B, 1, T, S], as ``attend`` takes it); bam_kernels takes the first,
-    PyTorch's attention the second, and any other mask (``kv_start`` None) runs on PyTorch's."""
+    PyTorch's attention the second, and any other mask (``kv_start`` None) runs on PyTorch's. ``scale``:
+    the softmax scale (``1/sqrt(Dh)`` when None)."""
     bk = kernels()
     if bk is not None and (mask is None or (kv_start is not None and _TAKES_KV_START)):
         padded = {} if kv_start is None else {"kv_start": kv_start}
-        return bk.moa_attention(q_BTEHDh, k, v, mix_BTE, causal=True, **padded)
+        return bk.moa_attention(q_BTEHDh, k, v, mix_BTE, causal=True, scale=scale, **padded)
     B, T, E, H, Dh = q_BTEHDh.shape
     S, Hkv = k.shape[1], k.shape[-2]
     if k.dim() == 4:  # shared KV: every expert reads the same Hkv heads
         k, v = (t[:, :, None].expand(B, S, E, Hkv, Dh) for t in (k, v))
     o_BTHqDh = attend(q_BTEHDh.reshape(B, T, E * H, Dh), k.reshape(B, S, E * Hkv, Dh),
-                      v.reshape(B, S, E * Hkv, Dh), mask)
+                      v.reshape(B, S, E * Hkv, Dh), mask, scale)
     return (o_BTHqDh.view(B, T, E, H, Dh) * mix_BTE[..., None, None]).to(q_BTEHDh.dtype)
 
 
@@ -403,7 +406,8 @@ class MixtureOfAttention(nn.Module):
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, num_experts: int, shared_kv: bool = True,
                  head_dim: int | None = None, rope_theta: float = 10000.0, top_k: int | None = None,
                  layer_idx: int = 0, device=None, dtype=None, *, qkv_bias: bool = False,
-                 qk_norm: str | None = None, norm_eps: float = 1e-5):
+                 qk_norm: str | None = None, norm_eps: float = 1e-5, rope: bool = True,
+                 scale: float | None = None):
         super().__init__()
         if qk_norm not in (None, "head", "projection"):
             raise ValueError(f"qk_norm must be None, 'head' or 'projection', got {qk_norm!r}")
@@ -424,6 +428,7 @@ class MixtureOfAttention(nn.Module):
         self.dim, self.n_heads, self.n_kv_heads, self.num_experts = dim, n_heads, n_kv_heads, num_experts
         self.shared_kv, self.head_dim, self.rope_theta = shared_kv, head_dim, rope_theta
         self.top_k, self.layer_idx, self.qk_norm = top_k, layer_idx, qk_norm
+        self.rope, self.scale = rope, scale
         E, H, Hkv, Dh = num_experts, n_heads, n_kv_heads, head_dim
         kv_out = Hkv * Dh if shared_kv else E * Hkv * Dh
         self.q_proj = nn.Linear(dim, E * H * Dh, bias=qkv_bias, device=device, dtype=dtype)
@@ -472,8 +477,8 @@ class MixtureOfAttention(nn.Module):
     @classmethod
     def from_dense_states(cls, states: list[dict], n_heads: int, n_kv_heads: int, shared_kv: bool = True,
                           kv_init: str = "mean", rope_theta: float = 10000.0, top_k: int | None = None,
-                          layer_idx: int = 0, qk_norm: str | None = None,
-                          norm_eps: float = 1e-5) -> MixtureOfAttention:
+                          layer_idx: int = 0, qk_norm: str | None = None, norm_eps: float = 1e-5,
+                          rope: bool = True, scale: float | None = None) -> MixtureOfAttention:
         """One expert per dense attention, given as its state dict (``q_proj.weight``, ..., and where the
         family has them ``q_proj.bias``, ``k_proj.bias``, ``v_proj.bias``, ``q_norm.weight``,
         ``k_norm.weight``): queries, outputs, biases and norms stacked per expert; shared K/V (their
@@ -487,7 +492,8 @@ class MixtureOfAttention(nn.Module):
         w0 = states[0]["q_proj.weight"]
         module = cls(D, n_heads, n_kv_heads, len(states), shared_kv=shared_kv, head_dim=HDh // n_heads,
                      rope_theta=rope_theta, top_k=top_k, layer_idx=layer_idx, device=w0.device,
-                     dtype=w0.dtype, qkv_bias="q_proj.bias" in states[0], qk_norm=qk_norm, norm_eps=norm_eps)
+                     dtype=w0.dtype, qkv_bias="q_proj.bias" in states[0], qk_norm=qk_norm, norm_eps=norm_eps,
+                     rope=rope, scale=scale)
 
         def stacked(name: str) -> torch.Tensor:
             kv = name.startswith(("k_", "v_"))
@@ -539,13 +545,15 @@ class MixtureOfAttention(nn.Module):
         k_BTGDh = heads(self.k_proj(x), 1 if self.shared_kv else E, Hkv, Dh, k_norm, self.qk_norm)
         k_BTGDh = k_BTGDh.view(B, T, -1, Dh)
         v_BTGDh = self.v_proj(x).view(B, T, *kv_heads, Dh)
-        start = cache.length(self.layer_idx) if cache is not None else 0
-        cos, sin = rope_for(position_ids, start, T, Dh, self.rope_theta, q_BTHqDh.dtype, x.device)
-        q_BTEHDh = apply_rope(q_BTHqDh, cos, sin).view(B, T, E, H, Dh)
-        k_BTGDh = apply_rope(k_BTGDh, cos, sin).view(B, T, *kv_heads, Dh)
+        if self.rope:
+            start = cache.length(self.layer_idx) if cache is not None else 0
+            cos, sin = rope_for(position_ids, start, T, Dh, self.rope_theta, q_BTHqDh.dtype, x.device)
+            q_BTHqDh, k_BTGDh = apply_rope(q_BTHqDh, cos, sin), apply_rope(k_BTGDh, cos, sin)
+        q_BTEHDh = q_BTHqDh.view(B, T, E, H, Dh)
+        k_BTGDh = k_BTGDh.view(B, T, *kv_heads, Dh)
         if cache is not None:
             k_BTGDh, v_BTGDh = cache.update(self.layer_idx, k_BTGDh, v_BTGDh)
-        o_BTEHDh = moa_attention(q_BTEHDh, k_BTGDh, v_BTGDh, self.mix(logits_BTE), mask, kv_start)
+        o_BTEHDh = moa_attention(q_BTEHDh, k_BTGDh, v_BTGDh, self.mix(logits_BTE), mask, kv_start, self.scale)
         self.router_logits = logits_BTE.reshape(B * T, E)
         return self.o_proj(o_BTEHDh.reshape(B, T, E * H * Dh))
 
@@ -559,14 +567,16 @@ class Attention(nn.Module):
     """Grouped-query attention with RoPE: q_proj [H*Dh, D], k_proj/v_proj [Hkv*Dh, D], o_proj [D, H*Dh]
     (a dense model, and the one attention of a BTX or sparse mixture); with ``qkv_bias`` the query, key
     and value projections have biases, with ``qk_norm`` queries and keys an RMSNorm (``q_norm``,
-    ``k_norm``: weight [Dh] over each head, or [H*Dh] and [Hkv*Dh] over the whole projection)."""
+    ``k_norm``: weight [Dh] over each head, or [H*Dh] and [Hkv*Dh] over the whole projection);
+    ``rope=False``: no rotary embedding (SmolLM3's NoPE layers); ``scale``: the softmax scale
+    (``1/sqrt(Dh)`` when None)."""
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, rope_theta: float,
                  layer_idx: int = 0, qkv_bias: bool = False, qk_norm: str | None = None,
-                 norm_eps: float = 1e-5):
+                 norm_eps: float = 1e-5, rope: bool = True, scale: float | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.rope_theta, self.qk_norm = rope_theta, qk_norm
+        self.rope_theta, self.qk_norm, self.rope, self.scale = rope_theta, qk_norm, rope, scale
         self.layer_idx = layer_idx
         self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=qkv_bias)
@@ -581,15 +591,17 @@ class Attention(nn.Module):
                 mask: torch.Tensor | None = None, kv_start: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
-        past = cache.length(self.layer_idx) if cache is not None else 0
-        cos, sin = rope_for(position_ids, past, T, Dh, self.rope_theta, x_BTD.dtype, x_BTD.device)
+        if self.rope:
+            past = cache.length(self.layer_idx) if cache is not None else 0
+            cos, sin = rope_for(position_ids, past, T, Dh, self.rope_theta, x_BTD.dtype, x_BTD.device)
         q_BTHDh = heads(self.q_proj(x_BTD), 1, H, Dh, getattr(self, "q_norm", None), self.qk_norm)[:, :, 0]
         k_BTGDh = heads(self.k_proj(x_BTD), 1, Hkv, Dh, getattr(self, "k_norm", None), self.qk_norm)[:, :, 0]
-        q_BTHDh, k_BTGDh = apply_rope(q_BTHDh, cos, sin), apply_rope(k_BTGDh, cos, sin)
+        if self.rope:
+            q_BTHDh, k_BTGDh = apply_rope(q_BTHDh, cos, sin), apply_rope(k_BTGDh, cos, sin)
         v_BTGDh = self.v_proj(x_BTD).view(B, T, Hkv, Dh)
         if cache is not None:
             k_BTGDh, v_BTGDh = cache.update(self.layer_idx, k_BTGDh, v_BTGDh)
-        o_BTHDh = attend(q_BTHDh, k_BTGDh, v_BTGDh, mask)
+        o_BTHDh = attend(q_BTHDh, k_BTGDh, v_BTGDh, mask, self.scale)
         return self.o_proj(o_BTHDh.reshape(B, T, H * Dh))
 
 
@@ -610,11 +622,12 @@ class DecoderLayer(nn.Module):
     """Sequential (Llama): ``h = x + Attn(n1(x)); y = h + FFN(n2(h))``.
     Parallel (GPT-J): ``y = x + Attn(n(x)) + FFN(n(x))``, one norm.
     Post-norm (OLMo 2): ``h = x + n1(Attn(x)); y = h + n2(FFN(h))``, norms on the sublayers' outputs
-    (``post_attention_layernorm``, ``post_feedforward_layernorm``)."""
+    (``post_attention_layernorm``, ``post_feedforward_layernorm``). Each sublayer's output is multiplied
+    by ``residual_multiplier`` before it is added (Granite; 1 elsewhere)."""
 
     def __init__(self, config: DenseConfig, self_attn: nn.Module, mlp: nn.Module):
         super().__init__()
-        self.block = config.block
+        self.block, self.residual_multiplier = config.block, config.residual_multiplier
         if self.block != "post-norm":
             self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.self_attn = self_attn
@@ -626,22 +639,49 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x_BTD, cache=None, position_ids=None, mask=None, kv_start=None):
         at = dict(cache=cache, position_ids=position_ids, mask=mask, kv_start=kv_start)
+        m = self.residual_multiplier
+        scaled = (lambda y: y) if m == 1 else (lambda y: y * m)
         if self.block == "post-norm":
-            h_BTD = x_BTD + self.post_attention_layernorm(self.self_attn(x_BTD, **at))
-            return h_BTD + self.post_feedforward_layernorm(self.mlp(h_BTD))
+            h_BTD = x_BTD + scaled(self.post_attention_layernorm(self.self_attn(x_BTD, **at)))
+            return h_BTD + scaled(self.post_feedforward_layernorm(self.mlp(h_BTD)))
         n_BTD = self.input_layernorm(x_BTD)
         a_BTD = self.self_attn(n_BTD, **at)
         if self.block == "parallel":
-            return x_BTD + a_BTD + self.mlp(n_BTD)
-        h_BTD = x_BTD + a_BTD
-        return h_BTD + self.mlp(self.post_attention_layernorm(h_BTD))
+            return x_BTD + scaled(a_BTD) + scaled(self.mlp(n_BTD))
+        h_BTD = x_BTD + scaled(a_BTD)
+        return h_BTD + scaled(self.mlp(self.post_attention_layernorm(h_BTD)))
+
+
+class Embedding(nn.Embedding):
+    """The token embedding, times ``multiplier`` (Granite's embedding multiplier; 1 elsewhere)."""
+
+    def __init__(self, vocab_size: int, dim: int, multiplier: float = 1.0):
+        super().__init__(vocab_size, dim)
+        self.multiplier = multiplier
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = super().forward(ids)
+        return x if self.multiplier == 1 else x * self.multiplier
+
+
+class LMHead(nn.Linear):
+    """The LM head, its logits divided by ``logits_scaling`` (Granite's; 1 elsewhere)."""
+
+    def __init__(self, dim: int, vocab_size: int, logits_scaling: float = 1.0):
+        super().__init__(dim, vocab_size, bias=False)
+        self.logits_scaling = logits_scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        return logits if self.logits_scaling == 1 else logits / self.logits_scaling
 
 
 def make_layer(c: DenseConfig, layer_idx: int) -> DecoderLayer:
     """Decoder layer ``layer_idx`` of a dense model (a ``DenseConfig``) or of a mixture (a ``BamConfig``:
     a ``MoE`` FFN, and a ``MixtureOfAttention`` unless its attention is ``"dense"``)."""
     # By model_type, not isinstance: the remote code's config may come from another copy of its file.
-    family = dict(qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, norm_eps=c.norm_eps)
+    family = dict(qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, norm_eps=c.norm_eps,
+                  rope=layer_idx not in c.nope_layers, scale=c.attention_scale)
     if c.model_type != BamConfig.model_type:
         attn = Attention(c.dim, c.n_heads, c.n_kv_heads, c.dh, c.rope_theta, layer_idx, **family)
         return DecoderLayer(c, attn, MLP(c.dim, c.ffn_dim))
@@ -748,7 +788,7 @@ class BamModel(BamPreTrainedModel):
     def __init__(self, config: BamDenseConfig):
         super().__init__(config)
         c = config.bam_config()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.dim)
+        self.embed_tokens = Embedding(c.vocab_size, c.dim, c.embedding_multiplier)
         self.layers = nn.ModuleList(make_layer(c, i) for i in range(c.n_layers))
         self.norm = RMSNorm(c.dim, c.norm_eps)
         self.post_init()
@@ -776,7 +816,7 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
     def __init__(self, config: BamDenseConfig):
         super().__init__(config)
         self.model = BamModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.hidden_size, config.vocab_size, config.logits_scaling)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -798,7 +838,8 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
         the input ids (shifted inside; -100 is left out of the loss)."""
         cache = self._check_inputs(input_ids, inputs_embeds, attention_mask,
                                    past_key_values if cache is None else cache)
-        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        embed = self.model.embed_tokens
+        x = embed(input_ids) if inputs_embeds is None else inputs_embeds * embed.multiplier
         B, T = x.shape[:2]
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None and not self.training:

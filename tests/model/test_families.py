@@ -21,6 +21,14 @@ FAMILIES = {
               dict(qkv_bias=False, qk_norm="head")),
     "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM, dict(rope_theta=5e5),
               dict(qkv_bias=False, qk_norm="projection", block="post-norm")),
+    "smollm3": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM,
+                dict(no_rope_layers=[1, 0], use_sliding_window=False, pad_token_id=0, bos_token_id=1,
+                     eos_token_id=2), dict(nope_layers=[1])),
+    "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM,
+                dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                     logits_scaling=4.0),
+                dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_scale=0.2,
+                     logits_scaling=4.0)),
 }
 
 
@@ -74,9 +82,9 @@ def test_a_mixture_of_copies_computes_the_dense_model(family, options):
     for key, value in FAMILIES[name][3].items():
         assert getattr(mixture.config, key) == value, key
     attn = mixture.model.layers[0].self_attn
-    if FAMILIES[name][3]["qkv_bias"]:
+    if FAMILIES[name][3].get("qkv_bias"):
         assert attn.q_proj.bias is not None and attn.k_proj.bias is not None
-    if FAMILIES[name][3]["qk_norm"]:
+    if FAMILIES[name][3].get("qk_norm"):
         assert hasattr(attn, "q_norm") and hasattr(attn, "k_norm")
     ids = torch.randint(0, 97, (2, 13), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -101,7 +109,8 @@ def test_attention_experts_keep_each_experts_biases_and_norms(family, attention,
         dense = model.model.layers[1].self_attn
         if attention == "shared-kv":
             kv = [key for key in dense.state_dict() if key.startswith(("k_", "v_"))]
-            assert len(kv) == 2 + 2 * FAMILIES[name][3]["qkv_bias"] + bool(FAMILIES[name][3]["qk_norm"])
+            features = FAMILIES[name][3]
+            assert len(kv) == 2 + 2 * features.get("qkv_bias", False) + bool(features.get("qk_norm"))
             for key in kv:
                 mean = torch.stack([m.model.layers[1].self_attn.state_dict()[key] for m in models]).mean(0)
                 assert rel(moa.state_dict()[key], mean) < 1e-6, key
@@ -122,7 +131,8 @@ def test_a_family_exports_back_to_its_class(family, tmp_path):
         assert rel(back(ids).logits, hf(ids).logits) < 1e-5
 
 
-MOE_CLASSES = {"qwen2": "Qwen2MoeForCausalLM", "qwen3": "Qwen3MoeForCausalLM", "olmo2": None}
+MOE_CLASSES = {"qwen2": "Qwen2MoeForCausalLM", "qwen3": "Qwen3MoeForCausalLM", "olmo2": None, "smollm3": None,
+               "granite": None}
 
 
 @pytest.mark.parametrize("options", [dict(method="btx", top_k=2), dict(method="sparse", top_k=1),
