@@ -1,7 +1,8 @@
-"""Export to Hugging Face folders, in the class of the family whose computation the model's settings are:
-a dense model as Llama, Qwen2 (biases on q, k, v) or Qwen3 (per-head query/key norm); an FFN-only
-mixture (BTX, sparse upcycling) as the matching MoE class: Mixtral, Qwen2-MoE or Qwen3-MoE, with the
-per-expert keys of published checkpoints. A BAM mixture with attention experts has no Hugging Face
+"""Export to Hugging Face folders, in the class of the family whose computation the model's settings are
+(the family it was imported from where that one computes them): a dense model as Llama, Mistral,
+Phi-3, Qwen2, Qwen3, OLMo 2, SmolLM3 or Granite; an FFN-only mixture (BTX, sparse upcycling) as the
+matching MoE class where transformers has one: Mixtral, Qwen2-MoE or Qwen3-MoE, with the per-expert
+keys of published checkpoints. A BAM mixture with attention experts has no Hugging Face
 class (its own folder format carries them, with remote code).
 """
 from __future__ import annotations
@@ -14,15 +15,18 @@ from ..build import model_tensors
 from ..config import BamConfig, DenseConfig
 from ..model import CausalLM
 from .folder import CONFIG, write_folder
+from .hf import fuse
 
 # The features that tell the families apart, and each dense family's; the MoE family of its mixtures.
 _LLAMA = {"block": "sequential", "qkv_bias": False, "qk_norm": None, "nope": False, "multipliers": False}
-DENSE_FAMILIES = {"llama": _LLAMA, "qwen2": {**_LLAMA, "qkv_bias": True},
+DENSE_FAMILIES = {"llama": _LLAMA, "mistral": _LLAMA, "phi3": _LLAMA, "qwen2": {**_LLAMA, "qkv_bias": True},
                   "qwen3": {**_LLAMA, "qk_norm": "head"},
                   "olmo2": {**_LLAMA, "block": "post-norm", "qk_norm": "projection"},
                   "smollm3": {**_LLAMA, "nope": True}, "granite": {**_LLAMA, "multipliers": True}}
-MOE_FAMILIES = {"llama": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
-CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+MOE_FAMILIES = {"llama": "mixtral", "mistral": "mixtral", "phi3": "mixtral", "qwen2": "qwen2_moe",
+                "qwen3": "qwen3_moe"}
+CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM",
+           "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
            "olmo2": "Olmo2ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "granite": "GraniteForCausalLM",
            "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
            "qwen3_moe": "Qwen3MoeForCausalLM"}
@@ -42,7 +46,8 @@ def family_of(config: DenseConfig) -> str:
         raise ValueError("this model has block='parallel' (GPT-J style), which no Llama-family class "
                          "computes. Keep it in bam's format")
     features = _features(config)
-    dense = next((name for name, spec in DENSE_FAMILIES.items() if spec == features), None)
+    dense = config.family if DENSE_FAMILIES.get(config.family) == features else \
+        next((name for name, spec in DENSE_FAMILIES.items() if spec == features), None)
     if dense is None:
         raise ValueError(f"no Hugging Face family has these features together ({features}); keep the model "
                          "in bam's format")
@@ -58,8 +63,9 @@ def family_of(config: DenseConfig) -> str:
                          "layers); keep the mixture in bam's format, which transformers loads with "
                          "trust_remote_code=True")
     if moe == "mixtral" and not config.normalize and config.top_k != config.num_experts:
-        raise ValueError(f"Mixtral renormalises its top-{config.top_k} router weights; this mixture does not "
-                         "(ffn_routing 'paper'), so Mixtral would compute a different function")
+        # Mixtral renormalises its top-k router weights; Qwen2-MoE keeps them as they are when asked
+        # (norm_topk_prob=false), and computes a Llama-family layer without biases just as well.
+        return "qwen2_moe"
     return moe
 
 
@@ -85,7 +91,8 @@ def _hf_common(config: DenseConfig, dtype: torch.dtype) -> dict:
 def _family_keys(family: str, config: DenseConfig) -> dict:
     """What ``family``'s config.json adds to the common keys."""
     no_window = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layers}
-    keys = {"llama": {"attention_bias": False, "mlp_bias": False}, "qwen2": no_window,
+    keys = {"llama": {"attention_bias": False, "mlp_bias": False}, "mistral": {"sliding_window": None},
+            "phi3": {"sliding_window": None}, "qwen2": no_window,
             "qwen3": {"attention_bias": False, **no_window},
             "olmo2": {"attention_bias": False},
             "smollm3": {"attention_bias": False, "mlp_bias": False, **no_window,
@@ -146,6 +153,8 @@ def export_family(model: CausalLM, path: str, max_shard_bytes: int | None = None
             tensors.update(_expert_tensors(family, config, *key.split(".mlp."), t))
         else:
             tensors[key] = t
+    if family == "phi3":  # its q/k/v and gate/up projections are one tensor each
+        tensors = fuse(config, tensors)
     write_folder(path, {**(extra_files or {}), CONFIG: json.dumps(hf, indent=2) + "\n"}, tensors,
                  max_shard_bytes)
     return CLASSES[family]
@@ -171,7 +180,12 @@ def export_mixtral(model: CausalLM, path: str, max_shard_bytes: int | None = Non
     if not isinstance(model.config, BamConfig):
         raise ValueError("export_mixtral needs a mixture (BamConfig); a dense model exports as Llama "
                          "(export_llama)")
-    family = family_of(model.config)
+    config = model.config
+    family = family_of(config)
+    if family != "mixtral" and not config.qkv_bias and not config.normalize:
+        raise ValueError(f"Mixtral renormalises its top-{config.top_k} router weights; this mixture does not "
+                         "(ffn_routing 'paper'), so Mixtral would compute a different function: export_hf "
+                         "writes it as Qwen2-MoE, which keeps them as they are")
     if family != "mixtral":
         raise ValueError(f"this mixture computes as {CLASSES[family]}, not Mixtral: use export_hf")
     export_family(model, path, max_shard_bytes, extra_files)

@@ -143,7 +143,7 @@ def load_gguf(source, dtype: torch.dtype | None = torch.float32, device="cpu") -
         rope_theta=_gguf_number(reader, f"{arch}.rope.freq_base", 10000.0, float),
         norm_eps=_gguf_number(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5, float),
         max_seq_len=_gguf_number(reader, f"{arch}.context_length", 2048),
-        tie_embeddings="output.weight" not in names, **ARCHITECTURES[arch])
+        tie_embeddings="output.weight" not in names, family=arch, **ARCHITECTURES[arch])
     for key in ("bos_token_id", "eos_token_id"):
         field = reader.fields.get(f"tokenizer.ggml.{key}")
         value = field.contents() if field is not None else None

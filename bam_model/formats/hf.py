@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ..build import build_model, check_layer_count
+from ..build import build_model, check_layer_count, check_tensors
 from ..config import BamConfig, DenseConfig
 from ..model import CausalLM, DenseLM
 from ..options import short_repr
@@ -47,6 +47,7 @@ FAMILIES = {
     "olmo2": lambda hf: {"qk_norm": "projection", "block": "post-norm"},  # OLMo 2: norms after the sublayers
     "smollm3": _nope_layers,                  # SmolLM3: every 4th layer without RoPE
     "granite": _multipliers,
+    "phi3": lambda hf: {},                    # Phi-3: Llama's computation, q/k/v and gate/up fused (below)
 }
 HF_MODEL_TYPES = tuple(FAMILIES)
 _REQUIRED = object()
@@ -79,6 +80,10 @@ def _rope_theta(hf: dict) -> float:
     params = _hf_value(hf, "rope_parameters", "an object", {})
     scaling = hf.get("rope_scaling")
     rope_type = params.get("rope_type", params.get("type", "default"))
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"partial_rotary_factor={short_repr(partial)} is not supported (RoPE on part of "
+                         "each head, as in Phi-4-mini); only RoPE over the whole head is")
     if scaling is not None or rope_type != "default":
         raise ValueError(f"RoPE scaling ({short_repr(scaling or params)}) is not supported; only plain RoPE "
                          "is")
@@ -124,6 +129,7 @@ def dense_config_from_hf(hf: dict, model_types: tuple = HF_MODEL_TYPES) -> Dense
         norm_eps=_hf_value(hf, "rms_norm_eps", "a finite positive number", 1e-6), max_seq_len=max_len,
         tie_embeddings=_hf_value(hf, "tie_word_embeddings", "true or false", False),
         **(FAMILIES[model_type](hf) if model_type in FAMILIES else {}),
+        family=model_type if model_type in FAMILIES else None,
         **{k: v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab else None
            for k, v in ids.items()})
 
@@ -145,10 +151,54 @@ def _hf_keeps(config: DenseConfig):
                              or config.tie_embeddings and name == "lm_head.weight")
 
 
+# Fused projections (Phi-3) -> the parts bam keeps, in order, and each part's rows.
+_FUSED = {"self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                        "self_attn.v_proj.weight"),
+          "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
+
+
+def _part_rows(config: DenseConfig, fused: str) -> tuple[int, ...]:
+    if fused.startswith("self_attn."):
+        return config.n_heads * config.dh, config.n_kv_heads * config.dh, config.n_kv_heads * config.dh
+    return config.ffn_dim, config.ffn_dim
+
+
+def unfuse(config: DenseConfig, items: dict) -> dict:
+    """Name -> tensor (or shape) with fused projections split into bam's parts; a fused tensor of
+    another number of rows is left whole (the check then names it)."""
+    out = {}
+    for name, value in items.items():
+        layer, _, leaf = name.partition(".layers.")
+        index, _, rest = leaf.partition(".")
+        rows = _part_rows(config, rest) if rest in _FUSED else None
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value)
+        if rows is None or shape[0] != sum(rows):
+            out[name] = value
+            continue
+        parts = value.split(rows) if isinstance(value, torch.Tensor) else [(r, *shape[1:]) for r in rows]
+        out.update({f"{layer}.layers.{index}.{part}": p for part, p in zip(_FUSED[rest], parts)})
+    return out
+
+
+def fuse(config: DenseConfig, tensors: dict) -> dict:
+    """``unfuse`` undone: bam's q/k/v and gate/up tensors as Phi-3's fused ones."""
+    out = dict(tensors)
+    for i in range(config.n_layers):
+        for fused, parts in _FUSED.items():
+            names = [f"model.layers.{i}.{part}" for part in parts]
+            out[f"model.layers.{i}.{fused}"] = torch.cat([out.pop(n) for n in names])
+    return out
+
+
 def load_hf_folder(path: str, dtype: torch.dtype | None = torch.float32, device="cpu") -> DenseLM:
-    """A Hugging Face Llama-family folder (config.json + safetensors, sharded or not)."""
+    """A Hugging Face folder of a family bam reads (config.json + safetensors, sharded or not)."""
     config = folder_config(path, dense_config_from_hf)
-    return build_model(config, folder_tensors(path, config, _hf_keeps(config)), dtype, device)
+
+    def check(config, shapes, config_name, weights_name):  # names and shapes as bam keeps them
+        check_tensors(config, unfuse(config, shapes), config_name, weights_name)
+
+    tensors = folder_tensors(path, config, _hf_keeps(config), check=check)
+    return build_model(config, unfuse(config, tensors), dtype, device)
 
 
 def load_mixtral_folder(path: str, dtype: torch.dtype | None = torch.float32, device="cpu") -> CausalLM:

@@ -97,7 +97,8 @@ class DenseConfig:
     layers whose attention has no RoPE: SmolLM3); Granite's multipliers: ``embedding_multiplier`` (on
     the embeddings), ``residual_multiplier`` (on each sublayer's output before it is added),
     ``attention_scale`` (the softmax scale, None: ``1/sqrt(head_dim)``) and ``logits_scaling`` (the
-    logits are divided by it).
+    logits are divided by it). ``family``: the Hugging Face ``model_type`` the model was imported from
+    (a label, like ``domain``: export writes the model back as that family where its settings allow).
     """
     vocab_size: int
     dim: int
@@ -121,6 +122,7 @@ class DenseConfig:
     residual_multiplier: float = 1.0
     attention_scale: float | None = None
     logits_scaling: float = 1.0
+    family: str | None = None
 
     model_type = "bam-dense"
 
@@ -160,8 +162,9 @@ class DenseConfig:
             raise ValueError(f"block must be one of {BLOCKS}, got {short_repr(self.block)}")
         _optional_token("bos_token_id", self.bos_token_id, self.vocab_size)
         _optional_token("eos_token_id", self.eos_token_id, self.vocab_size)
-        if self.domain is not None and not isinstance(self.domain, str):
-            raise ValueError(f"domain must be None or a str, got {short_repr(self.domain)}")
+        for name in ("domain", "family"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be None or a str, got {short_repr(getattr(self, name))}")
 
     @property
     def dh(self) -> int:
