@@ -11,7 +11,7 @@ from bam_model.formats.gguf import ARCHITECTURES
 from bam_model.upcycle import upcycle
 from tests.support.oracle import rel
 
-COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+COMMON = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
               tie_word_embeddings=False)
 FAMILIES = {
@@ -35,11 +35,11 @@ FAMILIES = {
 }
 
 
-def hf_model(family: str, seed: int = 0, **overrides):
+def hf_model(family: str, seed: int = 0, vocab_size: int = 97, **overrides):
     config_class, model_class, extra, _ = FAMILIES[family]
     torch.manual_seed(seed)
     settings = {k: v for k, v in {**extra, **overrides}.items() if v is not None}  # None: the class's default
-    model = model_class(config_class(**COMMON, **settings)).eval()
+    model = model_class(config_class(vocab_size=vocab_size, **COMMON, **settings)).eval()
     with torch.no_grad():  # every weight random, norms and biases too, so that a mix-up of any shows
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -275,3 +275,23 @@ def test_a_familys_gguf_loads_as_transformers_reads_it(family, tmp_path):
         want = plain(ids).logits
         assert rel(theirs(ids).logits, want) < 1e-5
         assert rel(bam_model.from_pretrained(str(tmp_path / "plain" / "m.gguf"))(ids).logits, want) < 1e-5
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_the_command_line_mixes_trains_evaluates_and_generates_a_familys_models(name, tmp_path, capsys):
+    """A transformers folder of each family (the bundled tokenizer's vocabulary) through bam mix, train,
+    eval and generate, as a user runs them."""
+    from bam_model.cli import main
+
+    hf_model(name, vocab_size=8192).save_pretrained(tmp_path / "seed")
+    seed, mixed, run = str(tmp_path / "seed"), str(tmp_path / "mixed"), str(tmp_path / "run")
+    assert main(["mix", "--base-model", seed, "--experts", seed, "--attention", "shared-kv", "--out", mixed,
+                 "--no-progress"]) == 0
+    assert bam_model.from_pretrained(mixed).config.family == name
+    assert main(["train", mixed, "--data", "code", "--out", run, "--steps", "2", "--batch-size", "2",
+                 "--seq-len", "16", "--eval-windows", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["eval", f"{run}/model", "--data", "code", "--max-windows", "2", "--no-progress"]) == 0
+    assert "code" in capsys.readouterr().out
+    assert main(["generate", f"{run}/model", "--prompt", "def main():", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("def main():")
