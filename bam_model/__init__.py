@@ -1,7 +1,7 @@
 """bam_model: dense and Branch-Attend-Mix models, upcycling, checkpoints, training."""
 from .auto_classes import register_on_import
 from .config import BamConfig, DenseConfig
-from .formats import export_mixtral, from_pretrained, load_dense, save_pretrained
+from .formats import export_hf, export_mixtral, from_pretrained, load_dense, save_pretrained
 from .model import BamLM, CausalLM, CausalLMOutput, DenseLM
 from .upcycle import branch, upcycle
 
@@ -10,4 +10,4 @@ from .upcycle import branch, upcycle
 register_on_import()
 
 __all__ = ["BamConfig", "BamLM", "CausalLM", "CausalLMOutput", "DenseConfig", "DenseLM", "branch",
-           "export_mixtral", "from_pretrained", "load_dense", "save_pretrained", "upcycle"]
+           "export_hf", "export_mixtral", "from_pretrained", "load_dense", "save_pretrained", "upcycle"]
