@@ -36,6 +36,8 @@ class Attention(nn.Module):
                  layer_idx: int = 0, qkv_bias: bool = False, qk_norm: str | None = None,
                  norm_eps: float = 1e-5, rope: bool = True, scale: float | None = None):
         super().__init__()
+        if qk_norm not in (None, "head", "projection"):
+            raise ValueError(f"qk_norm must be None, 'head' or 'projection', got {qk_norm!r}")
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.rope_theta, self.qk_norm, self.rope, self.scale = rope_theta, qk_norm, rope, scale
         self.layer_idx = layer_idx

@@ -29,7 +29,8 @@ def expected_shapes(config: DenseConfig) -> dict[str, tuple[int, ...]]:
     its names repeated (a whole meta model takes 2.4 ms a layer: most of a minute for 20000)."""
     try:
         with torch.device("meta"):
-            one = model_class(config)(config.replace(n_layers=1, nope_layers=[]))  # shapes only
+            one = model_class(config)(config.replace(n_layers=1, nope_layers=[], window_layers=[],
+                                                     attention_window=None))  # shapes only
     except (RuntimeError, TypeError) as e:  # on the meta device, only sizes that overflow int64 fail
         reason = str(e).splitlines()[0]
         raise ValueError(f"the config's sizes make a tensor too large to exist ({reason})") from None

@@ -79,6 +79,9 @@ class DenseConfig:
     ``attention_scale`` (the softmax scale, None: ``1/sqrt(head_dim)``) and ``logits_scaling`` (the
     logits are divided by it). ``family``: the Hugging Face ``model_type`` the model was imported from
     (a label, like ``domain``: export writes the model back as that family where its settings allow).
+    ``attention_window`` and ``window_layers``: the window of the layers that slide their attention in
+    the model imported (Mistral, Phi-3, some Qwen2; transformers' ``sliding_window``): bam computes full
+    attention, the same within the window, and keeps ``max_seq_len`` to it; export writes them back.
     """
     vocab_size: int
     dim: int
@@ -103,6 +106,8 @@ class DenseConfig:
     attention_scale: float | None = None
     logits_scaling: float = 1.0
     family: str | None = None
+    attention_window: int | None = None
+    window_layers: list[int] = field(default_factory=list)
 
     model_type = "bam-dense"
 
@@ -129,11 +134,7 @@ class DenseConfig:
                 raise ValueError(f"{name} must be a bool, got {short_repr(getattr(self, name))}")
         if self.qk_norm is not None and self.qk_norm not in QK_NORMS:
             raise ValueError(f"qk_norm must be None or one of {QK_NORMS}, got {short_repr(self.qk_norm)}")
-        if not (isinstance(self.nope_layers, list) and all(is_int(i) and 0 <= i < self.n_layers
-                                                           for i in self.nope_layers)
-                and self.nope_layers == sorted(set(self.nope_layers))):
-            raise ValueError(f"nope_layers must be a sorted list of distinct layer indexes in [0, n_layers="
-                             f"{self.n_layers}), got {short_repr(self.nope_layers)}")
+        self._check_sliding()
         for name in ("embedding_multiplier", "residual_multiplier", "logits_scaling"):
             positive_float(name, getattr(self, name))
         if self.attention_scale is not None:
@@ -145,6 +146,25 @@ class DenseConfig:
         for name in ("domain", "family"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be None or a str, got {short_repr(getattr(self, name))}")
+
+    def _check_sliding(self) -> None:
+        for name in ("nope_layers", "window_layers"):
+            layers = getattr(self, name)
+            if not (isinstance(layers, list) and all(is_int(i) and 0 <= i < self.n_layers for i in layers)
+                    and layers == sorted(set(layers))):
+                raise ValueError(f"{name} must be a sorted list of distinct layer indexes in [0, n_layers="
+                                 f"{self.n_layers}), got {short_repr(layers)}")
+        if self.attention_window is None:
+            if self.window_layers:
+                raise ValueError("window_layers needs an attention_window")
+            return
+        positive_int("attention_window", self.attention_window)
+        if not self.window_layers:
+            raise ValueError("attention_window needs the window_layers that use it")
+        if self.max_seq_len > self.attention_window:
+            raise ValueError(f"max_seq_len={self.max_seq_len} is longer than attention_window="
+                             f"{self.attention_window}: bam computes full attention, which equals sliding "
+                             "attention within the window only")
 
     @property
     def dh(self) -> int:

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 import yaml
 
-from ..config import DTYPES, dtype_option
+from ..config import DTYPES, BamConfig, dtype_option
 from ..files import reserve_output
 from ..formats import export_hf, export_mixtral
+from ..formats.export import CLASSES, family_of
+from ..formats.load import config_of
 from ..options import add_options, check_mapping, flag_name, from_args, given, option, short_repr
 from ..tokenizer import hf_tokenizer_files
 from ..upcycle import FFN_ROUTINGS, MixOptions, upcycle
@@ -118,13 +120,32 @@ def _read_recipe(args: argparse.Namespace) -> tuple[MixRecipe, str]:
     return validate_recipe(recipe if recipe is not None else {}), text
 
 
+def _check_format(kind: str, recipe: MixRecipe) -> None:
+    """Refuse, before any work, a mixture the Hugging Face format asked for cannot hold."""
+    if kind == "bam":
+        return
+    options = recipe.options()
+    if options.attention_kind != "dense":
+        raise ValueError(f"--format {kind} writes FFN-only mixtures (method btx or sparse); this recipe's "
+                         f"method {recipe.method!r} makes attention experts, which only bam's format holds")
+    seed = config_of(recipe.base_model) if recipe.base_model else None
+    if seed is None or isinstance(seed, BamConfig):
+        return  # loading the models says what is wrong
+    top_k, normalize, straight_through = options.routing()
+    experts = max(options.num_experts or 1 + len(recipe.experts), top_k)
+    planned = BamConfig(**{k: v for k, v in seed.__dict__.items() if k != "domain"}, num_experts=experts,
+                        top_k=top_k, normalize=normalize, straight_through=straight_through,
+                        attention="dense", method=recipe.method)
+    family = family_of(planned)
+    if kind == "mixtral" and family != "mixtral":
+        raise ValueError(f"--format mixtral: this mixture computes as {CLASSES[family]}, not Mixtral; "
+                         "--format hf writes it")
+
+
 def run_mix(args: argparse.Namespace) -> str:
     command = from_args(MixCommand, args)
     recipe, text = _read_recipe(args)
-    if command.format != "bam" and recipe.options().attention_kind != "dense":
-        raise ValueError(f"--format {command.format} writes FFN-only mixtures (method btx or sparse); "
-                         f"this recipe's method {recipe.method!r} makes attention experts, which only bam's "
-                         "format holds")
+    _check_format(command.format, recipe)
     inputs = [("base_model", recipe.base_model)]
     inputs += [(f"experts[{i}]", e) for i, e in enumerate(recipe.experts)]
     with reserve_output(command.out, "model", inputs=inputs, what="bam mix"):

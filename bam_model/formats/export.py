@@ -51,6 +51,9 @@ def family_of(config: DenseConfig) -> str:
     if dense is None:
         raise ValueError(f"no Hugging Face family has these features together ({features}); keep the model "
                          "in bam's format")
+    if config.attention_window is not None and dense not in WINDOWED:
+        raise ValueError(f"{CLASSES[dense]} has no sliding window, which this model was imported with "
+                         f"(sliding_window={config.attention_window}); keep it in bam's format")
     if not isinstance(config, BamConfig):
         return dense
     if config.attention != "dense":
@@ -88,11 +91,26 @@ def _hf_common(config: DenseConfig, dtype: torch.dtype) -> dict:
     }
 
 
+# The families whose classes slide attention over a window (in every layer, or in those layer_types say)
+WINDOWED = {"mistral", "phi3", "mixtral", "qwen2", "qwen3", "smollm3", "qwen2_moe", "qwen3_moe"}
+
+
+def _window_keys(config: DenseConfig) -> dict:
+    """The sliding window a model was imported with, as Qwen's and SmolLM3's classes take it."""
+    if config.attention_window is None:
+        return {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layers}
+    return {"use_sliding_window": True, "sliding_window": config.attention_window,
+            "max_window_layers": config.window_layers[0],
+            "layer_types": ["sliding_attention" if i in config.window_layers else "full_attention"
+                            for i in range(config.n_layers)]}
+
+
 def _family_keys(family: str, config: DenseConfig) -> dict:
     """What ``family``'s config.json adds to the common keys."""
-    no_window = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layers}
-    keys = {"llama": {"attention_bias": False, "mlp_bias": False}, "mistral": {"sliding_window": None},
-            "phi3": {"sliding_window": None}, "qwen2": no_window,
+    no_window = _window_keys(config)
+    window = {"sliding_window": config.attention_window}
+    keys = {"llama": {"attention_bias": False, "mlp_bias": False}, "mistral": window,
+            "phi3": window, "qwen2": no_window,
             "qwen3": {"attention_bias": False, **no_window},
             "olmo2": {"attention_bias": False},
             "smollm3": {"attention_bias": False, "mlp_bias": False, **no_window,
@@ -107,7 +125,7 @@ def _family_keys(family: str, config: DenseConfig) -> dict:
     moe = {"num_experts_per_tok": config.top_k, "router_aux_loss_coef": config.load_balancing_alpha,
            "output_router_logits": False}
     if family == "mixtral":
-        return {**moe, "num_local_experts": config.num_experts, "sliding_window": None}
+        return {**moe, "num_local_experts": config.num_experts, **window}
     qwen = {**moe, **no_window, "num_experts": config.num_experts, "moe_intermediate_size": config.ffn_dim,
             "norm_topk_prob": config.normalize, "decoder_sparse_step": 1, "mlp_only_layers": []}
     if family == "qwen2_moe":  # its class always has a shared expert: one of size 0 adds nothing
@@ -164,7 +182,7 @@ def export_llama(model: CausalLM, path: str, max_shard_bytes: int | None = None,
                  extra_files: dict[str, str | bytes] | None = None) -> None:
     """Write a dense Llama-family model as a Hugging Face Llama folder (``export_family`` for the others)."""
     if isinstance(model.config, BamConfig):
-        raise ValueError("export_llama needs a dense model; a BTX or sparse mixture exports as Mixtral")
+        raise ValueError("export_llama needs a dense model; a BTX or sparse mixture exports with export_hf")
     family = family_of(model.config)
     if family != "llama":
         raise ValueError(f"this model computes as {CLASSES[family]}, not Llama: use export_hf")
@@ -178,11 +196,10 @@ def export_mixtral(model: CausalLM, path: str, max_shard_bytes: int | None = Non
     (``block_sparse_moe.experts.j.w1/w2/w3``), so ``MixtralForCausalLM.from_pretrained(path)`` gives the
     same logits (``export_family`` for the other families' MoE classes)."""
     if not isinstance(model.config, BamConfig):
-        raise ValueError("export_mixtral needs a mixture (BamConfig); a dense model exports as Llama "
-                         "(export_llama)")
+        raise ValueError("export_mixtral needs a mixture (BamConfig); a dense model exports with export_hf")
     config = model.config
     family = family_of(config)
-    if family != "mixtral" and not config.qkv_bias and not config.normalize:
+    if family == "qwen2_moe" and not config.qkv_bias and not config.normalize:
         raise ValueError(f"Mixtral renormalises its top-{config.top_k} router weights; this mixture does not "
                          "(ffn_routing 'paper'), so Mixtral would compute a different function: export_hf "
                          "writes it as Qwen2-MoE, which keeps them as they are")

@@ -8,11 +8,12 @@ fused into our layout).
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
 from ..build import build_model, check_layer_count, check_tensors
-from ..config import BamConfig, DenseConfig
+from ..config import HF_KEYS, BamConfig, DenseConfig
 from ..model import CausalLM, DenseLM
 from ..options import short_repr
 from .folder import folder_config, folder_tensors
@@ -30,10 +31,10 @@ def _nope_layers(hf: dict) -> dict:
 
 def _multipliers(hf: dict) -> dict:
     """Granite's multipliers on the embeddings, the residual branches, the attention scores and the logits."""
-    kind = "a finite positive number"
+    kind, scale = "a finite positive number", _defaults(hf)["attention_multiplier"]
     return {"embedding_multiplier": _hf_value(hf, "embedding_multiplier", kind, 1.0),
             "residual_multiplier": _hf_value(hf, "residual_multiplier", kind, 1.0),
-            "attention_scale": _hf_value(hf, "attention_multiplier", kind, None),
+            "attention_scale": _hf_value(hf, "attention_multiplier", kind, scale),
             "logits_scaling": _hf_value(hf, "logits_scaling", kind, 1.0)}
 
 
@@ -89,59 +90,118 @@ def _rope_theta(hf: dict) -> float:
                          "is")
     if "rope_theta" in params:
         return _hf_value(params, "rope_theta", "a finite positive number")
-    return _hf_value(hf, "rope_theta", "a finite positive number", 10000.0)
+    return _hf_value(hf, "rope_theta", "a finite positive number", _defaults(hf)["rope_theta"])
 
 
 def _first_id(value):
     return value[0] if isinstance(value, list) and value else value
 
 
+# Each class's defaults for the keys that change the function, where a config.json leaves one out
+# (transformers 4 saved only what differed from them); the rest default as Llama's do.
+LLAMA_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
+                  "max_position_embeddings": 2048, "sliding_window": None, "use_sliding_window": True}
+FAMILY_DEFAULTS = {
+    "mistral": {"sliding_window": 4096, "max_position_embeddings": 131072},
+    "mixtral": {"rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 131072},
+    "qwen2": {"use_sliding_window": False, "max_position_embeddings": 32768},
+    "qwen3": {"use_sliding_window": False, "max_position_embeddings": 32768},
+    "olmo2": {"rms_norm_eps": 1e-5},
+    "smollm3": {"rope_theta": 2e6, "tie_word_embeddings": True, "use_sliding_window": False,
+                "max_position_embeddings": 32768},
+    "granite": {"attention_multiplier": 1.0},
+    "phi3": {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096},
+}
+
+
+def _defaults(hf: dict) -> dict:
+    return {**LLAMA_DEFAULTS, **FAMILY_DEFAULTS.get(hf.get("model_type"), {})}
+
+
+def _sliding(hf: dict, n_layers: int) -> dict:
+    """``max_seq_len``, and the window and the layers that use it where the model slides its attention:
+    within the window sliding attention is full attention, so bam computes full attention and keeps
+    inputs to the window (``max_seq_len``); export writes the window back."""
+    defaults = _defaults(hf)
+    max_len = _hf_value(hf, "max_position_embeddings", "a positive int", defaults["max_position_embeddings"])
+    window = _hf_value(hf, "sliding_window", "a positive int", defaults["sliding_window"])
+    used = _hf_value(hf, "use_sliding_window", "true or false", defaults["use_sliding_window"])
+    if window is None or not used:
+        return {"max_seq_len": max_len}
+    types = hf.get("layer_types")
+    if isinstance(types, list) and len(types) == n_layers:
+        layers = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+    elif "max_window_layers" in hf:  # Qwen2's rule: the layers from max_window_layers on slide
+        first = _hf_value(hf, "max_window_layers", "a finite number >= 0")
+        layers = [i for i in range(n_layers) if i >= first]
+    else:
+        layers = list(range(n_layers))
+    if not layers:
+        return {"max_seq_len": max_len}
+    return {"max_seq_len": min(max_len, window), "attention_window": window, "window_layers": layers}
+
+
+def _hf_names(e: ValueError) -> ValueError:
+    """``e``, its setting names spelled as config.json spells them."""
+    names, got, value = str(e).partition(", got ")
+    for name, key in HF_KEYS.items():
+        names = re.sub(rf"\b{name}\b", key, names)
+    return ValueError(names + got + value)
+
+
 def dense_config_from_hf(hf: dict, model_types: tuple = HF_MODEL_TYPES) -> DenseConfig:
     """Our ``DenseConfig`` for the ``config.json`` of a family bam reads (``FAMILIES``; the dense part
-    of a Mixtral one); refuses what we do not model, and values of the wrong type naming their key."""
+    of a Mixtral one); refuses what we do not model, and values of the wrong type naming their key. A
+    key left out takes its family class's default."""
     model_type = hf.get("model_type")
     if model_type not in model_types:
         raise ValueError(f"Hugging Face model_type {model_type!r} is not supported; "
                          f"expected one of {model_types}")
+    _refuse_unsupported(hf)
+    defaults = _defaults(hf)
+    n_heads = _hf_value(hf, "num_attention_heads", "a positive int")
+    n_layers = _hf_value(hf, "num_hidden_layers", "a positive int")
+    vocab = _hf_value(hf, "vocab_size", "a positive int")
+    ids = {k: _first_id(hf.get(k)) for k in ("bos_token_id", "eos_token_id")}
+    try:
+        return DenseConfig(
+            vocab_size=vocab, dim=_hf_value(hf, "hidden_size", "a positive int"), n_layers=n_layers,
+            n_heads=n_heads, n_kv_heads=_hf_value(hf, "num_key_value_heads", "a positive int", n_heads),
+            ffn_dim=_hf_value(hf, "intermediate_size", "a positive int"),
+            head_dim=_hf_value(hf, "head_dim", "a positive int", None), rope_theta=_rope_theta(hf),
+            norm_eps=_hf_value(hf, "rms_norm_eps", "a finite positive number", defaults["rms_norm_eps"]),
+            tie_embeddings=_hf_value(hf, "tie_word_embeddings", "true or false",
+                                     defaults["tie_word_embeddings"]),
+            **_sliding(hf, n_layers), **(FAMILIES[model_type](hf) if model_type in FAMILIES else {}),
+            family=model_type if model_type in FAMILIES else None,
+            **{k: v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab else None
+               for k, v in ids.items()})
+    except ValueError as e:
+        raise _hf_names(e) from None
+
+
+def _refuse_unsupported(hf: dict) -> None:
+    """What changes the function and bam does not carry, refused by its key."""
     for key, what in (("attention_bias", "a bias on the attention's output projection"),
                       ("mlp_bias", "biases in the MLP")):
         if _hf_value(hf, key, "true or false", False):
             raise ValueError(f"{key}=true is not supported ({what}, which bam's experts do not carry)")
-    if hf.get("clip_qkv") is not None:
-        raise ValueError(f"clip_qkv={short_repr(hf['clip_qkv'])} is not supported (queries, keys and values "
-                         "clipped to a range)")
     act = _hf_value(hf, "hidden_act", "a string", "silu")
     if act != "silu":
         raise ValueError(f"hidden_act {act!r} is not supported; only 'silu' (SwiGLU)")
-    max_len = _hf_value(hf, "max_position_embeddings", "a positive int", 2048)
-    window = _hf_value(hf, "sliding_window", "a positive int", None)
-    if window is not None and _hf_value(hf, "use_sliding_window", "true or false", True):
-        max_len = min(max_len, window)  # within the window, sliding attention is full attention
-    n_heads = _hf_value(hf, "num_attention_heads", "a positive int")
-    vocab = _hf_value(hf, "vocab_size", "a positive int")
-    ids = {k: _first_id(hf.get(k)) for k in ("bos_token_id", "eos_token_id")}
-    return DenseConfig(
-        vocab_size=vocab, dim=_hf_value(hf, "hidden_size", "a positive int"),
-        n_layers=_hf_value(hf, "num_hidden_layers", "a positive int"), n_heads=n_heads,
-        n_kv_heads=_hf_value(hf, "num_key_value_heads", "a positive int", n_heads),
-        ffn_dim=_hf_value(hf, "intermediate_size", "a positive int"),
-        head_dim=_hf_value(hf, "head_dim", "a positive int", None), rope_theta=_rope_theta(hf),
-        norm_eps=_hf_value(hf, "rms_norm_eps", "a finite positive number", 1e-6), max_seq_len=max_len,
-        tie_embeddings=_hf_value(hf, "tie_word_embeddings", "true or false", False),
-        **(FAMILIES[model_type](hf) if model_type in FAMILIES else {}),
-        family=model_type if model_type in FAMILIES else None,
-        **{k: v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab else None
-           for k, v in ids.items()})
 
 
 def mixtral_config(hf: dict) -> BamConfig:
     """Our ``BamConfig`` for a Hugging Face Mixtral ``config.json``: one attention per layer and
     top-k renormalised routing (BTX's kind)."""
     dense = dense_config_from_hf(hf, model_types=("mixtral",))
-    return BamConfig(**dense.__dict__, num_experts=_hf_value(hf, "num_local_experts", "a positive int"),
-                     top_k=_hf_value(hf, "num_experts_per_tok", "a positive int"), normalize=True,
-                     attention="dense", method="btx",
-                     load_balancing_alpha=_hf_value(hf, "router_aux_loss_coef", "a finite number >= 0", 0.01))
+    try:
+        return BamConfig(**dense.__dict__, num_experts=_hf_value(hf, "num_local_experts", "a positive int"),
+                         top_k=_hf_value(hf, "num_experts_per_tok", "a positive int"), normalize=True,
+                         attention="dense", method="btx", load_balancing_alpha=_hf_value(
+                             hf, "router_aux_loss_coef", "a finite number >= 0", 0.01))
+    except ValueError as e:
+        raise _hf_names(e) from None
 
 
 def _hf_keeps(config: DenseConfig):

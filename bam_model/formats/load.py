@@ -39,6 +39,20 @@ def from_pretrained(path: str, dtype: torch.dtype | None = None, device="cpu") -
     return _with_tokenizer(model, path)
 
 
+def config_of(path) -> DenseConfig | None:
+    """The config of the model folder at ``path``, before any tensor is read (for checks before work);
+    None for a GGUF file or where it cannot be read (loading the model then says what is wrong)."""
+    try:
+        if is_gguf(path):
+            return None
+        model_type = folder_model_type(os.fspath(path))
+        parse = config_from_dict if model_type in CONFIG_CLASSES else \
+            mixtral_config if model_type == "mixtral" else dense_config_from_hf
+        return folder_config(os.fspath(path), parse)
+    except (ValueError, OSError, TypeError):
+        return None
+
+
 def context_length(path) -> int | None:
     """The longest input (``max_seq_len``) of the model at ``path``, from its config alone, before any
     tensor is read (for checks before work); None where that cannot be read (loading the model then
@@ -46,12 +60,10 @@ def context_length(path) -> int | None:
     try:
         if is_gguf(path):
             return gguf_context_length(path)
-        model_type = folder_model_type(os.fspath(path))
-        parse = config_from_dict if model_type in CONFIG_CLASSES else \
-            mixtral_config if model_type == "mixtral" else dense_config_from_hf
-        return folder_config(os.fspath(path), parse).max_seq_len
     except (ValueError, OSError, TypeError):
         return None
+    config = config_of(path)
+    return None if config is None else config.max_seq_len
 
 
 def _with_tokenizer(model: CausalLM, source) -> CausalLM:

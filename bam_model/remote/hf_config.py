@@ -37,6 +37,14 @@ class BamDenseConfig(PretrainedConfig):
         for alias, key in self.attribute_map.items():
             if alias in kwargs:
                 kwargs[key] = kwargs.pop(alias)
+        # bam's own spelling of a setting transformers names otherwise (top_k aside: a generation setting)
+        spelled = sorted(key for key in kwargs if key in HF_KEYS and key != "top_k")
+        if spelled:
+            raise ValueError(f"unknown {self.model_type} config keys: {spelled}; transformers' names are "
+                             f"{[HF_KEYS[key] for key in spelled]}")
+        if kwargs.get("rope_scaling") is not None:
+            raise ValueError(f"rope_scaling ({kwargs['rope_scaling']!r}) is not supported; only plain RoPE "
+                             "is")
         fields = {f.name for f in dataclasses.fields(self.bam_class)}
         # bam's settings (under Hugging Face's name where it has one), and the output and generation
         # switches transformers keeps; everything else goes to PretrainedConfig.

@@ -152,6 +152,12 @@ class BamForCausalLM(BamPreTrainedModel, GenerationMixin):
         if use_cache and cache is None and not self.training:
             cache = _new_cache(self.config)
         past = cache.get_seq_length() if cache is not None else 0
+        window = getattr(self.config, "attention_window", None)
+        if window is not None and past + T > self.config.max_position_embeddings:
+            raise ValueError(f"{past + T} tokens is more than max_position_embeddings="
+                             f"{self.config.max_position_embeddings}: this model was imported with a "
+                             f"sliding window of {window} tokens, which bam computes as full attention "
+                             "within it only")
         if position_ids is None:
             if attention_mask is not None:  # left padding: positions count the real tokens only
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -T:]

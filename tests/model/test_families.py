@@ -112,7 +112,11 @@ def test_attention_experts_keep_each_experts_biases_and_norms(family, attention,
     for e, model in enumerate(models):
         dense = model.model.layers[1].self_attn
         if attention == "shared-kv":
+            seeded = upcycle(models[0], models[1:], method="bam", attention=attention, kv_init="seed")
             kv = [key for key in dense.state_dict() if key.startswith(("k_", "v_"))]
+            for key in kv:  # kv_init="seed": the seed's keys and values, biases and key norm included
+                want = models[0].model.layers[1].self_attn.state_dict()[key]
+                assert torch.equal(seeded.model.layers[1].self_attn.state_dict()[key], want), key
             features = FAMILIES[name][3]
             assert len(kv) == 2 + 2 * features.get("qkv_bias", False) + bool(features.get("qk_norm"))
             for key in kv:
@@ -144,7 +148,8 @@ MOE_CLASSES = {"qwen2": "Qwen2MoeForCausalLM", "qwen3": "Qwen3MoeForCausalLM", "
                                      dict(method="btx", top_k=2, ffn_routing="paper")])
 def test_an_ffn_mixture_exports_as_the_familys_moe_class(family, options, tmp_path):
     """Different experts and a trained-looking router, so that routing and every expert's weights
-    matter; the paper's routing (kept probabilities, not renormalised) is Qwen-MoE's norm_topk_prob=False."""
+    matter (sparse upcycling's experts are copies of the seed's FFN: there the test is the layout);
+    the paper's routing (kept probabilities, not renormalised) is Qwen-MoE's norm_topk_prob=False."""
     name, _, folder = family
     seed = bam_model.from_pretrained(str(folder))
     others = []
@@ -175,10 +180,15 @@ def test_an_ffn_mixture_exports_as_the_familys_moe_class(family, options, tmp_pa
 @pytest.mark.parametrize("attention", ["expert-kv", "shared-kv"])
 def test_a_familys_mixture_generates_through_transformers_with_left_padding(family, attention, tmp_path):
     """The mixture's own folder (bam's format and its remote code) in transformers: a left-padded batch
-    generates what each prompt generates alone, and the logits are bam's."""
+    generates what each prompt generates alone, and the logits are bam's. Three different models, so
+    that a slip in routing or mixing shows."""
     name, _, folder = family
     seed = bam_model.from_pretrained(str(folder))
-    mixture = upcycle(seed, [seed, seed], method="bam", attention=attention, top_k=2)
+    others = []
+    for s in (1, 2):
+        hf_model(name, seed=s).save_pretrained(tmp_path / f"m{s}")
+        others.append(bam_model.from_pretrained(str(tmp_path / f"m{s}")))
+    mixture = upcycle(seed, others, method="bam", attention=attention, top_k=2)
     with torch.no_grad():
         for key, p in mixture.named_parameters():
             if key.endswith(("router.weight", "gate.weight")):
@@ -295,3 +305,64 @@ def test_the_command_line_mixes_trains_evaluates_and_generates_a_familys_models(
     assert "code" in capsys.readouterr().out
     assert main(["generate", f"{run}/model", "--prompt", "def main():", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith("def main():")
+
+
+def test_a_sliding_window_is_kept_to_and_written_back(tmp_path):
+    """A Mistral whose window (8) is shorter than its context: bam computes full attention, the same
+    within the window, refuses longer inputs, and writes the window back, so the exported model slides
+    past it as the original does; the bam folder's remote code refuses what bam cannot compute."""
+    config = transformers.MistralConfig(**COMMON, vocab_size=97, sliding_window=8)
+    torch.manual_seed(0)
+    hf = transformers.MistralForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "mistral")
+    ours = bam_model.from_pretrained(str(tmp_path / "mistral"))
+    assert (ours.config.max_seq_len, ours.config.attention_window, ours.config.family) == (8, 8, "mistral")
+    short, long = (torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(n)) for n in (8, 20))
+    with torch.no_grad():
+        assert rel(ours(short).logits, hf(short).logits) < 1e-5
+        with pytest.raises(ValueError, match="max_seq_len=8"):
+            ours(long)
+        assert bam_model.export_hf(ours, str(tmp_path / "back")) == "MistralForCausalLM"
+        back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+        assert back.config.sliding_window == 8
+        assert rel(back(long).logits, hf(long).logits) < 1e-5
+        upcycle(ours, [ours], method="bam").save_pretrained(str(tmp_path / "mix"))
+        remote = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mix", trust_remote_code=True)
+        with pytest.raises(ValueError, match="sliding window of 8 tokens"):
+            remote(input_ids=long)
+    qwen = transformers.Qwen2Config(**COMMON, vocab_size=97, sliding_window=8)  # use_sliding_window: off
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(qwen).save_pretrained(tmp_path / "qwen")
+    assert bam_model.from_pretrained(str(tmp_path / "qwen")).config.attention_window is None
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_a_key_left_out_takes_the_familys_default(name, tmp_path):
+    """transformers 4 saved only what differed from a class's defaults: a config.json without them is
+    read with the family's own, not Llama's (the logits of transformers' reading of the same folder)."""
+    import json
+
+    hf_model(name).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("rms_norm_eps", "rope_theta", "rope_parameters", "attention_multiplier",
+                "max_position_embeddings", "use_sliding_window", "sliding_window"):
+        config.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ours = bam_model.from_pretrained(str(tmp_path))
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        assert rel(ours(ids).logits, theirs(ids).logits) < 1e-5
+
+
+def test_mix_refuses_a_hugging_face_format_the_family_has_no_class_for_before_any_work(tmp_path, capsys):
+    from bam_model.cli import main
+
+    for name, fmt, message in (("olmo2", "hf", "transformers has no MoE class of the olmo2 family"),
+                               ("qwen2", "mixtral", "computes as Qwen2MoeForCausalLM, not Mixtral")):
+        hf_model(name).save_pretrained(tmp_path / name)
+        seed, out = str(tmp_path / name), tmp_path / f"{name}-{fmt}"
+        assert main(["mix", "--base-model", seed, "--experts", seed, "--method", "btx", "--format", fmt,
+                     "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+        assert not out.exists()

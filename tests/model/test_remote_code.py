@@ -75,6 +75,10 @@ def test_the_generator_refuses_what_it_cannot_copy(tmp_path, monkeypatch):
         "absolute": ("import bam_kernels" + body + "bam_kernels\n", "`import bam_kernels` at the top"),
         "renamed": ("from ..a import fa as g" + body + "g()\n", "`as` on an import"),
         "missing": ("from ..a import nothing" + body + "nothing()\n", "does not define nothing"),
+        "unknown": ("X = 1" + body + "X + helper()\n", "'helper' is used but neither defined, imported"),
+        "branch": ("import sys\nif sys.platform:\n    def f():\n        return 1\n",
+                   "a top-level if statement"),
+        "call": ("SCALES = {}\nSCALES.update(a=1)\n", "a top-level expr statement"),
     }
     for name, (text, message) in sources.items():
         (package / "remote" / f"{name}.py").write_text(text)
@@ -106,19 +110,26 @@ def test_the_hugging_face_config_checks_what_bams_config_checks():
     assert BamMoeConfig().bam_config() == BamMoeConfig.from_dict(BamMoeConfig().to_dict()).bam_config()
 
 
-def test_the_remote_model_is_bams_model_on_plain_pytorch(monkeypatch):
+@pytest.mark.parametrize("features", [
+    {}, dict(attention="shared-kv", attention_top_k=2), dict(qkv_bias=True), dict(qk_norm="head"),
+    dict(qk_norm="projection", block="post-norm"), dict(block="parallel", nope_layers=[0]),
+    dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_scale=0.2, logits_scaling=4.0)])
+def test_the_remote_model_is_bams_model_on_plain_pytorch(monkeypatch, features):
     """With bam_kernels hidden, the copied ops fall back to PyTorch and give bam's logits, loss and
-    gradients (the remote code of a machine without bam)."""
+    gradients (the remote code of a machine without bam), for every feature a family brings."""
     from bam_model.remote import modeling_bam
 
+    settings = {"attention": "expert-kv", **features}
     config = BamConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=40, num_experts=3,
-                       top_k=2, attention="expert-kv")
+                       top_k=2, **settings)
     torch.manual_seed(0)
     ours = BamLM(config).double()
     with torch.no_grad():
         for name, p in ours.named_parameters():
             if name.endswith(("router.weight", "gate.weight")):
                 p.normal_(0, 1.0)
+            elif "norm" in name or name.endswith("bias"):
+                p.uniform_(0.5, 1.5)
     hf_config = BamMoeConfig(**{k: v for k, v in config.to_dict().items() if k != "model_type"})
     theirs = modeling_bam.BamMoeForCausalLM(hf_config).double()
     theirs.load_state_dict(ours.state_dict())
