@@ -49,6 +49,15 @@ def hf_model(family: str, seed: int = 0, vocab_size: int = 97, **overrides):
     return model
 
 
+def other_models(name: str, tmp_path, seeds=(1, 2)) -> list:
+    """Models of the family with other weights, through transformers' folders, as bam loads them."""
+    models = []
+    for s in seeds:
+        hf_model(name, seed=s).save_pretrained(tmp_path / f"m{s}")
+        models.append(bam_model.from_pretrained(str(tmp_path / f"m{s}")))
+    return models
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
@@ -151,11 +160,7 @@ def test_an_ffn_mixture_exports_as_the_familys_moe_class(family, options, tmp_pa
     matter (sparse upcycling's experts are copies of the seed's FFN: there the test is the layout);
     the paper's routing (kept probabilities, not renormalised) is Qwen-MoE's norm_topk_prob=False."""
     name, _, folder = family
-    seed = bam_model.from_pretrained(str(folder))
-    others = []
-    for s in (1, 2):
-        hf_model(name, seed=s).save_pretrained(tmp_path / f"m{s}")
-        others.append(bam_model.from_pretrained(str(tmp_path / f"m{s}")))
+    seed, others = bam_model.from_pretrained(str(folder)), other_models(name, tmp_path)
     mixture = upcycle(seed, others, **options)
     with torch.no_grad():
         for key, p in mixture.named_parameters():
@@ -183,11 +188,7 @@ def test_a_familys_mixture_generates_through_transformers_with_left_padding(fami
     generates what each prompt generates alone, and the logits are bam's. Three different models, so
     that a slip in routing or mixing shows."""
     name, _, folder = family
-    seed = bam_model.from_pretrained(str(folder))
-    others = []
-    for s in (1, 2):
-        hf_model(name, seed=s).save_pretrained(tmp_path / f"m{s}")
-        others.append(bam_model.from_pretrained(str(tmp_path / f"m{s}")))
+    seed, others = bam_model.from_pretrained(str(folder)), other_models(name, tmp_path)
     mixture = upcycle(seed, others, method="bam", attention=attention, top_k=2)
     with torch.no_grad():
         for key, p in mixture.named_parameters():
