@@ -12,8 +12,10 @@ Model construction from tensors, shared by all of them, is ``bam_model.build``.
 from .bam import save_pretrained
 from .export import export_hf, export_llama, export_mixtral
 from .gguf import gguf_reader, is_gguf, load_gguf
-from .hf import load_hf_folder, load_mixtral_folder
+from .hf import load_hf_folder
+from .hf_moe import load_mixtral_folder, load_moe_folder
 from .load import from_pretrained, load_dense
 
 __all__ = ["export_hf", "export_llama", "export_mixtral", "from_pretrained", "gguf_reader", "is_gguf",
-           "load_dense", "load_gguf", "load_hf_folder", "load_mixtral_folder", "save_pretrained"]
+           "load_dense", "load_gguf", "load_hf_folder", "load_mixtral_folder", "load_moe_folder",
+           "save_pretrained"]

@@ -12,9 +12,9 @@ import re
 
 import torch
 
-from ..build import build_model, check_layer_count, check_tensors
-from ..config import HF_KEYS, BamConfig, DenseConfig
-from ..model import CausalLM, DenseLM
+from ..build import build_model, check_tensors
+from ..config import HF_KEYS, DenseConfig
+from ..model import DenseLM
 from ..options import short_repr
 from .folder import folder_config, folder_tensors
 
@@ -191,19 +191,6 @@ def _refuse_unsupported(hf: dict) -> None:
         raise ValueError(f"hidden_act {act!r} is not supported; only 'silu' (SwiGLU)")
 
 
-def mixtral_config(hf: dict) -> BamConfig:
-    """Our ``BamConfig`` for a Hugging Face Mixtral ``config.json``: one attention per layer and
-    top-k renormalised routing (BTX's kind)."""
-    dense = dense_config_from_hf(hf, model_types=("mixtral",))
-    try:
-        return BamConfig(**dense.__dict__, num_experts=_hf_value(hf, "num_local_experts", "a positive int"),
-                         top_k=_hf_value(hf, "num_experts_per_tok", "a positive int"), normalize=True,
-                         attention="dense", method="btx", load_balancing_alpha=_hf_value(
-                             hf, "router_aux_loss_coef", "a finite number >= 0", 0.01))
-    except ValueError as e:
-        raise _hf_names(e) from None
-
-
 def _hf_keeps(config: DenseConfig):
     """Which tensors of a Hugging Face folder the model takes: old checkpoints store RoPE's inverse
     frequencies (recomputed from rope_theta), and some a tied LM head."""
@@ -259,48 +246,3 @@ def load_hf_folder(path: str, dtype: torch.dtype | None = torch.float32, device=
 
     tensors = folder_tensors(path, config, _hf_keeps(config), check=check)
     return build_model(config, unfuse(config, tensors), dtype, device)
-
-
-def load_mixtral_folder(path: str, dtype: torch.dtype | None = torch.float32, device="cpu") -> CausalLM:
-    """A Hugging Face Mixtral folder (what ``export_mixtral`` writes, or a published Mixtral) as a
-    ``BamLM`` with one attention per layer and top-k renormalised routing (BTX's kind).
-    Per-expert ``block_sparse_moe.experts.j.w1/w2/w3`` keys are fused into our layout."""
-    config = folder_config(path, mixtral_config)
-    F, D = config.ffn_dim, config.dim
-    want = {"w1": (F, D), "w3": (F, D), "w2": (D, F)}
-    tensors = {}
-    per_expert = {}
-    # The per-expert names do not match ours before fusing: the headers are checked for the layer
-    # count (so a config.json of too many layers is refused at once), the experts' shapes here
-    # and every name and shape again by build_model.
-    for name, t in folder_tensors(path, config, _hf_keeps(config), check=check_layer_count).items():
-        key = name.replace(".block_sparse_moe.", ".mlp.")
-        parts = key.split(".mlp.experts.")
-        if len(parts) == 2 and parts[1].count(".") == 2:  # "j.w1.weight"
-            j, w, _ = parts[1].split(".")
-            if w not in want or not j.isdecimal():
-                raise ValueError(f"checkpoint has unexpected tensor {name!r}")
-            if tuple(t.shape) != want[w]:
-                raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {want[w]}")
-            per_expert[(parts[0], w, int(j))] = t
-        else:
-            tensors[key] = t
-    E = config.num_experts
-    for i in range(config.n_layers):
-        p = f"model.layers.{i}"
-        if (p, "w1", 0) not in per_expert:
-            continue
-        try:
-            tensors[f"{p}.mlp.experts.gate_up_proj"] = torch.stack(
-                [torch.cat([per_expert.pop((p, "w1", j)), per_expert.pop((p, "w3", j))]) for j in range(E)])
-            tensors[f"{p}.mlp.experts.down_proj"] = torch.stack(
-                [per_expert.pop((p, "w2", j)) for j in range(E)])
-        except KeyError as e:
-            layer, w, j = e.args[0]
-            raise ValueError(f"checkpoint is missing tensor "
-                             f"'{layer}.block_sparse_moe.experts.{j}.{w}.weight'") from None
-    if per_expert:
-        layer, w, j = next(iter(per_expert))
-        raise ValueError(f"checkpoint has unexpected tensor "
-                         f"'{layer}.block_sparse_moe.experts.{j}.{w}.weight'")
-    return build_model(config, tensors, dtype, device)

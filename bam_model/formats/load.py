@@ -24,7 +24,8 @@ from ..tokenizer import (
 from .bam import load_bam_folder
 from .folder import CONFIG, folder_config, folder_model_type
 from .gguf import gguf_context_length, gguf_tokenizer, is_gguf, load_gguf
-from .hf import dense_config_from_hf, load_hf_folder, load_mixtral_folder, mixtral_config
+from .hf import dense_config_from_hf, load_hf_folder
+from .hf_moe import MOE_LAYOUTS, load_moe_folder, moe_config
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
 
 def from_pretrained(path: str, dtype: torch.dtype | None = None, device="cpu") -> CausalLM:
     """Load a dense or BAM model saved by ``save_pretrained`` (stored dtypes kept unless ``dtype``);
-    a Hugging Face Mixtral folder (``load_mixtral_folder``), Llama-family folder or ``.gguf`` file
+    a Hugging Face Mixtral, Qwen2-MoE or Qwen3-MoE folder (``load_moe_folder``), a folder of a dense family
+    bam reads or a ``.gguf`` file
     (``load_dense``) is read in float32 unless ``dtype`` says otherwise. The model carries its
     tokenizer as ``model.tokenizer`` (``bam_model.tokenizer``)."""
     model = _from_pretrained(path, dtype, device)
@@ -47,7 +49,7 @@ def config_of(path) -> DenseConfig | None:
             return None
         model_type = folder_model_type(os.fspath(path))
         parse = config_from_dict if model_type in CONFIG_CLASSES else \
-            mixtral_config if model_type == "mixtral" else dense_config_from_hf
+            moe_config if model_type in MOE_LAYOUTS else dense_config_from_hf
         return folder_config(os.fspath(path), parse)
     except (ValueError, OSError, TypeError):
         return None
@@ -123,8 +125,8 @@ def _from_pretrained(path: str, dtype: torch.dtype | None, device) -> CausalLM:
         model_type = folder_model_type(path)
         if model_type in CONFIG_CLASSES:
             return load_bam_folder(path, dtype, device)
-        if model_type == "mixtral":
-            return load_mixtral_folder(path, torch.float32 if dtype is None else dtype, device)
+        if model_type in MOE_LAYOUTS:
+            return load_moe_folder(path, torch.float32 if dtype is None else dtype, device)
     return load_dense(path, torch.float32 if dtype is None else dtype, device)
 
 
@@ -155,7 +157,7 @@ def _load_dense(path, dtype: torch.dtype | None, device) -> DenseLM:
     model_type = folder_model_type(path)
     if model_type == DenseConfig.model_type:
         return load_bam_folder(path, dtype, device)
-    if model_type in (BamConfig.model_type, "mixtral"):
+    if model_type == BamConfig.model_type or model_type in MOE_LAYOUTS:
         raise ValueError(f"{path!r} holds a mixture (model_type {model_type!r}), not a dense model; "
                          "use bam_model.from_pretrained")
     return load_hf_folder(path, dtype, device)

@@ -178,8 +178,12 @@ def test_an_ffn_mixture_exports_as_the_familys_moe_class(family, options, tmp_pa
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
     assert type(hf).__name__ == want
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(6))
+    back = bam_model.from_pretrained(str(tmp_path / "moe"))  # and bam reads the folder back
     with torch.no_grad():
         assert rel(hf(ids).logits, mixture(ids).logits) < 1e-5
+        assert rel(back(ids).logits, mixture(ids).logits) < 1e-5
+    assert (back.config.normalize, back.config.top_k, back.config.attention) == \
+        (mixture.config.normalize, mixture.config.top_k, "dense")
 
 
 @pytest.mark.parametrize("attention", ["expert-kv", "shared-kv"])
@@ -367,3 +371,18 @@ def test_mix_refuses_a_hugging_face_format_the_family_has_no_class_for_before_an
                      "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
         assert not out.exists()
+
+
+def test_a_qwen_moe_folder_with_what_bam_does_not_have_is_refused_by_its_key(tmp_path):
+    import json
+
+    common = dict(COMMON, vocab_size=97, moe_intermediate_size=48, num_experts=3, num_experts_per_tok=2)
+    for config, message in ((transformers.Qwen2MoeConfig(**common, shared_expert_intermediate_size=16),
+                             "shared_expert_intermediate_size > 0 is not supported"),
+                            (transformers.Qwen3MoeConfig(**common, mlp_only_layers=[1]),
+                             "mlp_only_layers / decoder_sparse_step > 1 are not supported")):
+        folder = tmp_path / config.model_type
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config.to_dict()))
+        with pytest.raises(ValueError, match=message):
+            bam_model.from_pretrained(str(folder))
