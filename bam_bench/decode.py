@@ -53,8 +53,10 @@ def smollm2_gguf() -> str:
 
 
 class Transformers:
-    """transformers' ``generate`` called as ``decode_ms_per_token`` calls a model: ``generate(ids, n)``,
-    greedy, no early stop (bam's generate without ``eos_token_id`` does not stop either)."""
+    """transformers' model as the suite calls a model: ``generate(ids, n)`` (transformers' generate, greedy,
+    no early stop: bam's generate without ``eos_token_id`` does not stop either) for the check, and
+    ``decode_steps(ids, n, now)`` (the prefill, then ``n`` forward calls of one token on its cache, the
+    steps alone timed) for the timing."""
 
     def __init__(self, model):
         self.model = model
@@ -67,6 +69,23 @@ class Transformers:
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         return self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
                                    max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+
+    def decode_steps(self, input_ids: torch.Tensor, n: int, now) -> float:
+        with torch.inference_mode():
+            out = self.model(input_ids=input_ids, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            start = now()
+            for _ in range(n):
+                out = self.model(input_ids=token, past_key_values=_cache(out), use_cache=True)
+                token = out.logits[:, -1].argmax(-1, keepdim=True)
+            return now() - start
+
+
+def _cache(out):
+    """The cache of a transformers output (``past_key_values``; bam's remote classes under
+    transformers 5 name it ``cache``)."""
+    cache = getattr(out, "past_key_values", None)
+    return cache if cache is not None else out.cache
 
 
 def load_pair(seed, folder: str, device: str) -> dict:

@@ -122,6 +122,11 @@ class CausalLM(nn.Module):
             x_BTD = layer(x_BTD, cache=cache, position_ids=position_ids)
         return x_BTD
 
+    def decode_step(self, ids_BT: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One step of generation: ``ids`` [B, T] appended to ``cache``, the last position's logits
+        [B, V] in float32 back (no router losses: decoding needs none)."""
+        return self.lm_head(self.model.norm(self._hidden(ids_BT, cache)[:, -1])).float()
+
     def new_cache(self, max_len: int | None = None) -> KVCache:
         """An empty KV cache for every layer; ``max_len`` allocates it once for that many tokens."""
         return KVCache(len(self.model.layers), max_length=max_len)
@@ -156,8 +161,7 @@ class CausalLM(nn.Module):
         done_B = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         step_ids = input_ids
         for _ in range(max_new_tokens):
-            # Only the last position's logits, and no router losses: decoding needs neither.
-            logits_BV = self.lm_head(self.model.norm(self._hidden(step_ids, cache)[:, -1])).float()
+            logits_BV = self.decode_step(step_ids, cache)
             next_B = sample(logits_BV, temperature, top_p, generator)
             if eos_token_id is not None:
                 next_B = torch.where(done_B, torch.full_like(next_B, eos_token_id), next_B)

@@ -50,13 +50,29 @@ def active_matched_top_k(seed: DenseConfig, num_experts: int, reference: BamConf
 
 
 @torch.inference_mode()
+def decode_seconds(model, prompt_ids: torch.Tensor, n: int, now) -> float:
+    """Seconds ``model`` takes for ``n`` greedy decoding steps after the prompt's prefill, which is not
+    timed (``now`` reads the clock): bam's models through their ``KVCache`` (``decode_step``); anything
+    else through its own ``decode_steps(prompt_ids, n, now)`` (bam-bench decode's transformers side)."""
+    steps = getattr(model, "decode_steps", None)
+    if steps is not None:
+        return steps(prompt_ids, n, now)
+    with torch.inference_mode():
+        cache = model.new_cache(prompt_ids.shape[1] + n)
+        token = model.decode_step(prompt_ids, cache).argmax(-1, keepdim=True)
+        start = now()
+        for _ in range(n):
+            token = model.decode_step(token, cache).argmax(-1, keepdim=True)
+        return now() - start
+
+
 def decode_ms_per_token(models: dict, prompt_ids: torch.Tensor, new_tokens: int, rounds: int = 5,
                         rounds_ms: dict | None = None) -> dict:
-    """Milliseconds per generated token of each model (greedy, KV cache, the prompt's prefill left
-    out: the time of ``new_tokens`` tokens less that of one, over ``new_tokens - 1``), the median of
-    ``rounds`` rounds, the models taking turns within each round. A model is anything with ``eval()``
-    and ``generate(prompt_ids, n)`` (bam's models; bam-bench decode wraps transformers' generate so);
-    ``rounds_ms`` (a dict) receives each model's time of every round."""
+    """Milliseconds per generated token of each model: ``new_tokens`` greedy decoding steps on the cache
+    the prompt's prefill filled, the prefill itself not timed (``decode_seconds``), the median of
+    ``rounds`` rounds, the models taking turns within each round. A model is one of bam's, or anything
+    with ``eval()`` and ``decode_steps(prompt_ids, n, now)``; ``rounds_ms`` (a dict) receives each
+    model's time of every round."""
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 2:
         raise ValueError(f"new_tokens must be an int of at least 2, got {new_tokens!r}")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
@@ -69,15 +85,10 @@ def decode_ms_per_token(models: dict, prompt_ids: torch.Tensor, new_tokens: int,
         return time.perf_counter()
     for model in models.values():   # a first call pays for allocation and kernel choice
         model.eval()
-        model.generate(prompt_ids, 2)
+        decode_seconds(model, prompt_ids, 2, now)
     for _ in range(rounds):
         for name, model in models.items():
-            t0 = now()
-            model.generate(prompt_ids, 1)
-            t1 = now()
-            model.generate(prompt_ids, new_tokens)
-            t2 = now()
-            times[name].append(((t2 - t1) - (t1 - t0)) / (new_tokens - 1) * 1e3)
+            times[name].append(decode_seconds(model, prompt_ids, new_tokens, now) / new_tokens * 1e3)
     if rounds_ms is not None:
         rounds_ms.update(times)
     return {name: statistics.median(ts) for name, ts in times.items()}
