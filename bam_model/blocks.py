@@ -34,7 +34,8 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, rope_theta: float,
                  layer_idx: int = 0, qkv_bias: bool = False, qk_norm: str | None = None,
-                 norm_eps: float = 1e-5, rope: bool = True, scale: float | None = None):
+                 norm_eps: float = 1e-5, rope: bool = True, scale: float | None = None,
+                 norm_in_float32: bool = False):
         super().__init__()
         if qk_norm not in (None, "head", "projection"):
             raise ValueError(f"qk_norm must be None, 'head' or 'projection', got {qk_norm!r}")
@@ -47,8 +48,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
         if qk_norm is not None:
             per_head = qk_norm == "head"
-            self.q_norm = RMSNorm(head_dim if per_head else n_heads * head_dim, norm_eps)
-            self.k_norm = RMSNorm(head_dim if per_head else n_kv_heads * head_dim, norm_eps)
+            self.q_norm = RMSNorm(head_dim if per_head else n_heads * head_dim, norm_eps, norm_in_float32)
+            self.k_norm = RMSNorm(head_dim if per_head else n_kv_heads * head_dim, norm_eps, norm_in_float32)
 
     def forward(self, x_BTD: torch.Tensor, cache=None, position_ids: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, kv_start: torch.Tensor | None = None) -> torch.Tensor:
@@ -92,12 +93,12 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.block, self.residual_multiplier = config.block, config.residual_multiplier
         if self.block != "post-norm":
-            self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+            self.input_layernorm = RMSNorm(config.dim, config.norm_eps, config.norm_in_float32)
         self.self_attn = self_attn
         if self.block != "parallel":
-            self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+            self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps, config.norm_in_float32)
         if self.block == "post-norm":
-            self.post_feedforward_layernorm = RMSNorm(config.dim, config.norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(config.dim, config.norm_eps, config.norm_in_float32)
         self.mlp = mlp
 
     def forward(self, x_BTD, cache=None, position_ids=None, mask=None, kv_start=None):
@@ -144,7 +145,8 @@ def make_layer(c: DenseConfig, layer_idx: int) -> DecoderLayer:
     a ``MoE`` FFN, and a ``MixtureOfAttention`` unless its attention is ``"dense"``)."""
     # By model_type, not isinstance: the remote code's config may come from another copy of its file.
     family = dict(qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, norm_eps=c.norm_eps,
-                  rope=layer_idx not in c.nope_layers, scale=c.attention_scale)
+                  norm_in_float32=c.norm_in_float32, rope=layer_idx not in c.nope_layers,
+                  scale=c.attention_scale)
     if c.model_type != BamConfig.model_type:
         attn = Attention(c.dim, c.n_heads, c.n_kv_heads, c.dh, c.rope_theta, layer_idx, **family)
         return DecoderLayer(c, attn, MLP(c.dim, c.ffn_dim))

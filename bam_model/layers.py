@@ -185,7 +185,7 @@ class MixtureOfAttention(nn.Module):
                  head_dim: int | None = None, rope_theta: float = 10000.0, top_k: int | None = None,
                  layer_idx: int = 0, device=None, dtype=None, *, qkv_bias: bool = False,
                  qk_norm: str | None = None, norm_eps: float = 1e-5, rope: bool = True,
-                 scale: float | None = None):
+                 scale: float | None = None, norm_in_float32: bool = False):
         super().__init__()
         if qk_norm not in (None, "head", "projection"):
             raise ValueError(f"qk_norm must be None, 'head' or 'projection', got {qk_norm!r}")
@@ -216,8 +216,9 @@ class MixtureOfAttention(nn.Module):
         self.router = nn.Linear(dim, E, bias=False, device=device, dtype=dtype)
         if qk_norm is not None:
             q_n, k_n = (Dh, Dh) if qk_norm == "head" else (H * Dh, Hkv * Dh)
-            self.q_norm = ExpertRMSNorm(E, q_n, norm_eps)
-            self.k_norm = RMSNorm(k_n, norm_eps) if shared_kv else ExpertRMSNorm(E, k_n, norm_eps)
+            self.q_norm = ExpertRMSNorm(E, q_n, norm_eps, norm_in_float32)
+            self.k_norm = RMSNorm(k_n, norm_eps, norm_in_float32) if shared_kv else \
+                ExpertRMSNorm(E, k_n, norm_eps, norm_in_float32)
             self.to(device=device, dtype=dtype)
         self.router_logits = None
 

@@ -38,7 +38,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.dim, config.embedding_multiplier)
         self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.norm = RMSNorm(config.dim, config.norm_eps, config.norm_in_float32)
 
 
 class CausalLM(nn.Module):

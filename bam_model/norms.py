@@ -9,34 +9,43 @@ import torch.nn as nn
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """``x / rms(x)`` over the last dimension, computed in float32 and cast back to x's dtype."""
+    """``x / rms(x)`` over the last dimension, in float32."""
     x32 = x.float()
-    return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_in_float32: bool) -> torch.Tensor:
+    """``weight * x / rms(x)`` in x's dtype: the normalised value rounded to it, then scaled (Llama), or
+    scaled in float32 and rounded once (``weight_in_float32``: OLMo 2)."""
+    if weight_in_float32:
+        return (weight * rms_normalize(x, eps)).to(x.dtype)
+    return weight * rms_normalize(x, eps).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
-    """Llama's RMSNorm: normalise in float32, cast back, then scale (weight [n])."""
+    """RMSNorm (weight [n]): Llama's (normalise in float32, cast back, then scale), or with
+    ``weight_in_float32`` OLMo 2's (scale in float32, then cast)."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, weight_in_float32: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.weight_in_float32 = eps, weight_in_float32
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * rms_normalize(x, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.weight_in_float32)
 
 
 class ExpertRMSNorm(nn.Module):
     """One RMSNorm per expert (weight [E, n]): x [..., E, k, n] is normalised over n and scaled by its
     expert's weights (the query and key norms of attention experts)."""
 
-    def __init__(self, num_experts: int, dim: int, eps: float = 1e-5):
+    def __init__(self, num_experts: int, dim: int, eps: float = 1e-5, weight_in_float32: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.weight_in_float32 = eps, weight_in_float32
         self.weight = nn.Parameter(torch.ones(num_experts, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight[:, None, :] * rms_normalize(x, self.eps)
+        return rms_norm(x, self.weight[:, None, :], self.eps, self.weight_in_float32)
 
 
 def heads(x_BTO: torch.Tensor, groups: int, heads_per_group: int, head_dim: int,

@@ -18,10 +18,11 @@ from .folder import CONFIG, write_folder
 from .hf import fuse
 
 # The features that tell the families apart, and each dense family's; the MoE family of its mixtures.
-_LLAMA = {"block": "sequential", "qkv_bias": False, "qk_norm": None, "nope": False, "multipliers": False}
+_LLAMA = {"block": "sequential", "qkv_bias": False, "qk_norm": None, "norm_in_float32": False, "nope": False,
+          "multipliers": False}
 DENSE_FAMILIES = {"llama": _LLAMA, "mistral": _LLAMA, "phi3": _LLAMA, "qwen2": {**_LLAMA, "qkv_bias": True},
                   "qwen3": {**_LLAMA, "qk_norm": "head"},
-                  "olmo2": {**_LLAMA, "block": "post-norm", "qk_norm": "projection"},
+                  "olmo2": {**_LLAMA, "block": "post-norm", "qk_norm": "projection", "norm_in_float32": True},
                   "smollm3": {**_LLAMA, "nope": True}, "granite": {**_LLAMA, "multipliers": True}}
 MOE_FAMILIES = {"llama": "mixtral", "mistral": "mixtral", "phi3": "mixtral", "qwen2": "qwen2_moe",
                 "qwen3": "qwen3_moe"}
@@ -36,6 +37,7 @@ def _features(config: DenseConfig) -> dict:
     multipliers = (config.embedding_multiplier, config.residual_multiplier, config.attention_scale,
                    config.logits_scaling)
     return {"block": config.block, "qkv_bias": config.qkv_bias, "qk_norm": config.qk_norm,
+            "norm_in_float32": config.norm_in_float32,
             "nope": bool(config.nope_layers), "multipliers": multipliers != (1.0, 1.0, None, 1.0)}
 
 

@@ -45,7 +45,8 @@ FAMILIES = {
     "mistral": lambda hf: {},
     "qwen2": lambda hf: {"qkv_bias": True},   # Qwen2, Qwen2.5: biases on q, k and v (not on o)
     "qwen3": lambda hf: {"qk_norm": "head"},  # Qwen3: RMSNorm over each query and key head, before RoPE
-    "olmo2": lambda hf: {"qk_norm": "projection", "block": "post-norm"},  # OLMo 2: norms after the sublayers
+    # OLMo 2: norms after the sublayers, scaled in float32
+    "olmo2": lambda hf: {"qk_norm": "projection", "block": "post-norm", "norm_in_float32": True},
     "smollm3": _nope_layers,                  # SmolLM3: every 4th layer without RoPE
     "granite": _multipliers,
     "phi3": lambda hf: {},                    # Phi-3: Llama's computation, q/k/v and gate/up fused (below)

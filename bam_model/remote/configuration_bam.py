@@ -97,7 +97,9 @@ class DenseConfig:
     layers whose attention has no RoPE: SmolLM3); Granite's multipliers: ``embedding_multiplier`` (on
     the embeddings), ``residual_multiplier`` (on each sublayer's output before it is added),
     ``attention_scale`` (the softmax scale, None: ``1/sqrt(head_dim)``) and ``logits_scaling`` (the
-    logits are divided by it). ``family``: the Hugging Face ``model_type`` the model was imported from
+    logits are divided by it); ``norm_in_float32`` (OLMo 2's norms scale in float32 and round once; Llama's
+    round the normalised value, then scale: the same in float32, a rounding apart in bf16).
+    ``family``: the Hugging Face ``model_type`` the model was imported from
     (a label, like ``domain``: export writes the model back as that family where its settings allow).
     ``attention_window`` and ``window_layers``: the window of the layers that slide their attention in
     the model imported (Mistral, Phi-3, some Qwen2; transformers' ``sliding_window``): bam computes full
@@ -125,6 +127,7 @@ class DenseConfig:
     residual_multiplier: float = 1.0
     attention_scale: float | None = None
     logits_scaling: float = 1.0
+    norm_in_float32: bool = False
     family: str | None = None
     attention_window: int | None = None
     window_layers: list[int] = field(default_factory=list)
@@ -149,7 +152,7 @@ class DenseConfig:
             raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         positive_float("rope_theta", self.rope_theta)
         positive_float("norm_eps", self.norm_eps)
-        for name in ("tie_embeddings", "qkv_bias"):
+        for name in ("tie_embeddings", "qkv_bias", "norm_in_float32"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {short_repr(getattr(self, name))}")
         if self.qk_norm is not None and self.qk_norm not in QK_NORMS:
@@ -236,7 +239,7 @@ class DenseConfig:
                                               "ffn_dim", "dh", "rope_theta", "norm_eps", "tie_embeddings",
                                               "block", "qkv_bias", "qk_norm", "nope_layers",
                                               "embedding_multiplier", "residual_multiplier",
-                                              "attention_scale", "logits_scaling")}
+                                              "attention_scale", "logits_scaling", "norm_in_float32")}
 
 
 @dataclass

@@ -97,7 +97,7 @@ class BamModel(BamPreTrainedModel):
         c = config.bam_config()
         self.embed_tokens = Embedding(c.vocab_size, c.dim, c.embedding_multiplier)
         self.layers = nn.ModuleList(make_layer(c, i) for i in range(c.n_layers))
-        self.norm = RMSNorm(c.dim, c.norm_eps)
+        self.norm = RMSNorm(c.dim, c.norm_eps, c.norm_in_float32)
         self.post_init()
 
     def get_input_embeddings(self):

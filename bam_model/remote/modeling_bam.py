@@ -35,34 +35,43 @@ from .configuration_bam import BamConfig, BamDenseConfig, BamMoeConfig, DenseCon
 
 
 def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """``x / rms(x)`` over the last dimension, computed in float32 and cast back to x's dtype."""
+    """``x / rms(x)`` over the last dimension, in float32."""
     x32 = x.float()
-    return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_in_float32: bool) -> torch.Tensor:
+    """``weight * x / rms(x)`` in x's dtype: the normalised value rounded to it, then scaled (Llama), or
+    scaled in float32 and rounded once (``weight_in_float32``: OLMo 2)."""
+    if weight_in_float32:
+        return (weight * rms_normalize(x, eps)).to(x.dtype)
+    return weight * rms_normalize(x, eps).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
-    """Llama's RMSNorm: normalise in float32, cast back, then scale (weight [n])."""
+    """RMSNorm (weight [n]): Llama's (normalise in float32, cast back, then scale), or with
+    ``weight_in_float32`` OLMo 2's (scale in float32, then cast)."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, weight_in_float32: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.weight_in_float32 = eps, weight_in_float32
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * rms_normalize(x, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.weight_in_float32)
 
 
 class ExpertRMSNorm(nn.Module):
     """One RMSNorm per expert (weight [E, n]): x [..., E, k, n] is normalised over n and scaled by its
     expert's weights (the query and key norms of attention experts)."""
 
-    def __init__(self, num_experts: int, dim: int, eps: float = 1e-5):
+    def __init__(self, num_experts: int, dim: int, eps: float = 1e-5, weight_in_float32: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.weight_in_float32 = eps, weight_in_float32
         self.weight = nn.Parameter(torch.ones(num_experts, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight[:, None, :] * rms_normalize(x, self.eps)
+        return rms_norm(x, self.weight[:, None, :], self.eps, self.weight_in_float32)
 
 
 def heads(x_BTO: torch.Tensor, groups: int, heads_per_group: int, head_dim: int,
@@ -407,7 +416,7 @@ class MixtureOfAttention(nn.Module):
                  head_dim: int | None = None, rope_theta: float = 10000.0, top_k: int | None = None,
                  layer_idx: int = 0, device=None, dtype=None, *, qkv_bias: bool = False,
                  qk_norm: str | None = None, norm_eps: float = 1e-5, rope: bool = True,
-                 scale: float | None = None):
+                 scale: float | None = None, norm_in_float32: bool = False):
         super().__init__()
         if qk_norm not in (None, "head", "projection"):
             raise ValueError(f"qk_norm must be None, 'head' or 'projection', got {qk_norm!r}")
@@ -438,8 +447,9 @@ class MixtureOfAttention(nn.Module):
         self.router = nn.Linear(dim, E, bias=False, device=device, dtype=dtype)
         if qk_norm is not None:
             q_n, k_n = (Dh, Dh) if qk_norm == "head" else (H * Dh, Hkv * Dh)
-            self.q_norm = ExpertRMSNorm(E, q_n, norm_eps)
-            self.k_norm = RMSNorm(k_n, norm_eps) if shared_kv else ExpertRMSNorm(E, k_n, norm_eps)
+            self.q_norm = ExpertRMSNorm(E, q_n, norm_eps, norm_in_float32)
+            self.k_norm = RMSNorm(k_n, norm_eps, norm_in_float32) if shared_kv else \
+                ExpertRMSNorm(E, k_n, norm_eps, norm_in_float32)
             self.to(device=device, dtype=dtype)
         self.router_logits = None
 
@@ -573,7 +583,8 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, rope_theta: float,
                  layer_idx: int = 0, qkv_bias: bool = False, qk_norm: str | None = None,
-                 norm_eps: float = 1e-5, rope: bool = True, scale: float | None = None):
+                 norm_eps: float = 1e-5, rope: bool = True, scale: float | None = None,
+                 norm_in_float32: bool = False):
         super().__init__()
         if qk_norm not in (None, "head", "projection"):
             raise ValueError(f"qk_norm must be None, 'head' or 'projection', got {qk_norm!r}")
@@ -586,8 +597,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
         if qk_norm is not None:
             per_head = qk_norm == "head"
-            self.q_norm = RMSNorm(head_dim if per_head else n_heads * head_dim, norm_eps)
-            self.k_norm = RMSNorm(head_dim if per_head else n_kv_heads * head_dim, norm_eps)
+            self.q_norm = RMSNorm(head_dim if per_head else n_heads * head_dim, norm_eps, norm_in_float32)
+            self.k_norm = RMSNorm(head_dim if per_head else n_kv_heads * head_dim, norm_eps, norm_in_float32)
 
     def forward(self, x_BTD: torch.Tensor, cache=None, position_ids: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, kv_start: torch.Tensor | None = None) -> torch.Tensor:
@@ -631,12 +642,12 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.block, self.residual_multiplier = config.block, config.residual_multiplier
         if self.block != "post-norm":
-            self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
+            self.input_layernorm = RMSNorm(config.dim, config.norm_eps, config.norm_in_float32)
         self.self_attn = self_attn
         if self.block != "parallel":
-            self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
+            self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps, config.norm_in_float32)
         if self.block == "post-norm":
-            self.post_feedforward_layernorm = RMSNorm(config.dim, config.norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(config.dim, config.norm_eps, config.norm_in_float32)
         self.mlp = mlp
 
     def forward(self, x_BTD, cache=None, position_ids=None, mask=None, kv_start=None):
@@ -683,7 +694,8 @@ def make_layer(c: DenseConfig, layer_idx: int) -> DecoderLayer:
     a ``MoE`` FFN, and a ``MixtureOfAttention`` unless its attention is ``"dense"``)."""
     # By model_type, not isinstance: the remote code's config may come from another copy of its file.
     family = dict(qkv_bias=c.qkv_bias, qk_norm=c.qk_norm, norm_eps=c.norm_eps,
-                  rope=layer_idx not in c.nope_layers, scale=c.attention_scale)
+                  norm_in_float32=c.norm_in_float32, rope=layer_idx not in c.nope_layers,
+                  scale=c.attention_scale)
     if c.model_type != BamConfig.model_type:
         attn = Attention(c.dim, c.n_heads, c.n_kv_heads, c.dh, c.rope_theta, layer_idx, **family)
         return DecoderLayer(c, attn, MLP(c.dim, c.ffn_dim))
@@ -792,7 +804,7 @@ class BamModel(BamPreTrainedModel):
         c = config.bam_config()
         self.embed_tokens = Embedding(c.vocab_size, c.dim, c.embedding_multiplier)
         self.layers = nn.ModuleList(make_layer(c, i) for i in range(c.n_layers))
-        self.norm = RMSNorm(c.dim, c.norm_eps)
+        self.norm = RMSNorm(c.dim, c.norm_eps, c.norm_in_float32)
         self.post_init()
 
     def get_input_embeddings(self):

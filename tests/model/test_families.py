@@ -20,7 +20,7 @@ FAMILIES = {
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=12, rope_theta=1e6),
               dict(qkv_bias=False, qk_norm="head")),
     "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM, dict(rope_theta=5e5),
-              dict(qkv_bias=False, qk_norm="projection", block="post-norm")),
+              dict(qkv_bias=False, qk_norm="projection", block="post-norm", norm_in_float32=True)),
     "smollm3": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM,
                 dict(no_rope_layers=[1, 0], use_sliding_window=False, pad_token_id=0, bos_token_id=1,
                      eos_token_id=2), dict(nope_layers=[1])),
@@ -386,3 +386,31 @@ def test_a_qwen_moe_folder_with_what_bam_does_not_have_is_refused_by_its_key(tmp
         (folder / "config.json").write_text(json.dumps(config.to_dict()))
         with pytest.raises(ValueError, match=message):
             bam_model.from_pretrained(str(folder))
+
+
+def test_the_norms_round_as_each_familys_do_in_bf16():
+    """Llama's RMSNorm rounds the normalised value to bf16, then scales; OLMo 2's scales in float32 and
+    rounds once: bam's norm equals each to the bit (its per-expert form too)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    from bam_model.norms import ExpertRMSNorm, RMSNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 64).bfloat16() * 3
+    weight = torch.rand(64).bfloat16() + 0.5
+    for theirs_class, in_float32 in ((LlamaRMSNorm, False), (Olmo2RMSNorm, True)):
+        theirs, ours = theirs_class(64, eps=1e-6).bfloat16(), RMSNorm(64, 1e-6, in_float32).bfloat16()
+        experts = ExpertRMSNorm(2, 64, 1e-6, in_float32).bfloat16()
+        with torch.no_grad():
+            theirs.weight.copy_(weight)
+            ours.weight.copy_(weight)
+            experts.weight.copy_(weight.expand(2, 64))
+            assert torch.equal(ours(x), theirs(x)), theirs_class.__name__
+            assert torch.equal(experts(x.view(3, 5, 1, 64).expand(3, 5, 2, 64)[..., None, :])[:, :, 1, 0],
+                               theirs(x)), theirs_class.__name__
+    llama, olmo2 = RMSNorm(64, 1e-6, False).bfloat16(), RMSNorm(64, 1e-6, True).bfloat16()
+    with torch.no_grad():
+        llama.weight.copy_(weight)
+        olmo2.weight.copy_(weight)
+        assert not torch.equal(llama(x), olmo2(x))  # the two roundings differ on this input: the test tells

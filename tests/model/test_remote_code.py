@@ -112,7 +112,8 @@ def test_the_hugging_face_config_checks_what_bams_config_checks():
 
 @pytest.mark.parametrize("features", [
     {}, dict(attention="shared-kv", attention_top_k=2), dict(qkv_bias=True), dict(qk_norm="head"),
-    dict(qk_norm="projection", block="post-norm"), dict(block="parallel", nope_layers=[0]),
+    dict(qk_norm="projection", block="post-norm", norm_in_float32=True),
+    dict(block="parallel", nope_layers=[0]),
     dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_scale=0.2, logits_scaling=4.0)])
 def test_the_remote_model_is_bams_model_on_plain_pytorch(monkeypatch, features):
     """With bam_kernels hidden, the copied ops fall back to PyTorch and give bam's logits, loss and
